@@ -1,0 +1,250 @@
+//! The `MailIntegration` resource: its Rust types, the CEL rules the API server enforces, and the
+//! defaults the operator applies in code (never in the CRD, so a GitOps tool sees no drift).
+
+mod defaults;
+pub mod status;
+
+pub use defaults::*;
+pub use status::*;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every resource and annotation the operator owns.
+pub const GROUP: &str = "mailintegration.dev";
+
+/// Annotation whose every new value forces one refresh now (like `cmctl renew`).
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "mailintegration.dev/refresh-requested-at";
+
+/// Label put on the Secrets the operator owns; the operator caches only Secrets carrying it.
+pub const MANAGED_BY_LABEL: &str = "mailintegration.dev/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "mail-integration-operator";
+/// Label naming the MailIntegration a Secret belongs to.
+pub const INTEGRATION_LABEL: &str = "mailintegration.dev/integration";
+
+/// A mailbox connected through OAuth 2.0: the operator signs in once, keeps the access token fresh in
+/// a Secret that mail workloads mount, and reports on the connection.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailintegration.dev",
+    version = "v1alpha1",
+    kind = "MailIntegration",
+    namespaced,
+    shortname = "mailint",
+    category = "mail",
+    status = "MailIntegrationStatus",
+    doc = "A mailbox connected through OAuth 2.0: the operator keeps its access token fresh in a Secret.",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Account", type_ = "string", json_path = ".status.account"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.accessTokenExpiresAt"),
+    printcolumn(name = "Mailbox", type_ = "string", json_path = r#".status.conditions[?(@.type=="MailboxConnected")].reason"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.spec.provider != 'OIDC' || has(self.spec.oauth.issuerURL) || (has(self.spec.oauth.endpoints) && has(self.spec.oauth.endpoints.authorization) && has(self.spec.oauth.endpoints.token))")
+        .message("provider OIDC needs spec.oauth.issuerURL (the issuer to discover endpoints from), or both spec.oauth.endpoints.authorization and spec.oauth.endpoints.token"),
+    validation = Rule::new("self.spec.provider != 'Microsoft' || has(self.spec.oauth.tenant)")
+        .message("provider Microsoft needs spec.oauth.tenant: 'common', 'organizations', 'consumers', or your directory's tenant ID or domain"),
+    validation = Rule::new("self.spec.provider == 'Microsoft' || !has(self.spec.oauth.tenant)")
+        .message("spec.oauth.tenant is only used with provider Microsoft: remove it, or set provider: Microsoft"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailIntegrationSpec {
+    /// Which OAuth provider issues the tokens: Google, Microsoft or any OIDC provider.
+    pub provider: ProviderKind,
+    /// The mailbox that must sign in and that workloads connect to.
+    pub mailbox: Mailbox,
+    /// The OAuth client and how to sign in.
+    pub oauth: OAuthSpec,
+    /// The Secret the operator writes the current access token into, for mail workloads to mount.
+    pub token_secret: TokenSecretRef,
+    /// Refresh this long before the access token expires (Go duration, 1m to 50m; default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('50m')")
+        .message("refreshBefore must be a duration between 1m and 50m, such as 10m or 15m30s"))]
+    pub refresh_before: Option<String>,
+    /// Stop refreshing tokens and checking the mailbox while true. The token Secret stays as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// Revoke the grant at the provider (RFC 7009) when this resource is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_on_delete: Option<bool>,
+}
+
+/// The OAuth provider.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    Google,
+    Microsoft,
+    #[serde(rename = "OIDC")]
+    Oidc,
+}
+
+/// The mailbox address and the servers that accept its tokens.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Mailbox {
+    /// The account that must sign in, e.g. support@example.com.
+    #[schemars(length(max = 320))]
+    #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+@[^@\\\\s]+$')")
+        .message("mailbox.address must be an email address such as support@example.com"))]
+    pub address: String,
+    /// The protocol workloads read mail with (default IMAP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<MailProtocol>,
+    /// The IMAP or POP3 server (default: the provider's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<MailServer>,
+    /// The SMTP submission server, when workloads also send mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<MailServer>,
+}
+
+/// How workloads read mail.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MailProtocol {
+    #[default]
+    #[serde(rename = "IMAP")]
+    Imap,
+    #[serde(rename = "POP3")]
+    Pop3,
+}
+
+/// A mail server endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.tls != 'None' || self.host in ['localhost', '127.0.0.1', '::1']")
+    .message("tls: None (no encryption) is allowed only for localhost, 127.0.0.1 or ::1; use Implicit or StartTLS"))]
+pub struct MailServer {
+    /// Host name of the server.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// TCP port, 1 to 65535.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub port: i32,
+    /// TLS mode (default Implicit): Implicit (993/995/465), StartTLS (143/110/587), or None (loopback only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsMode>,
+}
+
+/// Transport security towards a mail server.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    #[default]
+    Implicit,
+    #[serde(rename = "StartTLS")]
+    StartTls,
+    None,
+}
+
+/// The OAuth client and sign-in settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthSpec {
+    /// The Secret (same namespace) holding the OAuth client ID and secret.
+    pub client_secret_ref: ClientSecretRef,
+    /// The callback registered at the provider as an authorized redirect URI (default: the operator's own).
+    #[serde(
+        rename = "redirectURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || (url(self).getScheme() == 'http' && url(self).getHostname() in ['localhost', '127.0.0.1', '::1']))")
+        .message("redirectURL must be an https:// URL (http:// is allowed only for localhost, 127.0.0.1 or [::1])"))]
+    pub redirect_url: Option<String>,
+    /// The sign-in page's default prompt: None, Consent or SelectAccount (default Consent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Prompt>,
+    /// Scopes to request (default: the provider's mail scopes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
+    /// Microsoft only: the tenant (common, organizations, consumers, or a tenant ID or domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub tenant: Option<String>,
+    /// OIDC only: the issuer whose discovery document names the endpoints.
+    #[serde(rename = "issuerURL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || (url(self).getScheme() == 'http' && url(self).getHostname() in ['localhost', '127.0.0.1', '::1']))")
+        .message("issuerURL must be an https:// URL (http:// is allowed only for localhost, 127.0.0.1 or [::1])"))]
+    pub issuer_url: Option<String>,
+    /// Override any of the provider's endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+}
+
+/// The sign-in prompt (the seed's "No prompt", "Consent", "Select account").
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Prompt {
+    None,
+    #[default]
+    Consent,
+    SelectAccount,
+}
+
+/// Where the client ID and secret are.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of the Secret in the MailIntegration's namespace.
+    #[x_kube(validation = Rule::new("self != ''").message("clientSecretRef.name must name a Secret in the same namespace"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key of the client ID (default client_id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_id_key: Option<String>,
+    /// Key of the client secret (default client_secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_secret_key: Option<String>,
+}
+
+/// Endpoint overrides.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self)").message("endpoints.authorization must be an absolute URL"))]
+    pub authorization: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self)").message("endpoints.token must be an absolute URL"))]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self)").message("endpoints.revocation must be an absolute URL"))]
+    pub revocation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self)").message("endpoints.userinfo must be an absolute URL"))]
+    pub userinfo: Option<String>,
+}
+
+/// The Secret that workloads mount.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSecretRef {
+    /// Name of the Secret the operator writes (same namespace).
+    #[x_kube(validation = Rule::new("self != ''").message("tokenSecret.name must name the Secret to write the access token into"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+}
+
+/// The CustomResourceDefinition generated from these types.
+pub fn crd() -> CustomResourceDefinition {
+    MailIntegration::crd()
+}
+
+/// The CRD as the YAML checked in under `crds/`.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml::to_string(&crd()).expect("the CRD serializes");
+    format!(
+        "# Generated by `mail-integration-operator crd` from src/api. Do not edit by hand.\n{body}"
+    )
+}

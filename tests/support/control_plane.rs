@@ -1,0 +1,292 @@
+//! A real Kubernetes control plane (etcd + kube-apiserver built by `tools/control-plane.sh`) on free
+//! 127.0.0.1 ports, shared by all tests of one test binary and stopped when the binary ends.
+
+use super::process::{Supervised, free_port};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+/// The token of the `system:masters` user the tests act as.
+const ADMIN_TOKEN: &str = "mio-test-admin-token";
+
+pub struct ControlPlane {
+    pub bin_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub server: String,
+    pub kubeconfig: PathBuf,
+    _etcd: Supervised,
+    _apiserver: Supervised,
+}
+
+static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+
+/// The control plane of this test binary, started on first use.
+pub fn control_plane() -> &'static ControlPlane {
+    CONTROL_PLANE.get_or_init(ControlPlane::start)
+}
+
+/// The directory holding kube-apiserver, etcd, kubectl and helm: `$MIO_CONTROL_PLANE_BIN`, or what
+/// `tools/control-plane.sh` prints (it builds what is missing and is quick when everything is cached).
+pub fn bin_dir() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(dir) = std::env::var("MIO_CONTROL_PLANE_BIN") {
+            return PathBuf::from(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/control-plane.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed; the control plane binaries are missing. Its output:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("control-plane.sh prints the bin directory")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+fn require(bin: &Path, name: &str) -> PathBuf {
+    let p = bin.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run tools/control-plane.sh (or set MIO_CONTROL_PLANE_BIN to the directory holding it)",
+        p.display()
+    );
+    p
+}
+
+impl ControlPlane {
+    fn start() -> Self {
+        let bin_dir = bin_dir();
+        let etcd_bin = require(&bin_dir, "etcd");
+        let apiserver_bin = require(&bin_dir, "kube-apiserver");
+        require(&bin_dir, "kubectl");
+        let dir = tempfile::Builder::new()
+            .prefix("mio-control-plane-")
+            .tempdir()
+            .expect("temp dir");
+        let root = dir.path();
+
+        let (client_port, peer_port) = (free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd = Supervised::spawn(
+            "etcd",
+            &etcd_bin,
+            &[
+                "--name=test".into(),
+                format!("--data-dir={}", root.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=test={peer_url}"),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            root.join("etcd.log"),
+        );
+
+        let sa_key = root.join("sa.key");
+        let status = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl is needed to make the service-account signing key (apt-get install openssl)");
+        assert!(status.success(), "openssl genrsa failed");
+        let tokens = root.join("tokens.csv");
+        std::fs::write(
+            &tokens,
+            format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
+        )
+        .unwrap();
+
+        let port = free_port();
+        let cert_dir = root.join("certs");
+        let apiserver = Supervised::spawn(
+            "kube-apiserver",
+            &apiserver_bin,
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                format!("--cert-dir={}", cert_dir.display()),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--authorization-mode=RBAC".into(),
+                "--allow-privileged=true".into(),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--service-account-issuer=https://127.0.0.1".into(),
+                format!("--service-account-key-file={}", sa_key.display()),
+                format!("--service-account-signing-key-file={}", sa_key.display()),
+                format!("--token-auth-file={}", tokens.display()),
+                "--v=0".into(),
+            ],
+            &[],
+            root.join("kube-apiserver.log"),
+        );
+
+        let server = format!("https://127.0.0.1:{port}");
+        let kubeconfig = root.join("kubeconfig");
+        let cp = ControlPlane {
+            bin_dir,
+            server,
+            kubeconfig,
+            _etcd: etcd,
+            _apiserver: apiserver,
+            dir,
+        };
+        cp.wait_ready();
+        cp
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let ca = self.dir.path().join("certs/apiserver.crt");
+        loop {
+            if ca.is_file() {
+                write_kubeconfig(&self.kubeconfig, &self.server, &ca, ADMIN_TOKEN);
+                let out = self.kubectl_output(&["get", "--raw", "/readyz"]);
+                if out.status.success() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver did not become ready within 90 s.\n--- kube-apiserver log ---\n{}\n--- etcd log ---\n{}",
+                self._apiserver.log_tail(40),
+                self._etcd.log_tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // Say which server the tests run against, past the test harness's output capture.
+        let version = self.kubectl_output(&["get", "--raw", "/version"]);
+        let _ = writeln!(
+            std::io::stderr(),
+            "control plane: kube-apiserver at {} /version: {}",
+            self.server,
+            String::from_utf8_lossy(&version.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+
+    /// Run the cached kubectl against this server, as an admin.
+    pub fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin_dir.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Run kubectl; panic with its output when it fails.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A kube client for the calling test's runtime (clients are not shared across runtimes).
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("kubeconfig to config");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
+    /// A kubeconfig for the same server holding another bearer token (e.g. a ServiceAccount's).
+    pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
+        write_kubeconfig(
+            path,
+            &self.server,
+            &self.dir.path().join("certs/apiserver.crt"),
+            token,
+        );
+    }
+}
+
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: test\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n",
+        ca = ca.display()
+    );
+    std::fs::write(path, yaml).expect("write kubeconfig");
+}
+
+/// A namespace of its own for one test.
+pub fn unique_namespace(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let ns = format!("{prefix}-{}-{n}", std::process::id());
+    control_plane().kubectl(&["create", "namespace", &ns]);
+    ns
+}
+
+/// Install the checked-in CRD once per test binary and wait until it is Established.
+pub fn ensure_crd() -> &'static ControlPlane {
+    static DONE: OnceLock<()> = OnceLock::new();
+    let cp = control_plane();
+    DONE.get_or_init(|| {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        cp.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+        cp.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/mailintegrations.mailintegration.dev",
+        ]);
+    });
+    cp
+}
+
+impl ControlPlane {
+    /// `kubectl ARGS` with `stdin` piped in (e.g. `apply -f -`).
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use std::process::Stdio;
+        let mut child = Command::new(self.bin_dir.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().expect("kubectl output")
+    }
+}

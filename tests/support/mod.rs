@@ -1,0 +1,7 @@
+//! Shared by the integration tests: real servers started on loopback, stopped with the test binary.
+#![allow(dead_code)]
+
+pub mod control_plane;
+pub mod process;
+
+pub use control_plane::{ensure_crd, unique_namespace};

@@ -1,0 +1,116 @@
+//! Child processes (etcd, kube-apiserver, the OAuth server, Dovecot, the operator) that never outlive
+//! the test binary.
+//!
+//! Rust runs no destructors for statics at exit, and Linux's parent-death signal fires when the
+//! *thread* that spawned the child ends, not the process — so neither `Drop` nor `PR_SET_PDEATHSIG`
+//! is enough for servers shared by all tests of one binary. Each child is therefore started under a
+//! small watchdog shell, in a process group of its own (so a Ctrl-C aimed at the test run does not
+//! race it), that polls the test process's PID and kills the child's whole group once the test
+//! process is gone — whether it returned, panicked, or was interrupted. `Drop` also stops it early.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A supervised child process. Dropping it stops the process (TERM, then KILL).
+pub struct Supervised {
+    pub name: String,
+    watchdog: Child,
+    /// Combined stdout and stderr of the child.
+    pub log_path: PathBuf,
+}
+
+const WATCHDOG: &str = r#"
+parent="$1"; shift
+"$@" &
+child=$!
+stop() { kill -TERM "$child" 2>/dev/null; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$child" 2>/dev/null || exit 0; sleep 0.3; done; kill -KILL "$child" 2>/dev/null; exit 0; }
+trap stop TERM INT HUP
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+stop
+"#;
+
+impl Supervised {
+    /// Start `program args…` with its output appended to `log_path`.
+    pub fn spawn(
+        name: &str,
+        program: &std::path::Path,
+        args: &[String],
+        envs: &[(&str, String)],
+        log_path: PathBuf,
+    ) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("cannot open log file {}: {e}", log_path.display()));
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(WATCHDOG)
+            .arg("watchdog")
+            .arg(std::process::id().to_string())
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let watchdog = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
+        Self {
+            name: name.to_owned(),
+            watchdog,
+            log_path,
+        }
+    }
+
+    /// Whether the child (through its watchdog) still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.watchdog.try_wait(), Ok(None))
+    }
+
+    /// The last `n` lines of the child's log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stop the child and wait for it (at most about 5 s).
+    pub fn stop(&mut self) {
+        let pid = self.watchdog.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status();
+        let _ = self.watchdog.wait();
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests started one at a time).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
