@@ -34,6 +34,13 @@ pub struct MailIntegrationStatus {
     /// Present only while a sign-in is needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sign_in: Option<SignInStatus>,
+    /// The inputs (spec generation and Secret versions) of the last permanent failure: the operator
+    /// does not call the provider again until one of them changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_inputs: Option<String>,
+    /// The last value of the refresh-requested-at annotation that was acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_request: Option<String>,
 }
 
 /// Where to sign in.

@@ -1,0 +1,504 @@
+//! The decision of a reconcile, as pure functions of what was observed and the clock:
+//! [`decide`] says what to do, [`status_after`] says what the status must then be.
+
+use super::observed::{ClientSecretProblem, Observed};
+use crate::api::{
+    MailIntegration, MailIntegrationStatus, REFRESH_REQUESTED_ANNOTATION, SignInStatus, condition,
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use std::time::Duration;
+
+/// Condition reasons the decision itself produces (provider and mailbox reasons come from their
+/// modules as strings).
+pub mod reasons {
+    pub const READY: &str = "Ready";
+    pub const AUTHORIZED: &str = "Authorized";
+    pub const TOKEN_VALID: &str = "TokenValid";
+    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    pub const NO_TOKEN: &str = "NoToken";
+    pub const SIGN_IN_REQUIRED: &str = "SignInRequired";
+    pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
+    pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const REFRESHING: &str = "Refreshing";
+    pub const IDLE: &str = "Idle";
+    pub const NOT_STALLED: &str = "AsExpected";
+}
+
+/// Transient-failure memory kept by the operator between reconciles (not persisted: a restart retries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backoff {
+    pub failures: u32,
+    /// No provider call before this instant.
+    pub not_before: Option<Timestamp>,
+}
+
+/// Why a refresh is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshCause {
+    /// No usable access token is published yet (or it was lost).
+    NoToken,
+    /// The published token reached `expiry - refreshBefore - jitter`.
+    Due,
+    /// A new value of the refresh-requested-at annotation.
+    Requested,
+    /// The previous permanent failure's inputs changed: try again.
+    InputsChanged,
+}
+
+/// What a reconcile must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Call the provider's token endpoint.
+    Refresh(RefreshCause),
+    /// No provider call: the status says why (`Outcome`), come back after `requeue` if any.
+    Hold(Outcome),
+}
+
+/// What happened, as far as the status is concerned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The client Secret is missing or incomplete.
+    ClientSecret(ClientSecretProblem),
+    /// There is no grant: somebody must sign in.
+    SignInRequired,
+    /// Refreshing is suspended by spec.suspend.
+    Suspended,
+    /// The published token is valid and not due yet.
+    Idle,
+    /// The last permanent failure still stands: its inputs did not change.
+    StillFailed,
+    /// Waiting out a transient failure's backoff.
+    BackingOff,
+    /// The token endpoint answered with a new access token.
+    Refreshed {
+        expires_at: Timestamp,
+        account: Option<String>,
+        scopes: Vec<String>,
+    },
+    /// A failure that only a human can fix (invalid_grant, invalid_client, ...).
+    PermanentFailure { reason: String, message: String },
+    /// A failure that retrying may fix (5xx, timeouts, 429, ...); retry after `retry_in`.
+    TransientFailure {
+        reason: String,
+        message: String,
+        retry_in: Duration,
+    },
+}
+
+/// The fingerprint of what a permanent failure waits to change.
+pub fn inputs_fingerprint(o: &Observed<'_>) -> String {
+    format!(
+        "generation={};client={};grant={}",
+        o.integration.metadata.generation.unwrap_or(0),
+        o.client_version.as_deref().unwrap_or("-"),
+        o.grant
+            .as_ref()
+            .and_then(|g| g.resource_version.as_deref())
+            .unwrap_or("-")
+    )
+}
+
+fn requested_refresh(mi: &MailIntegration) -> Option<&str> {
+    mi.annotations()
+        .get(REFRESH_REQUESTED_ANNOTATION)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// A per-resource spread, so that many integrations created together do not refresh in the same
+/// second: deterministic (a hash of the UID), so a restart computes the same due time.
+pub fn jitter(uid: &str, window: Duration) -> Duration {
+    let max = window.as_secs().min(30);
+    if max == 0 {
+        return Duration::ZERO;
+    }
+    // FNV-1a: stable across processes and Rust versions, unlike std's RandomState.
+    let hash = uid.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    Duration::from_secs(hash % (max + 1))
+}
+
+/// When the published token must be refreshed: `expiry - refreshBefore - jitter`. For tokens that
+/// live less than three times `refreshBefore` (short-lived test or provider tokens) the refresh comes
+/// at two thirds of the lifetime instead, so that it does not loop.
+pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp {
+    let mut before = mi.spec.refresh_before();
+    if let Some(last) = mi
+        .status
+        .as_ref()
+        .and_then(|s| s.last_refresh_time.as_ref())
+    {
+        let lifetime = expires_at.duration_since(last.0);
+        if lifetime.is_positive() {
+            let third = Duration::from_secs_f64(lifetime.as_secs_f64() / 3.0);
+            before = before.min(third);
+        }
+    }
+    let spread = jitter(mi.uid().as_deref().unwrap_or_default(), before / 10);
+    expires_at - SignedDuration::try_from(before + spread).unwrap_or(SignedDuration::ZERO)
+}
+
+/// Decide what this reconcile must do.
+pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
+    let mi = o.integration;
+    let status = mi.status.clone().unwrap_or_default();
+    if let Err(problem) = &o.client {
+        return Action::Hold(Outcome::ClientSecret(problem.clone()));
+    }
+    if o.grant.is_none() {
+        return Action::Hold(Outcome::SignInRequired);
+    }
+    if mi.spec.suspended() {
+        return Action::Hold(Outcome::Suspended);
+    }
+    let requested =
+        requested_refresh(mi).is_some_and(|v| status.last_refresh_request.as_deref() != Some(v));
+    if let Some(failed) = &status.failed_inputs {
+        if *failed == inputs_fingerprint(o) && !requested {
+            return Action::Hold(Outcome::StillFailed);
+        }
+    }
+    if backoff.not_before.is_some_and(|t| o.now < t) && !requested {
+        return Action::Hold(Outcome::BackingOff);
+    }
+    if requested {
+        return Action::Refresh(RefreshCause::Requested);
+    }
+    if status.failed_inputs.is_some() {
+        return Action::Refresh(RefreshCause::InputsChanged);
+    }
+    match &o.token {
+        None => Action::Refresh(RefreshCause::NoToken),
+        Some(t) if o.now >= refresh_due_at(mi, t.expires_at) => Action::Refresh(RefreshCause::Due),
+        Some(_) => Action::Hold(Outcome::Idle),
+    }
+}
+
+/// When to reconcile again after `outcome` (on top of watch events). `None`: wait for a change.
+pub fn requeue_after(
+    o: &Observed<'_>,
+    status: &MailIntegrationStatus,
+    outcome: &Outcome,
+    backoff: Backoff,
+) -> Option<Duration> {
+    let until = |t: Timestamp| {
+        Some(
+            Duration::try_from(t.duration_since(o.now))
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1)),
+        )
+    };
+    match outcome {
+        Outcome::Idle | Outcome::Refreshed { .. } => {
+            status.next_refresh_time.as_ref().and_then(|t| until(t.0))
+        }
+        Outcome::BackingOff => backoff.not_before.and_then(until),
+        Outcome::TransientFailure { retry_in, .. } => Some((*retry_in).max(Duration::from_secs(1))),
+        // Sign-in links expire: renew the link shortly before.
+        Outcome::SignInRequired => status
+            .sign_in
+            .as_ref()
+            .and_then(|s| until(s.expires_at.0 - SignedDuration::from_mins(5))),
+        Outcome::ClientSecret(_)
+        | Outcome::Suspended
+        | Outcome::StillFailed
+        | Outcome::PermanentFailure { .. } => {
+            // The published token still expires: say so on time.
+            o.token
+                .as_ref()
+                .filter(|t| t.expires_at > o.now)
+                .and_then(|t| until(t.expires_at))
+        }
+    }
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        observed_generation: None,
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
+    }
+}
+
+fn fmt_time(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The status after `outcome`. Fields the outcome does not speak of keep their previous values, and
+/// a condition whose status did not change keeps its lastTransitionTime, so that an idle reconcile
+/// yields exactly the stored status (and no write).
+pub fn status_after(
+    o: &Observed<'_>,
+    outcome: &Outcome,
+    sign_in: Option<SignInStatus>,
+) -> MailIntegrationStatus {
+    let mi = o.integration;
+    let prev = mi.status.clone().unwrap_or_default();
+    let mut s = prev.clone();
+    s.observed_generation = mi.metadata.generation;
+    s.sign_in = None;
+    if let Some(v) = requested_refresh(mi) {
+        if matches!(
+            outcome,
+            Outcome::Refreshed { .. }
+                | Outcome::PermanentFailure { .. }
+                | Outcome::TransientFailure { .. }
+        ) {
+            s.last_refresh_request = Some(v.to_owned());
+        }
+    }
+
+    let token_expiry = match outcome {
+        Outcome::Refreshed { expires_at, .. } => Some(*expires_at),
+        _ => o.token.as_ref().map(|t| t.expires_at),
+    };
+    let token_valid = token_expiry.is_some_and(|e| e > o.now);
+    let token_cond = match token_expiry {
+        Some(e) if e > o.now => cond(
+            condition::TOKEN_VALID,
+            true,
+            reasons::TOKEN_VALID,
+            format!("access token valid until {}", fmt_time(e)),
+        ),
+        Some(e) => cond(
+            condition::TOKEN_VALID,
+            false,
+            reasons::TOKEN_EXPIRED,
+            format!("access token expired at {}", fmt_time(e)),
+        ),
+        None => cond(
+            condition::TOKEN_VALID,
+            false,
+            reasons::NO_TOKEN,
+            "no access token has been issued yet",
+        ),
+    };
+    s.access_token_expires_at = token_expiry.map(Time);
+    s.next_refresh_time = match outcome {
+        Outcome::Suspended => None,
+        _ => token_expiry.map(|e| {
+            let mut with_time = mi.clone();
+            if let Outcome::Refreshed { .. } = outcome {
+                with_time
+                    .status
+                    .get_or_insert_with(Default::default)
+                    .last_refresh_time = Some(Time(o.now));
+            }
+            Time(refresh_due_at(&with_time, e))
+        }),
+    };
+
+    let mut conditions = vec![token_cond];
+    let mut stalled = cond(condition::STALLED, false, reasons::NOT_STALLED, "");
+    let mut reconciling = cond(condition::RECONCILING, false, reasons::IDLE, "");
+    let prev_authorized = prev
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::AUTHORIZED)
+        .cloned();
+    let authorized_ok = |account: &Option<String>| {
+        let msg = match account {
+            Some(a) => format!("grant of {a} is usable"),
+            None => "grant is usable".to_owned(),
+        };
+        cond(condition::AUTHORIZED, true, reasons::AUTHORIZED, msg)
+    };
+    let (authorized, ready) = match outcome {
+        Outcome::ClientSecret(problem) => {
+            let reason = match problem {
+                ClientSecretProblem::NotFound { .. } => reasons::CLIENT_SECRET_NOT_FOUND,
+                _ => reasons::CLIENT_SECRET_KEY_MISSING,
+            };
+            stalled = cond(condition::STALLED, true, reason, problem.to_string());
+            let a = cond(condition::AUTHORIZED, false, reason, problem.to_string());
+            let r = cond(condition::READY, false, reason, problem.to_string());
+            (a, r)
+        }
+        Outcome::SignInRequired => {
+            s.sign_in = sign_in;
+            let msg = match &s.sign_in {
+                Some(link) => format!(
+                    "no grant yet: open status.signIn.url to sign in as {} (link valid until {})",
+                    mi.spec.mailbox.address,
+                    fmt_time(link.expires_at.0)
+                ),
+                None => format!(
+                    "no grant yet: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
+                    mi.spec.mailbox.address,
+                    mi.grant_secret_name()
+                ),
+            };
+            (
+                cond(
+                    condition::AUTHORIZED,
+                    false,
+                    reasons::SIGN_IN_REQUIRED,
+                    &msg,
+                ),
+                cond(condition::READY, false, reasons::SIGN_IN_REQUIRED, &msg),
+            )
+        }
+        Outcome::Suspended => {
+            let a = prev_authorized.unwrap_or_else(|| authorized_ok(&s.account));
+            let msg = if token_valid {
+                "refreshing is suspended (spec.suspend); the published token is still valid"
+            } else {
+                "refreshing is suspended (spec.suspend) and no valid token is published"
+            };
+            (
+                a,
+                cond(condition::READY, token_valid, reasons::SUSPENDED, msg),
+            )
+        }
+        Outcome::Idle | Outcome::Refreshed { .. } => {
+            if let Outcome::Refreshed {
+                account, scopes, ..
+            } = outcome
+            {
+                s.last_refresh_time = Some(Time(o.now));
+                if account.is_some() {
+                    s.account.clone_from(account);
+                }
+                if !scopes.is_empty() {
+                    s.scopes.clone_from(scopes);
+                }
+                s.failed_inputs = None;
+            }
+            let a = authorized_ok(&s.account);
+            let msg = match (token_expiry, &s.next_refresh_time) {
+                (Some(e), Some(n)) => format!(
+                    "access token valid until {}; next refresh at {}",
+                    fmt_time(e),
+                    fmt_time(n.0)
+                ),
+                _ => "access token published".to_owned(),
+            };
+            (
+                a,
+                cond(
+                    condition::READY,
+                    token_valid,
+                    if token_valid {
+                        reasons::READY
+                    } else {
+                        reasons::TOKEN_EXPIRED
+                    },
+                    msg,
+                ),
+            )
+        }
+        Outcome::StillFailed => {
+            // Keep what the failure said; only token validity moves with the clock.
+            let keep = |t: &str| prev.conditions.iter().find(|c| c.type_ == t).cloned();
+            stalled = keep(condition::STALLED).unwrap_or(stalled);
+            let a = keep(condition::AUTHORIZED)
+                .unwrap_or_else(|| cond(condition::AUTHORIZED, false, "Unknown", ""));
+            let r = keep(condition::READY)
+                .unwrap_or_else(|| cond(condition::READY, false, "Unknown", ""));
+            (a, r)
+        }
+        Outcome::PermanentFailure { reason, message } => {
+            s.failed_inputs = Some(inputs_fingerprint(o));
+            stalled = cond(condition::STALLED, true, reason, message.clone());
+            (
+                cond(condition::AUTHORIZED, false, reason, message.clone()),
+                cond(condition::READY, false, reason, message.clone()),
+            )
+        }
+        Outcome::TransientFailure {
+            reason,
+            message,
+            retry_in,
+        } => {
+            let msg = format!("{message}; retrying in {}s", retry_in.as_secs().max(1));
+            reconciling = cond(condition::RECONCILING, true, reason, msg.clone());
+            let a = prev_authorized
+                .unwrap_or_else(|| cond(condition::AUTHORIZED, false, reason, msg.clone()));
+            let ready_msg = if token_valid {
+                format!(
+                    "the published token stays valid until {}, but refreshing fails: {msg}",
+                    fmt_time(token_expiry.unwrap())
+                )
+            } else {
+                msg.clone()
+            };
+            (
+                a,
+                cond(
+                    condition::READY,
+                    token_valid,
+                    if token_valid {
+                        reasons::READY
+                    } else {
+                        reason.as_str()
+                    },
+                    ready_msg,
+                ),
+            )
+        }
+        Outcome::BackingOff => {
+            let keep = |t: &str| prev.conditions.iter().find(|c| c.type_ == t).cloned();
+            reconciling = keep(condition::RECONCILING).unwrap_or(reconciling);
+            let a = keep(condition::AUTHORIZED)
+                .unwrap_or_else(|| cond(condition::AUTHORIZED, false, "Unknown", ""));
+            let mut r = keep(condition::READY)
+                .unwrap_or_else(|| cond(condition::READY, false, "Unknown", ""));
+            if !token_valid && r.status == "True" {
+                r = cond(
+                    condition::READY,
+                    false,
+                    reasons::TOKEN_EXPIRED,
+                    "the access token expired while refreshing fails",
+                );
+            }
+            (a, r)
+        }
+    };
+    conditions.extend([ready, authorized, reconciling, stalled]);
+    // Conditions this decision does not own (MailboxConnected) are carried over.
+    for c in &prev.conditions {
+        if !conditions.iter().any(|n| n.type_ == c.type_) {
+            conditions.push(c.clone());
+        }
+    }
+    for c in &mut conditions {
+        c.observed_generation = mi.metadata.generation;
+        c.last_transition_time = match prev.conditions.iter().find(|p| p.type_ == c.type_) {
+            Some(p) if p.status == c.status => p.last_transition_time.clone(),
+            _ => Time(o.now),
+        };
+    }
+    conditions.sort_by_key(|c| condition_order(&c.type_));
+    s.conditions = conditions;
+    s
+}
+
+fn condition_order(t: &str) -> usize {
+    [
+        condition::READY,
+        condition::AUTHORIZED,
+        condition::TOKEN_VALID,
+        condition::MAILBOX_CONNECTED,
+        condition::RECONCILING,
+        condition::STALLED,
+    ]
+    .iter()
+    .position(|x| *x == t)
+    .unwrap_or(usize::MAX)
+}
+
+/// The condition of `type_` in `status`, if any.
+pub fn find_condition<'a>(status: &'a MailIntegrationStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

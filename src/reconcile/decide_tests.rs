@@ -1,0 +1,465 @@
+use super::*;
+use crate::{
+    api::{MailIntegrationSpec, condition},
+    reconcile::observed::{ClientCredentials, Grant, PublishedToken},
+    secret::SecretValue,
+};
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn integration(extra: serde_json::Value) -> MailIntegration {
+    let mut spec = serde_json::json!({
+        "provider": "Google",
+        "mailbox": {"address": "support@example.com"},
+        "oauth": {"clientSecretRef": {"name": "client"}},
+        "tokenSecret": {"name": "token"},
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let spec: MailIntegrationSpec = serde_json::from_value(spec).unwrap();
+    let mut mi = MailIntegration::new("inbox", spec);
+    mi.metadata.namespace = Some("ns".into());
+    mi.metadata.uid = Some("0b6f3c8e-1111-2222-3333-444455556666".into());
+    mi.metadata.generation = Some(1);
+    mi
+}
+
+struct World {
+    mi: MailIntegration,
+    client_ok: bool,
+    grant: bool,
+    token_expiry: Option<Timestamp>,
+    now: Timestamp,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            mi: integration(serde_json::json!({})),
+            client_ok: true,
+            grant: true,
+            token_expiry: None,
+            now: t("2026-11-28T10:00:00Z"),
+        }
+    }
+    fn observed(&self) -> Observed<'_> {
+        Observed {
+            integration: &self.mi,
+            client: if self.client_ok {
+                Ok(ClientCredentials {
+                    client_id: "id".into(),
+                    client_secret: SecretValue::new("cs"),
+                })
+            } else {
+                Err(ClientSecretProblem::NotFound {
+                    name: "client".into(),
+                })
+            },
+            client_version: Some("7".into()),
+            grant: self.grant.then(|| Grant {
+                refresh_token: SecretValue::new("rt"),
+                account: Some("support@example.com".into()),
+                scopes: vec![],
+                issued_at: None,
+                resource_version: Some("11".into()),
+            }),
+            token: self.token_expiry.map(|e| PublishedToken {
+                access_token: SecretValue::new("at"),
+                expires_at: e,
+            }),
+            now: self.now,
+        }
+    }
+    fn decide(&self) -> Action {
+        decide(&self.observed(), Backoff::default())
+    }
+    /// Apply `outcome` to the stored status, as the operator would.
+    fn store(&mut self, outcome: &Outcome) -> MailIntegrationStatus {
+        let s = status_after(&self.observed(), outcome, None);
+        self.mi.status = Some(s.clone());
+        s
+    }
+}
+
+#[test]
+fn missing_client_secret_holds_with_its_reason() {
+    let mut w = World::new();
+    w.client_ok = false;
+    let Action::Hold(outcome) = w.decide() else {
+        panic!("must not call the provider")
+    };
+    let s = w.store(&outcome);
+    let ready = find_condition(&s, condition::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reasons::CLIENT_SECRET_NOT_FOUND)
+    );
+    assert_eq!(
+        find_condition(&s, condition::STALLED).unwrap().status,
+        "True"
+    );
+}
+
+#[test]
+fn no_grant_means_sign_in_required_not_stalled() {
+    let mut w = World::new();
+    w.grant = false;
+    assert_eq!(w.decide(), Action::Hold(Outcome::SignInRequired));
+    let s = w.store(&Outcome::SignInRequired);
+    assert_eq!(
+        find_condition(&s, condition::AUTHORIZED).unwrap().reason,
+        reasons::SIGN_IN_REQUIRED
+    );
+    assert_eq!(
+        find_condition(&s, condition::STALLED).unwrap().status,
+        "False"
+    );
+}
+
+#[test]
+fn first_reconcile_with_a_grant_refreshes() {
+    assert_eq!(
+        World::new().decide(),
+        Action::Refresh(RefreshCause::NoToken)
+    );
+}
+
+#[test]
+fn refresh_is_due_exactly_at_expiry_minus_refresh_before_minus_jitter() {
+    let mut w = World::new();
+    let expiry = t("2026-11-28T11:00:00Z");
+    w.token_expiry = Some(expiry);
+    let due = refresh_due_at(&w.mi, expiry);
+    let spread = jitter(w.mi.uid().as_deref().unwrap(), Duration::from_secs(60));
+    assert_eq!(
+        due,
+        expiry - SignedDuration::from_mins(10) - SignedDuration::try_from(spread).unwrap()
+    );
+    assert!(spread <= Duration::from_secs(30));
+
+    w.now = due - SignedDuration::from_secs(1);
+    assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
+    w.now = due;
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+    w.now = expiry + SignedDuration::from_secs(1);
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+}
+
+#[test]
+fn refresh_before_comes_from_the_spec() {
+    let mut w = World::new();
+    w.mi = integration(serde_json::json!({"refreshBefore": "30m"}));
+    let expiry = t("2026-11-28T11:00:00Z");
+    let due = refresh_due_at(&w.mi, expiry);
+    assert!(
+        due <= expiry - SignedDuration::from_mins(30)
+            && due >= expiry - SignedDuration::from_mins(30) - SignedDuration::from_secs(30),
+        "{due}"
+    );
+}
+
+#[test]
+fn short_lived_tokens_refresh_at_two_thirds_of_their_life() {
+    let mut w = World::new();
+    let s = w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T10:00:30Z"),
+        account: None,
+        scopes: vec![],
+    });
+    // 30 s lifetime with refreshBefore 10m: due at 20 s (minus at most 1 s of jitter).
+    let next = s.next_refresh_time.unwrap().0;
+    assert!(
+        next <= t("2026-11-28T10:00:20Z") && next >= t("2026-11-28T10:00:19Z"),
+        "{next}"
+    );
+}
+
+#[test]
+fn jitter_is_stable_and_spreads() {
+    let w = Duration::from_secs(60);
+    assert_eq!(jitter("a", w), jitter("a", w));
+    let distinct: std::collections::HashSet<_> =
+        (0..100).map(|i| jitter(&format!("uid-{i}"), w)).collect();
+    assert!(distinct.len() > 10, "jitter should spread: {distinct:?}");
+    assert_eq!(jitter("a", Duration::ZERO), Duration::ZERO);
+}
+
+#[test]
+fn idle_reconcile_reproduces_the_stored_status_exactly() {
+    let mut w = World::new();
+    w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: Some("support@example.com".into()),
+        scopes: vec!["https://mail.google.com/".into()],
+    });
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    for minutes in [1, 10, 30] {
+        w.now = t("2026-11-28T10:00:00Z") + SignedDuration::from_mins(minutes);
+        let Action::Hold(outcome) = w.decide() else {
+            panic!("not due yet at +{minutes}m")
+        };
+        assert_eq!(outcome, Outcome::Idle);
+        let again = status_after(&w.observed(), &outcome, None);
+        assert_eq!(
+            Some(&again),
+            w.mi.status.as_ref(),
+            "an idle reconcile must not change the status (no API write)"
+        );
+    }
+}
+
+#[test]
+fn refreshed_status_is_ready_with_times() {
+    let mut w = World::new();
+    let s = w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: Some("support@example.com".into()),
+        scopes: vec!["https://mail.google.com/".into()],
+    });
+    assert_eq!(find_condition(&s, condition::READY).unwrap().status, "True");
+    assert_eq!(
+        find_condition(&s, condition::AUTHORIZED).unwrap().status,
+        "True"
+    );
+    assert_eq!(
+        find_condition(&s, condition::TOKEN_VALID).unwrap().status,
+        "True"
+    );
+    assert_eq!(
+        find_condition(&s, condition::STALLED).unwrap().status,
+        "False"
+    );
+    assert_eq!(s.account.as_deref(), Some("support@example.com"));
+    assert_eq!(s.last_refresh_time.unwrap().0, w.now);
+    assert_eq!(
+        s.access_token_expires_at.unwrap().0,
+        t("2026-11-28T11:00:00Z")
+    );
+    assert_eq!(s.observed_generation, Some(1));
+    let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "Ready",
+            "Authorized",
+            "TokenValid",
+            "Reconciling",
+            "Stalled"
+        ]
+    );
+}
+
+#[test]
+fn permanent_failure_stops_calls_until_an_input_changes() {
+    let mut w = World::new();
+    w.token_expiry = Some(t("2026-11-28T10:05:00Z"));
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+    let s = w.store(&Outcome::PermanentFailure {
+        reason: "InvalidClient".into(),
+        message: "wrong client secret".into(),
+    });
+    assert_eq!(
+        find_condition(&s, condition::STALLED).unwrap().reason,
+        "InvalidClient"
+    );
+    assert_eq!(
+        find_condition(&s, condition::AUTHORIZED).unwrap().status,
+        "False"
+    );
+    // The published token is still valid: TokenValid says so even though Ready is False.
+    assert_eq!(
+        find_condition(&s, condition::TOKEN_VALID).unwrap().status,
+        "True"
+    );
+
+    w.now += SignedDuration::from_mins(3);
+    assert_eq!(w.decide(), Action::Hold(Outcome::StillFailed));
+    let held = status_after(&w.observed(), &Outcome::StillFailed, None);
+    assert_eq!(
+        Some(&held),
+        w.mi.status.as_ref(),
+        "nothing changed, nothing to write"
+    );
+
+    // After the token expires, only TokenValid moves.
+    w.now += SignedDuration::from_mins(3);
+    let held = status_after(&w.observed(), &Outcome::StillFailed, None);
+    assert_eq!(
+        find_condition(&held, condition::TOKEN_VALID)
+            .unwrap()
+            .status,
+        "False"
+    );
+    assert_eq!(
+        find_condition(&held, condition::STALLED).unwrap().reason,
+        "InvalidClient"
+    );
+
+    // The user fixes the client Secret: a new resourceVersion.
+    let mut o = w.observed();
+    o.client_version = Some("8".into());
+    assert_eq!(
+        decide(&o, Backoff::default()),
+        Action::Refresh(RefreshCause::InputsChanged)
+    );
+    // ... or edits the spec, or signs in again (new grant Secret version).
+    w.mi.metadata.generation = Some(2);
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::InputsChanged));
+}
+
+#[test]
+fn requested_refresh_runs_once_per_annotation_value() {
+    let mut w = World::new();
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    w.store(&Outcome::Idle);
+    w.mi.metadata.annotations = Some(
+        [(
+            REFRESH_REQUESTED_ANNOTATION.to_owned(),
+            "2026-11-28T10:00:00Z".to_owned(),
+        )]
+        .into(),
+    );
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
+    w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: None,
+        scopes: vec![],
+    });
+    assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
+    w.mi.metadata.annotations =
+        Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "again".to_owned())].into());
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
+}
+
+#[test]
+fn transient_failure_keeps_ready_while_the_token_is_valid() {
+    let mut w = World::new();
+    w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: None,
+        scopes: vec![],
+    });
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    w.now = t("2026-11-28T10:55:00Z");
+    let failure = Outcome::TransientFailure {
+        reason: "ProviderUnavailable".into(),
+        message: "token endpoint answered 503".into(),
+        retry_in: Duration::from_secs(20),
+    };
+    let s = w.store(&failure);
+    assert_eq!(find_condition(&s, condition::READY).unwrap().status, "True");
+    assert_eq!(
+        find_condition(&s, condition::TOKEN_VALID).unwrap().status,
+        "True"
+    );
+    let rec = find_condition(&s, condition::RECONCILING).unwrap();
+    assert_eq!(
+        (rec.status.as_str(), rec.reason.as_str()),
+        ("True", "ProviderUnavailable")
+    );
+    assert!(rec.message.contains("retrying in 20s"), "{}", rec.message);
+
+    let backoff = Backoff {
+        failures: 1,
+        not_before: Some(w.now + SignedDuration::from_secs(20)),
+    };
+    assert_eq!(
+        decide(&w.observed(), backoff),
+        Action::Hold(Outcome::BackingOff)
+    );
+    w.now += SignedDuration::from_secs(21);
+    assert_eq!(
+        decide(&w.observed(), backoff),
+        Action::Refresh(RefreshCause::Due)
+    );
+
+    // Past expiry, still failing: Ready and TokenValid go False.
+    w.now = t("2026-11-28T11:00:01Z");
+    let s = w.store(&failure);
+    assert_eq!(
+        find_condition(&s, condition::READY).unwrap().status,
+        "False"
+    );
+    assert_eq!(
+        find_condition(&s, condition::TOKEN_VALID).unwrap().reason,
+        reasons::TOKEN_EXPIRED
+    );
+}
+
+#[test]
+fn suspended_does_not_refresh() {
+    let mut w = World::new();
+    w.mi = integration(serde_json::json!({"suspend": true}));
+    w.token_expiry = Some(t("2026-11-28T10:01:00Z"));
+    assert_eq!(w.decide(), Action::Hold(Outcome::Suspended));
+    let s = w.store(&Outcome::Suspended);
+    assert_eq!(
+        find_condition(&s, condition::READY).unwrap().reason,
+        reasons::SUSPENDED
+    );
+    assert!(s.next_refresh_time.is_none());
+}
+
+#[test]
+fn transition_times_move_only_when_status_flips() {
+    let mut w = World::new();
+    let s1 = w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: None,
+        scopes: vec![],
+    });
+    let ready1 = find_condition(&s1, condition::READY)
+        .unwrap()
+        .last_transition_time
+        .clone();
+    w.now = t("2026-11-28T10:50:00Z");
+    let s2 = w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:50:00Z"),
+        account: None,
+        scopes: vec![],
+    });
+    assert_eq!(
+        find_condition(&s2, condition::READY)
+            .unwrap()
+            .last_transition_time,
+        ready1
+    );
+    w.now = t("2026-11-28T10:51:00Z");
+    let s3 = w.store(&Outcome::PermanentFailure {
+        reason: "GrantRevoked".into(),
+        message: "revoked".into(),
+    });
+    assert_eq!(
+        find_condition(&s3, condition::READY)
+            .unwrap()
+            .last_transition_time
+            .0,
+        w.now
+    );
+}
+
+#[test]
+fn requeue_is_exactly_the_next_due_time() {
+    let mut w = World::new();
+    let s = w.store(&Outcome::Refreshed {
+        expires_at: t("2026-11-28T11:00:00Z"),
+        account: None,
+        scopes: vec![],
+    });
+    let o = w.observed();
+    let after = requeue_after(&o, &s, &Outcome::Idle, Backoff::default()).unwrap();
+    let due = s.next_refresh_time.clone().unwrap().0;
+    assert_eq!(
+        after,
+        Duration::try_from(due.duration_since(w.now)).unwrap()
+    );
+    // Never a hot loop: at least one second.
+    w.now = due + SignedDuration::from_mins(1);
+    assert_eq!(
+        requeue_after(&w.observed(), &s, &Outcome::Idle, Backoff::default()),
+        Some(Duration::from_secs(1))
+    );
+}

@@ -1,0 +1,5 @@
+//! The reconciler: a pure decision (what should happen, given the resource, its Secrets and the
+//! clock) and a small layer that applies it to the API and the provider.
+
+pub mod decide;
+pub mod observed;
