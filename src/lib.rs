@@ -2,5 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod metrics;
 pub mod reconcile;
 pub mod secret;
+pub mod web;

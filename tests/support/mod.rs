@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod operator;
 pub mod process;
 
 pub use control_plane::{ensure_crd, unique_namespace};

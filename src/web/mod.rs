@@ -1,0 +1,3 @@
+//! HTTP: health, readiness and metrics on their own port.
+
+pub mod health;
