@@ -2,5 +2,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod provider;
 pub mod reason;
 pub mod secret;
