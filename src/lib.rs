@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod oauth;
 pub mod provider;
 pub mod reason;
 pub mod secret;
