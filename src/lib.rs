@@ -2,7 +2,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod mailbox;
 pub mod metrics;
+pub mod oauth;
+pub mod provider;
+pub mod reason;
 pub mod reconcile;
 pub mod secret;
 pub mod web;

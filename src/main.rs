@@ -54,7 +54,8 @@ enum LogFormat {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,hyper=warn,tower=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn,hyper=warn,tower=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -64,11 +65,16 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
-    let health = health::router(HealthState { metrics: metrics.clone(), ready: ready.clone() });
+    let health = health::router(HealthState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
     let listener = tokio::net::TcpListener::bind(args.health_addr)
         .await
         .with_context(|| format!("binding the health address {}", args.health_addr))?;
@@ -76,9 +82,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(async move { axum::serve(listener, health).await });
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
-    let providers = ProviderResolver::new(oauth.http().clone());
+    let providers = ProviderResolver::new(oauth.http_client().clone());
     let ctx = Arc::new(Context::new(client, oauth, providers, metrics));
-    info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching MailIntegrations");
+    info!(
+        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        "watching MailIntegrations"
+    );
     controller::run(ctx, args.namespace, ready).await;
     info!("stopped");
     Ok(())

@@ -59,18 +59,47 @@ impl Default for Metrics {
             token_expiry.clone(),
         );
         let refreshes = Family::<RefreshLabels, Counter>::default();
-        registry.register("refreshes", "Token refreshes by result and reason", refreshes.clone());
+        registry.register(
+            "refreshes",
+            "Token refreshes by result and reason",
+            refreshes.clone(),
+        );
         let refresh_duration = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
-        registry.register("refresh_duration_seconds", "Time the token endpoint took to answer a refresh", refresh_duration.clone());
+        registry.register(
+            "refresh_duration_seconds",
+            "Time the token endpoint took to answer a refresh",
+            refresh_duration.clone(),
+        );
         let ready = Family::<ReadyLabels, Gauge>::default();
-        registry.register("integrations", "Integrations by the status of their Ready condition", ready.clone());
+        registry.register(
+            "integrations",
+            "Integrations by the status of their Ready condition",
+            ready.clone(),
+        );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconcile errors by kind", reconcile_errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by kind",
+            reconcile_errors.clone(),
+        );
         let api_writes = Family::<ErrorLabels, Counter>::default();
-        registry.register("api_writes", "Writes to the Kubernetes API by kind of object", api_writes.clone());
-        Self { registry, token_expiry, refreshes, refresh_duration, ready, reconciles, reconcile_errors, api_writes }
+        registry.register(
+            "api_writes",
+            "Writes to the Kubernetes API by kind of object",
+            api_writes.clone(),
+        );
+        Self {
+            registry,
+            token_expiry,
+            refreshes,
+            refresh_duration,
+            ready,
+            reconciles,
+            reconcile_errors,
+            api_writes,
+        }
     }
 }
 
@@ -78,11 +107,16 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 
     pub fn count_write(&self, what: &str) {
-        self.api_writes.get_or_create(&ErrorLabels { error: what.to_owned() }).inc();
+        self.api_writes
+            .get_or_create(&ErrorLabels {
+                error: what.to_owned(),
+            })
+            .inc();
     }
 }

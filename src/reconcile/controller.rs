@@ -3,7 +3,7 @@
 
 use super::{
     decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
-    observed::{self, ClientCredentials, Observed},
+    observed::{self, Observed},
     secrets,
 };
 use crate::{
@@ -11,22 +11,19 @@ use crate::{
     metrics::{IntegrationLabels, Metrics, ReadyLabels, RefreshLabels},
     oauth::OAuthClient,
     provider::{FailureClass, ProviderResolver},
-    secret::SecretValue,
 };
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{PartialObjectMeta, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        metadata_watcher,
         reflector::{ObjectRef, Store},
-        watcher::{self, Config as WatcherConfig},
-        WatchStreamExt,
+        watcher::{Config as WatcherConfig, watcher},
     },
 };
 use std::{
@@ -78,13 +75,21 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, oauth: OAuthClient, providers: ProviderResolver, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        oauth: OAuthClient,
+        providers: ProviderResolver,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             client,
             oauth,
             providers,
             metrics,
-            reporter: Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() },
+            reporter: Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
             sign_in: None,
             backoff: Mutex::default(),
             refresh_locks: Mutex::default(),
@@ -93,7 +98,12 @@ impl Context {
     }
 
     fn backoff(&self, uid: &str) -> Backoff {
-        self.backoff.lock().unwrap().get(uid).copied().unwrap_or_default()
+        self.backoff
+            .lock()
+            .unwrap()
+            .get(uid)
+            .copied()
+            .unwrap_or_default()
     }
 
     fn set_backoff(&self, uid: &str, b: Option<Backoff>) {
@@ -106,23 +116,42 @@ impl Context {
 
     /// One refresh per grant at a time within this process (leader election covers replicas).
     fn refresh_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.refresh_locks.lock().unwrap().entry(uid.to_owned()).or_default().clone()
+        self.refresh_locks
+            .lock()
+            .unwrap()
+            .entry(uid.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn record_ready(&self, mi: &MailIntegration, status: &MailIntegrationStatus) {
         let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
-        let new = decide::find_condition(status, condition::READY).map(|c| c.status.clone()).unwrap_or_else(|| "Unknown".into());
+        let new = decide::find_condition(status, condition::READY)
+            .map(|c| c.status.clone())
+            .unwrap_or_else(|| "Unknown".into());
         let old = self.ready_state.lock().unwrap().insert(key, new.clone());
         if old.as_ref() != Some(&new) {
             if let Some(old) = old {
-                self.metrics.ready.get_or_create(&ReadyLabels { status: old }).dec();
+                self.metrics
+                    .ready
+                    .get_or_create(&ReadyLabels { status: old })
+                    .dec();
             }
-            self.metrics.ready.get_or_create(&ReadyLabels { status: new }).inc();
+            self.metrics
+                .ready
+                .get_or_create(&ReadyLabels { status: new })
+                .inc();
         }
-        let labels = IntegrationLabels { namespace: mi.namespace().unwrap_or_default(), name: mi.name_any() };
+        let labels = IntegrationLabels {
+            namespace: mi.namespace().unwrap_or_default(),
+            name: mi.name_any(),
+        };
         match &status.access_token_expires_at {
             Some(t) => {
-                self.metrics.token_expiry.get_or_create(&labels).set(t.0.as_second() as f64);
+                self.metrics
+                    .token_expiry
+                    .get_or_create(&labels)
+                    .set(t.0.as_second() as f64);
             }
             None => {
                 self.metrics.token_expiry.remove(&labels);
@@ -133,9 +162,15 @@ impl Context {
     fn forget(&self, mi: &MailIntegration) {
         let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
         if let Some(old) = self.ready_state.lock().unwrap().remove(&key) {
-            self.metrics.ready.get_or_create(&ReadyLabels { status: old }).dec();
+            self.metrics
+                .ready
+                .get_or_create(&ReadyLabels { status: old })
+                .dec();
         }
-        self.metrics.token_expiry.remove(&IntegrationLabels { namespace: mi.namespace().unwrap_or_default(), name: mi.name_any() });
+        self.metrics.token_expiry.remove(&IntegrationLabels {
+            namespace: mi.namespace().unwrap_or_default(),
+            name: mi.name_any(),
+        });
         if let Some(uid) = mi.uid() {
             self.set_backoff(&uid, None);
             self.refresh_locks.lock().unwrap().remove(&uid);
@@ -144,20 +179,41 @@ impl Context {
 }
 
 /// Transient-failure backoff: 5 s doubling to 5 min, ±20 % jitter, never sooner than Retry-After.
-pub fn next_backoff(prev: Backoff, retry_after: Option<Duration>, now: Timestamp) -> (Backoff, Duration) {
+pub fn next_backoff(
+    prev: Backoff,
+    retry_after: Option<Duration>,
+    now: Timestamp,
+) -> (Backoff, Duration) {
     let failures = prev.failures.saturating_add(1);
-    let base = Duration::from_secs(5).saturating_mul(1u32 << (failures - 1).min(6)).min(Duration::from_secs(300));
+    let base = Duration::from_secs(5)
+        .saturating_mul(1u32 << (failures - 1).min(6))
+        .min(Duration::from_secs(300));
     let factor = rand::random_range(0.8..1.2);
     let delay = base.mul_f64(factor).max(retry_after.unwrap_or_default());
     let not_before = now + SignedDuration::try_from(delay).unwrap_or(SignedDuration::ZERO);
-    (Backoff { failures, not_before: Some(not_before) }, delay)
+    (
+        Backoff {
+            failures,
+            not_before: Some(not_before),
+        },
+        delay,
+    )
 }
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any())))]
 async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let result = reconcile_inner(&mi, &ctx).await;
+    // Boxed as `dyn Future + Send`: works around rustc's higher-ranked Send inference for futures
+    // that hold references across awaits.
+    let inner: futures::future::BoxFuture<'_, Result<Action, Error>> =
+        Box::pin(reconcile_inner(&mi, &ctx));
+    let result = inner.await;
     let label = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.get_or_create(&crate::metrics::ReconcileLabels { result: label.into() }).inc();
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::ReconcileLabels {
+            result: label.into(),
+        })
+        .inc();
     result
 }
 
@@ -168,15 +224,22 @@ async fn reconcile_inner(mi: &MailIntegration, ctx: &Context) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let client_secret = secrets_api.get_opt(&mi.spec.oauth.client_secret_ref.name).await?;
+    let client_secret = secrets_api
+        .get_opt(&mi.spec.oauth.client_secret_ref.name)
+        .await?;
     let grant_secret = secrets_api.get_opt(&mi.grant_secret_name()).await?;
     let token_secret = secrets_api.get_opt(&mi.spec.token_secret.name).await?;
 
     let now = Timestamp::now();
     let observed = Observed {
         integration: mi,
-        client: observed::client_credentials(&mi.spec.oauth.client_secret_ref, client_secret.as_ref()),
-        client_version: client_secret.as_ref().and_then(|s| s.metadata.resource_version.clone()),
+        client: observed::client_credentials(
+            &mi.spec.oauth.client_secret_ref,
+            client_secret.as_ref(),
+        ),
+        client_version: client_secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone()),
         grant: observed::grant(grant_secret.as_ref()),
         token: observed::published_token(token_secret.as_ref()),
         now,
@@ -187,7 +250,15 @@ async fn reconcile_inner(mi: &MailIntegration, ctx: &Context) -> Result<Action, 
         Decision::Refresh(cause) => {
             let lock = ctx.refresh_lock(&uid);
             let _guard = lock.lock().await;
-            refresh(mi, &observed, cause, grant_secret.as_ref(), &secrets_api, ctx).await
+            let fut: futures::future::BoxFuture<'_, Outcome> = Box::pin(refresh(
+                mi,
+                &observed,
+                cause,
+                grant_secret.as_ref(),
+                &secrets_api,
+                ctx,
+            ));
+            fut.await
         }
     };
     let sign_in = match (&outcome, &ctx.sign_in) {
@@ -205,7 +276,12 @@ async fn reconcile_inner(mi: &MailIntegration, ctx: &Context) -> Result<Action, 
     if mi.status.as_ref() != Some(&status) {
         let api: Api<MailIntegration> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({ "status": status });
-        api.patch_status(&mi.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        api.patch_status(
+            &mi.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
         ctx.metrics.count_write("status");
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
     }
@@ -238,78 +314,167 @@ async fn refresh(
     };
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
-    let result = ctx.oauth.refresh(&endpoints, &to_oauth_creds(creds), &grant.refresh_token, &scopes, o.now).await;
-    ctx.metrics.refresh_duration.observe(started.elapsed().as_secs_f64());
+    let result = ctx
+        .oauth
+        .refresh(&endpoints, creds, &grant.refresh_token, &scopes, o.now)
+        .await;
+    ctx.metrics
+        .refresh_duration
+        .observe(started.elapsed().as_secs_f64());
     let token = match result {
         Ok(t) => t,
         Err(e) => return failure_outcome(mi, e.class, o.now, ctx),
     };
-    if let Some(new_rt) = token.refresh_token.as_ref().filter(|rt| **rt != grant.refresh_token) {
-        secrets::store_rotated_refresh_token(mi, secrets_api, grant_secret, new_rt, &ctx.metrics).await;
+    if let Some(new_rt) = token
+        .refresh_token
+        .as_ref()
+        .filter(|rt| **rt != grant.refresh_token)
+    {
+        secrets::store_rotated_refresh_token(mi, secrets_api, grant_secret, new_rt, &ctx.metrics)
+            .await;
     }
-    let account = grant.account.clone().or_else(|| token.id_token.as_ref().and_then(crate::oauth::id_token_email));
+    let account = grant.account.clone().or_else(|| {
+        token
+            .id_token_claims()
+            .and_then(Result::ok)
+            .and_then(|c| c.email)
+    });
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
     if let Err(e) = secrets::write_token_secret(mi, secrets_api, &token, &ctx.metrics).await {
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
         ctx.set_backoff(&uid, Some(b));
-        return Outcome::TransientFailure { reason: "TokenSecretWriteFailed".into(), message: format!("could not write Secret {:?}: {e}", mi.spec.token_secret.name), retry_in: delay };
+        return Outcome::TransientFailure {
+            reason: "TokenSecretWriteFailed".into(),
+            message: format!(
+                "could not write Secret {:?}: {e}",
+                mi.spec.token_secret.name
+            ),
+            retry_in: delay,
+        };
     }
     ctx.set_backoff(&uid, None);
-    ctx.metrics.refreshes.get_or_create(&RefreshLabels { result: "success".into(), reason: "TokenRefreshed".into() }).inc();
-    Outcome::Refreshed { expires_at: token.expires_at, account, scopes }
+    ctx.metrics
+        .refreshes
+        .get_or_create(&RefreshLabels {
+            result: "success".into(),
+            reason: "TokenRefreshed".into(),
+        })
+        .inc();
+    Outcome::Refreshed {
+        expires_at: token.expires_at,
+        account,
+        scopes,
+    }
 }
 
-fn to_oauth_creds(c: &ClientCredentials) -> crate::oauth::ClientCredentials {
-    crate::oauth::ClientCredentials { client_id: c.client_id.clone(), client_secret: SecretValue::new(c.client_secret.expose()) }
-}
-
-fn failure_outcome(mi: &MailIntegration, class: FailureClass, now: Timestamp, ctx: &Context) -> Outcome {
+fn failure_outcome(
+    mi: &MailIntegration,
+    class: FailureClass,
+    now: Timestamp,
+    ctx: &Context,
+) -> Outcome {
     let uid = mi.uid().unwrap_or_default();
     match class {
         FailureClass::Permanent { reason, message } => {
             warn!(reason = reason.as_str(), %message, "refresh failed permanently; waiting for a change");
             ctx.set_backoff(&uid, None);
-            ctx.metrics.refreshes.get_or_create(&RefreshLabels { result: "permanent_failure".into(), reason: reason.as_str().into() }).inc();
-            Outcome::PermanentFailure { reason: reason.as_str().into(), message }
+            ctx.metrics
+                .refreshes
+                .get_or_create(&RefreshLabels {
+                    result: "permanent_failure".into(),
+                    reason: reason.as_str().into(),
+                })
+                .inc();
+            Outcome::PermanentFailure {
+                reason: reason.as_str().into(),
+                message,
+            }
         }
-        FailureClass::Transient { reason, message, retry_after } => {
+        FailureClass::Transient {
+            reason,
+            message,
+            retry_after,
+        } => {
             let (b, delay) = next_backoff(ctx.backoff(&uid), retry_after, now);
             ctx.set_backoff(&uid, Some(b));
             warn!(reason = reason.as_str(), %message, retry_in_s = delay.as_secs(), "refresh failed; backing off");
-            ctx.metrics.refreshes.get_or_create(&RefreshLabels { result: "transient_failure".into(), reason: reason.as_str().into() }).inc();
-            Outcome::TransientFailure { reason: reason.as_str().into(), message, retry_in: delay }
+            ctx.metrics
+                .refreshes
+                .get_or_create(&RefreshLabels {
+                    result: "transient_failure".into(),
+                    reason: reason.as_str().into(),
+                })
+                .inc();
+            Outcome::TransientFailure {
+                reason: reason.as_str().into(),
+                message,
+                retry_in: delay,
+            }
         }
     }
 }
 
 /// Events for changes a human cares about (first success, failure, recovery) — compared on the
 /// (status, reason) of Ready, Authorized and Reconciling, so a routine refresh emits nothing.
-async fn publish_events(mi: &MailIntegration, old: Option<&MailIntegrationStatus>, new: &MailIntegrationStatus, ctx: &Context) {
+async fn publish_events(
+    mi: &MailIntegration,
+    old: Option<&MailIntegrationStatus>,
+    new: &MailIntegrationStatus,
+    ctx: &Context,
+) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = mi.object_ref(&());
-    for t in [condition::READY, condition::AUTHORIZED, condition::RECONCILING] {
-        let before = old.and_then(|s| decide::find_condition(s, t)).map(|c| (c.status.as_str(), c.reason.as_str()));
-        let Some(after) = decide::find_condition(new, t) else { continue };
+    for t in [
+        condition::READY,
+        condition::AUTHORIZED,
+        condition::RECONCILING,
+    ] {
+        let before = old
+            .and_then(|s| decide::find_condition(s, t))
+            .map(|c| (c.status.as_str(), c.reason.as_str()));
+        let Some(after) = decide::find_condition(new, t) else {
+            continue;
+        };
         if before == Some((after.status.as_str(), after.reason.as_str())) {
             continue;
         }
-        if t == condition::RECONCILING && after.status == "False" && before.is_none_or(|b| b.0 == "False") {
+        if t == condition::RECONCILING
+            && after.status == "False"
+            && before.is_none_or(|b| b.0 == "False")
+        {
             continue;
         }
         let healthy = match t {
             condition::RECONCILING => after.status == "False",
             _ => after.status == "True",
         };
-        if !healthy && t != condition::READY && decide::find_condition(new, condition::READY).is_some_and(|r| r.reason == after.reason) {
+        if !healthy
+            && t != condition::READY
+            && decide::find_condition(new, condition::READY)
+                .is_some_and(|r| r.reason == after.reason)
+        {
             // The same failure is already told by the Ready event.
             continue;
         }
-        let reason = if t == condition::RECONCILING && healthy { "Recovered".to_owned() } else { after.reason.clone() };
+        let reason = if t == condition::RECONCILING && healthy {
+            "Recovered".to_owned()
+        } else {
+            after.reason.clone()
+        };
         let event = Event {
-            type_: if healthy { EventType::Normal } else { EventType::Warning },
+            type_: if healthy {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
             reason,
-            note: Some(format!("{t}={}: {}", after.status, after.message).chars().take(1000).collect()),
+            note: Some(
+                format!("{t}={}: {}", after.status, after.message)
+                    .chars()
+                    .take(1000)
+                    .collect(),
+            ),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -323,39 +488,65 @@ async fn publish_events(mi: &MailIntegration, old: Option<&MailIntegrationStatus
 
 fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()), %error, "reconcile failed");
-    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { error: error.metric_label().into() }).inc();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            error: error.metric_label().into(),
+        })
+        .inc();
     Action::requeue(Duration::from_secs(5))
 }
 
 /// The MailIntegrations whose client, grant or token Secret is `secret` (same namespace, by name).
-fn integrations_using(store: &Store<MailIntegration>, namespace: Option<&str>, name: &str) -> Vec<ObjectRef<MailIntegration>> {
+fn integrations_using(
+    store: &Store<MailIntegration>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<MailIntegration>> {
     store
         .state()
         .into_iter()
         .filter(|mi| mi.namespace().as_deref() == namespace)
-        .filter(|mi| mi.spec.oauth.client_secret_ref.name == name || mi.grant_secret_name() == name || mi.spec.token_secret.name == name)
+        .filter(|mi| {
+            mi.spec.oauth.client_secret_ref.name == name
+                || mi.grant_secret_name() == name
+                || mi.spec.token_secret.name == name
+        })
         .map(|mi| ObjectRef::from_obj(&*mi))
         .collect()
 }
 
 /// Run the controller until shutdown. `namespace`: watch one namespace, or all when `None`.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<std::sync::atomic::AtomicBool>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
     let client = ctx.client.clone();
-    let (integrations, secrets) = match &namespace {
-        Some(ns) => (Api::<MailIntegration>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns)),
-        None => (Api::<MailIntegration>::all(client.clone()), Api::<Secret>::all(client.clone())),
+    let integrations = match &namespace {
+        Some(ns) => Api::<MailIntegration>::namespaced(client.clone(), ns),
+        None => Api::<MailIntegration>::all(client.clone()),
+    };
+    let secrets: Api<PartialObjectMeta<Secret>> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     let controller = Controller::new(integrations, WatcherConfig::default().any_semantic());
     let store = controller.store();
     // Secrets are watched by metadata only and not stored: a change of the user's client Secret (or
     // of a grant Secret brought by hand) triggers its integrations within seconds, without holding
     // the cluster's Secrets in memory.
-    let secret_events = metadata_watcher(secrets, WatcherConfig::default().any_semantic())
+    let secret_events = watcher(secrets, WatcherConfig::default().any_semantic())
         .touched_objects()
-        .predicate_filter(kube::runtime::predicates::resource_version, Default::default());
+        .predicate_filter(
+            kube::runtime::predicates::resource_version,
+            Default::default(),
+        );
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     controller
-        .watches_stream(secret_events, move |meta| integrations_using(&store, meta.metadata.namespace.as_deref(), &meta.name_any()))
+        .watches_stream(secret_events, move |meta| {
+            integrations_using(&store, meta.metadata.namespace.as_deref(), &meta.name_any())
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -371,9 +562,15 @@ mod tests {
         let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
         let (b1, d1) = next_backoff(Backoff::default(), None, now);
         assert_eq!(b1.failures, 1);
-        assert!(d1 >= Duration::from_secs(4) && d1 <= Duration::from_secs(6), "{d1:?}");
+        assert!(
+            d1 >= Duration::from_secs(4) && d1 <= Duration::from_secs(6),
+            "{d1:?}"
+        );
         let (b2, d2) = next_backoff(b1, None, now);
-        assert!(d2 >= Duration::from_secs(8) && d2 <= Duration::from_secs(12), "{d2:?}");
+        assert!(
+            d2 >= Duration::from_secs(8) && d2 <= Duration::from_secs(12),
+            "{d2:?}"
+        );
         let mut b = b2;
         for _ in 0..20 {
             b = next_backoff(b, None, now).0;
@@ -382,6 +579,9 @@ mod tests {
         assert!(capped <= Duration::from_secs(360), "{capped:?}");
         let (_, honoured) = next_backoff(Backoff::default(), Some(Duration::from_secs(120)), now);
         assert!(honoured >= Duration::from_secs(120));
-        assert_eq!(b1.not_before.unwrap(), now + SignedDuration::try_from(d1).unwrap());
+        assert_eq!(
+            b1.not_before.unwrap(),
+            now + SignedDuration::try_from(d1).unwrap()
+        );
     }
 }

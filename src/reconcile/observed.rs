@@ -28,12 +28,7 @@ pub mod token_keys {
     pub const OAUTHBEARER: &str = "oauthbearer";
 }
 
-/// The OAuth client's ID and secret, read from the user's Secret.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClientCredentials {
-    pub client_id: String,
-    pub client_secret: SecretValue,
-}
+pub use crate::oauth::ClientCredentials;
 
 /// Why the client Secret cannot be used. Messages name the Secret and key, never a value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,9 @@ use crate::{
     secret::SecretValue,
 };
 use jiff::Timestamp;
-use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::{
+    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
@@ -51,37 +53,70 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
     let server = crate::provider::mail_server(&mi.spec);
     let access = &token.access_token;
     let xoauth2 = sasl::xoauth2(user, access);
-    let oauthbearer = sasl::oauthbearer(user, server.as_ref().map(|s| s.host.as_str()), server.as_ref().map(|s| s.port), access);
-    let data: BTreeMap<String, ByteString> = [
+    let mut data: BTreeMap<String, ByteString> = [
         (token_keys::ACCESS_TOKEN, bytes(access.expose())),
         (token_keys::TOKEN_TYPE, bytes(&token.token_type)),
         (token_keys::EXPIRY, bytes(&rfc3339(token.expires_at))),
         (token_keys::USERNAME, bytes(user)),
         (token_keys::XOAUTH2, bytes(xoauth2.expose())),
-        (token_keys::OAUTHBEARER, bytes(oauthbearer.expose())),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    Secret { metadata: owned_meta(mi, &mi.spec.token_secret.name), type_: Some("Opaque".into()), data: Some(data), ..Default::default() }
+    // OAUTHBEARER names the server; without a known server (OIDC with no spec.mailbox.server) it is left out.
+    if let Some(server) = server {
+        let port = u16::try_from(server.port).unwrap_or(0);
+        let oauthbearer = sasl::oauthbearer(user, &server.host, port, access);
+        data.insert(
+            token_keys::OAUTHBEARER.to_owned(),
+            bytes(oauthbearer.expose()),
+        );
+    }
+    Secret {
+        metadata: owned_meta(mi, &mi.spec.token_secret.name),
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
 }
 
 /// Write the token Secret (server-side apply: one request, whether or not it exists).
-pub async fn write_token_secret(mi: &MailIntegration, api: &Api<Secret>, token: &TokenGrant, metrics: &Metrics) -> Result<(), kube::Error> {
+pub async fn write_token_secret(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    token: &TokenGrant,
+    metrics: &Metrics,
+) -> Result<(), kube::Error> {
     let secret = token_secret(mi, token);
-    api.patch(&mi.spec.token_secret.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret)).await?;
+    api.patch(
+        &mi.spec.token_secret.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await?;
     metrics.count_write("token_secret");
     Ok(())
 }
 
 /// The grant Secret after a sign-in or a rotation: `base` (the current Secret, possibly brought by
 /// hand) with the new values, our label and ownerReference added and everything else kept.
-pub fn grant_secret(mi: &MailIntegration, base: Option<&Secret>, refresh_token: &SecretValue, extra: &[(&str, String)]) -> Secret {
-    let mut s = base.cloned().unwrap_or_else(|| Secret { type_: Some("Opaque".into()), ..Default::default() });
+pub fn grant_secret(
+    mi: &MailIntegration,
+    base: Option<&Secret>,
+    refresh_token: &SecretValue,
+    extra: &[(&str, String)],
+) -> Secret {
+    let mut s = base.cloned().unwrap_or_else(|| Secret {
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    });
     let meta = owned_meta(mi, &mi.grant_secret_name());
     s.metadata.name = meta.name;
     s.metadata.namespace = meta.namespace;
-    s.metadata.labels.get_or_insert_with(Default::default).extend(labels(mi));
+    s.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .extend(labels(mi));
     let owners = s.metadata.owner_references.get_or_insert_with(Vec::new);
     for o in meta.owner_references.unwrap_or_default() {
         if !owners.iter().any(|x| x.uid == o.uid) {
@@ -89,7 +124,10 @@ pub fn grant_secret(mi: &MailIntegration, base: Option<&Secret>, refresh_token: 
         }
     }
     let data = s.data.get_or_insert_with(Default::default);
-    data.insert(grant_keys::REFRESH_TOKEN.into(), bytes(refresh_token.expose()));
+    data.insert(
+        grant_keys::REFRESH_TOKEN.into(),
+        bytes(refresh_token.expose()),
+    );
     for (k, v) in extra {
         data.insert((*k).to_owned(), bytes(v));
     }
@@ -100,7 +138,13 @@ pub fn grant_secret(mi: &MailIntegration, base: Option<&Secret>, refresh_token: 
 /// Store a rotated refresh token. The provider has already invalidated the old one, so this write
 /// must land: an optimistic-concurrency replace (the resourceVersion we read), re-read on conflict,
 /// retried with capped backoff until it succeeds.
-pub async fn store_rotated_refresh_token(mi: &MailIntegration, api: &Api<Secret>, current: Option<&Secret>, refresh_token: &SecretValue, metrics: &Metrics) {
+pub async fn store_rotated_refresh_token(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    current: Option<&Secret>,
+    refresh_token: &SecretValue,
+    metrics: &Metrics,
+) {
     let name = mi.grant_secret_name();
     let mut base = current.cloned();
     let mut delay = Duration::from_millis(200);
@@ -108,8 +152,27 @@ pub async fn store_rotated_refresh_token(mi: &MailIntegration, api: &Api<Secret>
     loop {
         let desired = grant_secret(mi, base.as_ref(), refresh_token, &rotated_at);
         let result = match &base {
-            Some(_) => api.replace(&name, &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &desired).await,
-            None => api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &desired).await,
+            Some(_) => {
+                api.replace(
+                    &name,
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &desired,
+                )
+                .await
+            }
+            None => {
+                api.create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &desired,
+                )
+                .await
+            }
         };
         match result {
             Ok(_) => {

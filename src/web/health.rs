@@ -32,5 +32,11 @@ async fn readyz(State(s): State<HealthState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HealthState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }

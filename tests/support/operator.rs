@@ -13,17 +13,26 @@ impl Operator {
     /// Start `mail-integration-operator run` with `kubeconfig` and extra args; waits for /readyz.
     pub fn start(name: &str, kubeconfig: &Path, extra_args: &[&str], log_dir: &Path) -> Self {
         let health_port = free_port();
-        let mut args = vec!["run".to_owned(), format!("--health-addr=127.0.0.1:{health_port}")];
+        let mut args = vec![
+            "run".to_owned(),
+            format!("--health-addr=127.0.0.1:{health_port}"),
+        ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let log_path: PathBuf = log_dir.join(format!("{name}.log"));
         let process = Supervised::spawn(
             name,
             Path::new(env!("CARGO_BIN_EXE_mail-integration-operator")),
             &args,
-            &[("KUBECONFIG", kubeconfig.display().to_string()), ("RUST_LOG", "info,mail_integration_operator=debug".into())],
+            &[
+                ("KUBECONFIG", kubeconfig.display().to_string()),
+                ("RUST_LOG", "info,mail_integration_operator=debug".into()),
+            ],
             log_path,
         );
-        let mut op = Self { process, health_port };
+        let mut op = Self {
+            process,
+            health_port,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(body) = op.get("/readyz") {
@@ -31,8 +40,16 @@ impl Operator {
                     break;
                 }
             }
-            assert!(op.process.is_running(), "the operator exited:\n{}", op.process.log_tail(40));
-            assert!(Instant::now() < deadline, "the operator did not become ready:\n{}", op.process.log_tail(40));
+            assert!(
+                op.process.is_running(),
+                "the operator exited:\n{}",
+                op.process.log_tail(40)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the operator did not become ready:\n{}",
+                op.process.log_tail(40)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         op
@@ -46,13 +63,19 @@ impl Operator {
         write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
-        Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
     }
 
     /// The value of one metric sample, e.g. `mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}`.
     pub fn metric(&self, sample: &str) -> Option<f64> {
         let body = self.get("/metrics").ok()?;
-        body.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+        body.lines().find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
     }
 
     /// The operator's whole log so far.

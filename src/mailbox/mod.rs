@@ -1,0 +1,3 @@
+//! The mailbox connection check.
+
+pub mod sasl;

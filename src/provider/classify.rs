@@ -1,0 +1,653 @@
+//! What a failed call to a provider means: permanent (only a human can fix it; stop calling) or
+//! transient (back off and retry, keeping the current access token), with the reason users see
+//! and a message that says what happened and what to do.
+//!
+//! Providers word their errors loosely and change the words: classification keys on the RFC 6749
+//! `error` code, HTTP status, Google's documented `error_subtype` and Microsoft's AADSTS codes
+//! (from `error_codes`, else from the description); the description is shown only as a hint.
+
+use super::display_name;
+use crate::api::ProviderKind;
+use crate::reason::Reason;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// What the operator was doing when the provider failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenOperation {
+    /// Refreshing the access token with the refresh token.
+    Refresh,
+    /// Exchanging an authorization code after sign-in.
+    CodeExchange,
+    /// Revoking a token (RFC 7009).
+    Revocation,
+    /// Reading the OIDC userinfo endpoint.
+    UserInfo,
+}
+
+impl TokenOperation {
+    /// A phrase for messages ("while refreshing the access token").
+    pub fn describe(self) -> &'static str {
+        match self {
+            TokenOperation::Refresh => "refreshing the access token",
+            TokenOperation::CodeExchange => "exchanging the sign-in code for tokens",
+            TokenOperation::Revocation => "revoking the grant",
+            TokenOperation::UserInfo => "reading the signed-in account from the userinfo endpoint",
+        }
+    }
+
+    fn endpoint(self) -> &'static str {
+        match self {
+            TokenOperation::Refresh | TokenOperation::CodeExchange => "token",
+            TokenOperation::Revocation => "revocation",
+            TokenOperation::UserInfo => "userinfo",
+        }
+    }
+}
+
+impl fmt::Display for TokenOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// An OAuth error response body (RFC 6749 §5.2) with the provider extensions the operator reads:
+/// Google's `error_subtype` (e.g. `invalid_rapt`) and Microsoft's `error_codes` (AADSTS numbers).
+/// Used as the `oauth2` crate's error response type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_subtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_codes: Vec<u64>,
+}
+
+impl ProviderErrorBody {
+    /// A body with just an error code and description.
+    pub fn new(error: impl Into<String>, description: Option<&str>) -> Self {
+        Self {
+            error: error.into(),
+            error_description: description.map(str::to_owned),
+            ..Self::default()
+        }
+    }
+
+    /// Microsoft's AADSTS codes: `error_codes`, else the `AADSTS<n>` numbers in the description.
+    pub fn aadsts_codes(&self) -> Vec<u64> {
+        if !self.error_codes.is_empty() {
+            return self.error_codes.clone();
+        }
+        let Some(d) = &self.error_description else {
+            return Vec::new();
+        };
+        d.match_indices("AADSTS")
+            .filter_map(|(i, m)| {
+                let digits: String = d[i + m.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect()
+    }
+
+    /// The provider's words, cleaned for a condition message: one line, at most 300 characters.
+    pub fn hint(&self) -> String {
+        let mut s = self.error.clone();
+        if let Some(sub) = &self.error_subtype {
+            s.push_str(&format!(" ({sub})"));
+        }
+        if let Some(d) = &self.error_description {
+            s.push_str(": ");
+            s.push_str(d);
+        }
+        one_line(&s, 300)
+    }
+}
+
+impl fmt::Display for ProviderErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hint())
+    }
+}
+
+impl oauth2::ErrorResponse for ProviderErrorBody {}
+
+/// Collapse whitespace and control characters and cut to `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for word in s.split(|c: char| c.is_whitespace() || c.is_control()) {
+        if word.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    if out.chars().count() > max {
+        out = out.chars().take(max).collect::<String>() + "…";
+    }
+    out
+}
+
+/// The body of a failed HTTP response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ErrorBody {
+    /// An OAuth error response (JSON, or parsed from a `WWW-Authenticate` header).
+    OAuth(ProviderErrorBody),
+    /// An HTML page (Google answers 403 with one under load).
+    Html,
+    /// No body.
+    Empty,
+    /// Something else that is not an OAuth error.
+    Other { content_type: Option<String> },
+}
+
+/// Why a call to a provider failed, before interpretation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    /// No answer in time.
+    Timeout,
+    /// No connection (DNS, refused, TLS handshake); `detail` never contains the URL's query.
+    Connect { detail: String },
+    /// An HTTP error status.
+    Http {
+        status: u16,
+        /// From `Retry-After` (seconds or HTTP date), relative to when the answer came.
+        retry_after: Option<Duration>,
+        body: ErrorBody,
+    },
+    /// HTTP 200, but not a usable response (`detail` names the problem, never the content).
+    InvalidResponse { detail: String },
+}
+
+/// A failed call to a provider endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEndpointFailure {
+    pub operation: TokenOperation,
+    pub cause: FailureCause,
+}
+
+/// What a failure means for the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Only a human can fix it: report, set Stalled, stop calling the provider until something changes.
+    Permanent { reason: Reason, message: String },
+    /// Retry with backoff (at least `retry_after` when given); keep the current access token.
+    Transient {
+        reason: Reason,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl FailureClass {
+    /// The reason users see.
+    pub fn reason(&self) -> Reason {
+        match self {
+            FailureClass::Permanent { reason, .. } | FailureClass::Transient { reason, .. } => {
+                *reason
+            }
+        }
+    }
+
+    /// What happened and what to do.
+    pub fn message(&self) -> &str {
+        match self {
+            FailureClass::Permanent { message, .. } | FailureClass::Transient { message, .. } => {
+                message
+            }
+        }
+    }
+
+    /// Whether only a human can fix it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, FailureClass::Permanent { .. })
+    }
+
+    /// The provider's requested wait, for transient failures.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FailureClass::Transient { retry_after, .. } => *retry_after,
+            FailureClass::Permanent { .. } => None,
+        }
+    }
+
+    /// Replace every occurrence of the given secrets in the message by `[redacted]`: a last line
+    /// of defence should a provider ever echo a credential in its error description. Values
+    /// shorter than 8 characters are not real credentials and are left alone.
+    pub fn scrub(mut self, secrets: &[&str]) -> Self {
+        let message = match &mut self {
+            FailureClass::Permanent { message, .. } | FailureClass::Transient { message, .. } => {
+                message
+            }
+        };
+        for s in secrets.iter().filter(|s| s.len() >= 8) {
+            if message.contains(*s) {
+                *message = message.replace(*s, "[redacted]");
+            }
+        }
+        self
+    }
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for FailureClass {}
+
+fn permanent(reason: Reason, message: String) -> FailureClass {
+    FailureClass::Permanent { reason, message }
+}
+
+fn transient(reason: Reason, message: String, retry_after: Option<Duration>) -> FailureClass {
+    FailureClass::Transient {
+        reason,
+        message,
+        retry_after,
+    }
+}
+
+fn wait_phrase(retry_after: Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!("retrying after {}s", d.as_secs()),
+        None => "retrying with backoff".to_owned(),
+    }
+}
+
+/// Interpret a failed call to a provider endpoint.
+pub fn classify(kind: ProviderKind, failure: &TokenEndpointFailure) -> FailureClass {
+    let mut class = classify_inner(kind, failure);
+    if let FailureClass::Permanent { message, .. } | FailureClass::Transient { message, .. } =
+        &mut class
+        && let Some(first) = message.chars().next()
+    {
+        *message = first
+            .to_uppercase()
+            .chain(message.chars().skip(1))
+            .collect();
+    }
+    class
+}
+
+fn classify_inner(kind: ProviderKind, failure: &TokenEndpointFailure) -> FailureClass {
+    let p = display_name(kind);
+    let op = failure.operation.describe();
+    match &failure.cause {
+        FailureCause::Timeout => transient(
+            Reason::ProviderUnavailable,
+            format!("{p} did not answer in time while {op}; retrying with backoff."),
+            None,
+        ),
+        FailureCause::Connect { detail } => transient(
+            Reason::ProviderUnavailable,
+            format!(
+                "could not reach {p} while {op} ({}); retrying with backoff. If this persists, check DNS, egress network policies and proxies.",
+                one_line(detail, 300)
+            ),
+            None,
+        ),
+        FailureCause::InvalidResponse { detail } => transient(
+            Reason::ProviderError,
+            format!(
+                "{p}'s answer while {op} is not a valid response ({}); retrying with backoff. A proxy in between may be answering instead of {p}.",
+                one_line(detail, 200)
+            ),
+            None,
+        ),
+        FailureCause::Http {
+            status,
+            retry_after,
+            body,
+        } => classify_http(kind, failure.operation, *status, *retry_after, body),
+    }
+}
+
+fn classify_http(
+    kind: ProviderKind,
+    operation: TokenOperation,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &ErrorBody,
+) -> FailureClass {
+    let p = display_name(kind);
+    let op = operation.describe();
+    let said = match body {
+        ErrorBody::OAuth(b) => format!(" ({p} said: {})", b.hint()),
+        _ => String::new(),
+    };
+    if status == 429 {
+        return transient(
+            Reason::RateLimited,
+            format!(
+                "{p} is rate limiting requests (HTTP 429) while {op}; {}, keeping the current access token.{said}",
+                wait_phrase(retry_after)
+            ),
+            retry_after,
+        );
+    }
+    if let ErrorBody::OAuth(b) = body {
+        let specific = match kind {
+            ProviderKind::Google => google(operation, b),
+            ProviderKind::Microsoft => microsoft(operation, b, retry_after),
+            ProviderKind::Oidc => None,
+        };
+        if let Some(c) = specific {
+            return c;
+        }
+        if status >= 500 {
+            return transient(
+                Reason::ProviderUnavailable,
+                format!(
+                    "{p} failed with HTTP {status} while {op}; {}.{said}",
+                    wait_phrase(retry_after)
+                ),
+                retry_after,
+            );
+        }
+        return by_error_code(kind, operation, b, retry_after);
+    }
+    let what = match body {
+        ErrorBody::Html => "an HTML page",
+        ErrorBody::Empty => "an empty body",
+        _ => "a body that is not an OAuth error",
+    };
+    match status {
+        403 => transient(
+            Reason::RateLimited,
+            format!(
+                "{p} refused with HTTP 403 and {what} while {op}, as it does under load; {}, keeping the current access token.",
+                wait_phrase(retry_after)
+            ),
+            retry_after,
+        ),
+        408 | 500.. => transient(
+            Reason::ProviderUnavailable,
+            format!(
+                "{p} failed with HTTP {status} while {op}; {}.",
+                wait_phrase(retry_after)
+            ),
+            retry_after,
+        ),
+        401 if operation != TokenOperation::UserInfo => permanent(
+            Reason::InvalidClient,
+            format!(
+                "{p} refused the OAuth client's credentials (HTTP 401) while {op}. Check client_id and client_secret in the client Secret against the provider's console."
+            ),
+        ),
+        401 => permanent(
+            Reason::ProviderError,
+            format!(
+                "{p} did not accept the access token at the userinfo endpoint (HTTP 401). Sign in again; check that the openid and email scopes are granted."
+            ),
+        ),
+        404 | 405 | 410 => permanent(
+            Reason::InvalidEndpoint,
+            format!(
+                "the {} endpoint answered HTTP {status} while {op}: check the endpoint URL (spec.oauth.endpoints, issuerURL or tenant).",
+                operation.endpoint()
+            ),
+        ),
+        _ => permanent(
+            Reason::ProviderError,
+            format!(
+                "{p} refused with HTTP {status} and {what} while {op}. Check the provider's console and the endpoint URLs."
+            ),
+        ),
+    }
+}
+
+const SIGN_IN_AGAIN: &str = "Sign in again at status.signIn.url.";
+
+fn google(operation: TokenOperation, b: &ProviderErrorBody) -> Option<FailureClass> {
+    if b.error != "invalid_grant" {
+        return None;
+    }
+    let said = format!(" (Google said: {})", b.hint());
+    if b.error_subtype.as_deref() == Some("invalid_rapt") {
+        // Documented: a Google Workspace session-control policy requires re-authentication.
+        return Some(permanent(
+            Reason::ReauthRequired,
+            format!(
+                "Google requires the account to re-authenticate: a Google Workspace session-control policy ended the grant (invalid_rapt). {SIGN_IN_AGAIN} A Workspace admin can exempt this app by marking it Trusted in the API controls.{said}"
+            ),
+        ));
+    }
+    let expired_or_revoked = b
+        .error_description
+        .as_deref()
+        .is_some_and(|d| d.to_ascii_lowercase().contains("expired or revoked"));
+    if operation == TokenOperation::Refresh && expired_or_revoked {
+        return Some(permanent(
+            Reason::GrantRevoked,
+            format!(
+                "Google says the grant has expired or been revoked. Possible causes: the app's OAuth consent screen is in \"Testing\" publishing status (Google ends such grants after 7 days: publish the app), the user or an admin removed the app's access, the password changed, the grant was unused for 6 months, or more than 100 newer grants exist for this account and client. {SIGN_IN_AGAIN}{said}"
+            ),
+        ));
+    }
+    None
+}
+
+fn microsoft(
+    operation: TokenOperation,
+    b: &ProviderErrorBody,
+    retry_after: Option<Duration>,
+) -> Option<FailureClass> {
+    let said = format!(" (Microsoft said: {})", b.hint());
+    for code in b.aadsts_codes() {
+        let class = match code {
+            70008 | 700082 => permanent(
+                Reason::GrantExpiredInactive,
+                format!(
+                    "Microsoft ended the grant because it was not used for too long (AADSTS{code}; refresh tokens lapse after 90 days without use). {SIGN_IN_AGAIN}{said}"
+                ),
+            ),
+            700084 => permanent(
+                Reason::GrantExpiredInactive,
+                format!(
+                    "Microsoft issued a refresh token for a single-page application, which lives only 24 hours (AADSTS700084). Register the redirect URI under the \"Web\" platform in Entra ID, not \"Single-page application\", then sign in again.{said}"
+                ),
+            ),
+            50173 => permanent(
+                Reason::GrantRevoked,
+                format!(
+                    "Microsoft says the grant was revoked (AADSTS50173), e.g. after a password change or an admin revoking sessions. {SIGN_IN_AGAIN}{said}"
+                ),
+            ),
+            50076 | 50079 => permanent(
+                Reason::ReauthRequired,
+                format!(
+                    "Microsoft requires multi-factor authentication for this account (AADSTS{code}). {SIGN_IN_AGAIN}{said}"
+                ),
+            ),
+            53003 => permanent(
+                Reason::ProviderError,
+                format!(
+                    "a Microsoft Entra Conditional Access policy blocks this sign-in (AADSTS53003). A tenant admin must allow this app, location or device in Conditional Access; signing in again alone will not help.{said}"
+                ),
+            ),
+            65001 => permanent(
+                Reason::ScopeMissing,
+                format!(
+                    "consent for the requested permissions is missing (AADSTS65001). Sign in again with prompt Consent, or have a tenant admin grant admin consent to the app for the mail permissions.{said}"
+                ),
+            ),
+            7000215 => permanent(
+                Reason::InvalidClient,
+                format!(
+                    "Microsoft rejected the client secret (AADSTS7000215). Put the secret's Value (not its Secret ID) from Entra ID → App registrations → Certificates & secrets into the client Secret.{said}"
+                ),
+            ),
+            7000222 => permanent(
+                Reason::InvalidClient,
+                format!(
+                    "the client secret has expired (AADSTS7000222). Create a new one in Entra ID → App registrations → Certificates & secrets and update the client Secret.{said}"
+                ),
+            ),
+            700016 => permanent(
+                Reason::InvalidClient,
+                format!(
+                    "Microsoft does not know this client ID in the tenant (AADSTS700016). Check client_id and spec.oauth.tenant.{said}"
+                ),
+            ),
+            90002 => permanent(
+                Reason::InvalidEndpoint,
+                format!(
+                    "Microsoft does not know the tenant in spec.oauth.tenant (AADSTS90002). Use common, organizations, consumers, or your directory's tenant ID or domain.{said}"
+                ),
+            ),
+            50196 | 90055 => transient(
+                Reason::RateLimited,
+                format!(
+                    "Microsoft is throttling requests (AADSTS{code}) while {}; {}, keeping the current access token.{said}",
+                    operation.describe(),
+                    wait_phrase(retry_after)
+                ),
+                retry_after,
+            ),
+            _ => continue,
+        };
+        return Some(class);
+    }
+    None
+}
+
+fn by_error_code(
+    kind: ProviderKind,
+    operation: TokenOperation,
+    b: &ProviderErrorBody,
+    retry_after: Option<Duration>,
+) -> FailureClass {
+    let p = display_name(kind);
+    let op = operation.describe();
+    let said = format!(" ({p} said: {})", b.hint());
+    match b.error.as_str() {
+        "invalid_grant" if operation == TokenOperation::CodeExchange => permanent(
+            Reason::SignInRequired,
+            format!(
+                "{p} rejected the sign-in code: it expired, was already used, or the redirect URI or PKCE verifier did not match. Sign in again.{said}"
+            ),
+        ),
+        "invalid_grant" => permanent(
+            Reason::GrantRevoked,
+            format!(
+                "{p} rejected the refresh token: the grant was revoked or expired, or (with refresh-token rotation) an older refresh token was used again, which ends the whole grant. {SIGN_IN_AGAIN}{said}"
+            ),
+        ),
+        "invalid_client" => permanent(
+            Reason::InvalidClient,
+            format!(
+                "{p} rejected the OAuth client: wrong or expired client secret, wrong client ID, or the client was deleted. Check the client Secret against the provider's console.{said}"
+            ),
+        ),
+        "unauthorized_client" => permanent(
+            Reason::UnauthorizedClient,
+            format!(
+                "{p} says this client may not use this grant: the grant belongs to another OAuth client, or the client may not use this grant type. Check client_id, then sign in again.{said}"
+            ),
+        ),
+        "invalid_scope" | "insufficient_scope" => permanent(
+            Reason::ScopeMissing,
+            format!(
+                "{p} did not grant the requested scopes. Check spec.oauth.scopes and the scopes enabled for the client, then sign in again with prompt Consent.{said}"
+            ),
+        ),
+        "interaction_required" | "login_required" | "consent_required" => permanent(
+            Reason::ReauthRequired,
+            format!("{p} requires the user to sign in again interactively. {SIGN_IN_AGAIN}{said}"),
+        ),
+        "temporarily_unavailable" | "server_error" => transient(
+            Reason::ProviderUnavailable,
+            format!(
+                "{p} is temporarily unavailable while {op}; {}.{said}",
+                wait_phrase(retry_after)
+            ),
+            retry_after,
+        ),
+        "invalid_token" => permanent(
+            Reason::ProviderError,
+            format!(
+                "{p} did not accept the token while {op}. Sign in again if this persists.{said}"
+            ),
+        ),
+        "slow_down" => transient(
+            Reason::RateLimited,
+            format!(
+                "{p} asked to slow down while {op}; {}.{said}",
+                wait_phrase(retry_after)
+            ),
+            retry_after,
+        ),
+        _ => permanent(
+            Reason::ProviderError,
+            format!("{p} refused while {op}.{said}"),
+        ),
+    }
+}
+
+/// What the operator remembers of a grant, to explain an `invalid_grant` better.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantHistory {
+    /// When the grant was obtained (the sign-in).
+    pub issued_at: Option<jiff::Timestamp>,
+    /// When the provider said the refresh token ends (`refresh_token_expires_in`), if it did.
+    pub refresh_token_expires_at: Option<jiff::Timestamp>,
+}
+
+const SEVEN_DAYS: i64 = 7 * 24 * 3600;
+
+/// Google's body for a revoked grant and for a Testing app's expired grant is the same
+/// ("Token has been expired or revoked."), and no documented field tells them apart. When the
+/// grant's own history matches the 7-day limit — it died 7 days (up to one more day) after
+/// sign-in, or Google had announced a refresh-token lifetime of at most 7 days that has now
+/// passed — report [`Reason::TestingAppGrantExpired`] instead of [`Reason::GrantRevoked`].
+/// Anything else is returned unchanged.
+pub fn refine_with_grant_history(
+    kind: ProviderKind,
+    class: FailureClass,
+    history: &GrantHistory,
+    now: jiff::Timestamp,
+) -> FailureClass {
+    if kind != ProviderKind::Google
+        || class.reason() != Reason::GrantRevoked
+        || !class.is_permanent()
+    {
+        return class;
+    }
+    let secs = |a: jiff::Timestamp, b: jiff::Timestamp| b.as_second() - a.as_second();
+    let announced_short_and_passed = match (history.issued_at, history.refresh_token_expires_at) {
+        (Some(issued), Some(end)) => secs(issued, end) <= SEVEN_DAYS + 3600 && end <= now,
+        _ => false,
+    };
+    let died_after_seven_days = history.issued_at.is_some_and(|issued| {
+        (SEVEN_DAYS - 3600..=SEVEN_DAYS + 24 * 3600).contains(&secs(issued, now))
+    });
+    if !(announced_short_and_passed || died_after_seven_days) {
+        return class;
+    }
+    let age = history
+        .issued_at
+        .map(|issued| {
+            format!(
+                " {:.1} days after sign-in",
+                secs(issued, now) as f64 / 86400.0
+            )
+        })
+        .unwrap_or_default();
+    permanent(
+        Reason::TestingAppGrantExpired,
+        format!(
+            "Google ended the grant{age} (\"Token has been expired or revoked.\"), which matches the 7-day limit Google puts on grants of apps whose OAuth consent screen is in \"Testing\" publishing status. Publish the app (Google Auth Platform → Audience → Publish app) and sign in again; otherwise sign in again every week."
+        ),
+    )
+}

@@ -1,0 +1,242 @@
+//! The reasons users see on conditions, events and metrics: one enum, so that every part of the
+//! operator speaks the same vocabulary and `kubectl describe` shows the same words everywhere.
+
+use std::fmt;
+
+/// A condition reason (CamelCase, as Kubernetes conventions want), with a short hint on what to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    // --- success and progress ---
+    /// The grant works: the account signed in and a token was obtained.
+    Authorized,
+    /// The access token was refreshed.
+    TokenRefreshed,
+    /// The access token is valid and not yet due for refresh.
+    TokenValid,
+    /// The mailbox accepted the access token.
+    MailboxConnected,
+    /// Refreshing is suspended by `spec.suspend`.
+    Suspended,
+
+    // --- the operator needs a human ---
+    /// No grant yet: someone must sign in at `status.signIn.url`.
+    SignInRequired,
+    /// The client Secret named in `spec.oauth.clientSecretRef` does not exist.
+    ClientSecretNotFound,
+    /// The client Secret exists but lacks the client ID or secret key (or it is empty).
+    ClientSecretKeyMissing,
+    /// The provider rejected the client credentials (wrong or expired secret, deleted client).
+    InvalidClient,
+    /// The client is not allowed to use this grant (token of another client, grant type disabled).
+    UnauthorizedClient,
+    /// The grant was revoked (by the user, an admin, a password change) or otherwise became invalid.
+    GrantRevoked,
+    /// The grant expired because it was not used for too long.
+    GrantExpiredInactive,
+    /// A Google app in "Testing" publishing status: its grants expire after 7 days.
+    TestingAppGrantExpired,
+    /// The provider requires the user to sign in again (Google `invalid_rapt`, MFA).
+    ReauthRequired,
+    /// Someone other than `spec.mailbox.address` signed in.
+    AccountMismatch,
+    /// The provider did not grant a scope the mailbox needs.
+    ScopeMissing,
+    /// An endpoint URL (override or discovered) is unusable.
+    InvalidEndpoint,
+    /// The provider refused for a reason not covered above.
+    ProviderError,
+
+    // --- transient: the operator retries by itself ---
+    /// The provider did not answer properly (5xx, timeout, connection error).
+    ProviderUnavailable,
+    /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
+    RateLimited,
+    /// The OIDC discovery document could not be fetched or is inconsistent.
+    DiscoveryFailed,
+
+    // --- the mailbox ---
+    /// The mail server rejected the access token.
+    MailboxAuthFailed,
+    /// The mail server could not be reached.
+    MailboxUnreachable,
+    /// The TLS handshake with the mail server failed (certificate, protocol).
+    #[allow(clippy::upper_case_acronyms)]
+    TLSError,
+}
+
+impl Reason {
+    /// Every reason, for tests, docs and metrics label pre-registration.
+    pub const ALL: &'static [Reason] = &[
+        Reason::Authorized,
+        Reason::TokenRefreshed,
+        Reason::TokenValid,
+        Reason::MailboxConnected,
+        Reason::Suspended,
+        Reason::SignInRequired,
+        Reason::ClientSecretNotFound,
+        Reason::ClientSecretKeyMissing,
+        Reason::InvalidClient,
+        Reason::UnauthorizedClient,
+        Reason::GrantRevoked,
+        Reason::GrantExpiredInactive,
+        Reason::TestingAppGrantExpired,
+        Reason::ReauthRequired,
+        Reason::AccountMismatch,
+        Reason::ScopeMissing,
+        Reason::InvalidEndpoint,
+        Reason::ProviderError,
+        Reason::ProviderUnavailable,
+        Reason::RateLimited,
+        Reason::DiscoveryFailed,
+        Reason::MailboxAuthFailed,
+        Reason::MailboxUnreachable,
+        Reason::TLSError,
+    ];
+
+    /// The CamelCase string written into conditions and events.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Authorized => "Authorized",
+            Reason::TokenRefreshed => "TokenRefreshed",
+            Reason::TokenValid => "TokenValid",
+            Reason::MailboxConnected => "MailboxConnected",
+            Reason::Suspended => "Suspended",
+            Reason::SignInRequired => "SignInRequired",
+            Reason::ClientSecretNotFound => "ClientSecretNotFound",
+            Reason::ClientSecretKeyMissing => "ClientSecretKeyMissing",
+            Reason::InvalidClient => "InvalidClient",
+            Reason::UnauthorizedClient => "UnauthorizedClient",
+            Reason::GrantRevoked => "GrantRevoked",
+            Reason::GrantExpiredInactive => "GrantExpiredInactive",
+            Reason::TestingAppGrantExpired => "TestingAppGrantExpired",
+            Reason::ReauthRequired => "ReauthRequired",
+            Reason::AccountMismatch => "AccountMismatch",
+            Reason::ScopeMissing => "ScopeMissing",
+            Reason::InvalidEndpoint => "InvalidEndpoint",
+            Reason::ProviderError => "ProviderError",
+            Reason::ProviderUnavailable => "ProviderUnavailable",
+            Reason::RateLimited => "RateLimited",
+            Reason::DiscoveryFailed => "DiscoveryFailed",
+            Reason::MailboxAuthFailed => "MailboxAuthFailed",
+            Reason::MailboxUnreachable => "MailboxUnreachable",
+            Reason::TLSError => "TLSError",
+        }
+    }
+
+    /// What to do about it, in one or two sentences (for condition messages, events and docs).
+    pub const fn hint(self) -> &'static str {
+        match self {
+            Reason::Authorized => "The grant works; nothing to do.",
+            Reason::TokenRefreshed => "The access token was refreshed; nothing to do.",
+            Reason::TokenValid => "The access token is valid; nothing to do.",
+            Reason::MailboxConnected => "The mailbox accepts the access token; nothing to do.",
+            Reason::Suspended => "Set spec.suspend to false to resume refreshing.",
+            Reason::SignInRequired => {
+                "Open the link in status.signIn.url and sign in as the mailbox account."
+            }
+            Reason::ClientSecretNotFound => {
+                "Create the Secret named in spec.oauth.clientSecretRef.name in the same namespace, with the OAuth client ID and secret."
+            }
+            Reason::ClientSecretKeyMissing => {
+                "Add the client ID and client secret under the keys named in spec.oauth.clientSecretRef (default client_id and client_secret)."
+            }
+            Reason::InvalidClient => {
+                "Check the client ID and secret in the client Secret against the provider's console; the secret may be wrong, expired or the client deleted."
+            }
+            Reason::UnauthorizedClient => {
+                "The grant belongs to another OAuth client, or the client may not use this grant type; sign in again with this client."
+            }
+            Reason::GrantRevoked => {
+                "The grant is no longer valid (revoked, password changed, or expired); sign in again."
+            }
+            Reason::GrantExpiredInactive => {
+                "The grant expired after a long time without use; sign in again."
+            }
+            Reason::TestingAppGrantExpired => {
+                "Google apps in \"Testing\" publishing status get grants that expire after 7 days; publish the app (OAuth consent screen: Publish app) or sign in again weekly."
+            }
+            Reason::ReauthRequired => {
+                "The provider requires the user to sign in again (re-authentication or MFA policy); sign in again."
+            }
+            Reason::AccountMismatch => {
+                "Sign in as the account in spec.mailbox.address, or change spec.mailbox.address."
+            }
+            Reason::ScopeMissing => {
+                "Sign in again with prompt Consent and keep every requested permission ticked; check spec.oauth.scopes."
+            }
+            Reason::InvalidEndpoint => {
+                "Fix the endpoint URLs in spec.oauth.endpoints (or spec.oauth.issuerURL / tenant): https is required except on loopback."
+            }
+            Reason::ProviderError => {
+                "The provider refused the request; see the message for the provider's explanation."
+            }
+            Reason::ProviderUnavailable => {
+                "The provider did not answer properly; the operator retries with backoff and keeps the current token."
+            }
+            Reason::RateLimited => {
+                "The provider asked to slow down; the operator waits and retries, keeping the current token."
+            }
+            Reason::DiscoveryFailed => {
+                "Check spec.oauth.issuerURL: its /.well-known/openid-configuration must be reachable and name the same issuer."
+            }
+            Reason::MailboxAuthFailed => {
+                "The mail server rejected the token: check that IMAP/POP/SMTP access is enabled for the mailbox and that the scopes cover it."
+            }
+            Reason::MailboxUnreachable => {
+                "Check the mail server host and port, and network policies between the operator and the server."
+            }
+            Reason::TLSError => {
+                "Check the mail server's certificate and TLS mode (Implicit or StartTLS) in spec.mailbox."
+            }
+        }
+    }
+
+    /// Whether this reason reports a healthy state.
+    pub const fn is_success(self) -> bool {
+        matches!(
+            self,
+            Reason::Authorized
+                | Reason::TokenRefreshed
+                | Reason::TokenValid
+                | Reason::MailboxConnected
+        )
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn strings_are_unique_camel_case_and_match_debug() {
+        let mut seen = HashSet::new();
+        for r in Reason::ALL {
+            let s = r.as_str();
+            assert!(seen.insert(s), "duplicate reason string {s}");
+            // Kubernetes condition reasons: ^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$, CamelCase.
+            assert!(s.chars().next().unwrap().is_ascii_uppercase(), "{s}");
+            assert!(s.chars().all(|c| c.is_ascii_alphanumeric()), "{s}");
+            assert_eq!(format!("{r:?}"), s, "Debug and as_str agree");
+            assert_eq!(r.to_string(), s);
+            assert!(!r.hint().is_empty());
+            assert!(r.hint().ends_with('.'), "hint of {s} is a sentence");
+        }
+        assert_eq!(seen.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn testing_hint_names_the_seven_day_limit() {
+        let h = Reason::TestingAppGrantExpired.hint();
+        assert!(h.contains("7 days") && h.contains("Testing") && h.contains("ublish"));
+        assert_eq!(Reason::TLSError.as_str(), "TLSError");
+        assert!(Reason::TokenRefreshed.is_success());
+        assert!(!Reason::RateLimited.is_success());
+    }
+}
