@@ -1,7 +1,8 @@
 //! Shared by the integration tests: real servers started on loopback, stopped with the test binary.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod control_plane;
+pub mod dovecot;
 pub mod operator;
 pub mod process;
 
