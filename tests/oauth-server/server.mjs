@@ -159,7 +159,8 @@ const configuration = {
   features: {
     devInteractions: { enabled: true },
     introspection: { enabled: true, allowedPolicy: async () => true },
-    revocation: { enabled: true },
+    // A client may revoke only its own tokens (oidc-provider's default rule, without its notice).
+    revocation: { enabled: true, allowedPolicy: async (_ctx, client, token) => token.clientId === client.clientId },
   },
   pkce: { required: () => true },
   rotateRefreshToken,
@@ -207,9 +208,14 @@ server.listen(requestedPort, '127.0.0.1', () => {
     }
     if (body.error) {
       line += ` result=${body.error} description="${body.error_description ?? ''}"`;
+      if (ctx.state.errorDetail) line += ` detail="${ctx.state.errorDetail}"`;
     }
     console.log(line);
   });
+  // oidc-provider keeps the precise reason (e.g. "refresh token already used") out of the answer.
+  for (const event of ['grant.error', 'revocation.error', 'introspection.error']) {
+    provider.on(event, (ctx, err) => { ctx.state.errorDetail = err?.error_detail; });
+  }
   provider.on('grant.revoked', (_ctx, grantId) => console.log(`grant revoked grant=${grantId}`));
   provider.on('server_error', (_ctx, err) => console.log(`server_error ${err?.stack ?? err}`));
 
