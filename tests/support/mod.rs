@@ -3,6 +3,8 @@
 
 pub mod control_plane;
 pub mod dovecot;
+pub mod fault_proxy;
+pub mod oauth;
 pub mod operator;
 pub mod process;
 
