@@ -159,10 +159,11 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
     let requested =
         requested_refresh(mi).is_some_and(|v| status.last_refresh_request.as_deref() != Some(v));
-    if let Some(failed) = &status.failed_inputs {
-        if *failed == inputs_fingerprint(o) && !requested {
-            return Action::Hold(Outcome::StillFailed);
-        }
+    if let Some(failed) = &status.failed_inputs
+        && *failed == inputs_fingerprint(o)
+        && !requested
+    {
+        return Action::Hold(Outcome::StillFailed);
     }
     if backoff.not_before.is_some_and(|t| o.now < t) && !requested {
         return Action::Hold(Outcome::BackingOff);
@@ -249,15 +250,15 @@ pub fn status_after(
     let mut s = prev.clone();
     s.observed_generation = mi.metadata.generation;
     s.sign_in = None;
-    if let Some(v) = requested_refresh(mi) {
-        if matches!(
+    if let Some(v) = requested_refresh(mi)
+        && matches!(
             outcome,
             Outcome::Refreshed { .. }
                 | Outcome::PermanentFailure { .. }
                 | Outcome::TransientFailure { .. }
-        ) {
-            s.last_refresh_request = Some(v.to_owned());
-        }
+        )
+    {
+        s.last_refresh_request = Some(v.to_owned());
     }
 
     let token_expiry = match outcome {

@@ -35,10 +35,10 @@ impl Operator {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(body) = op.get("/readyz") {
-                if body == "ready" {
-                    break;
-                }
+            if let Ok(body) = op.get("/readyz")
+                && body == "ready"
+            {
+                break;
             }
             assert!(
                 op.process.is_running(),
