@@ -3,5 +3,6 @@
 
 pub mod controller;
 pub mod decide;
+pub mod mailbox_check;
 pub mod observed;
 pub mod secrets;
