@@ -42,6 +42,9 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "MIO_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// How long a failing revocation (spec.revokeOnDelete) may delay a deletion, e.g. 5m.
+    #[arg(long, env = "MIO_REVOKE_TIMEOUT", default_value = "5m")]
+    revoke_timeout: kube::core::Duration,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -83,7 +86,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
     let providers = ProviderResolver::new(oauth.http_client().clone());
-    let ctx = Arc::new(Context::new(client, oauth, providers, metrics));
+    let mut ctx = Context::new(client, oauth, providers, metrics);
+    ctx.revoke_timeout = args.revoke_timeout.into();
+    let ctx = Arc::new(ctx);
     info!(
         namespace = args.namespace.as_deref().unwrap_or("(all)"),
         "watching MailIntegrations"

@@ -566,3 +566,111 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
         "no writes at start-up when nothing changed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_on_delete_revokes_the_grant_and_gives_up_after_a_bounded_time() {
+    let env = Env::new("revoke", long_lived_server()).await;
+    let op = env.operator_with("operator", &["--revoke-timeout", "4s"]);
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration_with(
+        "inbox",
+        "alice@example.test",
+        serde_json::json!({"revokeOnDelete": true}),
+    )
+    .await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    assert!(
+        mi.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"mailintegration.dev/revoke-grant".to_owned())
+    );
+    let token = env.data("inbox-token", "access_token").await.unwrap();
+    assert!(env.server.introspect(&token).await);
+
+    env.integrations()
+        .delete("inbox", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&env, "inbox", Duration::from_secs(15), &op).await;
+    assert!(
+        !env.server.introspect(&token).await,
+        "the grant was revoked at the provider"
+    );
+    let events = env.cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &env.ns,
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+    ]);
+    assert!(events.contains("Normal GrantRevoked"), "{events}");
+
+    // A revocation endpoint that never answers delays the deletion only for --revoke-timeout.
+    env.grant("stuck", "bob").await;
+    let closed = format!("http://127.0.0.1:{}/revoke", support::process::free_port());
+    env.integration_with(
+        "stuck",
+        "bob@example.test",
+        serde_json::json!({"revokeOnDelete": true, "oauth": {"endpoints": {"authorization": format!("{}/auth", env.proxy.url()), "token": env.proxy.token_url(), "revocation": closed}}}),
+    )
+    .await;
+    env.wait_for(
+        "stuck",
+        "Ready=True",
+        Duration::from_secs(30),
+        &op,
+        is_ready,
+    )
+    .await;
+    let deleted_at = Instant::now();
+    env.integrations()
+        .delete("stuck", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        env.integrations().get_opt("stuck").await.unwrap().is_some(),
+        "kept while revocation is retried"
+    );
+    wait_gone(&env, "stuck", Duration::from_secs(30), &op).await;
+    assert!(
+        deleted_at.elapsed() >= Duration::from_secs(4),
+        "gone after {:?}, before the timeout",
+        deleted_at.elapsed()
+    );
+    let events = env.cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &env.ns,
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason} {.message}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        events.contains("Warning RevocationFailed") && events.contains("was NOT revoked"),
+        "{events}"
+    );
+}
+
+async fn wait_gone(env: &Env, name: &str, timeout: Duration, op: &Operator) {
+    let deadline = Instant::now() + timeout;
+    while env.integrations().get_opt(name).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "{name} still exists after {timeout:?}:\n{}",
+            tail(&op.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -3,6 +3,7 @@
 
 use super::{
     decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
+    finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
     observed::{self, Observed, PublishedToken},
     secrets,
@@ -71,6 +72,8 @@ pub struct Context {
     pub reporter: Reporter,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
     pub mailbox: MailboxChecker,
+    /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
+    pub revoke_timeout: Duration,
     backoff: Mutex<HashMap<String, Backoff>>,
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     ready_state: Mutex<HashMap<String, String>>,
@@ -94,6 +97,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             sign_in: None,
+            revoke_timeout: Duration::from_secs(300),
             backoff: Mutex::default(),
             refresh_locks: Mutex::default(),
             ready_state: Mutex::default(),
@@ -162,7 +166,7 @@ impl Context {
         }
     }
 
-    fn forget(&self, mi: &MailIntegration) {
+    pub(crate) fn forget(&self, mi: &MailIntegration) {
         let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
         if let Some(old) = self.ready_state.lock().unwrap().remove(&key) {
             self.metrics
@@ -232,11 +236,16 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         return Ok(Action::await_change());
     };
     let mi = &fresh;
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if mi.meta().deletion_timestamp.is_some() {
-        ctx.forget(mi);
+        let fut: futures::future::BoxFuture<'_, Result<Action, Error>> =
+            Box::pin(finalizer::finalize(mi, &api, &secrets_api, ctx));
+        return fut.await;
+    }
+    if finalizer::sync(mi, &api, ctx).await? {
+        // The write triggers the next reconcile with the new object.
         return Ok(Action::await_change());
     }
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let client_secret = secrets_api
         .get_opt(&mi.spec.oauth.client_secret_ref.name)
         .await?;

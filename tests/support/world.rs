@@ -44,12 +44,14 @@ impl Env {
     }
 
     pub fn operator(&self, name: &str) -> Operator {
-        Operator::start(
-            name,
-            &self.cp.kubeconfig,
-            &["--namespace", &self.ns],
-            self.log_dir.path(),
-        )
+        self.operator_with(name, &[])
+    }
+
+    /// The operator with extra `run` flags.
+    pub fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
+        let mut args = vec!["--namespace", &self.ns];
+        args.extend_from_slice(extra);
+        Operator::start(name, &self.cp.kubeconfig, &args, self.log_dir.path())
     }
 
     pub fn secrets(&self) -> Api<Secret> {
