@@ -23,7 +23,7 @@ use std::{
     process::Command,
 };
 use support::{
-    control_plane::{ControlPlane, control_plane},
+    control_plane::{ControlPlane, bin_dir},
     ensure_crd,
     helm::{self, ChartRelease, chart_dir, client_for, helm_output, kubectl_as},
     unique_namespace,
@@ -39,6 +39,22 @@ fn yaml_docs(s: &str) -> Vec<Value> {
         .map(|d| Value::deserialize(d).expect("valid YAML"))
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// `kubectl kustomize DIR` (local: no API server).
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new(bin_dir().join("kubectl"))
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -93,11 +109,6 @@ fn owned(v: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
         .collect()
 }
 
-/// The chart renders without a cluster; the control plane only provides the helm binary's path.
-fn cp_for_helm() -> &'static ControlPlane {
-    control_plane()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Files that must agree with each other
 // ---------------------------------------------------------------------------------------------
@@ -145,17 +156,13 @@ fn chart_app_version_is_the_crate_version() {
 
 #[test]
 fn helm_package_carries_the_crd_as_a_file() {
-    let cp = cp_for_helm();
     let out = tempfile::tempdir().unwrap();
-    helm::helm(
-        cp,
-        &[
-            "package",
-            chart_dir().to_str().unwrap(),
-            "--destination",
-            out.path().to_str().unwrap(),
-        ],
-    );
+    helm::helm_offline(&[
+        "package",
+        chart_dir().to_str().unwrap(),
+        "--destination",
+        out.path().to_str().unwrap(),
+    ]);
     let tgz = out
         .path()
         .join(format!("mail-integration-operator-{}.tgz", "0.1.0"));
@@ -205,9 +212,8 @@ const ALL_ON: &[&str] = &[
 
 #[test]
 fn helm_lint_passes_with_defaults_and_with_everything_on() {
-    let cp = cp_for_helm();
     let chart = chart_dir();
-    let out = helm::helm(cp, &["lint", "--strict", chart.to_str().unwrap()]);
+    let out = helm::helm_offline(&["lint", "--strict", chart.to_str().unwrap()]);
     assert!(
         out.contains("1 chart(s) linted, 0 chart(s) failed"),
         "{out}"
@@ -216,7 +222,7 @@ fn helm_lint_passes_with_defaults_and_with_everything_on() {
     for s in ALL_ON {
         args.extend(["--set", s]);
     }
-    let out = helm::helm(cp, &args);
+    let out = helm::helm_offline(&args);
     assert!(
         out.contains("1 chart(s) linted, 0 chart(s) failed"),
         "{out}"
@@ -225,8 +231,7 @@ fn helm_lint_passes_with_defaults_and_with_everything_on() {
 
 #[test]
 fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
-    let cp = cp_for_helm();
-    let docs = yaml_docs(&helm::template(cp, "mio", "ops", &[]));
+    let docs = yaml_docs(&helm::template("mio", "ops", &[]));
     let n = "mio-mail-integration-operator";
     assert_eq!(
         kinds(&docs),
@@ -335,8 +340,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
 
 #[test]
 fn helm_template_with_everything_on() {
-    let cp = cp_for_helm();
-    let docs = yaml_docs(&helm::template(cp, "mio", "ops", ALL_ON));
+    let docs = yaml_docs(&helm::template("mio", "ops", ALL_ON));
     let n = "mio-mail-integration-operator";
     let k = kinds(&docs);
     // Watch namespaces: a Role + RoleBinding in each, no ClusterRole.
@@ -407,7 +411,6 @@ fn helm_template_with_everything_on() {
 
 #[test]
 fn notes_tell_the_callback_url_to_register() {
-    let cp = cp_for_helm();
     let chart = chart_dir();
     // `helm install --dry-run` renders NOTES.txt without touching the cluster.
     let notes = |set: &[&str]| {
@@ -422,7 +425,7 @@ fn notes_tell_the_callback_url_to_register() {
         for s in set {
             args.extend(["--set", s]);
         }
-        helm::helm(cp, &args)
+        helm::helm_offline(&args)
     };
     let out = notes(&["publicURL=https://mail-operator.example.com/"]);
     assert!(
@@ -447,7 +450,6 @@ fn notes_tell_the_callback_url_to_register() {
 
 #[test]
 fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
-    let cp = cp_for_helm();
     let chart = chart_dir();
     let cases: &[(&[&str], &[&str])] = &[
         (
@@ -493,7 +495,7 @@ fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
         for s in *set {
             args.extend(["--set", s]);
         }
-        let out = helm_output(cp, &args);
+        let out = helm::helm_offline_output(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{set:?} was accepted");
         for w in *want {
@@ -507,7 +509,6 @@ fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
 
 #[test]
 fn flags_the_chart_passes_exist_in_the_binary() {
-    let cp = cp_for_helm();
     // Flags the chart already passes but this branch's binary does not have yet. When one lands,
     // this test fails until it is removed from here: keep the list short and true.
     const PENDING: &[&str] = &[
@@ -519,7 +520,7 @@ fn flags_the_chart_passes_exist_in_the_binary() {
         "--leader-election-lease",
         "repeated --namespace",
     ];
-    let docs = yaml_docs(&helm::template(cp, "mio", "ops", ALL_ON));
+    let docs = yaml_docs(&helm::template("mio", "ops", ALL_ON));
     let args = container_args(find(&docs, "Deployment", "mio-mail-integration-operator"));
     assert_eq!(args[0], "run");
     let bin = env!("CARGO_BIN_EXE_mail-integration-operator");
@@ -577,11 +578,9 @@ fn strip_helm_labels(v: &mut Value) {
 
 #[test]
 fn kustomize_base_equals_the_chart_defaults() {
-    let cp = cp_for_helm();
-    let rendered = cp.kubectl(&["kustomize", repo().join("deploy").to_str().unwrap()]);
+    let rendered = kustomize(&repo().join("deploy"));
     let base = yaml_docs(&rendered);
     let mut chart = yaml_docs(&helm::template(
-        cp,
         "mail-integration-operator",
         "mail-integration-operator",
         &[],
@@ -650,7 +649,6 @@ fn kustomize_base_equals_the_chart_defaults() {
 #[test]
 fn kustomize_overlay_moves_everything_to_another_namespace() {
     // The overlay docs/install.md shows: the whole base, RBAC subjects included, in another namespace.
-    let cp = cp_for_helm();
     let dir = tempfile::tempdir().unwrap();
     let overlay = dir.path().join("overlay");
     std::fs::create_dir(&overlay).unwrap();
@@ -663,7 +661,7 @@ fn kustomize_overlay_moves_everything_to_another_namespace() {
     // kustomize takes a base only by relative path: link the repository's deploy/ next to it.
     std::os::unix::fs::symlink(repo().join("deploy"), dir.path().join("deploy")).unwrap();
     std::fs::write(overlay.join("kustomization.yaml"), block).unwrap();
-    let docs = yaml_docs(&cp.kubectl(&["kustomize", overlay.to_str().unwrap()]));
+    let docs = yaml_docs(&kustomize(&overlay));
     for d in &docs {
         let (kind, ns, name) = key(d);
         match kind.as_str() {
@@ -1354,7 +1352,7 @@ fn chart_deployment_meets_restricted_pod_security() {
         set.push("rbac.create=false");
         set.push("serviceAccount.create=false");
         set.push("serviceAccount.name=default");
-        let manifest = helm::template(cp, "psa", &ns, &set);
+        let manifest = helm::template("psa", &ns, &set);
         let out = cp.kubectl_stdin(
             &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
             &manifest,
@@ -1399,9 +1397,7 @@ fn tool(name: &str, debian_package: &str) -> PathBuf {
 #[test]
 fn prometheus_alerts_fire_as_documented() {
     let promtool = tool("promtool", "prometheus");
-    let cp = cp_for_helm();
     let docs = yaml_docs(&helm::template(
-        cp,
         "mio",
         "ops",
         &[

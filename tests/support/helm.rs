@@ -13,10 +13,11 @@
 //! // (`release.operator_env()` lists POD_NAME / POD_NAMESPACE as the pod would have them.)
 //! ```
 
-use super::control_plane::{ControlPlane, unique_namespace};
+use super::control_plane::{ControlPlane, bin_dir, unique_namespace};
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
+    sync::OnceLock,
 };
 
 /// The chart's directory in the repository.
@@ -24,29 +25,38 @@ pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mail-integration-operator")
 }
 
-/// Run the cached `helm` against the test control plane (admin kubeconfig), with its config, cache
-/// and data directories inside the control plane's temp dir (nothing read from or written to ~).
-pub fn helm_output(cp: &ControlPlane, args: &[&str]) -> Output {
-    let home = cp.dir.path().join("helm-home");
-    Command::new(cp.bin_dir.join("helm"))
-        .args(args)
-        .env("KUBECONFIG", &cp.kubeconfig)
+/// `helm` from the control plane's bin directory, with its config, cache and data directories in a
+/// temp dir of this test binary (nothing read from or written to ~).
+fn helm_command(kubeconfig: &Path) -> Command {
+    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let home = HOME
+        .get_or_init(|| {
+            tempfile::Builder::new()
+                .prefix("mio-helm-home-")
+                .tempdir()
+                .expect("temp dir")
+        })
+        .path();
+    let bin = bin_dir().join("helm");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run tools/control-plane.sh (it builds helm)",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.env("KUBECONFIG", kubeconfig)
         .env("HELM_CONFIG_HOME", home.join("config"))
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_DATA_HOME", home.join("data"))
-        .env("HELM_NO_PLUGINS", "1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (tools/control-plane.sh builds it)",
-                cp.bin_dir.join("helm").display()
-            )
-        })
+        .env("HELM_NO_PLUGINS", "1");
+    cmd
 }
 
-/// Run helm; panic with its output when it fails; return stdout.
-pub fn helm(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = helm_output(cp, args);
+fn run(mut cmd: Command, args: &[&str]) -> Output {
+    cmd.args(args).output().expect("run helm")
+}
+
+fn stdout_or_panic(out: Output, args: &[&str]) -> String {
     assert!(
         out.status.success(),
         "helm {} failed:\n{}{}",
@@ -57,8 +67,29 @@ pub fn helm(cp: &ControlPlane, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `helm template RELEASE <chart> -n NAMESPACE --set ...` (no cluster access needed).
-pub fn template(cp: &ControlPlane, release: &str, namespace: &str, set: &[&str]) -> String {
+/// Run helm against the test control plane (admin kubeconfig).
+pub fn helm_output(cp: &ControlPlane, args: &[&str]) -> Output {
+    run(helm_command(&cp.kubeconfig), args)
+}
+
+/// Run helm against the test control plane; panic with its output when it fails; return stdout.
+pub fn helm(cp: &ControlPlane, args: &[&str]) -> String {
+    stdout_or_panic(helm_output(cp, args), args)
+}
+
+/// Run helm without any cluster (lint, template, package, install --dry-run=client): no API server
+/// is started for it, and a kubeconfig that does not exist makes sure none is used.
+pub fn helm_offline_output(args: &[&str]) -> Output {
+    run(helm_command(Path::new("/nonexistent/kubeconfig")), args)
+}
+
+/// [`helm_offline_output`]; panic with its output when it fails; return stdout.
+pub fn helm_offline(args: &[&str]) -> String {
+    stdout_or_panic(helm_offline_output(args), args)
+}
+
+/// `helm template RELEASE <chart> -n NAMESPACE --set ...` (offline).
+pub fn template(release: &str, namespace: &str, set: &[&str]) -> String {
     let chart = chart_dir();
     let mut args = vec![
         "template",
@@ -70,7 +101,7 @@ pub fn template(cp: &ControlPlane, release: &str, namespace: &str, set: &[&str])
     for s in set {
         args.extend(["--set", s]);
     }
-    helm(cp, &args)
+    helm_offline(&args)
 }
 
 /// One installed release of the chart.
