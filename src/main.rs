@@ -45,6 +45,23 @@ struct RunArgs {
     /// How long a failing revocation (spec.revokeOnDelete) may delay a deletion, e.g. 5m.
     #[arg(long, env = "MIO_REVOKE_TIMEOUT", default_value = "5m")]
     revoke_timeout: kube::core::Duration,
+    /// Elect a leader among replicas through a Lease: only the leader reconciles and refreshes;
+    /// every replica serves the sign-in pages and health endpoints.
+    #[arg(long, env = "MIO_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of the Lease (in $POD_NAMESPACE, or --leader-election-namespace).
+    #[arg(
+        long,
+        env = "MIO_LEADER_ELECTION_LEASE",
+        default_value = "mail-integration-operator"
+    )]
+    leader_election_lease: String,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else "default").
+    #[arg(long, env = "MIO_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Seconds a leader's Lease stays valid without renewal: a standby takes over after this.
+    #[arg(long, default_value_t = 15)]
+    leader_election_lease_seconds: u64,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -93,9 +110,96 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace = args.namespace.as_deref().unwrap_or("(all)"),
         "watching MailIntegrations"
     );
-    controller::run(ctx, args.namespace, ready).await;
+    if args.leader_election {
+        let lease_ns = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("mail-integration-operator-{}", rand::random::<u32>()));
+        run_as_leader(
+            ctx,
+            args.namespace,
+            ready,
+            &args.leader_election_lease,
+            &lease_ns,
+            &identity,
+            args.leader_election_lease_seconds,
+        )
+        .await?;
+    } else {
+        controller::run(ctx, args.namespace, ready).await;
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Reconcile only while holding the Lease. Readiness does not depend on leadership: a standby is
+/// ready (it serves the sign-in pages) while it waits.
+async fn run_as_leader(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    ready: Arc<AtomicBool>,
+    lease: &str,
+    lease_ns: &str,
+    identity: &str,
+    lease_seconds: u64,
+) -> anyhow::Result<()> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), lease)
+        .with_namespace(lease_ns)
+        .with_identity(identity)
+        .with_duration(lease_seconds)
+        .with_grace((lease_seconds / 3).max(1))
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leader, task) = manager.watch().await;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(lease, lease_ns, identity, "waiting for leadership");
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                changed = leader.changed() => changed.context("leader election stopped")?,
+                _ = &mut shutdown => break,
+            }
+        }
+        info!(identity, "became the leader: reconciling");
+        let running = tokio::spawn(controller::run(
+            ctx.clone(),
+            namespace.clone(),
+            ready.clone(),
+        ));
+        tokio::select! {
+            _ = async { while *leader.borrow_and_update() { if leader.changed().await.is_err() { break } } } => {
+                info!(identity, "lost leadership: stopping reconciles");
+                running.abort();
+            }
+            _ = &mut shutdown => {
+                running.abort();
+                break;
+            }
+        }
+    }
+    // Hand the Lease over at once instead of letting it expire.
+    drop(leader);
+    if let Ok(Ok(manager)) = task.await
+        && let Err(e) = manager.release().await
+    {
+        tracing::warn!(error = %e, "could not release the Lease");
+    }
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 #[tokio::main]

@@ -70,6 +70,13 @@ impl Supervised {
         }
     }
 
+    /// The PID of the supervised program (the watchdog's child), if it runs.
+    pub fn child_pid(&self) -> Option<u32> {
+        let pid = self.watchdog.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
     /// Whether the child (through its watchdog) still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.watchdog.try_wait(), Ok(None))
