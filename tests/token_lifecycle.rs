@@ -674,3 +674,105 @@ async fn wait_gone(env: &Env, name: &str, timeout: Duration, op: &Operator) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+const SUCCESS: &str =
+    r#"mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leader_election_only_the_leader_refreshes_and_a_standby_takes_over() {
+    let env = Env::new("leader", short_lived_server()).await;
+    let lease_seconds = 6;
+    let args = [
+        "--leader-election",
+        "--leader-election-namespace",
+        &env.ns,
+        "--leader-election-lease-seconds",
+        "6",
+    ];
+    let a = env.operator_with("operator-a", &args);
+    let b = env.operator_with("operator-b", &args);
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.wait_for("inbox", "Ready=True", Duration::from_secs(30), &a, is_ready)
+        .await;
+    let count = |op: &Operator| op.metric(SUCCESS).unwrap_or(0.0);
+    env.wait_for(
+        "inbox",
+        "three refreshes",
+        Duration::from_secs(40),
+        &a,
+        |_| count(&a) + count(&b) >= 3.0,
+    )
+    .await;
+    let (ca, cb) = (count(&a), count(&b));
+    assert!(
+        (ca == 0.0) != (cb == 0.0),
+        "exactly one operator refreshes: a={ca} b={cb}"
+    );
+    let (mut leader, standby) = if ca > 0.0 { (a, b) } else { (b, a) };
+    let holder = || {
+        env.cp.kubectl(&[
+            "get",
+            "lease",
+            "mail-integration-operator",
+            "-n",
+            &env.ns,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    let first_holder = holder();
+    assert!(!first_holder.is_empty());
+
+    // The leader dies without a chance to hand over (SIGKILL): the standby takes over once the
+    // Lease runs out.
+    let before_kill = count(&leader);
+    let pid = leader.process.child_pid().expect("leader pid");
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let killed_at = Instant::now();
+    while holder() == first_holder {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(lease_seconds + 10),
+            "no takeover within the lease duration:\n{}",
+            tail(&standby.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let takeover = killed_at.elapsed();
+    assert!(
+        takeover <= Duration::from_secs(lease_seconds + 3),
+        "takeover after {takeover:?}"
+    );
+    env.wait_for(
+        "inbox",
+        "refreshes by the new leader",
+        Duration::from_secs(30),
+        &standby,
+        |_| count(&standby) >= 2.0,
+    )
+    .await;
+    leader.process.stop();
+
+    // No double refresh: every token request is one successful refresh of exactly one operator (the
+    // one request that may have been in flight at the kill aside), and with rotation on the grant
+    // is still alive — a refresh token used twice would have revoked it.
+    let requests = env.proxy.token_requests() as f64;
+    let refreshed = before_kill + count(&standby);
+    assert!(
+        requests >= refreshed && requests <= refreshed + 1.0,
+        "token requests {requests}, successful refreshes {refreshed}"
+    );
+    let mi = env.get("inbox").await;
+    assert!(is_ready(&mi), "{:?}", mi.status);
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    assert!(
+        env.server
+            .introspect(&env.data("inbox-token", "access_token").await.unwrap())
+            .await
+    );
+    eprintln!("leader election: takeover after {takeover:?}");
+}
