@@ -1,0 +1,85 @@
+//! Every process a test starts dies with the test binary: when it exits without running destructors,
+//! when it aborts (a panic with panic=abort, a crash), and when it is interrupted (Ctrl-C).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn probe() -> PathBuf {
+    // target/debug/deps/process_cleanup-… → target/debug/examples/supervise_probe (cargo test builds examples).
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/supervise_probe");
+    assert!(
+        path.is_file(),
+        "{} is missing: cargo test builds it from examples/supervise_probe.rs",
+        path.display()
+    );
+    path
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by init) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.split_whitespace()
+            .nth(2)
+            .is_some_and(|state| state == "Z")
+    })
+}
+
+fn run(how: &str, interrupt: bool) {
+    let mut child = Command::new(probe())
+        .arg(how)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: u32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("probe printed {line:?}"));
+    assert!(
+        alive(pid),
+        "the supervised process runs while its parent does"
+    );
+    if interrupt {
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{how}: the supervised process {pid} outlived its parent by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn supervised_processes_die_when_the_parent_exits_without_destructors() {
+    run("exit", false);
+}
+
+#[test]
+fn supervised_processes_die_when_the_parent_aborts() {
+    run("abort", false);
+}
+
+#[test]
+fn supervised_processes_die_when_the_parent_is_interrupted() {
+    run("wait", true);
+}
