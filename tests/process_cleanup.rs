@@ -27,11 +27,8 @@ fn probe() -> PathBuf {
 
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped by init) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.split_whitespace()
-            .nth(2)
-            .is_some_and(|state| state == "Z")
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"))
 }
 
 fn run(how: &str, interrupt: bool) {
