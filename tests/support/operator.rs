@@ -21,7 +21,7 @@ impl Operator {
         let log_path: PathBuf = log_dir.join(format!("{name}.log"));
         let process = Supervised::spawn(
             name,
-            Path::new(env!("CARGO_BIN_EXE_mail-integration-operator")),
+            &operator_binary(),
             &args,
             &[
                 ("KUBECONFIG", kubeconfig.display().to_string()),
@@ -82,4 +82,24 @@ impl Operator {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.process.log_path).unwrap_or_default()
     }
+}
+
+/// The operator binary: Cargo names it for tests and benches; examples (the sandbox) find it next to
+/// their own directory (`target/<profile>/examples/x` → `target/<profile>/mail-integration-operator`).
+pub fn operator_binary() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_mail-integration-operator") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("mail-integration-operator");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first (cargo build --bins)",
+        p.display()
+    );
+    p
 }

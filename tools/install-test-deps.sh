@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the tests and the sandbox need besides Rust and the control plane: Debian packages
+# (with apt-get, only when missing) and the npm packages of the test OAuth server (npm ci, only when
+# package-lock.json changed).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+step() { echo "==> $*"; }
+
+# Debian packages the tests use. policy-rc.d keeps package installs from starting system services
+# (the tests start their own Dovecot on free loopback ports).
+# lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test.
+debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus)
+missing=()
+for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ -f tests/oauth-server/package-lock.json ]; then
+  stamp=tests/oauth-server/node_modules/.installed-lock
+  if ! cmp -s tests/oauth-server/package-lock.json "$stamp" 2>/dev/null; then
+    step "npm ci (tests/oauth-server)"
+    npm ci --prefix tests/oauth-server --no-audit --no-fund --loglevel=error
+    cp tests/oauth-server/package-lock.json "$stamp"
+  fi
+fi
+
