@@ -157,10 +157,11 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
     let requested =
         requested_refresh(mi).is_some_and(|v| status.last_refresh_request.as_deref() != Some(v));
-    if let Some(failed) = &status.failed_inputs {
-        if *failed == inputs_fingerprint(o) && !requested {
-            return Action::Hold(Outcome::StillFailed);
-        }
+    if let Some(failed) = &status.failed_inputs
+        && *failed == inputs_fingerprint(o)
+        && !requested
+    {
+        return Action::Hold(Outcome::StillFailed);
     }
     if backoff.not_before.is_some_and(|t| o.now < t) && !requested {
         return Action::Hold(Outcome::BackingOff);
@@ -244,15 +245,21 @@ pub fn status_after(
     let mut s = prev.clone();
     s.observed_generation = mi.metadata.generation;
     s.sign_in = None;
-    if let Some(v) = requested_refresh(mi) {
-        if matches!(
+    // A sign-in failure of an older spec (e.g. before spec.mailbox.address was fixed) is stale.
+    if s.last_sign_in_failure.as_ref().is_some_and(|f| {
+        f.observed_generation.is_some() && f.observed_generation != mi.metadata.generation
+    }) {
+        s.last_sign_in_failure = None;
+    }
+    if let Some(v) = requested_refresh(mi)
+        && matches!(
             outcome,
             Outcome::Refreshed { .. }
                 | Outcome::PermanentFailure { .. }
                 | Outcome::TransientFailure { .. }
-        ) {
-            s.last_refresh_request = Some(v.to_owned());
-        }
+        )
+    {
+        s.last_refresh_request = Some(v.to_owned());
     }
 
     let token_expiry = match outcome {
@@ -321,6 +328,30 @@ pub fn status_after(
             let r = cond(condition::READY, false, reason, problem.to_string());
             (a, r)
         }
+        Outcome::SignInRequired if s.last_sign_in_failure.is_some() => {
+            // The sign-in server recorded why the last attempt failed: say that, and where to retry.
+            s.sign_in = sign_in;
+            let f = s
+                .last_sign_in_failure
+                .as_ref()
+                .expect("checked by the guard");
+            let retry = match &s.sign_in {
+                Some(link) => format!(
+                    "; open status.signIn.url to try again (link valid until {})",
+                    fmt_time(link.expires_at.0)
+                ),
+                None => String::new(),
+            };
+            let msg = format!(
+                "sign-in at {} failed: {}{retry}",
+                fmt_time(f.time.0),
+                f.message.trim_end_matches('.')
+            );
+            (
+                cond(condition::AUTHORIZED, false, &f.reason, &msg),
+                cond(condition::READY, false, &f.reason, &msg),
+            )
+        }
         Outcome::SignInRequired => {
             s.sign_in = sign_in;
             let msg = match &s.sign_in {
@@ -371,6 +402,8 @@ pub fn status_after(
                 }
                 s.failed_inputs = None;
             }
+            // A usable grant: an earlier failed sign-in no longer matters.
+            s.last_sign_in_failure = None;
             let a = authorized_ok(&s.account);
             let msg = match (token_expiry, &s.next_refresh_time) {
                 (Some(e), Some(n)) => format!(
