@@ -12,7 +12,7 @@ step() { echo "==> $* ($((SECONDS - t0)) s)"; }
 
 # Debian packages the tests use. policy-rc.d keeps package installs from starting system services
 # (the tests start their own Dovecot on free loopback ports).
-debs=(openssl ca-certificates)
+debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -217,8 +217,17 @@ async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-async fn reconcile_inner(mi: &MailIntegration, ctx: &Context) -> Result<Action, Error> {
-    let ns = mi.namespace().ok_or(Error::NoNamespace)?;
+async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Action, Error> {
+    let ns = cached.namespace().ok_or(Error::NoNamespace)?;
+    // Decide on the object as it is now, not as the watch cache last saw it: right after a status
+    // write, the cache can still hold the previous status, and deciding on it would repeat a refresh
+    // that was just done (or retry a permanent failure).
+    let api: Api<MailIntegration> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        ctx.forget(cached);
+        return Ok(Action::await_change());
+    };
+    let mi = &fresh;
     if mi.meta().deletion_timestamp.is_some() {
         ctx.forget(mi);
         return Ok(Action::await_change());
@@ -274,12 +283,17 @@ async fn reconcile_inner(mi: &MailIntegration, ctx: &Context) -> Result<Action, 
     };
     let status = decide::status_after(&observed, &outcome, sign_in);
     if mi.status.as_ref() != Some(&status) {
-        let api: Api<MailIntegration> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({ "status": status });
+        // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
+        // are removed, which a merge patch would not do.
+        let patch = serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1",
+            "kind": "MailIntegration",
+            "status": status,
+        });
         api.patch_status(
             &mi.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
         )
         .await?;
         ctx.metrics.count_write("status");

@@ -46,6 +46,8 @@ pub enum RefreshCause {
     Requested,
     /// The previous permanent failure's inputs changed: try again.
     InputsChanged,
+    /// A transient failure's backoff is over: try again.
+    Retry,
 }
 
 /// What a reconcile must do.
@@ -171,6 +173,9 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
     if status.failed_inputs.is_some() {
         return Action::Refresh(RefreshCause::InputsChanged);
+    }
+    if backoff.failures > 0 {
+        return Action::Refresh(RefreshCause::Retry);
     }
     match &o.token {
         None => Action::Refresh(RefreshCause::NoToken),

@@ -373,8 +373,18 @@ fn transient_failure_keeps_ready_while_the_token_is_valid() {
     w.now += SignedDuration::from_secs(21);
     assert_eq!(
         decide(&w.observed(), backoff),
-        Action::Refresh(RefreshCause::Due)
+        Action::Refresh(RefreshCause::Retry)
     );
+    // A failed forced refresh is retried as well, although the token is not due.
+    let early = Observed {
+        now: t("2026-11-28T10:05:00Z"),
+        ..w.observed()
+    };
+    let over = Backoff {
+        failures: 2,
+        not_before: Some(early.now),
+    };
+    assert_eq!(decide(&early, over), Action::Refresh(RefreshCause::Retry));
 
     // Past expiry, still failing: Ready and TokenValid go False.
     w.now = t("2026-11-28T11:00:01Z");

@@ -5,7 +5,7 @@ use super::controller::FIELD_MANAGER;
 use super::observed::{grant_keys, token_keys};
 use crate::{
     api::{INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration},
-    mailbox::sasl,
+    mailbox as sasl,
     metrics::Metrics,
     oauth::TokenGrant,
     secret::SecretValue,

@@ -1,7 +1,10 @@
 //! Shared by the integration tests: real servers started on loopback, stopped with the test binary.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod control_plane;
+pub mod dovecot;
+pub mod fault_proxy;
+pub mod oauth;
 pub mod operator;
 pub mod process;
 
