@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the operator: watch MailIntegrations and keep their tokens fresh. Connects to the cluster
     /// from inside a pod, or through $KUBECONFIG / ~/.kube/config.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the MailIntegration CustomResourceDefinition as YAML (the file under crds/).
     Crd,
 }
@@ -175,7 +175,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(*args).await?,
         Command::Crd => print!("{}", mail_integration_operator::api::crd_yaml()),
     }
     Ok(())

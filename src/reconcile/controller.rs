@@ -284,11 +284,15 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
     let status = decide::status_after(&observed, &outcome, sign_in);
     if mi.status.as_ref() != Some(&status) {
         // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
-        // are removed, which a merge patch would not do.
+        // are removed, which a merge patch would not do. status.lastSignInFailure belongs to the
+        // sign-in server (its own field manager): it is never applied here, only read, and
+        // removed with a merge patch once it no longer matters.
+        let mut applied = status.clone();
+        applied.last_sign_in_failure = None;
         let patch = serde_json::json!({
             "apiVersion": "mailintegration.dev/v1alpha1",
             "kind": "MailIntegration",
-            "status": status,
+            "status": applied,
         });
         api.patch_status(
             &mi.name_any(),
@@ -296,6 +300,20 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             &Patch::Apply(&patch),
         )
         .await?;
+        let stale_failure = mi
+            .status
+            .as_ref()
+            .is_some_and(|s| s.last_sign_in_failure.is_some())
+            && status.last_sign_in_failure.is_none();
+        if stale_failure {
+            let clear = serde_json::json!({ "status": { "lastSignInFailure": null } });
+            api.patch_status(
+                &mi.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&clear),
+            )
+            .await?;
+        }
         ctx.metrics.count_write("status");
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
     }

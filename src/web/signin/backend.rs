@@ -16,6 +16,9 @@ use kube::{
 };
 use tracing::warn;
 
+/// The field manager of the sign-in server's status writes (`status.lastSignInFailure`).
+pub const SIGN_IN_FIELD_MANAGER: &str = "mail-integration-operator-sign-in";
+
 /// What to report on a resource after a sign-in attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
@@ -179,16 +182,24 @@ impl Backend for KubeBackend {
                     },
                 ),
             };
-            // The UID in the patch makes it fail rather than land on a newer resource of that name.
+            // Server-side apply under the sign-in server's own field manager: the controller applies
+            // the rest of the status under its manager and never touches this field (it removes it
+            // with a merge patch once a grant works or the spec changed). Applying no failure
+            // removes the one this manager set.
+            let mut status = serde_json::json!({});
+            if !failure.is_null() {
+                status["lastSignInFailure"] = failure;
+            }
             let patch = serde_json::json!({
-                "metadata": {"uid": mi.uid()},
-                "status": {"lastSignInFailure": failure},
+                "apiVersion": "mailintegration.dev/v1alpha1",
+                "kind": "MailIntegration",
+                "status": status,
             });
             if let Err(e) = api
                 .patch_status(
                     &mi.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
+                    &PatchParams::apply(SIGN_IN_FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
                 )
                 .await
             {
