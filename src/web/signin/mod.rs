@@ -69,8 +69,11 @@ pub const DEFAULT_LINK_TTL: Duration = Duration::from_secs(60 * 60);
 /// How long the operator waits for the provider's answer after "Sign in".
 pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(15 * 60);
 
-const TICKET: &str = "ticket";
-const STATE: &str = "state";
+/// The signing purpose of tickets.
+pub const TICKET: &str = "ticket";
+/// The signing purpose of states.
+pub const STATE: &str = "state";
+/// The derivation purpose of PKCE verifiers.
 const PKCE: &str = "pkce-verifier";
 
 /// Settings of the sign-in server.
