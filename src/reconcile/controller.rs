@@ -271,7 +271,7 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         }
     };
     let sign_in = match (&outcome, &ctx.sign_in) {
-        (Outcome::SignInRequired, Some(links)) => {
+        (o, Some(links)) if decide::needs_sign_in(o, mi.status.as_ref()) => {
             // Keep a link that is still valid for a while, so that idle reconciles write nothing.
             let current = mi.status.as_ref().and_then(|s| s.sign_in.clone());
             match current {

@@ -947,3 +947,80 @@ fn controller_reports_the_last_sign_in_failure_while_sign_in_is_needed() {
         "SignInRequired"
     );
 }
+
+#[test]
+fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
+    use crate::reconcile::decide::{Outcome, find_condition, needs_sign_in, status_after};
+    use crate::reconcile::observed::{Grant, Observed};
+    let mi = integration("inbox", UID, "support@example.com", None);
+    let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+    let revoked = Outcome::PermanentFailure {
+        reason: "GrantRevoked".into(),
+        message: "Google rejected the refresh token. Sign in again.".into(),
+    };
+    assert!(needs_sign_in(&revoked, None));
+    assert!(needs_sign_in(&Outcome::SignInRequired, None));
+    assert!(!needs_sign_in(
+        &Outcome::PermanentFailure {
+            reason: "InvalidClient".into(),
+            message: String::new()
+        },
+        None
+    ));
+    assert!(!needs_sign_in(&Outcome::Idle, None));
+    let o = Observed {
+        integration: &mi,
+        client: Ok(ClientCredentials {
+            client_id: "id".into(),
+            client_secret: SecretValue::new("cs"),
+        }),
+        client_version: Some("1".into()),
+        grant: Some(Grant {
+            refresh_token: SecretValue::new("rt"),
+            account: None,
+            scopes: vec![],
+            issued_at: None,
+            resource_version: Some("7".into()),
+        }),
+        token: None,
+        now,
+    };
+    let link = Harness::new("http://127.0.0.1:8080")
+        .server
+        .link_for("mail", "inbox", UID, now);
+    let s = status_after(&o, &revoked, Some(link.clone()));
+    assert_eq!(s.sign_in.as_ref(), Some(&link));
+    assert_eq!(
+        find_condition(&s, "Authorized").unwrap().reason,
+        "GrantRevoked"
+    );
+    assert_eq!(
+        find_condition(&s, "Stalled").unwrap().reason,
+        "GrantRevoked"
+    );
+
+    // The next reconcile holds the failure and keeps offering the link; a failed sign-in shows.
+    let mut held = mi.clone();
+    held.status = Some(s.clone());
+    held.status.as_mut().unwrap().last_sign_in_failure = Some(crate::api::SignInFailure {
+        reason: "AccountMismatch".into(),
+        message: "bob@example.com signed in.".into(),
+        time: Time(now),
+        observed_generation: Some(1),
+    });
+    assert!(needs_sign_in(&Outcome::StillFailed, held.status.as_ref()));
+    let o = Observed {
+        integration: &held,
+        ..o
+    };
+    let s = status_after(&o, &Outcome::StillFailed, Some(link));
+    assert!(s.sign_in.is_some());
+    assert_eq!(
+        find_condition(&s, "Authorized").unwrap().reason,
+        "AccountMismatch"
+    );
+    assert_eq!(
+        find_condition(&s, "Stalled").unwrap().reason,
+        "GrantRevoked"
+    );
+}
