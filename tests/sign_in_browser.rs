@@ -31,6 +31,8 @@ const ALICE: &str = "alice@example.test";
 const BOB: &str = "bob@example.test";
 
 struct Env {
+    cp: &'static support::control_plane::ControlPlane,
+    port: u16,
     ns: String,
     client: kube::Client,
     oauth: OAuthServer,
@@ -78,18 +80,10 @@ impl Env {
             refresh_token_without_consent: true,
             ..Default::default()
         });
-        let op = Operator::start(
-            "operator",
-            &cp.kubeconfig,
-            &[
-                "--namespace",
-                &ns,
-                &format!("--sign-in-addr=127.0.0.1:{port}"),
-                &format!("--public-url=http://127.0.0.1:{port}"),
-            ],
-            log_dir.path(),
-        );
+        let op = start_operator(cp, "operator", &ns, port, log_dir.path());
         let env = Env {
+            cp,
+            port,
             ns,
             client,
             oauth,
@@ -296,6 +290,26 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+fn start_operator(
+    cp: &support::control_plane::ControlPlane,
+    name: &str,
+    ns: &str,
+    port: u16,
+    log_dir: &std::path::Path,
+) -> Operator {
+    Operator::start(
+        name,
+        &cp.kubeconfig,
+        &[
+            "--namespace",
+            ns,
+            &format!("--sign-in-addr=127.0.0.1:{port}"),
+            &format!("--public-url=http://127.0.0.1:{port}"),
+        ],
+        log_dir,
+    )
 }
 
 fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
@@ -668,5 +682,35 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
             "no SignIn event {r}: {reasons:?}"
         );
     }
+    b.close().await;
+}
+
+/// Replicas share the signing key through its Secret and keep no state another replica would need
+/// (the PKCE verifier is derived from the key and the state): a sign-in started by one operator
+/// process finishes on another one (here: the first is stopped while the browser is at the provider,
+/// and a new process takes over the same address, as after a restart or behind a Service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_started_on_one_replica_finishes_on_another() {
+    let mut env = Env::new("sign-in-replica").await;
+    env.integration("inbox", ALICE, "client", None).await;
+    let b = env.browser().await;
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    b.wait_text("Sign-in", Duration::from_secs(15)).await;
+
+    env.op.process.stop();
+    env.op = start_operator(env.cp, "replica-2", &env.ns, env.port, env.log_dir.path());
+
+    b.fill("input[name=password]", "any password").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE), "{text}");
+    env.wait_ready("inbox").await;
+    assert!(
+        env.op.log().contains("sign-in succeeded"),
+        "the second process finished the sign-in"
+    );
     b.close().await;
 }
