@@ -45,6 +45,9 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "MIO_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// How long a failing revocation (spec.revokeOnDelete) may delay a deletion, e.g. 5m.
+    #[arg(long, env = "MIO_REVOKE_TIMEOUT", default_value = "5m")]
+    revoke_timeout: kube::core::Duration,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -161,6 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.sign_in = Some(Arc::new(sign_in));
+    ctx.revoke_timeout = args.revoke_timeout.into();
     let ctx = Arc::new(ctx);
     info!(
         namespace = args.namespace.as_deref().unwrap_or("(all)"),

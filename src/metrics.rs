@@ -47,6 +47,8 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub api_writes: Family<ErrorLabels, Counter>,
+    pub mailbox_checks: Family<RefreshLabels, Counter>,
+    pub mailbox_check_failures: Family<ErrorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,7 +92,21 @@ impl Default for Metrics {
             "Writes to the Kubernetes API by kind of object",
             api_writes.clone(),
         );
+        let mailbox_checks = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "mailbox_checks",
+            "Mailbox connection checks by result and reason",
+            mailbox_checks.clone(),
+        );
+        let mailbox_check_failures = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "mailbox_check_failures",
+            "Failed mailbox connection checks by reason",
+            mailbox_check_failures.clone(),
+        );
         Self {
+            mailbox_checks,
+            mailbox_check_failures,
             registry,
             token_expiry,
             refreshes,

@@ -8,23 +8,18 @@
 mod support;
 
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    Api,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-};
-use mail_integration_operator::api::MailIntegration;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use std::{
     sync::OnceLock,
     time::{Duration, Instant},
 };
 use support::{
-    control_plane::ControlPlane,
-    ensure_crd,
-    fault_proxy::{Fault, FaultProxy},
+    fault_proxy::Fault,
     oauth::{OAuthServer, OAuthServerConfig},
     operator::Operator,
-    unique_namespace,
+    world::{
+        Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, is_ready, tail,
+    },
 };
 
 /// Access tokens that live 8 s: refreshes come every ~5 s.
@@ -47,196 +42,6 @@ fn long_lived_server() -> &'static OAuthServer {
             ..Default::default()
         })
     })
-}
-
-struct Env {
-    cp: &'static ControlPlane,
-    ns: String,
-    client: kube::Client,
-    proxy: FaultProxy,
-    server: &'static OAuthServer,
-    log_dir: tempfile::TempDir,
-}
-
-impl Env {
-    async fn new(prefix: &str, server: &'static OAuthServer) -> Self {
-        let cp = ensure_crd();
-        let ns = unique_namespace(prefix);
-        let proxy = FaultProxy::start(&server.base_url);
-        let client = cp.client().await;
-        let log_dir = tempfile::Builder::new()
-            .prefix("mio-operator-")
-            .tempdir()
-            .unwrap();
-        Env {
-            cp,
-            ns,
-            client,
-            proxy,
-            server,
-            log_dir,
-        }
-    }
-
-    fn operator(&self, name: &str) -> Operator {
-        Operator::start(
-            name,
-            &self.cp.kubeconfig,
-            &["--namespace", &self.ns],
-            self.log_dir.path(),
-        )
-    }
-
-    fn secrets(&self) -> Api<Secret> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    fn integrations(&self) -> Api<MailIntegration> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
-        let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
-            "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
-        }))
-        .unwrap();
-        let api = self.secrets();
-        match api.get_opt(name).await.unwrap() {
-            Some(_) => {
-                api.replace(
-                    name,
-                    &PostParams::default(),
-                    &Secret {
-                        metadata: kube::api::ObjectMeta {
-                            resource_version: api
-                                .get(name)
-                                .await
-                                .unwrap()
-                                .metadata
-                                .resource_version,
-                            ..secret.metadata.clone()
-                        },
-                        ..secret
-                    },
-                )
-                .await
-                .unwrap();
-            }
-            None => {
-                api.create(&PostParams::default(), &secret).await.unwrap();
-            }
-        }
-    }
-
-    async fn client_secret(&self, secret: &str) {
-        self.put_secret(
-            "client",
-            &[
-                ("client_id", self.server.client_id()),
-                ("client_secret", secret),
-            ],
-        )
-        .await;
-    }
-
-    /// Sign in at the OAuth server (its own login and consent forms) and bring the refresh token.
-    async fn grant(&self, name: &str, login: &str) -> String {
-        let grant = self.server.obtain_grant(login).await;
-        let rt = grant.refresh_token().to_owned();
-        self.put_secret(&format!("{name}-oauth-grant"), &[("refresh_token", &rt)])
-            .await;
-        rt
-    }
-
-    async fn integration(&self, name: &str, address: &str) {
-        let mi: MailIntegration = serde_json::from_value(serde_json::json!({
-            "apiVersion": "mailintegration.dev/v1alpha1",
-            "kind": "MailIntegration",
-            "metadata": {"name": name},
-            "spec": {
-                "provider": "OIDC",
-                "mailbox": {"address": address},
-                "oauth": {
-                    "clientSecretRef": {"name": "client"},
-                    "redirectURL": "http://127.0.0.1:8080/oauth2/callback",
-                    "endpoints": {
-                        "authorization": format!("{}/auth", self.proxy.url()),
-                        "token": self.proxy.token_url(),
-                        "revocation": format!("{}/token/revocation", self.proxy.url()),
-                    },
-                },
-                "tokenSecret": {"name": format!("{name}-token")},
-                "refreshBefore": "1m",
-            }
-        }))
-        .unwrap();
-        self.integrations()
-            .create(&PostParams::default(), &mi)
-            .await
-            .unwrap();
-    }
-
-    async fn get(&self, name: &str) -> MailIntegration {
-        self.integrations().get(name).await.unwrap()
-    }
-
-    /// Wait until `pred` holds for the resource; panic with its status and the operator log if not.
-    async fn wait_for(
-        &self,
-        name: &str,
-        what: &str,
-        timeout: Duration,
-        op: &Operator,
-        pred: impl Fn(&MailIntegration) -> bool,
-    ) -> MailIntegration {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mi = self.get(name).await;
-            if pred(&mi) {
-                return mi;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{name}: {what} not reached within {timeout:?}.\nstatus: {}\n--- operator log ---\n{}",
-                    serde_json::to_string_pretty(&mi.status).unwrap(),
-                    tail(&op.log(), 40)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn token_secret(&self, name: &str) -> Option<Secret> {
-        self.secrets()
-            .get_opt(&format!("{name}-token"))
-            .await
-            .unwrap()
-    }
-
-    async fn data(&self, secret: &str, key: &str) -> Option<String> {
-        let s = self.secrets().get_opt(secret).await.unwrap()?;
-        s.data
-            .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
-    mi.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.as_str(), c.reason.as_str()))
-}
-
-fn is_ready(mi: &MailIntegration) -> bool {
-    condition(mi, "Ready").is_some_and(|c| c.0 == "True")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,14 +276,6 @@ async fn revoked_grant_stalls_and_stops_calling_the_provider() {
     );
     assert_no_secrets_in_logs_or_events(&env, &op, &[env.server.client_secret(), &rt, &current_rt])
         .await;
-}
-
-async fn annotate_refresh(env: &Env, name: &str, value: &str) {
-    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/refresh-requested-at": value}}});
-    env.integrations()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -770,28 +567,110 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
     );
 }
 
-/// No secret value in the operator's log or in the events of the namespace.
-async fn assert_no_secrets_in_logs_or_events(env: &Env, op: &Operator, secrets: &[&str]) {
-    let log = op.log();
-    let events = env
-        .cp
-        .kubectl(&["get", "events", "-n", &env.ns, "-o", "yaml"]);
-    let status = env
-        .cp
-        .kubectl(&["get", "mailint", "-n", &env.ns, "-o", "yaml"]);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_on_delete_revokes_the_grant_and_gives_up_after_a_bounded_time() {
+    let env = Env::new("revoke", long_lived_server()).await;
+    let op = env.operator_with("operator", &["--revoke-timeout", "4s"]);
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration_with(
+        "inbox",
+        "alice@example.test",
+        serde_json::json!({"revokeOnDelete": true}),
+    )
+    .await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
     assert!(
-        !log.is_empty(),
-        "the operator log is empty: nothing was checked"
+        mi.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"mailintegration.dev/revoke-grant".to_owned())
     );
-    for s in secrets.iter().filter(|s| s.len() >= 8) {
+    let token = env.data("inbox-token", "access_token").await.unwrap();
+    assert!(env.server.introspect(&token).await);
+
+    env.integrations()
+        .delete("inbox", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&env, "inbox", Duration::from_secs(15), &op).await;
+    assert!(
+        !env.server.introspect(&token).await,
+        "the grant was revoked at the provider"
+    );
+    let events = env.cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &env.ns,
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+    ]);
+    assert!(events.contains("Normal GrantRevoked"), "{events}");
+
+    // A revocation endpoint that never answers delays the deletion only for --revoke-timeout.
+    env.grant("stuck", "bob").await;
+    let closed = format!("http://127.0.0.1:{}/revoke", support::process::free_port());
+    env.integration_with(
+        "stuck",
+        "bob@example.test",
+        serde_json::json!({"revokeOnDelete": true, "oauth": {"endpoints": {"authorization": format!("{}/auth", env.proxy.url()), "token": env.proxy.token_url(), "revocation": closed}}}),
+    )
+    .await;
+    env.wait_for(
+        "stuck",
+        "Ready=True",
+        Duration::from_secs(30),
+        &op,
+        is_ready,
+    )
+    .await;
+    let deleted_at = Instant::now();
+    env.integrations()
+        .delete("stuck", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        env.integrations().get_opt("stuck").await.unwrap().is_some(),
+        "kept while revocation is retried"
+    );
+    wait_gone(&env, "stuck", Duration::from_secs(30), &op).await;
+    assert!(
+        deleted_at.elapsed() >= Duration::from_secs(4),
+        "gone after {:?}, before the timeout",
+        deleted_at.elapsed()
+    );
+    let events = env.cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &env.ns,
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason} {.message}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        events.contains("Warning RevocationFailed") && events.contains("was NOT revoked"),
+        "{events}"
+    );
+}
+
+async fn wait_gone(env: &Env, name: &str, timeout: Duration, op: &Operator) {
+    let deadline = Instant::now() + timeout;
+    while env.integrations().get_opt(name).await.unwrap().is_some() {
         assert!(
-            !log.contains(s),
-            "a secret value appears in the operator log"
+            Instant::now() < deadline,
+            "{name} still exists after {timeout:?}:\n{}",
+            tail(&op.log(), 30)
         );
-        assert!(!events.contains(s), "a secret value appears in an event");
-        assert!(
-            !status.contains(s),
-            "a secret value appears in the MailIntegration"
-        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

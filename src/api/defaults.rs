@@ -6,6 +6,10 @@ use std::time::Duration;
 
 /// Default `spec.refreshBefore`.
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(10 * 60);
+/// Default `spec.mailbox.checkInterval`.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// Default key of the CA bundle in `spec.mailbox.caSecretRef`.
+pub const DEFAULT_CA_KEY: &str = "ca.crt";
 /// Default key of the client ID in the client Secret.
 pub const DEFAULT_CLIENT_ID_KEY: &str = "client_id";
 /// Default key of the client secret in the client Secret.
@@ -30,6 +34,16 @@ impl MailIntegrationSpec {
     /// The sign-in page's default prompt.
     pub fn prompt(&self) -> Prompt {
         self.oauth.prompt.unwrap_or_default()
+    }
+
+    /// How often the mailbox is checked (besides after every refresh).
+    pub fn check_interval(&self) -> Duration {
+        self.mailbox
+            .check_interval
+            .as_deref()
+            .and_then(|s| s.parse::<kube::core::Duration>().ok())
+            .map(Duration::from)
+            .unwrap_or(DEFAULT_CHECK_INTERVAL)
     }
 
     /// The mail protocol workloads read with.

@@ -100,6 +100,43 @@ pub struct Mailbox {
     /// The SMTP submission server, when workloads also send mail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<MailServer>,
+    /// How the connection check authenticates: XOAUTH2 (default) or OAUTHBEARER.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<SaslMechanismName>,
+    /// Check the mailbox at least this often (Go duration, 1m to 24h; default 15m), and after every refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('24h')")
+        .message("checkInterval must be a duration between 1m and 24h, such as 15m"))]
+    pub check_interval: Option<String>,
+    /// Extra CA certificates (PEM) the mail servers' certificates may chain to, from a Secret in the
+    /// same namespace; the system's public roots are always trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+}
+
+/// The SASL mechanism of the mailbox check.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SaslMechanismName {
+    #[default]
+    #[serde(rename = "XOAUTH2")]
+    XOAuth2,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
+}
+
+/// A CA bundle in a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Name of the Secret in the MailIntegration's namespace.
+    #[x_kube(validation = Rule::new("self != ''").message("caSecretRef.name must name a Secret in the same namespace"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key holding the PEM certificates (default ca.crt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
 }
 
 /// How workloads read mail.

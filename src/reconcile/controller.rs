@@ -3,7 +3,9 @@
 
 use super::{
     decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
-    observed::{self, Observed},
+    finalizer,
+    mailbox_check::{self, MailboxChecker, MailboxState},
+    observed::{self, Observed, PublishedToken},
     secrets,
 };
 use crate::{
@@ -69,6 +71,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
+    pub mailbox: MailboxChecker,
+    /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
+    pub revoke_timeout: Duration,
     backoff: Mutex<HashMap<String, Backoff>>,
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     ready_state: Mutex<HashMap<String, String>>,
@@ -82,6 +87,7 @@ impl Context {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            mailbox: MailboxChecker::new(8, crate::mailbox::DEFAULT_TIMEOUT, metrics.clone()),
             client,
             oauth,
             providers,
@@ -91,6 +97,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             sign_in: None,
+            revoke_timeout: Duration::from_secs(300),
             backoff: Mutex::default(),
             refresh_locks: Mutex::default(),
             ready_state: Mutex::default(),
@@ -159,7 +166,7 @@ impl Context {
         }
     }
 
-    fn forget(&self, mi: &MailIntegration) {
+    pub(crate) fn forget(&self, mi: &MailIntegration) {
         let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
         if let Some(old) = self.ready_state.lock().unwrap().remove(&key) {
             self.metrics
@@ -172,6 +179,7 @@ impl Context {
             name: mi.name_any(),
         });
         if let Some(uid) = mi.uid() {
+            self.mailbox.forget(&uid);
             self.set_backoff(&uid, None);
             self.refresh_locks.lock().unwrap().remove(&uid);
         }
@@ -228,11 +236,16 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         return Ok(Action::await_change());
     };
     let mi = &fresh;
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if mi.meta().deletion_timestamp.is_some() {
-        ctx.forget(mi);
+        let fut: futures::future::BoxFuture<'_, Result<Action, Error>> =
+            Box::pin(finalizer::finalize(mi, &api, &secrets_api, ctx));
+        return fut.await;
+    }
+    if finalizer::sync(mi, &api, ctx).await? {
+        // The write triggers the next reconcile with the new object.
         return Ok(Action::await_change());
     }
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let client_secret = secrets_api
         .get_opt(&mi.spec.oauth.client_secret_ref.name)
         .await?;
@@ -254,20 +267,24 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         now,
     };
     let uid = mi.uid().unwrap_or_default();
+    let mut new_token = None;
     let outcome = match decide::decide(&observed, ctx.backoff(&uid)) {
         Decision::Hold(outcome) => outcome,
         Decision::Refresh(cause) => {
             let lock = ctx.refresh_lock(&uid);
             let _guard = lock.lock().await;
-            let fut: futures::future::BoxFuture<'_, Outcome> = Box::pin(refresh(
-                mi,
-                &observed,
-                cause,
-                grant_secret.as_ref(),
-                &secrets_api,
-                ctx,
-            ));
-            fut.await
+            let fut: futures::future::BoxFuture<'_, (Outcome, Option<PublishedToken>)> =
+                Box::pin(refresh(
+                    mi,
+                    &observed,
+                    cause,
+                    grant_secret.as_ref(),
+                    &secrets_api,
+                    ctx,
+                ));
+            let (outcome, token) = fut.await;
+            new_token = token;
+            outcome
         }
     };
     let sign_in = match (&outcome, &ctx.sign_in) {
@@ -281,7 +298,29 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         }
         _ => None,
     };
-    let status = decide::status_after(&observed, &outcome, sign_in);
+    let mut status = decide::status_after(&observed, &outcome, sign_in);
+    let check_token = new_token
+        .as_ref()
+        .or(observed.token.as_ref())
+        .map(|t| (&t.access_token, t.expires_at));
+    let mailbox_state = if matches!(
+        outcome,
+        Outcome::ClientSecret(_) | Outcome::SignInRequired | Outcome::Suspended
+    ) {
+        None
+    } else {
+        let ca = read_ca(mi, &secrets_api).await;
+        match ca {
+            Ok(ca) => ctx.mailbox.state(mi, check_token, ca, now).await,
+            Err(state) => Some(state),
+        }
+    };
+    mailbox_check::apply(
+        &mut status,
+        mailbox_state.as_ref(),
+        mi.metadata.generation,
+        now,
+    );
     if mi.status.as_ref() != Some(&status) {
         // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
         // are removed, which a merge patch would not do. status.lastSignInFailure belongs to the
@@ -318,11 +357,49 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
     }
     ctx.record_ready(mi, &status);
-    let requeue = decide::requeue_after(&observed, &status, &outcome, ctx.backoff(&uid));
+    let mut requeue = decide::requeue_after(&observed, &status, &outcome, ctx.backoff(&uid));
+    if let Some(at) = ctx
+        .mailbox
+        .next_check_at(mi)
+        .filter(|_| mailbox_state.is_some())
+    {
+        let until = Duration::try_from(at.duration_since(now))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1));
+        requeue = Some(requeue.map_or(until, |r| r.min(until)));
+    }
     Ok(match requeue {
         Some(d) => Action::requeue(d),
         None => Action::await_change(),
     })
+}
+
+/// The extra CA bundle named by spec.mailbox.caSecretRef; a missing Secret or key is a TLS problem
+/// of the check, reported as such.
+async fn read_ca(
+    mi: &MailIntegration,
+    secrets: &Api<Secret>,
+) -> Result<Option<Vec<u8>>, MailboxState> {
+    let Some((name, key)) = mailbox_check::ca_key(mi) else {
+        return Ok(None);
+    };
+    let missing = |what: String| MailboxState::Failed {
+        reason: "TLSError".into(),
+        message: format!(
+            "{what} (named by spec.mailbox.caSecretRef): create it with the PEM CA certificates of the mail server"
+        ),
+    };
+    match secrets.get_opt(name).await {
+        Ok(Some(s)) => match s.data.and_then(|d| d.get(key).map(|b| b.0.clone())) {
+            Some(pem) if !pem.is_empty() => Ok(Some(pem)),
+            _ => Err(missing(format!("Secret {name:?} has no key {key:?}"))),
+        },
+        Ok(None) => Err(missing(format!("Secret {name:?} does not exist"))),
+        Err(e) => Err(MailboxState::Failed {
+            reason: "TLSError".into(),
+            message: format!("could not read Secret {name:?}: {e}"),
+        }),
+    }
 }
 
 /// Call the token endpoint and publish the result. Never loses a rotated refresh token: it is stored
@@ -334,7 +411,7 @@ async fn refresh(
     grant_secret: Option<&Secret>,
     secrets_api: &Api<Secret>,
     ctx: &Context,
-) -> Outcome {
+) -> (Outcome, Option<PublishedToken>) {
     let uid = mi.uid().unwrap_or_default();
     let (Ok(creds), Some(grant)) = (&o.client, &o.grant) else {
         unreachable!("decide refreshes only with client credentials and a grant")
@@ -342,7 +419,7 @@ async fn refresh(
     info!(?cause, "refreshing the access token");
     let endpoints = match ctx.providers.resolve(&mi.spec).await {
         Ok(e) => e,
-        Err(class) => return failure_outcome(mi, class, o.now, ctx),
+        Err(class) => return (failure_outcome(mi, class, o.now, ctx), None),
     };
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
@@ -355,7 +432,7 @@ async fn refresh(
         .observe(started.elapsed().as_secs_f64());
     let token = match result {
         Ok(t) => t,
-        Err(e) => return failure_outcome(mi, e.class, o.now, ctx),
+        Err(e) => return (failure_outcome(mi, e.class, o.now, ctx), None),
     };
     if let Some(new_rt) = token
         .refresh_token
@@ -376,7 +453,7 @@ async fn refresh(
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
         ctx.set_backoff(&uid, Some(b));
-        return Outcome::TransientFailure {
+        let failure = Outcome::TransientFailure {
             reason: "TokenSecretWriteFailed".into(),
             message: format!(
                 "could not write Secret {:?}: {e}",
@@ -384,6 +461,7 @@ async fn refresh(
             ),
             retry_in: delay,
         };
+        return (failure, None);
     }
     ctx.set_backoff(&uid, None);
     ctx.metrics
@@ -393,11 +471,18 @@ async fn refresh(
             reason: "TokenRefreshed".into(),
         })
         .inc();
-    Outcome::Refreshed {
+    let published = PublishedToken {
+        access_token: token.access_token.clone(),
         expires_at: token.expires_at,
-        account,
-        scopes,
-    }
+    };
+    (
+        Outcome::Refreshed {
+            expires_at: token.expires_at,
+            account,
+            scopes,
+        },
+        Some(published),
+    )
 }
 
 fn failure_outcome(

@@ -3,5 +3,7 @@
 
 pub mod controller;
 pub mod decide;
+pub mod finalizer;
+pub mod mailbox_check;
 pub mod observed;
 pub mod secrets;

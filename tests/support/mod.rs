@@ -8,5 +8,6 @@ pub mod fault_proxy;
 pub mod oauth;
 pub mod operator;
 pub mod process;
+pub mod world;
 
 pub use control_plane::{ensure_crd, unique_namespace};

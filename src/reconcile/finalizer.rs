@@ -1,0 +1,169 @@
+//! `spec.revokeOnDelete`: a finalizer that revokes the grant at the provider (RFC 7009) before the
+//! resource goes. A provider that keeps failing delays the deletion only for a bounded time; then an
+//! event says what was not revoked, and the resource goes anyway.
+
+use super::{
+    controller::{Context, Error},
+    observed,
+};
+use crate::{
+    api::MailIntegration,
+    oauth::{RevokeOutcome, TokenTypeHint},
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+    },
+};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The finalizer the operator puts on integrations with `spec.revokeOnDelete: true`.
+pub const FINALIZER: &str = "mailintegration.dev/revoke-grant";
+
+fn has_finalizer(mi: &MailIntegration) -> bool {
+    mi.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Add or remove the finalizer to match the spec (not while deleting). Returns whether it wrote.
+pub async fn sync(
+    mi: &MailIntegration,
+    api: &Api<MailIntegration>,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let wanted = mi.spec.revoke_on_delete.unwrap_or(false);
+    if mi.meta().deletion_timestamp.is_some() || wanted == has_finalizer(mi) {
+        return Ok(false);
+    }
+    let mut finalizers: Vec<String> = mi
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if wanted {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    write(mi, api, finalizers).await?;
+    ctx.metrics.count_write("finalizer");
+    Ok(true)
+}
+
+async fn write(
+    mi: &MailIntegration,
+    api: &Api<MailIntegration>,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    // The resourceVersion makes it an optimistic-concurrency write: another finalizer added or
+    // removed meanwhile is not overwritten.
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": mi.resource_version()}
+    });
+    api.patch(
+        &mi.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Handle a deletion: revoke, then let the resource go.
+pub async fn finalize(
+    mi: &MailIntegration,
+    api: &Api<MailIntegration>,
+    secrets: &Api<Secret>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    if !has_finalizer(mi) {
+        ctx.forget(mi);
+        return Ok(Action::await_change());
+    }
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let reference = mi.object_ref(&());
+    let result = revoke(mi, secrets, ctx).await;
+    let (event_type, reason, note) = match result {
+        Ok(RevokeOutcome::Revoked) | Ok(RevokeOutcome::AlreadyInvalid) => {
+            (EventType::Normal, "GrantRevoked", "the grant was revoked at the provider".to_owned())
+        }
+        Ok(RevokeOutcome::NoRevocationEndpoint) => (
+            EventType::Warning,
+            "RevocationNotSupported",
+            "the provider has no revocation endpoint: remove the app's access for the account at the provider".to_owned(),
+        ),
+        Err(Some(message)) => {
+            let since = mi.meta().deletion_timestamp.as_ref().map(|t| Timestamp::now().duration_since(t.0)).unwrap_or_default();
+            if since < SignedDuration::try_from(ctx.revoke_timeout).unwrap_or(SignedDuration::ZERO) {
+                warn!(%message, "revoking the grant failed; retrying");
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            let note = format!(
+                "the grant of {} was NOT revoked at the provider (tried for {}s: {message}); revoke the app's access for the account at the provider by hand",
+                mi.spec.mailbox.address,
+                since.as_secs()
+            );
+            (EventType::Warning, "RevocationFailed", note)
+        }
+        Err(None) => (EventType::Normal, "NothingToRevoke", "no grant was stored, nothing to revoke".to_owned()),
+    };
+    info!(reason, "letting the resource go");
+    let event = Event {
+        type_: event_type,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Finalize".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(error = %e, "could not publish an event");
+    }
+    let rest: Vec<String> = mi
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    write(mi, api, rest).await?;
+    ctx.forget(mi);
+    Ok(Action::await_change())
+}
+
+/// `Err(None)`: no grant to revoke; `Err(Some(message))`: the attempt failed.
+async fn revoke(
+    mi: &MailIntegration,
+    secrets: &Api<Secret>,
+    ctx: &Context,
+) -> Result<RevokeOutcome, Option<String>> {
+    let grant_secret = secrets
+        .get_opt(&mi.grant_secret_name())
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    let grant = observed::grant(grant_secret.as_ref()).ok_or(None)?;
+    let client_secret = secrets
+        .get_opt(&mi.spec.oauth.client_secret_ref.name)
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    let creds =
+        observed::client_credentials(&mi.spec.oauth.client_secret_ref, client_secret.as_ref())
+            .map_err(|e| Some(e.to_string()))?;
+    let endpoints = ctx
+        .providers
+        .resolve(&mi.spec)
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    ctx.oauth
+        .revoke(
+            &endpoints,
+            &creds,
+            &grant.refresh_token,
+            TokenTypeHint::RefreshToken,
+            Timestamp::now(),
+        )
+        .await
+        .map_err(|e| Some(e.to_string()))
+}

@@ -1,0 +1,414 @@
+//! When and how a reconcile checks the mailbox, and what the result does to the status.
+//!
+//! The check runs after every token change and at least every `spec.mailbox.checkInterval`. Results
+//! are kept in memory per integration (with the token they were made with), so a storm of
+//! reconciles does not become a storm of logins, and a check that did not change its result writes
+//! nothing. Checks run with bounded concurrency and a timeout each.
+
+use crate::{
+    api::{DEFAULT_CA_KEY, MailIntegration, MailIntegrationStatus, SaslMechanismName, condition},
+    mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
+    metrics::{ErrorLabels, Metrics, RefreshLabels},
+    secret::SecretValue,
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use sha2::Digest;
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+/// The outcome of checking all of an integration's servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MailboxState {
+    /// No mail server is known (OIDC without spec.mailbox.server): nothing to check.
+    NotConfigured,
+    /// Every server accepted the token; the message says which.
+    Connected(String),
+    /// A server refused; `reason` is MailboxAuthFailed, MailboxUnreachable, TLSError or ProtocolError.
+    Failed { reason: String, message: String },
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: String,
+    at: Timestamp,
+    state: MailboxState,
+}
+
+/// Checks mailboxes with bounded concurrency and remembers the results.
+pub struct MailboxChecker {
+    permits: tokio::sync::Semaphore,
+    cache: Mutex<HashMap<String, Cached>>,
+    timeout: Duration,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl MailboxChecker {
+    pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
+        Self {
+            permits: tokio::sync::Semaphore::new(concurrency.max(1)),
+            cache: Mutex::default(),
+            timeout,
+            metrics,
+        }
+    }
+
+    /// A short fingerprint of the token, so the cache can tell a new token without keeping it.
+    fn fingerprint(token: &SecretValue) -> String {
+        let digest = sha2::Sha256::digest(token.expose().as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The state to report: a fresh check when the token changed or the last check is older than
+    /// the interval, the cached result otherwise. `None` when there is no valid token to check with.
+    pub async fn state(
+        &self,
+        mi: &MailIntegration,
+        token: Option<(&SecretValue, Timestamp)>,
+        extra_ca_pem: Option<Vec<u8>>,
+        now: Timestamp,
+    ) -> Option<MailboxState> {
+        let targets = targets(mi);
+        if targets.is_empty() {
+            return Some(MailboxState::NotConfigured);
+        }
+        let (token, expires_at) = token?;
+        if expires_at <= now {
+            return None;
+        }
+        let key = mi.uid().unwrap_or_default();
+        // A new token or a new spec (servers, mechanism, address) means a new check.
+        let fingerprint = format!(
+            "{}/{}",
+            Self::fingerprint(token),
+            mi.metadata.generation.unwrap_or(0)
+        );
+        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+            let fresh = now.duration_since(c.at)
+                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
+            if c.token == fingerprint && fresh {
+                return Some(c.state.clone());
+            }
+        }
+        let state = {
+            let _permit = self.permits.acquire().await.ok()?;
+            self.check_all(&targets, token, extra_ca_pem).await
+        };
+        let (result, reason) = match &state {
+            MailboxState::Failed { reason, .. } => {
+                self.metrics
+                    .mailbox_check_failures
+                    .get_or_create(&ErrorLabels {
+                        error: reason.clone(),
+                    })
+                    .inc();
+                ("failure", reason.clone())
+            }
+            _ => ("success", "Connected".to_owned()),
+        };
+        self.metrics
+            .mailbox_checks
+            .get_or_create(&RefreshLabels {
+                result: result.into(),
+                reason,
+            })
+            .inc();
+        self.cache.lock().unwrap().insert(
+            key,
+            Cached {
+                token: fingerprint,
+                at: now,
+                state: state.clone(),
+            },
+        );
+        Some(state)
+    }
+
+    /// When the cached result expires (the next periodic check), if there is one.
+    pub fn next_check_at(&self, mi: &MailIntegration) -> Option<Timestamp> {
+        let interval = SignedDuration::try_from(mi.spec.check_interval()).ok()?;
+        self.cache
+            .lock()
+            .unwrap()
+            .get(&mi.uid().unwrap_or_default())
+            .map(|c| c.at + interval)
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.cache.lock().unwrap().remove(uid);
+    }
+
+    async fn check_all(
+        &self,
+        targets: &[CheckTarget],
+        token: &SecretValue,
+        ca: Option<Vec<u8>>,
+    ) -> MailboxState {
+        let mut connected = Vec::new();
+        for t in targets {
+            let mut target = t.clone().with_timeout(self.timeout);
+            if let Some(pem) = &ca {
+                target = target.with_extra_ca_pem(pem.clone());
+            }
+            match mailbox::check(&target, token).await {
+                Ok(ok) => connected.push(format!(
+                    "{} {}:{}: {ok}",
+                    protocol_name(t.protocol),
+                    t.host,
+                    t.port
+                )),
+                Err(e) => return failed(t, &e),
+            }
+        }
+        MailboxState::Connected(connected.join("; "))
+    }
+}
+
+fn protocol_name(p: CheckProtocol) -> &'static str {
+    match p {
+        CheckProtocol::Imap => "IMAP",
+        CheckProtocol::Pop3 => "POP3",
+        CheckProtocol::Smtp => "SMTP",
+    }
+}
+
+fn failed(t: &CheckTarget, e: &MailboxError) -> MailboxState {
+    let hint = match e.reason() {
+        "MailboxAuthFailed" => {
+            " The mail server refused the access token (it cannot say why: see Authorized for the grant). If the grant is fine, check the granted scopes and that the account may use this protocol (IMAP, POP or SMTP AUTH can be disabled per account)."
+        }
+        "MailboxUnreachable" => {
+            " Check spec.mailbox host and port, and that the operator may reach the server."
+        }
+        "TLSError" => {
+            " Check the server's certificate, or put the CA that signed it into spec.mailbox.caSecretRef."
+        }
+        _ => "",
+    };
+    MailboxState::Failed {
+        reason: e.reason().to_owned(),
+        message: format!(
+            "{} {}:{}: {}.{hint}",
+            protocol_name(t.protocol),
+            t.host,
+            t.port,
+            e.detail()
+        ),
+    }
+}
+
+/// The servers to check: the read protocol's server and, when set, SMTP submission.
+pub fn targets(mi: &MailIntegration) -> Vec<CheckTarget> {
+    let spec = &mi.spec;
+    let user = spec.mailbox.address.clone();
+    let mechanism = match spec.mailbox.mechanism.unwrap_or_default() {
+        SaslMechanismName::XOAuth2 => SaslMechanism::XOAuth2,
+        SaslMechanismName::OAuthBearer => SaslMechanism::OAuthBearer,
+    };
+    let mut out = Vec::new();
+    if let Some(server) = crate::provider::mail_server(spec)
+        && let Ok(t) =
+            CheckTarget::for_server(&server, CheckProtocol::from(spec.protocol()), user.clone())
+    {
+        out.push(t.with_mechanism(mechanism));
+    }
+    if let Some(smtp) = &spec.mailbox.smtp
+        && let Ok(t) = CheckTarget::for_server(smtp, CheckProtocol::Smtp, user)
+    {
+        out.push(t.with_mechanism(mechanism));
+    }
+    out
+}
+
+/// Key of the CA bundle in the CA Secret.
+pub fn ca_key(mi: &MailIntegration) -> Option<(&str, &str)> {
+    mi.spec
+        .mailbox
+        .ca_secret_ref
+        .as_ref()
+        .map(|r| (r.name.as_str(), r.key.as_deref().unwrap_or(DEFAULT_CA_KEY)))
+}
+
+/// Put the mailbox state into the status: the MailboxConnected condition, and Ready, which is only
+/// True when the mailbox accepts the token too. `None` (no check possible now) keeps what was there.
+pub fn apply(
+    status: &mut MailIntegrationStatus,
+    state: Option<&MailboxState>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let Some(state) = state else { return };
+    let (ok, reason, message) = match state {
+        MailboxState::NotConfigured => {
+            status
+                .conditions
+                .retain(|c| c.type_ != condition::MAILBOX_CONNECTED);
+            return;
+        }
+        MailboxState::Connected(m) => (true, "Connected", m.clone()),
+        MailboxState::Failed { reason, message } => (false, reason.as_str(), message.clone()),
+    };
+    let transition = match status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
+    {
+        Some(p) if p.status == if ok { "True" } else { "False" } => p.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let new = Condition {
+        type_: condition::MAILBOX_CONNECTED.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.clone(),
+        observed_generation: generation,
+        last_transition_time: transition,
+    };
+    match status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
+    {
+        Some(c) => *c = new,
+        None => {
+            let at = status
+                .conditions
+                .iter()
+                .position(|c| c.type_ == condition::RECONCILING)
+                .unwrap_or(status.conditions.len());
+            status.conditions.insert(at, new);
+        }
+    }
+    if !ok
+        && let Some(ready) = status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == condition::READY && c.status == "True")
+    {
+        ready.status = "False".into();
+        ready.reason = reason.into();
+        ready.message =
+            format!("the token is valid, but the mailbox refuses the connection: {message}");
+        ready.last_transition_time = Time(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MailIntegrationSpec;
+
+    fn status_ready() -> MailIntegrationStatus {
+        let ready = |t: &str| Condition {
+            type_: t.into(),
+            status: "True".into(),
+            reason: t.into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        };
+        MailIntegrationStatus {
+            conditions: vec![
+                ready("Ready"),
+                ready("Authorized"),
+                ready("TokenValid"),
+                ready("Reconciling"),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_mailbox_makes_ready_false_with_its_reason() {
+        let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let mut s = status_ready();
+        apply(
+            &mut s,
+            Some(&MailboxState::Failed {
+                reason: "MailboxAuthFailed".into(),
+                message: "IMAP imap.example.com:993: refused".into(),
+            }),
+            Some(1),
+            now,
+        );
+        let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "Ready",
+                "Authorized",
+                "TokenValid",
+                "MailboxConnected",
+                "Reconciling"
+            ]
+        );
+        let mc = &s.conditions[3];
+        assert_eq!(
+            (mc.status.as_str(), mc.reason.as_str()),
+            ("False", "MailboxAuthFailed")
+        );
+        assert_eq!(
+            (
+                s.conditions[0].status.as_str(),
+                s.conditions[0].reason.as_str()
+            ),
+            ("False", "MailboxAuthFailed")
+        );
+
+        let mut s = status_ready();
+        apply(
+            &mut s,
+            Some(&MailboxState::Connected("IMAP ok".into())),
+            Some(1),
+            now,
+        );
+        assert_eq!(s.conditions[3].reason, "Connected");
+        assert_eq!(s.conditions[0].status, "True");
+        let again = {
+            let mut t = s.clone();
+            apply(
+                &mut t,
+                Some(&MailboxState::Connected("IMAP ok".into())),
+                Some(1),
+                now + SignedDuration::from_mins(5),
+            );
+            t
+        };
+        assert_eq!(again, s, "the same result changes nothing (no write)");
+        let mut kept = s.clone();
+        apply(&mut kept, None, Some(1), now);
+        assert_eq!(kept, s);
+    }
+
+    #[test]
+    fn targets_follow_the_spec_and_provider_defaults() {
+        let spec: MailIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "provider": "Google",
+            "mailbox": {"address": "a@example.com", "protocol": "POP3", "smtp": {"host": "smtp.gmail.com", "port": 465}, "mechanism": "OAUTHBEARER"},
+            "oauth": {"clientSecretRef": {"name": "c"}},
+            "tokenSecret": {"name": "t"},
+        }))
+        .unwrap();
+        let mi = MailIntegration::new("x", spec);
+        let t = targets(&mi);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (t[0].host.as_str(), t[0].port, t[0].protocol),
+            ("pop.gmail.com", 995, CheckProtocol::Pop3)
+        );
+        assert_eq!(
+            (t[1].host.as_str(), t[1].port, t[1].protocol),
+            ("smtp.gmail.com", 465, CheckProtocol::Smtp)
+        );
+        assert!(t.iter().all(|t| t.mechanism == SaslMechanism::OAuthBearer));
+
+        let oidc: MailIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "provider": "OIDC",
+            "mailbox": {"address": "a@example.com"},
+            "oauth": {"clientSecretRef": {"name": "c"}, "issuerURL": "https://id.example.com"},
+            "tokenSecret": {"name": "t"},
+        }))
+        .unwrap();
+        assert!(targets(&MailIntegration::new("y", oidc)).is_empty());
+    }
+}

@@ -1,0 +1,304 @@
+//! "Your Mail Integration is connected to the mailbox" as a checked fact: the operator logs in to a
+//! real Dovecot, which validates the token by introspection at the same oidc-provider the operator
+//! refreshes against, and reports MailboxConnected on the resource.
+
+mod support;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use mail_integration_operator::api::MailIntegration;
+use std::{sync::OnceLock, time::Duration};
+use support::{
+    dovecot::{Dovecot, DovecotConfig},
+    oauth::{OAuthServer, OAuthServerConfig},
+    world::{Env, annotate_refresh, condition, is_ready},
+};
+
+fn server() -> &'static OAuthServer {
+    static S: OnceLock<OAuthServer> = OnceLock::new();
+    S.get_or_init(|| {
+        OAuthServer::start(OAuthServerConfig {
+            access_token_ttl: Duration::from_secs(600),
+            ..Default::default()
+        })
+    })
+}
+
+/// Dovecot asking `server()` whether a token is active, naming the user by its `email` claim.
+fn dovecot() -> Dovecot {
+    let (id, secret) = server().introspection_client();
+    let url =
+        server()
+            .introspection_url()
+            .replacen("http://", &format!("http://{id}:{secret}@"), 1);
+    Dovecot::start(DovecotConfig {
+        username_attribute: "email".into(),
+        ..DovecotConfig::new(url)
+    })
+}
+
+async fn ca_secret(env: &Env, pem: &[u8]) {
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mail-ca"},
+        "stringData": {"ca.crt": String::from_utf8(pem.to_vec()).unwrap()},
+    }))
+    .unwrap();
+    env.secrets()
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
+fn mailbox_condition(mi: &MailIntegration) -> Option<(String, String, String)> {
+    mi.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MailboxConnected")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn ready_world(prefix: &str) -> (Env, support::operator::Operator) {
+    let env = Env::new(prefix, server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    (env, op)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_pop3_and_smtp_accept_the_token_with_xoauth2_and_oauthbearer() {
+    let dovecot = dovecot();
+    let (env, op) = ready_world("mailbox-ok").await;
+    ca_secret(&env, &dovecot.ca_pem).await;
+    let cases = [
+        (
+            "imaps",
+            "IMAP",
+            dovecot.imaps_port,
+            "Implicit",
+            "XOAUTH2",
+            Some((dovecot.submissions_port, "Implicit")),
+        ),
+        (
+            "imap-starttls",
+            "IMAP",
+            dovecot.imap_port,
+            "StartTLS",
+            "OAUTHBEARER",
+            Some((dovecot.submission_port, "StartTLS")),
+        ),
+        (
+            "pop3s",
+            "POP3",
+            dovecot.pop3s_port,
+            "Implicit",
+            "OAUTHBEARER",
+            None,
+        ),
+        (
+            "pop3-starttls",
+            "POP3",
+            dovecot.pop3_port,
+            "StartTLS",
+            "XOAUTH2",
+            None,
+        ),
+    ];
+    for (name, protocol, port, tls, mechanism, smtp) in &cases {
+        env.grant(name, "alice").await;
+        let mut mailbox = serde_json::json!({
+            "protocol": protocol,
+            "server": {"host": "127.0.0.1", "port": port, "tls": tls},
+            "mechanism": mechanism,
+            "caSecretRef": {"name": "mail-ca"},
+        });
+        if let Some((p, t)) = smtp {
+            mailbox["smtp"] = serde_json::json!({"host": "127.0.0.1", "port": p, "tls": t});
+        }
+        env.integration_with(
+            name,
+            "alice@example.test",
+            serde_json::json!({ "mailbox": mailbox }),
+        )
+        .await;
+    }
+    for (name, protocol, _, _, mechanism, smtp) in &cases {
+        let mi = env
+            .wait_for(
+                name,
+                "MailboxConnected=True",
+                Duration::from_secs(40),
+                &op,
+                |m| mailbox_condition(m).is_some_and(|c| c.0 == "True"),
+            )
+            .await;
+        let (_, reason, message) = mailbox_condition(&mi).unwrap();
+        assert_eq!(reason, "Connected");
+        assert!(
+            message.contains(protocol) && message.contains(mechanism),
+            "{name}: {message}"
+        );
+        assert_eq!(
+            smtp.is_some(),
+            message.contains("SMTP"),
+            "{name}: SMTP checked only when set: {message}"
+        );
+        assert!(is_ready(&mi), "{name}: {:?}", mi.status);
+    }
+    // kubectl shows it in the Mailbox column.
+    let table = env.cp.kubectl(&["get", "mailint", "-n", &env.ns]);
+    assert!(
+        table.lines().skip(1).all(|l| l.contains("Connected")),
+        "{table}"
+    );
+    // The token never appears in the log.
+    let token = env.data("imaps-token", "access_token").await.unwrap();
+    assert!(
+        !op.log().contains(&token),
+        "the access token appears in the operator log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_have_exact_reasons_and_recover_when_fixed() {
+    let mut dovecot = dovecot();
+    let (env, op) = ready_world("mailbox-bad").await;
+    env.grant("inbox", "alice").await;
+    // No CA configured: Dovecot's certificate is not trusted.
+    env.integration_with(
+        "inbox",
+        "alice@example.test",
+        serde_json::json!({"mailbox": {"server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"}, "checkInterval": "1m"}}),
+    )
+    .await;
+    let mi = env
+        .wait_for("inbox", "TLSError", Duration::from_secs(30), &op, |m| {
+            mailbox_condition(m).is_some_and(|c| c.1 == "TLSError")
+        })
+        .await;
+    let (status, _, message) = mailbox_condition(&mi).unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("certificate not trusted") && message.contains("caSecretRef"),
+        "{message}"
+    );
+    assert_eq!(
+        condition(&mi, "Ready"),
+        Some(("False", "TLSError")),
+        "Ready takes the mailbox into account"
+    );
+    assert_eq!(
+        condition(&mi, "TokenValid"),
+        Some(("True", "TokenValid")),
+        "the token itself is fine"
+    );
+
+    // Fix: give the CA.
+    ca_secret(&env, &dovecot.ca_pem).await;
+    patch_mailbox(
+        &env,
+        "inbox",
+        serde_json::json!({"caSecretRef": {"name": "mail-ca"}}),
+    )
+    .await;
+    env.wait_for(
+        "inbox",
+        "Connected after adding the CA",
+        Duration::from_secs(20),
+        &op,
+        |m| mailbox_condition(m).is_some_and(|c| c.1 == "Connected") && is_ready(m),
+    )
+    .await;
+
+    // A wrong port: unreachable; fixed: connected.
+    let closed = support::process::free_port();
+    patch_mailbox(
+        &env,
+        "inbox",
+        serde_json::json!({"server": {"host": "127.0.0.1", "port": closed, "tls": "Implicit"}}),
+    )
+    .await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "MailboxUnreachable",
+            Duration::from_secs(30),
+            &op,
+            |m| mailbox_condition(m).is_some_and(|c| c.1 == "MailboxUnreachable"),
+        )
+        .await;
+    assert!(
+        mailbox_condition(&mi)
+            .unwrap()
+            .2
+            .contains(&closed.to_string())
+    );
+    patch_mailbox(&env, "inbox", serde_json::json!({"server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"}})).await;
+    env.wait_for(
+        "inbox",
+        "Connected again",
+        Duration::from_secs(20),
+        &op,
+        |m| mailbox_condition(m).is_some_and(|c| c.1 == "Connected"),
+    )
+    .await;
+
+    // Dovecot stops: the check after a refresh says unreachable.
+    dovecot.stop();
+    annotate_refresh(&env, "inbox", "dovecot-stopped").await;
+    env.wait_for(
+        "inbox",
+        "unreachable while Dovecot is stopped",
+        Duration::from_secs(30),
+        &op,
+        |m| mailbox_condition(m).is_some_and(|c| c.1 == "MailboxUnreachable"),
+    )
+    .await;
+    // It comes back: the periodic check (checkInterval 1m, no refresh in between) sees it.
+    dovecot.start_again();
+    let refreshes = env.proxy.token_requests();
+    env.wait_for(
+        "inbox",
+        "Connected on the periodic check",
+        Duration::from_secs(90),
+        &op,
+        |m| mailbox_condition(m).is_some_and(|c| c.1 == "Connected"),
+    )
+    .await;
+    assert_eq!(
+        env.proxy.token_requests(),
+        refreshes,
+        "the recovery came from the periodic check, not a refresh"
+    );
+
+    // A revoked token: Dovecot's introspection says inactive, and the check says so precisely.
+    let token = env.data("inbox-token", "access_token").await.unwrap();
+    env.server.revoke(&token).await;
+    patch_mailbox(&env, "inbox", serde_json::json!({"checkInterval": "2m"})).await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "MailboxAuthFailed",
+            Duration::from_secs(30),
+            &op,
+            |m| mailbox_condition(m).is_some_and(|c| c.1 == "MailboxAuthFailed"),
+        )
+        .await;
+    let message = mailbox_condition(&mi).unwrap().2;
+    assert!(
+        message.contains(r#""status":"401""#) || message.contains("invalid_token"),
+        "the server's decoded challenge: {message}"
+    );
+    assert!(
+        !op.log().contains(&token),
+        "the access token appears in the operator log"
+    );
+}
+
+async fn patch_mailbox(env: &Env, name: &str, mailbox: serde_json::Value) {
+    let patch = serde_json::json!({"spec": {"mailbox": mailbox}});
+    env.integrations()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}

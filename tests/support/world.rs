@@ -1,0 +1,260 @@
+//! One integration test's world: its namespace, its operator process (watching only that
+//! namespace), a fault proxy in front of the OAuth server's token endpoint, and helpers to create the
+//! Secrets and MailIntegrations a user would.
+
+use super::{
+    control_plane::ControlPlane, ensure_crd, fault_proxy::FaultProxy, oauth::OAuthServer,
+    operator::Operator, unique_namespace,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use mail_integration_operator::api::MailIntegration;
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    pub cp: &'static ControlPlane,
+    pub ns: String,
+    pub client: kube::Client,
+    pub proxy: FaultProxy,
+    pub server: &'static OAuthServer,
+    pub log_dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn new(prefix: &str, server: &'static OAuthServer) -> Self {
+        let cp = ensure_crd();
+        let ns = unique_namespace(prefix);
+        let proxy = FaultProxy::start(&server.base_url);
+        let client = cp.client().await;
+        let log_dir = tempfile::Builder::new()
+            .prefix("mio-operator-")
+            .tempdir()
+            .unwrap();
+        Env {
+            cp,
+            ns,
+            client,
+            proxy,
+            server,
+            log_dir,
+        }
+    }
+
+    pub fn operator(&self, name: &str) -> Operator {
+        self.operator_with(name, &[])
+    }
+
+    /// The operator with extra `run` flags.
+    pub fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
+        let mut args = vec!["--namespace", &self.ns];
+        args.extend_from_slice(extra);
+        Operator::start(name, &self.cp.kubeconfig, &args, self.log_dir.path())
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn integrations(&self) -> Api<MailIntegration> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .unwrap();
+        let api = self.secrets();
+        match api.get_opt(name).await.unwrap() {
+            Some(_) => {
+                api.replace(
+                    name,
+                    &PostParams::default(),
+                    &Secret {
+                        metadata: kube::api::ObjectMeta {
+                            resource_version: api
+                                .get(name)
+                                .await
+                                .unwrap()
+                                .metadata
+                                .resource_version,
+                            ..secret.metadata.clone()
+                        },
+                        ..secret
+                    },
+                )
+                .await
+                .unwrap();
+            }
+            None => {
+                api.create(&PostParams::default(), &secret).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn client_secret(&self, secret: &str) {
+        self.put_secret(
+            "client",
+            &[
+                ("client_id", self.server.client_id()),
+                ("client_secret", secret),
+            ],
+        )
+        .await;
+    }
+
+    /// Sign in at the OAuth server (its own login and consent forms) and bring the refresh token.
+    pub async fn grant(&self, name: &str, login: &str) -> String {
+        let grant = self.server.obtain_grant(login).await;
+        let rt = grant.refresh_token().to_owned();
+        self.put_secret(&format!("{name}-oauth-grant"), &[("refresh_token", &rt)])
+            .await;
+        rt
+    }
+
+    pub async fn integration(&self, name: &str, address: &str) {
+        self.integration_with(name, address, serde_json::json!({}))
+            .await
+    }
+
+    /// An OIDC integration whose token endpoint is this world's fault proxy; `extra` is merged into
+    /// the spec (objects merge one level deep: `{"mailbox": {...}}` adds to the mailbox).
+    pub async fn integration_with(&self, name: &str, address: &str, extra: serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "provider": "OIDC",
+            "mailbox": {"address": address},
+            "oauth": {
+                "clientSecretRef": {"name": "client"},
+                "redirectURL": "http://127.0.0.1:8080/oauth2/callback",
+                "endpoints": {
+                    "authorization": format!("{}/auth", self.proxy.url()),
+                    "token": self.proxy.token_url(),
+                    "revocation": format!("{}/token/revocation", self.proxy.url()),
+                },
+            },
+            "tokenSecret": {"name": format!("{name}-token")},
+            "refreshBefore": "1m",
+        });
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            match (
+                spec.get_mut(&k).and_then(|x| x.as_object_mut()),
+                v.as_object(),
+            ) {
+                (Some(into), Some(from)) => into.extend(from.clone()),
+                _ => {
+                    spec[&k] = v;
+                }
+            }
+        }
+        let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1",
+            "kind": "MailIntegration",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.integrations()
+            .create(&PostParams::default(), &mi)
+            .await
+            .unwrap();
+    }
+
+    pub async fn get(&self, name: &str) -> MailIntegration {
+        self.integrations().get(name).await.unwrap()
+    }
+
+    /// Wait until `pred` holds for the resource; panic with its status and the operator log if not.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        op: &Operator,
+        pred: impl Fn(&MailIntegration) -> bool,
+    ) -> MailIntegration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mi = self.get(name).await;
+            if pred(&mi) {
+                return mi;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name}: {what} not reached within {timeout:?}.\nstatus: {}\n--- operator log ---\n{}",
+                    serde_json::to_string_pretty(&mi.status).unwrap(),
+                    tail(&op.log(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn token_secret(&self, name: &str) -> Option<Secret> {
+        self.secrets()
+            .get_opt(&format!("{name}-token"))
+            .await
+            .unwrap()
+    }
+
+    pub async fn data(&self, secret: &str, key: &str) -> Option<String> {
+        let s = self.secrets().get_opt(secret).await.unwrap()?;
+        s.data
+            .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
+    mi.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+pub fn is_ready(mi: &MailIntegration) -> bool {
+    condition(mi, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+pub async fn annotate_refresh(env: &Env, name: &str, value: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/refresh-requested-at": value}}});
+    env.integrations()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// No secret value in the operator's log or in the events of the namespace.
+pub async fn assert_no_secrets_in_logs_or_events(env: &Env, op: &Operator, secrets: &[&str]) {
+    let log = op.log();
+    let events = env
+        .cp
+        .kubectl(&["get", "events", "-n", &env.ns, "-o", "yaml"]);
+    let status = env
+        .cp
+        .kubectl(&["get", "mailint", "-n", &env.ns, "-o", "yaml"]);
+    assert!(
+        !log.is_empty(),
+        "the operator log is empty: nothing was checked"
+    );
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        assert!(
+            !log.contains(s),
+            "a secret value appears in the operator log"
+        );
+        assert!(!events.contains(s), "a secret value appears in an event");
+        assert!(
+            !status.contains(s),
+            "a secret value appears in the MailIntegration"
+        );
+    }
+}
