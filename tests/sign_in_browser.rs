@@ -440,6 +440,45 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
     let mi = env.wait_ready("silent-new-client").await;
     assert!(mi.status.unwrap().last_sign_in_failure.is_none());
 
+    // 6. The grant is revoked at the provider: the next refresh fails with GrantRevoked, the resource
+    // offers the sign-in link again, and signing in again makes it Ready.
+    let rt = env
+        .data("consent-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+    env.oauth.revoke(&rt).await;
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        mail_integration_operator::api::REFRESH_REQUESTED_ANNOTATION: "after-revocation"
+    }}});
+    env.integrations()
+        .patch(
+            "consent",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("consent", "GrantRevoked with a sign-in link", |mi| {
+            condition(mi, "Authorized") == Some(("False", "GrantRevoked"))
+                && mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
+        })
+        .await;
+    b.goto(&mi.status.unwrap().sign_in.unwrap().url).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    let mi = env.wait_ready("consent").await;
+    assert!(mi.status.unwrap().sign_in.is_none());
+    assert_ne!(
+        env.data("consent-oauth-grant", "refresh_token")
+            .await
+            .unwrap(),
+        rt,
+        "the new grant replaced the revoked one"
+    );
+
     // Nothing secret reached the operator's log.
     let log = env.op.log();
     for secret in [

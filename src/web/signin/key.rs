@@ -81,3 +81,30 @@ pub async fn load_or_create(client: Client, ns: &str, name: &str) -> anyhow::Res
     }
     bail!("the {what} could not be read or created")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(value: Option<&str>) -> Secret {
+        Secret {
+            data: value.map(|v| [(KEY_DATA.to_owned(), ByteString(v.as_bytes().to_vec()))].into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keys_are_read_and_refused_when_missing_or_short() {
+        let k = random_b64(32);
+        assert_eq!(key_from_secret(&secret(Some(&k))).unwrap().len(), 32);
+        assert_eq!(
+            key_from_secret(&secret(Some(&format!("{k}\n"))))
+                .unwrap()
+                .len(),
+            32
+        );
+        assert!(key_from_secret(&secret(None)).is_err());
+        assert!(key_from_secret(&secret(Some(&random_b64(8)))).is_err());
+        assert!(key_from_secret(&secret(Some("not base64 !"))).is_err());
+    }
+}
