@@ -40,6 +40,10 @@ struct Env {
     log_dir: tempfile::TempDir,
 }
 
+/// The browser tests run one at a time: each starts Chromium, oidc-provider and an operator, and
+/// together on two cores they starve each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Env {
     /// A namespace, an oidc-provider whose clients redirect to the operator's callback, and the
     /// operator (watching that namespace) with its sign-in server on a free port.
@@ -329,6 +333,7 @@ fn param(url: &url::Url, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = Env::new("sign-in").await;
     env.integration("consent", ALICE, "client", None).await;
     env.integration("select", ALICE, "client", Some("SelectAccount"))
@@ -495,6 +500,7 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let env = Env::new("sign-in-fail").await;
     env.integration("inbox", ALICE, "client", None).await;
     let b = env.browser().await;
@@ -730,6 +736,7 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
 /// and a new process takes over the same address, as after a restart or behind a Service).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_in_started_on_one_replica_finishes_on_another() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut env = Env::new("sign-in-replica").await;
     env.integration("inbox", ALICE, "client", None).await;
     let b = env.browser().await;

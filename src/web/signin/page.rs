@@ -36,7 +36,7 @@ fieldset{border:1px solid #d8dce1;border-radius:.5rem;margin:0 0 1rem;padding:.5
 legend{font-weight:600;padding:0 .25rem}\
 .choice{display:flex;gap:.6rem;align-items:flex-start;padding:.5rem 0}\
 .choice input{margin-top:.35rem;width:1.1rem;height:1.1rem;flex:none}\
-.choice label{display:block}.choice small{display:block;color:#57606a}\
+.choice label{display:block;font-weight:600}.choice small{display:block;color:#57606a}\
 button{display:block;width:100%;font:inherit;font-weight:600;color:#fff;background:#0b57d0;border:0;border-radius:.5rem;padding:.8rem 1rem;cursor:pointer}\
 button:focus{outline:3px solid #f0b400;outline-offset:2px}\
 code{font:.9em ui-monospace,SFMono-Regular,Menlo,monospace;background:#eef1f4;padding:.1rem .3rem;border-radius:.25rem;overflow-wrap:anywhere}\
@@ -140,7 +140,7 @@ pub fn sign_in_page(v: &SignInView<'_>) -> String {
         let _ = writeln!(
             choices,
             "<div class=\"choice\"><input type=\"radio\" name=\"prompt\" id=\"{id}\" value=\"{value}\" aria-describedby=\"{id}-help\"{checked}>\
-<label for=\"{id}\">{label}<small id=\"{id}-help\">{help}</small></label></div>"
+<div><label for=\"{id}\">{label}</label><small id=\"{id}-help\">{help}</small></div></div>"
         );
     }
     let provider = escape(v.provider);
