@@ -12,7 +12,8 @@ step() { echo "==> $* ($((SECONDS - t0)) s)"; }
 
 # Debian packages the tests use. policy-rc.d keeps package installs from starting system services
 # (the tests start their own Dovecot on free loopback ports).
-debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver)
+# lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test.
+debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -5,6 +5,7 @@ pub mod browser;
 pub mod control_plane;
 pub mod dovecot;
 pub mod fault_proxy;
+pub mod helm;
 pub mod oauth;
 pub mod operator;
 pub mod process;

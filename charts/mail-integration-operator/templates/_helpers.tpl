@@ -1,0 +1,95 @@
+{{/* Chart name, truncated to the 63 characters of a label value. */}}
+{{- define "mio.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object name prefix: the release name, plus the chart name unless the release name holds it. */}}
+{{- define "mio.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the operator's pods (immutable in a Deployment: never add to them). */}}
+{{- define "mio.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mio.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every object. The kustomize base in deploy/ carries the same ones minus the Helm pair. */}}
+{{- define "mio.labels" -}}
+{{ include "mio.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: mail-integration-operator
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "mio.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mio.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mio.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "mio.keySecretName" -}}
+{{- default (printf "%s-sign-in-key" (include "mio.fullname" .)) .Values.signIn.keySecretName }}
+{{- end }}
+
+{{- define "mio.leaseName" -}}
+{{- default (printf "%s-leader" (include "mio.fullname" .)) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/* Leader election: asked for, or needed because more than one pod runs. */}}
+{{- define "mio.leaderElection" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{- end }}
+{{- end }}
+
+{{/* The external base URL of the sign-in server, without a trailing slash; empty when unknown. */}}
+{{- define "mio.publicURL" -}}
+{{- if .Values.publicURL }}
+{{- .Values.publicURL | trimSuffix "/" }}
+{{- else if and .Values.ingress.enabled .Values.ingress.host }}
+{{- printf "%s://%s" (ternary "https" "http" (ne .Values.ingress.tlsSecretName "")) .Values.ingress.host }}
+{{- end }}
+{{- end }}
+
+{{/* The rules the operator needs wherever it watches MailIntegrations (ClusterRole or per-namespace Role). */}}
+{{- define "mio.watchRules" -}}
+# Watch MailIntegrations (the controller's list/watch) and read one before acting on it.
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations"]
+  verbs: ["get", "list", "watch"]
+# Write status (server-side apply: PATCH). The operator never writes spec.
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations/status"]
+  verbs: ["patch"]
+# Secrets: a metadata-only watch (list/watch) to notice changes of the Secrets an integration names,
+# direct GETs of the client, grant and token Secrets, and writes of the grant Secret (create/update)
+# and the token Secret (server-side apply: patch). No delete: owned Secrets go with their
+# MailIntegration through garbage collection.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "update", "patch"]
+# Events on MailIntegrations (kube-rs publishes events.k8s.io/v1 and patches a repeated one).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

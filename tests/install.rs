@@ -1,0 +1,1612 @@
+//! Installing the operator: the Helm chart, the kustomize base in deploy/, the CRD copies, the RBAC
+//! the chart grants (acting as its ServiceAccount), the Prometheus alerts, the Argo CD health check
+//! and the Dockerfile lint. Against the real test control plane; the Deployment is stored but never
+//! runs (no kubelet), so nothing here waits for pods.
+
+mod support;
+
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Pod, Secret},
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+    runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
+};
+use mail_integration_operator::api::MailIntegration;
+use serde::Deserialize as _;
+use serde_yaml::Value;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Command,
+};
+use support::{
+    control_plane::{ControlPlane, bin_dir},
+    ensure_crd,
+    helm::{self, ChartRelease, chart_dir, client_for, helm_output, kubectl_as},
+    unique_namespace,
+};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The non-empty documents of a multi-document YAML stream.
+fn yaml_docs(s: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(s)
+        .map(|d| Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `kubectl kustomize DIR` (local: no API server).
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new(bin_dir().join("kubectl"))
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_str()
+}
+
+fn key(v: &Value) -> (String, String, String) {
+    (
+        str_at(v, &["kind"]).unwrap_or_default().to_owned(),
+        str_at(v, &["metadata", "namespace"])
+            .unwrap_or_default()
+            .to_owned(),
+        str_at(v, &["metadata", "name"])
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| {
+            str_at(d, &["kind"]) == Some(kind) && str_at(d, &["metadata", "name"]) == Some(name)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {kind} {name} among {:?}",
+                docs.iter().map(key).collect::<Vec<_>>()
+            )
+        })
+}
+
+fn kinds(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    docs.iter().map(key).collect()
+}
+
+fn container_args(deploy: &Value) -> Vec<String> {
+    deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn owned(v: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    v.iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files that must agree with each other
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn crd_copies_equal_the_repository_crd() {
+    let original = std::fs::read(repo().join("crds/mailintegration.yaml")).unwrap();
+    for copy in [
+        "charts/mail-integration-operator/crds/mailintegration.yaml",
+        "deploy/crds/mailintegration.yaml",
+    ] {
+        let path = repo().join(copy);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "{copy} must be a regular file (a symlink does not survive `helm package`)"
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == original,
+            "{copy} differs from crds/mailintegration.yaml. After regenerating the CRD, copy it:\n  \
+             cp crds/mailintegration.yaml {copy}"
+        );
+    }
+}
+
+#[test]
+fn chart_app_version_is_the_crate_version() {
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "Chart.yaml appVersion must be the crate version in Cargo.toml"
+    );
+    assert_eq!(chart["apiVersion"].as_str(), Some("v2"));
+    // The kustomize base runs the same image.
+    let deploy = std::fs::read_to_string(repo().join("deploy/deployment.yaml")).unwrap();
+    let image = format!(
+        "image: ghcr.io/mail-integration-operator/mail-integration-operator:{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(deploy.contains(&image), "deploy/deployment.yaml: {image}");
+}
+
+#[test]
+fn helm_package_carries_the_crd_as_a_file() {
+    let out = tempfile::tempdir().unwrap();
+    helm::helm_offline(&[
+        "package",
+        chart_dir().to_str().unwrap(),
+        "--destination",
+        out.path().to_str().unwrap(),
+    ]);
+    let tgz = out
+        .path()
+        .join(format!("mail-integration-operator-{}.tgz", "0.1.0"));
+    let listing = Command::new("tar")
+        .arg("tvzf")
+        .arg(&tgz)
+        .output()
+        .expect("tar");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let crd_line = listing
+        .lines()
+        .find(|l| l.ends_with("mail-integration-operator/crds/mailintegration.yaml"))
+        .unwrap_or_else(|| panic!("the package has no crds/mailintegration.yaml:\n{listing}"));
+    assert!(
+        crd_line.starts_with('-'),
+        "a regular file, not a link: {crd_line}"
+    );
+    for f in [
+        "values.schema.json",
+        "templates/NOTES.txt",
+        "templates/deployment.yaml",
+    ] {
+        assert!(
+            listing.contains(&format!("mail-integration-operator/{f}")),
+            "{f} in:\n{listing}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helm lint / template / values schema
+// ---------------------------------------------------------------------------------------------
+
+/// Every optional part turned on, for lint and template.
+const ALL_ON: &[&str] = &[
+    "watchNamespaces={team-a,team-b}",
+    "replicaCount=2",
+    "ingress.enabled=true",
+    "ingress.className=nginx",
+    "ingress.host=mail-operator.example.com",
+    "ingress.tlsSecretName=mail-operator-tls",
+    "serviceMonitor.enabled=true",
+    "prometheusRule.enabled=true",
+    "podDisruptionBudget.enabled=true",
+    "logLevel=info",
+];
+
+#[test]
+fn helm_lint_passes_with_defaults_and_with_everything_on() {
+    let chart = chart_dir();
+    let out = helm::helm_offline(&["lint", "--strict", chart.to_str().unwrap()]);
+    assert!(
+        out.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{out}"
+    );
+    let mut args = vec!["lint", "--strict", chart.to_str().unwrap()];
+    for s in ALL_ON {
+        args.extend(["--set", s]);
+    }
+    let out = helm::helm_offline(&args);
+    assert!(
+        out.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{out}"
+    );
+}
+
+#[test]
+fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
+    let docs = yaml_docs(&helm::template("mio", "ops", &[]));
+    let n = "mio-mail-integration-operator";
+    assert_eq!(
+        kinds(&docs),
+        owned(&[
+            ("ServiceAccount", "ops", n),
+            ("ClusterRole", "", n),
+            ("ClusterRoleBinding", "", n),
+            ("Role", "ops", &format!("{n}-own-namespace")),
+            ("RoleBinding", "ops", &format!("{n}-own-namespace")),
+            ("Deployment", "ops", n),
+            ("Service", "ops", n),
+            ("Service", "ops", &format!("{n}-metrics")),
+        ]),
+        "objects of the default install"
+    );
+
+    let deploy = find(&docs, "Deployment", n);
+    assert_eq!(
+        container_args(deploy),
+        [
+            "run",
+            "--health-addr=0.0.0.0:9090",
+            "--sign-in-addr=0.0.0.0:8080",
+            &format!("--sign-in-key-secret={n}-sign-in-key"),
+            "--sign-in-link-ttl=1h",
+            "--log-format=json",
+        ]
+    );
+    let spec = &deploy["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    assert_eq!(
+        c["image"].as_str(),
+        Some("ghcr.io/mail-integration-operator/mail-integration-operator:0.1.0")
+    );
+    // Hardening.
+    assert_eq!(
+        spec["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    // Probes on the health port, by name.
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["port"].as_str(),
+        Some("health")
+    );
+    let ports: Vec<(String, u64)> = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [("http".into(), 8080), ("health".into(), 9090)]);
+    // Downward API.
+    let env = serde_yaml::to_string(&c["env"]).unwrap();
+    assert!(
+        env.contains("POD_NAME") && env.contains("metadata.name"),
+        "{env}"
+    );
+    assert!(
+        env.contains("POD_NAMESPACE") && env.contains("metadata.namespace"),
+        "{env}"
+    );
+    // One replica without leader election: never two operators during an upgrade.
+    assert_eq!(
+        deploy["spec"]["strategy"]["type"].as_str(),
+        Some("Recreate")
+    );
+
+    // Services: sign-in on 80 -> http, metrics on 9090 -> health.
+    let svc = find(&docs, "Service", n);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"].as_str(), Some("http"));
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(80));
+    let metrics = find(&docs, "Service", &format!("{n}-metrics"));
+    assert_eq!(
+        metrics["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("health")
+    );
+
+    // Own namespace: the key Secret by name, and no Lease rights without leader election.
+    let own = serde_yaml::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
+    assert!(own.contains(&format!("{n}-sign-in-key")), "{own}");
+    assert!(!own.contains("leases"), "{own}");
+}
+
+#[test]
+fn helm_template_with_everything_on() {
+    let docs = yaml_docs(&helm::template("mio", "ops", ALL_ON));
+    let n = "mio-mail-integration-operator";
+    let k = kinds(&docs);
+    // Watch namespaces: a Role + RoleBinding in each, no ClusterRole.
+    for ns in ["team-a", "team-b"] {
+        assert!(k.contains(&("Role".into(), ns.into(), n.into())), "{k:?}");
+        assert!(
+            k.contains(&("RoleBinding".into(), ns.into(), n.into())),
+            "{k:?}"
+        );
+    }
+    assert!(
+        !k.iter()
+            .any(|(kind, _, _)| kind == "ClusterRole" || kind == "ClusterRoleBinding"),
+        "no cluster-wide RBAC with watchNamespaces: {k:?}"
+    );
+    for kind in [
+        "Ingress",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "PodDisruptionBudget",
+    ] {
+        assert!(k.iter().any(|(x, _, _)| x == kind), "{kind} missing: {k:?}");
+    }
+    let deploy = find(&docs, "Deployment", n);
+    let args = container_args(deploy);
+    for want in [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--leader-election",
+        &format!("--leader-election-lease={n}-leader"),
+        "--public-url=https://mail-operator.example.com",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    assert_eq!(
+        deploy["spec"]["strategy"]["type"].as_str(),
+        Some("RollingUpdate")
+    );
+    let env =
+        serde_yaml::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["env"]).unwrap();
+    assert!(env.contains("RUST_LOG"), "{env}");
+    let own = serde_yaml::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
+    assert!(
+        own.contains("leases") && own.contains(&format!("{n}-leader")),
+        "{own}"
+    );
+    // The Ingress routes only to the sign-in Service.
+    let ing = find(&docs, "Ingress", n);
+    assert_eq!(
+        ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"].as_str(),
+        Some(n)
+    );
+    assert_eq!(
+        ing["spec"]["tls"][0]["secretName"].as_str(),
+        Some("mail-operator-tls")
+    );
+    // The ServiceMonitor scrapes only the metrics Service and keeps the integrations' namespace label.
+    let sm = find(&docs, "ServiceMonitor", n);
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/service"].as_str(),
+        Some("metrics")
+    );
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["honorLabels"].as_bool(),
+        Some(true)
+    );
+}
+
+#[test]
+fn notes_tell_the_callback_url_to_register() {
+    let chart = chart_dir();
+    // `helm install --dry-run` renders NOTES.txt without touching the cluster.
+    let notes = |set: &[&str]| {
+        let mut args = vec![
+            "install",
+            "notes",
+            chart.to_str().unwrap(),
+            "--dry-run=client",
+            "--namespace",
+            "ops",
+        ];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        helm::helm_offline(&args)
+    };
+    let out = notes(&["publicURL=https://mail-operator.example.com/"]);
+    assert!(
+        out.contains("https://mail-operator.example.com/oauth2/callback"),
+        "{out}"
+    );
+    let out = notes(&[
+        "ingress.enabled=true",
+        "ingress.host=sso.example.org",
+        "ingress.tlsSecretName=t",
+    ]);
+    assert!(
+        out.contains("https://sso.example.org/oauth2/callback"),
+        "{out}"
+    );
+    let out = notes(&[]);
+    assert!(
+        out.contains("http://127.0.0.1:8080/oauth2/callback") && out.contains("port-forward"),
+        "{out}"
+    );
+}
+
+#[test]
+fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
+    let chart = chart_dir();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["replicaCount=two"],
+            &["at '/replicaCount': got string, want integer"],
+        ),
+        (&["replicaCount=0"], &["at '/replicaCount'", "minimum"]),
+        (
+            &["logFormat=xml"],
+            &["at '/logFormat': value must be one of 'text', 'json'"],
+        ),
+        (
+            &["replicasCount=2"],
+            &["additional properties 'replicasCount' not allowed"],
+        ),
+        (
+            &["watchNamespaces={Team_A}"],
+            &["at '/watchNamespaces/0'", "does not match pattern"],
+        ),
+        (
+            &["publicURL=mail-operator.example.com"],
+            &["at '/publicURL'", "does not match pattern"],
+        ),
+        (
+            &["signIn.linkTTL=one hour"],
+            &["at '/signIn/linkTTL'", "does not match pattern"],
+        ),
+        (
+            &["extraEnv[0].name=POD_NAMESPACE", "extraEnv[0].value=x"],
+            &["at '/extraEnv/0/name'"],
+        ),
+        (
+            &["ingress.enabled=true"],
+            &["ingress.host is required when ingress.enabled is true"],
+        ),
+        (
+            &["podDisruptionBudget.enabled=true"],
+            &["podDisruptionBudget.minAvailable (1) must be below replicaCount (1)"],
+        ),
+    ];
+    for (set, want) in cases {
+        let mut args = vec!["template", "bad", chart.to_str().unwrap()];
+        for s in *set {
+            args.extend(["--set", s]);
+        }
+        let out = helm::helm_offline_output(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set:?} was accepted");
+        for w in *want {
+            assert!(
+                stderr.contains(w),
+                "{set:?}: expected {w:?} in the error:\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn flags_the_chart_passes_exist_in_the_binary() {
+    // Flags the chart already passes but this branch's binary does not have yet. When one lands,
+    // this test fails until it is removed from here: keep the list short and true.
+    const PENDING: &[&str] = &[
+        "--sign-in-addr",
+        "--public-url",
+        "--sign-in-key-secret",
+        "--sign-in-link-ttl",
+        "--leader-election",
+        "--leader-election-lease",
+        "repeated --namespace",
+    ];
+    let docs = yaml_docs(&helm::template("mio", "ops", ALL_ON));
+    let args = container_args(find(&docs, "Deployment", "mio-mail-integration-operator"));
+    assert_eq!(args[0], "run");
+    let bin = env!("CARGO_BIN_EXE_mail-integration-operator");
+    let help = Command::new(bin).args(["run", "--help"]).output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let mut missing = BTreeSet::new();
+    for a in &args[1..] {
+        let flag = a.split('=').next().unwrap();
+        if !help
+            .lines()
+            .any(|l| l.trim_start().split([' ', ',', '=']).any(|w| w == flag))
+        {
+            missing.insert(flag.to_owned());
+        }
+    }
+    // The chart passes --namespace once per watched namespace.
+    let repeated = Command::new(bin)
+        .args(["run", "--namespace=a", "--namespace=b", "--help"])
+        .output()
+        .unwrap();
+    if !repeated.status.success() {
+        missing.insert("repeated --namespace".into());
+    }
+    let pending: BTreeSet<String> = PENDING.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        missing, pending,
+        "flags the chart passes that `mail-integration-operator run` lacks (left) vs the PENDING \
+         list (right): add a flag to the binary, or update PENDING when one has landed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kustomize base
+// ---------------------------------------------------------------------------------------------
+
+/// Drop what only Helm adds (its two labels) and comments are already gone after parsing.
+fn strip_helm_labels(v: &mut Value) {
+    fn strip(meta: Option<&mut Value>) {
+        if let Some(labels) = meta
+            .and_then(|m| m.get_mut("labels"))
+            .and_then(|l| l.as_mapping_mut())
+        {
+            labels.remove("helm.sh/chart");
+            labels.remove("app.kubernetes.io/managed-by");
+        }
+    }
+    strip(v.get_mut("metadata"));
+    strip(
+        v.get_mut("spec")
+            .and_then(|s| s.get_mut("template"))
+            .and_then(|t| t.get_mut("metadata")),
+    );
+}
+
+#[test]
+fn kustomize_base_equals_the_chart_defaults() {
+    let rendered = kustomize(&repo().join("deploy"));
+    let base = yaml_docs(&rendered);
+    let mut chart = yaml_docs(&helm::template(
+        "mail-integration-operator",
+        "mail-integration-operator",
+        &[],
+    ));
+    chart.iter_mut().for_each(strip_helm_labels);
+
+    // Beyond the chart's templates the base holds the CRD (the chart's crds/) and the namespace
+    // (helm install --create-namespace); the examples are not part of it.
+    let base_kinds = kinds(&base);
+    assert!(base_kinds.contains(&(
+        "CustomResourceDefinition".into(),
+        "".into(),
+        "mailintegrations.mailintegration.dev".into()
+    )));
+    assert!(base_kinds.contains(&(
+        "Namespace".into(),
+        "".into(),
+        "mail-integration-operator".into()
+    )));
+    assert!(
+        !base_kinds
+            .iter()
+            .any(|(k, _, _)| k == "MailIntegration" || k == "Secret"),
+        "deploy/examples must stay out of the base: {base_kinds:?}"
+    );
+    let crd: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("crds/mailintegration.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        find(
+            &base,
+            "CustomResourceDefinition",
+            "mailintegrations.mailintegration.dev"
+        ),
+        &crd
+    );
+
+    let by_key = |docs: &[Value]| -> BTreeMap<(String, String, String), Value> {
+        docs.iter()
+            .filter(|d| {
+                !matches!(
+                    str_at(d, &["kind"]),
+                    Some("Namespace" | "CustomResourceDefinition")
+                )
+            })
+            .map(|d| (key(d), d.clone()))
+            .collect()
+    };
+    let (base, chart) = (by_key(&base), by_key(&chart));
+    assert_eq!(
+        base.keys().collect::<Vec<_>>(),
+        chart.keys().collect::<Vec<_>>(),
+        "deploy/ and the chart's defaults hold different objects"
+    );
+    for (k, b) in &base {
+        assert!(
+            b == &chart[k],
+            "{k:?} differs between deploy/ and the chart's defaults.\n--- deploy/:\n{}\n--- chart:\n{}",
+            serde_yaml::to_string(b).unwrap(),
+            serde_yaml::to_string(&chart[k]).unwrap()
+        );
+    }
+}
+
+#[test]
+fn kustomize_overlay_moves_everything_to_another_namespace() {
+    // The overlay docs/install.md shows: the whole base, RBAC subjects included, in another namespace.
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir(&overlay).unwrap();
+    let doc = std::fs::read_to_string(repo().join("docs/install.md")).unwrap();
+    let start = doc
+        .find("# overlay/kustomization.yaml")
+        .expect("docs/install.md shows overlay/kustomization.yaml");
+    let block = &doc[start..];
+    let block = &block[..block.find("```").unwrap()];
+    // kustomize takes a base only by relative path: link the repository's deploy/ next to it.
+    std::os::unix::fs::symlink(repo().join("deploy"), dir.path().join("deploy")).unwrap();
+    std::fs::write(overlay.join("kustomization.yaml"), block).unwrap();
+    let docs = yaml_docs(&kustomize(&overlay));
+    for d in &docs {
+        let (kind, ns, name) = key(d);
+        match kind.as_str() {
+            "Namespace" => assert_eq!(name, "mail", "the Namespace object is renamed"),
+            "CustomResourceDefinition" | "ClusterRole" => assert_eq!(ns, ""),
+            "ClusterRoleBinding" => {
+                assert_eq!(str_at(&d["subjects"][0], &["namespace"]), Some("mail"))
+            }
+            "RoleBinding" => {
+                assert_eq!(ns, "mail");
+                assert_eq!(str_at(&d["subjects"][0], &["namespace"]), Some("mail"))
+            }
+            _ => assert_eq!(ns, "mail", "{kind} {name}"),
+        }
+    }
+}
+
+/// `kubectl diff` exit status: 0 no difference, 1 differences, other: an error.
+fn assert_no_diff(cp: &ControlPlane, args: &[&str]) {
+    let out = cp.kubectl_output(args);
+    assert!(
+        out.status.code() == Some(0),
+        "kubectl {} (exit {:?}) shows a difference after applying the same files:\n{}{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kind/name=resourceVersion` of every object `target` (`-k DIR` or `-f PATH`) names.
+fn resource_versions(cp: &ControlPlane, target: &[&str]) -> String {
+    let mut args = vec!["get"];
+    args.extend(target);
+    args.extend([
+        "--no-headers",
+        "-o",
+        "custom-columns=KIND:.kind,NAME:.metadata.name,VERSION:.metadata.resourceVersion",
+    ]);
+    cp.kubectl(&args)
+}
+
+#[test]
+fn kubectl_apply_k_deploy_twice_changes_nothing() {
+    let cp = ensure_crd();
+    let deploy = repo().join("deploy");
+    let deploy = deploy.to_str().unwrap();
+    let first = cp.kubectl_output(&["apply", "-k", deploy]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "kubectl apply -k deploy/: {stderr}");
+    // The namespace asks for warnings against the "restricted" Pod Security level: the Deployment
+    // must not draw one.
+    assert!(
+        !stderr.contains("PodSecurity"),
+        "the Deployment violates the restricted Pod Security level:\n{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    for obj in [
+        "customresourcedefinition.apiextensions.k8s.io/mailintegrations.mailintegration.dev",
+        "namespace/mail-integration-operator",
+        "serviceaccount/mail-integration-operator",
+        "clusterrole.rbac.authorization.k8s.io/mail-integration-operator",
+        "clusterrolebinding.rbac.authorization.k8s.io/mail-integration-operator",
+        "role.rbac.authorization.k8s.io/mail-integration-operator-own-namespace",
+        "rolebinding.rbac.authorization.k8s.io/mail-integration-operator-own-namespace",
+        "deployment.apps/mail-integration-operator",
+        "service/mail-integration-operator",
+        "service/mail-integration-operator-metrics",
+    ] {
+        assert!(stdout.contains(obj), "{obj} not applied:\n{stdout}");
+    }
+    assert_eq!(stdout.lines().count(), 10, "exactly the base:\n{stdout}");
+    let target = ["-k", deploy];
+    let versions = resource_versions(cp, &target);
+    assert_eq!(versions.lines().count(), 10, "{versions}");
+
+    // Client-side apply again: nothing changes, nothing is written.
+    let second = cp.kubectl(&["apply", "-k", deploy]);
+    assert!(
+        second.lines().all(|l| l.ends_with(" unchanged")),
+        "the second apply changed something:\n{second}"
+    );
+    assert_eq!(resource_versions(cp, &target), versions);
+    assert_no_diff(cp, &["diff", "-k", deploy]);
+
+    // Server-side apply takes over without conflicts (no field the server defaults differently),
+    // and from then on is a no-op too.
+    cp.kubectl(&["apply", "--server-side", "-k", deploy]);
+    let versions = resource_versions(cp, &target);
+    cp.kubectl(&["apply", "--server-side", "-k", deploy]);
+    assert_eq!(
+        resource_versions(cp, &target),
+        versions,
+        "a repeated server-side apply wrote objects"
+    );
+    assert_no_diff(cp, &["diff", "--server-side", "-k", deploy]);
+    let stored = cp.kubectl(&[
+        "get",
+        "deployment",
+        "mail-integration-operator",
+        "-n",
+        "mail-integration-operator",
+        "-o",
+        "jsonpath={.spec.template.spec.serviceAccountName}",
+    ]);
+    assert_eq!(stored, "mail-integration-operator");
+}
+
+#[test]
+fn kubectl_apply_f_crds_twice_changes_nothing() {
+    let cp = ensure_crd();
+    let crds = repo().join("crds");
+    let crds = crds.to_str().unwrap();
+    let target = ["-f", crds];
+    // Client-side (the way most users run it), then server-side (the way ensure_crd, Flux and Argo
+    // CD with ServerSideApply run it): each is a no-op the second time.
+    cp.kubectl(&["apply", "-f", crds]);
+    let versions = resource_versions(cp, &target);
+    let again = cp.kubectl(&["apply", "-f", crds]);
+    assert!(again.trim().ends_with(" unchanged"), "{again}");
+    assert_eq!(resource_versions(cp, &target), versions);
+    assert_no_diff(cp, &["diff", "-f", crds]);
+
+    cp.kubectl(&["apply", "--server-side", "-f", crds]);
+    let versions = resource_versions(cp, &target);
+    cp.kubectl(&["apply", "--server-side", "-f", crds]);
+    assert_eq!(resource_versions(cp, &target), versions);
+    assert_no_diff(cp, &["diff", "--server-side", "-f", crds]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// helm install / upgrade / uninstall against the API server
+// ---------------------------------------------------------------------------------------------
+
+fn exists(cp: &ControlPlane, kind: &str, name: &str, ns: Option<&str>) -> bool {
+    let mut args = vec!["get", kind, name, "-o", "name"];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    cp.kubectl_output(&args).status.success()
+}
+
+#[test]
+fn helm_install_upgrade_uninstall() {
+    let cp = ensure_crd();
+    let ns = unique_namespace("helm");
+    let rel = ChartRelease::install(cp, &ns, &ns, &["logFormat=json"], &[]);
+    let n = rel.fullname.as_str();
+    let expected: &[(&str, &str, bool)] = &[
+        ("serviceaccount", n, true),
+        ("clusterrole", n, false),
+        ("clusterrolebinding", n, false),
+        ("role", &format!("{n}-own-namespace"), true),
+        ("rolebinding", &format!("{n}-own-namespace"), true),
+        ("deployment", n, true),
+        ("service", n, true),
+        ("service", &format!("{n}-metrics"), true),
+    ];
+    for (kind, name, namespaced) in expected {
+        assert!(
+            exists(cp, kind, name, namespaced.then_some(ns.as_str())),
+            "helm install did not create {kind} {name}"
+        );
+    }
+    let status = helm::helm(cp, &["status", &rel.release, "-n", &ns]);
+    assert!(status.contains("STATUS: deployed"), "{status}");
+    assert!(
+        rel.deployment_args().contains(&"--log-format=json".into()),
+        "{:?}",
+        rel.deployment_args()
+    );
+
+    // Upgrade: a changed value reaches the stored Deployment; new objects appear.
+    rel.upgrade(&[
+        "logFormat=text",
+        "replicaCount=2",
+        "podDisruptionBudget.enabled=true",
+    ]);
+    let args = rel.deployment_args();
+    assert!(args.contains(&"--log-format=text".into()), "{args:?}");
+    assert!(args.contains(&"--leader-election".into()), "{args:?}");
+    let replicas = cp.kubectl(&[
+        "get",
+        "deployment",
+        n,
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(replicas, "2");
+    assert!(exists(cp, "poddisruptionbudget", n, Some(&ns)));
+    let lease_rule = cp.kubectl(&[
+        "get",
+        "role",
+        &format!("{n}-own-namespace"),
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.rules[*].resources}",
+    ]);
+    assert!(lease_rule.contains("leases"), "{lease_rule}");
+    let history = helm::helm(cp, &["history", &rel.release, "-n", &ns]);
+    assert_eq!(history.lines().count(), 3, "two revisions:\n{history}");
+
+    // Uninstall removes everything it made but leaves the CRD (and so users' MailIntegrations).
+    let out = rel.uninstall();
+    assert!(out.contains("uninstalled"), "{out}");
+    for (kind, name, namespaced) in expected {
+        assert!(
+            !exists(cp, kind, name, namespaced.then_some(ns.as_str())),
+            "{kind} {name} left after helm uninstall"
+        );
+    }
+    assert!(!exists(cp, "poddisruptionbudget", n, Some(&ns)));
+    assert!(exists(
+        cp,
+        "crd",
+        "mailintegrations.mailintegration.dev",
+        None
+    ));
+}
+
+#[test]
+fn helm_install_refuses_bad_values_and_creates_nothing() {
+    let cp = ensure_crd();
+    let ns = unique_namespace("helm-bad");
+    let chart = chart_dir();
+    let out = helm_output(
+        cp,
+        &[
+            "install",
+            &ns,
+            chart.to_str().unwrap(),
+            "-n",
+            &ns,
+            "--set",
+            "logFormat=yaml",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("at '/logFormat': value must be one of 'text', 'json'"),
+        "{stderr}"
+    );
+    let left = cp.kubectl(&["get", "deploy,sa,role,secret", "-n", &ns, "-o", "name"]);
+    assert_eq!(left.trim(), "", "objects created despite the error");
+}
+
+#[test]
+fn helm_install_skip_crds_with_crds_managed_separately() {
+    // Users who manage the CRD themselves (kubectl apply -f crds/, GitOps) install with --skip-crds.
+    let cp = ensure_crd();
+    let ns = unique_namespace("helm-skip");
+    let before = cp.kubectl(&[
+        "get",
+        "crd",
+        "mailintegrations.mailintegration.dev",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    let rel = ChartRelease::install(cp, &ns, &ns, &[], &["--skip-crds"]);
+    let after = cp.kubectl(&[
+        "get",
+        "crd",
+        "mailintegrations.mailintegration.dev",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    assert_eq!(before, after, "--skip-crds must leave the CRD alone");
+    let manifest = helm::helm(cp, &["get", "manifest", &rel.release, "-n", &ns]);
+    assert!(
+        !manifest.contains("CustomResourceDefinition"),
+        "CRDs are never part of a release's manifest"
+    );
+    rel.uninstall();
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC: acting as the chart's ServiceAccount
+// ---------------------------------------------------------------------------------------------
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+#[track_caller]
+fn assert_forbidden<T: std::fmt::Debug>(what: &str, r: Result<T, kube::Error>) {
+    match r {
+        Err(e) if status_code(&e) == Some(403) => {}
+        other => panic!("{what}: expected 403 Forbidden, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_allowed<T>(what: &str, r: Result<T, kube::Error>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: expected to be allowed, got {e}"))
+}
+
+fn example_integration(cp: &ControlPlane, ns: &str) {
+    let example = repo().join("deploy/examples/google.yaml");
+    cp.kubectl(&["apply", "-n", ns, "-f", example.to_str().unwrap()]);
+}
+
+fn secret(name: &str) -> Secret {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {"refresh_token": "test"}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
+    let cp = ensure_crd();
+    let watched = unique_namespace("rbac-watched");
+    let watched2 = unique_namespace("rbac-watched2");
+    let other = unique_namespace("rbac-other");
+    let op = unique_namespace("rbac-op");
+    let rel = ChartRelease::install(
+        cp,
+        &op,
+        &op,
+        &[&format!("watchNamespaces={{{watched},{watched2}}}")],
+        &["--skip-crds"],
+    );
+    example_integration(cp, &watched);
+    example_integration(cp, &other);
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "someone-elses",
+        "-n",
+        &op,
+        "--from-literal=k=v",
+    ]);
+    let sa = client_for(&rel.service_account_kubeconfig()).await;
+
+    // --- what the operator does, in a watched namespace: allowed.
+    let mis: Api<MailIntegration> = Api::namespaced(sa.clone(), &watched);
+    let list = assert_allowed(
+        "list MailIntegrations",
+        mis.list(&ListParams::default()).await,
+    );
+    assert_eq!(
+        list.items.iter().map(|m| m.name_any()).collect::<Vec<_>>(),
+        ["support-inbox"]
+    );
+    let mut stream = Box::pin(assert_allowed(
+        "watch MailIntegrations",
+        mis.watch(&WatchParams::default().timeout(2), "0").await,
+    ));
+    use futures::StreamExt;
+    match stream.next().await {
+        Some(Ok(WatchEvent::Added(m))) => assert_eq!(m.name_any(), "support-inbox"),
+        other => panic!("watch gave {other:?}"),
+    }
+    let mi = assert_allowed("get MailIntegration", mis.get("support-inbox").await);
+    let status = serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+        "status": {
+            "observedGeneration": mi.metadata.generation,
+            "account": "support@example.com",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "SignInRequired",
+                "message": "sign in", "lastTransitionTime": "2026-11-28T10:00:00Z"}]
+        }
+    });
+    assert_allowed(
+        "server-side apply MailIntegration status",
+        mis.patch_status(
+            "support-inbox",
+            &PatchParams::apply("mail-integration-operator").force(),
+            &Patch::Apply(&status),
+        )
+        .await,
+    );
+    let account = cp.kubectl(&[
+        "get",
+        "mailint",
+        "support-inbox",
+        "-n",
+        &watched,
+        "-o",
+        "jsonpath={.status.account}",
+    ]);
+    assert_eq!(account, "support@example.com", "the status patch landed");
+
+    let secrets: Api<Secret> = Api::namespaced(sa.clone(), &watched);
+    let client_secret = assert_allowed("get the client Secret", secrets.get("gmail-client").await);
+    assert!(client_secret.data.unwrap().contains_key("client_secret"));
+    let metas = assert_allowed(
+        "metadata-only list of Secrets",
+        secrets.list_metadata(&ListParams::default()).await,
+    );
+    assert!(metas.items.iter().any(|m| m.name_any() == "gmail-client"));
+    let mut meta_stream = Box::pin(assert_allowed(
+        "metadata-only watch of Secrets",
+        secrets
+            .watch_metadata(&WatchParams::default().timeout(2), "0")
+            .await,
+    ));
+    match meta_stream.next().await {
+        Some(Ok(WatchEvent::Added(m))) => assert!(m.metadata.name.is_some()),
+        other => panic!("metadata watch gave {other:?}"),
+    }
+    let created = assert_allowed(
+        "create the grant Secret",
+        secrets
+            .create(&PostParams::default(), &secret("support-inbox-oauth-grant"))
+            .await,
+    );
+    assert_allowed(
+        "update the grant Secret (optimistic concurrency)",
+        secrets
+            .replace(
+                "support-inbox-oauth-grant",
+                &PostParams::default(),
+                &created,
+            )
+            .await,
+    );
+    let token = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "support-inbox-token"},
+        "stringData": {"access_token": "a"}
+    });
+    assert_allowed(
+        "server-side apply the token Secret",
+        secrets
+            .patch(
+                "support-inbox-token",
+                &PatchParams::apply("mail-integration-operator").force(),
+                &Patch::Apply(&token),
+            )
+            .await,
+    );
+    // Events exactly as the operator publishes them (events.k8s.io; a repeat becomes a patch).
+    let recorder = Recorder::new(
+        sa.clone(),
+        Reporter {
+            controller: "mail-integration-operator".into(),
+            instance: Some("rbac-test".into()),
+        },
+    );
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "SignInRequired".into(),
+        note: Some("sign in".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = mi.object_ref(&());
+    assert_allowed(
+        "create an event",
+        recorder.publish(&event, &reference).await,
+    );
+    assert_allowed(
+        "patch a repeated event",
+        recorder.publish(&event, &reference).await,
+    );
+    let events = cp.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &watched,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("SignInRequired"), "{events}");
+    // The second watched namespace too.
+    let secrets2: Api<Secret> = Api::namespaced(sa.clone(), &watched2);
+    assert_allowed(
+        "list Secrets in the second watched namespace",
+        secrets2.list_metadata(&ListParams::default()).await,
+    );
+
+    // --- own namespace: the sign-in key Secret (create, then get by name) only.
+    let own: Api<Secret> = Api::namespaced(sa.clone(), &op);
+    let key = format!("{}-sign-in-key", rel.fullname);
+    assert_allowed(
+        "create the sign-in key Secret",
+        own.create(&PostParams::default(), &secret(&key)).await,
+    );
+    assert_allowed("get the sign-in key Secret", own.get(&key).await);
+    assert_forbidden(
+        "get another Secret in the operator's namespace",
+        own.get("someone-elses").await,
+    );
+    assert_forbidden(
+        "list Secrets in the operator's namespace",
+        own.list_metadata(&ListParams::default()).await,
+    );
+    let leases: Api<Lease> = Api::namespaced(sa.clone(), &op);
+    assert_forbidden(
+        "get a Lease without leader election",
+        leases.get(&format!("{}-leader", rel.fullname)).await,
+    );
+
+    // --- anything else: forbidden.
+    let other_secrets: Api<Secret> = Api::namespaced(sa.clone(), &other);
+    assert_forbidden(
+        "get a Secret in a namespace not watched",
+        other_secrets.get("gmail-client").await,
+    );
+    assert_forbidden(
+        "list Secrets in a namespace not watched",
+        other_secrets.list_metadata(&ListParams::default()).await,
+    );
+    assert_forbidden(
+        "list Secrets in all namespaces",
+        Api::<Secret>::all(sa.clone())
+            .list_metadata(&ListParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "list MailIntegrations in a namespace not watched",
+        Api::<MailIntegration>::namespaced(sa.clone(), &other)
+            .list(&ListParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "list MailIntegrations in all namespaces",
+        Api::<MailIntegration>::all(sa.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "delete a Secret",
+        secrets
+            .delete("gmail-client", &DeleteParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "patch a MailIntegration's spec",
+        mis.patch(
+            "support-inbox",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        )
+        .await,
+    );
+    assert_forbidden(
+        "delete a MailIntegration",
+        mis.delete("support-inbox", &DeleteParams::default()).await,
+    );
+    assert_forbidden(
+        "list pods",
+        Api::<Pod>::namespaced(sa.clone(), &watched)
+            .list(&ListParams::default())
+            .await,
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(sa.clone(), &watched);
+    assert_forbidden("list configmaps", cms.list(&ListParams::default()).await);
+    assert_forbidden(
+        "create a configmap",
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap(),
+        )
+        .await,
+    );
+    // Core-group events are another resource than events.k8s.io ones.
+    let core_events = kubectl_as(
+        cp,
+        &rel.service_account_kubeconfig(),
+        &["get", "events", "-n", &watched],
+    );
+    assert!(!core_events.status.success());
+    assert!(
+        String::from_utf8_lossy(&core_events.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&core_events.stderr)
+    );
+    rel.uninstall();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_all_namespaces_with_leader_election() {
+    let cp = ensure_crd();
+    let anywhere = unique_namespace("rbac-any");
+    let op = unique_namespace("rbac-op-le");
+    let rel = ChartRelease::install(cp, &op, &op, &["replicaCount=2"], &["--skip-crds"]);
+    example_integration(cp, &anywhere);
+    let sa = client_for(&rel.service_account_kubeconfig()).await;
+
+    // Any namespace: MailIntegrations and Secrets as the operator uses them.
+    let all = assert_allowed(
+        "list MailIntegrations in all namespaces",
+        Api::<MailIntegration>::all(sa.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    assert!(
+        all.items
+            .iter()
+            .any(|m| m.namespace().as_deref() == Some(anywhere.as_str())),
+        "the cluster-wide list holds the integration in {anywhere}"
+    );
+    assert_allowed(
+        "metadata-only list of Secrets in all namespaces",
+        Api::<Secret>::all(sa.clone())
+            .list_metadata(&ListParams::default())
+            .await,
+    );
+    let secrets: Api<Secret> = Api::namespaced(sa.clone(), &anywhere);
+    assert_allowed("get the client Secret", secrets.get("gmail-client").await);
+    assert_forbidden(
+        "delete a Secret",
+        secrets
+            .delete("gmail-client", &DeleteParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "list pods in all namespaces",
+        Api::<Pod>::all(sa.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    assert_forbidden(
+        "list configmaps in all namespaces",
+        Api::<ConfigMap>::all(sa.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+
+    // Leader election: its own Lease only.
+    let leases: Api<Lease> = Api::namespaced(sa.clone(), &op);
+    let lease_name = format!("{}-leader", rel.fullname);
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": lease_name},
+        "spec": {"holderIdentity": "pod-0", "leaseDurationSeconds": 15}
+    }))
+    .unwrap();
+    let created = assert_allowed(
+        "create the Lease",
+        leases.create(&PostParams::default(), &lease).await,
+    );
+    let mut renewed = created.clone();
+    renewed.spec.as_mut().unwrap().holder_identity = Some("pod-1".into());
+    assert_allowed(
+        "update the Lease",
+        leases
+            .replace(&lease_name, &PostParams::default(), &renewed)
+            .await,
+    );
+    assert_allowed("get the Lease", leases.get(&lease_name).await);
+    assert_forbidden(
+        "delete the Lease",
+        leases.delete(&lease_name, &DeleteParams::default()).await,
+    );
+    let mut foreign = lease.clone();
+    foreign.metadata.name = Some("someone-elses-lease".into());
+    cp.kubectl_stdin(
+        &["apply", "-n", &op, "-f", "-"],
+        &serde_json::to_string(&foreign).unwrap(),
+    );
+    assert_forbidden("get another Lease", leases.get("someone-elses-lease").await);
+    assert_forbidden(
+        "create a Lease in another namespace",
+        Api::<Lease>::namespaced(sa.clone(), &anywhere)
+            .create(&PostParams::default(), &lease)
+            .await,
+    );
+    rel.uninstall();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pod Security: the chart's pods meet the "restricted" level
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn chart_deployment_meets_restricted_pod_security() {
+    let cp = ensure_crd();
+    let ns = unique_namespace("psa");
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        &ns,
+        "pod-security.kubernetes.io/warn=restricted",
+    ]);
+    let dry_run = |set: &[&str]| {
+        let mut set = set.to_vec();
+        set.push("rbac.create=false");
+        set.push("serviceAccount.create=false");
+        set.push("serviceAccount.name=default");
+        let manifest = helm::template("psa", &ns, &set);
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+            &manifest,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let warnings = dry_run(&[]);
+    assert!(
+        !warnings.contains("PodSecurity"),
+        "the chart's Deployment violates the restricted level:\n{warnings}"
+    );
+    // The check can fail: a weakened security context draws the warning.
+    let warnings = dry_run(&["securityContext.allowPrivilegeEscalation=true"]);
+    assert!(
+        warnings.contains("would violate PodSecurity \"restricted:latest\"")
+            && warnings.contains("allowPrivilegeEscalation"),
+        "{warnings}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus alerts (promtool from Debian's prometheus package)
+// ---------------------------------------------------------------------------------------------
+
+fn tool(name: &str, debian_package: &str) -> PathBuf {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .expect("sh");
+    assert!(
+        found.status.success(),
+        "{name} is missing: apt-get install {debian_package} (tools/test.sh installs it)"
+    );
+    PathBuf::from(String::from_utf8_lossy(&found.stdout).trim())
+}
+
+#[test]
+fn prometheus_alerts_fire_as_documented() {
+    let promtool = tool("promtool", "prometheus");
+    let docs = yaml_docs(&helm::template(
+        "mio",
+        "ops",
+        &[
+            "prometheusRule.enabled=true",
+            "prometheusRule.additionalAlertLabels.team=mail",
+        ],
+    ));
+    let rule = find(&docs, "PrometheusRule", "mio-mail-integration-operator");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    let check = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "promtool check rules:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Synthetic series (one sample a minute); time() starts at 0 in promtool tests.
+    // - mail/ok refreshes: its expiry keeps moving ahead of the clock;
+    // - mail/stuck: expiry fixed at 1200 s, never refreshed -> alert from 900 s (+1m for: 16m).
+    // - 2 integrations not Ready for 20 minutes; mailbox check failures in mail/ok from minute 10;
+    // - the operator's target is down from minute 10.
+    let test = format!(
+        r#"rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="ok"}}'
+        values: '3600+60x40'
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="stuck"}}'
+        values: '1200x40'
+      - series: 'mailintegration_integrations{{status="False"}}'
+        values: '2x40'
+      - series: 'mailintegration_mailbox_check_failures_total{{namespace="mail",name="ok"}}'
+        values: '0x10 1+1x30'
+      - series: 'up{{job="mio-mail-integration-operator-metrics",namespace="ops"}}'
+        values: '1x10 0x30'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: MailIntegrationTokenExpiring
+        exp_alerts: []
+      - eval_time: 17m
+        alertname: MailIntegrationTokenExpiring
+        exp_alerts:
+          - exp_labels: {{severity: critical, team: mail, namespace: mail, name: stuck}}
+            exp_annotations:
+              summary: "Access token of MailIntegration mail/stuck expires without a successful refresh"
+              description: "The published access token expires in 3m 0s (negative: already expired). Mail workloads using it will fail to authenticate. See: kubectl describe mailintegration -n mail stuck"
+      - eval_time: 10m
+        alertname: MailIntegrationNotReady
+        exp_alerts: []
+      - eval_time: 16m
+        alertname: MailIntegrationNotReady
+        exp_alerts:
+          - exp_labels: {{severity: warning, team: mail}}
+            exp_annotations:
+              summary: "2 MailIntegration(s) not Ready"
+              description: "Some MailIntegrations have Ready=False (failed, stalled or waiting for a sign-in). List them with: kubectl get mailintegrations -A; the condition message says what to do."
+      - eval_time: 9m
+        alertname: MailIntegrationMailboxCheckFailing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: MailIntegrationMailboxCheckFailing
+        exp_alerts:
+          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: ok}}
+            exp_annotations:
+              summary: "Mailbox check of MailIntegration mail/ok is failing"
+              description: "The mailbox connection check failed 10 time(s) in 15 minutes. See the MailboxConnected condition: kubectl describe mailintegration -n mail ok"
+      - eval_time: 12m
+        alertname: MailIntegrationOperatorDown
+        exp_alerts: []
+      - eval_time: 16m
+        alertname: MailIntegrationOperatorDown
+        exp_alerts:
+          - exp_labels: {{severity: critical, team: mail}}
+            exp_annotations:
+              summary: "mail-integration-operator is down"
+              description: "No mail-integration-operator pod has been scraped successfully for 5 minutes; access tokens are not being refreshed."
+"#,
+        rules = rules.display()
+    );
+    let test_file = dir.path().join("test.yaml");
+    std::fs::write(&test_file, test).unwrap();
+    let out = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(&test_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argo CD health check (Lua 5.1, the language of Argo CD's gopher-lua)
+// ---------------------------------------------------------------------------------------------
+
+/// A YAML value as a Lua table constructor, as Argo CD hands objects to health scripts.
+fn lua_literal(v: &Value) -> String {
+    match v {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(items) => format!(
+            "{{{}}}",
+            items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Mapping(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("[{:?}] = {}", k.as_str().unwrap(), lua_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Tagged(t) => lua_literal(&t.value),
+    }
+}
+
+#[test]
+fn argocd_health_check_passes_its_test_cases() {
+    let lua = tool("lua5.1", "lua5.1");
+    let dir = repo().join("docs/gitops/argocd/mailintegration.dev/MailIntegration");
+    let script = std::fs::read_to_string(dir.join("health.lua")).unwrap();
+    let tests: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("health_test.yaml")).unwrap())
+            .unwrap();
+    let cases = tests["tests"].as_sequence().unwrap();
+    assert!(cases.len() >= 8, "every branch has a case");
+    let mut statuses = BTreeSet::new();
+    for case in cases {
+        let input = case["inputPath"].as_str().unwrap();
+        let obj: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.join(input)).unwrap()).unwrap();
+        let program = format!(
+            "obj = {}\nlocal function health()\n{script}\nend\nlocal hs = health()\nio.write(hs.status, \"\\n\", hs.message or \"\")\n",
+            lua_literal(&obj)
+        );
+        let out = Command::new(&lua).args(["-e", &program]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{input}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (status, message) = stdout.split_once('\n').unwrap();
+        assert_eq!(
+            (status, message),
+            (
+                case["healthStatus"]["status"].as_str().unwrap(),
+                case["healthStatus"]["message"].as_str().unwrap()
+            ),
+            "{input}"
+        );
+        statuses.insert(status.to_owned());
+    }
+    assert_eq!(
+        statuses,
+        ["Degraded", "Healthy", "Progressing", "Suspended"]
+            .map(String::from)
+            .into(),
+        "the cases cover every status the script returns"
+    );
+    // docs/gitops.md shows the same script.
+    let doc = std::fs::read_to_string(repo().join("docs/gitops.md")).unwrap();
+    let indented: String = script
+        .lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_owned()
+            } else {
+                format!("    {l}\n")
+            }
+        })
+        .collect();
+    assert!(
+        doc.contains(&indented),
+        "docs/gitops.md must embed health.lua verbatim (indented by 4 under the argocd-cm key)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dockerfile
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let out = Command::new("bash")
+        .arg(repo().join("tools/hadolint.sh"))
+        .current_dir(repo())
+        .output()
+        .expect("run tools/hadolint.sh");
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("FROM gcr.io/distroless/static-debian12:nonroot"));
+    assert!(dockerfile.contains("USER 65532:65532"));
+}
