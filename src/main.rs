@@ -7,7 +7,10 @@ use mail_integration_operator::{
     oauth::OAuthClient,
     provider::ProviderResolver,
     reconcile::controller::{self, Context},
-    web::health::{self, HealthState},
+    web::{
+        health::{self, HealthState},
+        signin::{self, KubeBackend, SignIn, SignInConfig, Signer},
+    },
 };
 use std::{
     net::SocketAddr,
@@ -29,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the operator: watch MailIntegrations and keep their tokens fresh. Connects to the cluster
     /// from inside a pod, or through $KUBECONFIG / ~/.kube/config.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the MailIntegration CustomResourceDefinition as YAML (the file under crds/).
     Crd,
 }
@@ -65,6 +68,55 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Address of the sign-in pages and the OAuth callback (the port an Ingress exposes).
+    #[arg(long, env = "MIO_SIGN_IN_ADDR", default_value = "0.0.0.0:8080")]
+    sign_in_addr: SocketAddr,
+    /// The externally reachable base URL of the sign-in server, as browsers open it (same host as
+    /// the redirect URL registered at the provider). Sign-in links and the default redirect URL
+    /// `{public-url}/oauth2/callback` are built from it.
+    #[arg(long, env = "MIO_PUBLIC_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_public_url)]
+    public_url: url::Url,
+    /// The Secret holding the HMAC key of sign-in links and states, as `[NAMESPACE/]NAME`; created
+    /// when missing. NAMESPACE defaults to $POD_NAMESPACE, else "default".
+    #[arg(long, env = "MIO_SIGN_IN_KEY_SECRET", default_value = signin::key::DEFAULT_KEY_SECRET)]
+    sign_in_key_secret: String,
+    /// How long a sign-in link in status.signIn.url works (Go duration, e.g. 1h, 30m).
+    #[arg(long, env = "MIO_SIGN_IN_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
+    sign_in_link_ttl: std::time::Duration,
+}
+
+fn parse_public_url(s: &str) -> Result<url::Url, String> {
+    signin::parse_public_url(s)
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration such as 1h or 30m: {e}"))?;
+    let d = std::time::Duration::from(d);
+    if d < std::time::Duration::from_secs(60) {
+        return Err(format!("{s:?} is shorter than a minute"));
+    }
+    Ok(d)
+}
+
+/// `[NAMESPACE/]NAME` of the key Secret.
+fn key_secret_ref(s: &str) -> anyhow::Result<(String, String)> {
+    let (ns, name) = match s.split_once('/') {
+        Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+        None => (
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+            s.to_owned(),
+        ),
+    };
+    anyhow::ensure!(
+        !ns.is_empty() && !name.is_empty() && !name.contains('/'),
+        "--sign-in-key-secret must be NAME or NAMESPACE/NAME, got {s:?}"
+    );
+    Ok((ns, name))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,7 +155,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
     let providers = ProviderResolver::new(oauth.http_client().clone());
+    let (key_ns, key_name) = key_secret_ref(&args.sign_in_key_secret)?;
+    let key = signin::key::load_or_create(client.clone(), &key_ns, &key_name).await?;
+    let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
+    let mut config = SignInConfig::new(args.public_url.clone());
+    config.link_ttl = args.sign_in_link_ttl;
+    let sign_in = SignIn::new(
+        config,
+        signer,
+        Arc::new(KubeBackend::new(client.clone())),
+        oauth.clone(),
+        providers.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(args.sign_in_addr)
+        .await
+        .with_context(|| format!("binding the sign-in address {}", args.sign_in_addr))?;
+    info!(
+        addr = %listener.local_addr()?,
+        public_url = %args.public_url,
+        callback = %sign_in.callback_url(),
+        "serving the sign-in pages"
+    );
+    let router = sign_in.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
     let mut ctx = Context::new(client, oauth, providers, metrics);
+    ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
     let ctx = Arc::new(ctx);
     info!(
@@ -206,7 +283,7 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(*args).await?,
         Command::Crd => print!("{}", mail_integration_operator::api::crd_yaml()),
     }
     Ok(())

@@ -46,6 +46,42 @@ pub enum Reason {
     /// The provider refused for a reason not covered above.
     ProviderError,
 
+    // --- the sign-in flow (status.lastSignInFailure) ---
+    /// The user (or an admin policy) refused the consent at the provider (`access_denied`).
+    SignInDenied,
+    /// Prompt "No prompt" was chosen but nobody is signed in at the provider (`login_required`).
+    LoginRequired,
+    /// Prompt "No prompt" was chosen but the account has not consented yet (`consent_required`).
+    ConsentRequired,
+    /// Prompt "No prompt" was chosen but the provider needs to show a page (`interaction_required`, `account_selection_required`).
+    InteractionRequired,
+    /// The sign-in worked but the provider returned no refresh token.
+    NoRefreshToken,
+    /// The provider does not accept the operator's callback URL (`redirect_uri_mismatch`).
+    RedirectURIMismatch,
+    /// The authorization response or ID token came from another issuer than the configured provider (OAuth mix-up defence, RFC 9207).
+    IssuerMismatch,
+    /// The provider sent the browser back without an authorization code or an error.
+    AuthorizationCodeMissing,
+    /// The provider did not say which account signed in (no email in the ID token or userinfo).
+    AccountUnknown,
+    /// The sign-in link (its ticket) has expired.
+    SignInLinkExpired,
+    /// The sign-in link was not made for this MailIntegration (damaged, or made for a deleted resource of the same name).
+    SignInLinkInvalid,
+    /// The sign-in took longer than the operator waits for the provider's answer.
+    SignInStateExpired,
+    /// The provider's answer was used already (page reloaded, or replayed).
+    SignInStateReused,
+    /// The provider's answer carried a state the operator did not issue or that was altered.
+    SignInStateInvalid,
+    /// The sign-in was finished in another browser (or with cookies blocked) than the one that started it.
+    SignInBrowserMismatch,
+    /// The sign-in failed for a reason not covered above.
+    SignInFailed,
+    /// The sign-in worked but the operator could not store the grant Secret.
+    GrantWriteFailed,
+
     // --- transient: the operator retries by itself ---
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
@@ -85,6 +121,23 @@ impl Reason {
         Reason::ScopeMissing,
         Reason::InvalidEndpoint,
         Reason::ProviderError,
+        Reason::SignInDenied,
+        Reason::LoginRequired,
+        Reason::ConsentRequired,
+        Reason::InteractionRequired,
+        Reason::NoRefreshToken,
+        Reason::RedirectURIMismatch,
+        Reason::IssuerMismatch,
+        Reason::AuthorizationCodeMissing,
+        Reason::AccountUnknown,
+        Reason::SignInLinkExpired,
+        Reason::SignInLinkInvalid,
+        Reason::SignInStateExpired,
+        Reason::SignInStateReused,
+        Reason::SignInStateInvalid,
+        Reason::SignInBrowserMismatch,
+        Reason::SignInFailed,
+        Reason::GrantWriteFailed,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -114,6 +167,23 @@ impl Reason {
             Reason::ScopeMissing => "ScopeMissing",
             Reason::InvalidEndpoint => "InvalidEndpoint",
             Reason::ProviderError => "ProviderError",
+            Reason::SignInDenied => "SignInDenied",
+            Reason::LoginRequired => "LoginRequired",
+            Reason::ConsentRequired => "ConsentRequired",
+            Reason::InteractionRequired => "InteractionRequired",
+            Reason::NoRefreshToken => "NoRefreshToken",
+            Reason::RedirectURIMismatch => "RedirectURIMismatch",
+            Reason::IssuerMismatch => "IssuerMismatch",
+            Reason::AuthorizationCodeMissing => "AuthorizationCodeMissing",
+            Reason::AccountUnknown => "AccountUnknown",
+            Reason::SignInLinkExpired => "SignInLinkExpired",
+            Reason::SignInLinkInvalid => "SignInLinkInvalid",
+            Reason::SignInStateExpired => "SignInStateExpired",
+            Reason::SignInStateReused => "SignInStateReused",
+            Reason::SignInStateInvalid => "SignInStateInvalid",
+            Reason::SignInBrowserMismatch => "SignInBrowserMismatch",
+            Reason::SignInFailed => "SignInFailed",
+            Reason::GrantWriteFailed => "GrantWriteFailed",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -169,6 +239,57 @@ impl Reason {
             }
             Reason::ProviderError => {
                 "The provider refused the request; see the message for the provider's explanation."
+            }
+            Reason::SignInDenied => {
+                "Open status.signIn.url again and accept the requested permissions; if an admin policy blocks the app, ask the provider's admin to allow it."
+            }
+            Reason::LoginRequired => {
+                "Open status.signIn.url again and choose Consent or Select account, so the provider may show its sign-in page."
+            }
+            Reason::ConsentRequired => {
+                "Open status.signIn.url again and choose Consent, so the provider may ask for the permissions."
+            }
+            Reason::InteractionRequired => {
+                "Open status.signIn.url again and choose Consent or Select account."
+            }
+            Reason::NoRefreshToken => {
+                "Sign in again with prompt Consent (Google returns a refresh token only on consent); for OIDC providers, allow the offline_access scope and the refresh_token grant for the client."
+            }
+            Reason::RedirectURIMismatch => {
+                "Register the exact redirect URL shown on the sign-in page as an authorized redirect URI of the OAuth client (or set spec.oauth.redirectURL to the one that is registered)."
+            }
+            Reason::IssuerMismatch => {
+                "Check spec.provider, spec.oauth.issuerURL and spec.oauth.endpoints; then open status.signIn.url again."
+            }
+            Reason::AuthorizationCodeMissing => {
+                "Open status.signIn.url again; if it repeats, check the provider's logs and spec.oauth.endpoints.authorization."
+            }
+            Reason::AccountUnknown => {
+                "Make sure the client may request the openid and email scopes (and, for OIDC, that the provider releases the email claim); then sign in again."
+            }
+            Reason::SignInLinkExpired => {
+                "Open the current link: kubectl get mailint NAME -o jsonpath='{.status.signIn.url}'."
+            }
+            Reason::SignInLinkInvalid => {
+                "Open the current link: kubectl get mailint NAME -o jsonpath='{.status.signIn.url}'."
+            }
+            Reason::SignInStateExpired => {
+                "Open status.signIn.url again and finish the sign-in within a few minutes."
+            }
+            Reason::SignInStateReused => {
+                "Open status.signIn.url again to start a new sign-in; do not reload the result page."
+            }
+            Reason::SignInStateInvalid => {
+                "Open status.signIn.url again and start the sign-in from the operator's page."
+            }
+            Reason::SignInBrowserMismatch => {
+                "Open status.signIn.url again and finish the sign-in in the same browser, with cookies allowed for the operator's address."
+            }
+            Reason::SignInFailed => {
+                "See the message for the provider's explanation; then open status.signIn.url again."
+            }
+            Reason::GrantWriteFailed => {
+                "Check the operator's RBAC (create/update Secrets in the integration's namespace) and its log; then sign in again."
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."

@@ -512,10 +512,6 @@ fn flags_the_chart_passes_exist_in_the_binary() {
     // Flags the chart already passes but this branch's binary does not have yet. When one lands,
     // this test fails until it is removed from here: keep the list short and true.
     const PENDING: &[&str] = &[
-        "--sign-in-addr",
-        "--public-url",
-        "--sign-in-key-secret",
-        "--sign-in-link-ttl",
         "--leader-election",
         "--leader-election-lease",
         "repeated --namespace",

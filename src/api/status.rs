@@ -34,6 +34,10 @@ pub struct MailIntegrationStatus {
     /// Present only while a sign-in is needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sign_in: Option<SignInStatus>,
+    /// The last failed sign-in, written by the sign-in server; while a sign-in is still needed the
+    /// Authorized and Ready conditions report it. Cleared by a successful sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sign_in_failure: Option<SignInFailure>,
     /// The inputs (spec generation and Secret versions) of the last permanent failure: the operator
     /// does not call the provider again until one of them changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +55,21 @@ pub struct SignInStatus {
     pub url: String,
     /// When the link stops working.
     pub expires_at: Time,
+}
+
+/// A failed sign-in, as the sign-in server recorded it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SignInFailure {
+    /// The condition reason, e.g. AccountMismatch, ConsentRequired, SignInStateReused.
+    pub reason: String,
+    /// What happened and what to do.
+    pub message: String,
+    /// When it happened.
+    pub time: Time,
+    /// The resource's generation at the time: a failure of an older spec is not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// Condition types.

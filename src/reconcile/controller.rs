@@ -288,7 +288,7 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         }
     };
     let sign_in = match (&outcome, &ctx.sign_in) {
-        (Outcome::SignInRequired, Some(links)) => {
+        (o, Some(links)) if decide::needs_sign_in(o, mi.status.as_ref()) => {
             // Keep a link that is still valid for a while, so that idle reconciles write nothing.
             let current = mi.status.as_ref().and_then(|s| s.sign_in.clone());
             match current {
@@ -323,11 +323,15 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
     );
     if mi.status.as_ref() != Some(&status) {
         // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
-        // are removed, which a merge patch would not do.
+        // are removed, which a merge patch would not do. status.lastSignInFailure belongs to the
+        // sign-in server (its own field manager): it is never applied here, only read, and
+        // removed with a merge patch once it no longer matters.
+        let mut applied = status.clone();
+        applied.last_sign_in_failure = None;
         let patch = serde_json::json!({
             "apiVersion": "mailintegration.dev/v1alpha1",
             "kind": "MailIntegration",
-            "status": status,
+            "status": applied,
         });
         api.patch_status(
             &mi.name_any(),
@@ -335,6 +339,20 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             &Patch::Apply(&patch),
         )
         .await?;
+        let stale_failure = mi
+            .status
+            .as_ref()
+            .is_some_and(|s| s.last_sign_in_failure.is_some())
+            && status.last_sign_in_failure.is_none();
+        if stale_failure {
+            let clear = serde_json::json!({ "status": { "lastSignInFailure": null } });
+            api.patch_status(
+                &mi.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&clear),
+            )
+            .await?;
+        }
         ctx.metrics.count_write("status");
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
     }

@@ -213,11 +213,20 @@ pub fn requeue_after(
         | Outcome::Suspended
         | Outcome::StillFailed
         | Outcome::PermanentFailure { .. } => {
-            // The published token still expires: say so on time.
-            o.token
+            // The published token still expires: say so on time; an offered sign-in link is renewed.
+            let expiry = o
+                .token
                 .as_ref()
                 .filter(|t| t.expires_at > o.now)
-                .and_then(|t| until(t.expires_at))
+                .and_then(|t| until(t.expires_at));
+            let link = status
+                .sign_in
+                .as_ref()
+                .and_then(|s| until(s.expires_at.0 - SignedDuration::from_mins(5)));
+            match (expiry, link) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         }
     }
 }
@@ -250,6 +259,12 @@ pub fn status_after(
     let mut s = prev.clone();
     s.observed_generation = mi.metadata.generation;
     s.sign_in = None;
+    // A sign-in failure of an older spec (e.g. before spec.mailbox.address was fixed) is stale.
+    if s.last_sign_in_failure.as_ref().is_some_and(|f| {
+        f.observed_generation.is_some() && f.observed_generation != mi.metadata.generation
+    }) {
+        s.last_sign_in_failure = None;
+    }
     if let Some(v) = requested_refresh(mi)
         && matches!(
             outcome,
@@ -301,6 +316,7 @@ pub fn status_after(
         }),
     };
 
+    let link = sign_in.clone();
     let mut conditions = vec![token_cond];
     let mut stalled = cond(condition::STALLED, false, reasons::NOT_STALLED, "");
     let mut reconciling = cond(condition::RECONCILING, false, reasons::IDLE, "");
@@ -326,6 +342,15 @@ pub fn status_after(
             let a = cond(condition::AUTHORIZED, false, reason, problem.to_string());
             let r = cond(condition::READY, false, reason, problem.to_string());
             (a, r)
+        }
+        Outcome::SignInRequired if s.last_sign_in_failure.is_some() => {
+            // The sign-in server recorded why the last attempt failed: say that, and where to retry.
+            s.sign_in = sign_in;
+            let f = s
+                .last_sign_in_failure
+                .as_ref()
+                .expect("checked by the guard");
+            sign_in_failure_conditions(f, s.sign_in.as_ref())
         }
         Outcome::SignInRequired => {
             s.sign_in = sign_in;
@@ -377,6 +402,8 @@ pub fn status_after(
                 }
                 s.failed_inputs = None;
             }
+            // A usable grant: an earlier failed sign-in no longer matters.
+            s.last_sign_in_failure = None;
             let a = authorized_ok(&s.account);
             let msg = match (token_expiry, &s.next_refresh_time) {
                 (Some(e), Some(n)) => format!(
@@ -467,6 +494,18 @@ pub fn status_after(
             (a, r)
         }
     };
+    // A grant that only a new sign-in can fix (revoked, expired, another account...): offer the link,
+    // and report a failed attempt at that sign-in like above.
+    let (authorized, ready) = match (outcome, &link) {
+        (Outcome::PermanentFailure { .. } | Outcome::StillFailed, Some(_)) => {
+            s.sign_in = link;
+            match &s.last_sign_in_failure {
+                Some(f) => sign_in_failure_conditions(f, s.sign_in.as_ref()),
+                None => (authorized, ready),
+            }
+        }
+        _ => (authorized, ready),
+    };
     conditions.extend([ready, authorized, reconciling, stalled]);
     // Conditions this decision does not own (MailboxConnected) are carried over.
     for c in &prev.conditions {
@@ -484,6 +523,58 @@ pub fn status_after(
     conditions.sort_by_key(|c| condition_order(&c.type_));
     s.conditions = conditions;
     s
+}
+
+/// Authorized and Ready after a failed sign-in (`status.lastSignInFailure`).
+fn sign_in_failure_conditions(
+    f: &crate::api::SignInFailure,
+    link: Option<&SignInStatus>,
+) -> (Condition, Condition) {
+    let retry = match link {
+        Some(link) => format!(
+            "; open status.signIn.url to try again (link valid until {})",
+            fmt_time(link.expires_at.0)
+        ),
+        None => String::new(),
+    };
+    let msg = format!(
+        "sign-in at {} failed: {}{retry}",
+        fmt_time(f.time.0),
+        f.message.trim_end_matches('.')
+    );
+    (
+        cond(condition::AUTHORIZED, false, &f.reason, &msg),
+        cond(condition::READY, false, &f.reason, &msg),
+    )
+}
+
+/// Permanent failures that only a new sign-in fixes.
+pub fn sign_in_fixes(reason: &str) -> bool {
+    use crate::reason::Reason as R;
+    [
+        R::GrantRevoked,
+        R::GrantExpiredInactive,
+        R::TestingAppGrantExpired,
+        R::ReauthRequired,
+        R::ScopeMissing,
+        R::UnauthorizedClient,
+        R::AccountMismatch,
+    ]
+    .iter()
+    .any(|r| r.as_str() == reason)
+}
+
+/// Whether the resource needs a sign-in after `outcome`: no grant yet, or a grant that only a new
+/// sign-in fixes (then `status.signIn.url` is offered too).
+pub fn needs_sign_in(outcome: &Outcome, prev: Option<&MailIntegrationStatus>) -> bool {
+    match outcome {
+        Outcome::SignInRequired => true,
+        Outcome::PermanentFailure { reason, .. } => sign_in_fixes(reason),
+        Outcome::StillFailed => prev
+            .and_then(|s| find_condition(s, condition::STALLED))
+            .is_some_and(|c| c.status == "True" && sign_in_fixes(&c.reason)),
+        _ => false,
+    }
 }
 
 fn condition_order(t: &str) -> usize {

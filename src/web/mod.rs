@@ -1,3 +1,5 @@
-//! HTTP: health, readiness and metrics on their own port.
+//! HTTP: health, readiness and metrics on their own port; the sign-in pages and the OAuth callback
+//! on another.
 
 pub mod health;
+pub mod signin;

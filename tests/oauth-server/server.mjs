@@ -13,7 +13,9 @@
 //     "scopes": ["mail"],                         // on top of openid email offline_access
 //     "access_token_ttl": 60,                     // seconds
 //     "refresh_token_ttl": 1209600,               // seconds
-//     "rotate_refresh_token": true
+//     "rotate_refresh_token": true,
+//     "select_account_prompt": false,             // accept prompt=select_account (see below)
+//     "refresh_token_without_consent": false      // refresh tokens whatever the prompt (see below)
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -25,7 +27,7 @@ import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 
-import Provider from 'oidc-provider';
+import Provider, { interactionPolicy } from 'oidc-provider';
 
 const configPath = process.argv[2] ?? process.env.MIO_OAUTH_SERVER_CONFIG;
 if (!configPath) {
@@ -111,6 +113,28 @@ class Adapter {
 
 const signingKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
 
+// prompt=select_account (the operator's "Select account" choice). oidc-provider's devInteractions have
+// no account chooser, so the prompt is accepted and answered with the login form, where the login
+// picks the account; afterwards consent follows as usual.
+const policy = interactionPolicy.base();
+if (config.select_account_prompt) {
+  const selectAccount = new interactionPolicy.Prompt({ name: 'select_account', requestable: true });
+  selectAccount.checks.clear();
+  policy.add(selectAccount);
+  policy.get('login').checks.add(new interactionPolicy.Check(
+    'select_account_requested',
+    'the account must be selected',
+    'account_selection_required',
+    (ctx) => ctx.oidc.prompts.has('select_account') && !ctx.oidc.result?.login,
+  ));
+}
+
+// oidc-provider follows OpenID Connect Core §11 to the letter: offline_access (a refresh token) only
+// with prompt=consent. Microsoft issues refresh tokens for offline_access whatever the prompt;
+// refresh_token_without_consent does the same, so that "No prompt" and "Select account" sign-ins of
+// an account that consented before also yield a grant.
+const refreshTokenWithoutConsent = config.refresh_token_without_consent ?? false;
+
 const clients = config.clients.map((c) => ({
   client_id: c.client_id,
   client_secret: c.client_secret,
@@ -165,8 +189,10 @@ const configuration = {
   pkce: { required: () => true },
   rotateRefreshToken,
   async issueRefreshToken(_ctx, client, code) {
-    return client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access');
+    return client.grantTypeAllowed('refresh_token')
+      && (code.scopes.has('offline_access') || refreshTokenWithoutConsent);
   },
+  interactions: { policy },
   clientBasedCORS: () => false,
   ttl: {
     AccessToken: accessTokenTtl,

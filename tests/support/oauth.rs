@@ -53,6 +53,12 @@ pub struct OAuthServerConfig {
     /// Issuer URL; by default `http://127.0.0.1:PORT` of the server itself. Set it to put the server
     /// behind a proxy (e.g. [`super::fault_proxy::FaultProxy`]) under the proxy's address.
     pub issuer: Option<String>,
+    /// Accept `prompt=select_account`, answered with the login form (devInteractions have no
+    /// account chooser).
+    pub select_account_prompt: bool,
+    /// Issue refresh tokens whatever the prompt (as Microsoft does for offline_access), not only
+    /// with `prompt=consent` (oidc-provider's default, per OIDC Core §11).
+    pub refresh_token_without_consent: bool,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -92,6 +98,8 @@ impl Default for OAuthServerConfig {
             rotate_refresh_token: true,
             extra_scopes: vec!["mail".into()],
             issuer: None,
+            select_account_prompt: false,
+            refresh_token_without_consent: false,
         }
     }
 }
@@ -115,6 +123,8 @@ impl OAuthServerConfig {
             "access_token_ttl": self.access_token_ttl.as_secs().max(1),
             "refresh_token_ttl": self.refresh_token_ttl.as_secs().max(1),
             "rotate_refresh_token": self.rotate_refresh_token,
+            "select_account_prompt": self.select_account_prompt,
+            "refresh_token_without_consent": self.refresh_token_without_consent,
         })
     }
 }

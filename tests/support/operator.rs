@@ -7,16 +7,39 @@ use std::time::{Duration, Instant};
 pub struct Operator {
     pub process: Supervised,
     pub health_port: u16,
+    /// Port of the sign-in pages (`--sign-in-addr`), on 127.0.0.1.
+    pub sign_in_port: u16,
 }
 
 impl Operator {
     /// Start `mail-integration-operator run` with `kubeconfig` and extra args; waits for /readyz.
+    /// The sign-in server listens on a free port of 127.0.0.1 (its public URL is that address),
+    /// unless `extra_args` pass `--sign-in-addr=127.0.0.1:PORT` (and `--public-url`) themselves.
     pub fn start(name: &str, kubeconfig: &Path, extra_args: &[&str], log_dir: &Path) -> Self {
         let health_port = free_port();
         let mut args = vec![
             "run".to_owned(),
             format!("--health-addr=127.0.0.1:{health_port}"),
         ];
+        let given = extra_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--sign-in-addr="))
+            .map(|addr| {
+                addr.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .expect("--sign-in-addr=HOST:PORT")
+            });
+        let sign_in_port = match given {
+            Some(p) => p,
+            None => {
+                let p = free_port();
+                args.push(format!("--sign-in-addr=127.0.0.1:{p}"));
+                if !extra_args.iter().any(|a| a.starts_with("--public-url")) {
+                    args.push(format!("--public-url=http://127.0.0.1:{p}"));
+                }
+                p
+            }
+        };
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let log_path: PathBuf = log_dir.join(format!("{name}.log"));
         let process = Supervised::spawn(
@@ -32,6 +55,7 @@ impl Operator {
         let mut op = Self {
             process,
             health_port,
+            sign_in_port,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -76,6 +100,11 @@ impl Operator {
             l.strip_prefix(sample)
                 .and_then(|rest| rest.trim().parse().ok())
         })
+    }
+
+    /// The sign-in server's base URL, `http://127.0.0.1:PORT`.
+    pub fn sign_in_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.sign_in_port)
     }
 
     /// The operator's whole log so far.

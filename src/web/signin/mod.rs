@@ -1,0 +1,1114 @@
+//! The sign-in page and the OAuth callback (the design's "sign-in flow"), served on their own port.
+//!
+//! 1. The controller puts `status.signIn.url` = `{public-url}/sign-in?ticket=T` on resources without
+//!    a grant ([`SignIn`] implements [`SignInLinks`]). The ticket is signed, names the resource,
+//!    is bound to its UID and expires (default one hour).
+//! 2. `GET /sign-in` shows the integration and the three prompt choices; the form posts to
+//!    `/oauth2/start`.
+//! 3. `POST /oauth2/start` checks the ticket again, issues a one-time signed `state` bound to the
+//!    browser (cookie `mio_signin`, `Path=/oauth2`, HttpOnly, SameSite=Lax, Secure with https),
+//!    and answers 303 to the provider's authorization endpoint (PKCE S256, `login_hint`, prompt).
+//! 4. `GET /oauth2/callback` checks the state (signature, expiry, same browser, one use), the
+//!    `iss` parameter (RFC 9207), exchanges the code with the PKCE verifier, checks that the
+//!    signed-in account is `spec.mailbox.address`, stores the grant Secret, and shows the result.
+//!
+//! Failures end on a page that says what happened and what to do. When the resource is known from
+//! something the operator signed, the failure is also recorded in `status.lastSignInFailure` (the
+//! controller, which owns the conditions, reports it as Authorized=False / Ready=False with that
+//! reason while a sign-in is needed) and as a Warning event with action `SignIn`.
+//!
+//! No open redirects: the only redirect goes to the authorization endpoint of the resource's
+//! provider. Tickets, states, codes, verifiers and tokens are never logged or shown.
+
+// A `Failure` (the page and the report of a failed step) is returned only on the cold path of a
+// request; boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
+
+pub mod backend;
+pub mod failure;
+pub mod key;
+pub mod page;
+pub mod store;
+pub mod token;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::{Backend, KubeBackend, Report};
+pub use failure::{Failure, Subject};
+pub use token::{Signer, StateClaims, Ticket};
+
+use crate::api::{MailIntegration, ProviderKind, SignInStatus};
+use crate::oauth::{self, AuthorizationRequest, OAuthClient, TokenGrant};
+use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
+use crate::reason::Reason;
+use crate::reconcile::controller::SignInLinks;
+use crate::reconcile::observed::{self, ClientCredentials, ClientSecretProblem, grant_keys};
+use crate::secret::SecretValue;
+use axum::{
+    Router,
+    extract::{Form, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Consumed, StateRecord, StateStore};
+use tracing::{info, warn};
+use url::Url;
+
+/// The cookie that binds a sign-in to the browser.
+pub const COOKIE: &str = "mio_signin";
+/// Default lifetime of a sign-in link.
+pub const DEFAULT_LINK_TTL: Duration = Duration::from_secs(60 * 60);
+/// How long the operator waits for the provider's answer after "Sign in".
+pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The signing purpose of tickets.
+pub const TICKET: &str = "ticket";
+/// The signing purpose of states.
+pub const STATE: &str = "state";
+/// The derivation purpose of PKCE verifiers.
+const PKCE: &str = "pkce-verifier";
+
+/// Settings of the sign-in server.
+#[derive(Clone, Debug)]
+pub struct SignInConfig {
+    /// The externally reachable base URL (scheme, host, optional path prefix).
+    pub public_url: Url,
+    pub link_ttl: Duration,
+    pub state_ttl: Duration,
+    pub store_capacity: usize,
+}
+
+impl SignInConfig {
+    pub fn new(public_url: Url) -> Self {
+        Self {
+            public_url,
+            link_ttl: DEFAULT_LINK_TTL,
+            state_ttl: DEFAULT_STATE_TTL,
+            store_capacity: store::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// Check `--public-url`: http(s), a host, no query, fragment or credentials.
+pub fn parse_public_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s.trim()).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{s:?} must be an http:// or https:// URL"));
+    }
+    if url.host().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?} must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("the public URL must not carry credentials".to_owned());
+    }
+    Ok(url)
+}
+
+struct Inner {
+    config: SignInConfig,
+    /// `public_url` without a trailing slash.
+    base: String,
+    /// The path prefix of `public_url` ("" or "/prefix").
+    prefix: String,
+    secure: bool,
+    signer: Signer,
+    store: StateStore,
+    backend: Arc<dyn Backend>,
+    oauth: OAuthClient,
+    providers: ProviderResolver,
+}
+
+/// The sign-in server. Cheap to clone.
+#[derive(Clone)]
+pub struct SignIn {
+    inner: Arc<Inner>,
+}
+
+fn unix(t: Timestamp) -> i64 {
+    t.as_second()
+}
+
+fn fmt_time(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)
+}
+
+impl SignIn {
+    pub fn new(
+        config: SignInConfig,
+        signer: Signer,
+        backend: Arc<dyn Backend>,
+        oauth: OAuthClient,
+        providers: ProviderResolver,
+    ) -> Self {
+        let base = config.public_url.as_str().trim_end_matches('/').to_owned();
+        let prefix = config.public_url.path().trim_end_matches('/').to_owned();
+        let secure = config.public_url.scheme() == "https";
+        let store = StateStore::with_capacity(config.store_capacity);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                base,
+                prefix,
+                secure,
+                signer,
+                store,
+                backend,
+                oauth,
+                providers,
+            }),
+        }
+    }
+
+    /// The routes (under the public URL's path prefix, if any).
+    pub fn router(&self) -> Router {
+        let routes = Router::new()
+            .route("/sign-in", get(sign_in_page))
+            .route("/oauth2/start", post(start))
+            .route("/oauth2/callback", get(callback))
+            .fallback(not_found)
+            .with_state(self.clone());
+        let app = if self.inner.prefix.is_empty() {
+            routes
+        } else {
+            Router::new()
+                .nest(&self.inner.prefix, routes)
+                .fallback(not_found)
+        };
+        app.layer(axum::middleware::map_response(security_headers))
+    }
+
+    /// The operator's callback URL: `{public-url}/oauth2/callback`.
+    pub fn callback_url(&self) -> String {
+        format!("{}/oauth2/callback", self.inner.base)
+    }
+
+    /// The redirect URL of `mi`: `spec.oauth.redirectURL`, or the operator's callback URL.
+    pub fn redirect_url(&self, mi: &MailIntegration) -> String {
+        mi.spec
+            .oauth
+            .redirect_url
+            .clone()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| self.callback_url())
+    }
+
+    /// A sign-in link for the resource `ns/name` with `uid`, valid from `now` for the link TTL.
+    pub fn link_for(&self, ns: &str, name: &str, uid: &str, now: Timestamp) -> SignInStatus {
+        let expires = add(now, self.inner.config.link_ttl);
+        let ticket = self.inner.signer.sign(
+            TICKET,
+            &Ticket {
+                ns: ns.to_owned(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+                exp: unix(expires),
+            },
+        );
+        SignInStatus {
+            url: format!("{}/sign-in?ticket={ticket}", self.inner.base),
+            expires_at: Time(expires),
+        }
+    }
+
+    fn cookie_path(&self) -> String {
+        format!("{}/oauth2", self.inner.prefix)
+    }
+
+    fn public_origin(&self) -> String {
+        self.inner.config.public_url.origin().ascii_serialization()
+    }
+
+    /// Verify a ticket and find its resource.
+    async fn check_ticket(
+        &self,
+        raw: Option<&str>,
+        now: Timestamp,
+    ) -> Result<(Ticket, MailIntegration), Failure> {
+        let invalid = |what: &str| {
+            Failure::new(
+                Reason::SignInLinkInvalid,
+                StatusCode::BAD_REQUEST,
+                "This sign-in link is not valid",
+                what,
+                "Open the current link from the resource: kubectl get mailint NAME -n NAMESPACE -o jsonpath='{.status.signIn.url}'",
+            )
+        };
+        let raw = raw
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| invalid("The link has no ticket: it was cut short when copied."))?;
+        let ticket: Ticket = self.inner.signer.verify(TICKET, raw).map_err(|_| {
+            invalid("The link's ticket is damaged, or was not made by this operator (or its sign-in key was replaced since).")
+        })?;
+        let mi = self.find(&ticket.ns, &ticket.name).await?;
+        let subject = subject_of(&mi);
+        if mi.uid().as_deref() != Some(ticket.uid.as_str()) {
+            return Err(Failure::new(
+                Reason::SignInLinkInvalid,
+                StatusCode::GONE,
+                "This sign-in link is for another MailIntegration",
+                format!(
+                    "The link was made for an earlier MailIntegration named {}/{}, which was deleted since; the one that exists now has another UID.",
+                    ticket.ns, ticket.name
+                ),
+                "Open the current link from the resource: kubectl get mailint NAME -n NAMESPACE -o jsonpath='{.status.signIn.url}'",
+            )
+            .on(Some(subject)));
+        }
+        if ticket.exp <= unix(now) {
+            return Err(Failure::new(
+                Reason::SignInLinkExpired,
+                StatusCode::GONE,
+                "This sign-in link has expired",
+                format!(
+                    "The link expired at {}. Links work for {} minutes after the operator made them.",
+                    Timestamp::from_second(ticket.exp)
+                        .map(fmt_time)
+                        .unwrap_or_default(),
+                    self.inner.config.link_ttl.as_secs() / 60
+                ),
+                format!(
+                    "Open the current link: kubectl get mailint {} -n {} -o jsonpath='{{.status.signIn.url}}' (the operator renews it before it expires)",
+                    ticket.name, ticket.ns
+                ),
+            )
+            .on(Some(subject)));
+        }
+        Ok((ticket, mi))
+    }
+
+    async fn find(&self, ns: &str, name: &str) -> Result<MailIntegration, Failure> {
+        match self.inner.backend.integration(ns, name).await {
+            Ok(Some(mi)) => Ok(mi),
+            Ok(None) => Err(Failure::new(
+                Reason::SignInLinkInvalid,
+                StatusCode::NOT_FOUND,
+                "No such Mail Integration",
+                format!("The MailIntegration {ns}/{name} does not exist (any more)."),
+                "Check the name with kubectl get mailint -A; if it was deleted, create it again and use its new sign-in link.",
+            )),
+            Err(e) => {
+                warn!(error = %e, integration = %format!("{ns}/{name}"), "reading the MailIntegration failed");
+                Err(api_unavailable())
+            }
+        }
+    }
+
+    async fn client_credentials(&self, mi: &MailIntegration) -> Result<ClientCredentials, Failure> {
+        let ns = mi.namespace().unwrap_or_default();
+        let r = &mi.spec.oauth.client_secret_ref;
+        let secret = self.inner.backend.secret(&ns, &r.name).await.map_err(|e| {
+            warn!(error = %e, "reading the client Secret failed");
+            api_unavailable()
+        })?;
+        observed::client_credentials(r, secret.as_ref()).map_err(|p| {
+            let reason = match p {
+                ClientSecretProblem::NotFound { .. } => Reason::ClientSecretNotFound,
+                _ => Reason::ClientSecretKeyMissing,
+            };
+            Failure::new(
+                reason,
+                StatusCode::CONFLICT,
+                "The OAuth client is not set up",
+                p.to_string(),
+                reason.hint(),
+            )
+            .on(Some(subject_of(mi)))
+        })
+    }
+
+    async fn endpoints(&self, mi: &MailIntegration) -> Result<ProviderEndpoints, Failure> {
+        self.inner
+            .providers
+            .resolve(&mi.spec)
+            .await
+            .map_err(|class| provider_failure(&class).on(Some(subject_of(mi))))
+    }
+
+    /// Report a failure on its resource (when trusted) and log it; returns its page.
+    async fn fail(&self, f: Failure, mi: Option<&MailIntegration>) -> Response {
+        let integration = f
+            .subject
+            .as_ref()
+            .map(|s| format!("{}/{}", s.ns, s.name))
+            .unwrap_or_else(|| "-".into());
+        warn!(reason = f.reason.as_str(), %integration, what = %f.what, "sign-in failed");
+        if let Some(s) = &f.subject {
+            let found;
+            let mi = match mi {
+                Some(mi) if mi.uid().as_deref() == Some(s.uid.as_str()) => Some(mi),
+                _ => {
+                    found = self
+                        .inner
+                        .backend
+                        .integration(&s.ns, &s.name)
+                        .await
+                        .ok()
+                        .flatten();
+                    found
+                        .as_ref()
+                        .filter(|m| m.uid().as_deref() == Some(s.uid.as_str()))
+                }
+            };
+            if let Some(mi) = mi {
+                self.inner
+                    .backend
+                    .report(
+                        mi,
+                        Report::Failed {
+                            reason: f.reason,
+                            message: f.message(),
+                        },
+                    )
+                    .await;
+            }
+        }
+        html(f.status, page::failure_page(&f), &[])
+    }
+}
+
+impl SignInLinks for SignIn {
+    fn link(&self, mi: &MailIntegration, now: Timestamp) -> Option<SignInStatus> {
+        let ns = mi.namespace()?;
+        let uid = mi.uid()?;
+        Some(self.link_for(&ns, &mi.name_any(), &uid, now))
+    }
+}
+
+fn subject_of(mi: &MailIntegration) -> Subject {
+    Subject {
+        ns: mi.namespace().unwrap_or_default(),
+        name: mi.name_any(),
+        uid: mi.uid().unwrap_or_default(),
+    }
+}
+
+fn api_unavailable() -> Failure {
+    Failure::new(
+        Reason::SignInFailed,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The operator cannot reach the Kubernetes API",
+        "The operator could not read the resource from the Kubernetes API.",
+        "Try again in a minute; if it repeats, check the operator's log and its RBAC permissions.",
+    )
+}
+
+fn provider_failure(class: &FailureClass) -> Failure {
+    let reason = match class.reason() {
+        // "Sign in again" is what the user is doing: call it a failed sign-in.
+        Reason::SignInRequired | Reason::ReauthRequired => Reason::SignInFailed,
+        r => r,
+    };
+    let status = if class.is_permanent() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    Failure::new(
+        reason,
+        status,
+        "Sign-in failed",
+        class.message(),
+        if class.is_permanent() {
+            reason.hint().to_owned()
+        } else {
+            "This is probably temporary: wait a minute, then open the sign-in link from status.signIn.url again.".to_owned()
+        },
+    )
+}
+
+/// A label for the provider on the page: Google, Microsoft, or the OIDC provider's host.
+pub fn provider_label(kind: ProviderKind, endpoints: &ProviderEndpoints) -> String {
+    match kind {
+        ProviderKind::Oidc => endpoints
+            .issuer
+            .as_deref()
+            .and_then(|i| Url::parse(i).ok())
+            .unwrap_or_else(|| endpoints.authorization.clone())
+            .host_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| provider::display_name(kind).to_owned()),
+        _ => provider::display_name(kind).to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------------------------
+
+fn html(status: StatusCode, body: String, form_action: &[&str]) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&page::csp(form_action)) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    r
+}
+
+/// Headers on every response of the sign-in port.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY)
+        && let Ok(v) = HeaderValue::from_str(&page::csp(&[]))
+    {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    r
+}
+
+async fn not_found() -> Response {
+    let f = Failure::new(
+        Reason::SignInLinkInvalid,
+        StatusCode::NOT_FOUND,
+        "Page not found",
+        "This address is not a page of the Mail Integration operator.",
+        "Open the sign-in link from the resource: kubectl get mailint NAME -n NAMESPACE -o jsonpath='{.status.signIn.url}'",
+    );
+    html(f.status, page::failure_page(&f), &[])
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /sign-in
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct TicketQuery {
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+async fn sign_in_page(
+    State(s): State<SignIn>,
+    query: Result<Query<TicketQuery>, QueryRejection>,
+) -> Response {
+    let now = Timestamp::now();
+    let raw = query.ok().and_then(|Query(q)| q.ticket);
+    let (ticket, mi) = match s.check_ticket(raw.as_deref(), now).await {
+        Ok(v) => v,
+        Err(f) => return s.fail(f, None).await,
+    };
+    let endpoints = match s.endpoints(&mi).await {
+        Ok(e) => e,
+        Err(f) => return s.fail(f, Some(&mi)).await,
+    };
+    let provider = provider_label(mi.spec.provider, &endpoints);
+    let redirect_url = s.redirect_url(&mi);
+    let action = format!("{}/oauth2/start", s.inner.prefix);
+    let expires = Timestamp::from_second(ticket.exp)
+        .map(fmt_time)
+        .unwrap_or_default();
+    let body = page::sign_in_page(&page::SignInView {
+        namespace: &ticket.ns,
+        name: &ticket.name,
+        provider: &provider,
+        mailbox: &mi.spec.mailbox.address,
+        prompt: mi.spec.prompt(),
+        ticket: raw.as_deref().unwrap_or_default().trim(),
+        action: &action,
+        redirect_url: &redirect_url,
+        link_expires: &expires,
+    });
+    // The form posts here; the 303 that follows goes to the provider, which form-action must allow.
+    let provider_origin = endpoints.authorization.origin().ascii_serialization();
+    html(StatusCode::OK, body, &["'self'", &provider_origin])
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /oauth2/start
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct StartForm {
+    #[serde(default)]
+    ticket: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// The browser's sign-in nonce, if its cookie holds a well-formed one.
+fn browser_nonce(headers: &HeaderMap) -> Option<&str> {
+    cookie_value(headers, COOKIE).filter(|v| {
+        v.len() == 43
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
+async fn start(
+    State(s): State<SignIn>,
+    headers: HeaderMap,
+    form: Result<Form<StartForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let now = Timestamp::now();
+    // A form posted from another site is refused (login CSRF): browsers send Origin on POST.
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+        && origin != "null"
+        && origin != s.public_origin()
+    {
+        let f = Failure::new(
+            Reason::SignInLinkInvalid,
+            StatusCode::FORBIDDEN,
+            "This sign-in did not start on the operator's page",
+            format!(
+                "The sign-in form was sent from {origin}, not from the operator's address {}.",
+                s.public_origin()
+            ),
+            "Open the sign-in link from status.signIn.url (it points to the operator's public URL, --public-url) and start there.",
+        );
+        return s.fail(f, None).await;
+    }
+    let form = form.map(|Form(f)| f).unwrap_or_default();
+    let (ticket, mi) = match s.check_ticket(form.ticket.as_deref(), now).await {
+        Ok(v) => v,
+        Err(f) => return s.fail(f, None).await,
+    };
+    let prompt = form
+        .prompt
+        .as_deref()
+        .and_then(page::parse_prompt)
+        .unwrap_or_else(|| mi.spec.prompt());
+    let creds = match s.client_credentials(&mi).await {
+        Ok(c) => c,
+        Err(f) => return s.fail(f, Some(&mi)).await,
+    };
+    let endpoints = match s.endpoints(&mi).await {
+        Ok(e) => e,
+        Err(f) => return s.fail(f, Some(&mi)).await,
+    };
+    // One nonce per browser, kept while sign-ins go on, so that two tabs do not undo each other.
+    let nonce = browser_nonce(&headers)
+        .map(str::to_owned)
+        .unwrap_or_else(|| token::random_b64(32));
+    let id = token::random_b64(18);
+    let expires = add(now, s.inner.config.state_ttl);
+    let record = StateRecord {
+        ns: ticket.ns.clone(),
+        name: ticket.name.clone(),
+        uid: ticket.uid.clone(),
+        expires,
+        used: false,
+    };
+    if s.inner.store.insert(&id, record, now).is_err() {
+        let f = Failure::new(
+            Reason::SignInFailed,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sign-ins in progress",
+            "The operator is waiting for the answers of too many sign-ins at once.",
+            "Wait a few minutes, then open the sign-in link again.",
+        );
+        return s.fail(f, None).await;
+    }
+    let state = s.inner.signer.sign(
+        STATE,
+        &StateClaims {
+            id: id.clone(),
+            ns: ticket.ns,
+            name: ticket.name,
+            uid: ticket.uid,
+            exp: unix(expires),
+            b: token::browser_binding(&nonce),
+            p: page::prompt_value(prompt).to_owned(),
+        },
+    );
+    let verifier = SecretValue::new(s.inner.signer.derive(PKCE, &id));
+    let redirect_url = s.redirect_url(&mi);
+    let scopes = provider::sign_in_scopes(&mi.spec);
+    let url = oauth::authorization_url(&AuthorizationRequest {
+        endpoints: &endpoints,
+        client_id: &creds.client_id,
+        redirect_url: &redirect_url,
+        scopes: &scopes,
+        prompt,
+        state: &state,
+        pkce_verifier: &verifier,
+        login_hint: Some(&mi.spec.mailbox.address),
+    });
+    let url = match url {
+        Ok(u) => u,
+        Err(e) => {
+            let f = Failure::new(
+                Reason::InvalidEndpoint,
+                StatusCode::BAD_REQUEST,
+                "The redirect URL is not valid",
+                format!("The redirect URL {redirect_url:?} is not a URL ({e})."),
+                "Fix spec.oauth.redirectURL (or the operator's --public-url).",
+            )
+            .on(Some(subject_of(&mi)));
+            return s.fail(f, Some(&mi)).await;
+        }
+    };
+    info!(
+        integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()),
+        prompt = page::prompt_value(prompt),
+        "sign-in started; sending the browser to the provider"
+    );
+    let mut cookie = format!(
+        "{COOKIE}={nonce}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax",
+        s.cookie_path(),
+        s.inner.config.state_ttl.as_secs()
+    );
+    if s.inner.secure {
+        cookie.push_str("; Secure");
+    }
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    let h = r.headers_mut();
+    if let (Ok(loc), Ok(c)) = (
+        HeaderValue::from_str(url.as_str()),
+        HeaderValue::from_str(&cookie),
+    ) {
+        h.insert(header::LOCATION, loc);
+        h.insert(header::SET_COOKIE, c);
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /oauth2/callback
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct CallbackQuery {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+fn state_failure(reason: Reason, title: &str, what: &str, todo: &str) -> Failure {
+    Failure::new(reason, StatusCode::BAD_REQUEST, title, what, todo)
+}
+
+/// The checks of the `state` parameter and the browser cookie. On success, the resource.
+async fn check_state(
+    s: &SignIn,
+    raw: Option<&str>,
+    headers: &HeaderMap,
+    now: Timestamp,
+) -> Result<(StateClaims, MailIntegration), Failure> {
+    const RESTART: &str = "Open the sign-in link from status.signIn.url again and start the sign-in from the operator's page.";
+    let raw = raw.map(str::trim).filter(|v| !v.is_empty()).ok_or_else(|| {
+        state_failure(
+            Reason::SignInStateInvalid,
+            "This answer has no state",
+            "The provider sent the browser back without the state parameter the operator gave it, so it cannot be matched to a sign-in.",
+            RESTART,
+        )
+    })?;
+    let claims: StateClaims = match s.inner.signer.verify(STATE, raw) {
+        Ok(c) => c,
+        Err(_) => {
+            // Altered: if it still carries the ID of a state this replica issued, the failure is
+            // reported on the resource of that record (the payload itself is not trusted).
+            let subject = token::unverified_payload::<StateClaims>(raw)
+                .and_then(|c| s.inner.store.get(&c.id))
+                .map(|r| Subject {
+                    ns: r.ns,
+                    name: r.name,
+                    uid: r.uid,
+                });
+            return Err(state_failure(
+                Reason::SignInStateInvalid,
+                "This answer does not match a sign-in",
+                "The state parameter is damaged or was not issued by this operator, so the answer was not used.",
+                RESTART,
+            )
+            .on(subject));
+        }
+    };
+    let subject = Some(Subject {
+        ns: claims.ns.clone(),
+        name: claims.name.clone(),
+        uid: claims.uid.clone(),
+    });
+    if claims.exp <= unix(now) {
+        return Err(state_failure(
+            Reason::SignInStateExpired,
+            "This sign-in took too long",
+            &format!(
+                "The operator waits {} minutes for the provider's answer; this one came later.",
+                s.inner.config.state_ttl.as_secs() / 60
+            ),
+            "Open the sign-in link from status.signIn.url again and finish within a few minutes.",
+        )
+        .on(subject));
+    }
+    let same_browser = browser_nonce(headers)
+        .is_some_and(|n| token::constant_time_eq(&token::browser_binding(n), &claims.b));
+    if !same_browser {
+        return Err(Failure::new(
+            Reason::SignInBrowserMismatch,
+            StatusCode::FORBIDDEN,
+            "This sign-in was started in another browser",
+            "The answer reached a browser that did not start this sign-in (or that blocks the operator's cookie), so it was not used.",
+            "Open the sign-in link from status.signIn.url in this browser, allow cookies for the operator's address, and finish the sign-in here.",
+        )
+        .on(subject));
+    }
+    let record = StateRecord {
+        ns: claims.ns.clone(),
+        name: claims.name.clone(),
+        uid: claims.uid.clone(),
+        expires: Timestamp::from_second(claims.exp).unwrap_or(now),
+        used: true,
+    };
+    if s.inner.store.consume(&claims.id, record, now) == Consumed::Used {
+        return Err(state_failure(
+            Reason::SignInStateReused,
+            "This answer was used already",
+            "The provider's answer to this sign-in was already used (the page was reloaded, or the address was opened again).",
+            "Nothing was changed. If the sign-in did not finish, open the sign-in link from status.signIn.url again.",
+        )
+        .on(subject));
+    }
+    let mi = s.find(&claims.ns, &claims.name).await?;
+    if mi.uid().as_deref() != Some(claims.uid.as_str()) {
+        return Err(Failure::new(
+            Reason::SignInLinkInvalid,
+            StatusCode::GONE,
+            "This sign-in is for another MailIntegration",
+            format!(
+                "The sign-in was started for an earlier MailIntegration named {}/{}, which was deleted since.",
+                claims.ns, claims.name
+            ),
+            "Open the current sign-in link of the resource and sign in again.",
+        )
+        .on(Some(subject_of(&mi))));
+    }
+    Ok((claims, mi))
+}
+
+/// RFC 9207: when the provider names its issuer in the answer, it must be the configured one.
+pub fn check_issuer(
+    iss: Option<&str>,
+    endpoints: &ProviderEndpoints,
+    provider: &str,
+) -> Result<(), Failure> {
+    let (Some(got), Some(want)) = (iss, endpoints.issuer.as_deref()) else {
+        return Ok(());
+    };
+    if got.trim_end_matches('/') == want.trim_end_matches('/') {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Reason::IssuerMismatch,
+        StatusCode::BAD_REQUEST,
+        "The answer came from another provider",
+        format!(
+            "The answer names the issuer {}, but this integration signs in with {provider} ({want}); it was not used (OAuth mix-up defence).",
+            failure::clean(got)
+        ),
+        "Check spec.provider, spec.oauth.issuerURL and spec.oauth.endpoints, then open the sign-in link again.",
+    ))
+}
+
+/// Who signed in, from the ID token: `email` (or Microsoft's `preferred_username` when it is an
+/// address). `Ok(None)`: the ID token does not say (ask userinfo).
+pub fn account_from_id_token(
+    grant: &TokenGrant,
+    endpoints: &ProviderEndpoints,
+    provider: &str,
+) -> Result<Option<String>, Failure> {
+    let Some(claims) = grant.id_token_claims() else {
+        return Ok(None);
+    };
+    let claims = claims.map_err(|e| {
+        Failure::new(
+            Reason::AccountUnknown,
+            StatusCode::BAD_GATEWAY,
+            "The provider's answer could not be read",
+            format!("{provider} returned an ID token that could not be read: {e}."),
+            "Open the sign-in link again; if it repeats, check the provider's configuration.",
+        )
+    })?;
+    if let (Some(got), Some(want)) = (claims.iss.as_deref(), endpoints.issuer.as_deref())
+        && got.trim_end_matches('/') != want.trim_end_matches('/')
+    {
+        return Err(Failure::new(
+            Reason::IssuerMismatch,
+            StatusCode::BAD_REQUEST,
+            "The ID token came from another issuer",
+            format!(
+                "The ID token was issued by {}, not by {want}.",
+                failure::clean(got)
+            ),
+            "Check spec.provider, spec.oauth.issuerURL and spec.oauth.endpoints, then sign in again.",
+        ));
+    }
+    if claims.email_verified == Some(false) {
+        return Err(Failure::new(
+            Reason::AccountUnknown,
+            StatusCode::FORBIDDEN,
+            "The account's address is not verified",
+            format!(
+                "{provider} says the address {} of the signed-in account is not verified.",
+                failure::clean(claims.email.as_deref().unwrap_or("-"))
+            ),
+            "Verify the address at the provider, or sign in with the mailbox's own account.",
+        ));
+    }
+    let upn = claims
+        .preferred_username
+        .filter(|u| endpoints.kind == ProviderKind::Microsoft && u.contains('@'));
+    Ok(claims.email.or(upn).map(|e| e.trim().to_owned()))
+}
+
+/// The checks of what the token endpoint granted: the signed-in account must be the mailbox, a
+/// refresh token must be there, and the mailbox scopes must be granted.
+pub fn check_grant<'g>(
+    mi: &MailIntegration,
+    grant: &'g TokenGrant,
+    account: Option<&str>,
+    prompt: Option<crate::api::Prompt>,
+    provider: &str,
+) -> Result<(&'g SecretValue, String), Failure> {
+    let want = mi.spec.mailbox.address.trim();
+    let Some(account) = account.map(str::trim).filter(|a| !a.is_empty()) else {
+        return Err(Failure::new(
+            Reason::AccountUnknown,
+            StatusCode::BAD_GATEWAY,
+            "The provider did not say who signed in",
+            format!("{provider} returned neither an email claim in the ID token nor in userinfo."),
+            Reason::AccountUnknown.hint(),
+        ));
+    };
+    if !account.eq_ignore_ascii_case(want) {
+        return Err(Failure::new(
+            Reason::AccountMismatch,
+            StatusCode::FORBIDDEN,
+            "Another account signed in",
+            format!(
+                "{} signed in, but this integration is for the mailbox {want}. Nothing was stored.",
+                failure::clean(account)
+            ),
+            format!(
+                "Open the sign-in link again, choose \"Select account\", and sign in as {want} (or change spec.mailbox.address)."
+            ),
+        ));
+    }
+    let Some(rt) = grant.refresh_token.as_ref().filter(|t| !t.is_empty()) else {
+        let todo = if prompt == Some(crate::api::Prompt::Consent) {
+            format!(
+                "Remove the app's access in the account's security settings at {provider}, then sign in again with \"Consent\"; for OIDC providers, allow the offline_access scope and the refresh_token grant for the client."
+            )
+        } else {
+            "Open the sign-in link again and choose \"Consent\": providers such as Google return a refresh token only when the consent page is shown.".to_owned()
+        };
+        return Err(Failure::new(
+            Reason::NoRefreshToken,
+            StatusCode::BAD_GATEWAY,
+            "No refresh token was returned",
+            format!(
+                "{provider} signed {account} in but returned no refresh token, so the operator could not keep the mailbox connected. Nothing was stored."
+            ),
+            todo,
+        ));
+    };
+    let granted = grant.scopes.clone().unwrap_or_default();
+    if grant.scopes.is_some() {
+        let missing = provider::missing_scopes(&mi.spec, &granted);
+        if !missing.is_empty() {
+            return Err(Failure::new(
+                Reason::ScopeMissing,
+                StatusCode::FORBIDDEN,
+                "A permission was not granted",
+                format!(
+                    "{provider} did not grant {}; the mailbox cannot be used without it. Nothing was stored.",
+                    missing.join(", ")
+                ),
+                "Open the sign-in link again with \"Consent\" and keep every requested permission ticked.",
+            ));
+        }
+    }
+    Ok((rt, account.to_owned()))
+}
+
+async fn callback(
+    State(s): State<SignIn>,
+    headers: HeaderMap,
+    query: Result<Query<CallbackQuery>, QueryRejection>,
+) -> Response {
+    let now = Timestamp::now();
+    let q = query.map(|Query(q)| q).unwrap_or_default();
+    let (claims, mi) = match check_state(&s, q.state.as_deref(), &headers, now).await {
+        Ok(v) => v,
+        Err(f) => return s.fail(f, None).await,
+    };
+    let subject = Some(subject_of(&mi));
+    let prompt = page::parse_prompt(&claims.p);
+    let redirect_url = s.redirect_url(&mi);
+    let endpoints = match s.endpoints(&mi).await {
+        Ok(e) => e,
+        Err(f) => return s.fail(f, Some(&mi)).await,
+    };
+    let provider = provider_label(mi.spec.provider, &endpoints);
+    if let Err(f) = check_issuer(q.iss.as_deref(), &endpoints, &provider) {
+        return s.fail(f.on(subject), Some(&mi)).await;
+    }
+    if let Some(error) = q.error.as_deref() {
+        let f = failure::provider_error(
+            error,
+            q.error_description.as_deref(),
+            prompt,
+            &provider,
+            &redirect_url,
+        );
+        return s.fail(f.on(subject), Some(&mi)).await;
+    }
+    let Some(code) = q.code.filter(|c| !c.trim().is_empty()) else {
+        let f = Failure::new(
+            Reason::AuthorizationCodeMissing,
+            StatusCode::BAD_REQUEST,
+            "The provider sent no authorization code",
+            format!("{provider} sent the browser back without an authorization code and without an error."),
+            Reason::AuthorizationCodeMissing.hint(),
+        )
+        .on(subject);
+        return s.fail(f, Some(&mi)).await;
+    };
+    let code = SecretValue::new(code);
+    let creds = match s.client_credentials(&mi).await {
+        Ok(c) => c,
+        Err(f) => return s.fail(f, Some(&mi)).await,
+    };
+    let verifier = SecretValue::new(s.inner.signer.derive(PKCE, &claims.id));
+    let grant = match s
+        .inner
+        .oauth
+        .exchange_code(&endpoints, &creds, &code, &verifier, &redirect_url, now)
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            let f = if e.class.message().contains("redirect_uri_mismatch") {
+                failure::redirect_mismatch(
+                    &format!("{provider} refused the code exchange"),
+                    &provider,
+                    &redirect_url,
+                )
+            } else {
+                provider_failure(&e.class)
+            };
+            return s.fail(f.on(subject), Some(&mi)).await;
+        }
+    };
+    let mut account = match account_from_id_token(&grant, &endpoints, &provider) {
+        Ok(a) => a,
+        Err(f) => return s.fail(f.on(subject), Some(&mi)).await,
+    };
+    if account.is_none() && endpoints.userinfo.is_some() {
+        match s
+            .inner
+            .oauth
+            .userinfo(&endpoints, &grant.access_token, now)
+            .await
+        {
+            Ok(v) => account = v.get("email").and_then(|e| e.as_str()).map(str::to_owned),
+            Err(e) => {
+                return s
+                    .fail(provider_failure(&e.class).on(subject), Some(&mi))
+                    .await;
+            }
+        }
+    }
+    let (refresh_token, account) =
+        match check_grant(&mi, &grant, account.as_deref(), prompt, &provider) {
+            Ok(v) => v,
+            Err(f) => return s.fail(f.on(subject), Some(&mi)).await,
+        };
+    let scopes = grant
+        .scopes
+        .clone()
+        .unwrap_or_else(|| provider::sign_in_scopes(&mi.spec))
+        .join(" ");
+    let extra = vec![
+        (grant_keys::ACCOUNT, account.clone()),
+        (grant_keys::SCOPES, scopes),
+        (
+            grant_keys::ISSUED_AT,
+            now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        ),
+    ];
+    if let Err(e) = s.inner.backend.store_grant(&mi, refresh_token, extra).await {
+        warn!(error = %e, "storing the grant Secret failed");
+        let f = Failure::new(
+            Reason::GrantWriteFailed,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The grant could not be stored",
+            format!(
+                "{account} signed in, but the operator could not write the Secret {:?}: {e}.",
+                mi.grant_secret_name()
+            ),
+            Reason::GrantWriteFailed.hint(),
+        )
+        .on(subject);
+        return s.fail(f, Some(&mi)).await;
+    }
+    info!(
+        integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()),
+        %account,
+        "sign-in succeeded; grant stored"
+    );
+    s.inner
+        .backend
+        .report(
+            &mi,
+            Report::SignedIn {
+                account: account.clone(),
+            },
+        )
+        .await;
+    let body = page::connected_page(
+        &mi.namespace().unwrap_or_default(),
+        &mi.name_any(),
+        &account,
+        &mi.grant_secret_name(),
+    );
+    html(StatusCode::OK, body, &[])
+}

@@ -1,0 +1,762 @@
+//! The sign-in flow as an admin goes through it: headless Chromium opens `status.signIn.url` of a
+//! MailIntegration on the real API server, picks a prompt, signs in and consents on oidc-provider's
+//! own pages, and lands on the operator's result page; the resource then goes Ready with a token
+//! Secret. Every failure ends on its page and in the Authorized condition, and stores no grant.
+//!
+//! Needs Debian's Chromium: `apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core`.
+
+mod support;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, PostParams},
+};
+use mail_integration_operator::{
+    api::MailIntegration,
+    web::signin::{STATE, StateClaims, TICKET, Ticket, key, token},
+};
+use std::time::{Duration, Instant};
+use support::{
+    browser::Browser,
+    ensure_crd,
+    oauth::{Account, ClientConfig, OAuthServer, OAuthServerConfig},
+    operator::Operator,
+    process::free_port,
+    unique_namespace,
+};
+
+const CONNECTED: &str = "Your Mail Integration is connected to the mailbox";
+const ALICE: &str = "alice@example.test";
+const BOB: &str = "bob@example.test";
+
+struct Env {
+    cp: &'static support::control_plane::ControlPlane,
+    port: u16,
+    ns: String,
+    client: kube::Client,
+    oauth: OAuthServer,
+    op: Operator,
+    log_dir: tempfile::TempDir,
+}
+
+/// The browser tests run one at a time: each starts Chromium, oidc-provider and an operator, and
+/// together on two cores they starve each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Env {
+    /// A namespace, an oidc-provider whose clients redirect to the operator's callback, and the
+    /// operator (watching that namespace) with its sign-in server on a free port.
+    async fn new(prefix: &str) -> Env {
+        let cp = ensure_crd();
+        let ns = unique_namespace(prefix);
+        let client = cp.client().await;
+        let log_dir = tempfile::Builder::new()
+            .prefix("mio-sign-in-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let callback = format!("http://127.0.0.1:{port}/oauth2/callback");
+        let secret = || format!("secret-{}", token::random_b64(12));
+        let oauth = OAuthServer::start(OAuthServerConfig {
+            clients: vec![
+                ClientConfig {
+                    client_id: "mio-browser".into(),
+                    client_secret: secret(),
+                    redirect_uris: vec![callback.clone()],
+                },
+                ClientConfig {
+                    client_id: "mio-browser-2".into(),
+                    client_secret: secret(),
+                    redirect_uris: vec![callback.clone()],
+                },
+            ],
+            // The login is the account's address, so login_hint fills it in.
+            accounts: [ALICE, BOB]
+                .iter()
+                .map(|a| Account {
+                    sub: (*a).into(),
+                    email: (*a).into(),
+                })
+                .collect(),
+            access_token_ttl: Duration::from_secs(600),
+            select_account_prompt: true,
+            refresh_token_without_consent: true,
+            ..Default::default()
+        });
+        let op = start_operator(cp, "operator", &ns, port, log_dir.path());
+        let env = Env {
+            cp,
+            port,
+            ns,
+            client,
+            oauth,
+            op,
+            log_dir,
+        };
+        for (i, name) in ["client", "client2"].iter().enumerate() {
+            let c = &env.oauth.config.clients[i];
+            env.secret(
+                name,
+                &[
+                    ("client_id", &c.client_id),
+                    ("client_secret", &c.client_secret),
+                ],
+            )
+            .await;
+        }
+        env
+    }
+
+    fn integrations(&self) -> Api<MailIntegration> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .unwrap();
+        self.secrets()
+            .create(&PostParams::default(), &s)
+            .await
+            .unwrap();
+    }
+
+    /// An OIDC MailIntegration for `address`, discovering the test server's endpoints; the redirect
+    /// URL is the operator's default ({public-url}/oauth2/callback).
+    async fn integration(&self, name: &str, address: &str, client: &str, prompt: Option<&str>) {
+        let mut oauth = serde_json::json!({
+            "clientSecretRef": {"name": client},
+            "issuerURL": self.oauth.issuer(),
+        });
+        if let Some(p) = prompt {
+            oauth["prompt"] = p.into();
+        }
+        let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1",
+            "kind": "MailIntegration",
+            "metadata": {"name": name},
+            "spec": {
+                "provider": "OIDC",
+                "mailbox": {"address": address},
+                "oauth": oauth,
+                "tokenSecret": {"name": format!("{name}-token")},
+            }
+        }))
+        .unwrap();
+        self.integrations()
+            .create(&PostParams::default(), &mi)
+            .await
+            .unwrap();
+    }
+
+    async fn get(&self, name: &str) -> MailIntegration {
+        self.integrations().get(name).await.unwrap()
+    }
+
+    async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&MailIntegration) -> bool,
+    ) -> MailIntegration {
+        let timeout = Duration::from_secs(30);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mi = self.get(name).await;
+            if pred(&mi) {
+                return mi;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name}: {what} not reached within {timeout:?}.\nstatus: {}\n--- operator log ---\n{}",
+                    serde_json::to_string_pretty(&mi.status).unwrap(),
+                    self.op.process.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `status.signIn.url`, once the operator has put it there.
+    async fn sign_in_url(&self, name: &str) -> String {
+        let mi = self
+            .wait_for(name, "status.signIn.url", |mi| {
+                mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
+            })
+            .await;
+        let url = mi.status.unwrap().sign_in.unwrap().url;
+        assert!(
+            url.starts_with(&format!("{}/sign-in?ticket=", self.op.sign_in_url())),
+            "{url}"
+        );
+        url
+    }
+
+    /// Wait for Authorized=False with `reason` (the controller reports the sign-in failure).
+    async fn wait_failure(&self, name: &str, reason: &str) -> MailIntegration {
+        let mi = self
+            .wait_for(name, &format!("Authorized=False reason {reason}"), |mi| {
+                condition(mi, "Authorized") == Some(("False", reason))
+            })
+            .await;
+        assert_eq!(condition(&mi, "Ready"), Some(("False", reason)));
+        let s = mi.status.as_ref().unwrap();
+        assert_eq!(
+            s.last_sign_in_failure.as_ref().map(|f| f.reason.as_str()),
+            Some(reason)
+        );
+        assert!(
+            s.sign_in.is_some(),
+            "a new sign-in link stays on the resource"
+        );
+        mi
+    }
+
+    async fn wait_ready(&self, name: &str) -> MailIntegration {
+        self.wait_for(name, "Ready=True", |mi| {
+            condition(mi, "Ready").is_some_and(|c| c.0 == "True")
+        })
+        .await
+    }
+
+    async fn data(&self, secret: &str, key: &str) -> Option<String> {
+        let s = self.secrets().get_opt(secret).await.unwrap()?;
+        s.data
+            .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
+    }
+
+    async fn no_grant(&self, name: &str) {
+        assert!(
+            self.secrets()
+                .get_opt(&format!("{name}-oauth-grant"))
+                .await
+                .unwrap()
+                .is_none(),
+            "a failed sign-in must not write the grant Secret of {name}"
+        );
+    }
+
+    /// The operator's signing key, read from its Secret (to make tickets and states the way the
+    /// operator does: expired ones, or ones for a given browser).
+    async fn signer(&self) -> mail_integration_operator::web::signin::Signer {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), "default");
+        let s = secrets.get(key::DEFAULT_KEY_SECRET).await.unwrap();
+        mail_integration_operator::web::signin::Signer::new(key::key_from_secret(&s).unwrap())
+            .unwrap()
+    }
+
+    async fn browser(&self) -> Browser {
+        Browser::start(self.log_dir.path()).await
+    }
+
+    /// Sign in at oidc-provider's devInteractions pages: the login form (prefilled by login_hint
+    /// with the mailbox address; `login` overrides it), then the consent form if it is shown.
+    async fn provider_sign_in(&self, b: &Browser, login: Option<&str>) {
+        b.wait_text("Sign-in", Duration::from_secs(15)).await;
+        assert!(
+            b.url().await.as_str().starts_with(&self.oauth.base_url),
+            "at the provider"
+        );
+        match login {
+            Some(login) => b.fill("input[name=login]", login).await,
+            // login_hint (the mailbox address) filled the form in.
+            None => assert!(
+                b.value("input[name=login]")
+                    .await
+                    .is_some_and(|v| v.contains('@')),
+                "the login form is prefilled with the mailbox address"
+            ),
+        }
+        b.fill("input[name=password]", "any password").await;
+        b.click("button[type=submit]").await;
+        self.consent_if_asked(b).await;
+    }
+
+    async fn consent_if_asked(&self, b: &Browser) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let url = b.url().await;
+            if !url.as_str().starts_with(&self.oauth.base_url) {
+                return;
+            }
+            if b.exists("input[name=prompt][value=consent]").await {
+                b.click("button[type=submit]").await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "stuck at the provider: {url}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn start_operator(
+    cp: &support::control_plane::ControlPlane,
+    name: &str,
+    ns: &str,
+    port: u16,
+    log_dir: &std::path::Path,
+) -> Operator {
+    Operator::start(
+        name,
+        &cp.kubeconfig,
+        &[
+            "--namespace",
+            ns,
+            &format!("--sign-in-addr=127.0.0.1:{port}"),
+            &format!("--public-url=http://127.0.0.1:{port}"),
+        ],
+        log_dir,
+    )
+}
+
+fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
+    mi.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+fn param(url: &url::Url, name: &str) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::new("sign-in").await;
+    env.integration("consent", ALICE, "client", None).await;
+    env.integration("select", ALICE, "client", Some("SelectAccount"))
+        .await;
+    env.integration("silent", ALICE, "client", Some("None"))
+        .await;
+    env.integration("silent-new-client", ALICE, "client2", Some("None"))
+        .await;
+    let b = env.browser().await;
+
+    // 1. "Consent" (the default): login and consent pages, then the result page.
+    b.goto(&env.sign_in_url("consent").await).await;
+    let text = b
+        .wait_text("Sign in with 127.0.0.1", Duration::from_secs(10))
+        .await;
+    let name = format!("{}/consent", env.ns);
+    for needle in [
+        name.as_str(),
+        ALICE,
+        "No prompt",
+        "Consent",
+        "Select account",
+        "How should 127.0.0.1 ask?",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    assert!(
+        b.is_selected("#prompt-consent").await,
+        "the default prompt is preselected"
+    );
+    assert!(!b.is_selected("#prompt-none").await);
+    b.screenshot("sign-in-page.png").await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, None).await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE), "{text}");
+    assert!(b.url().await.path().ends_with("/oauth2/callback"));
+    b.screenshot("connected-page.png").await;
+    let mi = env.wait_ready("consent").await;
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    let status = mi.status.unwrap();
+    assert!(status.sign_in.is_none() && status.last_sign_in_failure.is_none());
+    assert_eq!(
+        env.data("consent-oauth-grant", "account").await.as_deref(),
+        Some(ALICE)
+    );
+    assert!(
+        env.data("consent-oauth-grant", "refresh_token")
+            .await
+            .is_some()
+    );
+    assert!(env.data("consent-oauth-grant", "issued_at").await.is_some());
+    assert!(env.data("consent-token", "access_token").await.is_some());
+
+    // 2. "No prompt" with a client this account has not consented to (the provider session from
+    // step 1 exists): the provider refuses without showing a page.
+    b.goto(&env.sign_in_url("silent-new-client").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    assert!(b.is_selected("#prompt-none").await);
+    b.click("button[type=submit]").await;
+    let text = b.wait_text("Consent needed", Duration::from_secs(20)).await;
+    assert!(text.contains("choose \"Consent\""), "{text}");
+    assert!(text.contains("ConsentRequired"), "{text}");
+    b.screenshot("consent-required-page.png").await;
+    let mi = env
+        .wait_failure("silent-new-client", "ConsentRequired")
+        .await;
+    let authorized = mi
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Authorized")
+        .unwrap();
+    assert!(
+        authorized.message.contains("Consent"),
+        "{}",
+        authorized.message
+    );
+    env.no_grant("silent-new-client").await;
+
+    // 3. "Select account": the provider asks which account (its login form), then back.
+    b.goto(&env.sign_in_url("select").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    assert!(b.is_selected("#prompt-selectaccount").await);
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, None).await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE));
+    env.wait_ready("select").await;
+
+    // 4. "No prompt" for an account that consented before: no provider page at all.
+    b.goto(&env.sign_in_url("silent").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    assert!(b.is_selected("#prompt-none").await);
+    b.click("button[type=submit]").await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE));
+    env.wait_ready("silent").await;
+
+    // 5. The same resource signs in again, now with "Consent": the failure is gone.
+    b.goto(&env.sign_in_url("silent-new-client").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    let mi = env.wait_ready("silent-new-client").await;
+    assert!(mi.status.unwrap().last_sign_in_failure.is_none());
+
+    // 6. The grant is revoked at the provider: the next refresh fails with GrantRevoked, the resource
+    // offers the sign-in link again, and signing in again makes it Ready.
+    let rt = env
+        .data("consent-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+    env.oauth.revoke(&rt).await;
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        mail_integration_operator::api::REFRESH_REQUESTED_ANNOTATION: "after-revocation"
+    }}});
+    env.integrations()
+        .patch(
+            "consent",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("consent", "GrantRevoked with a sign-in link", |mi| {
+            condition(mi, "Authorized") == Some(("False", "GrantRevoked"))
+                && mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
+        })
+        .await;
+    b.goto(&mi.status.unwrap().sign_in.unwrap().url).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    let mi = env.wait_ready("consent").await;
+    assert!(mi.status.unwrap().sign_in.is_none());
+    assert_ne!(
+        env.data("consent-oauth-grant", "refresh_token")
+            .await
+            .unwrap(),
+        rt,
+        "the new grant replaced the revoked one"
+    );
+
+    // Nothing secret reached the operator's log.
+    let log = env.op.log();
+    for secret in [
+        &env.oauth.config.clients[0].client_secret,
+        &env.oauth.config.clients[1].client_secret,
+    ] {
+        assert!(!log.contains(secret.as_str()));
+    }
+    for s in ["code_verifier", "ticket=", "refresh_token\":"] {
+        assert!(!log.contains(s), "{s:?} in the operator log");
+    }
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::new("sign-in-fail").await;
+    env.integration("inbox", ALICE, "client", None).await;
+    let b = env.browser().await;
+
+    // Account mismatch: bob signs in for alice's mailbox.
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, Some(BOB)).await;
+    let text = b
+        .wait_text("Another account signed in", Duration::from_secs(20))
+        .await;
+    assert!(
+        text.contains(BOB) && text.contains("Select account"),
+        "{text}"
+    );
+    b.screenshot("account-mismatch-page.png").await;
+    env.wait_failure("inbox", "AccountMismatch").await;
+    env.no_grant("inbox").await;
+    let answer = b.url().await;
+    assert!(param(&answer, "code").is_some() && param(&answer, "state").is_some());
+
+    // Replayed: the provider's answer again.
+    b.goto(answer.as_str()).await;
+    b.wait_text("This answer was used already", Duration::from_secs(10))
+        .await;
+    env.wait_failure("inbox", "SignInStateReused").await;
+
+    // Tampered: the state's signature altered.
+    let state = param(&answer, "state").unwrap();
+    let (payload, sig) = state.split_once('.').unwrap();
+    let flipped: String = sig.chars().rev().collect();
+    let mut tampered = answer.clone();
+    tampered
+        .query_pairs_mut()
+        .clear()
+        .append_pair("code", "x")
+        .append_pair("state", &format!("{payload}.{flipped}"));
+    b.goto(tampered.as_str()).await;
+    b.wait_text(
+        "This answer does not match a sign-in",
+        Duration::from_secs(10),
+    )
+    .await;
+    env.wait_failure("inbox", "SignInStateInvalid").await;
+
+    // The provider's error parameters: the user cancels at the provider (access_denied).
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    // The session from the last sign-in exists: the provider goes straight to its consent page.
+    b.wait_text("[ Cancel ]", Duration::from_secs(15)).await;
+    b.click("a[href*='/abort']").await;
+    b.wait_text("Access was not granted", Duration::from_secs(15))
+        .await;
+    env.wait_failure("inbox", "SignInDenied").await;
+
+    // States made with the operator's key for this browser: no code, and other error parameters.
+    let signer = env.signer().await;
+    let nonce = b
+        .cookie("mio_signin")
+        .await
+        .expect("the browser has the sign-in cookie");
+    let mi = env.get("inbox").await;
+    let state = |id: &str, exp_in: i64| {
+        signer.sign(
+            STATE,
+            &StateClaims {
+                id: id.into(),
+                ns: env.ns.clone(),
+                name: "inbox".into(),
+                uid: mi.uid().unwrap(),
+                exp: jiff::Timestamp::now().as_second() + exp_in,
+                b: token::browser_binding(&nonce),
+                p: "None".into(),
+            },
+        )
+    };
+    let callback = format!("{}/oauth2/callback", env.op.sign_in_url());
+    let url = |pairs: &[(&str, &str)]| {
+        let mut u = url::Url::parse(&callback).unwrap();
+        u.query_pairs_mut().extend_pairs(pairs);
+        u.to_string()
+    };
+    b.goto(&url(&[
+        ("state", &state("no-code", 600)),
+        ("iss", env.oauth.issuer()),
+    ]))
+    .await;
+    b.wait_text(
+        "The provider sent no authorization code",
+        Duration::from_secs(10),
+    )
+    .await;
+    env.wait_failure("inbox", "AuthorizationCodeMissing").await;
+
+    b.goto(&url(&[
+        ("state", &state("interaction", 600)),
+        ("error", "interaction_required"),
+        ("error_description", "<script>alert(1)</script>"),
+    ]))
+    .await;
+    let text = b
+        .wait_text(
+            "The provider needs to ask you something",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        text.contains("\"No prompt\"") && text.contains("<script>alert(1)</script>"),
+        "shown as text: {text}"
+    );
+    env.wait_failure("inbox", "InteractionRequired").await;
+
+    b.goto(&url(&[
+        ("state", &state("mixup", 600)),
+        ("code", "x"),
+        ("iss", "http://127.0.0.1:1"),
+    ]))
+    .await;
+    b.wait_text(
+        "The answer came from another provider",
+        Duration::from_secs(10),
+    )
+    .await;
+    env.wait_failure("inbox", "IssuerMismatch").await;
+
+    b.goto(&url(&[("state", &state("late", -1)), ("code", "x")]))
+        .await;
+    b.wait_text("This sign-in took too long", Duration::from_secs(10))
+        .await;
+    env.wait_failure("inbox", "SignInStateExpired").await;
+
+    // An expired sign-in link.
+    let ticket = signer.sign(
+        TICKET,
+        &Ticket {
+            ns: env.ns.clone(),
+            name: "inbox".into(),
+            uid: mi.uid().unwrap(),
+            exp: jiff::Timestamp::now().as_second() - 60,
+        },
+    );
+    b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))
+        .await;
+    b.wait_text("This sign-in link has expired", Duration::from_secs(10))
+        .await;
+    env.wait_failure("inbox", "SignInLinkExpired").await;
+
+    // A link of a resource that was deleted and created again under the same name.
+    env.integration("again", ALICE, "client", None).await;
+    let old_link = env.sign_in_url("again").await;
+    env.integrations()
+        .delete("again", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.integrations().get_opt("again").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the resource was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.integration("again", ALICE, "client", None).await;
+    env.sign_in_url("again").await;
+    b.goto(&old_link).await;
+    b.wait_text(
+        "This sign-in link is for another MailIntegration",
+        Duration::from_secs(10),
+    )
+    .await;
+    env.wait_failure("again", "SignInLinkInvalid").await;
+
+    // A damaged link, and one of a resource that does not exist: pages only.
+    b.goto(&format!(
+        "{}/sign-in?ticket=garbage.garbage",
+        env.op.sign_in_url()
+    ))
+    .await;
+    b.wait_text("This sign-in link is not valid", Duration::from_secs(10))
+        .await;
+    let gone = signer.sign(
+        TICKET,
+        &Ticket {
+            ns: env.ns.clone(),
+            name: "never-existed".into(),
+            uid: "x".into(),
+            exp: jiff::Timestamp::now().as_second() + 600,
+        },
+    );
+    b.goto(&format!("{}/sign-in?ticket={gone}", env.op.sign_in_url()))
+        .await;
+    b.wait_text("does not exist", Duration::from_secs(10)).await;
+
+    env.no_grant("inbox").await;
+    env.no_grant("again").await;
+    // Neither the provider's code nor the state reached the operator's log.
+    let log = env.op.log();
+    for v in [
+        param(&answer, "code").unwrap(),
+        param(&answer, "state").unwrap(),
+    ] {
+        assert!(!log.contains(&v), "a code or state in the operator log");
+    }
+    // Each failure left a Warning event with its reason.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.action.as_deref() == Some("SignIn"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for r in [
+        "AccountMismatch",
+        "SignInStateReused",
+        "SignInStateInvalid",
+        "SignInDenied",
+        "AuthorizationCodeMissing",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no SignIn event {r}: {reasons:?}"
+        );
+    }
+    b.close().await;
+}
+
+/// Replicas share the signing key through its Secret and keep no state another replica would need
+/// (the PKCE verifier is derived from the key and the state): a sign-in started by one operator
+/// process finishes on another one (here: the first is stopped while the browser is at the provider,
+/// and a new process takes over the same address, as after a restart or behind a Service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_started_on_one_replica_finishes_on_another() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut env = Env::new("sign-in-replica").await;
+    env.integration("inbox", ALICE, "client", None).await;
+    let b = env.browser().await;
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    b.wait_text("Sign-in", Duration::from_secs(15)).await;
+
+    env.op.process.stop();
+    env.op = start_operator(env.cp, "replica-2", &env.ns, env.port, env.log_dir.path());
+
+    b.fill("input[name=password]", "any password").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE), "{text}");
+    env.wait_ready("inbox").await;
+    assert!(
+        env.op.log().contains("sign-in succeeded"),
+        "the second process finished the sign-in"
+    );
+    b.close().await;
+}
