@@ -42,9 +42,9 @@ struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "MIO_HEALTH_ADDR", default_value = "0.0.0.0:9090")]
     health_addr: SocketAddr,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "MIO_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only this namespace; repeat the flag for several (default: all namespaces).
+    #[arg(long, env = "MIO_WATCH_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
     /// How long a failing revocation (spec.revokeOnDelete) may delay a deletion, e.g. 5m.
     #[arg(long, env = "MIO_REVOKE_TIMEOUT", default_value = "5m")]
     revoke_timeout: kube::core::Duration,
@@ -184,7 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.revoke_timeout = args.revoke_timeout.into();
     let ctx = Arc::new(ctx);
     info!(
-        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        namespaces = %if args.namespace.is_empty() { "(all)".to_owned() } else { args.namespace.join(",") },
         "watching MailIntegrations"
     );
     if args.leader_election {
@@ -216,7 +216,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// ready (it serves the sign-in pages) while it waits.
 async fn run_as_leader(
     ctx: Arc<Context>,
-    namespace: Option<String>,
+    namespace: Vec<String>,
     ready: Arc<AtomicBool>,
     lease: &str,
     lease_ns: &str,

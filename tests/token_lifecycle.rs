@@ -776,3 +776,127 @@ async fn with_leader_election_only_the_leader_refreshes_and_a_standby_takes_over
     );
     eprintln!("leader election: takeover after {takeover:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_works_with_exactly_the_charts_rbac() {
+    use support::helm::{ChartRelease, kubectl_as};
+    let env = Env::new("rbac", long_lived_server()).await;
+    let op_ns = support::unique_namespace("rbac-operator");
+    let release = ChartRelease::install(
+        env.cp,
+        &op_ns,
+        &op_ns,
+        &[
+            &format!("watchNamespaces={{{}}}", env.ns),
+            "leaderElection.enabled=true",
+        ],
+        &["--skip-crds"],
+    );
+    let kubeconfig = release.service_account_kubeconfig();
+    // The Deployment's own args, but for the listen addresses (a test picks free ports).
+    let args: Vec<String> = release
+        .deployment_args()
+        .into_iter()
+        .filter(|a| {
+            !["--health-addr", "--sign-in-addr", "--public-url"]
+                .iter()
+                .any(|f| a.starts_with(f))
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a.contains(&env.ns)),
+        "the chart passes the watched namespace: {args:?}"
+    );
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "run")
+        .collect();
+    let op = Operator::start_with_env(
+        "operator",
+        &kubeconfig,
+        &args,
+        &release.operator_env(),
+        env.log_dir.path(),
+    );
+
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.wait_for(
+        "inbox",
+        "Ready=True as the chart's ServiceAccount",
+        Duration::from_secs(60),
+        &op,
+        is_ready,
+    )
+    .await;
+    let events = env.cp.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &env.ns,
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        !events.trim().is_empty(),
+        "the operator could publish events"
+    );
+
+    // Every call it made was allowed: no Forbidden in its log, no failed reconcile.
+    let log = op.log();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "a call was refused:\n{}",
+        tail(&log, 30)
+    );
+    assert_eq!(
+        op.metric(r#"mailintegration_reconcile_errors_total{error="kube"}"#),
+        None,
+        "{}",
+        tail(&log, 30)
+    );
+
+    // And it cannot read a Secret it has no business reading: one in a namespace it does not watch.
+    let other = support::unique_namespace("rbac-other");
+    env.cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "unrelated",
+        "-n",
+        &other,
+        "--from-literal=password=hunter2",
+    ]);
+    let out = kubectl_as(
+        env.cp,
+        &kubeconfig,
+        &["get", "secret", "unrelated", "-n", &other],
+    );
+    assert!(
+        !out.status.success(),
+        "the ServiceAccount read a Secret outside its namespaces"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl_as(
+        env.cp,
+        &kubeconfig,
+        &[
+            "delete",
+            "secret",
+            "client",
+            "-n",
+            &env.ns,
+            "--dry-run=server",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "the ServiceAccount may delete Secrets"
+    );
+}

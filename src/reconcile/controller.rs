@@ -633,8 +633,26 @@ fn integrations_using(
         .collect()
 }
 
-/// Run the controller until shutdown. `namespace`: watch one namespace, or all when `None`.
+/// Run the controller until shutdown, over all namespaces (`namespaces` empty) or over each of
+/// `namespaces` (one watch per namespace, so RBAC can be limited to them).
 pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: Vec<String>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    if namespaces.is_empty() {
+        run_one(ctx, None, ready).await;
+    } else {
+        futures::future::join_all(
+            namespaces
+                .into_iter()
+                .map(|ns| run_one(ctx.clone(), Some(ns), ready.clone())),
+        )
+        .await;
+    }
+}
+
+async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<String>,
     ready: Arc<std::sync::atomic::AtomicBool>,

@@ -16,6 +16,17 @@ impl Operator {
     /// The sign-in server listens on a free port of 127.0.0.1 (its public URL is that address),
     /// unless `extra_args` pass `--sign-in-addr=127.0.0.1:PORT` (and `--public-url`) themselves.
     pub fn start(name: &str, kubeconfig: &Path, extra_args: &[&str], log_dir: &Path) -> Self {
+        Self::start_with_env(name, kubeconfig, extra_args, &[], log_dir)
+    }
+
+    /// [`Self::start`] with extra environment variables (e.g. the downward API's POD_NAMESPACE).
+    pub fn start_with_env(
+        name: &str,
+        kubeconfig: &Path,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Self {
         let health_port = free_port();
         let mut args = vec![
             "run".to_owned(),
@@ -49,7 +60,10 @@ impl Operator {
             &[
                 ("KUBECONFIG", kubeconfig.display().to_string()),
                 ("RUST_LOG", "info,mail_integration_operator=debug".into()),
-            ],
+            ]
+            .into_iter()
+            .chain(env.iter().cloned())
+            .collect::<Vec<_>>(),
             log_path,
         );
         let mut op = Self {
