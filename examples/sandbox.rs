@@ -111,10 +111,8 @@ async fn main() {
         "sandbox-operator",
         &cp.kubeconfig,
         &[
-            "--sign-in-addr",
-            &format!("127.0.0.1:{sign_in_port}"),
-            "--public-url",
-            &public_url,
+            &format!("--sign-in-addr=127.0.0.1:{sign_in_port}"),
+            &format!("--public-url={public_url}"),
         ],
         &log_dir,
     );
@@ -248,7 +246,7 @@ async fn auto_sign_in(url: &str, operator: &str) {
 /// The value of attribute `attr` in the first tag after `marker`.
 fn attr_after(html: &str, marker: &str, attr: &str) -> Option<String> {
     let start = html.find(marker)?;
-    let tag_start = html[..start].rfind('<').unwrap_or(start);
+    let tag_start = html[..=start].rfind('<').unwrap_or(start);
     let tag = &html[tag_start..tag_start + html[tag_start..].find('>')?];
     let key = format!("{attr}=\"");
     let at = tag.find(&key)? + key.len();

@@ -39,7 +39,7 @@ pub const INTEGRATION_LABEL: &str = "mailintegration.dev/integration";
     doc = "A mailbox connected through OAuth 2.0: the operator keeps its access token fresh in a Secret.",
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Account", type_ = "string", json_path = ".status.account"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.accessTokenExpiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.accessTokenExpiresAt"),
     printcolumn(name = "Mailbox", type_ = "string", json_path = r#".status.conditions[?(@.type=="MailboxConnected")].reason"#),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.spec.provider != 'OIDC' || has(self.spec.oauth.issuerURL) || (has(self.spec.oauth.endpoints) && has(self.spec.oauth.endpoints.authorization) && has(self.spec.oauth.endpoints.token))")
