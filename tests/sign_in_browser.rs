@@ -280,15 +280,18 @@ impl Env {
     }
 
     async fn consent_if_asked(&self, b: &Browser) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let url = b.url().await;
             if !url.as_str().starts_with(&self.oauth.base_url) {
                 return;
             }
             if b.exists("input[name=prompt][value=consent]").await {
+                // A click that lands while the page is still settling can be lost: click, then
+                // look again until the browser has left the provider.
                 b.click("button[type=submit]").await;
-                return;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                continue;
             }
             assert!(Instant::now() < deadline, "stuck at the provider: {url}");
             tokio::time::sleep(Duration::from_millis(100)).await;
