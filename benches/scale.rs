@@ -65,15 +65,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn writes(op: &Operator) -> f64 {
-    ["status", "token_secret", "grant_secret"]
-        .iter()
-        .map(|k| {
-            op.metric(&format!(
-                "mailintegration_api_writes_total{{error=\"{k}\"}}"
-            ))
-            .unwrap_or(0.0)
-        })
-        .sum()
+    op.api_writes()
 }
 
 fn refreshes(op: &Operator) -> f64 {

@@ -496,17 +496,7 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
     // Idle: over a measured interval, zero writes — by the operator's own count and by the objects'
     // resourceVersions.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let writes = |op: &Operator| -> f64 {
-        ["status", "token_secret", "grant_secret", "event"]
-            .iter()
-            .map(|k| {
-                op.metric(&format!(
-                    "mailintegration_api_writes_total{{error=\"{k}\"}}"
-                ))
-                .unwrap_or(0.0)
-            })
-            .sum()
-    };
+    let writes = |op: &Operator| op.api_writes();
     let w0 = writes(&op);
     let mi_rv = env.get("inbox").await.metadata.resource_version;
     let token_rv = env

@@ -121,6 +121,26 @@ impl Operator {
         format!("http://127.0.0.1:{}", self.sign_in_port)
     }
 
+    /// Writes to the Kubernetes API so far, of every kind the operator counts (status, Secrets,
+    /// events, finalizers).
+    pub fn api_writes(&self) -> f64 {
+        [
+            "status",
+            "token_secret",
+            "grant_secret",
+            "event",
+            "finalizer",
+        ]
+        .iter()
+        .map(|k| {
+            self.metric(&format!(
+                "mailintegration_api_writes_total{{error=\"{k}\"}}"
+            ))
+            .unwrap_or(0.0)
+        })
+        .sum()
+    }
+
     /// The operator's whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.process.log_path).unwrap_or_default()
