@@ -890,3 +890,41 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
         "the ServiceAccount may delete Secrets"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_of_another_account_is_refused_with_account_mismatch() {
+    let env = Env::new("mismatch", long_lived_server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    // bob's refresh token brought by hand for alice's mailbox.
+    env.grant("inbox", "bob").await;
+    env.integration("inbox", "alice@example.test").await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "AccountMismatch",
+            Duration::from_secs(30),
+            &op,
+            |m| condition(m, "Authorized").is_some_and(|c| c.1 == "AccountMismatch"),
+        )
+        .await;
+    assert_eq!(condition(&mi, "Ready").map(|c| c.0), Some("False"));
+    assert_eq!(condition(&mi, "Stalled"), Some(("True", "AccountMismatch")));
+    let message = &mi
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Authorized")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("bob@example.test") && message.contains("alice@example.test"),
+        "{message}"
+    );
+    assert!(
+        env.token_secret("inbox").await.is_none(),
+        "bob's token is not published for alice's mailbox"
+    );
+}

@@ -442,12 +442,31 @@ async fn refresh(
         secrets::store_rotated_refresh_token(mi, secrets_api, grant_secret, new_rt, &ctx.metrics)
             .await;
     }
-    let account = grant.account.clone().or_else(|| {
-        token
-            .id_token_claims()
-            .and_then(Result::ok)
-            .and_then(|c| c.email)
-    });
+    // Who the token belongs to: the provider's ID token says so when it sends one (a refresh token
+    // brought by hand is checked here for the first time), else what the sign-in recorded.
+    let signed_in = token
+        .id_token_claims()
+        .and_then(Result::ok)
+        .and_then(|c| c.email);
+    let expected = &mi.spec.mailbox.address;
+    if let Some(actual) = signed_in
+        .as_ref()
+        .filter(|a| !a.eq_ignore_ascii_case(expected))
+    {
+        ctx.set_backoff(&uid, None);
+        let message = format!(
+            "the grant belongs to {actual}, not to the mailbox {expected}: sign in again as {expected} (status.signIn.url), or replace the refresh token in Secret {:?}",
+            mi.grant_secret_name()
+        );
+        return (
+            Outcome::PermanentFailure {
+                reason: "AccountMismatch".into(),
+                message,
+            },
+            None,
+        );
+    }
+    let account = signed_in.or_else(|| grant.account.clone());
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
     if let Err(e) = secrets::write_token_secret(mi, secrets_api, &token, &ctx.metrics).await {
         warn!(error = %e, "writing the token Secret failed; retrying");
