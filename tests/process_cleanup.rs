@@ -1,6 +1,8 @@
 //! Every process a test starts dies with the test binary: when it exits without running destructors,
 //! when it aborts (a panic with panic=abort, a crash), and when it is interrupted (Ctrl-C).
 
+mod support;
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -9,20 +11,7 @@ use std::{
 };
 
 fn probe() -> PathBuf {
-    // target/debug/deps/process_cleanup-… → target/debug/examples/supervise_probe (cargo test builds examples).
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/supervise_probe");
-    assert!(
-        path.is_file(),
-        "{} is missing: cargo test builds it from examples/supervise_probe.rs",
-        path.display()
-    );
-    path
+    support::process::example_binary("supervise_probe")
 }
 
 fn alive(pid: u32) -> bool {

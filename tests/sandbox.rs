@@ -1,22 +1,18 @@
 //! The README's first command: the sandbox brings everything up, signs in by itself and the example
 //! integration goes Ready with MailboxConnected.
 
-use std::{path::PathBuf, process::Command};
+mod support;
+
+use std::process::Command;
 
 #[test]
 fn the_sandbox_signs_in_and_goes_ready() {
-    // target/debug/deps/sandbox-… → target/debug/examples/sandbox (cargo test builds examples).
-    let exe = std::env::current_exe().unwrap();
-    let debug: PathBuf = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let sandbox = debug.join("examples/sandbox");
+    let sandbox = support::process::example_binary("sandbox");
+    let operator = support::operator::operator_binary();
     assert!(
-        sandbox.is_file(),
-        "{} is missing: cargo test --all-targets builds it from examples/sandbox.rs",
-        sandbox.display()
-    );
-    assert!(
-        debug.join("mail-integration-operator").is_file(),
-        "the operator binary is missing next to the examples"
+        operator.is_file(),
+        "the operator binary is missing: {}",
+        operator.display()
     );
     let out = Command::new(&sandbox)
         .args(["--auto-sign-in", "--exit-when-ready"])

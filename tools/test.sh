@@ -22,6 +22,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
+step "cargo build --bins --examples (the sandbox and process tests run them)"
+cargo build --locked --bins --examples
 step "cargo test"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
 step "done"

@@ -121,3 +121,21 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// An example program, as `cargo build --examples` leaves it (`target/<profile>/examples/NAME`;
+/// tools/test.sh builds them before the tests, since `cargo test` builds examples only as tests).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let path = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run cargo build --examples (tools/test.sh does) to build examples/{name}.rs",
+        path.display()
+    );
+    path
+}
