@@ -25,5 +25,5 @@ cargo clippy --locked --all-targets -- -D warnings
 step "cargo build --bins --examples (the sandbox and process tests run them)"
 cargo build --locked --bins --examples
 step "cargo test"
-cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+cargo test --locked --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"
 step "done"
