@@ -17,12 +17,12 @@ pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
 
 impl MailIntegrationSpec {
     /// `spec.refreshBefore` or its default. The CRD's CEL rule guarantees a parseable value on the
-    /// API server; a value that still fails to parse (an old object) falls back to the default.
+    /// API server; a value that still fails to parse (an old object) falls back to the default
+    /// (see [`go_duration`]).
     pub fn refresh_before(&self) -> Duration {
         self.refresh_before
             .as_deref()
-            .and_then(|s| s.parse::<kube::core::Duration>().ok())
-            .map(Duration::from)
+            .and_then(go_duration)
             .unwrap_or(DEFAULT_REFRESH_BEFORE)
     }
 
@@ -36,13 +36,13 @@ impl MailIntegrationSpec {
         self.oauth.prompt.unwrap_or_default()
     }
 
-    /// How often the mailbox is checked (besides after every refresh).
+    /// How often the mailbox is checked (besides after every refresh); like
+    /// [`refresh_before`](Self::refresh_before), an unparseable value gives the default.
     pub fn check_interval(&self) -> Duration {
         self.mailbox
             .check_interval
             .as_deref()
-            .and_then(|s| s.parse::<kube::core::Duration>().ok())
-            .map(Duration::from)
+            .and_then(go_duration)
             .unwrap_or(DEFAULT_CHECK_INTERVAL)
     }
 
@@ -50,6 +50,44 @@ impl MailIntegrationSpec {
     pub fn protocol(&self) -> MailProtocol {
         self.mailbox.protocol.unwrap_or_default()
     }
+}
+
+/// Longest duration text read: 50 parts of at most 12 digits cannot overflow a `Duration`.
+const MAX_DURATION_TEXT: usize = 100;
+/// Most integer digits of one part (10^12 hours is still far from `Duration::MAX`).
+const MAX_DURATION_DIGITS: usize = 12;
+/// Units of Go durations, longest first where one is a prefix of another (`ms` before `m`).
+const DURATION_UNITS: [&str; 8] = ["ns", "us", "\u{00b5}s", "\u{03bc}s", "ms", "s", "m", "h"];
+
+/// A Go duration of the form the CRD's rule accepts, `^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+/// (also with U+03BC for µ), at most 100 characters and 12 integer digits per part; anything else
+/// is `None`. Only such text reaches kube's parser, which panics on a negative part (`5m-3s`) and
+/// on overflow (`99999999999999999999h`), and reads `-5m` as 5 minutes.
+pub fn go_duration(text: &str) -> Option<Duration> {
+    if text.is_empty() || text.len() > MAX_DURATION_TEXT {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let int = digits(rest);
+        if int == 0 || int > MAX_DURATION_DIGITS {
+            return None;
+        }
+        rest = &rest[int..];
+        if let Some(after_dot) = rest.strip_prefix('.') {
+            let frac = digits(after_dot);
+            if frac == 0 {
+                return None;
+            }
+            rest = &after_dot[frac..];
+        }
+        let unit = DURATION_UNITS.iter().find(|u| rest.starts_with(**u))?;
+        rest = &rest[unit.len()..];
+    }
+    text.parse::<kube::core::Duration>()
+        .ok()
+        .map(Duration::from)
 }
 
 impl ClientSecretRef {
@@ -112,6 +150,49 @@ mod tests {
         assert_eq!(
             spec_with_refresh_before(Some("garbage")).refresh_before(),
             DEFAULT_REFRESH_BEFORE
+        );
+    }
+
+    #[test]
+    fn durations_outside_the_crd_rule_give_the_default_instead_of_panicking() {
+        // Found by tests/properties.rs: kube's parser panics on a negative part and on overflow,
+        // and drops the sign of a negative duration.
+        for bad in [
+            "5m-3s",
+            "99999999999999999999h",
+            "1000000000000h",
+            "-5m",
+            "-1ns",
+            "+5m",
+            "0",
+            "5",
+            "1.h",
+            ".5h",
+            "5d",
+            "1e3s",
+            " 5m",
+        ] {
+            let spec = spec_with_refresh_before(Some(bad));
+            assert_eq!(spec.refresh_before(), DEFAULT_REFRESH_BEFORE, "{bad}");
+            assert_eq!(go_duration(bad), None, "{bad}");
+        }
+        assert_eq!(go_duration(&"1h".repeat(51)), None);
+        assert_eq!(
+            go_duration(&"1h".repeat(50)),
+            Some(Duration::from_secs(50 * 3600))
+        );
+        assert_eq!(
+            go_duration("999999999999h"),
+            Some(Duration::from_secs(999_999_999_999 * 3600))
+        );
+        assert_eq!(
+            go_duration("1.5h2m3s4ms"),
+            Some(Duration::from_millis(5_523_004))
+        );
+        assert_eq!(go_duration("7\u{03bc}s"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            go_duration("7\u{00b5}s1ns"),
+            Some(Duration::from_nanos(7_001))
         );
     }
 
