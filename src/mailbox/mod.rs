@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use sasl::{SaslMechanism, oauthbearer, xoauth2};
+pub use sasl::{SaslMechanism, decode_challenge, oauthbearer, printable, xoauth2};
 
 use crate::{
     api::{MailProtocol, MailServer, TlsMode},

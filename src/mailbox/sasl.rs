@@ -96,8 +96,8 @@ pub(crate) fn encode(raw: &[u8]) -> String {
 
 /// The server's error challenge (base64 JSON such as `{"status":"invalid_token"}`), decoded for a
 /// condition message. It holds no token; it is still cut to a sane length and stripped of control
-/// characters because it comes from the network.
-pub(crate) fn decode_challenge(base64_text: &str) -> String {
+/// characters because it comes from the network. Public for the property tests.
+pub fn decode_challenge(base64_text: &str) -> String {
     let text = base64_text.trim();
     match STANDARD.decode(text) {
         Ok(bytes) => printable(&String::from_utf8_lossy(&bytes)),
@@ -106,14 +106,11 @@ pub(crate) fn decode_challenge(base64_text: &str) -> String {
 }
 
 /// Server text made safe for a status message: control characters removed, at most 512 characters.
-pub(crate) fn printable(text: &str) -> String {
-    let cleaned: String = text
-        .trim()
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(512)
-        .collect();
-    cleaned
+/// Public for the property tests.
+pub fn printable(text: &str) -> String {
+    // Trimmed after the filter: a control character before a space would leave the space first.
+    let cleaned: String = text.chars().filter(|c| !c.is_control()).take(512).collect();
+    cleaned.trim().to_owned()
 }
 
 #[cfg(test)]
@@ -174,5 +171,16 @@ mod tests {
         );
         assert_eq!(printable("a\r\nb\x01c"), "abc");
         assert_eq!(printable(&"x".repeat(2000)).len(), 512);
+    }
+
+    #[test]
+    fn printable_text_has_no_edge_spaces_left_by_removed_controls() {
+        // Found by tests/properties.rs: the text was trimmed before its control characters went.
+        assert_eq!(printable("\0 !"), "!");
+        assert_eq!(printable("-ERR bad \x01"), "-ERR bad");
+        assert_eq!(
+            printable(&printable("\x1b x \r\n")),
+            printable("\x1b x \r\n")
+        );
     }
 }
