@@ -342,7 +342,11 @@ fn classify_http(
             ProviderKind::Microsoft => microsoft(operation, b, retry_after),
             ProviderKind::Oidc => None,
         };
-        if let Some(c) = specific {
+        // A server error is never the final word, whatever its body says: a 5xx with a body that
+        // would be permanent (a proxy's, or a provider failing while it answers) is retried.
+        if let Some(c) = specific
+            && !(status >= 500 && c.is_permanent())
+        {
             return c;
         }
         if status >= 500 {

@@ -747,6 +747,46 @@ fn table() -> Vec<Row> {
             false,
             None,
         ),
+        // Found by tests/properties.rs: a 5xx whose body reads as permanent was not retried.
+        (
+            "500 with a permanent Microsoft code",
+            Microsoft,
+            Refresh,
+            oauth(
+                500,
+                json!({"error": "invalid_grant", "error_codes": [70008]}),
+                Some(9),
+            ),
+            Reason::ProviderUnavailable,
+            false,
+            Some(9),
+        ),
+        (
+            "503 with Google's invalid_rapt",
+            Google,
+            Refresh,
+            oauth(
+                503,
+                json!({"error": "invalid_grant", "error_subtype": "invalid_rapt"}),
+                None,
+            ),
+            Reason::ProviderUnavailable,
+            false,
+            None,
+        ),
+        (
+            "503 with Microsoft throttling stays rate limiting",
+            Microsoft,
+            Refresh,
+            oauth(
+                503,
+                json!({"error": "temporarily_unavailable", "error_codes": [50196]}),
+                Some(4),
+            ),
+            Reason::RateLimited,
+            false,
+            Some(4),
+        ),
         (
             "temporarily_unavailable 400",
             Oidc,
