@@ -528,6 +528,9 @@ fn token_error(
     cause: FailureCause,
     secrets: &[&str],
 ) -> TokenError {
+    // Scrubbed before classification too: the message keeps only the first 300 characters of
+    // what the provider said, which can end inside a credential that it echoed.
+    let cause = cause.scrub(secrets);
     let class = provider::classify(kind, &TokenEndpointFailure { operation, cause }).scrub(secrets);
     TokenError {
         provider: kind,

@@ -456,6 +456,28 @@ async fn echoed_secrets_are_scrubbed_from_messages() {
     assert_no_secrets(&text);
 }
 
+#[test]
+fn a_secret_cut_by_the_length_limit_is_still_scrubbed() {
+    // Found by tests/properties.rs: the message keeps the provider's first 300 characters, and a
+    // credential echoed across that cut used to survive the scrub of the finished message in part.
+    let secret = rt("echoed-at-the-cut");
+    let description = format!("{} {}", "x".repeat(260), secret.expose());
+    let cause = FailureCause::Http {
+        status: 400,
+        retry_after: None,
+        body: ErrorBody::OAuth(ProviderErrorBody::new("invalid_grant", Some(&description))),
+    };
+    let err = token_error(
+        ProviderKind::Google,
+        TokenOperation::Refresh,
+        cause,
+        &[secret.expose()],
+    );
+    let message = err.class.message();
+    assert!(!message.contains(&secret.expose()[..12]), "{message}");
+    assert!(message.contains("[redacted]"), "{message}");
+}
+
 // ----- code exchange ----------------------------------------------------------------------------
 
 #[tokio::test]

@@ -168,6 +168,50 @@ pub enum FailureCause {
     InvalidResponse { detail: String },
 }
 
+/// Replace every occurrence of `secrets` (those of 8 characters or more) in `text`.
+fn scrub_text(text: &mut String, secrets: &[&str]) {
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        if text.contains(*s) {
+            *text = text.replace(*s, "[redacted]");
+        }
+    }
+}
+
+impl FailureCause {
+    /// Replace the given secrets by `[redacted]` in every text of the cause (what the provider
+    /// said, the connection error), before [`classify`] cuts that text to length: scrubbing only
+    /// the finished message ([`FailureClass::scrub`]) misses a credential that the cut left
+    /// partly in it.
+    pub fn scrub(mut self, secrets: &[&str]) -> Self {
+        match &mut self {
+            FailureCause::Timeout => {}
+            FailureCause::Connect { detail } | FailureCause::InvalidResponse { detail } => {
+                scrub_text(detail, secrets)
+            }
+            FailureCause::Http { body, .. } => match body {
+                ErrorBody::OAuth(b) => {
+                    scrub_text(&mut b.error, secrets);
+                    for text in [
+                        &mut b.error_description,
+                        &mut b.error_uri,
+                        &mut b.error_subtype,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        scrub_text(text, secrets);
+                    }
+                }
+                ErrorBody::Other {
+                    content_type: Some(ct),
+                } => scrub_text(ct, secrets),
+                ErrorBody::Html | ErrorBody::Empty | ErrorBody::Other { .. } => {}
+            },
+        }
+        self
+    }
+}
+
 /// A failed call to a provider endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenEndpointFailure {
@@ -229,11 +273,7 @@ impl FailureClass {
                 message
             }
         };
-        for s in secrets.iter().filter(|s| s.len() >= 8) {
-            if message.contains(*s) {
-                *message = message.replace(*s, "[redacted]");
-            }
-        }
+        scrub_text(message, secrets);
         self
     }
 }
