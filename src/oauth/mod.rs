@@ -343,15 +343,14 @@ impl OAuthClient {
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
         let meta = meta.lock().expect("meta lock is never poisoned").take();
-        match result {
-            Ok(response) => Ok(grant_from(&response, now)),
-            Err(e) => Err(token_error(
-                endpoints.kind,
-                op,
-                failure_from(e, meta, now),
-                &[creds.client_secret.expose(), refresh_token.expose()],
-            )),
-        }
+        token_result(
+            endpoints.kind,
+            op,
+            result,
+            meta,
+            now,
+            &[creds.client_secret.expose(), refresh_token.expose()],
+        )
     }
 
     /// Exchange an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).
@@ -381,19 +380,18 @@ impl OAuthClient {
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
         let meta = meta.lock().expect("meta lock is never poisoned").take();
-        match result {
-            Ok(response) => Ok(grant_from(&response, now)),
-            Err(e) => Err(token_error(
-                endpoints.kind,
-                op,
-                failure_from(e, meta, now),
-                &[
-                    creds.client_secret.expose(),
-                    code.expose(),
-                    pkce_verifier.expose(),
-                ],
-            )),
-        }
+        token_result(
+            endpoints.kind,
+            op,
+            result,
+            meta,
+            now,
+            &[
+                creds.client_secret.expose(),
+                code.expose(),
+                pkce_verifier.expose(),
+            ],
+        )
     }
 
     /// Revoke a token (RFC 7009) with `client_secret_post`. Revoking a refresh token ends the
@@ -519,6 +517,56 @@ impl OAuthClient {
                     &secrets,
                 )
             })
+    }
+}
+
+/// What [`OAuthClient::refresh`] makes of the token endpoint's answer `response`, without the
+/// network: the `oauth2` crate's reading of the answer, then the same interpretation as a real
+/// refresh (the grant, or the classified failure with `creds`' client secret and `refresh_token`
+/// scrubbed from its message). Public for the property tests (tests/properties.rs), which feed it
+/// arbitrary statuses, headers and bodies.
+pub async fn interpret_refresh_response(
+    endpoints: &ProviderEndpoints,
+    creds: &ClientCredentials,
+    refresh_token: &SecretValue,
+    response: HttpResponse,
+    now: Timestamp,
+) -> Result<TokenGrant, TokenError> {
+    let client = token_client(endpoints, creds);
+    let token = RefreshToken::new(refresh_token.expose().to_owned());
+    let meta = ResponseMeta::of(response.status(), response.headers());
+    let answer = |_: HttpRequest| std::future::ready(Ok::<_, HttpError>(response.clone()));
+    let result = client
+        .exchange_refresh_token(&token)
+        .request_async(&answer)
+        .await;
+    token_result(
+        endpoints.kind,
+        TokenOperation::Refresh,
+        result,
+        Some(meta),
+        now,
+        &[creds.client_secret.expose(), refresh_token.expose()],
+    )
+}
+
+/// The grant of a token response, or its failure classified and scrubbed of `secrets`.
+fn token_result(
+    kind: ProviderKind,
+    operation: TokenOperation,
+    result: Result<GrantResponse, RequestTokenError<HttpError, ProviderErrorBody>>,
+    meta: Option<ResponseMeta>,
+    now: Timestamp,
+    secrets: &[&str],
+) -> Result<TokenGrant, TokenError> {
+    match result {
+        Ok(response) => Ok(grant_from(&response, now)),
+        Err(e) => Err(token_error(
+            kind,
+            operation,
+            failure_from(e, meta, now),
+            secrets,
+        )),
     }
 }
 
