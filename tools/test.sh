@@ -4,7 +4,8 @@
 #     tools/install-test-deps.sh;
 #   - the real Kubernetes control plane (kube-apiserver, etcd, kubectl) and Helm, built from their Go
 #     modules by tools/control-plane.sh and cached by version under ~/.cache/mail-integration-operator;
-# then cargo fmt --check, cargo clippy -D warnings and cargo test.
+# then cargo fmt --check, cargo clippy -D warnings and cargo test. With FUZZ=1, then also the property
+# tests of tests/properties.rs for MIO_FUZZ_SECONDS (default 60) seconds each (docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$SECONDS
@@ -26,4 +27,9 @@ step "cargo build --bins --examples (the sandbox and process tests run them)"
 cargo build --locked --bins --examples
 step "cargo test"
 cargo test --locked --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"
+if [[ "${FUZZ:-}" == 1 ]]; then
+  step "property tests for ${MIO_FUZZ_SECONDS:-60} s each (FUZZ=1, release build; docs/fuzzing.md)"
+  MIO_FUZZ_SECONDS="${MIO_FUZZ_SECONDS:-60}" \
+    cargo test --locked --release --test properties -- --nocapture --test-threads="${FUZZ_THREADS:-2}"
+fi
 step "done"
