@@ -1558,13 +1558,26 @@ type DecisionCase = (
     Outcome,
 );
 
+/// spec.refreshBefore as the CRD's rule allows it: 1m to 50m.
+fn crd_refresh_before() -> BoxedStrategy<String> {
+    prop_oneof![
+        (1u64..=50).prop_map(|m| format!("{m}m")),
+        (60u64..=3000).prop_map(|s| format!("{s}s")),
+        (1u64..=49, 0u64..60).prop_map(|(m, s)| format!("{m}m{s}s")),
+    ]
+    .boxed()
+}
+
 /// Reconcile inputs whose instants (in the Secrets, the status, the clock) come from `times`.
-fn decision_case(times: BoxedStrategy<Timestamp>) -> impl Strategy<Value = DecisionCase> {
+fn decision_case(
+    times: BoxedStrategy<Timestamp>,
+    refresh_before: BoxedStrategy<String>,
+) -> impl Strategy<Value = DecisionCase> {
     (
         secret_data(GRANT_KEYS, timestamp_text(times.clone())),
         secret_data(TOKEN_KEYS, timestamp_text(times.clone())),
         previous_status(times.clone()),
-        duration_text(),
+        refresh_before,
         times.clone(),
         prop::option::of(times.clone()),
         outcome(times),
@@ -1612,7 +1625,7 @@ fn check_decision(
 fn decisions_on_parsed_secrets_hold_their_invariants() {
     check(
         "decide_recent",
-        decision_case(recent_timestamp().boxed()),
+        decision_case(recent_timestamp().boxed(), crd_refresh_before()),
         check_decision,
     );
 }
@@ -1622,7 +1635,8 @@ fn decisions_on_parsed_secrets_hold_their_invariants() {
 fn decisions_survive_any_clock_and_expiry() {
     check(
         "decide_any_time",
-        decision_case(timestamp().boxed()),
+        // Also any refreshBefore, as an object from before the CRD's rule may have (105400000h).
+        decision_case(timestamp().boxed(), duration_text().boxed()),
         check_decision,
     );
 }
