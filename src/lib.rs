@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub(crate) mod http_limit;
 pub mod mailbox;
 pub mod metrics;
 pub mod oauth;

@@ -7,6 +7,7 @@
 //! Clients authenticate with `client_secret_post` (credentials in the form body).
 
 use crate::api::{Prompt, ProviderKind};
+use crate::http_limit::{self, ReadError};
 use crate::provider::{
     self, ErrorBody, FailureCause, FailureClass, ProviderEndpoints, ProviderErrorBody,
     TokenEndpointFailure, TokenOperation,
@@ -230,6 +231,9 @@ enum HttpError {
     Timeout,
     #[error("{0}")]
     Connect(String),
+    /// The body passed [`http_limit::TOKEN_RESPONSE_LIMIT`]; the status and headers were kept.
+    #[error("the answer is larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 impl HttpError {
@@ -238,6 +242,13 @@ impl HttpError {
             HttpError::Timeout
         } else {
             HttpError::Connect(provider::describe_reqwest_error(e))
+        }
+    }
+
+    fn of_read(e: ReadError) -> Self {
+        match e {
+            ReadError::TooLarge { limit } => HttpError::TooLarge { limit },
+            ReadError::Transport(e) => HttpError::of(&e),
         }
     }
 }
@@ -261,13 +272,15 @@ async fn send(
     let status = response.status();
     let headers = response.headers().clone();
     *meta.lock().expect("meta lock is never poisoned") = Some(ResponseMeta::of(status, &headers));
-    let body = response.bytes().await.map_err(|e| HttpError::of(&e))?;
+    let body = http_limit::read_capped(response, http_limit::TOKEN_RESPONSE_LIMIT)
+        .await
+        .map_err(HttpError::of_read)?;
     let mut builder = http::Response::builder().status(status);
     for (name, value) in &headers {
         builder = builder.header(name, value);
     }
     builder
-        .body(body.to_vec())
+        .body(body)
         .map_err(|e| HttpError::Connect(format!("could not read the response: {e}")))
 }
 
@@ -495,13 +508,13 @@ impl OAuthClient {
             let cause = http_failure(response, now).await;
             return Err(token_error(endpoints.kind, op, cause, &secrets));
         }
-        let body = match response.bytes().await {
+        let body = match http_limit::read_capped(response, http_limit::USERINFO_LIMIT).await {
             Ok(b) => b,
             Err(e) => {
                 return Err(token_error(
                     endpoints.kind,
                     op,
-                    transport_failure(&e),
+                    read_failure(e, "the userinfo endpoint"),
                     &secrets,
                 ));
             }
@@ -537,19 +550,33 @@ fn token_error(
 }
 
 fn transport_failure(e: &reqwest::Error) -> FailureCause {
-    match HttpError::of(e) {
-        HttpError::Timeout => FailureCause::Timeout,
-        HttpError::Connect(detail) => FailureCause::Connect { detail },
+    if e.is_timeout() {
+        FailureCause::Timeout
+    } else {
+        FailureCause::Connect {
+            detail: provider::describe_reqwest_error(e),
+        }
+    }
+}
+
+/// A successful response whose body could not be read.
+fn read_failure(e: ReadError, endpoint: &str) -> FailureCause {
+    match e {
+        ReadError::TooLarge { limit } => FailureCause::InvalidResponse {
+            detail: http_limit::too_large(endpoint, limit),
+        },
+        ReadError::Transport(e) => transport_failure(&e),
     }
 }
 
 /// Read a failed response made with reqwest directly (revocation, userinfo).
 async fn http_failure(response: reqwest::Response, now: Timestamp) -> FailureCause {
     let meta = ResponseMeta::of(response.status(), response.headers());
-    let body = match response.bytes().await {
-        Ok(b) => b.to_vec(),
-        Err(e) if e.is_timeout() => return FailureCause::Timeout,
-        Err(_) => Vec::new(),
+    let body = match http_limit::read_capped(response, http_limit::USERINFO_LIMIT).await {
+        Ok(b) => error_body(&meta, &b),
+        Err(ReadError::TooLarge { .. }) => oversized_error_body(&meta),
+        Err(ReadError::Transport(e)) if e.is_timeout() => return FailureCause::Timeout,
+        Err(ReadError::Transport(_)) => error_body(&meta, &[]),
     };
     FailureCause::Http {
         status: meta.status,
@@ -557,7 +584,19 @@ async fn http_failure(response: reqwest::Response, now: Timestamp) -> FailureCau
             .retry_after
             .as_deref()
             .and_then(|v| parse_retry_after(v, now)),
-        body: error_body(&meta, &body),
+        body,
+    }
+}
+
+/// An error status whose body is over the limit: the status still says what happened (a 503 is
+/// still worth a retry, a 401 still means bad credentials), so it is classified as usual with a
+/// body that is not an OAuth error (unless `WWW-Authenticate` carries one).
+fn oversized_error_body(meta: &ResponseMeta) -> ErrorBody {
+    match error_body(meta, &[]) {
+        ErrorBody::Empty => ErrorBody::Other {
+            content_type: meta.content_type.clone(),
+        },
+        other => other,
     }
 }
 
@@ -626,6 +665,14 @@ fn failure_from(
     match e {
         RequestTokenError::Request(HttpError::Timeout) => FailureCause::Timeout,
         RequestTokenError::Request(HttpError::Connect(detail)) => FailureCause::Connect { detail },
+        RequestTokenError::Request(HttpError::TooLarge { .. }) if meta.status >= 400 => {
+            http(oversized_error_body(&meta))
+        }
+        RequestTokenError::Request(HttpError::TooLarge { limit }) => {
+            FailureCause::InvalidResponse {
+                detail: http_limit::too_large("the token endpoint", limit),
+            }
+        }
         RequestTokenError::ServerResponse(b) => http(ErrorBody::OAuth(b)),
         RequestTokenError::Parse(_, body) if meta.status != 200 => http(error_body(&meta, &body)),
         RequestTokenError::Parse(err, body) => {

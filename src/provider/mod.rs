@@ -411,12 +411,17 @@ impl ProviderResolver {
                 "{url} answered HTTP {status}: check spec.oauth.issuerURL"
             )));
         }
-        let body = response.bytes().await.map_err(|e| {
-            transient(format!(
-                "could not read {url}: {}",
-                describe_reqwest_error(&e)
-            ))
-        })?;
+        let body = crate::http_limit::read_capped(response, crate::http_limit::DISCOVERY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                crate::http_limit::ReadError::TooLarge { limit } => {
+                    transient(crate::http_limit::too_large(url.as_str(), limit))
+                }
+                crate::http_limit::ReadError::Transport(e) => transient(format!(
+                    "could not read {url}: {}",
+                    describe_reqwest_error(&e)
+                )),
+            })?;
         let doc: DiscoveryDocument = serde_json::from_slice(&body).map_err(|e| {
             permanent(format!(
                 "{url} is not an OpenID Connect discovery document ({e}): check spec.oauth.issuerURL"
