@@ -151,7 +151,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the health address {}", args.health_addr))?;
     info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
-    tokio::spawn(async move { axum::serve(listener, health).await });
+    tokio::spawn(mail_integration_operator::web::serve::serve(
+        listener,
+        health,
+        Default::default(),
+    ));
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
     let providers = ProviderResolver::new(oauth.http_client().clone());
@@ -177,7 +181,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "serving the sign-in pages"
     );
     let router = sign_in.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(mail_integration_operator::web::serve::serve(
+        listener,
+        router,
+        Default::default(),
+    ));
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.sign_in = Some(Arc::new(sign_in));
