@@ -69,6 +69,10 @@ pub const DEFAULT_LINK_TTL: Duration = Duration::from_secs(60 * 60);
 /// How long the operator waits for the provider's answer after "Sign in".
 pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// Most read of a request body: the only one is the sign-in form (a ticket and a prompt, well under
+/// 1 KiB); larger bodies get 413 before any handler runs.
+pub const MAX_REQUEST_BODY: usize = 16 * 1024;
+
 /// The signing purpose of tickets.
 pub const TICKET: &str = "ticket";
 /// The signing purpose of states.
@@ -189,7 +193,10 @@ impl SignIn {
                 .nest(&self.inner.prefix, routes)
                 .fallback(not_found)
         };
-        app.layer(axum::middleware::map_response(security_headers))
+        app.layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_REQUEST_BODY,
+        ))
+        .layer(axum::middleware::map_response(security_headers))
     }
 
     /// The operator's callback URL: `{public-url}/oauth2/callback`.

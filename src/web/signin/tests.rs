@@ -1024,3 +1024,28 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
         "GrantRevoked"
     );
 }
+
+#[tokio::test]
+async fn a_request_body_over_16_kib_is_refused_unread() {
+    let h = Harness::new("http://127.0.0.1:8080");
+    let body = format!(
+        "ticket={}&prompt=Consent&pad={}",
+        h.ticket(),
+        "x".repeat(MAX_REQUEST_BODY)
+    );
+    let req = Request::post("/oauth2/start")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
+        .unwrap();
+    let (status, headers, _) = h.send(req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_security_headers(&headers);
+    // The same form, small, is a sign-in.
+    let (location, _) = h.start("Consent", None).await;
+    assert!(
+        location
+            .as_str()
+            .starts_with("https://accounts.google.com/")
+    );
+}
