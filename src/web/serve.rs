@@ -35,8 +35,9 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 512 connections (a few MiB of buffers in all), 10 s for a request head, 60 s for a request
-    /// (the sign-in callback exchanges the code within the 30 s provider timeout), 64 KiB buffers.
+    /// 512 connections of 64 KiB read buffers (32 MiB at most in all), 10 s for a request head,
+    /// 60 s for a request (the sign-in callback exchanges the code within the 30 s provider
+    /// timeout).
     fn default() -> Self {
         Self {
             max_connections: 512,
