@@ -143,6 +143,8 @@ async fn revoke(
         .get_opt(&mi.grant_secret_name())
         .await
         .map_err(|e| Some(e.to_string()))?;
+    // Only this integration's own grant is revoked (never a Secret that merely has its name).
+    let grant_secret = grant_secret.filter(|s| observed::grant_belongs_to(s, mi));
     let grant = observed::grant(grant_secret.as_ref()).ok_or(None)?;
     let client_secret = secrets
         .get_opt(&mi.spec.oauth.client_secret_ref.name)

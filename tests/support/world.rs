@@ -62,9 +62,28 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// Create or replace a Secret as a user would, marked the way the operator asks: a grant
+    /// brought by hand (`<integration>-oauth-grant`) names its integration, any other Secret
+    /// (client, CA bundle) carries the opt-in label.
     pub async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let labels = match name.strip_suffix("-oauth-grant") {
+            Some(integration) => {
+                serde_json::json!({"mailintegration.dev/integration": integration})
+            }
+            None => serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
+        };
+        self.put_secret_labelled(name, pairs, labels).await
+    }
+
+    /// Create or replace a Secret with exactly `labels` (an object; `{}` for none).
+    pub async fn put_secret_labelled(
+        &self,
+        name: &str,
+        pairs: &[(&str, &str)],
+        labels: serde_json::Value,
+    ) {
         let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": labels},
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();
