@@ -60,7 +60,8 @@ async fn write(
     finalizers: Vec<String>,
 ) -> Result<(), Error> {
     // The resourceVersion makes it an optimistic-concurrency write: another finalizer added or
-    // removed meanwhile is not overwritten.
+    // removed meanwhile is not overwritten. A PATCH of the main resource (not /status, which ignores
+    // metadata): the chart grants `patch` on mailintegrations for this write only.
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": mi.resource_version()}
     });
