@@ -191,6 +191,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
     let ctx = Arc::new(ctx);
+    // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     info!(
         namespaces = %if args.namespace.is_empty() { "(all)".to_owned() } else { args.namespace.join(",") },
         "watching MailIntegrations"
@@ -207,17 +213,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ctx,
             args.namespace,
             ready,
-            &args.leader_election_lease,
-            &lease_ns,
-            &identity,
-            args.leader_election_lease_seconds,
+            stop,
+            &LeaseSettings {
+                name: &args.leader_election_lease,
+                namespace: &lease_ns,
+                identity: &identity,
+                seconds: args.leader_election_lease_seconds,
+            },
         )
         .await?;
     } else {
-        controller::run(ctx, args.namespace, ready).await;
+        controller::run(ctx, args.namespace, ready, stop).await;
     }
     info!("stopped");
     Ok(())
+}
+
+/// Which Lease to hold, as whom, for how long.
+#[derive(Clone, Copy)]
+struct LeaseSettings<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    identity: &'a str,
+    seconds: u64,
 }
 
 /// Reconcile only while holding the Lease. Readiness does not depend on leadership: a standby is
@@ -226,11 +244,15 @@ async fn run_as_leader(
     ctx: Arc<Context>,
     namespace: Vec<String>,
     ready: Arc<AtomicBool>,
-    lease: &str,
-    lease_ns: &str,
-    identity: &str,
-    lease_seconds: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+    lease: &LeaseSettings<'_>,
 ) -> anyhow::Result<()> {
+    let LeaseSettings {
+        name: lease,
+        namespace: lease_ns,
+        identity,
+        seconds: lease_seconds,
+    } = *lease;
     let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), lease)
         .with_namespace(lease_ns)
         .with_identity(identity)
@@ -242,7 +264,10 @@ async fn run_as_leader(
     let (mut leader, task) = manager.watch().await;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(lease, lease_ns, identity, "waiting for leadership");
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut stopping = stop.clone();
+    let mut shutdown = std::pin::pin!(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
     loop {
         while !*leader.borrow_and_update() {
             tokio::select! {
@@ -251,18 +276,34 @@ async fn run_as_leader(
             }
         }
         info!(identity, "became the leader: reconciling");
-        let running = tokio::spawn(controller::run(
+        let mut running = tokio::spawn(controller::run(
             ctx.clone(),
             namespace.clone(),
             ready.clone(),
+            stop.clone(),
         ));
         tokio::select! {
+            // The controller ends only on a signal; ending otherwise must not leave a pod that
+            // holds the Lease and reports healthy while nothing refreshes.
+            ended = &mut running, if !*stop.borrow() => {
+                drop(leader);
+                if let Ok(Ok(manager)) = task.await {
+                    let _ = manager.release().await;
+                }
+                anyhow::bail!("the controller stopped while leading ({}): restarting", match ended {
+                    Ok(()) => "it returned".to_owned(),
+                    Err(e) => e.to_string(),
+                });
+            }
             _ = async { while *leader.borrow_and_update() { if leader.changed().await.is_err() { break } } } => {
                 info!(identity, "lost leadership: stopping reconciles");
                 running.abort();
             }
             _ = &mut shutdown => {
-                running.abort();
+                // The controller saw the same signal: give its running reconciles a moment.
+                if tokio::time::timeout(std::time::Duration::from_secs(20), &mut running).await.is_err() {
+                    running.abort();
+                }
                 break;
             }
         }
@@ -279,11 +320,17 @@ async fn run_as_leader(
 
 /// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

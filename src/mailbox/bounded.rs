@@ -115,9 +115,12 @@ impl Scan {
     fn step(&mut self, byte: u8) -> Option<u64> {
         let (next, announced) = match (*self, byte) {
             (_, b'{') => (Scan::Open, None),
-            (Scan::Open, b'0'..=b'9') => (Scan::Digits(u64::from(byte - b'0')), None),
+            (Scan::Open, b'0'..=b'9') => (Scan::Digits(u64::from(byte.saturating_sub(b'0'))), None),
             (Scan::Digits(n), b'0'..=b'9') => (
-                Scan::Digits(n.saturating_mul(10).saturating_add(u64::from(byte - b'0'))),
+                Scan::Digits(
+                    n.saturating_mul(10)
+                        .saturating_add(u64::from(byte.saturating_sub(b'0'))),
+                ),
                 None,
             ),
             (Scan::Digits(n), b'}') => (Scan::Text, Some(n)),
@@ -215,10 +218,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bounded<S> {
             let budget = this.budget;
             return Poll::Ready(Err(this.trip(Overrun::Bytes { budget })));
         }
-        this.remaining -= read;
+        this.remaining = this.remaining.saturating_sub(read);
         if let Some(scan) = &mut this.literals {
             let remaining = u64::try_from(this.remaining).unwrap_or(u64::MAX);
-            let oversized = buf.filled()[start..]
+            let oversized = buf
+                .filled()
+                .get(start..)
+                .unwrap_or_default()
                 .iter()
                 .filter_map(|&b| scan.step(b))
                 .find(|&size| size > remaining);

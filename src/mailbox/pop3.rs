@@ -57,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3<S> {
     /// Send one line. Lines may carry the token: they are never logged.
     async fn send(&mut self, line: &[u8], when: &str) -> Result<(), MailboxError> {
         let io = self.io.get_mut();
-        let mut buf = Vec::with_capacity(line.len() + 2);
+        let mut buf = Vec::with_capacity(line.len().saturating_add(2));
         buf.extend_from_slice(line);
         buf.extend_from_slice(b"\r\n");
         io.write_all(&buf)

@@ -14,6 +14,7 @@ use crate::provider::{
 };
 use crate::reason::Reason;
 use crate::secret::SecretValue;
+use crate::sync::LockExt as _;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 use oauth2::basic::{BasicTokenIntrospectionResponse, BasicTokenType};
@@ -271,7 +272,7 @@ async fn send(
     let response = http.execute(request).await.map_err(|e| HttpError::of(&e))?;
     let status = response.status();
     let headers = response.headers().clone();
-    *meta.lock().expect("meta lock is never poisoned") = Some(ResponseMeta::of(status, &headers));
+    *meta.locked() = Some(ResponseMeta::of(status, &headers));
     let body = http_limit::read_capped(response, http_limit::TOKEN_RESPONSE_LIMIT)
         .await
         .map_err(HttpError::of_read)?;
@@ -355,7 +356,7 @@ impl OAuthClient {
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
-        let meta = meta.lock().expect("meta lock is never poisoned").take();
+        let meta = meta.locked().take();
         match result {
             Ok(response) => Ok(grant_from(&response, now)),
             Err(e) => Err(token_error(
@@ -393,7 +394,7 @@ impl OAuthClient {
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
-        let meta = meta.lock().expect("meta lock is never poisoned").take();
+        let meta = meta.locked().take();
         match result {
             Ok(response) => Ok(grant_from(&response, now)),
             Err(e) => Err(token_error(
@@ -634,9 +635,13 @@ fn error_body(meta: &ResponseMeta, body: &[u8]) -> ErrorBody {
 /// `Bearer realm="x", error="invalid_token", error_description="..."` → the error parameters.
 fn parse_www_authenticate(value: &str) -> Option<ProviderErrorBody> {
     let param = |name: &str| {
-        let start = value.find(&format!("{name}=\""))? + name.len() + 2;
-        let end = value[start..].find('"')? + start;
-        Some(value[start..end].to_owned())
+        let start = value
+            .find(&format!("{name}=\""))?
+            .checked_add(name.len())?
+            .checked_add(2)?;
+        let rest = value.get(start..)?;
+        let end = rest.find('"')?;
+        rest.get(..end).map(str::to_owned)
     };
     let error = param("error")?;
     Some(ProviderErrorBody::new(
@@ -734,8 +739,8 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     let at = jiff::fmt::rfc2822::DateTimeParser::new()
         .parse_timestamp(value)
         .ok()?;
-    let secs = at.as_second() - now.as_second();
-    Some(Duration::from_secs(secs.max(0) as u64))
+    let secs = at.as_second().saturating_sub(now.as_second());
+    Some(Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
 // ---------------------------------------------------------------------------------------------

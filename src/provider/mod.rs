@@ -10,6 +10,7 @@ pub use classify::*;
 use crate::api::{
     Endpoints, MailIntegrationSpec, MailProtocol, MailServer, Prompt, ProviderKind, TlsMode,
 };
+use crate::sync::LockExt as _;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -68,6 +69,8 @@ const GOOGLE_USERINFO: &str = "https://openidconnect.googleapis.com/v1/userinfo"
 const GOOGLE_ISSUER: &str = "https://accounts.google.com";
 const MICROSOFT_LOGIN: &str = "https://login.microsoftonline.com";
 
+// Only called with the constants above (covered by the provider tests).
+#[allow(clippy::expect_used)]
 fn fixed_url(s: &str) -> Url {
     Url::parse(s).expect("built-in endpoint URLs are valid")
 }
@@ -294,7 +297,10 @@ pub fn discovery_url(issuer_url: &str) -> Result<Url, FailureClass> {
         "{}/.well-known/openid-configuration",
         base.as_str().trim_end_matches('/')
     );
-    Ok(Url::parse(&s).expect("a valid URL plus a path is valid"))
+    Url::parse(&s).map_err(|e| FailureClass::Permanent {
+        reason: crate::reason::Reason::DiscoveryFailed,
+        message: format!("spec.oauth.issuerURL: {e}"),
+    })
 }
 
 /// Resolves an integration's endpoints, fetching and caching OIDC discovery documents per
@@ -339,11 +345,13 @@ impl ProviderResolver {
         if let Some(endpoints) = static_endpoints(spec)? {
             return Ok(endpoints);
         }
-        let issuer = spec
-            .oauth
-            .issuer_url
-            .as_deref()
-            .expect("static_endpoints returns None only when an issuer URL is set");
+        let Some(issuer) = spec.oauth.issuer_url.as_deref() else {
+            // static_endpoints returns None only when an issuer URL is set.
+            return Err(FailureClass::Permanent {
+                reason: crate::reason::Reason::DiscoveryFailed,
+                message: "spec.oauth.issuerURL is missing".to_owned(),
+            });
+        };
         let discovered = self.discover(issuer).await?;
         apply_overrides(discovered, spec.oauth.endpoints.as_ref())
     }
@@ -352,7 +360,7 @@ impl ProviderResolver {
     pub async fn discover(&self, issuer_url: &str) -> Result<ProviderEndpoints, FailureClass> {
         let key = issuer_url.trim_end_matches('/').to_owned();
         {
-            let cache = self.cache.lock().expect("cache lock is never poisoned");
+            let cache = self.cache.locked();
             if let Some((at, endpoints)) = cache.get(&key)
                 && at.elapsed() < self.ttl
             {
@@ -361,8 +369,7 @@ impl ProviderResolver {
         }
         let endpoints = self.fetch(issuer_url).await?;
         self.cache
-            .lock()
-            .expect("cache lock is never poisoned")
+            .locked()
             .insert(key, (Instant::now(), endpoints.clone()));
         Ok(endpoints)
     }
@@ -370,10 +377,7 @@ impl ProviderResolver {
     /// Forget the cached document of `issuer_url` (e.g. after the spec changed or a token
     /// endpoint answered 404).
     pub fn invalidate(&self, issuer_url: &str) {
-        self.cache
-            .lock()
-            .expect("cache lock is never poisoned")
-            .remove(issuer_url.trim_end_matches('/'));
+        self.cache.locked().remove(issuer_url.trim_end_matches('/'));
     }
 
     async fn fetch(&self, issuer_url: &str) -> Result<ProviderEndpoints, FailureClass> {

@@ -5,6 +5,7 @@
 //! reconciles does not become a storm of logins, and a check that did not change its result writes
 //! nothing. Checks run with bounded concurrency and a timeout each.
 
+use crate::sync::LockExt as _;
 use crate::{
     api::{DEFAULT_CA_KEY, MailIntegration, MailIntegrationStatus, SaslMechanismName, condition},
     mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
@@ -83,7 +84,7 @@ impl MailboxChecker {
             Self::fingerprint(token),
             mi.metadata.generation.unwrap_or(0)
         );
-        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+        if let Some(c) = self.cache.locked().get(&key) {
             let fresh = now.duration_since(c.at)
                 < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
             if c.token == fingerprint && fresh {
@@ -113,7 +114,7 @@ impl MailboxChecker {
                 reason,
             })
             .inc();
-        self.cache.lock().unwrap().insert(
+        self.cache.locked().insert(
             key,
             Cached {
                 token: fingerprint,
@@ -126,16 +127,15 @@ impl MailboxChecker {
 
     /// When the cached result expires (the next periodic check), if there is one.
     pub fn next_check_at(&self, mi: &MailIntegration) -> Option<Timestamp> {
-        let interval = SignedDuration::try_from(mi.spec.check_interval()).ok()?;
+        let interval = mi.spec.check_interval();
         self.cache
-            .lock()
-            .unwrap()
+            .locked()
             .get(&mi.uid().unwrap_or_default())
-            .map(|c| c.at + interval)
+            .map(|c| crate::time::after(c.at, interval))
     }
 
     pub fn forget(&self, uid: &str) {
-        self.cache.lock().unwrap().remove(uid);
+        self.cache.locked().remove(uid);
     }
 
     async fn check_all(

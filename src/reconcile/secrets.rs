@@ -80,20 +80,39 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
     }
 }
 
-/// Write the token Secret (server-side apply: one request, whether or not it exists).
+/// Write the token Secret. `current` is the token Secret as read, which must be this integration's
+/// own (see [`super::observed::owned_by`]): when there was none it is created, so that a Secret
+/// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
+/// server-side apply with the resourceVersion read as its precondition.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
+    current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
 ) -> Result<(), kube::Error> {
-    let secret = token_secret(mi, token);
-    api.patch(
-        &mi.spec.token_secret.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await?;
+    let mut secret = token_secret(mi, token);
+    match current {
+        None => {
+            api.create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &secret,
+            )
+            .await?;
+        }
+        Some(current) => {
+            secret.metadata.resource_version = current.metadata.resource_version.clone();
+            api.patch(
+                &mi.spec.token_secret.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        }
+    }
     metrics.count_write("token_secret");
     Ok(())
 }
@@ -182,13 +201,23 @@ pub async fn store_rotated_refresh_token(
             }
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                 // Someone else wrote the Secret (or it went away) since we read it: read it again
-                // and put the new refresh token on top.
+                // and put the new refresh token on top — never into a Secret that is not this
+                // integration's grant (then wait until it is gone).
                 base = api.get_opt(&name).await.ok().flatten();
+                if base
+                    .as_ref()
+                    .is_some_and(|b| !super::observed::grant_belongs_to(b, mi))
+                {
+                    warn!(secret = %name, "the grant Secret was replaced by one that is not this integration's; holding the rotated refresh token until it is gone");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    base = api.get_opt(&name).await.ok().flatten();
+                    continue;
+                }
             }
             Err(e) => {
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "storing the rotated refresh token failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                delay = delay.saturating_mul(2).min(Duration::from_secs(10));
                 if let Ok(fresh) = api.get_opt(&name).await {
                     base = fresh;
                 }

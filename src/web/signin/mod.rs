@@ -43,7 +43,7 @@ use crate::oauth::{self, AuthorizationRequest, OAuthClient, TokenGrant};
 use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
 use crate::reason::Reason;
 use crate::reconcile::controller::SignInLinks;
-use crate::reconcile::observed::{self, ClientCredentials, ClientSecretProblem, grant_keys};
+use crate::reconcile::observed::{self, ClientCredentials, grant_keys};
 use crate::secret::SecretValue;
 use axum::{
     Router,
@@ -148,7 +148,10 @@ fn fmt_time(t: Timestamp) -> String {
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
 }
 
 impl SignIn {
@@ -324,10 +327,7 @@ impl SignIn {
             api_unavailable()
         })?;
         observed::client_credentials(r, secret.as_ref()).map_err(|p| {
-            let reason = match p {
-                ClientSecretProblem::NotFound { .. } => Reason::ClientSecretNotFound,
-                _ => Reason::ClientSecretKeyMissing,
-            };
+            let reason = p.reason();
             Failure::new(
                 reason,
                 StatusCode::CONFLICT,

@@ -109,6 +109,13 @@ impl Harness {
             .unwrap()
             .insert(("mail".into(), "inbox".into()), mi);
         let client = Secret {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("mail".into()),
+                labels: Some(
+                    [(crate::api::OAUTH_CLIENT_LABEL.to_owned(), "true".to_owned())].into(),
+                ),
+                ..Default::default()
+            },
             data: Some(
                 [
                     ("client_id".to_owned(), ByteString(b"the-client".to_vec())),
@@ -906,6 +913,7 @@ fn controller_reports_the_last_sign_in_failure_while_sign_in_is_needed() {
         client_version: None,
         grant: None,
         token: None,
+        conflict: None,
         now,
     };
     let link = Harness::new("http://127.0.0.1:8080")
@@ -983,6 +991,7 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
             resource_version: Some("7".into()),
         }),
         token: None,
+        conflict: None,
         now,
     };
     let link = Harness::new("http://127.0.0.1:8080")
