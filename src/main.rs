@@ -83,6 +83,15 @@ struct RunArgs {
     /// How long a sign-in link in status.signIn.url works (Go duration, e.g. 1h, 30m).
     #[arg(long, env = "MIO_SIGN_IN_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
     sign_in_link_ttl: std::time::Duration,
+    /// Mail hosts the mailbox check may connect to, besides the providers' own (imap.gmail.com,
+    /// outlook.office365.com, ...) and loopback: host names, `*.example.com` patterns or IP
+    /// addresses, comma-separated. The check sends a live access token: it goes nowhere else.
+    #[arg(long, env = "MIO_MAILBOX_ALLOWED_HOSTS", value_delimiter = ',')]
+    mailbox_allowed_hosts: Vec<String>,
+    /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
+    /// or a proxy). Off: such an integration is refused with EndpointOverrideNotAllowed.
+    #[arg(long, env = "MIO_ALLOW_ENDPOINT_OVERRIDES")]
+    allow_endpoint_overrides: bool,
 }
 
 fn parse_public_url(s: &str) -> Result<url::Url, String> {
@@ -158,7 +167,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
-    let providers = ProviderResolver::new(oauth.http_client().clone());
+    let providers = ProviderResolver::new(oauth.http_client().clone())
+        .with_endpoint_overrides(args.allow_endpoint_overrides);
     let (key_ns, key_name) = key_secret_ref(&args.sign_in_key_secret)?;
     let key = signin::key::load_or_create(client.clone(), &key_ns, &key_name).await?;
     let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
@@ -190,6 +200,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
+    let allowed = mail_integration_operator::mailbox::allowed::AllowedHosts::with_defaults(
+        args.mailbox_allowed_hosts.iter().map(String::as_str),
+    );
+    info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
+    ctx.mailbox = ctx.mailbox.with_allowed_hosts(allowed);
     let ctx = Arc::new(ctx);
     // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

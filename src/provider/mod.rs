@@ -310,6 +310,7 @@ pub struct ProviderResolver {
     http: reqwest::Client,
     ttl: Duration,
     cache: Arc<Mutex<HashMap<String, (Instant, ProviderEndpoints)>>>,
+    allow_overrides: bool,
 }
 
 impl fmt::Debug for ProviderResolver {
@@ -327,7 +328,16 @@ impl ProviderResolver {
             http,
             ttl: DEFAULT_DISCOVERY_TTL,
             cache: Arc::default(),
+            allow_overrides: false,
         }
+    }
+
+    /// Whether `spec.oauth.endpoints` may replace Google's or Microsoft's own endpoints (off by
+    /// default: whoever may edit a MailIntegration could otherwise send its refresh token and
+    /// client secret to a server of their choosing under the name of a well-known provider).
+    pub fn with_endpoint_overrides(mut self, allow: bool) -> Self {
+        self.allow_overrides = allow;
+        self
     }
 
     /// Change how long discovery documents are reused.
@@ -342,6 +352,21 @@ impl ProviderResolver {
         &self,
         spec: &MailIntegrationSpec,
     ) -> Result<ProviderEndpoints, FailureClass> {
+        let overridden = spec.oauth.endpoints.as_ref().is_some_and(|e| {
+            e.authorization.is_some()
+                || e.token.is_some()
+                || e.revocation.is_some()
+                || e.userinfo.is_some()
+        });
+        if overridden && spec.provider != ProviderKind::Oidc && !self.allow_overrides {
+            return Err(FailureClass::Permanent {
+                reason: crate::reason::Reason::EndpointOverrideNotAllowed,
+                message: format!(
+                    "spec.oauth.endpoints replaces {}'s own endpoints, which this operator does not allow: remove spec.oauth.endpoints, use provider OIDC for another server, or start the operator with --allow-endpoint-overrides",
+                    display_name(spec.provider)
+                ),
+            });
+        }
         if let Some(endpoints) = static_endpoints(spec)? {
             return Ok(endpoints);
         }

@@ -5,7 +5,7 @@ use super::{
     decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
-    observed::{self, Observed, PublishedToken},
+    observed::{self, Observed, PublishedToken, grant_keys},
     secrets,
 };
 use crate::sync::LockExt as _;
@@ -478,6 +478,21 @@ async fn refresh(
         Ok(e) => e,
         Err(class) => return (failure_outcome(mi, class, o.now, ctx), None),
     };
+    if let Some(message) = grant.bound_elsewhere(
+        endpoints.token.as_str(),
+        &creds.client_id,
+        &mi.spec.mailbox.address,
+    ) {
+        warn!(%message, "the grant was issued elsewhere; not sending it");
+        ctx.set_backoff(&uid, None);
+        return (
+            Outcome::PermanentFailure {
+                reason: crate::reason::Reason::GrantBoundElsewhere.as_str().into(),
+                message,
+            },
+            None,
+        );
+    }
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
     let result = ctx
@@ -491,13 +506,28 @@ async fn refresh(
         Ok(t) => t,
         Err(e) => return (failure_outcome(mi, e.class, o.now, ctx), None),
     };
-    if let Some(new_rt) = token
+    let rotated = token
         .refresh_token
         .as_ref()
-        .filter(|rt| **rt != grant.refresh_token)
-    {
-        secrets::store_rotated_refresh_token(mi, secrets_api, grant_secret, new_rt, &ctx.metrics)
-            .await;
+        .filter(|rt| **rt != grant.refresh_token);
+    // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
+    let mut extra = Vec::new();
+    if !grant.is_bound() {
+        extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
+        extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
+    }
+    if rotated.is_some() || !extra.is_empty() {
+        let refresh_token = rotated.unwrap_or(&grant.refresh_token);
+        secrets::store_rotated_refresh_token(
+            mi,
+            secrets_api,
+            grant_secret,
+            refresh_token,
+            rotated.is_some(),
+            &extra,
+            &ctx.metrics,
+        )
+        .await;
     }
     // Who the token belongs to: the provider's ID token says so when it sends one (a refresh token
     // brought by hand is checked here for the first time), else what the sign-in recorded.

@@ -575,6 +575,7 @@ pub fn sign_in_fixes(reason: &str) -> bool {
         R::ScopeMissing,
         R::UnauthorizedClient,
         R::AccountMismatch,
+        R::GrantBoundElsewhere,
     ]
     .iter()
     .any(|r| r.as_str() == reason)

@@ -65,6 +65,8 @@ impl World {
                 account: Some("support@example.com".into()),
                 scopes: vec![],
                 issued_at: None,
+                token_endpoint: None,
+                client_id: None,
                 resource_version: Some("11".into()),
             }),
             token: self.token_expiry.map(|e| PublishedToken {

@@ -42,6 +42,7 @@ pub struct MailboxChecker {
     cache: Mutex<HashMap<String, Cached>>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
+    allowed: crate::mailbox::allowed::AllowedHosts,
 }
 
 impl MailboxChecker {
@@ -51,7 +52,44 @@ impl MailboxChecker {
             cache: Mutex::default(),
             timeout,
             metrics,
+            allowed: Default::default(),
         }
+    }
+
+    /// Connect only to these mail hosts (see [`crate::mailbox::allowed`]).
+    pub fn with_allowed_hosts(mut self, allowed: crate::mailbox::allowed::AllowedHosts) -> Self {
+        self.allowed = allowed;
+        self
+    }
+
+    /// Why the check must not send this integration's token anywhere, if so: a server outside the
+    /// allowed hosts, or a grant of another account than the mailbox (after an edit of the spec).
+    pub fn refusal(&self, mi: &MailIntegration, targets: &[CheckTarget]) -> Option<MailboxState> {
+        if let Some(t) = targets.iter().find(|t| !self.allowed.allows(&t.host)) {
+            return Some(MailboxState::Failed {
+                reason: crate::reason::Reason::MailboxHostNotAllowed.as_str().into(),
+                message: format!(
+                    "the mail server {} is not one the operator may connect to (allowed: {}): use the provider's own mail host, or ask the operator's admin to add it to --mailbox-allowed-hosts",
+                    crate::web::signin::failure::clean(&t.host),
+                    self.allowed.describe()
+                ),
+            });
+        }
+        let address = &mi.spec.mailbox.address;
+        if let Some(account) = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.account.as_deref())
+            .filter(|a| !a.eq_ignore_ascii_case(address))
+        {
+            return Some(MailboxState::Failed {
+                reason: crate::reason::Reason::AccountMismatch.as_str().into(),
+                message: format!(
+                    "the grant is of {account}, not of the mailbox {address}: its token is not sent to the mail server; sign in again as {address} (status.signIn.url)"
+                ),
+            });
+        }
+        None
     }
 
     /// A short fingerprint of the token, so the cache can tell a new token without keeping it.
@@ -72,6 +110,9 @@ impl MailboxChecker {
         let targets = targets(mi);
         if targets.is_empty() {
             return Some(MailboxState::NotConfigured);
+        }
+        if let Some(refused) = self.refusal(mi, &targets) {
+            return Some(refused);
         }
         let (token, expires_at) = token?;
         if expires_at <= now {

@@ -21,6 +21,11 @@ pub mod grant_keys {
     pub const SCOPES: &str = "scopes";
     pub const ISSUED_AT: &str = "issued_at";
     pub const ROTATED_AT: &str = "rotated_at";
+    /// Where the grant was issued: the token endpoint it is refreshed at, and the OAuth client it
+    /// belongs to. Written at sign-in (or on the first refresh of a grant brought by hand); the
+    /// refresh token is never sent to another endpoint or with another client.
+    pub const TOKEN_ENDPOINT: &str = "token_endpoint";
+    pub const CLIENT_ID: &str = "client_id";
 }
 
 /// Keys of the token Secret that workloads mount.
@@ -184,8 +189,53 @@ pub struct Grant {
     pub account: Option<String>,
     pub scopes: Vec<String>,
     pub issued_at: Option<Timestamp>,
+    /// The token endpoint and client the grant was issued for ([`grant_keys::TOKEN_ENDPOINT`]).
+    pub token_endpoint: Option<String>,
+    pub client_id: Option<String>,
     /// The Secret's resourceVersion: the precondition of every write (optimistic concurrency).
     pub resource_version: Option<String>,
+}
+
+impl Grant {
+    /// Why this grant must not be used with `token_endpoint`, `client_id` and `mailbox`: it was
+    /// issued elsewhere (the spec was edited to point at another server, client or mailbox).
+    pub fn bound_elsewhere(
+        &self,
+        token_endpoint: &str,
+        client_id: &str,
+        mailbox: &str,
+    ) -> Option<String> {
+        let fix = "sign in again (status.signIn.url): a grant is only ever sent back to where it was issued";
+        if let Some(bound) = self
+            .token_endpoint
+            .as_deref()
+            .filter(|b| b.trim_end_matches('/') != token_endpoint.trim_end_matches('/'))
+        {
+            return Some(format!(
+                "the grant was issued by the token endpoint {bound}, but the spec now names {token_endpoint}: its refresh token is not sent there; {fix}"
+            ));
+        }
+        if let Some(bound) = self.client_id.as_deref().filter(|b| *b != client_id) {
+            return Some(format!(
+                "the grant belongs to the OAuth client {bound}, but the client Secret now holds {client_id}; {fix}"
+            ));
+        }
+        if let Some(account) = self
+            .account
+            .as_deref()
+            .filter(|a| !a.eq_ignore_ascii_case(mailbox))
+        {
+            return Some(format!(
+                "the grant is of {account}, but spec.mailbox.address is now {mailbox}; {fix}"
+            ));
+        }
+        None
+    }
+
+    /// Whether the grant records where it was issued (else it is bound on its first refresh).
+    pub fn is_bound(&self) -> bool {
+        self.token_endpoint.is_some() && self.client_id.is_some()
+    }
 }
 
 fn text(secret: &Secret, key: &str) -> Option<String> {
@@ -214,6 +264,8 @@ pub fn grant(secret: Option<&Secret>) -> Option<Grant> {
             .map(|s| s.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default(),
         issued_at: text(secret, grant_keys::ISSUED_AT).and_then(|s| s.parse().ok()),
+        token_endpoint: text(secret, grant_keys::TOKEN_ENDPOINT),
+        client_id: text(secret, grant_keys::CLIENT_ID),
         resource_version: secret.metadata.resource_version.clone(),
     })
 }
@@ -446,6 +498,47 @@ mod tests {
             c.message
         );
         assert!(conflicts(&mi, Some(&byo), None).is_none());
+    }
+
+    #[test]
+    fn a_grant_is_used_only_where_it_was_issued() {
+        let g = grant(Some(&secret(&[
+            ("refresh_token", b"rt"),
+            ("account", b"A@example.com"),
+            ("token_endpoint", b"https://id.example.com/token"),
+            ("client_id", b"client-1"),
+        ])))
+        .unwrap();
+        assert!(g.is_bound());
+        assert_eq!(
+            g.bound_elsewhere("https://id.example.com/token/", "client-1", "a@example.com"),
+            None
+        );
+        let m = g
+            .bound_elsewhere(
+                "https://evil.example.com/token",
+                "client-1",
+                "a@example.com",
+            )
+            .unwrap();
+        assert!(
+            m.contains("https://evil.example.com/token") && m.contains("sign in again"),
+            "{m}"
+        );
+        assert!(!m.contains("rt"), "no refresh token in the message: {m}");
+        assert!(
+            g.bound_elsewhere("https://id.example.com/token", "client-2", "a@example.com")
+                .unwrap()
+                .contains("client-1")
+        );
+        assert!(
+            g.bound_elsewhere("https://id.example.com/token", "client-1", "b@example.com")
+                .unwrap()
+                .contains("b@example.com")
+        );
+        let byo = grant(Some(&secret(&[("refresh_token", b"rt")]))).unwrap();
+        assert!(!byo.is_bound());
+        assert_eq!(byo.bound_elsewhere("https://x/token", "c", "a@b"), None);
     }
 
     #[test]

@@ -157,19 +157,27 @@ pub fn grant_secret(
 /// Store a rotated refresh token. The provider has already invalidated the old one, so this write
 /// must land: an optimistic-concurrency replace (the resourceVersion we read), re-read on conflict,
 /// retried with capped backoff until it succeeds.
+///
+/// `rotated`: the provider issued `refresh_token` just now (recorded as `rotated_at`); `extra`:
+/// further keys to record in the same write (the grant's binding).
 pub async fn store_rotated_refresh_token(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: Option<&Secret>,
     refresh_token: &SecretValue,
+    rotated: bool,
+    extra: &[(&str, String)],
     metrics: &Metrics,
 ) {
     let name = mi.grant_secret_name();
     let mut base = current.cloned();
     let mut delay = Duration::from_millis(200);
-    let rotated_at = [(grant_keys::ROTATED_AT, rfc3339(Timestamp::now()))];
+    let mut keys: Vec<(&str, String)> = extra.to_vec();
+    if rotated {
+        keys.push((grant_keys::ROTATED_AT, rfc3339(Timestamp::now())));
+    }
     loop {
-        let desired = grant_secret(mi, base.as_ref(), refresh_token, &rotated_at);
+        let desired = grant_secret(mi, base.as_ref(), refresh_token, &keys);
         let result = match &base {
             Some(_) => {
                 api.replace(
@@ -196,7 +204,7 @@ pub async fn store_rotated_refresh_token(
         match result {
             Ok(_) => {
                 metrics.count_write("grant_secret");
-                info!("stored the rotated refresh token");
+                info!(rotated, "stored the grant");
                 return;
             }
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {

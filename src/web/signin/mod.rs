@@ -1077,6 +1077,9 @@ async fn callback(
     let extra = vec![
         (grant_keys::ACCOUNT, account.clone()),
         (grant_keys::SCOPES, scopes),
+        // Where the grant was issued: the refresher sends it nowhere else.
+        (grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()),
+        (grant_keys::CLIENT_ID, creds.client_id.clone()),
         (
             grant_keys::ISSUED_AT,
             now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),

@@ -988,6 +988,8 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
             account: None,
             scopes: vec![],
             issued_at: None,
+            token_endpoint: None,
+            client_id: None,
             resource_version: Some("7".into()),
         }),
         token: None,
