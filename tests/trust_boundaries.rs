@@ -391,3 +391,116 @@ async fn force_refresh(env: &Env, name: &str) {
     let value = format!("{:?}", std::time::SystemTime::now());
     support::world::annotate_refresh(env, name, &value).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_never_sent_anywhere_but_where_it_was_issued() {
+    let env = Env::new("bound", server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    // Brought by hand: bound to the token endpoint and client of its first refresh.
+    let rt = env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.wait_for("inbox", "Ready", WAIT, &op, is_ready).await;
+    let bound = env.data("inbox-oauth-grant", "token_endpoint").await;
+    assert_eq!(bound.as_deref(), Some(env.proxy.token_url().as_str()));
+    assert_eq!(
+        env.data("inbox-oauth-grant", "client_id").await.as_deref(),
+        Some(env.server.client_id())
+    );
+
+    // Someone who may edit the MailIntegration points its token endpoint at their own server (a
+    // second proxy here, counting what reaches it) and asks for a refresh.
+    let evil = support::fault_proxy::FaultProxy::start(&env.server.base_url);
+    let patch = serde_json::json!({"spec": {"oauth": {"endpoints": {"token": evil.token_url()}}}});
+    env.integrations()
+        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    force_refresh(&env, "inbox").await;
+    let mi = env
+        .wait_for("inbox", "GrantBoundElsewhere", WAIT, &op, |mi| {
+            condition(mi, "Ready") == Some(("False", "GrantBoundElsewhere"))
+        })
+        .await;
+    assert_eq!(
+        condition(&mi, "Stalled"),
+        Some(("True", "GrantBoundElsewhere"))
+    );
+    assert!(
+        message(&mi, "Ready").contains(&evil.token_url()),
+        "{:?}",
+        mi.status
+    );
+    assert!(
+        mi.status.as_ref().unwrap().sign_in.is_some(),
+        "a new sign-in is offered: {:?}",
+        mi.status
+    );
+    assert_eq!(
+        evil.token_requests(),
+        0,
+        "the refresh token went to the other server"
+    );
+
+    // The mail server is moved to a host outside the allowed list (a listener on 127.0.0.2, which
+    // is loopback but not 127.0.0.1): the check never connects there.
+    let trap = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = trap.local_addr().unwrap().port();
+    let patch = serde_json::json!({"spec": {
+        "oauth": {"endpoints": {"token": env.proxy.token_url()}},
+        "mailbox": {"server": {"host": "127.0.0.2", "port": port, "tls": "Implicit"}},
+    }});
+    env.integrations()
+        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("inbox", "MailboxHostNotAllowed", WAIT, &op, |mi| {
+            condition(mi, "MailboxConnected") == Some(("False", "MailboxHostNotAllowed"))
+        })
+        .await;
+    assert!(
+        message(&mi, "MailboxConnected").contains("--mailbox-allowed-hosts"),
+        "{:?}",
+        mi.status
+    );
+    let connected = tokio::time::timeout(Duration::from_millis(500), trap.accept()).await;
+    assert!(
+        connected.is_err(),
+        "the operator connected to a host outside the list"
+    );
+    let access = env.data("inbox-token", "access_token").await.unwrap();
+    assert_no_secrets_in_logs_or_events(&env, &op, &[&rt, &access]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_answers_without_end_is_cut_off() {
+    let env = Env::new("bigbody", server()).await;
+    let mut op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.wait_for("inbox", "Ready", WAIT, &op, is_ready).await;
+    // 32 MiB of "JSON" for one token request.
+    env.proxy.set_fault(Fault::Canned {
+        status: 200,
+        content_type: "application/json".into(),
+        headers: vec![],
+        body: format!("{{\"access_token\":\"{}\"}}", "a".repeat(32 << 20)),
+    });
+    force_refresh(&env, "inbox").await;
+    let mi = env
+        .wait_for("inbox", "a refresh failure", WAIT, &op, |mi| {
+            condition(mi, "Reconciling").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    let msg = message(&mi, "Reconciling");
+    assert!(msg.contains("larger than 64 KiB"), "{msg}");
+    assert!(
+        is_ready(&mi),
+        "the published token stays in place: {:?}",
+        mi.status
+    );
+    assert!(op.process.is_running());
+    env.proxy.clear_fault();
+}
