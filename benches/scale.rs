@@ -90,6 +90,17 @@ async fn run(n: usize) {
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mis: Api<MailIntegration> = Api::namespaced(client.clone(), &ns);
+    // Labelled as a user marks them: the client Secret for the operator to read, each grant
+    // Secret for its integration.
+    let label = |mut s: Secret, key: &str, value: &str| -> Secret {
+        s.metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(key.to_owned(), value.to_owned());
+        s
+    };
+    let marked = |s: Secret| label(s, "mailintegration.dev/oauth-client", "true");
+    let for_integration = |s: Secret, name: &str| label(s, "mailintegration.dev/integration", name);
     let secret = |name: String, data: serde_json::Value| -> Secret {
         serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data}))
             .unwrap()
@@ -97,10 +108,10 @@ async fn run(n: usize) {
     secrets
         .create(
             &PostParams::default(),
-            &secret(
+            &marked(secret(
                 "client".into(),
                 serde_json::json!({"client_id": "bench", "client_secret": "bench-secret"}),
-            ),
+            )),
         )
         .await
         .unwrap();
@@ -112,7 +123,7 @@ async fn run(n: usize) {
             async move {
                 let name = format!("inbox-{i}");
                 secrets
-                    .create(&PostParams::default(), &secret(format!("{name}-oauth-grant"), serde_json::json!({"refresh_token": format!("rt-{i}")})))
+                    .create(&PostParams::default(), &for_integration(secret(format!("{name}-oauth-grant"), serde_json::json!({"refresh_token": format!("rt-{i}")})), &name))
                     .await
                     .unwrap();
                 let mi: MailIntegration = serde_json::from_value(serde_json::json!({

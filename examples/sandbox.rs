@@ -63,9 +63,13 @@ async fn main() {
     cp.kubectl(&["create", "namespace", NS]);
     let client = cp.client().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    // Marked for the operator, which reads no other Secret of a namespace (docs/security.md).
     let secret = |name: &str, data: serde_json::Value| -> Secret {
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data}))
-            .unwrap()
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "stringData": data,
+        }))
+        .unwrap()
     };
     secrets
         .create(&PostParams::default(), &secret("sandbox-client", serde_json::json!({"client_id": "sandbox-client", "client_secret": "sandbox-client-secret"})))

@@ -83,6 +83,15 @@ struct RunArgs {
     /// How long a sign-in link in status.signIn.url works (Go duration, e.g. 1h, 30m).
     #[arg(long, env = "MIO_SIGN_IN_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
     sign_in_link_ttl: std::time::Duration,
+    /// Mail hosts the mailbox check may connect to, besides the providers' own (imap.gmail.com,
+    /// outlook.office365.com, ...) and loopback: host names, `*.example.com` patterns or IP
+    /// addresses, comma-separated. The check sends a live access token: it goes nowhere else.
+    #[arg(long, env = "MIO_MAILBOX_ALLOWED_HOSTS", value_delimiter = ',')]
+    mailbox_allowed_hosts: Vec<String>,
+    /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
+    /// or a proxy). Off: such an integration is refused with EndpointOverrideNotAllowed.
+    #[arg(long, env = "MIO_ALLOW_ENDPOINT_OVERRIDES")]
+    allow_endpoint_overrides: bool,
 }
 
 fn parse_public_url(s: &str) -> Result<url::Url, String> {
@@ -151,10 +160,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the health address {}", args.health_addr))?;
     info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
-    tokio::spawn(async move { axum::serve(listener, health).await });
+    tokio::spawn(mail_integration_operator::web::serve::serve(
+        listener,
+        health,
+        Default::default(),
+    ));
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
-    let providers = ProviderResolver::new(oauth.http_client().clone());
+    let providers = ProviderResolver::new(oauth.http_client().clone())
+        .with_endpoint_overrides(args.allow_endpoint_overrides);
     let (key_ns, key_name) = key_secret_ref(&args.sign_in_key_secret)?;
     let key = signin::key::load_or_create(client.clone(), &key_ns, &key_name).await?;
     let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
@@ -177,12 +191,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "serving the sign-in pages"
     );
     let router = sign_in.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(mail_integration_operator::web::serve::serve(
+        listener,
+        router,
+        Default::default(),
+    ));
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
+    let allowed = mail_integration_operator::mailbox::allowed::AllowedHosts::with_defaults(
+        args.mailbox_allowed_hosts.iter().map(String::as_str),
+    );
+    info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
+    ctx.mailbox = ctx.mailbox.with_allowed_hosts(allowed);
     let ctx = Arc::new(ctx);
+    // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     info!(
         namespaces = %if args.namespace.is_empty() { "(all)".to_owned() } else { args.namespace.join(",") },
         "watching MailIntegrations"
@@ -199,17 +228,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ctx,
             args.namespace,
             ready,
-            &args.leader_election_lease,
-            &lease_ns,
-            &identity,
-            args.leader_election_lease_seconds,
+            stop,
+            &LeaseSettings {
+                name: &args.leader_election_lease,
+                namespace: &lease_ns,
+                identity: &identity,
+                seconds: args.leader_election_lease_seconds,
+            },
         )
         .await?;
     } else {
-        controller::run(ctx, args.namespace, ready).await;
+        controller::run(ctx, args.namespace, ready, stop).await;
     }
     info!("stopped");
     Ok(())
+}
+
+/// Which Lease to hold, as whom, for how long.
+#[derive(Clone, Copy)]
+struct LeaseSettings<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    identity: &'a str,
+    seconds: u64,
 }
 
 /// Reconcile only while holding the Lease. Readiness does not depend on leadership: a standby is
@@ -218,11 +259,15 @@ async fn run_as_leader(
     ctx: Arc<Context>,
     namespace: Vec<String>,
     ready: Arc<AtomicBool>,
-    lease: &str,
-    lease_ns: &str,
-    identity: &str,
-    lease_seconds: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+    lease: &LeaseSettings<'_>,
 ) -> anyhow::Result<()> {
+    let LeaseSettings {
+        name: lease,
+        namespace: lease_ns,
+        identity,
+        seconds: lease_seconds,
+    } = *lease;
     let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), lease)
         .with_namespace(lease_ns)
         .with_identity(identity)
@@ -234,7 +279,10 @@ async fn run_as_leader(
     let (mut leader, task) = manager.watch().await;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(lease, lease_ns, identity, "waiting for leadership");
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut stopping = stop.clone();
+    let mut shutdown = std::pin::pin!(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
     loop {
         while !*leader.borrow_and_update() {
             tokio::select! {
@@ -243,18 +291,34 @@ async fn run_as_leader(
             }
         }
         info!(identity, "became the leader: reconciling");
-        let running = tokio::spawn(controller::run(
+        let mut running = tokio::spawn(controller::run(
             ctx.clone(),
             namespace.clone(),
             ready.clone(),
+            stop.clone(),
         ));
         tokio::select! {
+            // The controller ends only on a signal; ending otherwise must not leave a pod that
+            // holds the Lease and reports healthy while nothing refreshes.
+            ended = &mut running, if !*stop.borrow() => {
+                drop(leader);
+                if let Ok(Ok(manager)) = task.await {
+                    let _ = manager.release().await;
+                }
+                anyhow::bail!("the controller stopped while leading ({}): restarting", match ended {
+                    Ok(()) => "it returned".to_owned(),
+                    Err(e) => e.to_string(),
+                });
+            }
             _ = async { while *leader.borrow_and_update() { if leader.changed().await.is_err() { break } } } => {
                 info!(identity, "lost leadership: stopping reconciles");
                 running.abort();
             }
             _ = &mut shutdown => {
-                running.abort();
+                // The controller saw the same signal: give its running reconciles a moment.
+                if tokio::time::timeout(std::time::Duration::from_secs(20), &mut running).await.is_err() {
+                    running.abort();
+                }
                 break;
             }
         }
@@ -271,11 +335,17 @@ async fn run_as_leader(
 
 /// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -121,6 +121,8 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The Prometheus text exposition.
+    // `fmt::Write` for String never fails.
+    #[allow(clippy::expect_used)]
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -82,6 +82,18 @@ pub enum Reason {
     /// The sign-in worked but the operator could not store the grant Secret.
     GrantWriteFailed,
 
+    /// The client Secret (or CA bundle Secret) is not marked for the operator, or is one the operator manages.
+    ClientSecretNotMarked,
+    /// `spec.tokenSecret.name` names a Secret that the operator did not create for this integration.
+    TokenSecretConflict,
+    /// The grant Secret `<name>-oauth-grant` exists but belongs to something else.
+    GrantSecretConflict,
+    /// The stored grant was issued for another provider, token endpoint, client or account than the spec now names.
+    GrantBoundElsewhere,
+    /// `spec.oauth.endpoints` overrides a Google or Microsoft endpoint, which this operator does not allow.
+    EndpointOverrideNotAllowed,
+    /// The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts.
+    MailboxHostNotAllowed,
     // --- transient: the operator retries by itself ---
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
@@ -138,6 +150,12 @@ impl Reason {
         Reason::SignInBrowserMismatch,
         Reason::SignInFailed,
         Reason::GrantWriteFailed,
+        Reason::ClientSecretNotMarked,
+        Reason::TokenSecretConflict,
+        Reason::GrantSecretConflict,
+        Reason::GrantBoundElsewhere,
+        Reason::EndpointOverrideNotAllowed,
+        Reason::MailboxHostNotAllowed,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -184,6 +202,12 @@ impl Reason {
             Reason::SignInBrowserMismatch => "SignInBrowserMismatch",
             Reason::SignInFailed => "SignInFailed",
             Reason::GrantWriteFailed => "GrantWriteFailed",
+            Reason::ClientSecretNotMarked => "ClientSecretNotMarked",
+            Reason::TokenSecretConflict => "TokenSecretConflict",
+            Reason::GrantSecretConflict => "GrantSecretConflict",
+            Reason::GrantBoundElsewhere => "GrantBoundElsewhere",
+            Reason::EndpointOverrideNotAllowed => "EndpointOverrideNotAllowed",
+            Reason::MailboxHostNotAllowed => "MailboxHostNotAllowed",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -290,6 +314,24 @@ impl Reason {
             }
             Reason::GrantWriteFailed => {
                 "Check the operator's RBAC (create/update Secrets in the integration's namespace) and its log; then sign in again."
+            }
+            Reason::ClientSecretNotMarked => {
+                "Label the Secret that holds the OAuth client: kubectl label secret NAME -n NAMESPACE mailintegration.dev/oauth-client=true (the operator reads no other Secret of yours)."
+            }
+            Reason::TokenSecretConflict => {
+                "Choose another spec.tokenSecret.name, or delete that Secret if it is left over; the operator never writes into a Secret it does not own."
+            }
+            Reason::GrantSecretConflict => {
+                "Delete or rename that Secret; to bring your own refresh token, create it with the label mailintegration.dev/integration=<integration name>."
+            }
+            Reason::GrantBoundElsewhere => {
+                "Sign in again at status.signIn.url: a grant is only ever sent back to where it was issued."
+            }
+            Reason::EndpointOverrideNotAllowed => {
+                "Remove spec.oauth.endpoints, use provider OIDC for another server, or start the operator with --allow-endpoint-overrides."
+            }
+            Reason::MailboxHostNotAllowed => {
+                "Use the provider's own mail host, or ask the operator's admin to add the host to --mailbox-allowed-hosts (Helm value mailboxAllowedHosts)."
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."

@@ -9,15 +9,17 @@
 mod support;
 
 use k8s_openapi::api::{
+    authorization::v1::{SelfSubjectAccessReview, SelfSubjectRulesReview},
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, Secret},
+    rbac::v1::RoleBinding,
 };
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
     runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
 };
-use mail_integration_operator::api::MailIntegration;
+use mail_integration_operator::{api::MailIntegration, reconcile::finalizer::FINALIZER};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 use std::{
@@ -449,6 +451,17 @@ fn notes_tell_the_callback_url_to_register() {
         out.contains("http://127.0.0.1:8080/oauth2/callback") && out.contains("port-forward"),
         "{out}"
     );
+    // A cluster-wide install says what its ServiceAccount can read, and how to confine it.
+    assert!(
+        out.contains("every Secret in the cluster") && out.contains("watchNamespaces={"),
+        "{out}"
+    );
+    let out = notes(&["watchNamespaces={team-a}"]);
+    assert!(
+        out.contains("It watches MailIntegrations in: team-a")
+            && !out.contains("every Secret in the cluster"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -639,6 +652,57 @@ fn kustomize_base_equals_the_chart_defaults() {
             serde_yaml::to_string(&chart[k]).unwrap()
         );
     }
+}
+
+#[test]
+fn docs_list_exactly_the_rbac_rules_the_chart_grants() {
+    let n = "mio-mail-integration-operator";
+    let own = format!("{n}-own-namespace");
+    // Defaults: the ClusterRole carries the "watched" rows; the own namespace, the "own" ones.
+    let docs = yaml_docs(&helm::template("mio", "ops", &[]));
+    assert_eq!(
+        rendered_grants(&docs, "ClusterRole", "", n),
+        documented_grants(n, &["watched"])
+    );
+    assert_eq!(
+        rendered_grants(&docs, "Role", "ops", &own),
+        documented_grants(n, &["own"])
+    );
+    // A namespace list: the same "watched" rows in each Role; leader election adds its rows.
+    let docs = yaml_docs(&helm::template(
+        "mio",
+        "ops",
+        &[
+            "watchNamespaces={team-a,team-b}",
+            "leaderElection.enabled=true",
+        ],
+    ));
+    for ns in ["team-a", "team-b"] {
+        assert_eq!(
+            rendered_grants(&docs, "Role", ns, n),
+            documented_grants(n, &["watched"]),
+            "the Role in {ns}"
+        );
+    }
+    assert_eq!(
+        rendered_grants(&docs, "Role", "ops", &own),
+        documented_grants(n, &["own", "own, leader election only"])
+    );
+    // The grant that makes revokeOnDelete work, and the verbs that stay out.
+    let watched = documented_grants(n, &["watched"]);
+    assert!(watched.contains(&grant(
+        "mailintegration.dev",
+        "mailintegrations",
+        "*",
+        "patch"
+    )));
+    for verb in ["create", "update", "delete", "deletecollection"] {
+        assert!(
+            !watched.contains(&grant("mailintegration.dev", "mailintegrations", "*", verb)),
+            "{verb} on mailintegrations"
+        );
+    }
+    assert!(!watched.contains(&grant("", "secrets", "*", "delete")));
 }
 
 #[test]
@@ -974,6 +1038,267 @@ fn secret(name: &str) -> Secret {
     .unwrap()
 }
 
+/// One RBAC permission: (API group, resource, resource name or `*` for any, verb).
+type Grant = (String, String, String, String);
+
+fn grant(group: &str, resource: &str, name: &str, verb: &str) -> Grant {
+    (group.into(), resource.into(), name.into(), verb.into())
+}
+
+/// The permissions of RBAC rules (a Role's or ClusterRole's `rules`), one per verb and name.
+fn grants_of_rules(rules: &Value) -> BTreeSet<Grant> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_sequence()
+            .map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let mut out = BTreeSet::new();
+    for rule in rules.as_sequence().expect("rules") {
+        let mut names = strings(&rule["resourceNames"]);
+        if names.is_empty() {
+            names.push("*".into());
+        }
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for n in &names {
+                    for v in strings(&rule["verbs"]) {
+                        out.insert(grant(&g, &r, n, &v));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The permissions of the rendered Role or ClusterRole `name` (in namespace `ns`; "" for a ClusterRole).
+fn rendered_grants(docs: &[Value], kind: &str, ns: &str, name: &str) -> BTreeSet<Grant> {
+    let role = docs
+        .iter()
+        .find(|d| key(d) == (kind.to_owned(), ns.to_owned(), name.to_owned()))
+        .unwrap_or_else(|| panic!("no {kind} {ns}/{name} among {:?}", kinds(docs)));
+    grants_of_rules(&role["rules"])
+}
+
+/// The table of docs/install.md, "What the operator's ServiceAccount can do": the permissions of
+/// the rows whose "where" column is one of `wheres`, with `<fullname>` filled in.
+fn documented_grants(fullname: &str, wheres: &[&str]) -> BTreeSet<Grant> {
+    const KNOWN: &[&str] = &["watched", "own", "own, leader election only"];
+    let doc = std::fs::read_to_string(repo().join("docs/install.md")).unwrap();
+    let section = doc
+        .split("\n## What the operator's ServiceAccount can do\n")
+        .nth(1)
+        .expect("docs/install.md has the section \"What the operator's ServiceAccount can do\"");
+    let section = section.split("\n## ").next().unwrap();
+    let unquote = |c: &str| c.trim().trim_matches('`').replace("\"\"", "");
+    let mut out = BTreeSet::new();
+    let mut rows = 0;
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<&str> = line.trim().trim_matches('|').split('|').collect();
+        assert_eq!(cells.len(), 6, "a row of six cells: {line}");
+        let place = cells[0].trim();
+        if place == "where" {
+            continue;
+        }
+        assert!(
+            KNOWN.contains(&place),
+            "unknown \"where\" {place:?}: {line}"
+        );
+        rows += 1;
+        if !wheres.contains(&place) {
+            continue;
+        }
+        let names = cells[3].trim();
+        let name = if names == "any" {
+            "*".to_owned()
+        } else {
+            let quoted = names.split('`').nth(1).unwrap_or_else(|| panic!("{line}"));
+            quoted.replace("<fullname>", fullname)
+        };
+        for verb in cells[4].split(',') {
+            out.insert(grant(
+                &unquote(cells[1]),
+                &unquote(cells[2]),
+                &name,
+                verb.trim(),
+            ));
+        }
+    }
+    assert!(rows > 0, "no rows in the table");
+    out
+}
+
+/// What the API server's authorizer lets the client do in `ns`, by a SelfSubjectRulesReview, less
+/// the self-reviews every authenticated user may create (system:basic-user).
+async fn effective_grants(client: &kube::Client, ns: &str) -> BTreeSet<Grant> {
+    let review: SelfSubjectRulesReview =
+        serde_json::from_value(serde_json::json!({"spec": {"namespace": ns}})).unwrap();
+    let review = Api::<SelfSubjectRulesReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SelfSubjectRulesReview");
+    let status = review.status.expect("a rules review status");
+    assert!(!status.incomplete, "incomplete rules review: {status:?}");
+    let mut out = BTreeSet::new();
+    for rule in status.resource_rules {
+        let mut names = rule.resource_names.unwrap_or_default();
+        if names.is_empty() {
+            names.push("*".into());
+        }
+        for g in rule.api_groups.unwrap_or_default() {
+            for r in rule.resources.clone().unwrap_or_default() {
+                let self_review = r.starts_with("selfsubject")
+                    && (g == "authorization.k8s.io" || g == "authentication.k8s.io");
+                if self_review {
+                    continue;
+                }
+                for n in &names {
+                    for v in &rule.verbs {
+                        out.insert(grant(&g, &r, n, v));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether the client may `verb` `group`/`resource`[/`subresource`] in `ns` (None: cluster-scoped, or
+/// all namespaces), as the API server's authorizer answers a SelfSubjectAccessReview.
+async fn can_i(
+    client: &kube::Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    ns: Option<&str>,
+) -> bool {
+    let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+    let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "spec": {"resourceAttributes": {
+            "verb": verb, "group": group, "resource": resource, "subresource": subresource,
+            "namespace": ns.unwrap_or_default(),
+        }}
+    }))
+    .unwrap();
+    let review = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SelfSubjectAccessReview");
+    review.status.expect("an access review status").allowed
+}
+
+/// What the chart's ServiceAccount must not be able to do wherever it is bound (`ns`: a namespace
+/// where its rules apply): delete, touch workloads, configuration or identities, or reach RBAC to
+/// give itself more. Asked of the authorizer, so each line is a yes/no of the real API server.
+async fn assert_cannot_reach_beyond_its_job(sa: &kube::Client, ns: &str) {
+    let namespaced: &[(&str, &str, &str)] = &[
+        ("delete", "", "secrets"),
+        ("deletecollection", "", "secrets"),
+        ("create", "mailintegration.dev", "mailintegrations"),
+        ("update", "mailintegration.dev", "mailintegrations"),
+        ("delete", "mailintegration.dev", "mailintegrations"),
+        (
+            "deletecollection",
+            "mailintegration.dev",
+            "mailintegrations",
+        ),
+        ("update", "mailintegration.dev", "mailintegrations/status"),
+        ("get", "", "pods"),
+        ("create", "", "pods"),
+        ("create", "", "pods/exec"),
+        ("get", "", "configmaps"),
+        ("update", "", "configmaps"),
+        ("create", "", "serviceaccounts"),
+        ("create", "", "serviceaccounts/token"),
+        ("impersonate", "", "serviceaccounts"),
+        ("get", "", "events"),
+        ("create", "", "events"),
+        ("patch", "apps", "deployments"),
+        ("get", "rbac.authorization.k8s.io", "roles"),
+        ("create", "rbac.authorization.k8s.io", "roles"),
+        ("escalate", "rbac.authorization.k8s.io", "roles"),
+        ("bind", "rbac.authorization.k8s.io", "roles"),
+        ("create", "rbac.authorization.k8s.io", "rolebindings"),
+        ("patch", "rbac.authorization.k8s.io", "rolebindings"),
+        ("delete", "coordination.k8s.io", "leases"),
+    ];
+    for (verb, group, resource) in namespaced {
+        assert!(
+            !can_i(sa, verb, group, resource, Some(ns)).await,
+            "the ServiceAccount may {verb} {group}/{resource} in {ns}"
+        );
+    }
+    let cluster: &[(&str, &str, &str)] = &[
+        ("list", "", "nodes"),
+        ("list", "", "namespaces"),
+        ("create", "", "namespaces"),
+        ("impersonate", "", "users"),
+        ("impersonate", "", "groups"),
+        (
+            "update",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+        ),
+        ("create", "rbac.authorization.k8s.io", "clusterroles"),
+        ("escalate", "rbac.authorization.k8s.io", "clusterroles"),
+        ("bind", "rbac.authorization.k8s.io", "clusterroles"),
+        ("create", "rbac.authorization.k8s.io", "clusterrolebindings"),
+        (
+            "create",
+            "certificates.k8s.io",
+            "certificatesigningrequests",
+        ),
+    ];
+    for (verb, group, resource) in cluster {
+        assert!(
+            !can_i(sa, verb, group, resource, None).await,
+            "the ServiceAccount may {verb} {group}/{resource} cluster-wide"
+        );
+    }
+    // And acted out: binding itself to cluster-admin is refused (RBAC's escalation check: it may
+    // not grant what it does not hold, and it may not create RoleBindings at all).
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mio-escalate"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "Group", "name": "system:serviceaccounts"}]
+    }))
+    .unwrap();
+    assert_forbidden(
+        "bind the ServiceAccounts to cluster-admin",
+        Api::<RoleBinding>::namespaced(sa.clone(), ns)
+            .create(&PostParams::default(), &binding)
+            .await,
+    );
+}
+
+/// The revokeOnDelete finalizer, written exactly as src/reconcile/finalizer.rs writes it (a merge
+/// patch of metadata.finalizers with the resourceVersion), then removed again: allowed, and it
+/// lands.
+async fn assert_may_write_the_finalizer(mis: &Api<MailIntegration>, name: &str) {
+    let rv = mis.get(name).await.unwrap().resource_version();
+    let patch = |finalizers: Vec<&str>, rv: Option<String>| {
+        Patch::Merge(serde_json::json!({
+            "metadata": {"finalizers": finalizers, "resourceVersion": rv}
+        }))
+    };
+    let added = assert_allowed(
+        "add the revokeOnDelete finalizer",
+        mis.patch(name, &PatchParams::default(), &patch(vec![FINALIZER], rv))
+            .await,
+    );
+    assert_eq!(added.finalizers(), [FINALIZER], "the finalizer landed");
+    let removed = assert_allowed(
+        "remove the revokeOnDelete finalizer",
+        mis.patch(
+            name,
+            &PatchParams::default(),
+            &patch(vec![], added.resource_version()),
+        )
+        .await,
+    );
+    assert!(removed.finalizers().is_empty(), "the finalizer went");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
     let (_cluster, cp) = exclusive_cluster();
@@ -1131,6 +1456,7 @@ async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
         "jsonpath={.items[*].reason}",
     ]);
     assert!(events.contains("SignInRequired"), "{events}");
+    assert_may_write_the_finalizer(&mis, "support-inbox").await;
     // The second watched namespace too.
     let secrets2: Api<Secret> = Api::namespaced(sa.clone(), &watched2);
     assert_allowed(
@@ -1195,17 +1521,39 @@ async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
             .await,
     );
     assert_forbidden(
-        "patch a MailIntegration's spec",
+        "delete a MailIntegration",
+        mis.delete("support-inbox", &DeleteParams::default()).await,
+    );
+    let current = mis.get("support-inbox").await.unwrap();
+    assert_forbidden(
+        "update (PUT) a MailIntegration",
+        mis.replace("support-inbox", &PostParams::default(), &current)
+            .await,
+    );
+    let mut copy = current.clone();
+    copy.metadata = kube::api::ObjectMeta {
+        name: Some("created-by-the-operator".into()),
+        ..Default::default()
+    };
+    assert_forbidden(
+        "create a MailIntegration",
+        mis.create(&PostParams::default(), &copy).await,
+    );
+    // What `patch` on mailintegrations (granted for the finalizer) allows beyond it, said plainly
+    // in docs/install.md: RBAC cannot narrow a verb to metadata.finalizers, so a spec patch passes
+    // authorization too (dry run: nothing changes). Should the chart ever block it (e.g. with a
+    // ValidatingAdmissionPolicy), this fails and the docs must change with it.
+    assert_allowed(
+        "patch a MailIntegration's spec (dry run)",
         mis.patch(
             "support-inbox",
-            &PatchParams::default(),
+            &PatchParams {
+                dry_run: true,
+                ..Default::default()
+            },
             &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
         )
         .await,
-    );
-    assert_forbidden(
-        "delete a MailIntegration",
-        mis.delete("support-inbox", &DeleteParams::default()).await,
     );
     assert_forbidden(
         "list pods",
@@ -1223,6 +1571,59 @@ async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
         )
         .await,
     );
+    // kube-system, where the cluster's own credentials live: nothing at all.
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        &format!("rbac-ns-mode-{}", std::process::id()),
+        "-n",
+        "kube-system",
+        "--from-literal=k=v",
+    ]);
+    let kube_system: Api<Secret> = Api::namespaced(sa.clone(), "kube-system");
+    assert_forbidden(
+        "get a Secret in kube-system",
+        kube_system
+            .get(&format!("rbac-ns-mode-{}", std::process::id()))
+            .await,
+    );
+    assert_forbidden(
+        "list Secrets in kube-system",
+        kube_system.list_metadata(&ListParams::default()).await,
+    );
+    cp.kubectl(&[
+        "delete",
+        "secret",
+        &format!("rbac-ns-mode-{}", std::process::id()),
+        "-n",
+        "kube-system",
+    ]);
+
+    // Exactly the documented rules, nowhere more: the authorizer's own list of what the
+    // ServiceAccount may do in each namespace equals the table of docs/install.md.
+    let n = rel.fullname.as_str();
+    for ns in [&watched, &watched2] {
+        assert_eq!(
+            effective_grants(&sa, ns).await,
+            documented_grants(n, &["watched"]),
+            "what the ServiceAccount may do in watched namespace {ns}"
+        );
+        assert_cannot_reach_beyond_its_job(&sa, ns).await;
+    }
+    assert_eq!(
+        effective_grants(&sa, &op).await,
+        documented_grants(n, &["own"]),
+        "what the ServiceAccount may do in its own namespace"
+    );
+    for ns in [other.as_str(), "kube-system", "default"] {
+        assert_eq!(
+            effective_grants(&sa, ns).await,
+            BTreeSet::new(),
+            "the ServiceAccount may do something in {ns}, a namespace it does not watch"
+        );
+    }
+
     // Core-group events are another resource than events.k8s.io ones.
     let core_events = kubectl_as(
         cp,
@@ -1268,6 +1669,56 @@ async fn chart_rbac_all_namespaces_with_leader_election() {
     );
     let secrets: Api<Secret> = Api::namespaced(sa.clone(), &anywhere);
     assert_allowed("get the client Secret", secrets.get("gmail-client").await);
+    let mis: Api<MailIntegration> = Api::namespaced(sa.clone(), &anywhere);
+    assert_may_write_the_finalizer(&mis, "support-inbox").await;
+
+    // What docs/install.md says of a cluster-wide install, shown: the ServiceAccount reads any
+    // Secret, kube-system's included, with its data (RBAC cannot limit it to the labelled ones).
+    let name = format!("rbac-cluster-mode-{}", std::process::id());
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        &name,
+        "-n",
+        "kube-system",
+        "--from-literal=token=cluster-credential",
+    ]);
+    let kube_system: Api<Secret> = Api::namespaced(sa.clone(), "kube-system");
+    let read = assert_allowed(
+        "get a Secret in kube-system (cluster-wide install)",
+        kube_system.get(&name).await,
+    );
+    assert_eq!(read.data.unwrap()["token"].0, b"cluster-credential");
+    let listed = assert_allowed(
+        "list Secrets in kube-system with their data (cluster-wide install)",
+        kube_system.list(&ListParams::default()).await,
+    );
+    assert!(
+        listed
+            .items
+            .iter()
+            .any(|s| s.name_any() == name && s.data.is_some()),
+        "the full list holds the kube-system Secret's data"
+    );
+    cp.kubectl(&["delete", "secret", &name, "-n", "kube-system"]);
+
+    // Exactly the documented rules: the watched ones everywhere, plus the own-namespace ones
+    // (with leader election) in its namespace.
+    let n = rel.fullname.as_str();
+    for ns in [anywhere.as_str(), "kube-system"] {
+        assert_eq!(
+            effective_grants(&sa, ns).await,
+            documented_grants(n, &["watched"]),
+            "what the ServiceAccount may do in {ns}"
+        );
+        assert_cannot_reach_beyond_its_job(&sa, ns).await;
+    }
+    assert_eq!(
+        effective_grants(&sa, &op).await,
+        documented_grants(n, &["watched", "own", "own, leader election only"]),
+        "what the ServiceAccount may do in its own namespace"
+    );
     assert_forbidden(
         "delete a Secret",
         secrets

@@ -39,7 +39,7 @@ fn dovecot() -> Dovecot {
 
 async fn ca_secret(env: &Env, pem: &[u8]) {
     let s: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "mail-ca"},
+        "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
         "stringData": {"ca.crt": String::from_utf8(pem.to_vec()).unwrap()},
     }))
     .unwrap();

@@ -1239,7 +1239,6 @@ fn backoff_after(
 }
 
 #[test]
-#[ignore = "fixed by the no-panic change in controller.rs; un-ignore after merge"]
 fn backoff_never_overflows_the_clock() {
     let retry_after = prop::option::of(prop_oneof![
         (0u64..100_000).prop_map(Duration::from_secs),
@@ -1253,7 +1252,10 @@ fn backoff_never_overflows_the_clock() {
         (any::<u32>(), retry_after, timestamp()),
         |(failures, retry_after, now)| {
             let (backoff, delay) = backoff_after(failures, retry_after, now);
-            prop_assert!(delay >= retry_after.unwrap_or_default());
+            // Retry-After is believed up to an hour.
+            let cap = mail_integration_operator::reconcile::controller::MAX_RETRY_AFTER;
+            prop_assert!(delay >= retry_after.unwrap_or_default().min(cap));
+            prop_assert!(delay <= cap.max(Duration::from_secs(360)));
             prop_assert!(delay >= Duration::from_secs(4));
             prop_assert_eq!(backoff.failures, failures.saturating_add(1));
             let not_before = backoff.not_before.expect("a backoff has an end");
@@ -1341,7 +1343,8 @@ fn parse_grant(data: &BTreeMap<String, Vec<u8>>) -> Option<Grant> {
 }
 
 fn parse_token(data: &BTreeMap<String, Vec<u8>>) -> Option<PublishedToken> {
-    observed::published_token(Some(&secret_of(data.clone(), None)))
+    // `Timestamp::MAX` as the clock: the plausibility window is a unit test of observed.rs.
+    observed::published_token(Some(&secret_of(data.clone(), None)), Timestamp::MAX)
 }
 
 #[test]
@@ -1400,15 +1403,33 @@ fn client_secret_problems_never_show_values() {
             secret_data(CLIENT_KEYS, any_timestamp_text()),
             key_ref,
             any::<bool>(),
+            any::<bool>(),
         ),
-        |(data, (id_key, secret_key), exists)| {
+        |(data, (id_key, secret_key), exists, marked)| {
             let r = ClientSecretRef {
                 name: "client".into(),
                 client_id_key: id_key.map(str::to_owned),
                 client_secret_key: secret_key.map(str::to_owned),
             };
-            let secret = secret_of(data.clone(), None);
-            match observed::client_credentials(&r, exists.then_some(&secret)) {
+            let mut secret = secret_of(data.clone(), None);
+            if marked {
+                secret.metadata.labels = Some(
+                    [(
+                        mail_integration_operator::api::OAUTH_CLIENT_LABEL.to_owned(),
+                        "true".to_owned(),
+                    )]
+                    .into(),
+                );
+            }
+            let result = observed::client_credentials(&r, exists.then_some(&secret));
+            if exists && !marked {
+                prop_assert!(
+                    matches!(result, Err(observed::ClientSecretProblem::NotMarked { .. })),
+                    "an unmarked Secret is not read: {:?}",
+                    result
+                );
+            }
+            match result {
                 Ok(c) => {
                     prop_assert!(!c.client_secret.is_empty());
                     prop_assert_eq!(c.client_id.trim(), c.client_id.as_str());
@@ -1468,7 +1489,7 @@ fn written_secrets_read_back() {
             prop_assert_eq!(g.account.as_deref(), Some(account.as_str()));
             prop_assert_eq!(g.scopes, scopes);
             let written = secrets::token_secret(&mi, &token_grant(access.clone(), expires_at));
-            let t = observed::published_token(Some(&written)).ok_or_else(|| {
+            let t = observed::published_token(Some(&written), expires_at).ok_or_else(|| {
                 TestCaseError::fail("the written token Secret does not read back")
             })?;
             prop_assert_eq!(t.access_token.expose(), access.as_str());
@@ -1534,6 +1555,7 @@ fn decide_and_report(
         client_version: Some("3".into()),
         grant,
         token,
+        conflict: None,
         now,
     };
     let action = decide::decide(&o, backoff);
@@ -1631,7 +1653,6 @@ fn decisions_on_parsed_secrets_hold_their_invariants() {
 }
 
 #[test]
-#[ignore = "fixed by the no-panic change in decide.rs; un-ignore after merge"]
 fn decisions_survive_any_clock_and_expiry() {
     check(
         "decide_any_time",

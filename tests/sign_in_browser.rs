@@ -118,7 +118,7 @@ impl Env {
 
     async fn secret(&self, name: &str, pairs: &[(&str, &str)]) {
         let s: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": {"mailintegration.dev/oauth-client": "true"}},
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();

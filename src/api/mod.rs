@@ -22,8 +22,16 @@ pub const REFRESH_REQUESTED_ANNOTATION: &str = "mailintegration.dev/refresh-requ
 pub const MANAGED_BY_LABEL: &str = "mailintegration.dev/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY_VALUE: &str = "mail-integration-operator";
-/// Label naming the MailIntegration a Secret belongs to.
+/// Label naming the MailIntegration a Secret belongs to. The operator puts it on the Secrets it
+/// owns; an admin who brings a refresh token by hand puts it on that grant Secret, which says the
+/// Secret is meant for that integration.
 pub const INTEGRATION_LABEL: &str = "mailintegration.dev/integration";
+/// Label (value `"true"`) that marks a user's Secret as readable by the operator: an OAuth client
+/// Secret, or a CA bundle for the mail servers. Other Secrets are never read, whatever a
+/// MailIntegration names: whoever may create a MailIntegration may not be allowed to read Secrets.
+pub const OAUTH_CLIENT_LABEL: &str = "mailintegration.dev/oauth-client";
+/// Suffix of the grant Secret's name (`<integration>-oauth-grant`).
+pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
 
 /// A mailbox connected through OAuth 2.0: the operator signs in once, keeps the access token fresh in
 /// a Secret that mail workloads mount, and reports on the connection.
@@ -48,6 +56,14 @@ pub const INTEGRATION_LABEL: &str = "mailintegration.dev/integration";
         .message("provider Microsoft needs spec.oauth.tenant: 'common', 'organizations', 'consumers', or your directory's tenant ID or domain"),
     validation = Rule::new("self.spec.provider == 'Microsoft' || !has(self.spec.oauth.tenant)")
         .message("spec.oauth.tenant is only used with provider Microsoft: remove it, or set provider: Microsoft"),
+    validation = Rule::new("self.spec.tokenSecret.name != self.spec.oauth.clientSecretRef.name")
+        .message("spec.tokenSecret.name must not be the client Secret: the operator writes the token Secret, and would overwrite the client's ID and secret"),
+    validation = Rule::new("!self.spec.tokenSecret.name.endsWith('-oauth-grant')")
+        .message("spec.tokenSecret.name must not end in -oauth-grant: that name is kept for grant Secrets, which hold refresh tokens that workloads must never mount"),
+    validation = Rule::new("!self.spec.oauth.clientSecretRef.name.endsWith('-oauth-grant')")
+        .message("spec.oauth.clientSecretRef.name must not name a grant Secret (-oauth-grant): name the Secret holding the OAuth client's ID and secret"),
+    validation = Rule::new("!has(self.spec.mailbox.caSecretRef) || self.spec.mailbox.caSecretRef.name != self.spec.tokenSecret.name")
+        .message("spec.mailbox.caSecretRef.name must not be the token Secret"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailIntegrationSpec {
@@ -279,6 +295,8 @@ pub fn crd() -> CustomResourceDefinition {
 }
 
 /// The CRD as the YAML checked in under `crds/`.
+// The CRD is built from our own types (no outside data); `tests/crd.rs` runs this on every build.
+#[allow(clippy::expect_used)]
 pub fn crd_yaml() -> String {
     let body = serde_yaml::to_string(&crd()).expect("the CRD serializes");
     format!(

@@ -6,6 +6,9 @@
 //! STARTTLS is a plain tagged command; the stream is then taken back, wrapped in TLS and handed to a
 //! new client.
 //!
+//! Every stream handed to async-imap is [`Bounded`] with its literal guard: async-imap sizes its
+//! buffer from the server's literal announcements (see [`super::bounded`]).
+//!
 //! Logging: async-imap logs every line it writes at `trace` level through the `log` crate, and the
 //! `AUTHENTICATE` continuation carries the token. This crate caps `log` statically at `debug`
 //! (`max_level_debug` in Cargo.toml), so those records are compiled out.
@@ -22,7 +25,7 @@ use async_imap::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{MailboxError, Session, sasl, tls};
+use super::{MailboxError, Session, bounded::Bounded, sasl, tls};
 use crate::api::TlsMode;
 
 pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> {
@@ -32,12 +35,12 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
         TlsMode::Implicit => {
             s.progress.at("in the TLS handshake");
             let stream = tls::handshake(s.tls_config()?, host, s.target.port, tcp).await?;
-            let mut client = Client::new(stream);
+            let mut client = Client::new(Bounded::new(stream).imap());
             greeting(&mut client, s).await?;
             authenticated_check(client, s).await
         }
         TlsMode::StartTls => {
-            let mut client = Client::new(tcp);
+            let mut client = Client::new(Bounded::new(tcp).imap());
             greeting(&mut client, s).await?;
             s.progress.at("waiting for the STARTTLS answer");
             match client.run_command_and_check_ok("STARTTLS", None).await {
@@ -53,12 +56,17 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
                 Err(e) => return Err(imap_error(e, host, "after STARTTLS")),
             }
             s.progress.at("in the TLS handshake");
+            // The handshake runs on the bare socket (rustls bounds its own records); the rest of
+            // the check goes on with what is left of the budget, its literals read as before.
+            let plain = client.into_inner();
+            let remaining = plain.remaining();
             let stream =
-                tls::handshake(s.tls_config()?, host, s.target.port, client.into_inner()).await?;
+                tls::handshake(s.tls_config()?, host, s.target.port, plain.into_inner()).await?;
+            let stream = Bounded::with_remaining(stream, remaining).imap();
             authenticated_check(Client::new(stream), s).await
         }
         TlsMode::None => {
-            let mut client = Client::new(tcp);
+            let mut client = Client::new(Bounded::new(tcp).imap());
             greeting(&mut client, s).await?;
             authenticated_check(client, s).await
         }

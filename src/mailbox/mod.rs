@@ -9,6 +9,8 @@
 //! string ever appears in an error: details are built from server replies and our own words, and
 //! [`check`] scrubs them once more before returning.
 
+pub mod allowed;
+mod bounded;
 mod imap;
 mod pop3;
 mod sasl;

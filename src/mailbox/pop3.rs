@@ -9,11 +9,13 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use super::{MailboxError, Session, sasl, tls};
+use super::{MailboxError, Session, bounded::Overrun, sasl, tls};
 use crate::api::TlsMode;
 
-/// The longest reply line read (RFC 1939 allows 512 octets; challenges are longer).
-const MAX_LINE: u64 = 16 * 1024;
+/// The longest reply line read (RFC 1939 allows 512 octets; challenges are longer). A check reads
+/// at most seven lines, so this also bounds what one check reads from the server; time is bounded
+/// by the check's timeout.
+const MAX_LINE: usize = 16 * 1024;
 
 struct Pop3<S> {
     io: BufReader<S>,
@@ -31,7 +33,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3<S> {
     async fn read_line(&mut self, when: &str) -> Result<String, MailboxError> {
         let mut line = String::new();
         let n = (&mut self.io)
-            .take(MAX_LINE)
+            .take(MAX_LINE as u64)
             .read_line(&mut line)
             .await
             .map_err(|e| tls::classify_io(&e, &self.host, when))?;
@@ -41,8 +43,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3<S> {
             });
         }
         if !line.ends_with('\n') {
-            return Err(MailboxError::Protocol {
-                detail: format!("{} sent an over-long line {when}", self.host),
+            return Err(if n >= MAX_LINE {
+                Overrun::Line { max: MAX_LINE }.error(&self.host, when)
+            } else {
+                MailboxError::Unreachable {
+                    detail: format!("{} closed the connection in mid-line {when}", self.host),
+                }
             });
         }
         Ok(line.trim_end_matches(['\r', '\n']).to_owned())
@@ -51,7 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3<S> {
     /// Send one line. Lines may carry the token: they are never logged.
     async fn send(&mut self, line: &[u8], when: &str) -> Result<(), MailboxError> {
         let io = self.io.get_mut();
-        let mut buf = Vec::with_capacity(line.len() + 2);
+        let mut buf = Vec::with_capacity(line.len().saturating_add(2));
         buf.extend_from_slice(line);
         buf.extend_from_slice(b"\r\n");
         io.write_all(&buf)

@@ -7,18 +7,34 @@
 //! XOAUTH2 mechanism answers an error challenge with an error of its own, losing the server's JSON
 //! that says why the token was refused.
 //!
+//! lettre is handed the connection (`connect_with_transport`) rather than opening it, so that it reads
+//! through [`Bounded`]: its reply reader checks its line limit only after a whole line has arrived
+//! (see [`super::bounded`]). Implicit TLS is therefore done here, with the same configuration as for
+//! IMAP and POP3; for STARTTLS lettre wraps its own rustls session around the bounded socket, and
+//! the budget then counts the encrypted bytes, which bounds the plain ones.
+//!
 //! lettre logs protocol lines only with its `tracing` feature, which this crate does not enable.
 
-use std::fmt;
+use std::{fmt, io, net::SocketAddr};
 
 use lettre::transport::smtp::{
     Error as SmtpError,
-    client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters},
+    client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, CertificateStore, TlsParameters},
     extension::{ClientId, Extension},
     response::Response,
 };
 
-use super::{MailboxError, Session, sasl, tls};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
+
+use super::{
+    MailboxError, Session,
+    bounded::{self, Bounded},
+    sasl, tls,
+};
 use crate::api::TlsMode;
 
 const CONNECTING: &str = "while connecting";
@@ -38,30 +54,15 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
     let addr = format!("{host}:{port}");
     // An address literal, as RFC 5321 §4.1.4 asks of a client without a meaningful host name.
     let hello = ClientId::default();
+    let tcp = tls::connect(host, port).await?;
     let mut conn = match s.target.tls {
         TlsMode::Implicit => {
-            s.progress.at("connecting and in the TLS handshake");
-            AsyncSmtpConnection::connect_tokio1(
-                (host, port),
-                Some(s.target.timeout),
-                &hello,
-                Some(tls_parameters(s)?),
-                None,
-            )
-            .await
-            .map_err(|e| smtp_error(&e, &addr, CONNECTING))?
+            s.progress.at("in the TLS handshake");
+            let stream = tls::handshake(s.tls_config()?, host, port, tcp).await?;
+            greeting(Bounded::new(stream), &hello, &addr, s).await?
         }
         TlsMode::StartTls => {
-            s.progress.at("connecting");
-            let mut conn = AsyncSmtpConnection::connect_tokio1(
-                (host, port),
-                Some(s.target.timeout),
-                &hello,
-                None,
-                None,
-            )
-            .await
-            .map_err(|e| smtp_error(&e, &addr, CONNECTING))?;
+            let mut conn = greeting(Bounded::new(tcp), &hello, &addr, s).await?;
             if !conn.server_info().supports_feature(Extension::StartTls) {
                 conn.abort().await;
                 return Err(MailboxError::Tls {
@@ -76,18 +77,7 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
                 .map_err(|e| smtp_error(&e, &addr, "during STARTTLS"))?;
             conn
         }
-        TlsMode::None => {
-            s.progress.at("connecting");
-            AsyncSmtpConnection::connect_tokio1(
-                (host, port),
-                Some(s.target.timeout),
-                &hello,
-                None,
-                None,
-            )
-            .await
-            .map_err(|e| smtp_error(&e, &addr, CONNECTING))?
-        }
+        TlsMode::None => greeting(Bounded::new(tcp), &hello, &addr, s).await?,
     };
 
     let mechanism = s.target.mechanism;
@@ -128,6 +118,49 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
     result
 }
 
+/// Hand the connection to lettre, which reads the greeting and sends `EHLO`.
+async fn greeting<S>(
+    stream: Bounded<S>,
+    hello: &ClientId,
+    addr: &str,
+    s: &Session<'_>,
+) -> Result<AsyncSmtpConnection, MailboxError>
+where
+    Bounded<S>: AsyncTokioStream + 'static,
+{
+    s.progress.at("waiting for the SMTP greeting");
+    AsyncSmtpConnection::connect_with_transport(Box::new(stream), hello)
+        .await
+        .map_err(|e| smtp_error(&e, addr, CONNECTING))
+}
+
+/// The peer address lettre may ask its transport for.
+trait PeerAddr {
+    fn peer(&self) -> io::Result<SocketAddr>;
+}
+
+impl PeerAddr for TcpStream {
+    fn peer(&self) -> io::Result<SocketAddr> {
+        self.peer_addr()
+    }
+}
+
+impl PeerAddr for TlsStream<TcpStream> {
+    fn peer(&self) -> io::Result<SocketAddr> {
+        self.get_ref().0.peer_addr()
+    }
+}
+
+impl<S> AsyncTokioStream for Bounded<S>
+where
+    S: AsyncRead + AsyncWrite + PeerAddr + Send + Sync + Unpin + fmt::Debug,
+{
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.get_ref().peer()
+    }
+}
+
+/// lettre's TLS parameters for STARTTLS: the same trust anchors as [`tls::client_config`].
 fn tls_parameters(s: &Session<'_>) -> Result<TlsParameters, MailboxError> {
     let mut builder = TlsParameters::builder(s.target.host.clone())
         .certificate_store(CertificateStore::WebpkiRoots);
@@ -173,6 +206,9 @@ fn auth_error(
 }
 
 fn smtp_error(e: &SmtpError, host: &str, when: &str) -> MailboxError {
+    if let Some(overrun) = bounded::find(e) {
+        return overrun.error(host, when);
+    }
     if let Some(tls_error) = tls::find_rustls_error(e) {
         return MailboxError::Tls {
             detail: tls::describe_tls_error(tls_error, host),

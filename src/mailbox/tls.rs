@@ -18,7 +18,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::MailboxError;
+use super::{MailboxError, bounded, sasl};
 
 /// Parse the extra CA certificates (PEM, one or more `CERTIFICATE` blocks).
 pub(crate) fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, MailboxError> {
@@ -108,6 +108,9 @@ pub(crate) fn find_rustls_error<'a>(
 
 /// An I/O error on the connection: a TLS problem, a lost connection, or something else the server did.
 pub(crate) fn classify_io(err: &io::Error, host: &str, when: &str) -> MailboxError {
+    if let Some(overrun) = bounded::find(err) {
+        return overrun.error(host, when);
+    }
     if let Some(tls) = find_rustls_error(err) {
         return MailboxError::Tls {
             detail: describe_tls_error(tls, host),
@@ -120,8 +123,10 @@ pub(crate) fn classify_io(err: &io::Error, host: &str, when: &str) -> MailboxErr
         | AddrNotAvailable => MailboxError::Unreachable {
             detail: format!("connection to {host} failed {when}: {err}"),
         },
+        // Bounded and stripped of control characters: async-imap's parse errors quote the whole
+        // buffer, which the server filled.
         _ => MailboxError::Protocol {
-            detail: format!("I/O error {when}: {err}"),
+            detail: sasl::printable(&format!("I/O error {when}: {err}")),
         },
     }
 }

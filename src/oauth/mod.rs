@@ -7,12 +7,14 @@
 //! Clients authenticate with `client_secret_post` (credentials in the form body).
 
 use crate::api::{Prompt, ProviderKind};
+use crate::http_limit::{self, ReadError};
 use crate::provider::{
     self, ErrorBody, FailureCause, FailureClass, ProviderEndpoints, ProviderErrorBody,
     TokenEndpointFailure, TokenOperation,
 };
 use crate::reason::Reason;
 use crate::secret::SecretValue;
+use crate::sync::LockExt as _;
 use base64::Engine as _;
 use jiff::{SignedDuration, Timestamp};
 use oauth2::basic::{BasicTokenIntrospectionResponse, BasicTokenType};
@@ -230,6 +232,9 @@ enum HttpError {
     Timeout,
     #[error("{0}")]
     Connect(String),
+    /// The body passed [`http_limit::TOKEN_RESPONSE_LIMIT`]; the status and headers were kept.
+    #[error("the answer is larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 impl HttpError {
@@ -238,6 +243,13 @@ impl HttpError {
             HttpError::Timeout
         } else {
             HttpError::Connect(provider::describe_reqwest_error(e))
+        }
+    }
+
+    fn of_read(e: ReadError) -> Self {
+        match e {
+            ReadError::TooLarge { limit } => HttpError::TooLarge { limit },
+            ReadError::Transport(e) => HttpError::of(&e),
         }
     }
 }
@@ -260,14 +272,16 @@ async fn send(
     let response = http.execute(request).await.map_err(|e| HttpError::of(&e))?;
     let status = response.status();
     let headers = response.headers().clone();
-    *meta.lock().expect("meta lock is never poisoned") = Some(ResponseMeta::of(status, &headers));
-    let body = response.bytes().await.map_err(|e| HttpError::of(&e))?;
+    *meta.locked() = Some(ResponseMeta::of(status, &headers));
+    let body = http_limit::read_capped(response, http_limit::TOKEN_RESPONSE_LIMIT)
+        .await
+        .map_err(HttpError::of_read)?;
     let mut builder = http::Response::builder().status(status);
     for (name, value) in &headers {
         builder = builder.header(name, value);
     }
     builder
-        .body(body.to_vec())
+        .body(body)
         .map_err(|e| HttpError::Connect(format!("could not read the response: {e}")))
 }
 
@@ -342,7 +356,7 @@ impl OAuthClient {
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
-        let meta = meta.lock().expect("meta lock is never poisoned").take();
+        let meta = meta.locked().take();
         token_result(
             endpoints.kind,
             op,
@@ -379,7 +393,7 @@ impl OAuthClient {
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
-        let meta = meta.lock().expect("meta lock is never poisoned").take();
+        let meta = meta.locked().take();
         token_result(
             endpoints.kind,
             op,
@@ -493,13 +507,13 @@ impl OAuthClient {
             let cause = http_failure(response, now).await;
             return Err(token_error(endpoints.kind, op, cause, &secrets));
         }
-        let body = match response.bytes().await {
+        let body = match http_limit::read_capped(response, http_limit::USERINFO_LIMIT).await {
             Ok(b) => b,
             Err(e) => {
                 return Err(token_error(
                     endpoints.kind,
                     op,
-                    transport_failure(&e),
+                    read_failure(e, "the userinfo endpoint"),
                     &secrets,
                 ));
             }
@@ -588,19 +602,33 @@ fn token_error(
 }
 
 fn transport_failure(e: &reqwest::Error) -> FailureCause {
-    match HttpError::of(e) {
-        HttpError::Timeout => FailureCause::Timeout,
-        HttpError::Connect(detail) => FailureCause::Connect { detail },
+    if e.is_timeout() {
+        FailureCause::Timeout
+    } else {
+        FailureCause::Connect {
+            detail: provider::describe_reqwest_error(e),
+        }
+    }
+}
+
+/// A successful response whose body could not be read.
+fn read_failure(e: ReadError, endpoint: &str) -> FailureCause {
+    match e {
+        ReadError::TooLarge { limit } => FailureCause::InvalidResponse {
+            detail: http_limit::too_large(endpoint, limit),
+        },
+        ReadError::Transport(e) => transport_failure(&e),
     }
 }
 
 /// Read a failed response made with reqwest directly (revocation, userinfo).
 async fn http_failure(response: reqwest::Response, now: Timestamp) -> FailureCause {
     let meta = ResponseMeta::of(response.status(), response.headers());
-    let body = match response.bytes().await {
-        Ok(b) => b.to_vec(),
-        Err(e) if e.is_timeout() => return FailureCause::Timeout,
-        Err(_) => Vec::new(),
+    let body = match http_limit::read_capped(response, http_limit::USERINFO_LIMIT).await {
+        Ok(b) => error_body(&meta, &b),
+        Err(ReadError::TooLarge { .. }) => oversized_error_body(&meta),
+        Err(ReadError::Transport(e)) if e.is_timeout() => return FailureCause::Timeout,
+        Err(ReadError::Transport(_)) => error_body(&meta, &[]),
     };
     FailureCause::Http {
         status: meta.status,
@@ -608,7 +636,19 @@ async fn http_failure(response: reqwest::Response, now: Timestamp) -> FailureCau
             .retry_after
             .as_deref()
             .and_then(|v| parse_retry_after(v, now)),
-        body: error_body(&meta, &body),
+        body,
+    }
+}
+
+/// An error status whose body is over the limit: the status still says what happened (a 503 is
+/// still worth a retry, a 401 still means bad credentials), so it is classified as usual with a
+/// body that is not an OAuth error (unless `WWW-Authenticate` carries one).
+fn oversized_error_body(meta: &ResponseMeta) -> ErrorBody {
+    match error_body(meta, &[]) {
+        ErrorBody::Empty => ErrorBody::Other {
+            content_type: meta.content_type.clone(),
+        },
+        other => other,
     }
 }
 
@@ -646,9 +686,13 @@ fn error_body(meta: &ResponseMeta, body: &[u8]) -> ErrorBody {
 /// `Bearer realm="x", error="invalid_token", error_description="..."` → the error parameters.
 fn parse_www_authenticate(value: &str) -> Option<ProviderErrorBody> {
     let param = |name: &str| {
-        let start = value.find(&format!("{name}=\""))? + name.len() + 2;
-        let end = value[start..].find('"')? + start;
-        Some(value[start..end].to_owned())
+        let start = value
+            .find(&format!("{name}=\""))?
+            .checked_add(name.len())?
+            .checked_add(2)?;
+        let rest = value.get(start..)?;
+        let end = rest.find('"')?;
+        rest.get(..end).map(str::to_owned)
     };
     let error = param("error")?;
     Some(ProviderErrorBody::new(
@@ -677,6 +721,14 @@ fn failure_from(
     match e {
         RequestTokenError::Request(HttpError::Timeout) => FailureCause::Timeout,
         RequestTokenError::Request(HttpError::Connect(detail)) => FailureCause::Connect { detail },
+        RequestTokenError::Request(HttpError::TooLarge { .. }) if meta.status >= 400 => {
+            http(oversized_error_body(&meta))
+        }
+        RequestTokenError::Request(HttpError::TooLarge { limit }) => {
+            FailureCause::InvalidResponse {
+                detail: http_limit::too_large("the token endpoint", limit),
+            }
+        }
         RequestTokenError::ServerResponse(b) => http(ErrorBody::OAuth(b)),
         RequestTokenError::Parse(_, body) if meta.status != 200 => http(error_body(&meta, &body)),
         RequestTokenError::Parse(err, body) => {
@@ -738,8 +790,8 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     let at = jiff::fmt::rfc2822::DateTimeParser::new()
         .parse_timestamp(value)
         .ok()?;
-    let secs = at.as_second() - now.as_second();
-    Some(Duration::from_secs(secs.max(0) as u64))
+    let secs = at.as_second().saturating_sub(now.as_second());
+    Some(Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
 // ---------------------------------------------------------------------------------------------

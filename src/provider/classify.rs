@@ -88,7 +88,9 @@ impl ProviderErrorBody {
         };
         d.match_indices("AADSTS")
             .filter_map(|(i, m)| {
-                let digits: String = d[i + m.len()..]
+                let digits: String = d
+                    .get(i.saturating_add(m.len())..)
+                    .unwrap_or_default()
                     .chars()
                     .take_while(char::is_ascii_digit)
                     .collect();
@@ -668,7 +670,7 @@ pub fn refine_with_grant_history(
     {
         return class;
     }
-    let secs = |a: jiff::Timestamp, b: jiff::Timestamp| b.as_second() - a.as_second();
+    let secs = |a: jiff::Timestamp, b: jiff::Timestamp| b.as_second().saturating_sub(a.as_second());
     let announced_short_and_passed = match (history.issued_at, history.refresh_token_expires_at) {
         (Some(issued), Some(end)) => secs(issued, end) <= SEVEN_DAYS + 3600 && end <= now,
         _ => false,

@@ -10,6 +10,7 @@ pub use classify::*;
 use crate::api::{
     Endpoints, MailIntegrationSpec, MailProtocol, MailServer, Prompt, ProviderKind, TlsMode,
 };
+use crate::sync::LockExt as _;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -68,6 +69,8 @@ const GOOGLE_USERINFO: &str = "https://openidconnect.googleapis.com/v1/userinfo"
 const GOOGLE_ISSUER: &str = "https://accounts.google.com";
 const MICROSOFT_LOGIN: &str = "https://login.microsoftonline.com";
 
+// Only called with the constants above (covered by the provider tests).
+#[allow(clippy::expect_used)]
 fn fixed_url(s: &str) -> Url {
     Url::parse(s).expect("built-in endpoint URLs are valid")
 }
@@ -294,7 +297,10 @@ pub fn discovery_url(issuer_url: &str) -> Result<Url, FailureClass> {
         "{}/.well-known/openid-configuration",
         base.as_str().trim_end_matches('/')
     );
-    Ok(Url::parse(&s).expect("a valid URL plus a path is valid"))
+    Url::parse(&s).map_err(|e| FailureClass::Permanent {
+        reason: crate::reason::Reason::DiscoveryFailed,
+        message: format!("spec.oauth.issuerURL: {e}"),
+    })
 }
 
 /// Resolves an integration's endpoints, fetching and caching OIDC discovery documents per
@@ -304,6 +310,7 @@ pub struct ProviderResolver {
     http: reqwest::Client,
     ttl: Duration,
     cache: Arc<Mutex<HashMap<String, (Instant, ProviderEndpoints)>>>,
+    allow_overrides: bool,
 }
 
 impl fmt::Debug for ProviderResolver {
@@ -321,7 +328,16 @@ impl ProviderResolver {
             http,
             ttl: DEFAULT_DISCOVERY_TTL,
             cache: Arc::default(),
+            allow_overrides: false,
         }
+    }
+
+    /// Whether `spec.oauth.endpoints` may replace Google's or Microsoft's own endpoints (off by
+    /// default: whoever may edit a MailIntegration could otherwise send its refresh token and
+    /// client secret to a server of their choosing under the name of a well-known provider).
+    pub fn with_endpoint_overrides(mut self, allow: bool) -> Self {
+        self.allow_overrides = allow;
+        self
     }
 
     /// Change how long discovery documents are reused.
@@ -336,14 +352,31 @@ impl ProviderResolver {
         &self,
         spec: &MailIntegrationSpec,
     ) -> Result<ProviderEndpoints, FailureClass> {
+        let overridden = spec.oauth.endpoints.as_ref().is_some_and(|e| {
+            e.authorization.is_some()
+                || e.token.is_some()
+                || e.revocation.is_some()
+                || e.userinfo.is_some()
+        });
+        if overridden && spec.provider != ProviderKind::Oidc && !self.allow_overrides {
+            return Err(FailureClass::Permanent {
+                reason: crate::reason::Reason::EndpointOverrideNotAllowed,
+                message: format!(
+                    "spec.oauth.endpoints replaces {}'s own endpoints, which this operator does not allow: remove spec.oauth.endpoints, use provider OIDC for another server, or start the operator with --allow-endpoint-overrides",
+                    display_name(spec.provider)
+                ),
+            });
+        }
         if let Some(endpoints) = static_endpoints(spec)? {
             return Ok(endpoints);
         }
-        let issuer = spec
-            .oauth
-            .issuer_url
-            .as_deref()
-            .expect("static_endpoints returns None only when an issuer URL is set");
+        let Some(issuer) = spec.oauth.issuer_url.as_deref() else {
+            // static_endpoints returns None only when an issuer URL is set.
+            return Err(FailureClass::Permanent {
+                reason: crate::reason::Reason::DiscoveryFailed,
+                message: "spec.oauth.issuerURL is missing".to_owned(),
+            });
+        };
         let discovered = self.discover(issuer).await?;
         apply_overrides(discovered, spec.oauth.endpoints.as_ref())
     }
@@ -352,7 +385,7 @@ impl ProviderResolver {
     pub async fn discover(&self, issuer_url: &str) -> Result<ProviderEndpoints, FailureClass> {
         let key = issuer_url.trim_end_matches('/').to_owned();
         {
-            let cache = self.cache.lock().expect("cache lock is never poisoned");
+            let cache = self.cache.locked();
             if let Some((at, endpoints)) = cache.get(&key)
                 && at.elapsed() < self.ttl
             {
@@ -361,8 +394,7 @@ impl ProviderResolver {
         }
         let endpoints = self.fetch(issuer_url).await?;
         self.cache
-            .lock()
-            .expect("cache lock is never poisoned")
+            .locked()
             .insert(key, (Instant::now(), endpoints.clone()));
         Ok(endpoints)
     }
@@ -370,10 +402,7 @@ impl ProviderResolver {
     /// Forget the cached document of `issuer_url` (e.g. after the spec changed or a token
     /// endpoint answered 404).
     pub fn invalidate(&self, issuer_url: &str) {
-        self.cache
-            .lock()
-            .expect("cache lock is never poisoned")
-            .remove(issuer_url.trim_end_matches('/'));
+        self.cache.locked().remove(issuer_url.trim_end_matches('/'));
     }
 
     async fn fetch(&self, issuer_url: &str) -> Result<ProviderEndpoints, FailureClass> {
@@ -411,12 +440,17 @@ impl ProviderResolver {
                 "{url} answered HTTP {status}: check spec.oauth.issuerURL"
             )));
         }
-        let body = response.bytes().await.map_err(|e| {
-            transient(format!(
-                "could not read {url}: {}",
-                describe_reqwest_error(&e)
-            ))
-        })?;
+        let body = crate::http_limit::read_capped(response, crate::http_limit::DISCOVERY_LIMIT)
+            .await
+            .map_err(|e| match e {
+                crate::http_limit::ReadError::TooLarge { limit } => {
+                    transient(crate::http_limit::too_large(url.as_str(), limit))
+                }
+                crate::http_limit::ReadError::Transport(e) => transient(format!(
+                    "could not read {url}: {}",
+                    describe_reqwest_error(&e)
+                )),
+            })?;
         let doc: DiscoveryDocument = serde_json::from_slice(&body).map_err(|e| {
             permanent(format!(
                 "{url} is not an OpenID Connect discovery document ({e}): check spec.oauth.issuerURL"

@@ -1245,3 +1245,24 @@ fn testing_app_expiry_is_inferred_from_the_grant_age() {
         transient
     );
 }
+
+#[tokio::test]
+async fn google_and_microsoft_endpoints_are_not_overridden_without_the_flag() {
+    let resolver = ProviderResolver::new(reqwest::Client::new());
+    let evil = spec(json!({"oauth": {"endpoints": {"token": "https://evil.example.com/token"}}}));
+    let err = resolver.resolve(&evil).await.unwrap_err();
+    assert_eq!(err.reason(), Reason::EndpointOverrideNotAllowed);
+    assert!(err.is_permanent());
+    assert!(
+        err.message().contains("--allow-endpoint-overrides"),
+        "{}",
+        err.message()
+    );
+    let allowed = resolver.clone().with_endpoint_overrides(true);
+    assert_eq!(
+        allowed.resolve(&evil).await.unwrap().token.as_str(),
+        "https://evil.example.com/token"
+    );
+    let plain = spec(json!({}));
+    assert!(resolver.resolve(&plain).await.is_ok());
+}

@@ -5,17 +5,20 @@ use super::{
     decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
-    observed::{self, Observed, PublishedToken},
+    observed::{self, Observed, PublishedToken, grant_keys},
     secrets,
 };
+use crate::sync::LockExt as _;
 use crate::{
-    api::{MailIntegration, MailIntegrationStatus, condition},
+    api::{
+        INTEGRATION_LABEL, MailIntegration, MailIntegrationStatus, OAUTH_CLIENT_LABEL, condition,
+    },
     metrics::{IntegrationLabels, Metrics, ReadyLabels, RefreshLabels},
     oauth::OAuthClient,
     provider::{FailureClass, ProviderResolver},
 };
-use futures::StreamExt;
-use jiff::{SignedDuration, Timestamp};
+use futures::{FutureExt as _, StreamExt};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -46,6 +49,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the resource has no namespace")]
     NoNamespace,
+    /// A bug met by this resource's data: the reconcile is abandoned (and retried with backoff),
+    /// the other resources go on.
+    #[error("internal error while reconciling: {0}")]
+    Panicked(String),
 }
 
 impl Error {
@@ -54,6 +61,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::NoNamespace => "no_namespace",
+            Error::Panicked(_) => "panic",
         }
     }
 }
@@ -77,6 +85,8 @@ pub struct Context {
     backoff: Mutex<HashMap<String, Backoff>>,
     refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     ready_state: Mutex<HashMap<String, String>>,
+    /// Failed reconciles in a row, per resource UID (the error policy's backoff).
+    errors: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -101,31 +111,41 @@ impl Context {
             backoff: Mutex::default(),
             refresh_locks: Mutex::default(),
             ready_state: Mutex::default(),
+            errors: Mutex::default(),
         }
     }
 
     fn backoff(&self, uid: &str) -> Backoff {
-        self.backoff
-            .lock()
-            .unwrap()
-            .get(uid)
-            .copied()
-            .unwrap_or_default()
+        self.backoff.locked().get(uid).copied().unwrap_or_default()
     }
 
     fn set_backoff(&self, uid: &str, b: Option<Backoff>) {
-        let mut map = self.backoff.lock().unwrap();
+        let mut map = self.backoff.locked();
         match b {
             Some(b) => map.insert(uid.to_owned(), b),
             None => map.remove(uid),
         };
     }
 
+    fn error_count(&self, mi: &MailIntegration) -> u32 {
+        let uid = mi.uid().unwrap_or_default();
+        self.errors.locked().get(&uid).copied().unwrap_or(0)
+    }
+
+    fn set_error_count(&self, mi: &MailIntegration, n: u32) {
+        let uid = mi.uid().unwrap_or_default();
+        let mut map = self.errors.locked();
+        if n == 0 {
+            map.remove(&uid);
+        } else {
+            map.insert(uid, n);
+        }
+    }
+
     /// One refresh per grant at a time within this process (leader election covers replicas).
     fn refresh_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.refresh_locks
-            .lock()
-            .unwrap()
+            .locked()
             .entry(uid.to_owned())
             .or_default()
             .clone()
@@ -136,7 +156,7 @@ impl Context {
         let new = decide::find_condition(status, condition::READY)
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "Unknown".into());
-        let old = self.ready_state.lock().unwrap().insert(key, new.clone());
+        let old = self.ready_state.locked().insert(key, new.clone());
         if old.as_ref() != Some(&new) {
             if let Some(old) = old {
                 self.metrics
@@ -168,7 +188,7 @@ impl Context {
 
     pub(crate) fn forget(&self, mi: &MailIntegration) {
         let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
-        if let Some(old) = self.ready_state.lock().unwrap().remove(&key) {
+        if let Some(old) = self.ready_state.locked().remove(&key) {
             self.metrics
                 .ready
                 .get_or_create(&ReadyLabels { status: old })
@@ -181,12 +201,19 @@ impl Context {
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);
             self.set_backoff(&uid, None);
-            self.refresh_locks.lock().unwrap().remove(&uid);
+            self.refresh_locks.locked().remove(&uid);
+            self.errors.locked().remove(&uid);
         }
     }
 }
 
-/// Transient-failure backoff: 5 s doubling to 5 min, ±20 % jitter, never sooner than Retry-After.
+/// The longest `Retry-After` believed. A provider (or a server a tenant names) asking for more, up to
+/// the absurd, is retried after this: an answer must not park an integration for years, nor
+/// overflow the clock.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Transient-failure backoff: 5 s doubling to 5 min, ±20 % jitter, never sooner than Retry-After
+/// (itself capped at [`MAX_RETRY_AFTER`]).
 pub fn next_backoff(
     prev: Backoff,
     retry_after: Option<Duration>,
@@ -194,11 +221,13 @@ pub fn next_backoff(
 ) -> (Backoff, Duration) {
     let failures = prev.failures.saturating_add(1);
     let base = Duration::from_secs(5)
-        .saturating_mul(1u32 << (failures - 1).min(6))
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
         .min(Duration::from_secs(300));
     let factor = rand::random_range(0.8..1.2);
-    let delay = base.mul_f64(factor).max(retry_after.unwrap_or_default());
-    let not_before = now + SignedDuration::try_from(delay).unwrap_or(SignedDuration::ZERO);
+    let delay = base
+        .mul_f64(factor)
+        .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+    let not_before = crate::time::after(now, delay);
     (
         Backoff {
             failures,
@@ -214,7 +243,16 @@ async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action
     // that hold references across awaits.
     let inner: futures::future::BoxFuture<'_, Result<Action, Error>> =
         Box::pin(reconcile_inner(&mi, &ctx));
-    let result = inner.await;
+    // A panic on one tenant's data must not end the controller for every tenant: it fails this
+    // reconcile only. (The arithmetic and parsing are written not to panic; this is the net.)
+    let result = match std::panic::AssertUnwindSafe(inner).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(Error::Panicked(panic_message(payload.as_ref()))),
+    };
+    match &result {
+        Ok(_) => ctx.set_error_count(&mi, 0),
+        Err(_) => ctx.set_error_count(&mi, ctx.error_count(&mi).saturating_add(1)),
+    }
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .reconciles
@@ -253,6 +291,10 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
     let token_secret = secrets_api.get_opt(&mi.spec.token_secret.name).await?;
 
     let now = Timestamp::now();
+    let conflict = observed::conflicts(mi, grant_secret.as_ref(), token_secret.as_ref());
+    // A grant or token Secret that is not this integration's is neither used nor written.
+    let grant_secret = grant_secret.filter(|s| observed::grant_belongs_to(s, mi));
+    let token_secret = token_secret.filter(|s| observed::owned_by(s, mi));
     let observed = Observed {
         integration: mi,
         client: observed::client_credentials(
@@ -263,7 +305,8 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             .as_ref()
             .and_then(|s| s.metadata.resource_version.clone()),
         grant: observed::grant(grant_secret.as_ref()),
-        token: observed::published_token(token_secret.as_ref()),
+        token: observed::published_token(token_secret.as_ref(), now),
+        conflict,
         now,
     };
     let uid = mi.uid().unwrap_or_default();
@@ -278,7 +321,7 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
                     mi,
                     &observed,
                     cause,
-                    grant_secret.as_ref(),
+                    (grant_secret.as_ref(), token_secret.as_ref()),
                     &secrets_api,
                     ctx,
                 ));
@@ -292,7 +335,9 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             // Keep a link that is still valid for a while, so that idle reconciles write nothing.
             let current = mi.status.as_ref().and_then(|s| s.sign_in.clone());
             match current {
-                Some(c) if c.expires_at.0 > now + SignedDuration::from_mins(10) => Some(c),
+                Some(c) if c.expires_at.0 > crate::time::after(now, Duration::from_secs(600)) => {
+                    Some(c)
+                }
                 _ => links.link(mi, now),
             }
         }
@@ -305,7 +350,10 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         .map(|t| (&t.access_token, t.expires_at));
     let mailbox_state = if matches!(
         outcome,
-        Outcome::ClientSecret(_) | Outcome::SignInRequired | Outcome::Suspended
+        Outcome::ClientSecret(_)
+            | Outcome::Conflict(_)
+            | Outcome::SignInRequired
+            | Outcome::Suspended
     ) {
         None
     } else {
@@ -390,6 +438,14 @@ async fn read_ca(
         ),
     };
     match secrets.get_opt(name).await {
+        Ok(Some(s)) if !observed::is_marked_for_operator(&s) => Err(MailboxState::Failed {
+            reason: crate::reason::Reason::ClientSecretNotMarked.as_str().into(),
+            message: format!(
+                "Secret {name:?} (named by spec.mailbox.caSecretRef) is not marked for the operator, which reads only Secrets labelled {label}=true: run kubectl label secret {name} -n {ns} {label}=true",
+                label = crate::api::OAUTH_CLIENT_LABEL,
+                ns = mi.namespace().unwrap_or_default(),
+            ),
+        }),
         Ok(Some(s)) => match s.data.and_then(|d| d.get(key).map(|b| b.0.clone())) {
             Some(pem) if !pem.is_empty() => Ok(Some(pem)),
             _ => Err(missing(format!("Secret {name:?} has no key {key:?}"))),
@@ -408,19 +464,35 @@ async fn refresh(
     mi: &MailIntegration,
     o: &Observed<'_>,
     cause: RefreshCause,
-    grant_secret: Option<&Secret>,
+    (grant_secret, token_secret): (Option<&Secret>, Option<&Secret>),
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> (Outcome, Option<PublishedToken>) {
     let uid = mi.uid().unwrap_or_default();
     let (Ok(creds), Some(grant)) = (&o.client, &o.grant) else {
-        unreachable!("decide refreshes only with client credentials and a grant")
+        // decide() refreshes only with client credentials and a grant.
+        return (Outcome::SignInRequired, None);
     };
     info!(?cause, "refreshing the access token");
     let endpoints = match ctx.providers.resolve(&mi.spec).await {
         Ok(e) => e,
         Err(class) => return (failure_outcome(mi, class, o.now, ctx), None),
     };
+    if let Some(message) = grant.bound_elsewhere(
+        endpoints.token.as_str(),
+        &creds.client_id,
+        &mi.spec.mailbox.address,
+    ) {
+        warn!(%message, "the grant was issued elsewhere; not sending it");
+        ctx.set_backoff(&uid, None);
+        return (
+            Outcome::PermanentFailure {
+                reason: crate::reason::Reason::GrantBoundElsewhere.as_str().into(),
+                message,
+            },
+            None,
+        );
+    }
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
     let result = ctx
@@ -434,13 +506,28 @@ async fn refresh(
         Ok(t) => t,
         Err(e) => return (failure_outcome(mi, e.class, o.now, ctx), None),
     };
-    if let Some(new_rt) = token
+    let rotated = token
         .refresh_token
         .as_ref()
-        .filter(|rt| **rt != grant.refresh_token)
-    {
-        secrets::store_rotated_refresh_token(mi, secrets_api, grant_secret, new_rt, &ctx.metrics)
-            .await;
+        .filter(|rt| **rt != grant.refresh_token);
+    // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
+    let mut extra = Vec::new();
+    if !grant.is_bound() {
+        extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
+        extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
+    }
+    if rotated.is_some() || !extra.is_empty() {
+        let refresh_token = rotated.unwrap_or(&grant.refresh_token);
+        secrets::store_rotated_refresh_token(
+            mi,
+            secrets_api,
+            grant_secret,
+            refresh_token,
+            rotated.is_some(),
+            &extra,
+            &ctx.metrics,
+        )
+        .await;
     }
     // Who the token belongs to: the provider's ID token says so when it sends one (a refresh token
     // brought by hand is checked here for the first time), else what the sign-in recorded.
@@ -468,7 +555,9 @@ async fn refresh(
     }
     let account = signed_in.or_else(|| grant.account.clone());
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
-    if let Err(e) = secrets::write_token_secret(mi, secrets_api, &token, &ctx.metrics).await {
+    if let Err(e) =
+        secrets::write_token_secret(mi, secrets_api, token_secret, &token, &ctx.metrics).await
+    {
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
         ctx.set_backoff(&uid, Some(b));
@@ -622,6 +711,25 @@ async fn publish_events(
     }
 }
 
+/// The text of a panic payload (a `&str` or `String`), cut to 200 characters.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    text.chars().take(200).collect()
+}
+
+/// Retry delay after `failures` failed reconciles in a row (API errors): 5 s doubling to 5 min,
+/// ±20 % jitter, so that an API server brownout does not become a synchronised request storm.
+pub fn error_backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(5)
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(300));
+    base.mul_f64(rand::random_range(0.8..1.2))
+}
+
 fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()), %error, "reconcile failed");
     ctx.metrics
@@ -630,10 +738,10 @@ fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> A
             error: error.metric_label().into(),
         })
         .inc();
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(error_backoff(ctx.error_count(&mi).max(1)))
 }
 
-/// The MailIntegrations whose client, grant or token Secret is `secret` (same namespace, by name).
+/// The MailIntegrations whose client Secret or CA bundle is `secret` (same namespace, by name).
 fn integrations_using(
     store: &Store<MailIntegration>,
     namespace: Option<&str>,
@@ -645,8 +753,12 @@ fn integrations_using(
         .filter(|mi| mi.namespace().as_deref() == namespace)
         .filter(|mi| {
             mi.spec.oauth.client_secret_ref.name == name
-                || mi.grant_secret_name() == name
-                || mi.spec.token_secret.name == name
+                || mi
+                    .spec
+                    .mailbox
+                    .ca_secret_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
         })
         .map(|mi| ObjectRef::from_obj(&*mi))
         .collect()
@@ -658,14 +770,19 @@ pub async fn run(
     ctx: Arc<Context>,
     namespaces: Vec<String>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     if namespaces.is_empty() {
-        run_one(ctx, None, ready).await;
+        run_one(ctx, None, ready, stop).await;
     } else {
+        // `--namespace a --namespace a` must not start two controllers for one namespace.
+        let mut unique = namespaces;
+        unique.sort();
+        unique.dedup();
         futures::future::join_all(
-            namespaces
+            unique
                 .into_iter()
-                .map(|ns| run_one(ctx.clone(), Some(ns), ready.clone())),
+                .map(|ns| run_one(ctx.clone(), Some(ns), ready.clone(), stop.clone())),
         )
         .await;
     }
@@ -675,33 +792,51 @@ async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<String>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = ctx.client.clone();
     let integrations = match &namespace {
         Some(ns) => Api::<MailIntegration>::namespaced(client.clone(), ns),
         None => Api::<MailIntegration>::all(client.clone()),
     };
+    // `PartialObjectMeta`: metadata-only lists and watches (no Secret data crosses the wire).
     let secrets: Api<PartialObjectMeta<Secret>> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let controller = Controller::new(integrations, WatcherConfig::default().any_semantic());
     let store = controller.store();
-    // Secrets are watched by metadata only and not stored: a change of the user's client Secret (or
-    // of a grant Secret brought by hand) triggers its integrations within seconds, without holding
-    // the cluster's Secrets in memory.
-    let secret_events = watcher(secrets, WatcherConfig::default().any_semantic())
+    // Secrets are watched by metadata only, not stored, and only those with the operator's labels:
+    // its own grant and token Secrets and grants brought by hand (`mailintegration.dev/integration`,
+    // which names the integration), and the client Secrets and CA bundles users marked for it. A
+    // change triggers the integrations concerned within seconds; the cluster's other Secrets are
+    // never listed.
+    let watch = |selector: &str| {
+        watcher(
+            secrets.clone(),
+            WatcherConfig::default().labels(selector).any_semantic(),
+        )
         .touched_objects()
         .predicate_filter(
             kube::runtime::predicates::resource_version,
             Default::default(),
-        );
+        )
+    };
+    let owned_events = watch(INTEGRATION_LABEL);
+    let marked_events = watch(&format!("{OAUTH_CLIENT_LABEL}=true"));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     controller
-        .watches_stream(secret_events, move |meta| {
+        .watches_stream(owned_events, |meta: PartialObjectMeta<Secret>| {
+            let ns = meta.namespace()?;
+            let name = meta.labels().get(INTEGRATION_LABEL)?.clone();
+            Some(ObjectRef::new(&name).within(&ns))
+        })
+        .watches_stream(marked_events, move |meta| {
             integrations_using(&store, meta.metadata.namespace.as_deref(), &meta.name_any())
         })
-        .shutdown_on_signal()
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -735,7 +870,46 @@ mod tests {
         assert!(honoured >= Duration::from_secs(120));
         assert_eq!(
             b1.not_before.unwrap(),
-            now + SignedDuration::try_from(d1).unwrap()
+            now + jiff::SignedDuration::try_from(d1).unwrap()
         );
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_capped_and_does_not_panic() {
+        let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
+        let (b, d) = next_backoff(
+            Backoff::default(),
+            Some(Duration::from_secs(1_000_000_000_000)),
+            now,
+        );
+        assert_eq!(d, MAX_RETRY_AFTER);
+        assert_eq!(b.not_before, Some(crate::time::after(now, MAX_RETRY_AFTER)));
+        let (b, _) = next_backoff(
+            Backoff {
+                failures: u32::MAX,
+                not_before: None,
+            },
+            Some(Duration::MAX),
+            Timestamp::MAX,
+        );
+        assert_eq!(b.failures, u32::MAX);
+        assert_eq!(b.not_before, Some(Timestamp::MAX));
+    }
+
+    #[test]
+    fn error_backoff_grows_and_caps() {
+        assert!(error_backoff(1) <= Duration::from_secs(6));
+        assert!(error_backoff(1) >= Duration::from_secs(4));
+        assert!(error_backoff(3) >= Duration::from_secs(16));
+        assert!(error_backoff(u32::MAX) <= Duration::from_secs(360));
+    }
+
+    #[test]
+    fn a_panic_payload_becomes_a_bounded_message() {
+        let long = "x".repeat(1000);
+        let payload: Box<dyn std::any::Any + Send> = Box::new(long);
+        assert_eq!(panic_message(payload.as_ref()).len(), 200);
+        let payload: Box<dyn std::any::Any + Send> = Box::new("overflow");
+        assert_eq!(panic_message(payload.as_ref()), "overflow");
     }
 }

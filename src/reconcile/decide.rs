@@ -1,11 +1,11 @@
 //! The decision of a reconcile, as pure functions of what was observed and the clock:
 //! [`decide`] says what to do, [`status_after`] says what the status must then be.
 
-use super::observed::{ClientSecretProblem, Observed};
+use super::observed::{ClientSecretProblem, Conflict, Observed};
 use crate::api::{
     MailIntegration, MailIntegrationStatus, REFRESH_REQUESTED_ANNOTATION, SignInStatus, condition,
 };
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use std::time::Duration;
@@ -62,8 +62,10 @@ pub enum Action {
 /// What happened, as far as the status is concerned.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// The client Secret is missing or incomplete.
+    /// The client Secret is missing, incomplete or not marked for the operator.
     ClientSecret(ClientSecretProblem),
+    /// A grant or token Secret under the integration's names is not its own: not used, not written.
+    Conflict(Conflict),
     /// There is no grant: somebody must sign in.
     SignInRequired,
     /// Refreshing is suspended by spec.suspend.
@@ -121,7 +123,7 @@ pub fn jitter(uid: &str, window: Duration) -> Duration {
     let hash = uid.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     });
-    Duration::from_secs(hash % (max + 1))
+    Duration::from_secs(hash.checked_rem(max.saturating_add(1)).unwrap_or(0))
 }
 
 /// When the published token must be refreshed: `expiry - refreshBefore - jitter`. For tokens that
@@ -140,8 +142,11 @@ pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp 
             before = before.min(third);
         }
     }
-    let spread = jitter(mi.uid().as_deref().unwrap_or_default(), before / 10);
-    expires_at - SignedDuration::try_from(before + spread).unwrap_or(SignedDuration::ZERO)
+    let spread = jitter(
+        mi.uid().as_deref().unwrap_or_default(),
+        before.checked_div(10).unwrap_or_default(),
+    );
+    crate::time::before(expires_at, before.saturating_add(spread))
 }
 
 /// Decide what this reconcile must do.
@@ -150,6 +155,9 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     let status = mi.status.clone().unwrap_or_default();
     if let Err(problem) = &o.client {
         return Action::Hold(Outcome::ClientSecret(problem.clone()));
+    }
+    if let Some(conflict) = &o.conflict {
+        return Action::Hold(Outcome::Conflict(conflict.clone()));
     }
     if o.grant.is_none() {
         return Action::Hold(Outcome::SignInRequired);
@@ -184,6 +192,12 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
 }
 
+/// How often a Secret conflict is looked at again (it is also re-checked on every spec change).
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(5 * 60);
+
+/// A sign-in link is renewed this long before it expires.
+const LINK_RENEWAL: Duration = Duration::from_secs(5 * 60);
+
 /// When to reconcile again after `outcome` (on top of watch events). `None`: wait for a change.
 pub fn requeue_after(
     o: &Observed<'_>,
@@ -208,7 +222,9 @@ pub fn requeue_after(
         Outcome::SignInRequired => status
             .sign_in
             .as_ref()
-            .and_then(|s| until(s.expires_at.0 - SignedDuration::from_mins(5))),
+            .and_then(|s| until(crate::time::before(s.expires_at.0, LINK_RENEWAL))),
+        // The conflicting Secret is not watched (it is not the operator's): look again now and then.
+        Outcome::Conflict(_) => Some(CONFLICT_RECHECK),
         Outcome::ClientSecret(_)
         | Outcome::Suspended
         | Outcome::StillFailed
@@ -222,7 +238,7 @@ pub fn requeue_after(
             let link = status
                 .sign_in
                 .as_ref()
-                .and_then(|s| until(s.expires_at.0 - SignedDuration::from_mins(5)));
+                .and_then(|s| until(crate::time::before(s.expires_at.0, LINK_RENEWAL)));
             match (expiry, link) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -333,48 +349,49 @@ pub fn status_after(
         cond(condition::AUTHORIZED, true, reasons::AUTHORIZED, msg)
     };
     let (authorized, ready) = match outcome {
+        Outcome::Conflict(c) => {
+            let reason = c.reason.as_str();
+            stalled = cond(condition::STALLED, true, reason, c.message.clone());
+            let a = prev_authorized
+                .unwrap_or_else(|| cond(condition::AUTHORIZED, false, reason, c.message.clone()));
+            (a, cond(condition::READY, false, reason, c.message.clone()))
+        }
         Outcome::ClientSecret(problem) => {
-            let reason = match problem {
-                ClientSecretProblem::NotFound { .. } => reasons::CLIENT_SECRET_NOT_FOUND,
-                _ => reasons::CLIENT_SECRET_KEY_MISSING,
-            };
+            let reason = problem.reason().as_str();
             stalled = cond(condition::STALLED, true, reason, problem.to_string());
             let a = cond(condition::AUTHORIZED, false, reason, problem.to_string());
             let r = cond(condition::READY, false, reason, problem.to_string());
             (a, r)
         }
-        Outcome::SignInRequired if s.last_sign_in_failure.is_some() => {
-            // The sign-in server recorded why the last attempt failed: say that, and where to retry.
-            s.sign_in = sign_in;
-            let f = s
-                .last_sign_in_failure
-                .as_ref()
-                .expect("checked by the guard");
-            sign_in_failure_conditions(f, s.sign_in.as_ref())
-        }
         Outcome::SignInRequired => {
             s.sign_in = sign_in;
-            let msg = match &s.sign_in {
-                Some(link) => format!(
-                    "no grant yet: open status.signIn.url to sign in as {} (link valid until {})",
-                    mi.spec.mailbox.address,
-                    fmt_time(link.expires_at.0)
-                ),
-                None => format!(
-                    "no grant yet: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
-                    mi.spec.mailbox.address,
-                    mi.grant_secret_name()
-                ),
-            };
-            (
-                cond(
-                    condition::AUTHORIZED,
-                    false,
-                    reasons::SIGN_IN_REQUIRED,
-                    &msg,
-                ),
-                cond(condition::READY, false, reasons::SIGN_IN_REQUIRED, &msg),
-            )
+            if let Some(f) = s.last_sign_in_failure.as_ref() {
+                // The sign-in server recorded why the last attempt failed: say that, and where to
+                // retry.
+                sign_in_failure_conditions(f, s.sign_in.as_ref())
+            } else {
+                let msg = match &s.sign_in {
+                    Some(link) => format!(
+                        "no grant yet: open status.signIn.url to sign in as {} (link valid until {})",
+                        mi.spec.mailbox.address,
+                        fmt_time(link.expires_at.0)
+                    ),
+                    None => format!(
+                        "no grant yet: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
+                        mi.spec.mailbox.address,
+                        mi.grant_secret_name()
+                    ),
+                };
+                (
+                    cond(
+                        condition::AUTHORIZED,
+                        false,
+                        reasons::SIGN_IN_REQUIRED,
+                        &msg,
+                    ),
+                    cond(condition::READY, false, reasons::SIGN_IN_REQUIRED, &msg),
+                )
+            }
         }
         Outcome::Suspended => {
             let a = prev_authorized.unwrap_or_else(|| authorized_ok(&s.account));
@@ -454,13 +471,12 @@ pub fn status_after(
             reconciling = cond(condition::RECONCILING, true, reason, msg.clone());
             let a = prev_authorized
                 .unwrap_or_else(|| cond(condition::AUTHORIZED, false, reason, msg.clone()));
-            let ready_msg = if token_valid {
-                format!(
+            let ready_msg = match token_expiry.filter(|_| token_valid) {
+                Some(e) => format!(
                     "the published token stays valid until {}, but refreshing fails: {msg}",
-                    fmt_time(token_expiry.unwrap())
-                )
-            } else {
-                msg.clone()
+                    fmt_time(e)
+                ),
+                None => msg.clone(),
             };
             (
                 a,
@@ -559,6 +575,7 @@ pub fn sign_in_fixes(reason: &str) -> bool {
         R::ScopeMissing,
         R::UnauthorizedClient,
         R::AccountMismatch,
+        R::GrantBoundElsewhere,
     ]
     .iter()
     .any(|r| r.as_str() == reason)

@@ -4,6 +4,7 @@ use crate::{
     reconcile::observed::{ClientCredentials, Grant, PublishedToken},
     secret::SecretValue,
 };
+use jiff::SignedDuration;
 
 fn t(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -64,12 +65,15 @@ impl World {
                 account: Some("support@example.com".into()),
                 scopes: vec![],
                 issued_at: None,
+                token_endpoint: None,
+                client_id: None,
                 resource_version: Some("11".into()),
             }),
             token: self.token_expiry.map(|e| PublishedToken {
                 access_token: SecretValue::new("at"),
                 expires_at: e,
             }),
+            conflict: None,
             now: self.now,
         }
     }
@@ -472,4 +476,53 @@ fn requeue_is_exactly_the_next_due_time() {
         requeue_after(&w.observed(), &s, &Outcome::Idle, Backoff::default()),
         Some(Duration::from_secs(1))
     );
+}
+
+#[test]
+fn token_expiry_at_the_ends_of_the_clock_does_not_panic() {
+    // A token Secret is writable by whoever may write Secrets in the namespace: its expiry is input.
+    for expiry in [
+        t("-009999-01-03T00:00:00Z"),
+        Timestamp::MIN,
+        Timestamp::MAX,
+        t("9999-12-30T00:00:00Z"),
+    ] {
+        let mut w = World::new();
+        w.token_expiry = Some(expiry);
+        let due = refresh_due_at(&w.mi, expiry);
+        assert!(due <= expiry);
+        let action = w.decide();
+        let outcome = match action {
+            Action::Refresh(_) => Outcome::Refreshed {
+                expires_at: crate::time::after(w.now, Duration::from_secs(3600)),
+                account: None,
+                scopes: vec![],
+            },
+            Action::Hold(o) => o,
+        };
+        let status = w.store(&outcome);
+        let _ = requeue_after(&w.observed(), &status, &outcome, Backoff::default());
+    }
+    let mut w = World::new();
+    w.token_expiry = Some(t("-009999-01-03T00:00:00Z"));
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+}
+
+#[test]
+fn a_sign_in_link_at_the_end_of_the_clock_does_not_panic() {
+    let mut w = World::new();
+    w.grant = false;
+    let link = SignInStatus {
+        url: "https://example.com/sign-in?ticket=x".into(),
+        expires_at: Time(Timestamp::MIN),
+    };
+    let status = status_after(&w.observed(), &Outcome::SignInRequired, Some(link));
+    w.mi.status = Some(status.clone());
+    let again = requeue_after(
+        &w.observed(),
+        &status,
+        &Outcome::SignInRequired,
+        Backoff::default(),
+    );
+    assert_eq!(again, Some(Duration::from_secs(1)));
 }

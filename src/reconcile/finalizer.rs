@@ -60,7 +60,8 @@ async fn write(
     finalizers: Vec<String>,
 ) -> Result<(), Error> {
     // The resourceVersion makes it an optimistic-concurrency write: another finalizer added or
-    // removed meanwhile is not overwritten.
+    // removed meanwhile is not overwritten. A PATCH of the main resource (not /status, which ignores
+    // metadata): the chart grants `patch` on mailintegrations for this write only.
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": mi.resource_version()}
     });
@@ -143,6 +144,8 @@ async fn revoke(
         .get_opt(&mi.grant_secret_name())
         .await
         .map_err(|e| Some(e.to_string()))?;
+    // Only this integration's own grant is revoked (never a Secret that merely has its name).
+    let grant_secret = grant_secret.filter(|s| observed::grant_belongs_to(s, mi));
     let grant = observed::grant(grant_secret.as_ref()).ok_or(None)?;
     let client_secret = secrets
         .get_opt(&mi.spec.oauth.client_secret_ref.name)

@@ -5,6 +5,7 @@
 //! reconciles does not become a storm of logins, and a check that did not change its result writes
 //! nothing. Checks run with bounded concurrency and a timeout each.
 
+use crate::sync::LockExt as _;
 use crate::{
     api::{DEFAULT_CA_KEY, MailIntegration, MailIntegrationStatus, SaslMechanismName, condition},
     mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
@@ -41,6 +42,7 @@ pub struct MailboxChecker {
     cache: Mutex<HashMap<String, Cached>>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
+    allowed: crate::mailbox::allowed::AllowedHosts,
 }
 
 impl MailboxChecker {
@@ -50,7 +52,44 @@ impl MailboxChecker {
             cache: Mutex::default(),
             timeout,
             metrics,
+            allowed: Default::default(),
         }
+    }
+
+    /// Connect only to these mail hosts (see [`crate::mailbox::allowed`]).
+    pub fn with_allowed_hosts(mut self, allowed: crate::mailbox::allowed::AllowedHosts) -> Self {
+        self.allowed = allowed;
+        self
+    }
+
+    /// Why the check must not send this integration's token anywhere, if so: a server outside the
+    /// allowed hosts, or a grant of another account than the mailbox (after an edit of the spec).
+    pub fn refusal(&self, mi: &MailIntegration, targets: &[CheckTarget]) -> Option<MailboxState> {
+        if let Some(t) = targets.iter().find(|t| !self.allowed.allows(&t.host)) {
+            return Some(MailboxState::Failed {
+                reason: crate::reason::Reason::MailboxHostNotAllowed.as_str().into(),
+                message: format!(
+                    "the mail server {} is not one the operator may connect to (allowed: {}): use the provider's own mail host, or ask the operator's admin to add it to --mailbox-allowed-hosts",
+                    crate::web::signin::failure::clean(&t.host),
+                    self.allowed.describe()
+                ),
+            });
+        }
+        let address = &mi.spec.mailbox.address;
+        if let Some(account) = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.account.as_deref())
+            .filter(|a| !a.eq_ignore_ascii_case(address))
+        {
+            return Some(MailboxState::Failed {
+                reason: crate::reason::Reason::AccountMismatch.as_str().into(),
+                message: format!(
+                    "the grant is of {account}, not of the mailbox {address}: its token is not sent to the mail server; sign in again as {address} (status.signIn.url)"
+                ),
+            });
+        }
+        None
     }
 
     /// A short fingerprint of the token, so the cache can tell a new token without keeping it.
@@ -72,6 +111,9 @@ impl MailboxChecker {
         if targets.is_empty() {
             return Some(MailboxState::NotConfigured);
         }
+        if let Some(refused) = self.refusal(mi, &targets) {
+            return Some(refused);
+        }
         let (token, expires_at) = token?;
         if expires_at <= now {
             return None;
@@ -83,7 +125,7 @@ impl MailboxChecker {
             Self::fingerprint(token),
             mi.metadata.generation.unwrap_or(0)
         );
-        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+        if let Some(c) = self.cache.locked().get(&key) {
             let fresh = now.duration_since(c.at)
                 < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
             if c.token == fingerprint && fresh {
@@ -113,7 +155,7 @@ impl MailboxChecker {
                 reason,
             })
             .inc();
-        self.cache.lock().unwrap().insert(
+        self.cache.locked().insert(
             key,
             Cached {
                 token: fingerprint,
@@ -126,16 +168,15 @@ impl MailboxChecker {
 
     /// When the cached result expires (the next periodic check), if there is one.
     pub fn next_check_at(&self, mi: &MailIntegration) -> Option<Timestamp> {
-        let interval = SignedDuration::try_from(mi.spec.check_interval()).ok()?;
+        let interval = mi.spec.check_interval();
         self.cache
-            .lock()
-            .unwrap()
+            .locked()
             .get(&mi.uid().unwrap_or_default())
-            .map(|c| c.at + interval)
+            .map(|c| crate::time::after(c.at, interval))
     }
 
     pub fn forget(&self, uid: &str) {
-        self.cache.lock().unwrap().remove(uid);
+        self.cache.locked().remove(uid);
     }
 
     async fn check_all(

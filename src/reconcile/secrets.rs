@@ -80,20 +80,39 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
     }
 }
 
-/// Write the token Secret (server-side apply: one request, whether or not it exists).
+/// Write the token Secret. `current` is the token Secret as read, which must be this integration's
+/// own (see [`super::observed::owned_by`]): when there was none it is created, so that a Secret
+/// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
+/// server-side apply with the resourceVersion read as its precondition.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
+    current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
 ) -> Result<(), kube::Error> {
-    let secret = token_secret(mi, token);
-    api.patch(
-        &mi.spec.token_secret.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await?;
+    let mut secret = token_secret(mi, token);
+    match current {
+        None => {
+            api.create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &secret,
+            )
+            .await?;
+        }
+        Some(current) => {
+            secret.metadata.resource_version = current.metadata.resource_version.clone();
+            api.patch(
+                &mi.spec.token_secret.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        }
+    }
     metrics.count_write("token_secret");
     Ok(())
 }
@@ -138,19 +157,27 @@ pub fn grant_secret(
 /// Store a rotated refresh token. The provider has already invalidated the old one, so this write
 /// must land: an optimistic-concurrency replace (the resourceVersion we read), re-read on conflict,
 /// retried with capped backoff until it succeeds.
+///
+/// `rotated`: the provider issued `refresh_token` just now (recorded as `rotated_at`); `extra`:
+/// further keys to record in the same write (the grant's binding).
 pub async fn store_rotated_refresh_token(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: Option<&Secret>,
     refresh_token: &SecretValue,
+    rotated: bool,
+    extra: &[(&str, String)],
     metrics: &Metrics,
 ) {
     let name = mi.grant_secret_name();
     let mut base = current.cloned();
     let mut delay = Duration::from_millis(200);
-    let rotated_at = [(grant_keys::ROTATED_AT, rfc3339(Timestamp::now()))];
+    let mut keys: Vec<(&str, String)> = extra.to_vec();
+    if rotated {
+        keys.push((grant_keys::ROTATED_AT, rfc3339(Timestamp::now())));
+    }
     loop {
-        let desired = grant_secret(mi, base.as_ref(), refresh_token, &rotated_at);
+        let desired = grant_secret(mi, base.as_ref(), refresh_token, &keys);
         let result = match &base {
             Some(_) => {
                 api.replace(
@@ -177,18 +204,28 @@ pub async fn store_rotated_refresh_token(
         match result {
             Ok(_) => {
                 metrics.count_write("grant_secret");
-                info!("stored the rotated refresh token");
+                info!(rotated, "stored the grant");
                 return;
             }
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                 // Someone else wrote the Secret (or it went away) since we read it: read it again
-                // and put the new refresh token on top.
+                // and put the new refresh token on top — never into a Secret that is not this
+                // integration's grant (then wait until it is gone).
                 base = api.get_opt(&name).await.ok().flatten();
+                if base
+                    .as_ref()
+                    .is_some_and(|b| !super::observed::grant_belongs_to(b, mi))
+                {
+                    warn!(secret = %name, "the grant Secret was replaced by one that is not this integration's; holding the rotated refresh token until it is gone");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    base = api.get_opt(&name).await.ok().flatten();
+                    continue;
+                }
             }
             Err(e) => {
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "storing the rotated refresh token failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                delay = delay.saturating_mul(2).min(Duration::from_secs(10));
                 if let Ok(fresh) = api.get_opt(&name).await {
                     base = fresh;
                 }

@@ -2,4 +2,5 @@
 //! on another.
 
 pub mod health;
+pub mod serve;
 pub mod signin;

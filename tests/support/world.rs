@@ -3,8 +3,8 @@
 //! Secrets and MailIntegrations a user would.
 
 use super::{
-    control_plane::ControlPlane, ensure_crd, fault_proxy::FaultProxy, oauth::OAuthServer,
-    operator::Operator, unique_namespace,
+    control_plane::ControlPlane, ensure_crd, fault_proxy::FaultProxy, helm::ChartRelease,
+    oauth::OAuthServer, operator::Operator, unique_namespace,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -54,6 +54,49 @@ impl Env {
         Operator::start(name, &self.cp.kubeconfig, &args, self.log_dir.path())
     }
 
+    /// The operator as the chart runs it: a release of the chart in a namespace of its own,
+    /// watching this world's namespace (`set`: more `--set` values), and the operator process with
+    /// the Deployment's own args (but for the listen addresses: the test picks free ports) plus
+    /// `extra`, the downward-API env, and a kubeconfig of the chart's ServiceAccount. Every API call
+    /// it makes is then checked against exactly the RBAC the chart grants.
+    pub fn operator_as_chart(
+        &self,
+        name: &str,
+        set: &[&str],
+        extra: &[&str],
+    ) -> (ChartRelease<'static>, Operator) {
+        let op_ns = unique_namespace(&format!("{name}-release"));
+        let watch = format!("watchNamespaces={{{}}}", self.ns);
+        let mut values = vec![watch.as_str()];
+        values.extend_from_slice(set);
+        let release = ChartRelease::install(self.cp, &op_ns, &op_ns, &values, &["--skip-crds"]);
+        let kubeconfig = release.service_account_kubeconfig();
+        let args: Vec<String> = release
+            .deployment_args()
+            .into_iter()
+            .filter(|a| {
+                a != "run"
+                    && !["--health-addr", "--sign-in-addr", "--public-url"]
+                        .iter()
+                        .any(|f| a.starts_with(f))
+            })
+            .collect();
+        assert!(
+            args.iter().any(|a| a.contains(&self.ns)),
+            "the chart passes the watched namespace: {args:?}"
+        );
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        let op = Operator::start_with_env(
+            name,
+            &kubeconfig,
+            &args,
+            &release.operator_env(),
+            self.log_dir.path(),
+        );
+        (release, op)
+    }
+
     pub fn secrets(&self) -> Api<Secret> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
@@ -62,9 +105,28 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// Create or replace a Secret as a user would, marked the way the operator asks: a grant
+    /// brought by hand (`<integration>-oauth-grant`) names its integration, any other Secret
+    /// (client, CA bundle) carries the opt-in label.
     pub async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let labels = match name.strip_suffix("-oauth-grant") {
+            Some(integration) => {
+                serde_json::json!({"mailintegration.dev/integration": integration})
+            }
+            None => serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
+        };
+        self.put_secret_labelled(name, pairs, labels).await
+    }
+
+    /// Create or replace a Secret with exactly `labels` (an object; `{}` for none).
+    pub async fn put_secret_labelled(
+        &self,
+        name: &str,
+        pairs: &[(&str, &str)],
+        labels: serde_json::Value,
+    ) {
         let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": labels},
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();
@@ -205,6 +267,23 @@ impl Env {
         s.data
             .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
     }
+}
+
+/// Every API call the operator made was allowed: no Forbidden in its log, no reconcile that failed
+/// on a Kubernetes API error.
+pub fn assert_no_forbidden_calls(op: &Operator) {
+    let log = op.log();
+    assert!(
+        !log.contains("forbidden") && !log.contains("Forbidden"),
+        "a call was refused:\n{}",
+        tail(&log, 30)
+    );
+    assert_eq!(
+        op.metric(r#"mailintegration_reconcile_errors_total{error="kube"}"#),
+        None,
+        "{}",
+        tail(&log, 30)
+    );
 }
 
 pub fn tail(s: &str, n: usize) -> String {

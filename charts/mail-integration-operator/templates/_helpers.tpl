@@ -81,10 +81,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["mailintegration.dev"]
   resources: ["mailintegrations/status"]
   verbs: ["patch"]
+# spec.revokeOnDelete: add and remove the mailintegration.dev/revoke-grant finalizer, a merge patch
+# of metadata.finalizers only (with the resourceVersion, so another finalizer is never overwritten).
+# The status subresource above cannot carry it: writes to /status ignore everything but status.
+# RBAC cannot narrow a verb to a field, so this also lets the ServiceAccount patch spec; the
+# operator never does (spec is the user's). No update, create or delete.
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations"]
+  verbs: ["patch"]
 # Secrets: a metadata-only watch (list/watch) to notice changes of the Secrets an integration names,
 # direct GETs of the client, grant and token Secrets, and writes of the grant Secret (create/update)
 # and the token Secret (server-side apply: patch). No delete: owned Secrets go with their
-# MailIntegration through garbage collection.
+# MailIntegration through garbage collection. RBAC cannot narrow these verbs by label or name (the
+# names come from each MailIntegration), and its list is not metadata-only: the ServiceAccount may
+# read and overwrite any Secret where this rule applies. The operator reads only the Secrets a user
+# labelled mailintegration.dev/oauth-client or mailintegration.dev/integration, and those it owns.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "update", "patch"]

@@ -130,6 +130,14 @@ impl Backend for KubeBackend {
             // a conflict (the controller stored a rotated token meanwhile) read again and retry.
             for _ in 0..5 {
                 let base = api.get_opt(&name).await.map_err(|e| describe(&e))?;
+                if base
+                    .as_ref()
+                    .is_some_and(|b| !crate::reconcile::observed::grant_belongs_to(b, mi))
+                {
+                    return Err(format!(
+                        "a Secret named {name:?} exists and is not this integration's grant (the operator writes only Secrets it owns); delete or rename it, then sign in again"
+                    ));
+                }
                 let desired = secrets::grant_secret(mi, base.as_ref(), refresh_token, &extra);
                 let result = match base {
                     Some(_) => api.replace(&name, &pp, &desired).await,
@@ -159,7 +167,7 @@ impl Backend for KubeBackend {
                         time: Time(Timestamp::now()),
                         observed_generation: mi.metadata.generation,
                     })
-                    .expect("serializes"),
+                    .unwrap_or(serde_json::Value::Null),
                     Event {
                         type_: EventType::Warning,
                         reason: reason.as_str().to_owned(),
@@ -186,9 +194,9 @@ impl Backend for KubeBackend {
             // the rest of the status under its manager and never touches this field (it removes it
             // with a merge patch once a grant works or the spec changed). Applying no failure
             // removes the one this manager set.
-            let mut status = serde_json::json!({});
+            let mut status = serde_json::Map::new();
             if !failure.is_null() {
-                status["lastSignInFailure"] = failure;
+                status.insert("lastSignInFailure".into(), failure);
             }
             let patch = serde_json::json!({
                 "apiVersion": "mailintegration.dev/v1alpha1",

@@ -43,7 +43,7 @@ use crate::oauth::{self, AuthorizationRequest, OAuthClient, TokenGrant};
 use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
 use crate::reason::Reason;
 use crate::reconcile::controller::SignInLinks;
-use crate::reconcile::observed::{self, ClientCredentials, ClientSecretProblem, grant_keys};
+use crate::reconcile::observed::{self, ClientCredentials, grant_keys};
 use crate::secret::SecretValue;
 use axum::{
     Router,
@@ -68,6 +68,10 @@ pub const COOKIE: &str = "mio_signin";
 pub const DEFAULT_LINK_TTL: Duration = Duration::from_secs(60 * 60);
 /// How long the operator waits for the provider's answer after "Sign in".
 pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Most read of a request body: the only one is the sign-in form (a ticket and a prompt, well under
+/// 1 KiB); larger bodies get 413 before any handler runs.
+pub const MAX_REQUEST_BODY: usize = 16 * 1024;
 
 /// The signing purpose of tickets.
 pub const TICKET: &str = "ticket";
@@ -144,7 +148,10 @@ fn fmt_time(t: Timestamp) -> String {
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
 }
 
 impl SignIn {
@@ -189,7 +196,10 @@ impl SignIn {
                 .nest(&self.inner.prefix, routes)
                 .fallback(not_found)
         };
-        app.layer(axum::middleware::map_response(security_headers))
+        app.layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_REQUEST_BODY,
+        ))
+        .layer(axum::middleware::map_response(security_headers))
     }
 
     /// The operator's callback URL: `{public-url}/oauth2/callback`.
@@ -317,10 +327,7 @@ impl SignIn {
             api_unavailable()
         })?;
         observed::client_credentials(r, secret.as_ref()).map_err(|p| {
-            let reason = match p {
-                ClientSecretProblem::NotFound { .. } => Reason::ClientSecretNotFound,
-                _ => Reason::ClientSecretKeyMissing,
-            };
+            let reason = p.reason();
             Failure::new(
                 reason,
                 StatusCode::CONFLICT,
@@ -1070,6 +1077,9 @@ async fn callback(
     let extra = vec![
         (grant_keys::ACCOUNT, account.clone()),
         (grant_keys::SCOPES, scopes),
+        // Where the grant was issued: the refresher sends it nowhere else.
+        (grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()),
+        (grant_keys::CLIENT_ID, creds.client_id.clone()),
         (
             grant_keys::ISSUED_AT,
             now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),

@@ -9,6 +9,7 @@
 //! that reaches a replica which has not seen the state passes this store, but fails at the
 //! provider: authorization codes are single-use (RFC 6749 §4.1.2) and bound to the PKCE challenge.
 
+use crate::sync::LockExt as _;
 use jiff::Timestamp;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -69,7 +70,7 @@ impl StateStore {
     /// Record a state issued now. Live records are never evicted (that would allow a replay):
     /// when the store is full of them, new sign-ins are refused until some expire.
     pub fn insert(&self, id: &str, record: StateRecord, now: Timestamp) -> Result<(), Full> {
-        let mut map = self.records.lock().expect("state store lock");
+        let mut map = self.records.locked();
         if map.len() >= self.capacity {
             Self::purge(&mut map, now);
             if map.len() >= self.capacity {
@@ -82,7 +83,7 @@ impl StateStore {
 
     /// Mark `id` used, remembering it until `expires`; say whether it was pending, unknown or used.
     pub fn consume(&self, id: &str, claims: StateRecord, now: Timestamp) -> Consumed {
-        let mut map = self.records.lock().expect("state store lock");
+        let mut map = self.records.locked();
         match map.get_mut(id) {
             Some(r) if r.used => Consumed::Used,
             Some(r) => {
@@ -111,16 +112,12 @@ impl StateStore {
 
     /// The record of `id`, if this replica issued or consumed it.
     pub fn get(&self, id: &str) -> Option<StateRecord> {
-        self.records
-            .lock()
-            .expect("state store lock")
-            .get(id)
-            .cloned()
+        self.records.locked().get(id).cloned()
     }
 
     /// How many records are kept.
     pub fn len(&self) -> usize {
-        self.records.lock().expect("state store lock").len()
+        self.records.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -109,6 +109,13 @@ impl Harness {
             .unwrap()
             .insert(("mail".into(), "inbox".into()), mi);
         let client = Secret {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("mail".into()),
+                labels: Some(
+                    [(crate::api::OAUTH_CLIENT_LABEL.to_owned(), "true".to_owned())].into(),
+                ),
+                ..Default::default()
+            },
             data: Some(
                 [
                     ("client_id".to_owned(), ByteString(b"the-client".to_vec())),
@@ -906,6 +913,7 @@ fn controller_reports_the_last_sign_in_failure_while_sign_in_is_needed() {
         client_version: None,
         grant: None,
         token: None,
+        conflict: None,
         now,
     };
     let link = Harness::new("http://127.0.0.1:8080")
@@ -980,9 +988,12 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
             account: None,
             scopes: vec![],
             issued_at: None,
+            token_endpoint: None,
+            client_id: None,
             resource_version: Some("7".into()),
         }),
         token: None,
+        conflict: None,
         now,
     };
     let link = Harness::new("http://127.0.0.1:8080")
@@ -1022,5 +1033,30 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
     assert_eq!(
         find_condition(&s, "Stalled").unwrap().reason,
         "GrantRevoked"
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_over_16_kib_is_refused_unread() {
+    let h = Harness::new("http://127.0.0.1:8080");
+    let body = format!(
+        "ticket={}&prompt=Consent&pad={}",
+        h.ticket(),
+        "x".repeat(MAX_REQUEST_BODY)
+    );
+    let req = Request::post("/oauth2/start")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
+        .unwrap();
+    let (status, headers, _) = h.send(req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_security_headers(&headers);
+    // The same form, small, is a sign-in.
+    let (location, _) = h.start("Consent", None).await;
+    assert!(
+        location
+            .as_str()
+            .starts_with("https://accounts.google.com/")
     );
 }
