@@ -866,6 +866,26 @@ pub struct IdTokenClaims {
     /// Microsoft: the user principal name, present even without an `email` claim.
     #[serde(default)]
     pub preferred_username: Option<String>,
+    /// The client(s) the token was issued for (a string or an array).
+    #[serde(default, deserialize_with = "string_or_strings")]
+    pub aud: Vec<String>,
+    /// Expiry, seconds since the epoch.
+    #[serde(default)]
+    pub exp: Option<i64>,
+    /// Microsoft: the directory (tenant) ID of the account.
+    #[serde(default)]
+    pub tid: Option<String>,
+}
+
+fn string_or_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::String(s)) => vec![s],
+        Some(serde_json::Value::Array(a)) => a
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {

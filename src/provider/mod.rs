@@ -122,6 +122,12 @@ pub fn microsoft_endpoints(tenant: &str) -> Result<ProviderEndpoints, FailureCla
     })
 }
 
+/// Whether a Microsoft tenant is given by its directory ID (a GUID), not a name like `common`
+/// or a domain.
+pub fn is_tenant_id(s: &str) -> bool {
+    is_guid(s)
+}
+
 fn is_guid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 5

@@ -78,6 +78,8 @@ pub struct Context {
     pub providers: ProviderResolver,
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
+    /// One event recorder, so that repeats are aggregated (see [`Recorder`]).
+    pub(crate) recorder: Recorder,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
     pub mailbox: MailboxChecker,
     /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
@@ -98,10 +100,17 @@ impl Context {
     ) -> Self {
         Self {
             mailbox: MailboxChecker::new(8, crate::mailbox::DEFAULT_TIMEOUT, metrics.clone()),
-            client,
+            client: client.clone(),
             oauth,
             providers,
             metrics,
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            ),
             reporter: Reporter {
                 controller: FIELD_MANAGER.into(),
                 instance: std::env::var("POD_NAME").ok(),
@@ -648,7 +657,7 @@ async fn publish_events(
     new: &MailIntegrationStatus,
     ctx: &Context,
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let recorder = &ctx.recorder;
     let reference = mi.object_ref(&());
     for t in [
         condition::READY,

@@ -17,7 +17,7 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::{Event, EventType},
     },
 };
 use std::time::Duration;
@@ -85,7 +85,7 @@ pub async fn finalize(
         ctx.forget(mi);
         return Ok(Action::await_change());
     }
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let recorder = &ctx.recorder;
     let reference = mi.object_ref(&());
     let result = revoke(mi, secrets, ctx).await;
     let (event_type, reason, note) = match result {

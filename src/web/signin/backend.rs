@@ -63,17 +63,44 @@ pub trait Backend: Send + Sync + 'static {
 pub struct KubeBackend {
     pub client: Client,
     pub reporter: Reporter,
+    /// One recorder for every event: it aggregates repeats of the same event into one Event with
+    /// a count instead of a new object each time.
+    recorder: Recorder,
+    /// When each (integration UID, reason) failure was last reported.
+    reported:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, Reason), Timestamp>>>,
 }
+
+/// A sign-in failure with the same reason on the same integration is written to its status and
+/// events at most this often: a replayed or expired link opened in a loop costs one write a minute.
+pub const FAILURE_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl KubeBackend {
     pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
+            recorder: Recorder::new(client.clone(), reporter.clone()),
             client,
-            reporter: Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            reporter,
+            reported: Default::default(),
         }
+    }
+
+    /// Whether a failure `reason` on `uid` at `now` should be written (and remember it if so).
+    fn should_report(&self, uid: &str, reason: Reason, now: Timestamp) -> bool {
+        use crate::sync::LockExt as _;
+        let mut map = self.reported.locked();
+        let since = crate::time::before(now, FAILURE_REPORT_INTERVAL);
+        map.retain(|_, at| *at > since);
+        if map.contains_key(&(uid.to_owned(), reason)) {
+            return false;
+        }
+        // Bounded: at most one entry per (integration, reason) per interval.
+        map.insert((uid.to_owned(), reason), now);
+        true
     }
 }
 
@@ -157,6 +184,11 @@ impl Backend for KubeBackend {
 
     fn report<'a>(&'a self, mi: &'a MailIntegration, report: Report) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if let Report::Failed { reason, .. } = &report
+                && !self.should_report(&mi.uid().unwrap_or_default(), *reason, Timestamp::now())
+            {
+                return;
+            }
             let ns = mi.namespace().unwrap_or_default();
             let api = Api::<MailIntegration>::namespaced(self.client.clone(), &ns);
             let (failure, event) = match &report {
@@ -213,10 +245,29 @@ impl Backend for KubeBackend {
             {
                 warn!(error = %describe(&e), "could not record the sign-in outcome in the status");
             }
-            let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-            if let Err(e) = recorder.publish(&event, &mi.object_ref(&())).await {
+            if let Err(e) = self.recorder.publish(&event, &mi.object_ref(&())).await {
                 warn!(error = %describe(&e), "could not publish the sign-in event");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_repeated_failure_is_reported_once_a_minute() {
+        // The client is never used by should_report; any config builds one.
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let backend = KubeBackend::new(Client::try_from(config).unwrap());
+        let t0: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        assert!(backend.should_report("uid-1", Reason::SignInLinkExpired, t0));
+        let soon = crate::time::after(t0, std::time::Duration::from_secs(5));
+        assert!(!backend.should_report("uid-1", Reason::SignInLinkExpired, soon));
+        assert!(backend.should_report("uid-1", Reason::SignInStateReused, soon));
+        assert!(backend.should_report("uid-2", Reason::SignInLinkExpired, soon));
+        let later = crate::time::after(t0, std::time::Duration::from_secs(61));
+        assert!(backend.should_report("uid-1", Reason::SignInLinkExpired, later));
     }
 }

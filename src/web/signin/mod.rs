@@ -855,6 +855,80 @@ pub fn check_issuer(
     ))
 }
 
+/// The ID token must be for this client (`aud`), not expired (`exp`, 5 minutes of clock skew),
+/// from the configured Microsoft directory when `spec.oauth.tenant` names one by its ID (`tid`),
+/// and, at Google, say that the address is verified (`email_verified`). Without an ID token there
+/// is nothing to check here (the account then comes from userinfo).
+pub fn check_id_token(
+    grant: &TokenGrant,
+    endpoints: &ProviderEndpoints,
+    client_id: &str,
+    tenant: Option<&str>,
+    now: Timestamp,
+) -> Result<(), Failure> {
+    let Some(Ok(claims)) = grant.id_token_claims() else {
+        return Ok(());
+    };
+    let refuse = |reason: Reason, title: &str, what: String, todo: &str| {
+        Err(Failure::new(
+            reason,
+            StatusCode::BAD_REQUEST,
+            title,
+            what,
+            todo,
+        ))
+    };
+    if !claims.aud.is_empty() && !claims.aud.iter().any(|a| a == client_id) {
+        return refuse(
+            Reason::IssuerMismatch,
+            "The ID token is for another application",
+            format!(
+                "The ID token was issued to {}, not to this integration's OAuth client {client_id}; it was not used.",
+                failure::clean(&claims.aud.join(", "))
+            ),
+            "Check the client ID in the client Secret and spec.oauth, then open the sign-in link again.",
+        );
+    }
+    if let Some(exp) = claims.exp
+        && exp.saturating_add(300) < now.as_second()
+    {
+        return refuse(
+            Reason::AccountUnknown,
+            "The ID token has expired",
+            "The provider returned an ID token that had already expired; it was not used."
+                .to_owned(),
+            "Open the sign-in link again; if it repeats, check the clocks of the provider and the cluster.",
+        );
+    }
+    if endpoints.kind == ProviderKind::Microsoft
+        && let Some(want) = tenant.filter(|t| provider::is_tenant_id(t))
+        && claims
+            .tid
+            .as_deref()
+            .is_some_and(|got| !got.eq_ignore_ascii_case(want))
+    {
+        return refuse(
+            Reason::AccountMismatch,
+            "The account is from another directory",
+            format!(
+                "The signed-in account belongs to the directory {}, not to the tenant {want} of this integration.",
+                failure::clean(claims.tid.as_deref().unwrap_or("-"))
+            ),
+            "Sign in with an account of the integration's tenant, or change spec.oauth.tenant.",
+        );
+    }
+    if endpoints.kind == ProviderKind::Google && claims.email_verified != Some(true) {
+        return refuse(
+            Reason::AccountUnknown,
+            "The account's address is not verified",
+            "Google did not say that the signed-in account's address is verified (email_verified)."
+                .to_owned(),
+            "Sign in with the mailbox's own Google account.",
+        );
+    }
+    Ok(())
+}
+
 /// Who signed in, from the ID token: `email` (or Microsoft's `preferred_username` when it is an
 /// address). `Ok(None)`: the ID token does not say (ask userinfo).
 pub fn account_from_id_token(
@@ -1045,6 +1119,15 @@ async fn callback(
             return s.fail(f.on(subject), Some(&mi)).await;
         }
     };
+    if let Err(f) = check_id_token(
+        &grant,
+        &endpoints,
+        &creds.client_id,
+        mi.spec.oauth.tenant.as_deref(),
+        now,
+    ) {
+        return s.fail(f.on(subject), Some(&mi)).await;
+    }
     let mut account = match account_from_id_token(&grant, &endpoints, &provider) {
         Ok(a) => a,
         Err(f) => return s.fail(f.on(subject), Some(&mi)).await,

@@ -1060,3 +1060,63 @@ async fn a_request_body_over_16_kib_is_refused_unread() {
             .starts_with("https://accounts.google.com/")
     );
 }
+
+#[test]
+fn the_id_token_must_be_for_this_client_fresh_verified_and_of_the_tenant() {
+    let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+    let google = provider::google_endpoints();
+    let ok = serde_json::json!({
+        "iss": "https://accounts.google.com", "aud": "the-client", "exp": now.as_second() + 600,
+        "email": "support@example.com", "email_verified": true,
+    });
+    let with = |patch: serde_json::Value| {
+        let mut c = ok.clone();
+        c.as_object_mut()
+            .unwrap()
+            .extend(patch.as_object().unwrap().clone());
+        grant(Some("rt"), None, Some(jwt(c)))
+    };
+    assert!(
+        check_id_token(
+            &with(serde_json::json!({})),
+            &google,
+            "the-client",
+            None,
+            now
+        )
+        .is_ok()
+    );
+    let aud = with(serde_json::json!({"aud": ["other-client"]}));
+    let f = check_id_token(&aud, &google, "the-client", None, now).unwrap_err();
+    assert_eq!(f.reason, Reason::IssuerMismatch);
+    assert!(f.what.contains("other-client"), "{}", f.what);
+    let list = with(serde_json::json!({"aud": ["x", "the-client"]}));
+    assert!(check_id_token(&list, &google, "the-client", None, now).is_ok());
+    let old = with(serde_json::json!({"exp": now.as_second() - 3600}));
+    assert_eq!(
+        check_id_token(&old, &google, "the-client", None, now)
+            .unwrap_err()
+            .reason,
+        Reason::AccountUnknown
+    );
+    let unverified = with(serde_json::json!({"email_verified": null}));
+    assert_eq!(
+        check_id_token(&unverified, &google, "the-client", None, now)
+            .unwrap_err()
+            .reason,
+        Reason::AccountUnknown
+    );
+    let tenant = "11111111-2222-3333-4444-555555555555";
+    let ms = provider::microsoft_endpoints(tenant).unwrap();
+    let other_tid = with(serde_json::json!({"tid": "99999999-2222-3333-4444-555555555555"}));
+    assert_eq!(
+        check_id_token(&other_tid, &ms, "the-client", Some(tenant), now)
+            .unwrap_err()
+            .reason,
+        Reason::AccountMismatch
+    );
+    let same_tid = with(serde_json::json!({"tid": tenant}));
+    assert!(check_id_token(&same_tid, &ms, "the-client", Some(tenant), now).is_ok());
+    // A tenant given by name (common, a domain) cannot be compared with a directory ID.
+    assert!(check_id_token(&other_tid, &ms, "the-client", Some("common"), now).is_ok());
+}
