@@ -1,21 +1,22 @@
 //! The act side of the reconciler: read the resource's Secrets, run the decision, call the provider
 //! when it says so, and write only what changed.
 
+use super::refresh::refresh;
+pub use super::refresh::{MAX_RETRY_AFTER, next_backoff};
 use super::{
-    decide::{self, Action as Decision, Backoff, Outcome, RefreshCause},
+    decide::{self, Action as Decision, Backoff, Outcome},
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
-    observed::{self, Observed, PublishedToken, grant_keys},
-    secrets,
+    observed::{self, Observed, PublishedToken},
 };
 use crate::sync::LockExt as _;
 use crate::{
     api::{
         INTEGRATION_LABEL, MailIntegration, MailIntegrationStatus, OAUTH_CLIENT_LABEL, condition,
     },
-    metrics::{IntegrationLabels, Metrics, ReadyLabels, RefreshLabels},
+    metrics::{IntegrationLabels, Metrics, ReadyLabels},
     oauth::OAuthClient,
-    provider::{FailureClass, ProviderResolver},
+    provider::ProviderResolver,
 };
 use futures::{FutureExt as _, StreamExt};
 use jiff::Timestamp;
@@ -34,9 +35,9 @@ use kube::{
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
-use tracing::{info, instrument, warn};
+use tracing::{instrument, warn};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "mail-integration-operator";
@@ -124,11 +125,11 @@ impl Context {
         }
     }
 
-    fn backoff(&self, uid: &str) -> Backoff {
+    pub(super) fn backoff(&self, uid: &str) -> Backoff {
         self.backoff.locked().get(uid).copied().unwrap_or_default()
     }
 
-    fn set_backoff(&self, uid: &str, b: Option<Backoff>) {
+    pub(super) fn set_backoff(&self, uid: &str, b: Option<Backoff>) {
         let mut map = self.backoff.locked();
         match b {
             Some(b) => map.insert(uid.to_owned(), b),
@@ -152,7 +153,7 @@ impl Context {
     }
 
     /// One refresh per grant at a time within this process (leader election covers replicas).
-    fn refresh_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn refresh_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.refresh_locks
             .locked()
             .entry(uid.to_owned())
@@ -214,36 +215,6 @@ impl Context {
             self.errors.locked().remove(&uid);
         }
     }
-}
-
-/// The longest `Retry-After` believed. A provider (or a server a tenant names) asking for more, up to
-/// the absurd, is retried after this: an answer must not park an integration for years, nor
-/// overflow the clock.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// Transient-failure backoff: 5 s doubling to 5 min, ±20 % jitter, never sooner than Retry-After
-/// (itself capped at [`MAX_RETRY_AFTER`]).
-pub fn next_backoff(
-    prev: Backoff,
-    retry_after: Option<Duration>,
-    now: Timestamp,
-) -> (Backoff, Duration) {
-    let failures = prev.failures.saturating_add(1);
-    let base = Duration::from_secs(5)
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
-        .min(Duration::from_secs(300));
-    let factor = rand::random_range(0.8..1.2);
-    let delay = base
-        .mul_f64(factor)
-        .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
-    let not_before = crate::time::after(now, delay);
-    (
-        Backoff {
-            failures,
-            not_before: Some(not_before),
-        },
-        delay,
-    )
 }
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any())))]
@@ -467,188 +438,6 @@ async fn read_ca(
     }
 }
 
-/// Call the token endpoint and publish the result. Never loses a rotated refresh token: it is stored
-/// in the grant Secret (optimistic concurrency, retried until it lands) before anything else.
-async fn refresh(
-    mi: &MailIntegration,
-    o: &Observed<'_>,
-    cause: RefreshCause,
-    (grant_secret, token_secret): (Option<&Secret>, Option<&Secret>),
-    secrets_api: &Api<Secret>,
-    ctx: &Context,
-) -> (Outcome, Option<PublishedToken>) {
-    let uid = mi.uid().unwrap_or_default();
-    let (Ok(creds), Some(grant)) = (&o.client, &o.grant) else {
-        // decide() refreshes only with client credentials and a grant.
-        return (Outcome::SignInRequired, None);
-    };
-    info!(?cause, "refreshing the access token");
-    let endpoints = match ctx.providers.resolve(&mi.spec).await {
-        Ok(e) => e,
-        Err(class) => return (failure_outcome(mi, class, o.now, ctx), None),
-    };
-    if let Some(message) = grant.bound_elsewhere(
-        endpoints.token.as_str(),
-        &creds.client_id,
-        &mi.spec.mailbox.address,
-    ) {
-        warn!(%message, "the grant was issued elsewhere; not sending it");
-        ctx.set_backoff(&uid, None);
-        return (
-            Outcome::PermanentFailure {
-                reason: crate::reason::Reason::GrantBoundElsewhere.as_str().into(),
-                message,
-            },
-            None,
-        );
-    }
-    let started = Instant::now();
-    let scopes = crate::provider::refresh_scopes(&mi.spec);
-    let result = ctx
-        .oauth
-        .refresh(&endpoints, creds, &grant.refresh_token, &scopes, o.now)
-        .await;
-    ctx.metrics
-        .refresh_duration
-        .observe(started.elapsed().as_secs_f64());
-    let token = match result {
-        Ok(t) => t,
-        Err(e) => return (failure_outcome(mi, e.class, o.now, ctx), None),
-    };
-    let rotated = token
-        .refresh_token
-        .as_ref()
-        .filter(|rt| **rt != grant.refresh_token);
-    // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
-    let mut extra = Vec::new();
-    if !grant.is_bound() {
-        extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
-        extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
-    }
-    if rotated.is_some() || !extra.is_empty() {
-        let refresh_token = rotated.unwrap_or(&grant.refresh_token);
-        secrets::store_rotated_refresh_token(
-            mi,
-            secrets_api,
-            grant_secret,
-            refresh_token,
-            rotated.is_some(),
-            &extra,
-            &ctx.metrics,
-        )
-        .await;
-    }
-    // Who the token belongs to: the provider's ID token says so when it sends one (a refresh token
-    // brought by hand is checked here for the first time), else what the sign-in recorded.
-    let signed_in = token
-        .id_token_claims()
-        .and_then(Result::ok)
-        .and_then(|c| c.email);
-    let expected = &mi.spec.mailbox.address;
-    if let Some(actual) = signed_in
-        .as_ref()
-        .filter(|a| !a.eq_ignore_ascii_case(expected))
-    {
-        ctx.set_backoff(&uid, None);
-        let message = format!(
-            "the grant belongs to {actual}, not to the mailbox {expected}: sign in again as {expected} (status.signIn.url), or replace the refresh token in Secret {:?}",
-            mi.grant_secret_name()
-        );
-        return (
-            Outcome::PermanentFailure {
-                reason: "AccountMismatch".into(),
-                message,
-            },
-            None,
-        );
-    }
-    let account = signed_in.or_else(|| grant.account.clone());
-    let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
-    if let Err(e) =
-        secrets::write_token_secret(mi, secrets_api, token_secret, &token, &ctx.metrics).await
-    {
-        warn!(error = %e, "writing the token Secret failed; retrying");
-        let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
-        ctx.set_backoff(&uid, Some(b));
-        let failure = Outcome::TransientFailure {
-            reason: "TokenSecretWriteFailed".into(),
-            message: format!(
-                "could not write Secret {:?}: {e}",
-                mi.spec.token_secret.name
-            ),
-            retry_in: delay,
-        };
-        return (failure, None);
-    }
-    ctx.set_backoff(&uid, None);
-    ctx.metrics
-        .refreshes
-        .get_or_create(&RefreshLabels {
-            result: "success".into(),
-            reason: "TokenRefreshed".into(),
-        })
-        .inc();
-    let published = PublishedToken {
-        access_token: token.access_token.clone(),
-        expires_at: token.expires_at,
-    };
-    (
-        Outcome::Refreshed {
-            expires_at: token.expires_at,
-            account,
-            scopes,
-        },
-        Some(published),
-    )
-}
-
-fn failure_outcome(
-    mi: &MailIntegration,
-    class: FailureClass,
-    now: Timestamp,
-    ctx: &Context,
-) -> Outcome {
-    let uid = mi.uid().unwrap_or_default();
-    match class {
-        FailureClass::Permanent { reason, message } => {
-            warn!(reason = reason.as_str(), %message, "refresh failed permanently; waiting for a change");
-            ctx.set_backoff(&uid, None);
-            ctx.metrics
-                .refreshes
-                .get_or_create(&RefreshLabels {
-                    result: "permanent_failure".into(),
-                    reason: reason.as_str().into(),
-                })
-                .inc();
-            Outcome::PermanentFailure {
-                reason: reason.as_str().into(),
-                message,
-            }
-        }
-        FailureClass::Transient {
-            reason,
-            message,
-            retry_after,
-        } => {
-            let (b, delay) = next_backoff(ctx.backoff(&uid), retry_after, now);
-            ctx.set_backoff(&uid, Some(b));
-            warn!(reason = reason.as_str(), %message, retry_in_s = delay.as_secs(), "refresh failed; backing off");
-            ctx.metrics
-                .refreshes
-                .get_or_create(&RefreshLabels {
-                    result: "transient_failure".into(),
-                    reason: reason.as_str().into(),
-                })
-                .inc();
-            Outcome::TransientFailure {
-                reason: reason.as_str().into(),
-                message,
-                retry_in: delay,
-            }
-        }
-    }
-}
-
 /// Events for changes a human cares about (first success, failure, recovery) — compared on the
 /// (status, reason) of Ready, Authorized and Reconciling, so a routine refresh emits nothing.
 async fn publish_events(
@@ -854,56 +643,6 @@ async fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_honours_retry_after() {
-        let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
-        let (b1, d1) = next_backoff(Backoff::default(), None, now);
-        assert_eq!(b1.failures, 1);
-        assert!(
-            d1 >= Duration::from_secs(4) && d1 <= Duration::from_secs(6),
-            "{d1:?}"
-        );
-        let (b2, d2) = next_backoff(b1, None, now);
-        assert!(
-            d2 >= Duration::from_secs(8) && d2 <= Duration::from_secs(12),
-            "{d2:?}"
-        );
-        let mut b = b2;
-        for _ in 0..20 {
-            b = next_backoff(b, None, now).0;
-        }
-        let (_, capped) = next_backoff(b, None, now);
-        assert!(capped <= Duration::from_secs(360), "{capped:?}");
-        let (_, honoured) = next_backoff(Backoff::default(), Some(Duration::from_secs(120)), now);
-        assert!(honoured >= Duration::from_secs(120));
-        assert_eq!(
-            b1.not_before.unwrap(),
-            now + jiff::SignedDuration::try_from(d1).unwrap()
-        );
-    }
-
-    #[test]
-    fn an_absurd_retry_after_is_capped_and_does_not_panic() {
-        let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
-        let (b, d) = next_backoff(
-            Backoff::default(),
-            Some(Duration::from_secs(1_000_000_000_000)),
-            now,
-        );
-        assert_eq!(d, MAX_RETRY_AFTER);
-        assert_eq!(b.not_before, Some(crate::time::after(now, MAX_RETRY_AFTER)));
-        let (b, _) = next_backoff(
-            Backoff {
-                failures: u32::MAX,
-                not_before: None,
-            },
-            Some(Duration::MAX),
-            Timestamp::MAX,
-        );
-        assert_eq!(b.failures, u32::MAX);
-        assert_eq!(b.not_before, Some(Timestamp::MAX));
-    }
 
     #[test]
     fn error_backoff_grows_and_caps() {

@@ -6,4 +6,5 @@ pub mod decide;
 pub mod finalizer;
 pub mod mailbox_check;
 pub mod observed;
+pub mod refresh;
 pub mod secrets;
