@@ -263,7 +263,14 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             &format!("--sign-in-key-secret={n}-sign-in-key"),
             "--sign-in-link-ttl=1h",
             "--log-format=json",
+            "--leader-election",
+            &format!("--leader-election-lease={n}-leader"),
         ]
+    );
+    // Leader election is on by default: a rolling update, never two refreshers.
+    assert_eq!(
+        deploy["spec"]["strategy"]["type"].as_str(),
+        Some("RollingUpdate")
     );
     let spec = &deploy["spec"]["template"]["spec"];
     let c = &spec["containers"][0];
@@ -322,10 +329,14 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
         "{env}"
     );
     // One replica without leader election: never two operators during an upgrade.
-    assert_eq!(
-        deploy["spec"]["strategy"]["type"].as_str(),
-        Some("Recreate")
-    );
+    let docs_off = yaml_docs(&helm::template(
+        "mio",
+        "ops",
+        &["leaderElection.enabled=false"],
+    ));
+    let off = find(&docs_off, "Deployment", n);
+    assert_eq!(off["spec"]["strategy"]["type"].as_str(), Some("Recreate"));
+    assert!(!container_args(off).iter().any(|a| a == "--leader-election"));
 
     // Services: sign-in on 80 -> http, metrics on 9090 -> health.
     let svc = find(&docs, "Service", n);
@@ -337,10 +348,14 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
         Some("health")
     );
 
-    // Own namespace: the key Secret by name, and no Lease rights without leader election.
+    // Own namespace: the key Secret by name, the Lease (leader election is on by default), and no
+    // Lease rights without leader election.
     let own = serde_yaml::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
     assert!(own.contains(&format!("{n}-sign-in-key")), "{own}");
-    assert!(!own.contains("leases"), "{own}");
+    assert!(own.contains(&format!("{n}-leader")), "{own}");
+    let own_off =
+        serde_yaml::to_string(find(&docs_off, "Role", &format!("{n}-own-namespace"))).unwrap();
+    assert!(!own_off.contains("leases"), "{own_off}");
 }
 
 #[test]
@@ -658,12 +673,22 @@ fn kustomize_base_equals_the_chart_defaults() {
 fn docs_list_exactly_the_rbac_rules_the_chart_grants() {
     let n = "mio-mail-integration-operator";
     let own = format!("{n}-own-namespace");
-    // Defaults: the ClusterRole carries the "watched" rows; the own namespace, the "own" ones.
+    // Defaults: the ClusterRole carries the "watched" rows; the own namespace, the "own" ones and,
+    // leader election being on by default, its Lease rows.
     let docs = yaml_docs(&helm::template("mio", "ops", &[]));
     assert_eq!(
         rendered_grants(&docs, "ClusterRole", "", n),
         documented_grants(n, &["watched"])
     );
+    assert_eq!(
+        rendered_grants(&docs, "Role", "ops", &own),
+        documented_grants(n, &["own", "own, leader election only"])
+    );
+    let docs = yaml_docs(&helm::template(
+        "mio",
+        "ops",
+        &["leaderElection.enabled=false"],
+    ));
     assert_eq!(
         rendered_grants(&docs, "Role", "ops", &own),
         documented_grants(n, &["own"])
@@ -1310,7 +1335,10 @@ async fn chart_rbac_with_watch_namespaces_is_least_privilege() {
         cp,
         &op,
         &op,
-        &[&format!("watchNamespaces={{{watched},{watched2}}}")],
+        &[
+            &format!("watchNamespaces={{{watched},{watched2}}}"),
+            "leaderElection.enabled=false",
+        ],
         &["--skip-crds"],
     );
     example_integration(cp, &watched);
