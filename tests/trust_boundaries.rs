@@ -38,13 +38,7 @@ fn message<'a>(mi: &'a MailIntegration, t: &str) -> &'a str {
 
 /// The API server refuses to create `spec` (CEL), with a message containing `expect`.
 async fn assert_refused(env: &Env, name: &str, spec: serde_json::Value, expect: &str) {
-    let mi: MailIntegration = serde_json::from_value(serde_json::json!({
-        "apiVersion": "mailintegration.dev/v1alpha1",
-        "kind": "MailIntegration",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .unwrap();
+    let mi = support::world::mail_integration(name, spec);
     match env.integrations().create(&PostParams::default(), &mi).await {
         Err(kube::Error::Api(e)) => {
             assert_eq!(e.code, 422, "{e:?}");

@@ -1,8 +1,8 @@
 //! The act side of the reconciler: read the resource's Secrets, run the decision, call the provider
 //! when it says so, and write only what changed.
 
-use super::refresh::refresh;
 pub use super::refresh::{MAX_RETRY_AFTER, next_backoff};
+use super::refresh::{backoff_delay, refresh};
 use super::{
     decide::{self, Action as Decision, Backoff, Outcome},
     finalizer,
@@ -99,23 +99,18 @@ impl Context {
         providers: ProviderResolver,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
             mailbox: MailboxChecker::new(8, crate::mailbox::DEFAULT_TIMEOUT, metrics.clone()),
             client: client.clone(),
             oauth,
             providers,
             metrics,
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: FIELD_MANAGER.into(),
-                    instance: std::env::var("POD_NAME").ok(),
-                },
-            ),
-            reporter: Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             sign_in: None,
             revoke_timeout: Duration::from_secs(300),
             backoff: Mutex::default(),
@@ -519,15 +514,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     text.chars().take(200).collect()
 }
 
-/// Retry delay after `failures` failed reconciles in a row (API errors): 5 s doubling to 5 min,
-/// ±20 % jitter, so that an API server brownout does not become a synchronised request storm.
-pub fn error_backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(5)
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
-        .min(Duration::from_secs(300));
-    base.mul_f64(rand::random_range(0.8..1.2))
-}
-
 fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()), %error, "reconcile failed");
     ctx.metrics
@@ -536,7 +522,8 @@ fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> A
             error: error.metric_label().into(),
         })
         .inc();
-    Action::requeue(error_backoff(ctx.error_count(&mi).max(1)))
+    // Per object and growing, so that an API server brownout does not become a request storm.
+    Action::requeue(backoff_delay(ctx.error_count(&mi).max(1)))
 }
 
 /// The MailIntegrations whose client Secret or CA bundle is `secret` (same namespace, by name).
@@ -643,14 +630,6 @@ async fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_backoff_grows_and_caps() {
-        assert!(error_backoff(1) <= Duration::from_secs(6));
-        assert!(error_backoff(1) >= Duration::from_secs(4));
-        assert!(error_backoff(3) >= Duration::from_secs(16));
-        assert!(error_backoff(u32::MAX) <= Duration::from_secs(360));
-    }
 
     #[test]
     fn a_panic_payload_becomes_a_bounded_message() {

@@ -19,8 +19,6 @@ pub mod reasons {
     pub const TOKEN_EXPIRED: &str = "TokenExpired";
     pub const NO_TOKEN: &str = "NoToken";
     pub const SIGN_IN_REQUIRED: &str = "SignInRequired";
-    pub const CLIENT_SECRET_NOT_FOUND: &str = "ClientSecretNotFound";
-    pub const CLIENT_SECRET_KEY_MISSING: &str = "ClientSecretKeyMissing";
     pub const SUSPENDED: &str = "Suspended";
     pub const REFRESHING: &str = "Refreshing";
     pub const IDLE: &str = "Idle";

@@ -99,7 +99,10 @@ fn missing_client_secret_holds_with_its_reason() {
     let ready = find_condition(&s, condition::READY).unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
-        ("False", reasons::CLIENT_SECRET_NOT_FOUND)
+        (
+            "False",
+            crate::reason::Reason::ClientSecretNotFound.as_str()
+        )
     );
     assert_eq!(
         find_condition(&s, condition::STALLED).unwrap().status,

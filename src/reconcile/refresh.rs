@@ -20,21 +20,25 @@ use tracing::{info, warn};
 /// overflow the clock.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// Transient-failure backoff: 5 s doubling to 5 min, ±20 % jitter, never sooner than Retry-After
-/// (itself capped at [`MAX_RETRY_AFTER`]).
+/// The delay after `failures` failures in a row: 5 s doubling to 5 min, ±20 % jitter, so that
+/// many integrations failing together do not retry in the same second. Used for provider failures
+/// ([`next_backoff`]) and for failed reconciles (the controller's error policy).
+pub fn backoff_delay(failures: u32) -> Duration {
+    let base = Duration::from_secs(5)
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(300));
+    base.mul_f64(rand::random_range(0.8..1.2))
+}
+
+/// Transient-failure backoff: [`backoff_delay`], never sooner than Retry-After (itself capped at
+/// [`MAX_RETRY_AFTER`]).
 pub fn next_backoff(
     prev: Backoff,
     retry_after: Option<Duration>,
     now: Timestamp,
 ) -> (Backoff, Duration) {
     let failures = prev.failures.saturating_add(1);
-    let base = Duration::from_secs(5)
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(6)))
-        .min(Duration::from_secs(300));
-    let factor = rand::random_range(0.8..1.2);
-    let delay = base
-        .mul_f64(factor)
-        .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+    let delay = backoff_delay(failures).max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
     let not_before = crate::time::after(now, delay);
     (
         Backoff {
@@ -230,6 +234,14 @@ fn failure_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_delay_grows_and_caps() {
+        assert!(backoff_delay(1) <= Duration::from_secs(6));
+        assert!(backoff_delay(1) >= Duration::from_secs(4));
+        assert!(backoff_delay(3) >= Duration::from_secs(16));
+        assert!(backoff_delay(u32::MAX) <= Duration::from_secs(360));
+    }
 
     #[test]
     fn backoff_doubles_caps_and_honours_retry_after() {

@@ -212,15 +212,8 @@ impl Env {
                 }
             }
         }
-        let mi: MailIntegration = serde_json::from_value(serde_json::json!({
-            "apiVersion": "mailintegration.dev/v1alpha1",
-            "kind": "MailIntegration",
-            "metadata": {"name": name},
-            "spec": spec,
-        }))
-        .unwrap();
         self.integrations()
-            .create(&PostParams::default(), &mi)
+            .create(&PostParams::default(), &mail_integration(name, spec))
             .await
             .unwrap();
     }
@@ -284,6 +277,17 @@ pub fn assert_no_forbidden_calls(op: &Operator) {
         "{}",
         tail(&log, 30)
     );
+}
+
+/// A MailIntegration named `name` with exactly `spec`, as a user would apply it.
+pub fn mail_integration(name: &str, spec: serde_json::Value) -> MailIntegration {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1",
+        "kind": "MailIntegration",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
 }
 
 pub fn tail(s: &str, n: usize) -> String {
