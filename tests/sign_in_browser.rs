@@ -279,12 +279,23 @@ impl Env {
         self.consent_if_asked(b).await;
     }
 
+    /// Approve the provider's consent page if it shows, until the browser is back at the
+    /// operator's callback. (Right after a click on the operator's page the browser may not have
+    /// reached the provider yet: being "not at the provider" is not the same as having left it.)
     async fn consent_if_asked(&self, b: &Browser) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let url = b.url().await;
-            if !url.as_str().starts_with(&self.oauth.base_url) {
+            if url.path().ends_with("/oauth2/callback") {
                 return;
+            }
+            if !url.as_str().starts_with(&self.oauth.base_url) {
+                assert!(
+                    Instant::now() < deadline,
+                    "never reached the callback: {url}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
             if b.exists("input[name=prompt][value=consent]").await {
                 // A click that lands while the page is still settling can be lost: click, then
