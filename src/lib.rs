@@ -15,6 +15,7 @@
 
 pub mod api;
 pub(crate) mod http_limit;
+pub mod lease;
 pub mod mailbox;
 pub mod metrics;
 pub mod oauth;

@@ -3,6 +3,10 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use mail_integration_operator::{
+    lease::{self, Fence, LeaseConfig},
+    sync::GrantLocks,
+};
+use mail_integration_operator::{
     metrics::Metrics,
     oauth::OAuthClient,
     provider::ProviderResolver,
@@ -62,9 +66,18 @@ struct RunArgs {
     /// Namespace of the Lease (default: $POD_NAMESPACE, else "default").
     #[arg(long, env = "MIO_LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
-    /// Seconds a leader's Lease stays valid without renewal: a standby takes over after this.
-    #[arg(long, default_value_t = 15)]
+    /// Seconds a leader's Lease stays valid without renewal: a standby takes over after this. The
+    /// leader renews it every half of this and stops refreshing a fifth of it before it expires.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     leader_election_lease_seconds: u64,
+    /// On SIGTERM or a lost Lease, how long running refreshes may take to store their result
+    /// before the process exits. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "40s", value_parser = parse_any_duration)]
+    shutdown_timeout: std::time::Duration,
+    /// Requests per second to the Kubernetes API at most (a token bucket of this size per second),
+    /// so that a brownout of the API server does not become a storm of retries. 0: no limit.
+    #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 100)]
+    kube_api_qps: u64,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -109,6 +122,33 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_any_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration such as 40s or 1m: {e}"))?;
+    Ok(d.into())
+}
+
+/// The client of everything but the Lease: responses bounded in time (a watch ends by itself
+/// within 290 s, so a read timeout above that never cuts a healthy one) and a client-side rate
+/// limit.
+fn api_client(config: &kube::Config, qps: u64) -> anyhow::Result<kube::Client> {
+    let mut config = config.clone();
+    config.read_timeout = Some(std::time::Duration::from_secs(295));
+    let builder =
+        kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    Ok(if qps == 0 {
+        builder.build()
+    } else {
+        builder
+            .with_layer(&tower::limit::RateLimitLayer::new(
+                qps,
+                std::time::Duration::from_secs(1),
+            ))
+            .build()
+    })
+}
+
 /// `[NAMESPACE/]NAME` of the key Secret.
 fn key_secret_ref(s: &str) -> anyhow::Result<(String, String)> {
     let (ns, name) = match s.split_once('/') {
@@ -146,9 +186,10 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
-        .context("connecting to the Kubernetes API")?;
+        .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?;
+    let client = api_client(&kube_config, args.kube_api_qps)?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -174,10 +215,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
     let mut config = SignInConfig::new(args.public_url.clone());
     config.link_ttl = args.sign_in_link_ttl;
+    let grant_locks = Arc::new(GrantLocks::default());
     let sign_in = SignIn::new(
         config,
         signer,
-        Arc::new(KubeBackend::new(client.clone())),
+        Arc::new(KubeBackend::new(client.clone()).with_grant_locks(grant_locks.clone())),
         oauth.clone(),
         providers.clone(),
     );
@@ -198,6 +240,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
+    ctx.grant_locks = grant_locks;
+    if args.leader_election {
+        ctx.fence = Arc::new(Fence::leased());
+    }
     ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
     let allowed = mail_integration_operator::mailbox::allowed::AllowedHosts::with_defaults(
@@ -217,120 +263,161 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "watching MailIntegrations"
     );
     if args.leader_election {
-        let lease_ns = args
-            .leader_election_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into());
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("mail-integration-operator-{}", rand::random::<u32>()));
+        let lease = LeaseConfig {
+            name: args.leader_election_lease.clone(),
+            namespace: args
+                .leader_election_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("mail-integration-operator-{}", rand::random::<u32>())),
+            duration: std::time::Duration::from_secs(args.leader_election_lease_seconds),
+        };
+        let lease_client =
+            lease::lease_client(&kube_config).context("building the Lease client")?;
         run_as_leader(
             ctx,
             args.namespace,
             ready,
             stop,
-            &LeaseSettings {
-                name: &args.leader_election_lease,
-                namespace: &lease_ns,
-                identity: &identity,
-                seconds: args.leader_election_lease_seconds,
-            },
+            lease_client,
+            &lease,
+            args.shutdown_timeout,
         )
         .await?;
     } else {
-        controller::run(ctx, args.namespace, ready, stop).await;
+        let mut running = tokio::spawn(controller::run(ctx, args.namespace, ready, stop.clone()));
+        let mut stopping = stop;
+        tokio::select! {
+            _ = &mut running => {}
+            _ = stopping.wait_for(|s| *s) => drain(running, args.shutdown_timeout).await,
+        }
     }
     info!("stopped");
     Ok(())
 }
 
-/// Which Lease to hold, as whom, for how long.
-#[derive(Clone, Copy)]
-struct LeaseSettings<'a> {
-    name: &'a str,
-    namespace: &'a str,
-    identity: &'a str,
-    seconds: u64,
+/// Let the running reconciles finish (the controller takes no new ones once told to stop), for at
+/// most `deadline`; a refresh that has the provider's answer stores it within
+/// `secrets::STORE_DEADLINE`, which is shorter.
+async fn drain(mut running: tokio::task::JoinHandle<()>, deadline: std::time::Duration) {
+    info!(
+        deadline_s = deadline.as_secs(),
+        "stopping: letting running refreshes store their results"
+    );
+    if tokio::time::timeout(deadline, &mut running).await.is_err() {
+        tracing::warn!("running reconciles did not finish in time; stopping them");
+        running.abort();
+    }
 }
 
-/// Reconcile only while holding the Lease. Readiness does not depend on leadership: a standby is
-/// ready (it serves the sign-in pages) while it waits.
+/// Reconcile only while holding the Lease, and only while the [`Fence`] confirms it. Readiness
+/// does not depend on leadership: a standby is ready (it serves the sign-in pages) while it waits.
+/// Losing leadership drains the running reconciles and ends the process with an error, so that
+/// Kubernetes restarts it as a standby with nothing left over from its time as the leader.
 async fn run_as_leader(
     ctx: Arc<Context>,
     namespace: Vec<String>,
     ready: Arc<AtomicBool>,
     stop: tokio::sync::watch::Receiver<bool>,
-    lease: &LeaseSettings<'_>,
+    lease_client: kube::Client,
+    lease: &LeaseConfig,
+    shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let LeaseSettings {
-        name: lease,
-        namespace: lease_ns,
-        identity,
-        seconds: lease_seconds,
-    } = *lease;
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), lease)
-        .with_namespace(lease_ns)
-        .with_identity(identity)
-        .with_duration(lease_seconds)
-        .with_grace((lease_seconds / 3).max(1))
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(lease_client.clone(), &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(lease.duration.as_secs())
+        .with_grace(lease.renew_grace_seconds())
         .build()
         .await
         .context("setting up leader election")?;
     let (mut leader, task) = manager.watch().await;
+    let fence = ctx.fence.clone();
+    let confirming = tokio::spawn(lease::keep_confirming(
+        lease_client,
+        lease.clone(),
+        fence.clone(),
+    ));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    info!(lease, lease_ns, identity, "waiting for leadership");
+    info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for leadership");
     let mut stopping = stop.clone();
     let mut shutdown = std::pin::pin!(async move {
         let _ = stopping.wait_for(|s| *s).await;
     });
+    let release = |task: tokio::task::JoinHandle<
+        kube_lease_manager::Result<kube_lease_manager::LeaseManager>,
+    >| async move {
+        // Hand the Lease over at once instead of letting it expire (a no-op when another holds it).
+        if let Ok(Ok(Ok(manager))) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), task).await
+            && let Err(e) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), manager.release())
+                    .await
+                    .unwrap_or(Ok(()))
+        {
+            tracing::warn!(error = %e, "could not release the Lease");
+        }
+    };
+    // Wait until kube-lease-manager says this process leads and a read of the Lease confirms it.
     loop {
-        while !*leader.borrow_and_update() {
-            tokio::select! {
-                changed = leader.changed() => changed.context("leader election stopped")?,
-                _ = &mut shutdown => break,
-            }
+        let leads = *leader.borrow_and_update();
+        if leads && fence.check().is_ok() {
+            break;
         }
-        info!(identity, "became the leader: reconciling");
-        let mut running = tokio::spawn(controller::run(
-            ctx.clone(),
-            namespace.clone(),
-            ready.clone(),
-            stop.clone(),
-        ));
         tokio::select! {
-            // The controller ends only on a signal; ending otherwise must not leave a pod that
-            // holds the Lease and reports healthy while nothing refreshes.
-            ended = &mut running, if !*stop.borrow() => {
-                drop(leader);
-                if let Ok(Ok(manager)) = task.await {
-                    let _ = manager.release().await;
-                }
-                anyhow::bail!("the controller stopped while leading ({}): restarting", match ended {
-                    Ok(()) => "it returned".to_owned(),
-                    Err(e) => e.to_string(),
-                });
-            }
-            _ = async { while *leader.borrow_and_update() { if leader.changed().await.is_err() { break } } } => {
-                info!(identity, "lost leadership: stopping reconciles");
-                running.abort();
-            }
+            changed = leader.changed() => changed.context("leader election stopped")?,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
             _ = &mut shutdown => {
-                // The controller saw the same signal: give its running reconciles a moment.
-                if tokio::time::timeout(std::time::Duration::from_secs(20), &mut running).await.is_err() {
-                    running.abort();
-                }
-                break;
+                confirming.abort();
+                drop(leader);
+                release(task).await;
+                return Ok(());
             }
         }
     }
-    // Hand the Lease over at once instead of letting it expire.
+    info!(identity = %lease.identity, "became the leader: reconciling");
+    let (term_tx, term) = tokio::sync::watch::channel(false);
+    let mut running = tokio::spawn(controller::run(ctx.clone(), namespace, ready, term));
+    let lost = async {
+        loop {
+            if !*leader.borrow_and_update() || fence.check().is_err() {
+                return;
+            }
+            tokio::select! {
+                changed = leader.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        // The controller ends only when told to; ending otherwise must not leave a pod that holds
+        // the Lease and reports healthy while nothing refreshes.
+        ended = &mut running => Err(anyhow::anyhow!("the controller stopped while leading ({}): restarting", match ended {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) => e.to_string(),
+        })),
+        _ = lost => {
+            // Refuse new provider calls at once; refreshes that have an answer still store it
+            // (their writes are conditional on the write-ahead mark, not on the Lease).
+            fence.revoke();
+            tracing::warn!(identity = %lease.identity, "lost the Lease (not renewed in time, or taken over): stopping reconciles");
+            let _ = term_tx.send(true);
+            drain(running, shutdown_timeout).await;
+            Err(anyhow::anyhow!("lost leadership of Lease {}/{}: exiting to restart as a standby", lease.namespace, lease.name))
+        }
+        _ = &mut shutdown => {
+            let _ = term_tx.send(true);
+            drain(running, shutdown_timeout).await;
+            Ok(())
+        }
+    };
+    fence.revoke();
+    confirming.abort();
     drop(leader);
-    if let Ok(Ok(manager)) = task.await
-        && let Err(e) = manager.release().await
-    {
-        tracing::warn!(error = %e, "could not release the Lease");
-    }
-    Ok(())
+    release(task).await;
+    outcome
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).

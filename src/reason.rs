@@ -94,6 +94,18 @@ pub enum Reason {
     EndpointOverrideNotAllowed,
     /// The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts.
     MailboxHostNotAllowed,
+    /// A refresh of a provider that rotates refresh tokens was cut off (process killed, lease lost)
+    /// after it may have been answered, and the provider no longer accepts the stored refresh token.
+    GrantLostInFlight,
+    /// The provider issued a new refresh token that cannot be stored in the grant Secret: it is held
+    /// only in memory while the write is retried.
+    GrantNotStored,
+    /// The grant Secret is immutable: a rotated refresh token could not be stored in it.
+    GrantSecretImmutable,
+    /// The namespace is being deleted: nothing can be stored in it any more.
+    NamespaceTerminating,
+    /// Another operator process marked the grant as being refreshed moments ago; this one waits.
+    RefreshInFlightElsewhere,
     // --- transient: the operator retries by itself ---
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
@@ -156,6 +168,11 @@ impl Reason {
         Reason::GrantBoundElsewhere,
         Reason::EndpointOverrideNotAllowed,
         Reason::MailboxHostNotAllowed,
+        Reason::GrantLostInFlight,
+        Reason::GrantNotStored,
+        Reason::GrantSecretImmutable,
+        Reason::NamespaceTerminating,
+        Reason::RefreshInFlightElsewhere,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -208,6 +225,11 @@ impl Reason {
             Reason::GrantBoundElsewhere => "GrantBoundElsewhere",
             Reason::EndpointOverrideNotAllowed => "EndpointOverrideNotAllowed",
             Reason::MailboxHostNotAllowed => "MailboxHostNotAllowed",
+            Reason::GrantLostInFlight => "GrantLostInFlight",
+            Reason::GrantNotStored => "GrantNotStored",
+            Reason::GrantSecretImmutable => "GrantSecretImmutable",
+            Reason::NamespaceTerminating => "NamespaceTerminating",
+            Reason::RefreshInFlightElsewhere => "RefreshInFlightElsewhere",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -332,6 +354,21 @@ impl Reason {
             }
             Reason::MailboxHostNotAllowed => {
                 "Use the provider's own mail host, or ask the operator's admin to add the host to --mailbox-allowed-hosts (Helm value mailboxAllowedHosts)."
+            }
+            Reason::GrantLostInFlight => {
+                "A refresh was cut off after the provider may have rotated the refresh token, and the provider now refuses the stored one: sign in again (status.signIn.url). See docs/operations.md for why this happens and how the termination grace period prevents it."
+            }
+            Reason::GrantNotStored => {
+                "The new refresh token is held only in memory: fix what the message says stops the write of the grant Secret (API server reachable, RBAC, a webhook or quota refusing Secrets); do not restart the operator until the condition clears."
+            }
+            Reason::GrantSecretImmutable => {
+                "Remove `immutable: true` from the grant Secret (delete it and sign in again: an immutable Secret cannot be changed back), then sign in again."
+            }
+            Reason::NamespaceTerminating => {
+                "The namespace is being deleted; recreate the MailIntegration in a namespace that stays, and sign in there."
+            }
+            Reason::RefreshInFlightElsewhere => {
+                "Another operator process is refreshing this grant; nothing to do unless it repeats, then check that only one operator (the Lease holder) runs: kubectl get lease -A | grep mail-integration-operator."
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."

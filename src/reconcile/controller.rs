@@ -1,14 +1,17 @@
 //! The act side of the reconciler: read the resource's Secrets, run the decision, call the provider
 //! when it says so, and write only what changed.
 
+use super::inflight::Mark;
+use super::refresh::{self, PendingGrant, backoff_delay, refresh, store_pending};
 pub use super::refresh::{MAX_RETRY_AFTER, next_backoff};
-use super::refresh::{backoff_delay, refresh};
 use super::{
     decide::{self, Action as Decision, Backoff, Outcome},
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
-    observed::{self, Observed, PublishedToken},
+    observed::{self, Observed},
 };
+use crate::lease::Fence;
+use crate::sync::GrantLocks;
 use crate::sync::LockExt as _;
 use crate::{
     api::{
@@ -85,8 +88,17 @@ pub struct Context {
     pub mailbox: MailboxChecker,
     /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
     pub revoke_timeout: Duration,
+    /// Whether this process may act as the leader ([`Fence::unfenced`] without leader election).
+    pub fence: Arc<Fence>,
+    /// Who this process is in write-ahead marks: `POD/NONCE`, unique per process.
+    pub identity: String,
+    /// One writer per grant in this process; shared with the sign-in server.
+    pub grant_locks: Arc<GrantLocks>,
     backoff: Mutex<HashMap<String, Backoff>>,
-    refresh_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Refreshed grants not stored yet, per UID.
+    pending: Mutex<HashMap<String, PendingGrant>>,
+    /// The mark of each UID's last attempt when the provider answered it without rotating.
+    resolved_marks: Mutex<HashMap<String, Mark>>,
     ready_state: Mutex<HashMap<String, String>>,
     /// Failed reconciles in a row, per resource UID (the error policy's backoff).
     errors: Mutex<HashMap<String, u32>>,
@@ -113,8 +125,16 @@ impl Context {
             reporter,
             sign_in: None,
             revoke_timeout: Duration::from_secs(300),
+            fence: Arc::new(Fence::unfenced()),
+            identity: format!(
+                "{}/{:08x}",
+                std::env::var("POD_NAME").unwrap_or_else(|_| FIELD_MANAGER.to_owned()),
+                rand::random::<u32>()
+            ),
+            grant_locks: Arc::default(),
             backoff: Mutex::default(),
-            refresh_locks: Mutex::default(),
+            pending: Mutex::default(),
+            resolved_marks: Mutex::default(),
             ready_state: Mutex::default(),
             errors: Mutex::default(),
         }
@@ -147,13 +167,28 @@ impl Context {
         }
     }
 
-    /// One refresh per grant at a time within this process (leader election covers replicas).
-    pub(super) fn refresh_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.refresh_locks
-            .locked()
-            .entry(uid.to_owned())
-            .or_default()
-            .clone()
+    pub(super) fn pending(&self, uid: &str) -> Option<PendingGrant> {
+        self.pending.locked().get(uid).cloned()
+    }
+
+    pub(super) fn set_pending(&self, uid: &str, p: Option<PendingGrant>) {
+        let mut map = self.pending.locked();
+        match p {
+            Some(p) => map.insert(uid.to_owned(), p),
+            None => map.remove(uid),
+        };
+    }
+
+    pub(super) fn resolved_mark(&self, uid: &str) -> Option<Mark> {
+        self.resolved_marks.locked().get(uid).cloned()
+    }
+
+    pub(super) fn set_resolved_mark(&self, uid: &str, m: Option<Mark>) {
+        let mut map = self.resolved_marks.locked();
+        match m {
+            Some(m) => map.insert(uid.to_owned(), m),
+            None => map.remove(uid),
+        };
     }
 
     fn record_ready(&self, mi: &MailIntegration, status: &MailIntegrationStatus) {
@@ -206,7 +241,9 @@ impl Context {
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);
             self.set_backoff(&uid, None);
-            self.refresh_locks.locked().remove(&uid);
+            self.grant_locks.remove(&uid);
+            self.set_pending(&uid, None);
+            self.set_resolved_mark(&uid, None);
             self.errors.locked().remove(&uid);
         }
     }
@@ -240,6 +277,10 @@ async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action
 
 async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Action, Error> {
     let ns = cached.namespace().ok_or(Error::NoNamespace)?;
+    if ctx.fence.check().is_err() {
+        // Not (or no longer) the leader: no reads, no writes.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     // Decide on the object as it is now, not as the watch cache last saw it: right after a status
     // write, the cache can still hold the previous status, and deciding on it would repeat a refresh
     // that was just done (or retry a permanent failure).
@@ -285,26 +326,63 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         now,
     };
     let uid = mi.uid().unwrap_or_default();
+    let mut observed = observed;
     let mut new_token = None;
-    let outcome = match decide::decide(&observed, ctx.backoff(&uid)) {
-        Decision::Hold(outcome) => outcome,
-        Decision::Refresh(cause) => {
-            let lock = ctx.refresh_lock(&uid);
-            let _guard = lock.lock().await;
-            let fut: futures::future::BoxFuture<'_, (Outcome, Option<PublishedToken>)> =
-                Box::pin(refresh(
-                    mi,
-                    &observed,
-                    cause,
-                    (grant_secret.as_ref(), token_secret.as_ref()),
-                    &secrets_api,
-                    ctx,
-                ));
-            let (outcome, token) = fut.await;
-            new_token = token;
-            outcome
+    let outcome = if let Some(pending) = ctx.pending(&uid) {
+        // A refreshed grant is held in memory: storing it comes before anything else.
+        let lock = ctx.grant_locks.get(&uid);
+        let _guard = lock.lock().await;
+        let current = secrets_api.get_opt(&mi.grant_secret_name()).await?;
+        let pending_store: futures::future::BoxFuture<'_, Result<(), Outcome>> = Box::pin(
+            store_pending(mi, &pending, current.as_ref(), &secrets_api, now, ctx),
+        );
+        match pending_store.await {
+            // Stored: its write brings the next reconcile, which decides with the new grant.
+            Ok(()) => return Ok(Action::requeue(Duration::from_secs(1))),
+            Err(outcome) => outcome,
+        }
+    } else {
+        match decide::decide(&observed, ctx.backoff(&uid)) {
+            Decision::Hold(outcome) => outcome,
+            Decision::Refresh(cause) => {
+                let lock = ctx.grant_locks.get(&uid);
+                let _guard = lock.lock().await;
+                // Read the grant again under the lock: a sign-in (which takes the same lock) or
+                // the previous refresh may have replaced it since the read above.
+                let grant_now = secrets_api
+                    .get_opt(&mi.grant_secret_name())
+                    .await?
+                    .filter(|s| observed::grant_belongs_to(s, mi));
+                if grant_now.as_ref().map(|s| &s.metadata.resource_version)
+                    != grant_secret.as_ref().map(|s| &s.metadata.resource_version)
+                {
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                let fut: futures::future::BoxFuture<'_, refresh::RefreshResult> =
+                    Box::pin(refresh(
+                        mi,
+                        &observed,
+                        cause,
+                        (grant_now.as_ref(), token_secret.as_ref()),
+                        &secrets_api,
+                        ctx,
+                    ));
+                let result = fut.await;
+                new_token = result.published;
+                if let (Some(v), Some(g)) = (result.grant_version, observed.grant.as_mut()) {
+                    g.resource_version = Some(v);
+                }
+                result.outcome
+            }
         }
     };
+    if matches!(outcome, Outcome::Requeue(_)) || ctx.fence.check().is_err() {
+        // Nothing to report (or no longer the leader): leave the status to the next decision.
+        let Outcome::Requeue(d) = outcome else {
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        };
+        return Ok(Action::requeue(d));
+    }
     let sign_in = match (&outcome, &ctx.sign_in) {
         (o, Some(links)) if decide::needs_sign_in(o, mi.status.as_ref()) => {
             // Keep a link that is still valid for a while, so that idle reconciles write nothing.

@@ -88,6 +88,12 @@ pub enum Outcome {
         message: String,
         retry_in: Duration,
     },
+    /// The provider rotated the refresh token and the new one could not be stored: it is held in
+    /// memory only. Not Ready, whatever the published token's validity, until it is stored.
+    GrantNotStored { message: String, retry_in: Duration },
+    /// Nothing to report yet: the grant changed under the refresh (or another process holds it);
+    /// come back after this long and decide again. The status stays as it is.
+    Requeue(Duration),
 }
 
 /// The fingerprint of what a permanent failure waits to change.
@@ -215,7 +221,10 @@ pub fn requeue_after(
             status.next_refresh_time.as_ref().and_then(|t| until(t.0))
         }
         Outcome::BackingOff => backoff.not_before.and_then(until),
-        Outcome::TransientFailure { retry_in, .. } => Some((*retry_in).max(Duration::from_secs(1))),
+        Outcome::TransientFailure { retry_in, .. } | Outcome::GrantNotStored { retry_in, .. } => {
+            Some((*retry_in).max(Duration::from_secs(1)))
+        }
+        Outcome::Requeue(d) => Some((*d).max(Duration::from_secs(1))),
         // Sign-in links expire: renew the link shortly before.
         Outcome::SignInRequired => status
             .sign_in
@@ -490,7 +499,18 @@ pub fn status_after(
                 ),
             )
         }
-        Outcome::BackingOff => {
+        Outcome::GrantNotStored { message, retry_in } => {
+            let reason = crate::reason::Reason::GrantNotStored.as_str();
+            let msg = format!(
+                "{message}; the provider's new refresh token is held only in this operator's memory, retrying in {}s",
+                retry_in.as_secs().max(1)
+            );
+            reconciling = cond(condition::RECONCILING, true, reason, msg.clone());
+            let a = prev_authorized
+                .unwrap_or_else(|| cond(condition::AUTHORIZED, false, reason, msg.clone()));
+            (a, cond(condition::READY, false, reason, msg))
+        }
+        Outcome::BackingOff | Outcome::Requeue(_) => {
             let keep = |t: &str| prev.conditions.iter().find(|c| c.type_ == t).cloned();
             reconciling = keep(condition::RECONCILING).unwrap_or(reconciling);
             let a = keep(condition::AUTHORIZED)

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod decide;
 pub mod finalizer;
+pub mod inflight;
 pub mod mailbox_check;
 pub mod observed;
 pub mod refresh;

@@ -5,10 +5,14 @@
 use super::{
     controller::Context,
     decide::{Backoff, Outcome, RefreshCause},
+    inflight::{self, MarkState},
     observed::{Observed, PublishedToken, grant_keys},
-    secrets,
+    secrets::{self, StoreError, Stored},
 };
-use crate::{api::MailIntegration, metrics::RefreshLabels, provider::FailureClass};
+use crate::{
+    api::MailIntegration, metrics::RefreshLabels, provider::FailureClass, reason::Reason,
+    secret::SecretValue,
+};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
@@ -49,8 +53,43 @@ pub fn next_backoff(
     )
 }
 
-/// Call the token endpoint and publish the result. Never loses a rotated refresh token: it is stored
-/// in the grant Secret (optimistic concurrency, retried until it lands) before anything else.
+/// What a refresh did.
+pub(super) struct RefreshResult {
+    pub outcome: Outcome,
+    /// The access token it published, if any.
+    pub published: Option<PublishedToken>,
+    /// The grant Secret's resourceVersion after this refresh's own writes (the mark, the store):
+    /// what a permanent failure's fingerprint must hold, so that its own write does not count as
+    /// "the grant changed".
+    pub grant_version: Option<String>,
+}
+
+impl From<Outcome> for RefreshResult {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            published: None,
+            grant_version: None,
+        }
+    }
+}
+
+/// A refresh token the provider issued that is not stored yet (see [`Outcome::GrantNotStored`]):
+/// kept in memory and written before anything else is done with the integration.
+#[derive(Clone, Debug)]
+pub struct PendingGrant {
+    /// The refresh token the refresh presented (what the grant Secret held).
+    pub presented: SecretValue,
+    /// The one to store.
+    pub refresh_token: SecretValue,
+    pub rotated: bool,
+    pub extra: Vec<(&'static str, String)>,
+}
+
+/// Call the token endpoint and publish the result. Never loses a rotated refresh token silently:
+/// it is stored in the grant Secret (conditional on the resourceVersion of the write-ahead mark,
+/// see [`super::inflight`]) before the access token is published, or the integration says that it
+/// is held in memory only.
 pub(super) async fn refresh(
     mi: &MailIntegration,
     o: &Observed<'_>,
@@ -58,16 +97,16 @@ pub(super) async fn refresh(
     (grant_secret, token_secret): (Option<&Secret>, Option<&Secret>),
     secrets_api: &Api<Secret>,
     ctx: &Context,
-) -> (Outcome, Option<PublishedToken>) {
+) -> RefreshResult {
     let uid = mi.uid().unwrap_or_default();
-    let (Ok(creds), Some(grant)) = (&o.client, &o.grant) else {
+    let (Ok(creds), Some(grant), Some(grant_secret)) = (&o.client, &o.grant, grant_secret) else {
         // decide() refreshes only with client credentials and a grant.
-        return (Outcome::SignInRequired, None);
+        return Outcome::SignInRequired.into();
     };
     info!(?cause, "refreshing the access token");
     let endpoints = match ctx.providers.resolve(&mi.spec).await {
         Ok(e) => e,
-        Err(class) => return (failure_outcome(mi, class, o.now, ctx), None),
+        Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
     };
     if let Some(message) = grant.bound_elsewhere(
         endpoints.token.as_str(),
@@ -76,13 +115,100 @@ pub(super) async fn refresh(
     ) {
         warn!(%message, "the grant was issued elsewhere; not sending it");
         ctx.set_backoff(&uid, None);
-        return (
-            Outcome::PermanentFailure {
-                reason: crate::reason::Reason::GrantBoundElsewhere.as_str().into(),
-                message,
-            },
-            None,
-        );
+        return Outcome::PermanentFailure {
+            reason: Reason::GrantBoundElsewhere.as_str().into(),
+            message,
+        }
+        .into();
+    }
+    // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
+    let mut extra = Vec::new();
+    if !grant.is_bound() {
+        extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
+        extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
+    }
+    let marked = inflight::needs_mark(&mi.spec);
+    if grant_secret.immutable == Some(true) && (marked || !extra.is_empty()) {
+        // Checked before the provider is called: a rotated token could not be stored after.
+        ctx.set_backoff(&uid, None);
+        return Outcome::PermanentFailure {
+            reason: Reason::GrantSecretImmutable.as_str().into(),
+            message: format!(
+                "the grant Secret {:?} is immutable, so a refreshed grant could not be stored in it: delete the Secret and sign in again (status.signIn.url)",
+                grant_secret.name_any()
+            ),
+        }
+        .into();
+    }
+    if ctx.fence.check().is_err() {
+        return Outcome::Requeue(Duration::from_secs(5)).into();
+    }
+    // Write-ahead: mark the grant before presenting a refresh token the provider may invalidate.
+    let mut base = grant_secret.clone();
+    let mut grant_version = None;
+    let mut cut_off = None;
+    let mut mark = None;
+    if marked {
+        let resolved = ctx.resolved_mark(&uid);
+        match inflight::state(
+            inflight::mark_of(grant_secret),
+            &ctx.identity,
+            resolved.as_ref(),
+            o.now,
+        ) {
+            MarkState::Fresh(m) => {
+                let retry_in = inflight::wait_for(&m, o.now);
+                info!(holder = %m.holder, since = %m.since, "another operator process is refreshing this grant; waiting");
+                return Outcome::TransientFailure {
+                    reason: Reason::RefreshInFlightElsewhere.as_str().into(),
+                    message: format!(
+                        "operator process {} started refreshing this grant at {} and has not finished",
+                        m.holder,
+                        crate::time::rfc3339(m.since)
+                    ),
+                    retry_in,
+                }
+                .into();
+            }
+            MarkState::Stale(m) => {
+                warn!(holder = %m.holder, since = %m.since, "a refresh of this grant was cut off before it stored its result; trying the stored refresh token once");
+                cut_off = Some(m);
+            }
+            MarkState::Clear => {}
+        }
+        let m = inflight::Mark::new(&ctx.identity, Timestamp::now());
+        match secrets::write_mark(secrets_api, grant_secret, &m, &ctx.metrics).await {
+            Ok(written) => {
+                grant_version = written.metadata.resource_version.clone();
+                base = written;
+                mark = Some(m);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                // The grant changed since it was read (a sign-in, another process): decide again
+                // on what is there now.
+                return Outcome::Requeue(Duration::from_secs(1)).into();
+            }
+            Err(e) => {
+                let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
+                ctx.set_backoff(&uid, Some(b));
+                return Outcome::TransientFailure {
+                    reason: Reason::GrantWriteFailed.as_str().into(),
+                    message: format!(
+                        "could not mark the grant Secret {:?} before refreshing: {e}",
+                        grant_secret.name_any()
+                    ),
+                    retry_in: delay,
+                }
+                .into();
+            }
+        }
+        // The mark took a round trip: is this still the leader?
+        if ctx.fence.check().is_err() {
+            return RefreshResult {
+                grant_version,
+                ..Outcome::Requeue(Duration::from_secs(5)).into()
+            };
+        }
     }
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
@@ -95,31 +221,160 @@ pub(super) async fn refresh(
         .observe(started.elapsed().as_secs_f64());
     let token = match result {
         Ok(t) => t,
-        Err(e) => return (failure_outcome(mi, e.class, o.now, ctx), None),
+        Err(e) => {
+            if let (Some(m), true) = (&mark, e.is_permanent()) {
+                // The provider answered, and rotated nothing: this mark is not a cut-off refresh.
+                ctx.set_resolved_mark(&uid, Some(m.clone()));
+            }
+            let outcome = match (&cut_off, &e.class) {
+                (Some(m), FailureClass::Permanent { reason, message })
+                    if matches!(reason, Reason::GrantRevoked | Reason::ProviderError) =>
+                {
+                    ctx.set_backoff(&uid, None);
+                    let message = format!(
+                        "a refresh by operator process {} that started at {} did not finish (the process stopped or lost its Lease before it stored the new refresh token), and the provider now refuses the stored refresh token ({}: {message}): sign in again (status.signIn.url)",
+                        m.holder,
+                        crate::time::rfc3339(m.since),
+                        reason.as_str(),
+                    );
+                    warn!(%message, "the grant was lost with a cut-off refresh");
+                    Outcome::PermanentFailure {
+                        reason: Reason::GrantLostInFlight.as_str().into(),
+                        message,
+                    }
+                }
+                _ => failure_outcome(mi, e.class, o.now, ctx),
+            };
+            return RefreshResult {
+                outcome,
+                published: None,
+                grant_version,
+            };
+        }
     };
+    ctx.set_resolved_mark(&uid, None);
     let rotated = token
         .refresh_token
         .as_ref()
         .filter(|rt| **rt != grant.refresh_token);
-    // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
-    let mut extra = Vec::new();
-    if !grant.is_bound() {
-        extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
-        extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
-    }
-    if rotated.is_some() || !extra.is_empty() {
+    if rotated.is_some() || !extra.is_empty() || mark.is_some() {
         let refresh_token = rotated.unwrap_or(&grant.refresh_token);
-        secrets::store_rotated_refresh_token(
+        let stored = secrets::store_after_refresh(
             mi,
             secrets_api,
-            grant_secret,
+            Some(&base),
+            &grant.refresh_token,
             refresh_token,
             rotated.is_some(),
             &extra,
             &ctx.metrics,
         )
         .await;
+        match stored {
+            Ok(Stored::Stored(version)) => grant_version = version,
+            Ok(Stored::Superseded) => {}
+            Err(StoreError::GiveUp { reason, message }) => {
+                warn!(reason = reason.as_str(), %message, "the refreshed grant cannot be stored");
+                ctx.set_backoff(&uid, None);
+                return RefreshResult {
+                    outcome: Outcome::PermanentFailure {
+                        reason: reason.as_str().into(),
+                        message,
+                    },
+                    published: None,
+                    grant_version,
+                };
+            }
+            Err(StoreError::NotStored { message }) => {
+                warn!(%message, "the refreshed grant is not stored; holding it in memory");
+                ctx.set_pending(
+                    &uid,
+                    Some(PendingGrant {
+                        presented: grant.refresh_token.clone(),
+                        refresh_token: refresh_token.clone(),
+                        rotated: rotated.is_some(),
+                        extra: extra.clone(),
+                    }),
+                );
+                let (b, retry_in) = next_backoff(ctx.backoff(&uid), None, o.now);
+                ctx.set_backoff(&uid, Some(b));
+                return RefreshResult {
+                    outcome: Outcome::GrantNotStored { message, retry_in },
+                    published: None,
+                    grant_version,
+                };
+            }
+        }
     }
+    let outcome = publish(mi, &token, grant, token_secret, secrets_api, o.now, ctx).await;
+    let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
+        access_token: token.access_token.clone(),
+        expires_at: token.expires_at,
+    });
+    RefreshResult {
+        outcome,
+        published,
+        grant_version,
+    }
+}
+
+/// Write a pending grant (see [`PendingGrant`]) into the grant Secret as it is now: `Ok` once it is
+/// stored or superseded by a newer grant, else the outcome to report.
+pub(super) async fn store_pending(
+    mi: &MailIntegration,
+    pending: &PendingGrant,
+    grant_secret: Option<&Secret>,
+    secrets_api: &Api<Secret>,
+    now: Timestamp,
+    ctx: &Context,
+) -> Result<(), Outcome> {
+    let uid = mi.uid().unwrap_or_default();
+    let extra: Vec<(&str, String)> = pending.extra.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let stored = secrets::store_after_refresh(
+        mi,
+        secrets_api,
+        grant_secret,
+        &pending.presented,
+        &pending.refresh_token,
+        pending.rotated,
+        &extra,
+        &ctx.metrics,
+    )
+    .await;
+    match stored {
+        Ok(_) => {
+            info!("stored the grant held in memory");
+            ctx.set_pending(&uid, None);
+            ctx.set_backoff(&uid, None);
+            Ok(())
+        }
+        Err(StoreError::GiveUp { reason, message }) => {
+            ctx.set_pending(&uid, None);
+            ctx.set_backoff(&uid, None);
+            Err(Outcome::PermanentFailure {
+                reason: reason.as_str().into(),
+                message,
+            })
+        }
+        Err(StoreError::NotStored { message }) => {
+            let (b, retry_in) = next_backoff(ctx.backoff(&uid), None, now);
+            ctx.set_backoff(&uid, Some(b));
+            Err(Outcome::GrantNotStored { message, retry_in })
+        }
+    }
+}
+
+/// After the grant is safe: check whose token it is and write the token Secret.
+async fn publish(
+    mi: &MailIntegration,
+    token: &crate::oauth::TokenGrant,
+    grant: &super::observed::Grant,
+    token_secret: Option<&Secret>,
+    secrets_api: &Api<Secret>,
+    now: Timestamp,
+    ctx: &Context,
+) -> Outcome {
+    let uid = mi.uid().unwrap_or_default();
     // Who the token belongs to: the provider's ID token says so when it sends one (a refresh token
     // brought by hand is checked here for the first time), else what the sign-in recorded.
     let signed_in = token
@@ -136,23 +391,20 @@ pub(super) async fn refresh(
             "the grant belongs to {actual}, not to the mailbox {expected}: sign in again as {expected} (status.signIn.url), or replace the refresh token in Secret {:?}",
             mi.grant_secret_name()
         );
-        return (
-            Outcome::PermanentFailure {
-                reason: "AccountMismatch".into(),
-                message,
-            },
-            None,
-        );
+        return Outcome::PermanentFailure {
+            reason: "AccountMismatch".into(),
+            message,
+        };
     }
     let account = signed_in.or_else(|| grant.account.clone());
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
     if let Err(e) =
-        secrets::write_token_secret(mi, secrets_api, token_secret, &token, &ctx.metrics).await
+        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await
     {
         warn!(error = %e, "writing the token Secret failed; retrying");
-        let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
+        let (b, delay) = next_backoff(ctx.backoff(&uid), None, now);
         ctx.set_backoff(&uid, Some(b));
-        let failure = Outcome::TransientFailure {
+        return Outcome::TransientFailure {
             reason: "TokenSecretWriteFailed".into(),
             message: format!(
                 "could not write Secret {:?}: {e}",
@@ -160,7 +412,6 @@ pub(super) async fn refresh(
             ),
             retry_in: delay,
         };
-        return (failure, None);
     }
     ctx.set_backoff(&uid, None);
     ctx.metrics
@@ -170,18 +421,11 @@ pub(super) async fn refresh(
             reason: "TokenRefreshed".into(),
         })
         .inc();
-    let published = PublishedToken {
-        access_token: token.access_token.clone(),
+    Outcome::Refreshed {
         expires_at: token.expires_at,
-    };
-    (
-        Outcome::Refreshed {
-            expires_at: token.expires_at,
-            account,
-            scopes,
-        },
-        Some(published),
-    )
+        account,
+        scopes,
+    }
 }
 
 fn failure_outcome(

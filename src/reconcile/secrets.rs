@@ -151,84 +151,218 @@ pub fn grant_secret(
         data.insert((*k).to_owned(), bytes(v));
     }
     s.string_data = None;
+    // A new grant, or the end of the refresh that marked it: the write-ahead mark goes.
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.remove(super::inflight::REFRESH_IN_FLIGHT_ANNOTATION);
+    }
     s
 }
 
-/// Store a rotated refresh token. The provider has already invalidated the old one, so this write
-/// must land: an optimistic-concurrency replace (the resourceVersion we read), re-read on conflict,
-/// retried with capped backoff until it succeeds.
+/// How long a refresh keeps retrying the write of the grant after the provider answered, before
+/// it reports [`StoreError::NotStored`] (and keeps the token in memory for the next reconcile).
+/// Shorter than the drain deadline of a stopping operator, so an in-flight refresh finishes its
+/// write (or says it could not) before the process exits.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The grant Secret with the write-ahead mark of a refresh about to start (see
+/// [`super::inflight`]), written with `current`'s resourceVersion as precondition: a 409 means
+/// someone else wrote the grant since it was read. Returns the Secret as written (its new
+/// resourceVersion is the precondition of the store that follows the provider's answer).
+pub async fn write_mark(
+    api: &Api<Secret>,
+    current: &Secret,
+    mark: &super::inflight::Mark,
+    metrics: &Metrics,
+) -> Result<Secret, kube::Error> {
+    let mut marked = current.clone();
+    marked
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            super::inflight::REFRESH_IN_FLIGHT_ANNOTATION.to_owned(),
+            mark.value(),
+        );
+    marked.metadata.managed_fields = None;
+    let written = api
+        .replace(
+            &current.name_any(),
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &marked,
+        )
+        .await?;
+    metrics.count_write("grant_secret");
+    Ok(written)
+}
+
+/// How a grant write after a refresh ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The new refresh token is in the grant Secret (resourceVersion after the write).
+    Stored(Option<String>),
+    /// Someone stored another refresh token meanwhile (a sign-in): the newer grant is kept and
+    /// this refresh's token dropped — it belongs to the grant that sign-in replaced.
+    Superseded,
+}
+
+/// Why a grant write after a refresh did not land.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// Nothing can ever store it there (immutable Secret, namespace being deleted): report and stop.
+    GiveUp {
+        reason: crate::reason::Reason,
+        message: String,
+    },
+    /// Not now (API server unreachable, refused by RBAC, a webhook or a quota...): keep the token
+    /// in memory and try again.
+    NotStored { message: String },
+}
+
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => other.to_string(),
+    }
+}
+
+/// Errors after which retrying cannot help.
+fn give_up(e: &kube::Error, name: &str) -> Option<StoreError> {
+    let kube::Error::Api(s) = e else {
+        return None;
+    };
+    if s.code == 422 && s.message.contains("immutable") {
+        return Some(StoreError::GiveUp {
+            reason: crate::reason::Reason::GrantSecretImmutable,
+            message: format!(
+                "the grant Secret {name:?} is immutable, so the provider's new refresh token cannot be stored in it ({}): delete the Secret and sign in again (status.signIn.url)",
+                s.message
+            ),
+        });
+    }
+    if s.code == 403 && s.message.contains("being terminated") {
+        return Some(StoreError::GiveUp {
+            reason: crate::reason::Reason::NamespaceTerminating,
+            message: format!(
+                "the namespace is being deleted, so the grant Secret {name:?} cannot be written ({})",
+                s.message
+            ),
+        });
+    }
+    None
+}
+
+/// Store the grant after the provider answered a refresh: `new_token` (rotated, or the same one
+/// with the grant's binding in `extra`) into the grant Secret, removing the write-ahead mark.
 ///
-/// `rotated`: the provider issued `refresh_token` just now (recorded as `rotated_at`); `extra`:
-/// further keys to record in the same write (the grant's binding).
-pub async fn store_rotated_refresh_token(
+/// `base` is the grant Secret as last read or written; its resourceVersion is the precondition, so
+/// nothing is overwritten blindly. On a conflict the Secret is read again: if it now holds a
+/// refresh token other than `presented` (the one this refresh sent) and other than `new_token`, a
+/// sign-in replaced the grant meanwhile and wins ([`Stored::Superseded`]); otherwise the new token
+/// goes on top of what is there. Other failures are retried with jittered backoff for
+/// [`STORE_DEADLINE`].
+#[allow(clippy::too_many_arguments)]
+pub async fn store_after_refresh(
     mi: &MailIntegration,
     api: &Api<Secret>,
-    current: Option<&Secret>,
-    refresh_token: &SecretValue,
+    base: Option<&Secret>,
+    presented: &SecretValue,
+    new_token: &SecretValue,
     rotated: bool,
     extra: &[(&str, String)],
     metrics: &Metrics,
-) {
+) -> Result<Stored, StoreError> {
     let name = mi.grant_secret_name();
-    let mut base = current.cloned();
+    let mut base = base.cloned();
     let mut delay = Duration::from_millis(200);
     let mut keys: Vec<(&str, String)> = extra.to_vec();
     if rotated {
         keys.push((grant_keys::ROTATED_AT, rfc3339(Timestamp::now())));
     }
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(STORE_DEADLINE).unwrap_or(now);
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let mut last = String::from("no attempt finished in time");
     loop {
-        let desired = grant_secret(mi, base.as_ref(), refresh_token, &keys);
-        let result = match &base {
-            Some(_) => {
-                api.replace(
-                    &name,
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &desired,
-                )
-                .await
-            }
-            None => {
-                api.create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &desired,
-                )
-                .await
+        let desired = grant_secret(mi, base.as_ref(), new_token, &keys);
+        let write = async {
+            match &base {
+                Some(_) => api.replace(&name, &pp, &desired).await,
+                None => api.create(&pp, &desired).await,
             }
         };
-        match result {
-            Ok(_) => {
+        let result = tokio::time::timeout_at(deadline, write).await;
+        let conflict = match result {
+            Err(_elapsed) => {
+                return Err(StoreError::NotStored {
+                    message: format!("writing Secret {name:?} did not finish in time ({last})"),
+                });
+            }
+            Ok(Ok(written)) => {
                 metrics.count_write("grant_secret");
                 info!(rotated, "stored the grant");
-                return;
+                return Ok(Stored::Stored(written.metadata.resource_version));
             }
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                // Someone else wrote the Secret (or it went away) since we read it: read it again
-                // and put the new refresh token on top — never into a Secret that is not this
-                // integration's grant (then wait until it is gone).
-                base = api.get_opt(&name).await.ok().flatten();
-                if base
-                    .as_ref()
-                    .is_some_and(|b| !super::observed::grant_belongs_to(b, mi))
-                {
-                    warn!(secret = %name, "the grant Secret was replaced by one that is not this integration's; holding the rotated refresh token until it is gone");
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    base = api.get_opt(&name).await.ok().flatten();
-                    continue;
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 || s.code == 404 => true,
+            Ok(Err(e)) => {
+                if let Some(stop) = give_up(&e, &name) {
+                    return Err(stop);
                 }
+                last = describe(&e);
+                warn!(error = %last, retry_in_ms = delay.as_millis() as u64, "storing the grant failed; retrying");
+                false
             }
-            Err(e) => {
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "storing the rotated refresh token failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2).min(Duration::from_secs(10));
-                if let Ok(fresh) = api.get_opt(&name).await {
-                    base = fresh;
+        };
+        if !conflict {
+            let jittered = delay.mul_f64(rand::random_range(0.8..1.2));
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(jittered))
+                .await
+                .is_err()
+            {
+                return Err(StoreError::NotStored {
+                    message: format!("could not write Secret {name:?}: {last}"),
+                });
+            }
+            delay = delay.saturating_mul(2).min(Duration::from_secs(5));
+        }
+        // Read it again: someone else wrote it (409), it went away (404), or the last attempt
+        // failed and the Secret may have changed meanwhile.
+        match tokio::time::timeout_at(deadline, api.get_opt(&name)).await {
+            Err(_elapsed) => {
+                return Err(StoreError::NotStored {
+                    message: format!("could not read Secret {name:?} again: timed out ({last})"),
+                });
+            }
+            Ok(Err(e)) => {
+                last = describe(&e);
+                continue;
+            }
+            Ok(Ok(fresh)) => {
+                if let Some(f) = fresh.as_ref() {
+                    if !super::observed::grant_belongs_to(f, mi) {
+                        return Err(StoreError::NotStored {
+                            message: format!(
+                                "Secret {name:?} was replaced by one that is not this integration's grant; the operator does not write into it"
+                            ),
+                        });
+                    }
+                    let stored = super::observed::grant(Some(f)).map(|g| g.refresh_token);
+                    if stored.as_ref() == Some(new_token) {
+                        // Already there (an earlier attempt landed, its answer was lost).
+                        if super::inflight::mark_of(f).is_none() {
+                            return Ok(Stored::Stored(f.metadata.resource_version.clone()));
+                        }
+                    } else if stored.as_ref().is_some_and(|t| t != presented) {
+                        info!(secret = %name, "a sign-in stored a new grant during the refresh; keeping it");
+                        return Ok(Stored::Superseded);
+                    }
                 }
+                base = fresh;
             }
         }
     }

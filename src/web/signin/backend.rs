@@ -69,6 +69,9 @@ pub struct KubeBackend {
     /// When each (integration UID, reason) failure was last reported.
     reported:
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, Reason), Timestamp>>>,
+    /// The per-grant locks of the controller in this process: a sign-in and a refresh of the same
+    /// integration never write its grant at the same time.
+    grant_locks: std::sync::Arc<crate::sync::GrantLocks>,
 }
 
 /// A sign-in failure with the same reason on the same integration is written to its status and
@@ -86,7 +89,14 @@ impl KubeBackend {
             client,
             reporter,
             reported: Default::default(),
+            grant_locks: Default::default(),
         }
+    }
+
+    /// Share the controller's per-grant locks ([`crate::reconcile::controller::Context::grant_locks`]).
+    pub fn with_grant_locks(mut self, locks: std::sync::Arc<crate::sync::GrantLocks>) -> Self {
+        self.grant_locks = locks;
+        self
     }
 
     /// Whether a failure `reason` on `uid` at `now` should be written (and remember it if so).
@@ -153,8 +163,13 @@ impl Backend for KubeBackend {
                 ..Default::default()
             };
             let mut last = String::new();
+            let lock = self.grant_locks.get(&mi.uid().unwrap_or_default());
+            let _guard = lock.lock().await;
             // Optimistic concurrency: the replace carries the resourceVersion read just before; on
-            // a conflict (the controller stored a rotated token meanwhile) read again and retry.
+            // a conflict (a refresh in another process stored a rotated token meanwhile) read
+            // again and put the new grant on top: a sign-in wins over a refresh that started
+            // before it (the refresh, finding another refresh token than it presented, keeps
+            // this one). The write also removes a refresh's write-ahead mark: the grant is new.
             for _ in 0..5 {
                 let base = api.get_opt(&name).await.map_err(|e| describe(&e))?;
                 if base
