@@ -19,7 +19,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use std::{collections::BTreeMap, time::Duration};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 fn labels(mi: &MailIntegration) -> BTreeMap<String, String> {
     [
@@ -308,7 +308,10 @@ pub async fn store_after_refresh(
                 info!(rotated, "stored the grant");
                 return Ok(Stored::Stored(written.metadata.resource_version));
             }
-            Ok(Err(kube::Error::Api(s))) if s.code == 409 || s.code == 404 => true,
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 || s.code == 404 => {
+                debug!(code = s.code, secret = %name, "the grant Secret changed since it was read; reading it again");
+                true
+            }
             Ok(Err(e)) => {
                 if let Some(stop) = give_up(&e, &name) {
                     return Err(stop);
