@@ -774,3 +774,181 @@ async fn a_sign_in_started_on_one_replica_finishes_on_another() {
     );
     b.close().await;
 }
+
+/// 5. A sign-in that completes while a refresh of the old grant is in flight (the provider holds
+/// the refresh for seconds): the new grant survives. The refresh, finding another refresh token
+/// than it presented, keeps the sign-in's grant; no refresh token is presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_during_a_refresh_of_the_old_grant_wins() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::new("sign-in-during-refresh").await;
+    let proxy = support::fault_proxy::FaultProxy::start(&env.oauth.base_url);
+    // Discovery from the issuer, but the token endpoint (refreshes and the code exchange) through
+    // the fault proxy.
+    let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1",
+        "kind": "MailIntegration",
+        "metadata": {"name": "inbox"},
+        "spec": {
+            "provider": "OIDC",
+            "mailbox": {"address": ALICE},
+            "oauth": {
+                "clientSecretRef": {"name": "client"},
+                "issuerURL": env.oauth.issuer(),
+                "endpoints": {"token": proxy.token_url()},
+            },
+            "tokenSecret": {"name": "inbox-token"},
+        }
+    }))
+    .unwrap();
+    env.integrations()
+        .create(&PostParams::default(), &mi)
+        .await
+        .unwrap();
+    let b = env.browser().await;
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, None).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    env.wait_ready("inbox").await;
+    let first = env
+        .data("inbox-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+    let first_issued = env.data("inbox-oauth-grant", "issued_at").await.unwrap();
+
+    // A refresh of that grant, held at the provider for 8 s (only that request: the sign-in's code
+    // exchange goes through at once).
+    proxy.set_fault_times(support::fault_proxy::Fault::Slow(Duration::from_secs(8)), 1);
+    let before = proxy.refresh_requests();
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/refresh-requested-at": "during-sign-in"}}});
+    env.integrations()
+        .patch(
+            "inbox",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.refresh_requests() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the refresh never reached the provider:\n{}",
+            env.op.process.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refresh_started = Instant::now();
+
+    // Meanwhile the admin signs in again (a link made the way the operator makes them: the status
+    // offers none while the integration is Ready).
+    let signer = env.signer().await;
+    let mi = env.get("inbox").await;
+    let ticket = signer.sign(
+        TICKET,
+        &Ticket {
+            ns: env.ns.clone(),
+            name: "inbox".into(),
+            uid: mi.uid().unwrap(),
+            exp: jiff::Timestamp::now().as_second() + 600,
+        },
+    );
+    b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))
+        .await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    let tokens_before = proxy.token_requests();
+    // When the sign-in's code exchange reaches the token endpoint (its callback then waits for the
+    // refresh to finish with the grant).
+    let exchanged = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.token_requests() <= tokens_before {
+            assert!(
+                Instant::now() < deadline,
+                "the sign-in never exchanged its code"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        refresh_started.elapsed()
+    };
+    let ((), exchanged_after) = tokio::join!(env.consent_if_asked(&b), exchanged);
+    assert!(
+        exchanged_after < Duration::from_secs(8),
+        "the sign-in exchanged its code {exchanged_after:?} after the refresh started, when the refresh was over: the test proves nothing"
+    );
+    b.wait_text(CONNECTED, Duration::from_secs(30)).await;
+    proxy.clear_fault();
+    // Both are done: the refresh's answer arrived (8 s) and the sign-in stored its grant.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let grant = env.secrets().get("inbox-oauth-grant").await.unwrap();
+        let in_flight = grant
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("mailintegration.dev/refresh-in-flight"));
+        if !in_flight && refresh_started.elapsed() > Duration::from_secs(9) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refresh never finished:\n{}",
+            env.op.process.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let issued = env.data("inbox-oauth-grant", "issued_at").await.unwrap();
+    let stored = env
+        .data("inbox-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+    assert_ne!(issued, first_issued, "the grant is the new sign-in's");
+    assert_ne!(stored, first, "not the old grant's refresh token");
+    // The stored grant works: one more refresh with it, Ready, and nothing presented twice (a
+    // rotated-out token presented again would make oidc-provider revoke the grant).
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/refresh-requested-at": "after-sign-in"}}});
+    let n = proxy.refresh_requests();
+    env.integrations()
+        .patch(
+            "inbox",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("inbox", "refreshed with the new grant", |mi| {
+            proxy.refresh_requests() > n
+                && mi
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.last_refresh_request.as_deref())
+                    == Some("after-sign-in")
+        })
+        .await;
+    assert_eq!(
+        condition(&mi, "Ready").map(|c| c.0),
+        Some("True"),
+        "{:?}",
+        mi.status
+    );
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    assert_eq!(
+        env.data("inbox-oauth-grant", "issued_at").await.unwrap(),
+        issued
+    );
+    let reused = proxy.reused_refresh_tokens();
+    assert!(
+        reused.is_empty(),
+        "refresh tokens presented twice: {reused:?}"
+    );
+    eprintln!(
+        "sign-in during refresh: {} refreshes, 0 presented twice; the sign-in's grant kept",
+        proxy.refresh_requests()
+    );
+    b.close().await;
+}
