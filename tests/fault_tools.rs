@@ -16,6 +16,7 @@ use support::{
     control_plane::{ControlPlane, control_plane},
     fault_proxy::{FaultProxy, digest},
     oauth, unique_namespace,
+    world::{Env, is_ready},
 };
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
@@ -564,4 +565,48 @@ async fn a_dedicated_apiserver_stops_and_restarts_with_its_data() {
         .get("kept")
         .await
         .expect("the proxy forwards to the restarted apiserver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_process_runs_through_both_proxies() {
+    let env = Env::new("through-proxies", oauth::shared()).await;
+    let api = ApiProxy::start();
+    let kubeconfig = env.log_dir.path().join("proxy-kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
+    env.client_secret(env.server.client_secret()).await;
+    let rt = env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.wait_for(
+        "inbox",
+        "Ready=True",
+        Duration::from_secs(30),
+        &op,
+        is_ready,
+    )
+    .await;
+
+    let ns = &env.ns;
+    let log = api.requests_log_text();
+    assert!(
+        log.contains(&format!("/namespaces/{ns}/mailintegrations?")) && log.contains("watch=true"),
+        "the operator watches through the ApiProxy:\n{log}"
+    );
+    assert!(
+        api.count("*", &format!("/namespaces/{ns}/secrets/inbox-token")) >= 1,
+        "the token Secret was written through the ApiProxy:\n{log}"
+    );
+    assert!(
+        api.count(
+            "*",
+            &format!("/namespaces/{ns}/mailintegrations/inbox/status")
+        ) >= 1,
+        "the status was written through the ApiProxy:\n{log}"
+    );
+    assert_eq!(
+        env.proxy.presentations().get(&digest(&rt)),
+        Some(&1),
+        "the operator presented the brought refresh token once"
+    );
+    assert!(env.proxy.reused_refresh_tokens().is_empty());
 }

@@ -13,7 +13,8 @@
 //! [`HoldHandle::drop_held`] closes their connections unanswered; [`ApiProxy::fail`] answers with a
 //! Kubernetes `Status`. [`ApiProxy::partition`] cuts every open connection (running watches
 //! included) and closes each new one on arrival until [`ApiProxy::heal`]. Upgrades (exec,
-//! port-forward) are not supported.
+//! port-forward) are not supported. A black hole (requests that never get an answer) is
+//! `hold(Match::any())`.
 //!
 //! Like [`super::fault_proxy`], it runs on a thread of its own with its own tokio runtime, so it
 //! outlives the test runtime that started it. The handle's methods are blocking and cheap (they take
@@ -263,6 +264,11 @@ impl ApiProxy {
     /// Answer matching requests with a Kubernetes `Status` of `status` (reason from the code: 409
     /// Conflict, 422 Invalid, 500 InternalError, …) instead of forwarding them; `times`: only the
     /// next that many, `None`: until [`Self::clear`] or [`FailHandle::remove`].
+    ///
+    /// Mind that a kube-rs client (the operator's too) retries 429, 503 and 504 by itself
+    /// (`Config::default_retry`: up to 15 retries, backoff from 5 ms doubling, `Retry-After` obeyed):
+    /// a few of those never reach the caller, and `times: None` keeps one call busy for minutes.
+    /// Other codes come back at once.
     pub fn fail(&self, matcher: Match, status: u16, times: Option<u32>) -> FailHandle {
         self.fail_with_message(matcher, status, times, None)
     }
