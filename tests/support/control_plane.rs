@@ -1,17 +1,21 @@
 //! A real Kubernetes control plane (etcd + kube-apiserver built by `tools/control-plane.sh`) on free
 //! 127.0.0.1 ports, shared by all tests of one test binary and stopped when the binary ends.
+//!
+//! [`ControlPlane::start_dedicated`] starts another one, private to whoever holds it (e.g. a test that
+//! stops and restarts its kube-apiserver with [`ControlPlane::stop_apiserver`] and
+//! [`ControlPlane::start_apiserver`]: same port, certificates and etcd data).
 
 use super::process::{Supervised, free_port};
 use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
 /// The token of the `system:masters` user the tests act as.
-const ADMIN_TOKEN: &str = "mio-test-admin-token";
+pub const ADMIN_TOKEN: &str = "mio-test-admin-token";
 
 pub struct ControlPlane {
     pub bin_dir: PathBuf,
@@ -19,7 +23,10 @@ pub struct ControlPlane {
     pub server: String,
     pub kubeconfig: PathBuf,
     _etcd: Supervised,
-    _apiserver: Supervised,
+    /// `None` while stopped by [`Self::stop_apiserver`].
+    apiserver: Mutex<Option<Supervised>>,
+    apiserver_bin: PathBuf,
+    apiserver_args: Vec<String>,
 }
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
@@ -71,6 +78,14 @@ fn require(bin: &Path, name: &str) -> PathBuf {
 }
 
 impl ControlPlane {
+    /// A control plane of its own (not the shared [`control_plane()`]): its own etcd, apiserver,
+    /// ports and directory, stopped when the value is dropped (or the test binary ends). Takes a few
+    /// seconds, like the shared one. `ensure_crd` and `unique_namespace` work on the shared one; use
+    /// [`Self::install_crd`] and [`Self::unique_namespace`] here.
+    pub fn start_dedicated() -> Self {
+        Self::start()
+    }
+
     fn start() -> Self {
         let bin_dir = bin_dir();
         let etcd_bin = require(&bin_dir, "etcd");
@@ -121,27 +136,21 @@ impl ControlPlane {
 
         let port = free_port();
         let cert_dir = root.join("certs");
-        let apiserver = Supervised::spawn(
-            "kube-apiserver",
-            &apiserver_bin,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={port}"),
-                format!("--cert-dir={}", cert_dir.display()),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--authorization-mode=RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
-                "--service-account-issuer=https://127.0.0.1".into(),
-                format!("--service-account-key-file={}", sa_key.display()),
-                format!("--service-account-signing-key-file={}", sa_key.display()),
-                format!("--token-auth-file={}", tokens.display()),
-                "--v=0".into(),
-            ],
-            &[],
-            root.join("kube-apiserver.log"),
-        );
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", cert_dir.display()),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--service-account-issuer=https://127.0.0.1".into(),
+            format!("--service-account-key-file={}", sa_key.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            format!("--token-auth-file={}", tokens.display()),
+            "--v=0".into(),
+        ];
 
         let server = format!("https://127.0.0.1:{port}");
         let kubeconfig = root.join("kubeconfig");
@@ -150,17 +159,94 @@ impl ControlPlane {
             server,
             kubeconfig,
             _etcd: etcd,
-            _apiserver: apiserver,
+            apiserver: Mutex::new(None),
+            apiserver_bin,
+            apiserver_args,
             dir,
         };
-        cp.wait_ready();
+        cp.start_apiserver();
         cp
+    }
+
+    /// Stop the kube-apiserver (TERM, KILL after 3 s) and wait until it is gone; etcd keeps running.
+    /// Requests then fail with "connection refused". Panics if it is not running.
+    pub fn stop_apiserver(&self) {
+        let apiserver = self
+            .apiserver
+            .lock()
+            .unwrap()
+            .take()
+            .expect("stop_apiserver: the kube-apiserver is not running");
+        drop(apiserver); // Supervised::drop stops it and waits.
+        let port = self.port();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the kube-apiserver still accepts connections on port {port} 10 s after it was stopped"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start the kube-apiserver (again) with the same flags: same port, certificates (kept in the
+    /// cert dir), tokens and etcd, and wait until /readyz answers. Panics if it already runs.
+    pub fn start_apiserver(&self) {
+        {
+            let mut apiserver = self.apiserver.lock().unwrap();
+            assert!(
+                apiserver.is_none(),
+                "start_apiserver: the kube-apiserver already runs"
+            );
+            *apiserver = Some(Supervised::spawn(
+                "kube-apiserver",
+                &self.apiserver_bin,
+                &self.apiserver_args,
+                &[],
+                self.dir.path().join("kube-apiserver.log"),
+            ));
+        }
+        self.wait_ready();
+    }
+
+    /// Whether the kube-apiserver process runs (it may not be ready yet).
+    pub fn apiserver_running(&self) -> bool {
+        self.apiserver
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(Supervised::is_running)
+    }
+
+    /// The apiserver's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.server
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("server is https://127.0.0.1:PORT")
+    }
+
+    /// The apiserver's self-signed serving certificate (the CA of its kubeconfigs).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("certs/apiserver.crt")
+    }
+
+    fn apiserver_log_tail(&self, n: usize) -> String {
+        let log = self.dir.path().join("kube-apiserver.log");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(90);
-        let ca = self.dir.path().join("certs/apiserver.crt");
+        let ca = self.ca_path();
         loop {
+            assert!(
+                self.apiserver_running(),
+                "kube-apiserver exited.\n--- kube-apiserver log ---\n{}",
+                self.apiserver_log_tail(40)
+            );
             if ca.is_file() {
                 write_kubeconfig(&self.kubeconfig, &self.server, &ca, ADMIN_TOKEN);
                 let out = self.kubectl_output(&["get", "--raw", "/readyz"]);
@@ -171,7 +257,7 @@ impl ControlPlane {
             assert!(
                 Instant::now() < deadline,
                 "kube-apiserver did not become ready within 90 s.\n--- kube-apiserver log ---\n{}\n--- etcd log ---\n{}",
-                self._apiserver.log_tail(40),
+                self.apiserver_log_tail(40),
                 self._etcd.log_tail(20)
             );
             std::thread::sleep(Duration::from_millis(250));
@@ -224,12 +310,7 @@ impl ControlPlane {
 
     /// A kubeconfig for the same server holding another bearer token (e.g. a ServiceAccount's).
     pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
-        write_kubeconfig(
-            path,
-            &self.server,
-            &self.dir.path().join("certs/apiserver.crt"),
-            token,
-        );
+        write_kubeconfig(path, &self.server, &self.ca_path(), token);
     }
 }
 
@@ -243,32 +324,40 @@ fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) {
 
 /// A namespace of its own for one test.
 pub fn unique_namespace(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let ns = format!("{prefix}-{}-{n}", std::process::id());
-    control_plane().kubectl(&["create", "namespace", &ns]);
-    ns
+    control_plane().unique_namespace(prefix)
 }
 
 /// Install the checked-in CRD once per test binary and wait until it is Established.
 pub fn ensure_crd() -> &'static ControlPlane {
     static DONE: OnceLock<()> = OnceLock::new();
     let cp = control_plane();
-    DONE.get_or_init(|| {
+    DONE.get_or_init(|| cp.install_crd());
+    cp
+}
+
+impl ControlPlane {
+    /// Install the checked-in CRD on this control plane and wait until it is Established.
+    pub fn install_crd(&self) {
         let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-        cp.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-        cp.kubectl(&[
+        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+        self.kubectl(&[
             "wait",
             "--for=condition=Established",
             "--timeout=60s",
             "crd/mailintegrations.mailintegration.dev",
         ]);
-    });
-    cp
-}
+    }
 
-impl ControlPlane {
+    /// A namespace of its own for one test, on this control plane.
+    pub fn unique_namespace(&self, prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let ns = format!("{prefix}-{}-{n}", std::process::id());
+        self.kubectl(&["create", "namespace", &ns]);
+        ns
+    }
+
     /// `kubectl ARGS` with `stdin` piped in (e.g. `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> std::process::Output {
         use std::process::Stdio;

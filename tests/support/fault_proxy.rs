@@ -7,6 +7,12 @@
 //! binary does not die with the runtime of the test that started it. The test steers it through the
 //! [`FaultProxy`] handle; there is no control endpoint.
 //!
+//! Every refresh (`grant_type=refresh_token`) is recorded by a digest of the refresh token presented
+//! ([`digest`], SHA-256 hex; the token itself is never kept), so a test can tell whether a refresh
+//! token was presented twice ([`FaultProxy::reused_refresh_tokens`]). Token answers can be held back
+//! after the upstream gave them ([`FaultProxy::hold_token_responses`]): the provider has rotated, the
+//! operator has not heard of it yet — then kill the operator, or release or drop the answer.
+//!
 //! Forwarded requests keep their `Host` header, so oidc-provider builds the URLs of its discovery
 //! document and redirects from the proxy's address; URLs in the discovery document that still point
 //! at the upstream (other than `issuer`) are rewritten to the proxy as well.
@@ -18,11 +24,13 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     response::Response,
 };
+use sha2::{Digest as _, Sha256};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
+use tokio::sync::{Notify, watch};
 
 /// The token endpoint's path at oidc-provider (and what the proxy treats as the token endpoint).
 pub const TOKEN_PATH: &str = "/token";
@@ -167,6 +175,27 @@ impl Fault {
     }
 }
 
+/// The digest the proxy records for a refresh token: SHA-256, lowercase hex.
+pub fn digest(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One refresh request seen at the token endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presentation {
+    /// [`digest`] of the refresh token presented.
+    pub digest: String,
+    /// When the request arrived.
+    pub at: SystemTime,
+    /// Whether it reached the upstream (not answered by a fault, upstream reachable).
+    pub forwarded: bool,
+    /// The upstream's status for it, when forwarded (200: accepted, 400: e.g. `invalid_grant`).
+    pub upstream_status: Option<u16>,
+}
+
 #[derive(Default)]
 struct Control {
     fault: Option<Fault>,
@@ -174,10 +203,23 @@ struct Control {
     remaining: Option<u32>,
     counts: HashMap<String, u64>,
     faulted: u64,
+    presentations: Vec<Presentation>,
+    /// Answers of the next this many forwarded token requests are held back.
+    hold_budget: u32,
+    /// Answers held back now.
+    held: u32,
+}
+
+/// Released and dropped batches of held token answers: a held answer waits for either to move.
+#[derive(Clone, Copy, Default)]
+struct HoldGen {
+    released: u64,
+    dropped: u64,
 }
 
 struct Shared {
     control: Mutex<Control>,
+    hold: watch::Sender<HoldGen>,
     upstream: Mutex<String>,
     self_url: String,
 }
@@ -199,6 +241,7 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shared = Arc::new(Shared {
             control: Mutex::new(Control::default()),
+            hold: watch::channel(HoldGen::default()).0,
             upstream: Mutex::new(upstream.trim_end_matches('/').to_owned()),
             self_url: url.clone(),
         });
@@ -218,13 +261,12 @@ impl FaultProxy {
                         .unwrap();
                     let app = Router::new().fallback(handle).with_state((state, http));
                     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = rx.await;
-                        })
-                        .await
-                        .expect("fault proxy serve");
+                    tokio::select! {
+                        _ = rx => {}
+                        _ = serve(listener, app) => {}
+                    }
                 });
+                // Dropping the runtime cancels the connection tasks: their sockets close.
             })
             .expect("spawn fault proxy thread");
         FaultProxy {
@@ -295,6 +337,85 @@ impl FaultProxy {
         let mut c = self.shared.control.lock().unwrap();
         c.counts.clear();
         c.faulted = 0;
+        c.presentations.clear();
+    }
+
+    /// Refresh requests (`POST /token` with `grant_type=refresh_token`) seen, faulted or forwarded.
+    pub fn refresh_requests(&self) -> u64 {
+        self.shared.control.lock().unwrap().presentations.len() as u64
+    }
+    /// How often each refresh token was presented, by [`digest`] (faulted requests included).
+    pub fn presentations(&self) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for p in &self.shared.control.lock().unwrap().presentations {
+            *out.entry(p.digest.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+    /// Digests of the refresh tokens presented more than once (faulted requests included: a retry
+    /// after a 5xx the proxy made up counts; see [`Self::reused_at_upstream`] for what the provider saw).
+    pub fn reused_refresh_tokens(&self) -> Vec<String> {
+        let mut reused: Vec<String> = self
+            .presentations()
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(d, _)| d)
+            .collect();
+        reused.sort();
+        reused
+    }
+    /// Digests of the refresh tokens that reached the upstream more than once.
+    pub fn reused_at_upstream(&self) -> Vec<String> {
+        let mut counts: HashMap<&str, u32> = HashMap::new();
+        let c = self.shared.control.lock().unwrap();
+        for p in c.presentations.iter().filter(|p| p.forwarded) {
+            *counts.entry(p.digest.as_str()).or_insert(0) += 1;
+        }
+        let mut reused: Vec<String> = counts
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(d, _)| d.to_owned())
+            .collect();
+        reused.sort();
+        reused
+    }
+    /// Every refresh request seen, in order.
+    pub fn presentation_log(&self) -> Vec<Presentation> {
+        self.shared.control.lock().unwrap().presentations.clone()
+    }
+
+    /// Forward the next `n` token requests (any grant type) as usual, but hold their answers back
+    /// from the client until [`Self::release_token_responses`] or [`Self::drop_token_responses`]:
+    /// the upstream has answered (and rotated the refresh token) while the client still waits.
+    /// `0` stops holding later answers (held ones stay held). Faulted requests are not held.
+    pub fn hold_token_responses(&self, n: u32) {
+        self.shared.control.lock().unwrap().hold_budget = n;
+    }
+    /// Send the answers held now.
+    pub fn release_token_responses(&self) {
+        self.shared.hold.send_modify(|g| g.released += 1);
+    }
+    /// Throw the answers held now away and close their connections without an answer.
+    pub fn drop_token_responses(&self) {
+        self.shared.hold.send_modify(|g| g.dropped += 1);
+    }
+    /// Token answers held back now (the upstream answered; the client waits).
+    pub fn held_token_responses(&self) -> u32 {
+        self.shared.control.lock().unwrap().held
+    }
+    /// Block until at least `n` answers are held; panics after `timeout`. From an async test, call it
+    /// on a multi-thread runtime (it blocks the calling thread).
+    pub fn wait_held_token_responses(&self, n: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.held_token_responses() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} held token answer(s) after {timeout:?}, {n} expected; {} token requests seen",
+                self.held_token_responses(),
+                self.token_requests()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -326,16 +447,74 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+/// Set on each request: notify it to close the request's connection without an answer.
+#[derive(Clone)]
+struct ConnKill(Arc<Notify>);
+
+/// Serve `app` on hyper directly (not `axum::serve`), so a handler can close its connection.
+async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    use tower::ServiceExt as _;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let kill = Arc::new(Notify::new());
+            let service = {
+                let kill = kill.clone();
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnKill(kill.clone()));
+                    app.clone().oneshot(req.map(Body::new))
+                })
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = kill.notified() => {}
+            }
+        });
+    }
+}
+
+/// The refresh token of a `grant_type=refresh_token` form body.
+fn presented_refresh_token(body: &[u8]) -> Option<String> {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
+    (form.get("grant_type").map(String::as_str) == Some("refresh_token"))
+        .then(|| form.get("refresh_token").cloned().unwrap_or_default())
+}
+
 async fn handle(
     State((shared, http)): State<(Arc<Shared>, reqwest::Client)>,
     req: Request,
 ) -> Response {
     let path = req.uri().path().to_owned();
     let is_token = req.method() == Method::POST && path == TOKEN_PATH;
+    let kill = req.extensions().get::<ConnKill>().cloned();
+    let (parts, body) = req.into_parts();
+    let body: Bytes = match axum::body::to_bytes(body, 16 << 20).await {
+        Ok(b) => b,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("fault proxy: body: {e}")),
+    };
+    let presented = if is_token {
+        presented_refresh_token(&body)
+    } else {
+        None
+    };
 
-    let fault = {
+    let (fault, presentation) = {
         let mut c = shared.control.lock().unwrap();
         *c.counts.entry(path.clone()).or_insert(0) += 1;
+        let presentation = presented.map(|token| {
+            c.presentations.push(Presentation {
+                digest: digest(&token),
+                at: SystemTime::now(),
+                forwarded: false,
+                upstream_status: None,
+            });
+            c.presentations.len() - 1
+        });
         let fault = if is_token { c.fault.clone() } else { None };
         if fault.is_some() {
             c.faulted += 1;
@@ -347,7 +526,7 @@ async fn handle(
                 }
             }
         }
-        fault
+        (fault, presentation)
     };
 
     if let Some(fault) = fault {
@@ -383,21 +562,70 @@ async fn handle(
         }
     }
 
-    forward(&shared, &http, req).await
+    let (resp, upstream_status) = forward(&shared, &http, parts, body).await;
+    let hold = {
+        let mut c = shared.control.lock().unwrap();
+        if let Some(i) = presentation
+            && let Some(p) = c.presentations.get_mut(i)
+        {
+            p.forwarded = upstream_status.is_some();
+            p.upstream_status = upstream_status;
+        }
+        let hold = is_token && upstream_status.is_some() && c.hold_budget > 0;
+        if hold {
+            c.hold_budget -= 1;
+            c.held += 1;
+        }
+        hold
+    };
+    if !hold {
+        return resp;
+    }
+
+    // Counts the held answer down however the wait ends (the client going away included).
+    struct Held<'a>(&'a Shared);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.control.lock().unwrap().held -= 1;
+        }
+    }
+    let mut gen_rx = shared.hold.subscribe();
+    let before = *gen_rx.borrow_and_update();
+    let guard = Held(&shared);
+    let released = gen_rx
+        .wait_for(|g| g.released != before.released || g.dropped != before.dropped)
+        .await
+        .map(|g| g.released != before.released)
+        .unwrap_or(true);
+    drop(guard);
+    if released {
+        return resp;
+    }
+    match kill {
+        Some(ConnKill(kill)) => {
+            kill.notify_one();
+            std::future::pending().await
+        }
+        None => plain(
+            StatusCode::BAD_GATEWAY,
+            "fault proxy: answer dropped".into(),
+        ),
+    }
 }
 
-async fn forward(shared: &Shared, http: &reqwest::Client, req: Request) -> Response {
+/// Forward to the upstream; the answer, and the upstream's status if it answered.
+async fn forward(
+    shared: &Shared,
+    http: &reqwest::Client,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> (Response, Option<u16>) {
     let upstream = shared.upstream.lock().unwrap().clone();
-    let (parts, body) = req.into_parts();
     let path_and_query = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let body: Bytes = match axum::body::to_bytes(body, 16 << 20).await {
-        Ok(b) => b,
-        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("fault proxy: body: {e}")),
-    };
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
     let sent = http
@@ -409,9 +637,12 @@ async fn forward(shared: &Shared, http: &reqwest::Client, req: Request) -> Respo
     let upstream_resp = match sent {
         Ok(r) => r,
         Err(e) => {
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                format!("fault proxy: upstream {upstream} unreachable: {e}"),
+            return (
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("fault proxy: upstream {upstream} unreachable: {e}"),
+                ),
+                None,
             );
         }
     };
@@ -421,9 +652,12 @@ async fn forward(shared: &Shared, http: &reqwest::Client, req: Request) -> Respo
     let mut bytes = match upstream_resp.bytes().await {
         Ok(b) => b,
         Err(e) => {
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                format!("fault proxy: upstream body: {e}"),
+            return (
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("fault proxy: upstream body: {e}"),
+                ),
+                None,
             );
         }
     };
@@ -444,7 +678,7 @@ async fn forward(shared: &Shared, http: &reqwest::Client, req: Request) -> Respo
     let mut resp = Response::new(Body::from(bytes));
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
-    resp
+    (resp, Some(status.as_u16()))
 }
 
 fn plain(status: StatusCode, text: String) -> Response {

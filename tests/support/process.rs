@@ -91,6 +91,9 @@ impl Supervised {
 
     /// Stop the child and wait for it (at most about 5 s).
     pub fn stop(&mut self) {
+        if !self.is_running() {
+            return;
+        }
         let pid = self.watchdog.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(5);

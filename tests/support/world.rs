@@ -49,9 +49,20 @@ impl Env {
 
     /// The operator with extra `run` flags.
     pub fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
+        self.operator_with_kubeconfig(name, &self.cp.kubeconfig, extra)
+    }
+
+    /// The operator with another kubeconfig (e.g. one of an
+    /// [`ApiProxy`](super::api_proxy::ApiProxy), written by its `kubeconfig`) and extra `run` flags.
+    pub fn operator_with_kubeconfig(
+        &self,
+        name: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Operator {
         let mut args = vec!["--namespace", &self.ns];
         args.extend_from_slice(extra);
-        Operator::start(name, &self.cp.kubeconfig, &args, self.log_dir.path())
+        Operator::start(name, kubeconfig, &args, self.log_dir.path())
     }
 
     /// The operator as the chart runs it: a release of the chart in a namespace of its own,
