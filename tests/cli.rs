@@ -4,6 +4,7 @@
 mod support;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::DeleteParams;
 use std::{
     path::Path,
     process::{Command, Output},
@@ -12,6 +13,7 @@ use std::{
 };
 use support::{
     oauth::{OAuthServer, OAuthServerConfig},
+    operator::Operator,
     world::{Env, condition, is_ready},
 };
 
@@ -413,4 +415,126 @@ async fn kubectl_mailint_drives_a_running_operator() {
         out.stdout
     );
     eprintln!("kubectl mailint test took {:?}", started.elapsed());
+}
+
+/// Per-object series come from the controller's cache at scrape time: an integration's series are
+/// there while it exists and gone at the first scrape after it was deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_object_metrics_follow_the_objects() {
+    let env = Env::new("metrics", server()).await;
+    let op: Operator = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.integration("fresh", "bob@example.test").await;
+    let inbox = env
+        .wait_for("inbox", "Ready", Duration::from_secs(30), &op, is_ready)
+        .await;
+    env.wait_for(
+        "fresh",
+        "SignInRequired",
+        Duration::from_secs(30),
+        &op,
+        |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "SignInRequired"),
+    )
+    .await;
+    let ns = env.ns.clone();
+    let sel = |name: &str| format!(r#"namespace="{ns}",name="{name}""#);
+    let ready = |name: &str, status: &str| {
+        format!(
+            r#"mailintegration_ready_status{{{},condition="{status}"}}"#,
+            sel(name)
+        )
+    };
+    // Give the scrape a moment to see the cache catch up with the status written last.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while op.metric(&ready("fresh", "False")) != Some(1.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(op.metric(&ready("inbox", "True")), Some(1.0));
+    assert_eq!(op.metric(&ready("inbox", "False")), Some(0.0));
+    assert_eq!(op.metric(&ready("inbox", "Unknown")), Some(0.0));
+    assert_eq!(op.metric(&ready("fresh", "False")), Some(1.0));
+    assert_eq!(
+        op.metric(&format!(
+            r#"mailintegration_ready_reason_info{{{},reason="SignInRequired"}}"#,
+            sel("fresh")
+        )),
+        Some(1.0)
+    );
+    let expiry = inbox
+        .status
+        .as_ref()
+        .unwrap()
+        .access_token_expires_at
+        .as_ref()
+        .unwrap()
+        .0;
+    assert_eq!(
+        op.metric(&format!(
+            "mailintegration_access_token_expiry_timestamp_seconds{{{}}}",
+            sel("inbox")
+        )),
+        Some(expiry.as_second() as f64)
+    );
+    assert!(
+        op.metric(&format!(
+            "mailintegration_next_refresh_timestamp_seconds{{{}}}",
+            sel("inbox")
+        ))
+        .is_some()
+    );
+    assert_eq!(
+        op.metric(&format!("mailintegration_suspended{{{}}}", sel("inbox"))),
+        Some(0.0)
+    );
+    assert_eq!(
+        op.metric(r#"mailintegration_integrations{status="True"}"#),
+        Some(1.0)
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        op.metric(&format!(
+            r#"mailintegration_build_info{{version="{version}"}}"#
+        )),
+        Some(1.0)
+    );
+
+    // Deleted: its series are gone at the next scrape (the watch removes it from the cache).
+    env.integrations()
+        .delete("inbox", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.integrations().get_opt("inbox").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "inbox was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The API server has removed it; the operator's watch sees the deletion within moments.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let body = op.get("/metrics").unwrap();
+        if !body.contains(r#"name="inbox""#) || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let left: Vec<&str> = body
+        .lines()
+        .filter(|l| l.contains(r#"name="inbox""#))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "series of the deleted integration remain:\n{}",
+        left.join("\n")
+    );
+    assert_eq!(
+        op.metric(&ready("fresh", "False")),
+        Some(1.0),
+        "the other stays"
+    );
+    assert_eq!(
+        op.metric(r#"mailintegration_integrations{status="True"}"#),
+        Some(0.0)
+    );
 }
