@@ -500,6 +500,18 @@ async fn per_object_metrics_follow_the_objects() {
         Some(1.0)
     );
 
+    // Every metric the chart's alert rules use is one the operator serves.
+    let body = op.get("/metrics").unwrap();
+    let rules = support::helm::template("mio", "ops", &["prometheusRule.enabled=true"]);
+    let used = metric_names(&rules);
+    assert!(used.len() >= 4, "{used:?}");
+    for name in &used {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "the alert rules use {name}, which the operator does not serve:\n{body}"
+        );
+    }
+
     // Deleted: its series are gone at the next scrape (the watch removes it from the cache).
     env.integrations()
         .delete("inbox", &DeleteParams::default())
@@ -537,4 +549,19 @@ async fn per_object_metrics_follow_the_objects() {
         op.metric(r#"mailintegration_integrations{status="True"}"#),
         Some(0.0)
     );
+}
+
+/// The `mailintegration_*` metric names in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("mailintegration_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
 }
