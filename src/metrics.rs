@@ -111,6 +111,26 @@ impl Default for Metrics {
             "Sign-ins on the operator's pages, by result and reason",
             sign_ins.clone(),
         );
+        // Counters start at zero with their most common labels, so that every family the alerts
+        // and the dashboard use is served from the start, and rate() sees the first increment.
+        let zero = |family: &Family<RefreshLabels, Counter>, result: &str, reason: &str| {
+            let _ = family.get_or_create(&RefreshLabels {
+                result: result.into(),
+                reason: reason.into(),
+            });
+        };
+        zero(&mailbox_checks, "success", "Connected");
+        zero(
+            &sign_ins,
+            "success",
+            crate::reason::Reason::SignedIn.as_str(),
+        );
+        // The labels of `reconcile::controller::Error::metric_label`.
+        for error in ["kube", "no_namespace", "panic"] {
+            let _ = reconcile_errors.get_or_create(&ErrorLabels {
+                error: error.into(),
+            });
+        }
         Self {
             sign_ins,
             objects,

@@ -500,15 +500,27 @@ async fn per_object_metrics_follow_the_objects() {
         Some(1.0)
     );
 
-    // Every metric the chart's alert rules use is one the operator serves.
+    // Every metric the chart's alert rules and Grafana dashboard use is one the operator serves.
     let body = op.get("/metrics").unwrap();
-    let rules = support::helm::template("mio", "ops", &["prometheusRule.enabled=true"]);
-    let used = metric_names(&rules);
-    assert!(used.len() >= 4, "{used:?}");
+    let chart = support::helm::template(
+        "mio",
+        "ops",
+        &[
+            "prometheusRule.enabled=true",
+            "grafanaDashboard.enabled=true",
+        ],
+    );
+    let used = metric_names(&chart);
+    assert!(used.len() >= 12, "{used:?}");
     for name in &used {
+        // Counters and histograms are declared without their sample suffixes.
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
         assert!(
-            body.contains(&format!("# TYPE {name} ")),
-            "the alert rules use {name}, which the operator does not serve:\n{body}"
+            body.contains(&format!("# TYPE {family} ")),
+            "the chart's rules or dashboard use {name}, which the operator does not serve:\n{body}"
         );
     }
 

@@ -82,3 +82,57 @@ fn every_runbook_link_of_the_alerts_lands_on_a_heading() {
         }
     }
 }
+
+/// Every query of the Grafana dashboard (as the chart's ConfigMap ships it) is valid PromQL:
+/// promtool checks them as recording rules.
+#[test]
+fn every_dashboard_query_passes_promtool() {
+    let rendered = support::helm::template("mio", "ops", &["grafanaDashboard.enabled=true"]);
+    let start = rendered
+        .find("mail-integration-operator.json: |-")
+        .expect("the dashboard ConfigMap");
+    let json: String = rendered[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dashboard: serde_json::Value = serde_json::from_str(&json).expect("the dashboard is JSON");
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/mail-integration-operator/dashboards/mail-integration-operator.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard, on_disk, "the ConfigMap ships the file");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut n = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap().replace("$namespace", ".*");
+            n += 1;
+            rules.push_str(&format!(
+                "      - record: dashboard:query_{n}\n        expr: {}\n",
+                serde_json::to_string(&expr).unwrap()
+            ));
+        }
+    }
+    assert!(n >= 15, "{n} queries");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yaml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (apt-get install prometheus; tools/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
