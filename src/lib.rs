@@ -14,6 +14,7 @@
 )]
 
 pub mod api;
+pub mod cli;
 pub(crate) mod http_limit;
 pub mod lease;
 pub mod mailbox;

@@ -219,7 +219,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sign_in = SignIn::new(
         config,
         signer,
-        Arc::new(KubeBackend::new(client.clone()).with_grant_locks(grant_locks.clone())),
+        Arc::new(
+            mail_integration_operator::metrics::sign_ins::CountingBackend::new(
+                KubeBackend::new(client.clone()).with_grant_locks(grant_locks.clone()),
+                metrics.clone(),
+            ),
+        ),
         oauth.clone(),
         providers.clone(),
     );

@@ -1,17 +1,15 @@
-//! Prometheus metrics, registered in one place.
+//! Prometheus metrics, registered in one place. Counters and histograms are pushed by the code
+//! that counts; every per-object series comes from [`objects`], which reads the controller's cache
+//! at scrape time.
+
+pub mod objects;
+pub mod sign_ins;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use std::sync::atomic::AtomicU64;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IntegrationLabels {
-    pub namespace: String,
-    pub name: String,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
@@ -21,9 +19,8 @@ pub struct RefreshLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReadyLabels {
-    /// "True", "False" or "Unknown"
-    pub status: String,
+pub struct VersionLabels {
+    pub version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,25 +37,35 @@ pub struct ErrorLabels {
 /// The operator's metrics.
 pub struct Metrics {
     pub registry: Registry,
-    pub token_expiry: Family<IntegrationLabels, Gauge<f64, AtomicU64>>,
+    /// The controllers' caches, read at scrape time for the per-object series.
+    pub objects: objects::ObjectStores,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub refresh_duration: Histogram,
-    pub ready: Family<ReadyLabels, Gauge>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub api_writes: Family<ErrorLabels, Counter>,
     pub mailbox_checks: Family<RefreshLabels, Counter>,
     pub mailbox_check_failures: Family<ErrorLabels, Counter>,
+    pub sign_ins: Family<RefreshLabels, Counter>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("mailintegration");
-        let token_expiry = Family::<IntegrationLabels, Gauge<f64, AtomicU64>>::default();
+        let objects = objects::ObjectStores::default();
+        registry.register_collector(Box::new(objects::ObjectCollector {
+            stores: objects.clone(),
+        }));
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
         registry.register(
-            "access_token_expiry_timestamp_seconds",
-            "When the published access token of each integration expires (Unix time)",
-            token_expiry.clone(),
+            "build_info",
+            "The operator's version (always 1)",
+            build_info,
         );
         let refreshes = Family::<RefreshLabels, Counter>::default();
         registry.register(
@@ -71,12 +78,6 @@ impl Default for Metrics {
             "refresh_duration_seconds",
             "Time the token endpoint took to answer a refresh",
             refresh_duration.clone(),
-        );
-        let ready = Family::<ReadyLabels, Gauge>::default();
-        registry.register(
-            "integrations",
-            "Integrations by the status of their Ready condition",
-            ready.clone(),
         );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
@@ -104,14 +105,40 @@ impl Default for Metrics {
             "Failed mailbox connection checks by reason",
             mailbox_check_failures.clone(),
         );
+        let sign_ins = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "sign_ins",
+            "Sign-ins on the operator's pages, by result and reason",
+            sign_ins.clone(),
+        );
+        // Counters start at zero with their most common labels, so that every family the alerts
+        // and the dashboard use is served from the start, and rate() sees the first increment.
+        let zero = |family: &Family<RefreshLabels, Counter>, result: &str, reason: &str| {
+            let _ = family.get_or_create(&RefreshLabels {
+                result: result.into(),
+                reason: reason.into(),
+            });
+        };
+        zero(&mailbox_checks, "success", "Connected");
+        zero(
+            &sign_ins,
+            "success",
+            crate::reason::Reason::SignedIn.as_str(),
+        );
+        // The labels of `reconcile::controller::Error::metric_label`.
+        for error in ["kube", "no_namespace", "panic"] {
+            let _ = reconcile_errors.get_or_create(&ErrorLabels {
+                error: error.into(),
+            });
+        }
         Self {
+            sign_ins,
+            objects,
             mailbox_checks,
             mailbox_check_failures,
             registry,
-            token_expiry,
             refreshes,
             refresh_duration,
-            ready,
             reconciles,
             reconcile_errors,
             api_writes,

@@ -1,12 +1,55 @@
 //! The reasons users see on conditions, events and metrics: one enum, so that every part of the
 //! operator speaks the same vocabulary and `kubectl describe` shows the same words everywhere.
+//!
+//! This file is the one source of each reason's text: what happened ([`Reason::what_happened`]) and
+//! what to do ([`Reason::hint`]). `docs/reasons.md` is generated from it ([`markdown`]; a test fails
+//! when the checked-in file differs), and `kubectl mailint explain REASON` prints the same text.
 
 use std::fmt;
 
-/// A condition reason (CamelCase, as Kubernetes conventions want), with a short hint on what to do.
+/// Where a reason belongs, for the docs' sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// Everything works, or the operator is at work.
+    Healthy,
+    /// Only a human can fix it: configuration, grant or Secrets.
+    NeedsHuman,
+    /// A failed sign-in (status.lastSignInFailure, the sign-in page, a Warning event).
+    SignIn,
+    /// The operator retries by itself, keeping the current token.
+    Transient,
+    /// The mailbox connection check.
+    Mailbox,
+    /// Events of a deletion with spec.revokeOnDelete.
+    Deletion,
+}
+
+impl Category {
+    pub const ALL: &'static [Category] = &[
+        Category::Healthy,
+        Category::NeedsHuman,
+        Category::SignIn,
+        Category::Transient,
+        Category::Mailbox,
+        Category::Deletion,
+    ];
+
+    /// The docs' section title.
+    pub const fn title(self) -> &'static str {
+        match self {
+            Category::Healthy => "Healthy and in progress",
+            Category::NeedsHuman => "Needs a human: configuration, grant, Secrets",
+            Category::SignIn => "Sign-in failures",
+            Category::Transient => "Transient: the operator retries by itself",
+            Category::Mailbox => "The mailbox check",
+            Category::Deletion => "Deletion with spec.revokeOnDelete (events)",
+        }
+    }
+}
+
+/// A condition or event reason (CamelCase, as Kubernetes conventions want).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
-    // --- success and progress ---
     /// The grant works: the account signed in and a token was obtained.
     Authorized,
     /// The access token was refreshed.
@@ -17,8 +60,20 @@ pub enum Reason {
     MailboxConnected,
     /// Refreshing is suspended by `spec.suspend`.
     Suspended,
-
-    // --- the operator needs a human ---
+    /// Everything works: the grant is authorized, the access token is valid and published, and the mailbox (when a mail server is known) accepts it.
+    Ready,
+    /// Every configured mail server accepted the access token (condition `MailboxConnected=True`).
+    Connected,
+    /// The operator is refreshing the access token, or retrying after a transient failure (condition `Reconciling=True`).
+    Refreshing,
+    /// No work is in flight (condition `Reconciling=False`).
+    Idle,
+    /// Nothing needs a human (condition `Stalled=False`).
+    AsExpected,
+    /// Someone signed in on the operator's sign-in page and the grant was stored (Normal event).
+    SignedIn,
+    /// A failure the operator was retrying is over (Normal event).
+    Recovered,
     /// No grant yet: someone must sign in at `status.signIn.url`.
     SignInRequired,
     /// The client Secret named in `spec.oauth.clientSecretRef` does not exist.
@@ -29,7 +84,7 @@ pub enum Reason {
     InvalidClient,
     /// The client is not allowed to use this grant (token of another client, grant type disabled).
     UnauthorizedClient,
-    /// The grant was revoked (by the user, an admin, a password change) or otherwise became invalid.
+    /// The grant was revoked (by the user, an admin, a password change) or otherwise became invalid. The same reason names the Normal event of a deletion with `spec.revokeOnDelete` that revoked the grant at the provider.
     GrantRevoked,
     /// The grant expired because it was not used for too long.
     GrantExpiredInactive,
@@ -43,10 +98,24 @@ pub enum Reason {
     ScopeMissing,
     /// An endpoint URL (override or discovered) is unusable.
     InvalidEndpoint,
-    /// The provider refused for a reason not covered above.
+    /// The provider refused the request for a reason that none of the other reasons covers; the message holds the provider's error.
     ProviderError,
-
-    // --- the sign-in flow (status.lastSignInFailure) ---
+    /// The client Secret (or CA bundle Secret) is not marked for the operator, or is one the operator manages.
+    ClientSecretNotMarked,
+    /// `spec.tokenSecret.name` names a Secret that the operator did not create for this integration.
+    TokenSecretConflict,
+    /// The grant Secret `<name>-oauth-grant` exists but belongs to something else.
+    GrantSecretConflict,
+    /// The stored grant was issued for another provider, token endpoint, client or account than the spec now names.
+    GrantBoundElsewhere,
+    /// `spec.oauth.endpoints` overrides a Google or Microsoft endpoint, which this operator does not allow.
+    EndpointOverrideNotAllowed,
+    /// The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts.
+    MailboxHostNotAllowed,
+    /// The published access token has expired and no new one was obtained (condition `TokenValid=False`, and `Ready` while refreshing does not succeed): workloads using it fail to log in.
+    TokenExpired,
+    /// No access token has been published yet (condition `TokenValid=False`): no sign-in or refresh has succeeded since the integration was created.
+    NoToken,
     /// The user (or an admin policy) refused the consent at the provider (`access_denied`).
     SignInDenied,
     /// Prompt "No prompt" was chosen but nobody is signed in at the provider (`login_required`).
@@ -77,23 +146,10 @@ pub enum Reason {
     SignInStateInvalid,
     /// The sign-in was finished in another browser (or with cookies blocked) than the one that started it.
     SignInBrowserMismatch,
-    /// The sign-in failed for a reason not covered above.
+    /// The sign-in failed for a reason that none of the other sign-in reasons covers; the message holds the provider's error.
     SignInFailed,
     /// The sign-in worked but the operator could not store the grant Secret.
     GrantWriteFailed,
-
-    /// The client Secret (or CA bundle Secret) is not marked for the operator, or is one the operator manages.
-    ClientSecretNotMarked,
-    /// `spec.tokenSecret.name` names a Secret that the operator did not create for this integration.
-    TokenSecretConflict,
-    /// The grant Secret `<name>-oauth-grant` exists but belongs to something else.
-    GrantSecretConflict,
-    /// The stored grant was issued for another provider, token endpoint, client or account than the spec now names.
-    GrantBoundElsewhere,
-    /// `spec.oauth.endpoints` overrides a Google or Microsoft endpoint, which this operator does not allow.
-    EndpointOverrideNotAllowed,
-    /// The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts.
-    MailboxHostNotAllowed,
     /// A refresh of a provider that rotates refresh tokens was cut off (process killed, lease lost)
     /// after it may have been answered, and the provider no longer accepts the stored refresh token.
     GrantLostInFlight,
@@ -106,15 +162,14 @@ pub enum Reason {
     NamespaceTerminating,
     /// Another operator process marked the grant as being refreshed moments ago; this one waits.
     RefreshInFlightElsewhere,
-    // --- transient: the operator retries by itself ---
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
     /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
     RateLimited,
     /// The OIDC discovery document could not be fetched or is inconsistent.
     DiscoveryFailed,
-
-    // --- the mailbox ---
+    /// A new access token was obtained, but writing the token Secret failed; the operator retries with backoff.
+    TokenSecretWriteFailed,
     /// The mail server rejected the access token.
     MailboxAuthFailed,
     /// The mail server could not be reached.
@@ -122,6 +177,14 @@ pub enum Reason {
     /// The TLS handshake with the mail server failed (certificate, protocol).
     #[allow(clippy::upper_case_acronyms)]
     TLSError,
+    /// The mail server answered in a way the check did not expect (not IMAP, POP3 or SMTP on that port, or an unexpected reply).
+    ProtocolError,
+    /// The integration was deleted with `spec.revokeOnDelete`, but the provider has no revocation endpoint, so the grant still lives there (Warning event).
+    RevocationNotSupported,
+    /// The integration was deleted with `spec.revokeOnDelete`, but revoking the grant failed for as long as `--revoke-timeout` allows; the resource was let go anyway (Warning event).
+    RevocationFailed,
+    /// The integration was deleted with `spec.revokeOnDelete`, but no grant was stored, so there was nothing to revoke (Normal event).
+    NothingToRevoke,
 }
 
 impl Reason {
@@ -132,6 +195,13 @@ impl Reason {
         Reason::TokenValid,
         Reason::MailboxConnected,
         Reason::Suspended,
+        Reason::Ready,
+        Reason::Connected,
+        Reason::Refreshing,
+        Reason::Idle,
+        Reason::AsExpected,
+        Reason::SignedIn,
+        Reason::Recovered,
         Reason::SignInRequired,
         Reason::ClientSecretNotFound,
         Reason::ClientSecretKeyMissing,
@@ -145,6 +215,14 @@ impl Reason {
         Reason::ScopeMissing,
         Reason::InvalidEndpoint,
         Reason::ProviderError,
+        Reason::ClientSecretNotMarked,
+        Reason::TokenSecretConflict,
+        Reason::GrantSecretConflict,
+        Reason::GrantBoundElsewhere,
+        Reason::EndpointOverrideNotAllowed,
+        Reason::MailboxHostNotAllowed,
+        Reason::TokenExpired,
+        Reason::NoToken,
         Reason::SignInDenied,
         Reason::LoginRequired,
         Reason::ConsentRequired,
@@ -162,12 +240,6 @@ impl Reason {
         Reason::SignInBrowserMismatch,
         Reason::SignInFailed,
         Reason::GrantWriteFailed,
-        Reason::ClientSecretNotMarked,
-        Reason::TokenSecretConflict,
-        Reason::GrantSecretConflict,
-        Reason::GrantBoundElsewhere,
-        Reason::EndpointOverrideNotAllowed,
-        Reason::MailboxHostNotAllowed,
         Reason::GrantLostInFlight,
         Reason::GrantNotStored,
         Reason::GrantSecretImmutable,
@@ -176,9 +248,14 @@ impl Reason {
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
+        Reason::TokenSecretWriteFailed,
         Reason::MailboxAuthFailed,
         Reason::MailboxUnreachable,
         Reason::TLSError,
+        Reason::ProtocolError,
+        Reason::RevocationNotSupported,
+        Reason::RevocationFailed,
+        Reason::NothingToRevoke,
     ];
 
     /// The CamelCase string written into conditions and events.
@@ -189,6 +266,13 @@ impl Reason {
             Reason::TokenValid => "TokenValid",
             Reason::MailboxConnected => "MailboxConnected",
             Reason::Suspended => "Suspended",
+            Reason::Ready => "Ready",
+            Reason::Connected => "Connected",
+            Reason::Refreshing => "Refreshing",
+            Reason::Idle => "Idle",
+            Reason::AsExpected => "AsExpected",
+            Reason::SignedIn => "SignedIn",
+            Reason::Recovered => "Recovered",
             Reason::SignInRequired => "SignInRequired",
             Reason::ClientSecretNotFound => "ClientSecretNotFound",
             Reason::ClientSecretKeyMissing => "ClientSecretKeyMissing",
@@ -202,6 +286,14 @@ impl Reason {
             Reason::ScopeMissing => "ScopeMissing",
             Reason::InvalidEndpoint => "InvalidEndpoint",
             Reason::ProviderError => "ProviderError",
+            Reason::ClientSecretNotMarked => "ClientSecretNotMarked",
+            Reason::TokenSecretConflict => "TokenSecretConflict",
+            Reason::GrantSecretConflict => "GrantSecretConflict",
+            Reason::GrantBoundElsewhere => "GrantBoundElsewhere",
+            Reason::EndpointOverrideNotAllowed => "EndpointOverrideNotAllowed",
+            Reason::MailboxHostNotAllowed => "MailboxHostNotAllowed",
+            Reason::TokenExpired => "TokenExpired",
+            Reason::NoToken => "NoToken",
             Reason::SignInDenied => "SignInDenied",
             Reason::LoginRequired => "LoginRequired",
             Reason::ConsentRequired => "ConsentRequired",
@@ -219,12 +311,6 @@ impl Reason {
             Reason::SignInBrowserMismatch => "SignInBrowserMismatch",
             Reason::SignInFailed => "SignInFailed",
             Reason::GrantWriteFailed => "GrantWriteFailed",
-            Reason::ClientSecretNotMarked => "ClientSecretNotMarked",
-            Reason::TokenSecretConflict => "TokenSecretConflict",
-            Reason::GrantSecretConflict => "GrantSecretConflict",
-            Reason::GrantBoundElsewhere => "GrantBoundElsewhere",
-            Reason::EndpointOverrideNotAllowed => "EndpointOverrideNotAllowed",
-            Reason::MailboxHostNotAllowed => "MailboxHostNotAllowed",
             Reason::GrantLostInFlight => "GrantLostInFlight",
             Reason::GrantNotStored => "GrantNotStored",
             Reason::GrantSecretImmutable => "GrantSecretImmutable",
@@ -233,9 +319,270 @@ impl Reason {
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
+            Reason::TokenSecretWriteFailed => "TokenSecretWriteFailed",
             Reason::MailboxAuthFailed => "MailboxAuthFailed",
             Reason::MailboxUnreachable => "MailboxUnreachable",
             Reason::TLSError => "TLSError",
+            Reason::ProtocolError => "ProtocolError",
+            Reason::RevocationNotSupported => "RevocationNotSupported",
+            Reason::RevocationFailed => "RevocationFailed",
+            Reason::NothingToRevoke => "NothingToRevoke",
+        }
+    }
+
+    /// The reason named by `s` (as written in a condition or event), ignoring ASCII case.
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL
+            .iter()
+            .copied()
+            .find(|r| r.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// What happened, in one or two sentences (the docs' and `kubectl mailint explain`'s first part).
+    pub const fn what_happened(self) -> &'static str {
+        match self {
+            Reason::Authorized => {
+                "The grant works: the account signed in and a token was obtained."
+            }
+            Reason::TokenRefreshed => "The access token was refreshed.",
+            Reason::TokenValid => "The access token is valid and not yet due for refresh.",
+            Reason::MailboxConnected => "The mailbox accepted the access token.",
+            Reason::Suspended => "Refreshing is suspended by `spec.suspend`.",
+            Reason::Ready => {
+                "Everything works: the grant is authorized, the access token is valid and published, and the mailbox (when a mail server is known) accepts it."
+            }
+            Reason::Connected => {
+                "Every configured mail server accepted the access token (condition `MailboxConnected=True`)."
+            }
+            Reason::Refreshing => {
+                "The operator is refreshing the access token, or retrying after a transient failure (condition `Reconciling=True`)."
+            }
+            Reason::Idle => "No work is in flight (condition `Reconciling=False`).",
+            Reason::AsExpected => "Nothing needs a human (condition `Stalled=False`).",
+            Reason::SignedIn => {
+                "Someone signed in on the operator's sign-in page and the grant was stored (Normal event)."
+            }
+            Reason::Recovered => "A failure the operator was retrying is over (Normal event).",
+            Reason::SignInRequired => "No grant yet: someone must sign in at `status.signIn.url`.",
+            Reason::ClientSecretNotFound => {
+                "The client Secret named in `spec.oauth.clientSecretRef` does not exist."
+            }
+            Reason::ClientSecretKeyMissing => {
+                "The client Secret exists but lacks the client ID or secret key (or it is empty)."
+            }
+            Reason::InvalidClient => {
+                "The provider rejected the client credentials (wrong or expired secret, deleted client)."
+            }
+            Reason::UnauthorizedClient => {
+                "The client is not allowed to use this grant (token of another client, grant type disabled)."
+            }
+            Reason::GrantRevoked => {
+                "The grant was revoked (by the user, an admin, a password change) or otherwise became invalid. The same reason names the Normal event of a deletion with `spec.revokeOnDelete` that revoked the grant at the provider."
+            }
+            Reason::GrantExpiredInactive => {
+                "The grant expired because it was not used for too long."
+            }
+            Reason::TestingAppGrantExpired => {
+                "A Google app in \"Testing\" publishing status: its grants expire after 7 days."
+            }
+            Reason::ReauthRequired => {
+                "The provider requires the user to sign in again (Google `invalid_rapt`, MFA)."
+            }
+            Reason::AccountMismatch => "Someone other than `spec.mailbox.address` signed in.",
+            Reason::ScopeMissing => "The provider did not grant a scope the mailbox needs.",
+            Reason::InvalidEndpoint => "An endpoint URL (override or discovered) is unusable.",
+            Reason::ProviderError => {
+                "The provider refused the request for a reason that none of the other reasons covers; the message holds the provider's error."
+            }
+            Reason::ClientSecretNotMarked => {
+                "The client Secret (or CA bundle Secret) is not marked for the operator, or is one the operator manages."
+            }
+            Reason::TokenSecretConflict => {
+                "`spec.tokenSecret.name` names a Secret that the operator did not create for this integration."
+            }
+            Reason::GrantSecretConflict => {
+                "The grant Secret `<name>-oauth-grant` exists but belongs to something else."
+            }
+            Reason::GrantBoundElsewhere => {
+                "The stored grant was issued for another provider, token endpoint, client or account than the spec now names."
+            }
+            Reason::EndpointOverrideNotAllowed => {
+                "`spec.oauth.endpoints` overrides a Google or Microsoft endpoint, which this operator does not allow."
+            }
+            Reason::MailboxHostNotAllowed => {
+                "The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts."
+            }
+            Reason::GrantLostInFlight => {
+                "A refresh of a provider that rotates refresh tokens was cut off (the process was killed or lost its Lease) after the provider may have issued a new refresh token, and the provider now refuses the stored one."
+            }
+            Reason::GrantNotStored => {
+                "The provider issued a new refresh token that the operator cannot write into the grant Secret: it is held only in the operator's memory while the write is retried."
+            }
+            Reason::GrantSecretImmutable => {
+                "The grant Secret is immutable (`immutable: true`), so a refreshed grant cannot be stored in it; the operator does not present its refresh token."
+            }
+            Reason::NamespaceTerminating => {
+                "The namespace is being deleted, so the operator cannot write the grant Secret any more."
+            }
+            Reason::RefreshInFlightElsewhere => {
+                "Another operator process marked this grant as being refreshed within the last 75 seconds; this one waits instead of presenting the same refresh token."
+            }
+            Reason::TokenExpired => {
+                "The published access token has expired and no new one was obtained (condition `TokenValid=False`, and `Ready` while refreshing does not succeed): workloads using it fail to log in."
+            }
+            Reason::NoToken => {
+                "No access token has been published yet (condition `TokenValid=False`): no sign-in or refresh has succeeded since the integration was created."
+            }
+            Reason::SignInDenied => {
+                "The user (or an admin policy) refused the consent at the provider (`access_denied`)."
+            }
+            Reason::LoginRequired => {
+                "Prompt \"No prompt\" was chosen but nobody is signed in at the provider (`login_required`)."
+            }
+            Reason::ConsentRequired => {
+                "Prompt \"No prompt\" was chosen but the account has not consented yet (`consent_required`)."
+            }
+            Reason::InteractionRequired => {
+                "Prompt \"No prompt\" was chosen but the provider needs to show a page (`interaction_required`, `account_selection_required`)."
+            }
+            Reason::NoRefreshToken => {
+                "The sign-in worked but the provider returned no refresh token."
+            }
+            Reason::RedirectURIMismatch => {
+                "The provider does not accept the operator's callback URL (`redirect_uri_mismatch`)."
+            }
+            Reason::IssuerMismatch => {
+                "The authorization response or ID token came from another issuer than the configured provider (OAuth mix-up defence, RFC 9207)."
+            }
+            Reason::AuthorizationCodeMissing => {
+                "The provider sent the browser back without an authorization code or an error."
+            }
+            Reason::AccountUnknown => {
+                "The provider did not say which account signed in (no email in the ID token or userinfo)."
+            }
+            Reason::SignInLinkExpired => "The sign-in link (its ticket) has expired.",
+            Reason::SignInLinkInvalid => {
+                "The sign-in link was not made for this MailIntegration (damaged, or made for a deleted resource of the same name)."
+            }
+            Reason::SignInStateExpired => {
+                "The sign-in took longer than the operator waits for the provider's answer."
+            }
+            Reason::SignInStateReused => {
+                "The provider's answer was used already (page reloaded, or replayed)."
+            }
+            Reason::SignInStateInvalid => {
+                "The provider's answer carried a state the operator did not issue or that was altered."
+            }
+            Reason::SignInBrowserMismatch => {
+                "The sign-in was finished in another browser (or with cookies blocked) than the one that started it."
+            }
+            Reason::SignInFailed => {
+                "The sign-in failed for a reason that none of the other sign-in reasons covers; the message holds the provider's error."
+            }
+            Reason::GrantWriteFailed => {
+                "The operator could not write the grant Secret: after a sign-in (the sign-in worked, the grant is not stored), or to mark a refresh before it starts (nothing was sent to the provider)."
+            }
+            Reason::ProviderUnavailable => {
+                "The provider did not answer properly (5xx, timeout, connection error)."
+            }
+            Reason::RateLimited => {
+                "The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055)."
+            }
+            Reason::DiscoveryFailed => {
+                "The OIDC discovery document could not be fetched or is inconsistent."
+            }
+            Reason::TokenSecretWriteFailed => {
+                "A new access token was obtained, but writing the token Secret failed; the operator retries with backoff."
+            }
+            Reason::MailboxAuthFailed => "The mail server rejected the access token.",
+            Reason::MailboxUnreachable => "The mail server could not be reached.",
+            Reason::TLSError => {
+                "The TLS handshake with the mail server failed (certificate, protocol)."
+            }
+            Reason::ProtocolError => {
+                "The mail server answered in a way the check did not expect (not IMAP, POP3 or SMTP on that port, or an unexpected reply)."
+            }
+            Reason::RevocationNotSupported => {
+                "The integration was deleted with `spec.revokeOnDelete`, but the provider has no revocation endpoint, so the grant still lives there (Warning event)."
+            }
+            Reason::RevocationFailed => {
+                "The integration was deleted with `spec.revokeOnDelete`, but revoking the grant failed for as long as `--revoke-timeout` allows; the resource was let go anyway (Warning event)."
+            }
+            Reason::NothingToRevoke => {
+                "The integration was deleted with `spec.revokeOnDelete`, but no grant was stored, so there was nothing to revoke (Normal event)."
+            }
+        }
+    }
+
+    /// Where the reason belongs.
+    pub const fn category(self) -> Category {
+        match self {
+            Reason::Authorized
+            | Reason::TokenRefreshed
+            | Reason::TokenValid
+            | Reason::MailboxConnected
+            | Reason::Suspended
+            | Reason::Ready
+            | Reason::Connected
+            | Reason::Refreshing
+            | Reason::Idle
+            | Reason::AsExpected
+            | Reason::SignedIn
+            | Reason::Recovered => Category::Healthy,
+            Reason::SignInRequired
+            | Reason::ClientSecretNotFound
+            | Reason::ClientSecretKeyMissing
+            | Reason::InvalidClient
+            | Reason::UnauthorizedClient
+            | Reason::GrantRevoked
+            | Reason::GrantExpiredInactive
+            | Reason::TestingAppGrantExpired
+            | Reason::ReauthRequired
+            | Reason::AccountMismatch
+            | Reason::ScopeMissing
+            | Reason::InvalidEndpoint
+            | Reason::ProviderError
+            | Reason::ClientSecretNotMarked
+            | Reason::TokenSecretConflict
+            | Reason::GrantSecretConflict
+            | Reason::GrantBoundElsewhere
+            | Reason::EndpointOverrideNotAllowed
+            | Reason::MailboxHostNotAllowed
+            | Reason::TokenExpired
+            | Reason::NoToken
+            | Reason::GrantLostInFlight
+            | Reason::GrantSecretImmutable
+            | Reason::NamespaceTerminating => Category::NeedsHuman,
+            Reason::SignInDenied
+            | Reason::LoginRequired
+            | Reason::ConsentRequired
+            | Reason::InteractionRequired
+            | Reason::NoRefreshToken
+            | Reason::RedirectURIMismatch
+            | Reason::IssuerMismatch
+            | Reason::AuthorizationCodeMissing
+            | Reason::AccountUnknown
+            | Reason::SignInLinkExpired
+            | Reason::SignInLinkInvalid
+            | Reason::SignInStateExpired
+            | Reason::SignInStateReused
+            | Reason::SignInStateInvalid
+            | Reason::SignInBrowserMismatch
+            | Reason::SignInFailed
+            | Reason::GrantWriteFailed => Category::SignIn,
+            Reason::ProviderUnavailable
+            | Reason::RateLimited
+            | Reason::DiscoveryFailed
+            | Reason::TokenSecretWriteFailed
+            | Reason::GrantNotStored
+            | Reason::RefreshInFlightElsewhere => Category::Transient,
+            Reason::MailboxAuthFailed
+            | Reason::MailboxUnreachable
+            | Reason::TLSError
+            | Reason::ProtocolError => Category::Mailbox,
+            Reason::RevocationNotSupported | Reason::RevocationFailed | Reason::NothingToRevoke => {
+                Category::Deletion
+            }
         }
     }
 
@@ -388,6 +735,34 @@ impl Reason {
             Reason::TLSError => {
                 "Check the mail server's certificate and TLS mode (Implicit or StartTLS) in spec.mailbox."
             }
+            Reason::Ready => "Nothing to do.",
+            Reason::Connected => "Nothing to do.",
+            Reason::Refreshing => {
+                "Nothing to do; if it lasts, the Ready condition's reason says what the provider answered."
+            }
+            Reason::Idle => "Nothing to do.",
+            Reason::AsExpected => "Nothing to do.",
+            Reason::SignedIn => "Nothing to do; the token Secret follows within seconds.",
+            Reason::Recovered => "Nothing to do.",
+            Reason::TokenExpired => {
+                "Look at the Authorized condition and the recent events for why refreshing fails (kubectl mailint status NAME); force a new attempt with kubectl mailint refresh NAME."
+            }
+            Reason::NoToken => {
+                "See the Authorized and Ready conditions for the cause (kubectl mailint status NAME); the token Secret is written as soon as a sign-in or refresh succeeds."
+            }
+            Reason::TokenSecretWriteFailed => {
+                "Check the operator's RBAC (update Secrets in the integration's namespace), quotas and admission policies on Secrets, and the operator's log."
+            }
+            Reason::ProtocolError => {
+                "Check the host, port and TLS mode in spec.mailbox.server and spec.mailbox.smtp, and spec.mailbox.protocol; the message holds the server's reply."
+            }
+            Reason::RevocationNotSupported => {
+                "Remove the app's access for the account at the provider by hand (Google: myaccount.google.com/permissions; Microsoft: myapps.microsoft.com)."
+            }
+            Reason::RevocationFailed => {
+                "Revoke the app's access for the account at the provider by hand; the event says what the provider answered."
+            }
+            Reason::NothingToRevoke => "Nothing to do.",
         }
     }
 
@@ -399,7 +774,16 @@ impl Reason {
                 | Reason::TokenRefreshed
                 | Reason::TokenValid
                 | Reason::MailboxConnected
+                | Reason::Ready
+                | Reason::Connected
+                | Reason::SignedIn
+                | Reason::Recovered
         )
+    }
+
+    /// The anchor of this reason's section in docs/reasons.md (GitHub's heading slug).
+    pub fn anchor(self) -> String {
+        self.as_str().to_ascii_lowercase()
     }
 }
 
@@ -407,6 +791,29 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// docs/reasons.md: every reason with what happened and what to do, by category.
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "<!-- Generated from src/reason.rs (`MIO_UPDATE_DOCS=1 cargo test --test docs` rewrites it). Do not edit by hand. -->\n\
+         # Reasons\n\n\
+         Every reason the operator writes into a condition (`kubectl mailint status NAME`, \
+         `kubectl describe mailint NAME`), an event or `status.lastSignInFailure`, with what happened \
+         and what to do. `kubectl mailint explain REASON` prints the same text. The alerts' \
+         `runbook_url` links point here.\n",
+    );
+    for c in Category::ALL {
+        out.push_str(&format!("\n## {}\n", c.title()));
+        for r in Reason::ALL.iter().filter(|r| r.category() == *c) {
+            out.push_str(&format!(
+                "\n### {r}\n\n**What happened:** {}\n\n**What to do:** {}\n",
+                r.what_happened(),
+                r.hint()
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -427,6 +834,12 @@ mod tests {
             assert_eq!(r.to_string(), s);
             assert!(!r.hint().is_empty());
             assert!(r.hint().ends_with('.'), "hint of {s} is a sentence");
+            assert!(
+                r.what_happened().ends_with('.'),
+                "what happened of {s} is a sentence"
+            );
+            assert_eq!(Reason::parse(s), Some(*r));
+            assert_eq!(Reason::parse(&s.to_lowercase()), Some(*r));
         }
         assert_eq!(seen.len(), Reason::ALL.len());
     }
@@ -438,5 +851,52 @@ mod tests {
         assert_eq!(Reason::TLSError.as_str(), "TLSError");
         assert!(Reason::TokenRefreshed.is_success());
         assert!(!Reason::RateLimited.is_success());
+    }
+
+    /// Every reason string the decision, the mailbox check and the finalizer write has its text here.
+    #[test]
+    fn the_reasons_other_modules_write_are_documented_here() {
+        use crate::reconcile::decide::reasons;
+        for s in [
+            reasons::READY,
+            reasons::AUTHORIZED,
+            reasons::TOKEN_VALID,
+            reasons::TOKEN_EXPIRED,
+            reasons::NO_TOKEN,
+            reasons::SIGN_IN_REQUIRED,
+            reasons::SUSPENDED,
+            reasons::REFRESHING,
+            reasons::IDLE,
+            reasons::NOT_STALLED,
+            "Connected",
+            "ProtocolError",
+            "TokenSecretWriteFailed",
+            "SignedIn",
+            "Recovered",
+            "RevocationNotSupported",
+            "RevocationFailed",
+            "NothingToRevoke",
+        ] {
+            assert!(
+                Reason::parse(s).is_some(),
+                "{s} has no entry in src/reason.rs"
+            );
+        }
+        assert!(Reason::parse("NoSuchReason").is_none());
+    }
+
+    #[test]
+    fn markdown_has_a_section_with_both_texts_for_every_reason() {
+        let md = markdown();
+        for r in Reason::ALL {
+            let heading = format!("\n### {r}\n");
+            let at = md
+                .find(&heading)
+                .unwrap_or_else(|| panic!("no section for {r}"));
+            let section = &md[at + heading.len()..];
+            let section = &section[..section.find("\n#").unwrap_or(section.len())];
+            assert!(section.contains("**What happened:** "), "{r}");
+            assert!(section.contains("**What to do:** "), "{r}");
+        }
     }
 }

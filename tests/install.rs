@@ -1895,25 +1895,40 @@ fn prometheus_alerts_fire_as_documented() {
         String::from_utf8_lossy(&check.stderr)
     );
 
-    // Synthetic series (one sample a minute); time() starts at 0 in promtool tests.
-    // - mail/ok refreshes: its expiry keeps moving ahead of the clock;
-    // - mail/stuck: expiry fixed at 1200 s, never refreshed -> alert from 900 s (+1m for: 16m).
-    // - 2 integrations not Ready for 20 minutes; mailbox check failures in mail/ok from minute 10;
+    // Synthetic series (one sample a minute); time() starts at 0 in promtool tests. The operator's
+    // series as it serves them (per object, read from its cache), one replica (instance a) until a
+    // second one (b) also serves them from minute 20, as in a leader hand-over.
+    // - mail/ok refreshes: its expiry keeps moving ahead of the clock; its mailbox check fails
+    //   from minute 11 -> MailboxCheckFailing from 21 m (for: 10m);
+    // - mail/stuck: expiry fixed at 1200 s, never refreshed -> TokenExpiring from 900 s (+1m for:
+    //   16m); Ready=False with reason GrantRevoked all along -> NotReady from 15 m, once, by name;
     // - the operator's target is down from minute 10.
+    let runbooks =
+        "https://github.com/mail-integration-operator/mail-integration-operator/blob/main/docs";
     let test = format!(
         r#"rule_files: [{rules}]
 evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="ok"}}'
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
         values: '3600+60x40'
-      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="stuck"}}'
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="stuck",instance="a"}}'
         values: '1200x40'
-      - series: 'mailintegration_integrations{{status="False"}}'
-        values: '2x40'
-      - series: 'mailintegration_mailbox_check_failures_total{{namespace="mail",name="ok"}}'
-        values: '0x10 1+1x30'
+      - series: 'mailintegration_ready_status{{namespace="mail",name="ok",condition="False",instance="a"}}'
+        values: '0x40'
+      - series: 'mailintegration_ready_reason_info{{namespace="mail",name="ok",reason="Ready",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_status{{namespace="mail",name="stuck",condition="False",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_reason_info{{namespace="mail",name="stuck",reason="GrantRevoked",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_status{{namespace="mail",name="stuck",condition="False",instance="b"}}'
+        values: '_x20 1x20'
+      - series: 'mailintegration_ready_reason_info{{namespace="mail",name="stuck",reason="GrantRevoked",instance="b"}}'
+        values: '_x20 1x20'
+      - series: 'mailintegration_mailbox_connected_status{{namespace="mail",name="ok",condition="False",instance="a"}}'
+        values: '0x10 1x30'
       - series: 'up{{job="mio-mail-integration-operator-metrics",namespace="ops"}}'
         values: '1x10 0x30'
     alert_rule_test:
@@ -1926,27 +1941,33 @@ tests:
           - exp_labels: {{severity: critical, team: mail, namespace: mail, name: stuck}}
             exp_annotations:
               summary: "Access token of MailIntegration mail/stuck expires without a successful refresh"
-              description: "The published access token expires in 3m 0s (negative: already expired). Mail workloads using it will fail to authenticate. See: kubectl describe mailintegration -n mail stuck"
+              description: "The published access token expires in 3m 0s (negative: already expired). Mail workloads using it will fail to authenticate. See: kubectl mailint status -n mail stuck"
+              runbook_url: "{runbooks}/reasons.md#tokenexpired"
       - eval_time: 10m
         alertname: MailIntegrationNotReady
         exp_alerts: []
       - eval_time: 16m
         alertname: MailIntegrationNotReady
-        exp_alerts:
-          - exp_labels: {{severity: warning, team: mail}}
+        exp_alerts: &not_ready
+          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: stuck, reason: GrantRevoked}}
             exp_annotations:
-              summary: "2 MailIntegration(s) not Ready"
-              description: "Some MailIntegrations have Ready=False (failed, stalled or waiting for a sign-in). List them with: kubectl get mailintegrations -A; the condition message says what to do."
-      - eval_time: 9m
+              summary: "MailIntegration mail/stuck is not Ready: GrantRevoked"
+              description: "Ready=False with reason GrantRevoked. What happened and what to do: kubectl mailint explain GrantRevoked; the full picture: kubectl mailint status -n mail stuck"
+              runbook_url: "{runbooks}/reasons.md#grantrevoked"
+      - eval_time: 30m
+        alertname: MailIntegrationNotReady
+        exp_alerts: *not_ready
+      - eval_time: 20m
         alertname: MailIntegrationMailboxCheckFailing
         exp_alerts: []
-      - eval_time: 20m
+      - eval_time: 22m
         alertname: MailIntegrationMailboxCheckFailing
         exp_alerts:
           - exp_labels: {{severity: warning, team: mail, namespace: mail, name: ok}}
             exp_annotations:
               summary: "Mailbox check of MailIntegration mail/ok is failing"
-              description: "The mailbox connection check failed 10 time(s) in 15 minutes. See the MailboxConnected condition: kubectl describe mailintegration -n mail ok"
+              description: "The mail server refuses the access token or cannot be reached. The MailboxConnected condition says why: kubectl mailint status -n mail ok"
+              runbook_url: "{runbooks}/reasons.md#the-mailbox-check"
       - eval_time: 12m
         alertname: MailIntegrationOperatorDown
         exp_alerts: []
@@ -1957,6 +1978,7 @@ tests:
             exp_annotations:
               summary: "mail-integration-operator is down"
               description: "No mail-integration-operator pod has been scraped successfully for 5 minutes; access tokens are not being refreshed."
+              runbook_url: "{runbooks}/troubleshooting.md#the-operator-is-down"
 "#,
         rules = rules.display()
     );

@@ -17,7 +17,7 @@ use crate::{
     api::{
         INTEGRATION_LABEL, MailIntegration, MailIntegrationStatus, OAUTH_CLIENT_LABEL, condition,
     },
-    metrics::{IntegrationLabels, Metrics, ReadyLabels},
+    metrics::Metrics,
     oauth::OAuthClient,
     provider::ProviderResolver,
 };
@@ -99,7 +99,6 @@ pub struct Context {
     pending: Mutex<HashMap<String, PendingGrant>>,
     /// The mark of each UID's last attempt when the provider answered it without rotating.
     resolved_marks: Mutex<HashMap<String, Mark>>,
-    ready_state: Mutex<HashMap<String, String>>,
     /// Failed reconciles in a row, per resource UID (the error policy's backoff).
     errors: Mutex<HashMap<String, u32>>,
 }
@@ -135,7 +134,6 @@ impl Context {
             backoff: Mutex::default(),
             pending: Mutex::default(),
             resolved_marks: Mutex::default(),
-            ready_state: Mutex::default(),
             errors: Mutex::default(),
         }
     }
@@ -191,53 +189,7 @@ impl Context {
         };
     }
 
-    fn record_ready(&self, mi: &MailIntegration, status: &MailIntegrationStatus) {
-        let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
-        let new = decide::find_condition(status, condition::READY)
-            .map(|c| c.status.clone())
-            .unwrap_or_else(|| "Unknown".into());
-        let old = self.ready_state.locked().insert(key, new.clone());
-        if old.as_ref() != Some(&new) {
-            if let Some(old) = old {
-                self.metrics
-                    .ready
-                    .get_or_create(&ReadyLabels { status: old })
-                    .dec();
-            }
-            self.metrics
-                .ready
-                .get_or_create(&ReadyLabels { status: new })
-                .inc();
-        }
-        let labels = IntegrationLabels {
-            namespace: mi.namespace().unwrap_or_default(),
-            name: mi.name_any(),
-        };
-        match &status.access_token_expires_at {
-            Some(t) => {
-                self.metrics
-                    .token_expiry
-                    .get_or_create(&labels)
-                    .set(t.0.as_second() as f64);
-            }
-            None => {
-                self.metrics.token_expiry.remove(&labels);
-            }
-        }
-    }
-
     pub(crate) fn forget(&self, mi: &MailIntegration) {
-        let key = format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any());
-        if let Some(old) = self.ready_state.locked().remove(&key) {
-            self.metrics
-                .ready
-                .get_or_create(&ReadyLabels { status: old })
-                .dec();
-        }
-        self.metrics.token_expiry.remove(&IntegrationLabels {
-            namespace: mi.namespace().unwrap_or_default(),
-            name: mi.name_any(),
-        });
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);
             self.set_backoff(&uid, None);
@@ -457,7 +409,6 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         ctx.metrics.count_write("status");
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
     }
-    ctx.record_ready(mi, &status);
     let mut requeue = decide::requeue_after(&observed, &status, &outcome, ctx.backoff(&uid));
     if let Some(at) = ctx
         .mailbox
@@ -669,6 +620,8 @@ async fn run_one(
     };
     let controller = Controller::new(integrations, WatcherConfig::default().any_semantic());
     let store = controller.store();
+    // Per-object metrics are read from this cache at scrape time, while this controller runs.
+    let _metrics = ctx.metrics.objects.register(store.clone());
     // Secrets are watched by metadata only, not stored, and only those with the operator's labels:
     // its own grant and token Secrets and grants brought by hand (`mailintegration.dev/integration`,
     // which names the integration), and the client Secrets and CA bundles users marked for it. A
