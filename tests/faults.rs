@@ -464,3 +464,362 @@ async fn two_operators_without_leader_election_never_present_a_token_twice() {
         by(&b)
     );
 }
+
+/// Access tokens that live 20 s: refreshes every dozen seconds, with quiet time between them.
+fn twenty_second_server() -> &'static OAuthServer {
+    static S: OnceLock<OAuthServer> = OnceLock::new();
+    S.get_or_init(|| {
+        OAuthServer::start(OAuthServerConfig {
+            access_token_ttl: Duration::from_secs(20),
+            ..Default::default()
+        })
+    })
+}
+
+fn ready_message(mi: &MailIntegration) -> String {
+    mi.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// Hold the provider's answer to the next token request back from the operator (the provider
+/// has answered: the refresh token is rotated), run `trigger` (what makes the operator refresh, if
+/// anything) and, once an answer is held, `then` (an API fault); then let the answer through.
+fn after_the_provider_answers(env: &Env, trigger: impl FnOnce(), then: impl FnOnce()) {
+    env.proxy.hold_token_responses(1);
+    trigger();
+    env.proxy
+        .wait_held_token_responses(1, Duration::from_secs(30));
+    then();
+    env.proxy.release_token_responses();
+}
+
+/// Ask for one refresh now, from blocking code.
+fn force_refresh_blocking(env: &Env, name: &str) {
+    let value = format!("{:?}", std::time::SystemTime::now());
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/refresh-requested-at": value}}});
+    env.cp.kubectl(&[
+        "patch",
+        "mailintegration",
+        name,
+        "-n",
+        &env.ns,
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+/// 1. kill -9 after the provider rotated the refresh token and before the grant write (held at the
+/// API proxy): the new token is gone with the process. The next operator finds the write-ahead
+/// mark, waits while it may still be in flight, then tries the stored token exactly once; the
+/// provider (strict rotation) refuses it, and the integration says GrantLostInFlight with a
+/// sign-in link — the spent token is not presented again and again. A new grant brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not_retried() {
+    use support::api_proxy::{ApiProxy, Match};
+    let env = Env::new("kill-9", long_lived_server()).await;
+    let api = ApiProxy::start();
+    let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &[]);
+    ready_integration(&env, &a, "inbox").await;
+    let spent = env
+        .data("inbox-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+
+    let mut store = None;
+    after_the_provider_answers(
+        &env,
+        || force_refresh_blocking(&env, "inbox"),
+        || store = Some(api.hold(Match::suffix("PUT", "/secrets/inbox-oauth-grant"))),
+    );
+    let store = store.unwrap();
+    store.wait_held(1, Duration::from_secs(20));
+    let killed_at = Instant::now();
+    signal(&a, "KILL");
+    wait_exit(&mut a, Duration::from_secs(10));
+    store.drop_held();
+    let marked = grant_secret(&env, "inbox").await;
+    let holder = mark(&marked).expect("the cut-off refresh left its mark");
+    assert_eq!(
+        env.data("inbox-oauth-grant", "refresh_token")
+            .await
+            .unwrap(),
+        spent,
+        "the rotated token never reached the grant"
+    );
+
+    // The next operator (straight to the API server).
+    let b = env.operator("operator-b");
+    force_refresh(&env, "inbox").await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "GrantLostInFlight",
+            Duration::from_secs(120),
+            &b,
+            |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "GrantLostInFlight"),
+        )
+        .await;
+    let reported_after = killed_at.elapsed();
+    let message = ready_message(&mi);
+    let holder_process = holder.split(' ').next().unwrap();
+    assert!(
+        message.contains(holder_process) && message.contains("sign in again"),
+        "{message}"
+    );
+    assert!(
+        mi.status.as_ref().unwrap().sign_in.is_some(),
+        "a sign-in link is offered"
+    );
+    let events = env
+        .cp
+        .kubectl(&["get", "events", "-n", &env.ns, "-o", "yaml"]);
+    assert!(
+        events.contains("GrantLostInFlight"),
+        "an event says what happened"
+    );
+    // The spent token: once by the killed process, once by the single try. Never again.
+    let presented = |t: &str| {
+        env.proxy
+            .presentations()
+            .get(&support::fault_proxy::digest(t))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(presented(&spent), 2, "{}", tail(&b.log(), 30));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    force_refresh(&env, "inbox").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(presented(&spent), 2, "no retry of a lost grant");
+    let others: Vec<String> = env
+        .proxy
+        .reused_refresh_tokens()
+        .into_iter()
+        .filter(|d| *d != support::fault_proxy::digest(&spent))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "no other token presented twice: {others:?}"
+    );
+
+    // A new grant (what a sign-in stores) and the integration is Ready again.
+    let fresh = env.grant("inbox", "alice").await;
+    env.wait_for(
+        "inbox",
+        "Ready with the new grant",
+        Duration::from_secs(30),
+        &b,
+        is_ready,
+    )
+    .await;
+    assert_eq!(presented(&fresh), 1);
+    eprintln!(
+        "kill -9: GrantLostInFlight reported {reported_after:?} after the kill (the mark's in-flight window is 75 s); the spent token presented 2 times (the cut-off request and the single try), every other token once; {} refreshes",
+        env.proxy.refresh_requests()
+    );
+}
+
+/// Persist or say so: a grant write that keeps failing after the provider rotated leaves the
+/// integration not Ready with GrantNotStored (the new token held in memory), retried with backoff;
+/// once the write works, the token is stored before anything else and the integration is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
+    use support::api_proxy::{ApiProxy, Match};
+    let env = Env::new("persist", long_lived_server()).await;
+    let api = ApiProxy::start();
+    let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
+    ready_integration(&env, &op, "inbox").await;
+    let before = env
+        .data("inbox-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+
+    let mut failing = None;
+    after_the_provider_answers(
+        &env,
+        || force_refresh_blocking(&env, "inbox"),
+        || {
+            failing = Some(api.fail_with_message(
+                Match::suffix("PUT", "/secrets/inbox-oauth-grant"),
+                500,
+                None,
+                Some("etcdserver: request timed out"),
+            ))
+        },
+    );
+    let failing = failing.unwrap();
+    let mi = env
+        .wait_for(
+            "inbox",
+            "GrantNotStored",
+            Duration::from_secs(60),
+            &op,
+            |mi| condition(mi, "Ready") == Some(("False", "GrantNotStored")),
+        )
+        .await;
+    let message = ready_message(&mi);
+    assert!(
+        message.contains("held only in this operator's memory") && message.contains("etcdserver"),
+        "{message}"
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "refresh_token")
+            .await
+            .unwrap(),
+        before
+    );
+    let tries = failing.hits();
+    assert!(tries >= 2, "the write was retried: {tries}");
+    let refreshes = env.proxy.refresh_requests();
+    failing.remove();
+    env.wait_for(
+        "inbox",
+        "Ready once stored",
+        Duration::from_secs(60),
+        &op,
+        |mi| is_ready(mi) && settled(mi),
+    )
+    .await;
+    assert_ne!(
+        env.data("inbox-oauth-grant", "refresh_token")
+            .await
+            .unwrap(),
+        before,
+        "the token held in memory was stored"
+    );
+    assert_eq!(mark(&grant_secret(&env, "inbox").await), None);
+    // Stored, not refreshed again meanwhile: the held token was written before anything else.
+    let after = env.proxy.refresh_requests();
+    assert!(after <= refreshes + 1, "{refreshes} → {after}");
+    let refreshes = assert_no_reuse(&env, "persist or say so");
+    eprintln!(
+        "persist or say so: {tries} failed grant writes, GrantNotStored shown, stored after the fault; {refreshes} refreshes, 0 presented twice"
+    );
+}
+
+/// 4. The leader cut off from the API server but not from the provider: its fence lapses before
+/// its Lease expires, so it stops calling the provider; the standby takes over once the Lease
+/// expired. The token endpoint never sees the same refresh token twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
+    use support::api_proxy::ApiProxy;
+    let env = Env::new("partition", twenty_second_server()).await;
+    let api = ApiProxy::start();
+    let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let args = [
+        "--leader-election",
+        "--leader-election-namespace",
+        &env.ns,
+        "--leader-election-lease-seconds",
+        "6",
+    ];
+    let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &args);
+    ready_integration(&env, &a, "inbox").await;
+    let b = env.operator_with("operator-b", &args);
+    // Two more refreshes by the leader, then cut it off right after one was stored (the next is
+    // due in about a dozen seconds: none is in flight).
+    let start = env.proxy.refresh_requests();
+    wait_refresh_requests(&env, start + 2, Duration::from_secs(60), &a).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mark(&grant_secret(&env, "inbox").await).is_some() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let by_a = env.proxy.refresh_requests();
+    api.partition();
+    let cut_at = Instant::now();
+    let stepped_down = wait_exit(&mut a, Duration::from_secs(60));
+    let log_a = a.log();
+    assert!(log_a.contains("lost the Lease"), "{}", tail(&log_a, 30));
+    // The standby refreshes from now on.
+    wait_refresh_requests(&env, by_a + 2, Duration::from_secs(90), &b).await;
+    let recovered = cut_at.elapsed();
+    let mi = env
+        .wait_for(
+            "inbox",
+            "Ready under the new leader",
+            Duration::from_secs(30),
+            &b,
+            is_ready,
+        )
+        .await;
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    assert!(
+        !log_a.contains("refreshing the access token") || {
+            // Any refresh A started after the cut must have been refused by its fence.
+            let after_cut = log_a.rsplit("lost the Lease").next().unwrap_or("");
+            !after_cut.contains("stored the grant")
+        },
+        "{}",
+        tail(&log_a, 30)
+    );
+    let refreshes = assert_no_reuse(&env, "partition");
+    eprintln!(
+        "partition: the old leader stepped down {stepped_down:?} after the cut; the standby's second refresh {recovered:?} after it; {refreshes} refreshes, 0 presented twice"
+    );
+    api.heal();
+}
+
+/// A control plane of this test binary's own, for the test that stops its API server.
+fn restartable_control_plane() -> &'static support::control_plane::ControlPlane {
+    static CP: OnceLock<support::control_plane::ControlPlane> = OnceLock::new();
+    CP.get_or_init(|| {
+        let cp = support::control_plane::ControlPlane::start_dedicated();
+        cp.install_crd();
+        cp
+    })
+}
+
+/// 3. kube-apiserver stopped for 60 s while refreshes are due (one of them between the provider's
+/// answer and the grant write), then started again on the same etcd data: the rotated token held in
+/// memory is stored first, refreshing resumes, nothing is presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_down_for_a_minute_loses_nothing() {
+    let cp = restartable_control_plane();
+    let env = Env::new_on(cp, "apiserver-down", short_lived_server()).await;
+    let op = env.operator("operator");
+    ready_integration(&env, &op, "inbox").await;
+    let start = env.proxy.refresh_requests();
+    wait_refresh_requests(&env, start + 1, Duration::from_secs(30), &op).await;
+
+    // The next refresh: the provider answers, and the API server goes away before the operator
+    // can store the new refresh token.
+    after_the_provider_answers(&env, || {}, || cp.stop_apiserver());
+    let stopped_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(60));
+    let during = env.proxy.refresh_requests();
+    cp.start_apiserver();
+    let started_at = Instant::now();
+    wait_refresh_requests(&env, during + 2, Duration::from_secs(120), &op).await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "Ready after the outage",
+            Duration::from_secs(60),
+            &op,
+            |mi| is_ready(mi) && settled(mi),
+        )
+        .await;
+    let recovered = started_at.elapsed();
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    let log = op.log();
+    assert!(
+        log.contains("holding it in memory") && log.contains("stored the grant held in memory"),
+        "the rotated token was kept in memory and stored after the outage:\n{}",
+        tail(&log, 40)
+    );
+    let refreshes = assert_no_reuse(&env, "API server down");
+    eprintln!(
+        "API server down {:?}: {} refreshes during the outage (none can start: the mark needs the API), Ready {recovered:?} after the restart; {refreshes} refreshes, 0 presented twice",
+        started_at.duration_since(stopped_at),
+        during - start
+    );
+}

@@ -171,9 +171,14 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
     let requested =
         requested_refresh(mi).is_some_and(|v| status.last_refresh_request.as_deref() != Some(v));
+    // A grant lost with a cut-off refresh is spent: presenting it again, even on request, would
+    // be a second use of a rotated-out refresh token. Only a new grant moves it.
+    let spent = find_condition(&status, condition::STALLED).is_some_and(|c| {
+        c.status == "True" && c.reason == crate::reason::Reason::GrantLostInFlight.as_str()
+    });
     if let Some(failed) = &status.failed_inputs
         && *failed == inputs_fingerprint(o)
-        && !requested
+        && (!requested || spent)
     {
         return Action::Hold(Outcome::StillFailed);
     }
@@ -594,6 +599,8 @@ pub fn sign_in_fixes(reason: &str) -> bool {
         R::UnauthorizedClient,
         R::AccountMismatch,
         R::GrantBoundElsewhere,
+        R::GrantLostInFlight,
+        R::GrantSecretImmutable,
     ]
     .iter()
     .any(|r| r.as_str() == reason)

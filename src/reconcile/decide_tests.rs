@@ -529,3 +529,24 @@ fn a_sign_in_link_at_the_end_of_the_clock_does_not_panic() {
     );
     assert_eq!(again, Some(Duration::from_secs(1)));
 }
+
+#[test]
+fn a_grant_lost_in_flight_is_not_presented_again_even_on_request() {
+    let mut w = World::new();
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    w.store(&Outcome::PermanentFailure {
+        reason: crate::reason::Reason::GrantLostInFlight.as_str().into(),
+        message: "lost".into(),
+    });
+    w.mi.metadata.annotations =
+        Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "please".to_owned())].into());
+    assert_eq!(w.decide(), Action::Hold(Outcome::StillFailed));
+    // Another permanent failure may be retried on request (the cause may be fixed elsewhere).
+    w.store(&Outcome::PermanentFailure {
+        reason: crate::reason::Reason::InvalidClient.as_str().into(),
+        message: "bad client".into(),
+    });
+    w.mi.metadata.annotations =
+        Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "again".to_owned())].into());
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
+}

@@ -157,18 +157,10 @@ pub(super) async fn refresh(
             o.now,
         ) {
             MarkState::Fresh(m) => {
-                let retry_in = inflight::wait_for(&m, o.now);
-                info!(holder = %m.holder, since = %m.since, "another operator process is refreshing this grant; waiting");
-                return Outcome::TransientFailure {
-                    reason: Reason::RefreshInFlightElsewhere.as_str().into(),
-                    message: format!(
-                        "operator process {} started refreshing this grant at {} and has not finished",
-                        m.holder,
-                        crate::time::rfc3339(m.since)
-                    ),
-                    retry_in,
-                }
-                .into();
+                // Not a failure, and not this refresh's turn: decide again once the mark is stale
+                // (a refresh request stays pending meanwhile; the status is left as it is).
+                info!(reason = Reason::RefreshInFlightElsewhere.as_str(), holder = %m.holder, since = %m.since, "another operator process is refreshing this grant; waiting");
+                return Outcome::Requeue(inflight::wait_for(&m, o.now)).into();
             }
             MarkState::Stale(m) => {
                 warn!(holder = %m.holder, since = %m.since, "a refresh of this grant was cut off before it stored its result; trying the stored refresh token once");

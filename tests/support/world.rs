@@ -27,6 +27,20 @@ impl Env {
     pub async fn new(prefix: &str, server: &'static OAuthServer) -> Self {
         let cp = ensure_crd();
         let ns = unique_namespace(prefix);
+        Self::with(cp, ns, server).await
+    }
+
+    /// A world on another control plane (one a test may stop and start), whose CRD is installed.
+    pub async fn new_on(
+        cp: &'static ControlPlane,
+        prefix: &str,
+        server: &'static OAuthServer,
+    ) -> Self {
+        let ns = cp.unique_namespace(prefix);
+        Self::with(cp, ns, server).await
+    }
+
+    async fn with(cp: &'static ControlPlane, ns: String, server: &'static OAuthServer) -> Self {
         let proxy = FaultProxy::start(&server.base_url);
         let client = cp.client().await;
         let log_dir = tempfile::Builder::new()
