@@ -265,7 +265,15 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--log-format=json",
             "--leader-election",
             &format!("--leader-election-lease={n}-leader"),
+            "--leader-election-lease-seconds=15",
+            "--shutdown-timeout=40s",
+            "--kube-api-qps=100",
         ]
+    );
+    // Room for the drain: the grace period is longer than --shutdown-timeout.
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_i64(),
+        Some(60)
     );
     // Leader election is on by default: a rolling update, never two refreshers.
     assert_eq!(
