@@ -5,7 +5,7 @@
 //! stops and restarts its kube-apiserver with [`ControlPlane::stop_apiserver`] and
 //! [`ControlPlane::start_apiserver`]: same port, certificates and etcd data).
 
-use super::process::{Supervised, free_port};
+use super::process::{Supervised, free_port, free_ports};
 use std::{
     io::Write,
     path::{Path, PathBuf},
@@ -97,7 +97,9 @@ impl ControlPlane {
             .expect("temp dir");
         let root = dir.path();
 
-        let (client_port, peer_port) = (free_port(), free_port());
+        let [client_port, peer_port] = free_ports(2)[..] else {
+            unreachable!()
+        };
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let etcd = Supervised::spawn(

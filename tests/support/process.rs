@@ -125,6 +125,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct free ports on 127.0.0.1: all are bound at once before any is released, so two calls
+/// in a row cannot hand out the same port (one server's several listeners, e.g. Dovecot's).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// An example program, as `cargo build --examples` leaves it (`target/<profile>/examples/NAME`;
 /// tools/test.sh builds them before the tests, since `cargo test` builds examples only as tests).
 pub fn example_binary(name: &str) -> PathBuf {
