@@ -10,6 +10,7 @@ pub mod helm;
 pub mod oauth;
 pub mod operator;
 pub mod process;
+pub mod provider_standin;
 pub mod world;
 
 pub use control_plane::{ensure_crd, unique_namespace};
