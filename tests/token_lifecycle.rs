@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 use support::{
+    api_audit,
     fault_proxy::Fault,
     oauth::{OAuthServer, OAuthServerConfig},
     operator::Operator,
@@ -516,9 +517,19 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
         let _ = mi_rv;
         env.get("inbox").await.metadata.resource_version
     };
+    let at_api_before = op.api_requests();
     let interval = Duration::from_secs(10);
     tokio::time::sleep(interval).await;
     assert_eq!(writes(&op), w0, "API writes while idle for {interval:?}");
+    // As the API server saw it: every request of this operator's own user, the sign-in server's,
+    // events and finalizers included.
+    let idle = api_audit::since(&at_api_before, &op.api_requests());
+    let idle_writes: Vec<_> = idle.iter().filter(|r| r.is_write()).cloned().collect();
+    assert!(
+        idle_writes.is_empty(),
+        "the API server saw writes while idle:\n{}",
+        api_audit::describe(&idle_writes)
+    );
     assert_eq!(
         env.get("inbox").await.metadata.resource_version,
         mi_rv,
@@ -538,13 +549,21 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
     op.process.stop();
     env.proxy.reset_counts();
     let op2 = env.operator("operator-2");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(
-        op2.metric("mailintegration_reconciles_total{result=\"ok\"}")
-            .unwrap_or(0.0)
-            >= 1.0,
-        "the new operator reconciled"
-    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while op2
+        .metric("mailintegration_reconciles_total{result=\"ok\"}")
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new operator did not reconcile within 30 s:\n{}",
+            tail(&op2.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A refresh at start-up would come right after the first reconcile; give it 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         env.proxy.token_requests(),
         0,
@@ -555,6 +574,20 @@ async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_wri
         writes(&op2),
         0.0,
         "no writes at start-up when nothing changed"
+    );
+    let at_api = op2.api_requests();
+    assert!(
+        at_api
+            .iter()
+            .any(|r| r.resource == "mailintegrations" && r.verb == "list"),
+        "the audit log shows the new operator's start-up (a list of MailIntegrations):\n{}",
+        api_audit::describe(&at_api)
+    );
+    let start_writes: Vec<_> = at_api.iter().filter(|r| r.is_write()).cloned().collect();
+    assert!(
+        start_writes.is_empty(),
+        "the API server saw writes at start-up when nothing changed:\n{}",
+        api_audit::describe(&start_writes)
     );
 }
 

@@ -1,5 +1,7 @@
 //! The operator binary, run as a process against the test control plane, as users run it.
 
+use super::api_audit::{self, ApiRequest};
+use super::control_plane::ApiUser;
 use super::process::{Supervised, free_port};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,6 +11,9 @@ pub struct Operator {
     pub health_port: u16,
     /// Port of the sign-in pages (`--sign-in-addr`), on 127.0.0.1.
     pub sign_in_port: u16,
+    /// Its API user of its own, when it has one ([`super::world::Env::operator`]): then
+    /// [`Self::api_requests`] reads what it asked the API server from the audit log.
+    pub api_user: Option<ApiUser>,
 }
 
 impl Operator {
@@ -70,6 +75,7 @@ impl Operator {
             process,
             health_port,
             sign_in_port,
+            api_user: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -139,6 +145,25 @@ impl Operator {
             .unwrap_or(0.0)
         })
         .sum()
+    }
+
+    /// Every request this operator made that the API server completed, from the API server's
+    /// audit log (see [`api_audit`]); panics when it has no user of its own or the log cannot
+    /// be read.
+    pub fn api_requests(&self) -> Vec<ApiRequest> {
+        let user = self
+            .api_user
+            .as_ref()
+            .expect("this operator runs without an API user of its own (use Env::operator)");
+        api_audit::requests_of(user)
+    }
+
+    /// The writes among [`Self::api_requests`].
+    pub fn api_write_requests(&self) -> Vec<ApiRequest> {
+        self.api_requests()
+            .into_iter()
+            .filter(ApiRequest::is_write)
+            .collect()
     }
 
     /// The operator's whole log so far.

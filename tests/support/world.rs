@@ -47,9 +47,13 @@ impl Env {
         self.operator_with(name, &[])
     }
 
-    /// The operator with extra `run` flags.
+    /// The operator with extra `run` flags, as an API user of its own (so that
+    /// [`Operator::api_requests`] can tell its requests from everyone else's).
     pub fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
-        self.operator_with_kubeconfig(name, &self.cp.kubeconfig, extra)
+        let user = self.cp.operator_user();
+        let mut op = self.operator_with_kubeconfig(name, &user.kubeconfig, extra);
+        op.api_user = Some(user);
+        op
     }
 
     /// The operator with another kubeconfig (e.g. one of an
