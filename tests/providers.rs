@@ -302,7 +302,7 @@ fn spec(flavour: Flavour, name: &str, address: &str, proxy: &FaultProxy) -> serd
         "provider": format!("{flavour:?}"),
         "mailbox": {
             "address": address,
-            "server": {"host": "127.0.0.1", "port": 1, "tls": "None"},
+            "server": {"host": "127.0.0.1", "port": support::process::CLOSED_PORT, "tls": "None"},
         },
         "oauth": {
             "clientSecretRef": {"name": "client"},
