@@ -368,7 +368,13 @@ async fn drive(flavour: Flavour, cases: Vec<Case>) {
         ],
     )
     .await;
-    let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
+    // Microsoft's operator logs JSON, as the chart runs it (logFormat: json): the leak check at
+    // the end reads that format; Google's the text format.
+    let format = match flavour {
+        Flavour::Google => "--log-format=text",
+        Flavour::Microsoft => "--log-format=json",
+    };
+    let op = env.operator_with("operator", &["--allow-endpoint-overrides", format]);
     let mut proxies = Vec::new();
     let mut refresh_tokens = Vec::new();
     for case in &cases {
@@ -502,6 +508,18 @@ async fn drive(flavour: Flavour, cases: Vec<Case>) {
             "{}: a Warning event {}:\n{events}",
             case.name,
             case.reason
+        );
+    }
+    if flavour == Flavour::Microsoft {
+        let log = op.log();
+        let json_lines = log
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+            .count();
+        assert!(
+            json_lines * 2 > log.lines().count(),
+            "the operator logs JSON: the leak check reads that format\n{}",
+            tail(&log, 5)
         );
     }
     let mut secrets: Vec<&str> = refresh_tokens.iter().map(String::as_str).collect();
