@@ -111,6 +111,11 @@ impl ProviderStandIn {
         self.inner.lock().unwrap().scopes_sent.clone()
     }
 
+    /// Access tokens live this long from now on (`expires_in`, seconds).
+    pub fn set_expires_in(&self, secs: u64) {
+        self.inner.lock().unwrap().expires_in = secs;
+    }
+
     /// Answer with this scope from now on (e.g. a grant whose user unticked the mail scope).
     pub fn set_scope(&self, scope: &str) {
         self.inner.lock().unwrap().scope = Some(scope.to_owned());
