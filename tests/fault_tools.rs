@@ -363,7 +363,6 @@ async fn partition_cuts_a_running_watch_and_heal_lets_a_new_one_work() {
 
     proxy.partition();
     assert!(proxy.is_partitioned());
-    let started = Instant::now();
     let cut = tokio::time::timeout(Duration::from_secs(5), watch.try_next())
         .await
         .expect("the partition cuts the running watch within 5 s");
@@ -371,7 +370,6 @@ async fn partition_cuts_a_running_watch_and_heal_lets_a_new_one_work() {
         Ok(None) | Err(_) => {}
         Ok(Some(ev)) => panic!("an event after the partition: {ev:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(5));
     let refused = tokio::time::timeout(Duration::from_secs(5), cms.list(&ListParams::default()))
         .await
         .expect("a request during the partition fails at once");

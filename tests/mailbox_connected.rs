@@ -211,7 +211,7 @@ async fn failures_have_exact_reasons_and_recover_when_fixed() {
     .await;
 
     // A wrong port: unreachable; fixed: connected.
-    let closed = support::process::free_port();
+    let closed = support::process::CLOSED_PORT;
     patch_mailbox(
         &env,
         "inbox",

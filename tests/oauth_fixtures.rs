@@ -35,7 +35,9 @@ fn assert_error(resp: &TokenResponse, status: u16, error: &str) {
 #[tokio::test]
 async fn grant_through_login_and_consent_forms() {
     let server = oauth::shared();
-    assert!(server.startup_time < Duration::from_secs(60));
+    // How long it took to start is the harness's business (it gives up with the server's log);
+    // a bound here below the harness's own would only add a flake.
+    assert!(server.startup_time > Duration::ZERO);
 
     let grant = server.obtain_grant("alice").await;
     assert_eq!(grant.token_type, "Bearer");

@@ -55,6 +55,7 @@ impl Env {
             .prefix("mio-sign-in-")
             .tempdir()
             .unwrap();
+        // Probed, not bound: the OAuth server must know the callback before the operator starts.
         let port = free_port();
         let callback = format!("http://127.0.0.1:{port}/oauth2/callback");
         let secret = || format!("secret-{}", token::random_b64(12));

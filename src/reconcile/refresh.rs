@@ -235,7 +235,21 @@ pub(super) async fn refresh(
                         message,
                     }
                 }
-                _ => failure_outcome(mi, e.class, o.now, ctx),
+                _ => {
+                    // Google words a Testing app's 7-day end like a revocation: the grant's own
+                    // age tells them apart.
+                    let history = crate::provider::GrantHistory {
+                        issued_at: grant.issued_at,
+                        refresh_token_expires_at: None,
+                    };
+                    let class = crate::provider::refine_with_grant_history(
+                        mi.spec.provider,
+                        e.class,
+                        &history,
+                        o.now,
+                    );
+                    failure_outcome(mi, class, o.now, ctx)
+                }
             };
             return RefreshResult {
                 outcome,

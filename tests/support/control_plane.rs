@@ -17,6 +17,33 @@ use std::{
 /// The token of the `system:masters` user the tests act as.
 pub const ADMIN_TOKEN: &str = "mio-test-admin-token";
 
+/// How many operator users the token file holds (see [`ControlPlane::operator_user`]).
+const OPERATOR_USERS: u32 = 400;
+/// The group of the operator users, besides system:masters: what the audit policy records.
+pub const OPERATOR_GROUP: &str = "mio:operators";
+/// The API server's audit log, in the control plane's directory.
+pub const AUDIT_LOG: &str = "audit.log";
+
+fn operator_token(i: u32) -> String {
+    format!("mio-operator-token-{i}-5e1f")
+}
+
+fn operator_user_name(i: u32) -> String {
+    format!("mio-operator-{i}")
+}
+
+/// An API user of its own for one operator process, so that the API server's audit log tells its
+/// requests from the test's and from other tests' ([`super::api_audit`]). Admin rights
+/// (system:masters): RBAC is tested with the chart's ServiceAccount instead.
+#[derive(Clone, Debug)]
+pub struct ApiUser {
+    pub name: String,
+    pub token: String,
+    pub kubeconfig: PathBuf,
+    /// The audit log of the API server this user belongs to.
+    pub audit_log: PathBuf,
+}
+
 pub struct ControlPlane {
     pub bin_dir: PathBuf,
     pub dir: tempfile::TempDir,
@@ -36,33 +63,18 @@ pub fn control_plane() -> &'static ControlPlane {
     CONTROL_PLANE.get_or_init(ControlPlane::start)
 }
 
-/// The directory holding kube-apiserver, etcd, kubectl and helm: `$MIO_CONTROL_PLANE_BIN`, or what
-/// `tools/control-plane.sh` prints (it builds what is missing and is quick when everything is cached).
+/// The directory holding kube-apiserver, etcd, kubectl and helm: `$MIO_CONTROL_PLANE_BIN`, as
+/// `tools/test.sh` sets it from `tools/control-plane.sh`. Without it the tests fail at once rather
+/// than start a Go build of Kubernetes in the middle of a test run.
 pub fn bin_dir() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(dir) = std::env::var("MIO_CONTROL_PLANE_BIN") {
-            return PathBuf::from(dir);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/control-plane.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed; the control plane binaries are missing. Its output:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("control-plane.sh prints the bin directory")
-                .trim(),
-        )
+    BIN.get_or_init(|| match std::env::var("MIO_CONTROL_PLANE_BIN") {
+        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => panic!(
+            "MIO_CONTROL_PLANE_BIN is not set: build (or find in the cache) the control plane first with\n  \
+             export MIO_CONTROL_PLANE_BIN=\"$(tools/control-plane.sh | tail -n 1)\"\n\
+             then run cargo test again (tools/test.sh does both)"
+        ),
     })
     .clone()
 }
@@ -130,9 +142,24 @@ impl ControlPlane {
             .expect("openssl is needed to make the service-account signing key (apt-get install openssl)");
         assert!(status.success(), "openssl genrsa failed");
         let tokens = root.join("tokens.csv");
+        let mut token_lines = format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n");
+        for i in 0..OPERATOR_USERS {
+            token_lines.push_str(&format!(
+                "{},{},{}-uid,\"system:masters,{OPERATOR_GROUP}\"\n",
+                operator_token(i),
+                operator_user_name(i),
+                operator_user_name(i)
+            ));
+        }
+        std::fs::write(&tokens, token_lines).unwrap();
+        // The API server's own record of what operators asked it (see super::api_audit): every
+        // request of an operator user or a ServiceAccount, at Metadata level, once complete.
+        let audit_policy = root.join("audit-policy.yaml");
         std::fs::write(
-            &tokens,
-            format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
+            &audit_policy,
+            format!(
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\nrules:\n- level: Metadata\n  userGroups: [\"{OPERATOR_GROUP}\", \"system:serviceaccounts\"]\n- level: None\n"
+            ),
         )
         .unwrap();
 
@@ -151,6 +178,10 @@ impl ControlPlane {
             format!("--service-account-key-file={}", sa_key.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             format!("--token-auth-file={}", tokens.display()),
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", root.join(AUDIT_LOG).display()),
+            "--audit-log-format=json".into(),
+            "--audit-log-mode=blocking".into(),
             "--v=0".into(),
         ];
 
@@ -311,6 +342,32 @@ impl ControlPlane {
     }
 
     /// A kubeconfig for the same server holding another bearer token (e.g. a ServiceAccount's).
+    /// A fresh operator user (one of those in the token file) with a kubeconfig of its own.
+    pub fn operator_user(&self) -> ApiUser {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            i < OPERATOR_USERS,
+            "more than {OPERATOR_USERS} operator users in one test binary: raise OPERATOR_USERS"
+        );
+        let name = operator_user_name(i);
+        let token = operator_token(i);
+        let kubeconfig = self.dir.path().join(format!("kubeconfig-{name}"));
+        self.kubeconfig_with_token(&kubeconfig, &token);
+        ApiUser {
+            name,
+            token,
+            kubeconfig,
+            audit_log: self.audit_log_path(),
+        }
+    }
+
+    /// The API server's audit log (JSON lines).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.dir.path().join(AUDIT_LOG)
+    }
+
     pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
         write_kubeconfig(path, &self.server, &self.ca_path(), token);
     }

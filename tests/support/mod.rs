@@ -1,6 +1,7 @@
 //! Shared by the integration tests: real servers started on loopback, stopped with the test binary.
 #![allow(dead_code, unused_imports)]
 
+pub mod api_audit;
 pub mod api_proxy;
 pub mod browser;
 pub mod control_plane;
@@ -10,6 +11,7 @@ pub mod helm;
 pub mod oauth;
 pub mod operator;
 pub mod process;
+pub mod provider_standin;
 pub mod world;
 
 pub use control_plane::{ensure_crd, unique_namespace};

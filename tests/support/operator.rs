@@ -1,5 +1,7 @@
 //! The operator binary, run as a process against the test control plane, as users run it.
 
+use super::api_audit::{self, ApiRequest};
+use super::control_plane::ApiUser;
 use super::process::{Supervised, free_port};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,6 +11,9 @@ pub struct Operator {
     pub health_port: u16,
     /// Port of the sign-in pages (`--sign-in-addr`), on 127.0.0.1.
     pub sign_in_port: u16,
+    /// Its API user of its own, when it has one ([`super::world::Env::operator`]): then
+    /// [`Self::api_requests`] reads what it asked the API server from the audit log.
+    pub api_user: Option<ApiUser>,
 }
 
 impl Operator {
@@ -20,6 +25,11 @@ impl Operator {
     }
 
     /// [`Self::start`] with extra environment variables (e.g. the downward API's POD_NAMESPACE).
+    ///
+    /// The health server binds 127.0.0.1:0 and the test reads the port the operator logged (no
+    /// probe-then-bind race). The sign-in port cannot be chosen that way (the public URL, a flag,
+    /// must name it), so it is probed; should another process take it meanwhile, the operator fails
+    /// to bind and is started again on another port.
     pub fn start_with_env(
         name: &str,
         kubeconfig: &Path,
@@ -27,11 +37,28 @@ impl Operator {
         env: &[(&str, String)],
         log_dir: &Path,
     ) -> Self {
-        let health_port = free_port();
-        let mut args = vec![
-            "run".to_owned(),
-            format!("--health-addr=127.0.0.1:{health_port}"),
-        ];
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(name, kubeconfig, extra_args, env, log_dir) {
+                Ok(op) => return op,
+                Err(log) if attempt < 3 => {
+                    eprintln!("{name}: the probed sign-in port was taken; starting again:\n{log}");
+                }
+                Err(log) => panic!("{name}: the sign-in port was taken three times:\n{log}"),
+            }
+        }
+    }
+
+    /// `Err(log)` only when the operator exited because the sign-in port it was given is taken.
+    fn try_start(
+        name: &str,
+        kubeconfig: &Path,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Result<Self, String> {
+        let mut args = vec!["run".to_owned(), "--health-addr=127.0.0.1:0".to_owned()];
         let given = extra_args
             .iter()
             .find_map(|a| a.strip_prefix("--sign-in-addr="))
@@ -53,6 +80,8 @@ impl Operator {
         };
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let log_path: PathBuf = log_dir.join(format!("{name}.log"));
+        // The log is appended to across restarts under one name: read only this start's part.
+        let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
         let process = Supervised::spawn(
             name,
             &operator_binary(),
@@ -64,33 +93,43 @@ impl Operator {
             .into_iter()
             .chain(env.iter().cloned())
             .collect::<Vec<_>>(),
-            log_path,
+            log_path.clone(),
         );
         let mut op = Self {
             process,
-            health_port,
+            health_port: 0,
             sign_in_port,
+            api_user: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(body) = op.get("/readyz")
+            let log = log_since(&log_path, offset);
+            if op.health_port == 0
+                && let Some(port) = logged_port(&log, "serving /healthz")
+            {
+                op.health_port = port;
+            }
+            if op.health_port != 0
+                && let Ok(body) = op.get("/readyz")
                 && body == "ready"
             {
-                break;
+                return Ok(op);
+            }
+            if !op.process.is_running() {
+                let log = log_since(&log_path, offset);
+                if given.is_none() && log.contains("binding the sign-in address") {
+                    return Err(super::world::tail(&log, 10));
+                }
+                panic!("the operator exited:\n{}", op.process.log_tail(40));
             }
             assert!(
-                op.process.is_running(),
-                "the operator exited:\n{}",
-                op.process.log_tail(40)
-            );
-            assert!(
                 Instant::now() < deadline,
-                "the operator did not become ready:\n{}",
+                "the operator did not become ready within 30 s (health port {}):\n{}",
+                op.health_port,
                 op.process.log_tail(40)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        op
     }
 
     /// GET a path on the health port (blocking; plain HTTP/1.0 so no client runtime is needed).
@@ -141,6 +180,25 @@ impl Operator {
         .sum()
     }
 
+    /// Every request this operator made that the API server completed, from the API server's
+    /// audit log (see [`api_audit`]); panics when it has no user of its own or the log cannot
+    /// be read.
+    pub fn api_requests(&self) -> Vec<ApiRequest> {
+        let user = self
+            .api_user
+            .as_ref()
+            .expect("this operator runs without an API user of its own (use Env::operator)");
+        api_audit::requests_of(user)
+    }
+
+    /// The writes among [`Self::api_requests`].
+    pub fn api_write_requests(&self) -> Vec<ApiRequest> {
+        self.api_requests()
+            .into_iter()
+            .filter(ApiRequest::is_write)
+            .collect()
+    }
+
     /// The operator's whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.process.log_path).unwrap_or_default()
@@ -165,4 +223,44 @@ pub fn operator_binary() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The part of a log file after `offset`, without ANSI colour codes.
+fn log_since(path: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(bytes.get(offset as usize..).unwrap_or_default());
+    strip_ansi(&text)
+}
+
+/// Text without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The port of the `addr` field on the log line containing `message`, text (`addr=H:P`) or JSON
+/// (`"addr":"H:P"`) format.
+fn logged_port(log: &str, message: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains(message))?;
+    let rest = line
+        .split_once("addr=")
+        .or_else(|| line.split_once("\"addr\":\""))?
+        .1;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    addr.rsplit_once(':')?.1.parse().ok()
 }

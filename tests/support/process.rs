@@ -116,7 +116,14 @@ impl Drop for Supervised {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests started one at a time).
+/// A port of 127.0.0.1 where nothing listens: privileged (below 1024), and no test binds it, so
+/// a connection there is refused — unlike a probed free port, which a parallel test may take.
+pub const CLOSED_PORT: u16 = 1;
+
+/// A free TCP port on 127.0.0.1, bound and released: another process may take it before the
+/// caller's server binds it. Only for servers that must be told their port before they start
+/// (the operator's sign-in address, which its public URL names; etcd and kube-apiserver; Dovecot;
+/// chromedriver); bind `127.0.0.1:0` and pass the listener wherever the code allows it.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")

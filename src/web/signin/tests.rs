@@ -874,8 +874,12 @@ fn the_account_must_be_the_mailbox_and_a_refresh_token_and_the_scopes_are_needed
     );
 }
 
+/// What `provider_error` gets is the browser's query (`error`, `error_description`): no code, no
+/// secret reaches it, so all it must do is keep that text to one bounded line. (That failed code
+/// exchanges never carry the code, verifier or client secret is tested with real values in
+/// src/oauth/tests.rs and tests/properties.rs, where the scrubbing happens.)
 #[test]
-fn failure_messages_never_carry_the_code_or_secrets() {
+fn provider_error_text_at_the_callback_is_one_bounded_line() {
     let f = failure::provider_error(
         "access_denied",
         Some("user\ncancelled"),
