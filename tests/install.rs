@@ -122,7 +122,7 @@ fn owned(v: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
 fn crd_copies_equal_the_repository_crd() {
     let original = std::fs::read(repo().join("crds/mailintegration.yaml")).unwrap();
     for copy in [
-        "charts/mail-integration-operator/crds/mailintegration.yaml",
+        "charts/mail-integration-operator/files/crds/mailintegration.yaml",
         "deploy/crds/mailintegration.yaml",
     ] {
         let path = repo().join(copy);
@@ -179,8 +179,10 @@ fn helm_package_carries_the_crd_as_a_file() {
     let listing = String::from_utf8_lossy(&listing.stdout);
     let crd_line = listing
         .lines()
-        .find(|l| l.ends_with("mail-integration-operator/crds/mailintegration.yaml"))
-        .unwrap_or_else(|| panic!("the package has no crds/mailintegration.yaml:\n{listing}"));
+        .find(|l| l.ends_with("mail-integration-operator/files/crds/mailintegration.yaml"))
+        .unwrap_or_else(|| {
+            panic!("the package has no files/crds/mailintegration.yaml:\n{listing}")
+        });
     assert!(
         crd_line.starts_with('-'),
         "a regular file, not a link: {crd_line}"
@@ -189,6 +191,7 @@ fn helm_package_carries_the_crd_as_a_file() {
         "values.schema.json",
         "templates/NOTES.txt",
         "templates/deployment.yaml",
+        "templates/crds.yaml",
     ] {
         assert!(
             listing.contains(&format!("mail-integration-operator/{f}")),
@@ -249,6 +252,11 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             ("Deployment", "ops", n),
             ("Service", "ops", n),
             ("Service", "ops", &format!("{n}-metrics")),
+            (
+                "CustomResourceDefinition",
+                "",
+                "mailintegrations.mailintegration.dev",
+            ),
         ]),
         "objects of the default install"
     );
@@ -618,7 +626,8 @@ fn kustomize_base_equals_the_chart_defaults() {
     ));
     chart.iter_mut().for_each(strip_helm_labels);
 
-    // Beyond the chart's templates the base holds the CRD (the chart's crds/) and the namespace
+    // Beyond the chart's other templates the base holds the CRD (the chart's own, without Helm's
+    // annotation and labels) and the namespace
     // (helm install --create-namespace); the examples are not part of it.
     let base_kinds = kinds(&base);
     assert!(base_kinds.contains(&(
@@ -1005,32 +1014,114 @@ fn helm_install_refuses_bad_values_and_creates_nothing() {
 }
 
 #[test]
-fn helm_install_skip_crds_with_crds_managed_separately() {
-    // Users who manage the CRD themselves (kubectl apply -f crds/, GitOps) install with --skip-crds.
+fn helm_install_with_crds_managed_separately_leaves_the_crd_alone() {
+    // Users who manage the CRD themselves (kubectl apply -f crds/, GitOps) install with
+    // crds.enabled=false (ChartRelease::install sets it: this control plane's CRD came from kubectl).
     let (_cluster, cp) = exclusive_cluster();
     let ns = unique_namespace("helm-skip");
-    let before = cp.kubectl(&[
-        "get",
-        "crd",
-        "mailintegrations.mailintegration.dev",
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ]);
-    let rel = ChartRelease::install(cp, &ns, &ns, &[], &["--skip-crds"]);
-    let after = cp.kubectl(&[
-        "get",
-        "crd",
-        "mailintegrations.mailintegration.dev",
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ]);
-    assert_eq!(before, after, "--skip-crds must leave the CRD alone");
+    let version = || {
+        cp.kubectl(&[
+            "get",
+            "crd",
+            "mailintegrations.mailintegration.dev",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+    };
+    let before = version();
+    let rel = ChartRelease::install(cp, &ns, &ns, &["crds.enabled=false"], &[]);
+    assert_eq!(
+        before,
+        version(),
+        "crds.enabled=false must leave the CRD alone"
+    );
     let manifest = helm::helm(cp, &["get", "manifest", &rel.release, "-n", &ns]);
     assert!(
         !manifest.contains("CustomResourceDefinition"),
-        "CRDs are never part of a release's manifest"
+        "the CRD is not part of this release"
     );
     rel.uninstall();
+    assert_eq!(before, version(), "nor does uninstall touch it");
+}
+
+/// The CRD is a template (crds.enabled, default on), so `helm upgrade` applies a changed CRD —
+/// Helm never upgrades a chart's crds/ — and crds.keep (default on) leaves it on uninstall. On a
+/// control plane of its own: the shared one's CRD belongs to kubectl.
+#[test]
+fn helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it() {
+    let cp = Box::leak(Box::new(
+        support::control_plane::ControlPlane::start_dedicated(),
+    ));
+    let ns = cp.unique_namespace("helm-crd");
+    let crd = |path: &str| {
+        cp.kubectl(&[
+            "get",
+            "crd",
+            "mailintegrations.mailintegration.dev",
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    let rel = ChartRelease::install(cp, &ns, &ns, &["crds.enabled=true"], &[]);
+    assert_eq!(
+        crd("{.metadata.annotations.helm\\.sh/resource-policy}"),
+        "keep"
+    );
+    assert_eq!(
+        crd("{.metadata.labels.app\\.kubernetes\\.io/managed-by}"),
+        "Helm"
+    );
+    let columns = || crd("{.spec.versions[0].additionalPrinterColumns[*].name}");
+    assert!(!columns().contains("UpgradeProbe"), "{}", columns());
+
+    // The next chart version changes the CRD (a printer column more).
+    let next = tempfile::tempdir().unwrap();
+    let copy = next.path().join("mail-integration-operator");
+    let status = Command::new("cp")
+        .args(["-r", chart_dir().to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let file = copy.join("files/crds/mailintegration.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let marker = "additionalPrinterColumns:\n";
+    let at = text.find(marker).expect("the CRD has printer columns");
+    // The items sit at the key's own column (`  - additionalPrinterColumns:` then `    - jsonPath`).
+    let column_of_key = text[..at].rsplit('\n').next().unwrap().len();
+    let indent = " ".repeat(column_of_key);
+    let column = format!(
+        "{indent}- name: UpgradeProbe\n{indent}  type: string\n{indent}  jsonPath: .spec.provider\n"
+    );
+    let changed = format!(
+        "{}{column}{}",
+        &text[..at + marker.len()],
+        &text[at + marker.len()..]
+    );
+    std::fs::write(&file, changed).unwrap();
+    helm::helm(
+        cp,
+        &[
+            "upgrade",
+            &rel.release,
+            copy.to_str().unwrap(),
+            "--namespace",
+            &ns,
+            "--set",
+            "crds.enabled=true",
+        ],
+    );
+    assert!(
+        columns().contains("UpgradeProbe"),
+        "helm upgrade applied the changed CRD: {}",
+        columns()
+    );
+
+    rel.uninstall();
+    assert_eq!(
+        crd("{.metadata.name}"),
+        "mailintegrations.mailintegration.dev",
+        "helm uninstall keeps the CRD (and so every MailIntegration)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

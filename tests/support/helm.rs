@@ -116,8 +116,9 @@ pub struct ChartRelease<'a> {
 
 impl<'a> ChartRelease<'a> {
     /// `helm install RELEASE <chart> -n NAMESPACE --set ...` (no --wait: there is no kubelet, the
-    /// Deployment is stored but never runs). The CRD comes from the chart's crds/ unless
-    /// `--skip-crds` is among `extra` (Helm leaves an existing CRD alone either way).
+    /// Deployment is stored but never runs). With `crds.enabled=false` unless `set` says otherwise:
+    /// the test control planes get the CRD from `kubectl apply` (`ensure_crd`), and Helm refuses to
+    /// take over an object another tool created.
     pub fn install(
         cp: &'a ControlPlane,
         release: &str,
@@ -133,6 +134,9 @@ impl<'a> ChartRelease<'a> {
             "--namespace",
             namespace,
         ];
+        if !set.iter().any(|s| s.starts_with("crds.")) {
+            args.extend(["--set", "crds.enabled=false"]);
+        }
         for s in set {
             args.extend(["--set", s]);
         }
@@ -169,6 +173,9 @@ impl<'a> ChartRelease<'a> {
             "--namespace",
             &self.namespace,
         ];
+        if !set.iter().any(|s| s.starts_with("crds.")) {
+            args.extend(["--set", "crds.enabled=false"]);
+        }
         for s in set {
             args.extend(["--set", s]);
         }
