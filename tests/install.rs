@@ -257,6 +257,9 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
                 "",
                 "mailintegrations.mailintegration.dev",
             ),
+            ("ClusterRole", "", &format!("{n}-view")),
+            ("ClusterRole", "", &format!("{n}-edit")),
+            ("Pod", "ops", &format!("{n}-test-readiness")),
         ]),
         "objects of the default install"
     );
@@ -387,10 +390,11 @@ fn helm_template_with_everything_on() {
             "{k:?}"
         );
     }
+    // (The only ClusterRoles are the aggregated ones for users, bound to nobody by the chart.)
     assert!(
-        !k.iter()
-            .any(|(kind, _, _)| kind == "ClusterRole" || kind == "ClusterRoleBinding"),
-        "no cluster-wide RBAC with watchNamespaces: {k:?}"
+        !k.iter().any(|(kind, _, name)| kind == "ClusterRoleBinding"
+            || (kind == "ClusterRole" && !name.ends_with("-view") && !name.ends_with("-edit"))),
+        "no cluster-wide RBAC for the operator with watchNamespaces: {k:?}"
     );
     for kind in [
         "Ingress",
@@ -666,6 +670,8 @@ fn kustomize_base_equals_the_chart_defaults() {
                     str_at(d, &["kind"]),
                     Some("Namespace" | "CustomResourceDefinition")
                 )
+                // `helm test` hooks are not part of an installation.
+                && str_at(d, &["metadata", "annotations", "helm.sh/hook"]).is_none()
             })
             .map(|d| (key(d), d.clone()))
             .collect()
@@ -826,6 +832,8 @@ fn kubectl_apply_k_deploy_twice_changes_nothing() {
         "serviceaccount/mail-integration-operator",
         "clusterrole.rbac.authorization.k8s.io/mail-integration-operator",
         "clusterrolebinding.rbac.authorization.k8s.io/mail-integration-operator",
+        "clusterrole.rbac.authorization.k8s.io/mail-integration-operator-view",
+        "clusterrole.rbac.authorization.k8s.io/mail-integration-operator-edit",
         "role.rbac.authorization.k8s.io/mail-integration-operator-own-namespace",
         "rolebinding.rbac.authorization.k8s.io/mail-integration-operator-own-namespace",
         "deployment.apps/mail-integration-operator",
@@ -834,10 +842,10 @@ fn kubectl_apply_k_deploy_twice_changes_nothing() {
     ] {
         assert!(stdout.contains(obj), "{obj} not applied:\n{stdout}");
     }
-    assert_eq!(stdout.lines().count(), 10, "exactly the base:\n{stdout}");
+    assert_eq!(stdout.lines().count(), 12, "exactly the base:\n{stdout}");
     let target = ["-k", deploy];
     let versions = resource_versions(cp, &target);
-    assert_eq!(versions.lines().count(), 10, "{versions}");
+    assert_eq!(versions.lines().count(), 12, "{versions}");
 
     // Client-side apply again: nothing changes, nothing is written.
     let second = cp.kubectl(&["apply", "-k", deploy]);
@@ -2217,4 +2225,107 @@ fn exclusive_cluster() -> (
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     (guard, ensure_crd())
+}
+
+/// The aggregated roles let a namespace's users work with MailIntegrations (view: read; edit:
+/// change) and nothing more — no Secret access — checked by the API server's own authorizer. (The
+/// aggregation into `view`/`edit`/`admin` is kube-controller-manager's work; these control planes
+/// run none, so the roles are bound directly here.) The opt-in NetworkPolicy and the `helm test`
+/// Pod are accepted by the API server.
+#[test]
+fn aggregated_roles_grant_mailintegrations_only_and_the_extras_are_valid() {
+    let cp = ensure_crd();
+    let rel = ChartRelease::install_in_new_namespace(
+        cp,
+        "aggregate",
+        &[
+            "networkPolicy.enabled=true",
+            "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+        ],
+    );
+    let n = &rel.fullname;
+    let team = unique_namespace("team");
+    for (user, role) in [("viewer", "view"), ("editor", "edit")] {
+        cp.kubectl(&[
+            "create",
+            "rolebinding",
+            user,
+            "-n",
+            &team,
+            &format!("--clusterrole={n}-{role}"),
+            &format!("--user={user}"),
+        ]);
+    }
+    let can = |user: &str, verb: &str, resource: &str| {
+        let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+        let sub = format!("--subresource={sub}");
+        let mut args = vec!["auth", "can-i", verb, resource, "-n", &team];
+        let as_user = format!("--as={user}");
+        args.push(&as_user);
+        if sub != "--subresource=" {
+            args.push(&sub);
+        }
+        let out = cp.kubectl_output(&args);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(can(
+        "viewer",
+        "list",
+        "mailintegrations.mailintegration.dev"
+    ));
+    assert!(!can(
+        "viewer",
+        "create",
+        "mailintegrations.mailintegration.dev"
+    ));
+    assert!(can(
+        "editor",
+        "create",
+        "mailintegrations.mailintegration.dev"
+    ));
+    assert!(can(
+        "editor",
+        "delete",
+        "mailintegrations.mailintegration.dev"
+    ));
+    for user in ["viewer", "editor"] {
+        assert!(!can(user, "get", "secrets"), "{user} reads no Secrets");
+        assert!(
+            !can(user, "patch", "mailintegrations.mailintegration.dev/status"),
+            "{user} writes no status"
+        );
+    }
+    let policy = cp.kubectl(&[
+        "get",
+        "networkpolicy",
+        n,
+        "-n",
+        &rel.namespace,
+        "-o",
+        "jsonpath={.spec.ingress[1].from[0].namespaceSelector.matchLabels.name}",
+    ]);
+    assert_eq!(policy, "monitoring");
+    // The helm test Pod is valid for the API server (it is created by `helm test`, never run here).
+    let pod = helm::helm(cp, &["get", "hooks", &rel.release, "-n", &rel.namespace]);
+    let check = cp.kubectl_stdin(
+        &[
+            "create",
+            "--dry-run=server",
+            "-n",
+            &rel.namespace,
+            "-f",
+            "-",
+        ],
+        &pod,
+    );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        pod.contains(&format!("http://{n}-metrics:9090/readyz")),
+        "{pod}"
+    );
+    rel.uninstall();
 }
