@@ -208,7 +208,7 @@ async fn kubectl_mailint_drives_a_running_operator() {
     assert_eq!(secrets.len(), 3);
     assert!(secrets.iter().all(|s| s["exists"] == true), "{secrets:?}");
     let yaml = mailint_ok(&env, &["status", "fresh", "-o", "yaml"]);
-    let yaml: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    let yaml: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(yaml["signIn"]["url"], url.as_str());
     assert_eq!(yaml["conditions"][0]["reason"], "SignInRequired");
 

@@ -20,8 +20,7 @@ use kube::{
     runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
 };
 use mail_integration_operator::{api::MailIntegration, reconcile::finalizer::FINALIZER};
-use serde::Deserialize as _;
-use serde_yaml::Value;
+use serde_json::Value;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -40,8 +39,9 @@ fn repo() -> &'static Path {
 
 /// The non-empty documents of a multi-document YAML stream.
 fn yaml_docs(s: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(s)
-        .map(|d| Value::deserialize(d).expect("valid YAML"))
+    serde_saphyr::from_multiple::<Value>(s)
+        .expect("valid YAML")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -101,7 +101,7 @@ fn kinds(docs: &[Value]) -> BTreeSet<(String, String, String)> {
 
 fn container_args(deploy: &Value) -> Vec<String> {
     deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_sequence()
+        .as_array()
         .expect("args")
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())
@@ -142,7 +142,7 @@ fn crd_copies_equal_the_repository_crd() {
 #[test]
 fn chart_app_version_is_the_crate_version() {
     let chart: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
             .unwrap();
     assert_eq!(
         chart["appVersion"].as_str(),
@@ -326,7 +326,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
         Some("health")
     );
     let ports: Vec<(String, u64)> = c["ports"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|p| {
@@ -338,7 +338,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
         .collect();
     assert_eq!(ports, [("http".into(), 8080), ("health".into(), 9090)]);
     // Downward API.
-    let env = serde_yaml::to_string(&c["env"]).unwrap();
+    let env = serde_saphyr::to_string(&c["env"]).unwrap();
     assert!(
         env.contains("POD_NAME") && env.contains("metadata.name"),
         "{env}"
@@ -369,11 +369,11 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
 
     // Own namespace: the key Secret by name, the Lease (leader election is on by default), and no
     // Lease rights without leader election.
-    let own = serde_yaml::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
+    let own = serde_saphyr::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
     assert!(own.contains(&format!("{n}-sign-in-key")), "{own}");
     assert!(own.contains(&format!("{n}-leader")), "{own}");
     let own_off =
-        serde_yaml::to_string(find(&docs_off, "Role", &format!("{n}-own-namespace"))).unwrap();
+        serde_saphyr::to_string(find(&docs_off, "Role", &format!("{n}-own-namespace"))).unwrap();
     assert!(!own_off.contains("leases"), "{own_off}");
 }
 
@@ -419,10 +419,10 @@ fn helm_template_with_everything_on() {
         deploy["spec"]["strategy"]["type"].as_str(),
         Some("RollingUpdate")
     );
-    let env =
-        serde_yaml::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["env"]).unwrap();
+    let env = serde_saphyr::to_string(&deploy["spec"]["template"]["spec"]["containers"][0]["env"])
+        .unwrap();
     assert!(env.contains("RUST_LOG"), "{env}");
-    let own = serde_yaml::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
+    let own = serde_saphyr::to_string(find(&docs, "Role", &format!("{n}-own-namespace"))).unwrap();
     assert!(
         own.contains("leases") && own.contains(&format!("{n}-leader")),
         "{own}"
@@ -605,7 +605,7 @@ fn strip_helm_labels(v: &mut Value) {
     fn strip(meta: Option<&mut Value>) {
         if let Some(labels) = meta
             .and_then(|m| m.get_mut("labels"))
-            .and_then(|l| l.as_mapping_mut())
+            .and_then(|l| l.as_object_mut())
         {
             labels.remove("helm.sh/chart");
             labels.remove("app.kubernetes.io/managed-by");
@@ -650,7 +650,7 @@ fn kustomize_base_equals_the_chart_defaults() {
             .any(|(k, _, _)| k == "MailIntegration" || k == "Secret"),
         "deploy/examples must stay out of the base: {base_kinds:?}"
     );
-    let crd: Value = serde_yaml::from_str(
+    let crd: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join("crds/mailintegration.yaml")).unwrap(),
     )
     .unwrap();
@@ -686,8 +686,8 @@ fn kustomize_base_equals_the_chart_defaults() {
         assert!(
             b == &chart[k],
             "{k:?} differs between deploy/ and the chart's defaults.\n--- deploy/:\n{}\n--- chart:\n{}",
-            serde_yaml::to_string(b).unwrap(),
-            serde_yaml::to_string(&chart[k]).unwrap()
+            serde_saphyr::to_string(b).unwrap(),
+            serde_saphyr::to_string(&chart[k]).unwrap()
         );
     }
 }
@@ -1180,12 +1180,12 @@ fn grant(group: &str, resource: &str, name: &str, verb: &str) -> Grant {
 /// The permissions of RBAC rules (a Role's or ClusterRole's `rules`), one per verb and name.
 fn grants_of_rules(rules: &Value) -> BTreeSet<Grant> {
     let strings = |v: &Value| -> Vec<String> {
-        v.as_sequence()
+        v.as_array()
             .map(|s| s.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
             .unwrap_or_default()
     };
     let mut out = BTreeSet::new();
-    for rule in rules.as_sequence().expect("rules") {
+    for rule in rules.as_array().expect("rules") {
         let mut names = strings(&rule["resourceNames"]);
         if names.is_empty() {
             names.push("*".into());
@@ -1989,7 +1989,7 @@ fn prometheus_alerts_fire_as_documented() {
     let rule = find(&docs, "PrometheusRule", "mio-mail-integration-operator");
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
-    std::fs::write(&rules, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    std::fs::write(&rules, serde_saphyr::to_string(&rule["spec"]).unwrap()).unwrap();
     let check = Command::new(&promtool)
         .args(["check", "rules"])
         .arg(&rules)
@@ -2115,18 +2115,17 @@ fn lua_literal(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => format!("{s:?}"),
-        Value::Sequence(items) => format!(
+        Value::Array(items) => format!(
             "{{{}}}",
             items.iter().map(lua_literal).collect::<Vec<_>>().join(", ")
         ),
-        Value::Mapping(m) => format!(
+        Value::Object(m) => format!(
             "{{{}}}",
             m.iter()
-                .map(|(k, v)| format!("[{:?}] = {}", k.as_str().unwrap(), lua_literal(v)))
+                .map(|(k, v)| format!("[{:?}] = {}", k, lua_literal(v)))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        Value::Tagged(t) => lua_literal(&t.value),
     }
 }
 
@@ -2136,15 +2135,15 @@ fn argocd_health_check_passes_its_test_cases() {
     let dir = repo().join("docs/gitops/argocd/mailintegration.dev/MailIntegration");
     let script = std::fs::read_to_string(dir.join("health.lua")).unwrap();
     let tests: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("health_test.yaml")).unwrap())
+        serde_saphyr::from_str(&std::fs::read_to_string(dir.join("health_test.yaml")).unwrap())
             .unwrap();
-    let cases = tests["tests"].as_sequence().unwrap();
+    let cases = tests["tests"].as_array().unwrap();
     assert!(cases.len() >= 8, "every branch has a case");
     let mut statuses = BTreeSet::new();
     for case in cases {
         let input = case["inputPath"].as_str().unwrap();
         let obj: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(dir.join(input)).unwrap()).unwrap();
+            serde_saphyr::from_str(&std::fs::read_to_string(dir.join(input)).unwrap()).unwrap();
         let program = format!(
             "obj = {}\nlocal function health()\n{script}\nend\nlocal hs = health()\nio.write(hs.status, \"\\n\", hs.message or \"\")\n",
             lua_literal(&obj)

@@ -104,7 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = status_report(&client, &mi).await?;
             match output {
                 Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&report)?),
-                Some(Output::Yaml) => print!("{}", serde_yaml::to_string(&report)?),
+                Some(Output::Yaml) => print!("{}", serde_saphyr::to_string(&report)?),
                 None => print!("{}", report::render(&report, Timestamp::now(), style)),
             }
         }
@@ -121,7 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             match output {
                 Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&reports)?),
-                Some(Output::Yaml) => print!("{}", serde_yaml::to_string(&reports)?),
+                Some(Output::Yaml) => print!("{}", serde_saphyr::to_string(&reports)?),
                 None if reports.is_empty() => eprintln!(
                     "No MailIntegrations found{}.",
                     if cli.all_namespaces {
