@@ -162,6 +162,8 @@ pub enum Reason {
     NamespaceTerminating,
     /// Another operator process marked the grant as being refreshed moments ago; this one waits.
     RefreshInFlightElsewhere,
+    /// `spec.tokenSecret.template` does not render.
+    TokenTemplateInvalid,
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
     /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
@@ -245,6 +247,7 @@ impl Reason {
         Reason::GrantSecretImmutable,
         Reason::NamespaceTerminating,
         Reason::RefreshInFlightElsewhere,
+        Reason::TokenTemplateInvalid,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -316,6 +319,7 @@ impl Reason {
             Reason::GrantSecretImmutable => "GrantSecretImmutable",
             Reason::NamespaceTerminating => "NamespaceTerminating",
             Reason::RefreshInFlightElsewhere => "RefreshInFlightElsewhere",
+            Reason::TokenTemplateInvalid => "TokenTemplateInvalid",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -426,6 +430,9 @@ impl Reason {
             }
             Reason::RefreshInFlightElsewhere => {
                 "Another operator process marked this grant as being refreshed within the last 75 seconds; this one waits instead of presenting the same refresh token."
+            }
+            Reason::TokenTemplateInvalid => {
+                "`spec.tokenSecret.template` does not render (a syntax error, an unknown name, or it computes or produces too much), so no token is published."
             }
             Reason::TokenExpired => {
                 "The published access token has expired and no new one was obtained (condition `TokenValid=False`, and `Ready` while refreshing does not succeed): workloads using it fail to log in."
@@ -552,7 +559,8 @@ impl Reason {
             | Reason::NoToken
             | Reason::GrantLostInFlight
             | Reason::GrantSecretImmutable
-            | Reason::NamespaceTerminating => Category::NeedsHuman,
+            | Reason::NamespaceTerminating
+            | Reason::TokenTemplateInvalid => Category::NeedsHuman,
             Reason::SignInDenied
             | Reason::LoginRequired
             | Reason::ConsentRequired
@@ -716,6 +724,9 @@ impl Reason {
             }
             Reason::RefreshInFlightElsewhere => {
                 "Another operator process is refreshing this grant; nothing to do unless it repeats, then check that only one operator (the Lease holder) runs: kubectl get lease -A | grep mail-integration-operator."
+            }
+            Reason::TokenTemplateInvalid => {
+                "Fix the template named in the message: the names it may use are access_token, token_type, expiry, username, xoauth2, oauthbearer, mail_server and mail_port (docs/consuming-tokens.md)."
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."

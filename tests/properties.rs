@@ -1488,7 +1488,8 @@ fn written_secrets_read_back() {
             prop_assert_eq!(g.refresh_token.expose(), rt.as_str());
             prop_assert_eq!(g.account.as_deref(), Some(account.as_str()));
             prop_assert_eq!(g.scopes, scopes);
-            let written = secrets::token_secret(&mi, &token_grant(access.clone(), expires_at));
+            let written = secrets::token_secret(&mi, &token_grant(access.clone(), expires_at))
+                .map_err(TestCaseError::fail)?;
             let t = observed::published_token(Some(&written), expires_at).ok_or_else(|| {
                 TestCaseError::fail("the written token Secret does not read back")
             })?;

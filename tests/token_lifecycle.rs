@@ -941,3 +941,102 @@ async fn a_refresh_token_of_another_account_is_refused_with_account_mismatch() {
         "bob's token is not published for alice's mailbox"
     );
 }
+
+/// spec.tokenSecret.template: extra keys rendered from the token (a config file), labels and
+/// annotations; a changed template is rendered again without a refresh; a broken one is refused
+/// with TokenTemplateInvalid naming the key — and no token value appears in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_secret_template_renders_config_files_and_refuses_broken_ones() {
+    let env = Env::new("template", long_lived_server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration_with(
+        "inbox",
+        "alice@example.test",
+        serde_json::json!({"tokenSecret": {"template": {
+            "labels": {"app": "helpdesk"},
+            "annotations": {"example.com/reload": "true"},
+            "data": {"app.ini": "[mail]\nuser = {{ username }}\npassword = {{ access_token }}\n"},
+        }}}),
+    )
+    .await;
+    env.wait_for(
+        "inbox",
+        "Ready=True",
+        Duration::from_secs(30),
+        &op,
+        is_ready,
+    )
+    .await;
+    let token = env.data("inbox-token", "access_token").await.unwrap();
+    assert_eq!(
+        env.data("inbox-token", "app.ini").await.as_deref(),
+        Some(format!("[mail]\nuser = alice@example.test\npassword = {token}\n").as_str())
+    );
+    let secret = env.token_secret("inbox").await.unwrap();
+    assert_eq!(secret.metadata.labels.as_ref().unwrap()["app"], "helpdesk");
+    assert_eq!(
+        secret.metadata.annotations.as_ref().unwrap()["example.com/reload"],
+        "true"
+    );
+    let refreshes = env.proxy.refresh_requests();
+
+    // A new template: the Secret follows, with the same token (no refresh).
+    let patch = serde_json::json!({"spec": {"tokenSecret": {"template": {"data": {"token.txt": "{{ access_token }}"}}}}});
+    env.integrations()
+        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.data("inbox-token", "token.txt").await.as_deref() != Some(token.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "not re-rendered:\n{}",
+            tail(&op.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        env.proxy.refresh_requests(),
+        refreshes,
+        "re-rendering needs no refresh"
+    );
+
+    // A broken template (a name it may not use): refused with the key named.
+    let patch = serde_json::json!({"spec": {"tokenSecret": {"template": {"data": {"token.txt": null, "leak": "{{ refresh_token }}"}}}}});
+    env.integrations()
+        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for(
+            "inbox",
+            "TokenTemplateInvalid",
+            Duration::from_secs(20),
+            &op,
+            |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "TokenTemplateInvalid"),
+        )
+        .await;
+    let message = mi
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message
+        .clone();
+    assert!(
+        message.contains("leak") && message.contains("undefined"),
+        "{message}"
+    );
+    assert!(!message.contains(&token), "no token value in the message");
+    assert_eq!(
+        env.data("inbox-token", "leak").await,
+        None,
+        "nothing rendered from a broken template"
+    );
+    assert_no_secrets_in_logs_or_events(&env, &op, &[&token, env.server.client_secret()]).await;
+}

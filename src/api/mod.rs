@@ -11,6 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// API group of every resource and annotation the operator owns.
 pub const GROUP: &str = "mailintegration.dev";
@@ -287,6 +288,35 @@ pub struct TokenSecretRef {
     #[x_kube(validation = Rule::new("self != ''").message("tokenSecret.name must name the Secret to write the access token into"))]
     #[schemars(length(max = 253))]
     pub name: String,
+    /// Extra labels, annotations and keys of the token Secret, rendered from the token on every
+    /// refresh (like external-secrets' `target.template`), for workloads that expect their own key
+    /// names or a config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TokenSecretTemplate>,
+}
+
+/// What the token Secret carries besides its standard keys. Each value of `data` is a MiniJinja
+/// (Jinja2) template over `access_token`, `token_type`, `expiry` (RFC 3339), `username`, `xoauth2`,
+/// `oauthbearer` (empty when no mail server is known) and `mail_server`/`mail_port`; e.g.
+/// `password={{ access_token }}`. A key named like a standard key replaces it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSecretTemplate {
+    /// Labels added to the token Secret (the operator's own labels cannot be replaced).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('mailintegration.dev/') && k != 'app.kubernetes.io/managed-by')").message("template.labels may not set the operator's own labels (mailintegration.dev/*, app.kubernetes.io/managed-by)"))]
+    #[schemars(length(max = 32))]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the token Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 32))]
+    pub annotations: BTreeMap<String, String>,
+    /// Keys added to the token Secret: key → template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[-._a-zA-Z0-9]+$') && size(k) <= 253)").message("template.data keys must be valid Secret keys (letters, digits, '-', '_', '.')"))]
+    #[x_kube(validation = Rule::new("self.all(k, size(self[k]) <= 16384)").message("a template.data template may be at most 16 KiB"))]
+    #[schemars(length(max = 32))]
+    pub data: BTreeMap<String, String>,
 }
 
 /// The CustomResourceDefinition generated from these types.

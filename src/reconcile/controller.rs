@@ -9,6 +9,7 @@ use super::{
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
     observed::{self, Observed},
+    secrets,
 };
 use crate::lease::Fence;
 use crate::sync::GrantLocks;
@@ -295,6 +296,34 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         }
     } else {
         match decide::decide(&observed, ctx.backoff(&uid)) {
+            Decision::Hold(Outcome::Idle) if mi.spec.token_secret.template.is_some() => {
+                // The template may have changed since the token was published: render again.
+                match (token_secret.as_ref(), observed.token.as_ref()) {
+                    (Some(current), Some(published)) => {
+                        match secrets::sync_template(
+                            mi,
+                            &secrets_api,
+                            current,
+                            published,
+                            &ctx.metrics,
+                        )
+                        .await
+                        {
+                            Ok(_) => Outcome::Idle,
+                            Err(secrets::TokenSecretError::Template(message)) => {
+                                Outcome::PermanentFailure {
+                                    reason: crate::reason::Reason::TokenTemplateInvalid
+                                        .as_str()
+                                        .into(),
+                                    message: format!("{message}: fix spec.tokenSecret.template"),
+                                }
+                            }
+                            Err(secrets::TokenSecretError::Kube(e)) => return Err(e.into()),
+                        }
+                    }
+                    _ => Outcome::Idle,
+                }
+            }
             Decision::Hold(outcome) => outcome,
             Decision::Refresh(cause) => {
                 let lock = ctx.grant_locks.get(&uid);

@@ -9,3 +9,4 @@ pub mod mailbox_check;
 pub mod observed;
 pub mod refresh;
 pub mod secrets;
+pub mod template;

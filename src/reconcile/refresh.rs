@@ -121,6 +121,21 @@ pub(super) async fn refresh(
         }
         .into();
     }
+    if let Some(Err(message)) = mi
+        .spec
+        .token_secret
+        .template
+        .as_ref()
+        .map(super::template::check)
+    {
+        // Checked before the provider is called: the token could not be published.
+        ctx.set_backoff(&uid, None);
+        return Outcome::PermanentFailure {
+            reason: Reason::TokenTemplateInvalid.as_str().into(),
+            message: format!("{message}: fix spec.tokenSecret.template"),
+        }
+        .into();
+    }
     // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
     let mut extra = Vec::new();
     if !grant.is_bound() {
@@ -404,9 +419,16 @@ async fn publish(
     }
     let account = signed_in.or_else(|| grant.account.clone());
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
-    if let Err(e) =
-        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await
-    {
+    let written =
+        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await;
+    if let Err(secrets::TokenSecretError::Template(message)) = &written {
+        ctx.set_backoff(&uid, None);
+        return Outcome::PermanentFailure {
+            reason: Reason::TokenTemplateInvalid.as_str().into(),
+            message: format!("{message}: fix spec.tokenSecret.template"),
+        };
+    }
+    if let Err(e) = written {
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, now);
         ctx.set_backoff(&uid, Some(b));

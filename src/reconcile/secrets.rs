@@ -47,16 +47,19 @@ fn rfc3339(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// The token Secret's content: never the refresh token or the client secret.
-pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
+/// The token Secret's content: never the refresh token or the client secret. With
+/// `spec.tokenSecret.template`, its labels, annotations and rendered keys are added (`Err`: the
+/// template does not render, said without any token value).
+pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, String> {
     let user = &mi.spec.mailbox.address;
     let server = crate::provider::mail_server(&mi.spec);
     let access = &token.access_token;
     let xoauth2 = sasl::xoauth2(user, access);
+    let expiry = rfc3339(token.expires_at);
     let mut data: BTreeMap<String, ByteString> = [
         (token_keys::ACCESS_TOKEN, bytes(access.expose())),
         (token_keys::TOKEN_TYPE, bytes(&token.token_type)),
-        (token_keys::EXPIRY, bytes(&rfc3339(token.expires_at))),
+        (token_keys::EXPIRY, bytes(&expiry)),
         (token_keys::USERNAME, bytes(user)),
         (token_keys::XOAUTH2, bytes(xoauth2.expose())),
     ]
@@ -64,20 +67,46 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     // OAUTHBEARER names the server; without a known server (OIDC with no spec.mailbox.server) it is left out.
-    if let Some(server) = server {
-        let port = u16::try_from(server.port).unwrap_or(0);
-        let oauthbearer = sasl::oauthbearer(user, &server.host, port, access);
-        data.insert(
-            token_keys::OAUTHBEARER.to_owned(),
-            bytes(oauthbearer.expose()),
-        );
+    let port = server
+        .as_ref()
+        .map(|s| u16::try_from(s.port).unwrap_or(0))
+        .unwrap_or(0);
+    let oauthbearer = server
+        .as_ref()
+        .map(|server| sasl::oauthbearer(user, &server.host, port, access));
+    if let Some(ob) = &oauthbearer {
+        data.insert(token_keys::OAUTHBEARER.to_owned(), bytes(ob.expose()));
     }
-    Secret {
-        metadata: owned_meta(mi, &mi.spec.token_secret.name),
+    let mut metadata = owned_meta(mi, &mi.spec.token_secret.name);
+    if let Some(t) = &mi.spec.token_secret.template {
+        let fields = super::template::TokenFields {
+            access_token: access.expose(),
+            token_type: &token.token_type,
+            expiry: &expiry,
+            username: user,
+            xoauth2: xoauth2.expose(),
+            oauthbearer: oauthbearer.as_ref().map(SecretValue::expose).unwrap_or(""),
+            mail_server: server.as_ref().map(|s| s.host.as_str()).unwrap_or(""),
+            mail_port: port,
+        };
+        for (k, v) in super::template::render(t, &fields)? {
+            data.insert(k, bytes(v.expose()));
+        }
+        let labels = metadata.labels.get_or_insert_with(Default::default);
+        for (k, v) in &t.labels {
+            // The operator's own labels (ownership, the watch's selector) stay as they are.
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        if !t.annotations.is_empty() {
+            metadata.annotations = Some(t.annotations.clone());
+        }
+    }
+    Ok(Secret {
+        metadata,
         type_: Some("Opaque".into()),
         data: Some(data),
         ..Default::default()
-    }
+    })
 }
 
 /// Write the token Secret. `current` is the token Secret as read, which must be this integration's
@@ -90,8 +119,8 @@ pub async fn write_token_secret(
     current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
-) -> Result<(), kube::Error> {
-    let mut secret = token_secret(mi, token);
+) -> Result<(), TokenSecretError> {
+    let mut secret = token_secret(mi, token).map_err(TokenSecretError::Template)?;
     match current {
         None => {
             api.create(
@@ -115,6 +144,61 @@ pub async fn write_token_secret(
     }
     metrics.count_write("token_secret");
     Ok(())
+}
+
+/// Re-render the token Secret from the token it holds when `spec.tokenSecret.template` changed
+/// (no refresh is needed for that): writes only when the rendered Secret differs from `current`.
+/// `Ok(true)` when it wrote.
+pub async fn sync_template(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    current: &Secret,
+    published: &super::observed::PublishedToken,
+    metrics: &Metrics,
+) -> Result<bool, TokenSecretError> {
+    if mi.spec.token_secret.template.is_none() {
+        return Ok(false);
+    }
+    let token_type = current
+        .data
+        .as_ref()
+        .and_then(|d| d.get(token_keys::TOKEN_TYPE))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .unwrap_or_else(|| "Bearer".to_owned());
+    let token = TokenGrant {
+        access_token: published.access_token.clone(),
+        token_type,
+        expires_at: published.expires_at,
+        refresh_token: None,
+        scopes: None,
+        id_token: None,
+        refresh_token_expires_at: None,
+    };
+    let desired = token_secret(mi, &token).map_err(TokenSecretError::Template)?;
+    let contains = |have: &Option<BTreeMap<String, String>>,
+                    want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    if desired.data == current.data
+        && contains(&current.metadata.labels, &desired.metadata.labels)
+        && contains(&current.metadata.annotations, &desired.metadata.annotations)
+    {
+        return Ok(false);
+    }
+    write_token_secret(mi, api, Some(current), &token, metrics).await?;
+    Ok(true)
+}
+
+/// Why the token Secret was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSecretError {
+    /// `spec.tokenSecret.template` does not render (the message names the key, never a value).
+    #[error("{0}")]
+    Template(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
 }
 
 /// The grant Secret after a sign-in or a rotation: `base` (the current Secret, possibly brought by
