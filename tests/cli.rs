@@ -577,3 +577,164 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
     }
     names
 }
+
+/// Every query of the Grafana dashboard, evaluated by a real Prometheus (Debian's) scraping a
+/// running operator: each one is valid and the fleet panels show the integrations. (Grafana itself
+/// is not in Debian or any registry this project uses, so the dashboard is not rendered here; this
+/// is what its panels would show.) Writes the table to tests/artifacts/dashboard-queries.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_evaluate_against_a_running_operator() {
+    let env = Env::new("dashboard", server()).await;
+    let op: Operator = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration("inbox", "alice@example.test").await;
+    env.integration("fresh", "bob@example.test").await;
+    env.wait_for("inbox", "Ready", Duration::from_secs(30), &op, is_ready)
+        .await;
+    env.wait_for(
+        "fresh",
+        "SignInRequired",
+        Duration::from_secs(30),
+        &op,
+        |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "SignInRequired"),
+    )
+    .await;
+
+    let prometheus = Path::new("/usr/bin/prometheus");
+    assert!(
+        prometheus.is_file(),
+        "prometheus is missing: tools/install-test-deps.sh installs Debian's prometheus package"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: operator\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            op.health_port
+        ),
+    )
+    .unwrap();
+    let port = support::process::free_port();
+    let _prom = support::process::Supervised::spawn(
+        "prometheus",
+        prometheus,
+        &[
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+        ],
+        &[],
+        dir.path().join("prometheus.log"),
+    );
+    let http = reqwest::Client::new();
+    let query = |q: String| {
+        let http = http.clone();
+        async move {
+            let url = url::Url::parse_with_params(
+                &format!("http://127.0.0.1:{port}/api/v1/query"),
+                &[("query", q.as_str())],
+            )
+            .unwrap();
+            let r = http.get(url).send().await.ok()?;
+            r.json::<serde_json::Value>().await.ok()
+        }
+    };
+    let ns = env.ns.clone();
+    // Two scrapes with the integrations in them (rates need two samples).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = query(format!(
+            "count_over_time(mailintegration_ready_status{{namespace=\"{ns}\",name=\"inbox\",condition=\"True\"}}[1m])"
+        ))
+        .await;
+        let samples = r
+            .as_ref()
+            .and_then(|r| r["data"]["result"][0]["value"][1].as_str())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if samples >= 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the operator: {r:?}\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/mail-integration-operator/dashboards/mail-integration-operator.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut table =
+        String::from("| panel | query ($namespace = the test's) | result |\n|---|---|---|\n");
+    let mut by_title = std::collections::BTreeMap::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or("?").to_owned();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap().replace("$namespace", &ns);
+            let r = query(expr.clone())
+                .await
+                .unwrap_or_else(|| panic!("no answer for {expr}"));
+            assert_eq!(r["status"], "success", "{title}: {expr}: {r}");
+            let result = r["data"]["result"].as_array().cloned().unwrap_or_default();
+            let shown: Vec<String> = result
+                .iter()
+                .map(|s| {
+                    let labels: Vec<String> = s["metric"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| !["instance", "job", "namespace"].contains(&k.as_str()))
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect();
+                    let value = s["value"][1].as_str().unwrap_or("");
+                    let value = value
+                        .parse::<f64>()
+                        .map(|v| {
+                            format!("{v:.3}")
+                                .trim_end_matches('0')
+                                .trim_end_matches('.')
+                                .to_owned()
+                        })
+                        .unwrap_or_else(|_| value.to_owned());
+                    if labels.is_empty() {
+                        value
+                    } else {
+                        format!("{{{}}} {value}", labels.join(","))
+                    }
+                })
+                .collect();
+            let shown = if shown.is_empty() {
+                "(no data)".to_owned()
+            } else {
+                shown.join("; ")
+            };
+            table.push_str(&format!(
+                "| {title} | `{}` | {shown} |\n",
+                expr.replace(&ns, "$namespace").replace('|', "\\|")
+            ));
+            by_title.entry(title.clone()).or_insert(shown);
+        }
+    }
+    assert_eq!(by_title["Ready"], "1", "{table}");
+    assert_eq!(by_title["Not ready"], "1", "{table}");
+    assert!(
+        by_title["Not ready, by reason"].contains("SignInRequired"),
+        "{table}"
+    );
+    assert!(
+        by_title["Access tokens expiring soonest"].contains("name=inbox"),
+        "{table}"
+    );
+    assert!(by_title["Operator"].contains("version="), "{table}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/dashboard-queries.md");
+    std::fs::write(&out, &table).unwrap();
+    eprintln!("{table}");
+}
