@@ -93,7 +93,7 @@ struct RunArgs {
     /// when missing. NAMESPACE defaults to $POD_NAMESPACE, else "default".
     #[arg(long, env = "MIO_SIGN_IN_KEY_SECRET", default_value = signin::key::DEFAULT_KEY_SECRET)]
     sign_in_key_secret: String,
-    /// How long a sign-in link in status.signIn.url works (Go duration, e.g. 1h, 30m).
+    /// How long a sign-in link in status.signIn.url works (Go duration, at least 15m, e.g. 1h, 30m).
     #[arg(long, env = "MIO_SIGN_IN_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
     sign_in_link_ttl: std::time::Duration,
     /// Mail hosts the mailbox check may connect to, besides the providers' own (imap.gmail.com,
@@ -116,8 +116,10 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .parse()
         .map_err(|e| format!("{s:?} is not a duration such as 1h or 30m: {e}"))?;
     let d = std::time::Duration::from(d);
-    if d < std::time::Duration::from_secs(60) {
-        return Err(format!("{s:?} is shorter than a minute"));
+    // A link is renewed once it has less than 10 minutes left (and 5 minutes before it expires):
+    // a shorter lifetime would have every reconcile write a new one.
+    if d < std::time::Duration::from_secs(15 * 60) {
+        return Err(format!("{s:?} is shorter than 15 minutes"));
     }
     Ok(d)
 }

@@ -339,3 +339,86 @@ async fn oauthbearer_is_written_exactly_when_a_mail_server_is_known() {
         );
     }
 }
+
+/// `--sign-in-link-ttl` sets how long status.signIn.url works; a link about to expire is renewed
+/// (here its expiry is moved close by hand, as time would), and a link with time left is kept —
+/// reconciles write nothing (counted in the API server's audit log), so no renewal loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_links_last_the_ttl_and_are_renewed_before_they_expire() {
+    let env = Env::new("link-ttl", support::oauth::shared()).await;
+    let op = env.operator_with("operator", &["--sign-in-link-ttl=20m"]);
+    env.client_secret(env.server.client_secret()).await;
+    env.integration("inbox", "alice@example.test").await;
+    let link = |mi: &MailIntegration| mi.status.as_ref().and_then(|s| s.sign_in.clone());
+    let mi = env
+        .wait_for(
+            "inbox",
+            "a sign-in link",
+            Duration::from_secs(30),
+            &op,
+            |mi| link(mi).is_some(),
+        )
+        .await;
+    let first = link(&mi).unwrap();
+    let left = first.expires_at.0.duration_since(jiff::Timestamp::now());
+    assert!(
+        left > jiff::SignedDuration::from_mins(19) && left <= jiff::SignedDuration::from_mins(20),
+        "a 20m link: {left:?} left"
+    );
+    // Kept while it has time left: nothing written over a few reconciles.
+    let writes = |op: &Operator| {
+        op.api_write_requests()
+            .into_iter()
+            .filter(|r| r.resource == "mailintegrations")
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = writes(&op);
+    annotate_refresh(&env, "inbox", "poke-1").await;
+    annotate_refresh(&env, "inbox", "poke-2").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mi = env.get("inbox").await;
+    assert_eq!(
+        link(&mi).map(|l| l.url),
+        Some(first.url.clone()),
+        "the link is kept"
+    );
+    assert_eq!(
+        writes(&op),
+        before,
+        "the operator wrote nothing while the link has time left"
+    );
+    assert!(
+        before >= 1,
+        "the audit log shows the operator's first status write"
+    );
+
+    // Four minutes left (as if sixteen had passed): renewed.
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_mins(4);
+    let patch = serde_json::json!({"status": {"signIn": {"url": first.url, "expiresAt": soon.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()}}});
+    env.integrations()
+        .patch_status("inbox", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for(
+            "inbox",
+            "a renewed link",
+            Duration::from_secs(30),
+            &op,
+            |mi| link(mi).is_some_and(|l| l.url != first.url),
+        )
+        .await;
+    let renewed = link(&mi).unwrap();
+    assert!(renewed.expires_at.0 > soon + jiff::SignedDuration::from_mins(10));
+    // And it settles: no further writes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = writes(&op);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        writes(&op),
+        settled,
+        "no renewal loop:\n{}",
+        tail(&op.log(), 20)
+    );
+}
