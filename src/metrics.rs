@@ -41,6 +41,8 @@ pub struct Metrics {
     pub objects: objects::ObjectStores,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub refresh_duration: Histogram,
+    /// How long a reconcile took (the refresh and the writes included; the mailbox check is not).
+    pub reconcile_duration: Histogram,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub api_writes: Family<ErrorLabels, Counter>,
@@ -78,6 +80,14 @@ impl Default for Metrics {
             "refresh_duration_seconds",
             "Time the token endpoint took to answer a refresh",
             refresh_duration.clone(),
+        );
+        let reconcile_duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time a reconcile took, its provider call and API writes included",
+            reconcile_duration.clone(),
         );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
@@ -139,6 +149,7 @@ impl Default for Metrics {
             registry,
             refreshes,
             refresh_duration,
+            reconcile_duration,
             reconciles,
             reconcile_errors,
             api_writes,

@@ -206,6 +206,7 @@ impl Context {
 async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Boxed as `dyn Future + Send`: works around rustc's higher-ranked Send inference for futures
     // that hold references across awaits.
+    let started = std::time::Instant::now();
     let inner: futures::future::BoxFuture<'_, Result<Action, Error>> =
         Box::pin(reconcile_inner(&mi, &ctx));
     // A panic on one tenant's data must not end the controller for every tenant: it fails this
@@ -218,6 +219,9 @@ async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action
         Ok(_) => ctx.set_error_count(&mi, 0),
         Err(_) => ctx.set_error_count(&mi, ctx.error_count(&mi).saturating_add(1)),
     }
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .reconciles
