@@ -92,7 +92,8 @@ pub enum Reason {
     TestingAppGrantExpired,
     /// The provider requires the user to sign in again (Google `invalid_rapt`, MFA).
     ReauthRequired,
-    /// Someone other than `spec.mailbox.address` signed in.
+    /// Someone other than the account that must sign in (`spec.oauth.signInAccount`, else
+    /// `spec.mailbox.address`) signed in.
     AccountMismatch,
     /// The provider did not grant a scope the mailbox needs.
     ScopeMissing,
@@ -392,7 +393,9 @@ impl Reason {
             Reason::ReauthRequired => {
                 "The provider requires the user to sign in again (Google `invalid_rapt`, MFA)."
             }
-            Reason::AccountMismatch => "Someone other than `spec.mailbox.address` signed in.",
+            Reason::AccountMismatch => {
+                "Someone other than `spec.oauth.signInAccount` (default: `spec.mailbox.address`) signed in."
+            }
             Reason::ScopeMissing => "The provider did not grant a scope the mailbox needs.",
             Reason::InvalidEndpoint => "An endpoint URL (override or discovered) is unusable.",
             Reason::ProviderError => {
@@ -630,7 +633,7 @@ impl Reason {
                 "The provider requires the user to sign in again (re-authentication or MFA policy); sign in again."
             }
             Reason::AccountMismatch => {
-                "Sign in as the account in spec.mailbox.address, or change spec.mailbox.address."
+                "Sign in as the account in spec.oauth.signInAccount (default: spec.mailbox.address); for a shared mailbox, set spec.oauth.signInAccount to the delegate who has FullAccess."
             }
             Reason::ScopeMissing => {
                 "Sign in again with prompt Consent and keep every requested permission ticked; check spec.oauth.scopes."

@@ -339,3 +339,77 @@ fn the_crd_sets_no_defaults_so_gitops_sees_no_drift() {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+#[test]
+fn app_only_grants_need_a_specific_microsoft_tenant_and_are_not_offered_by_google() {
+    let cp = ensure_crd();
+    let ns = unique_namespace("cel-app-only");
+    for tenant in ["common", "organizations", "Consumers"] {
+        assert_rejected(
+            &ns,
+            &resource(
+                "ms-app-only-common",
+                "Microsoft",
+                "grantType: ClientCredentials",
+                &format!("    tenant: {tenant}"),
+                "",
+            ),
+            "grantType ClientCredentials (app-only) needs a specific spec.oauth.tenant",
+        );
+    }
+    assert_rejected(
+        &ns,
+        &resource(
+            "google-app-only",
+            "Google",
+            "grantType: ClientCredentials",
+            "",
+            "",
+        ),
+        "grantType ClientCredentials is not offered by Google",
+    );
+    assert_rejected(
+        &ns,
+        &resource(
+            "app-only-delegate",
+            "OIDC",
+            "grantType: ClientCredentials",
+            "    issuerURL: https://id.example.org\n    signInAccount: alice@example.org",
+            "",
+        ),
+        "spec.oauth.signInAccount is for interactive sign-in only",
+    );
+    assert_rejected(
+        &ns,
+        &resource("bad-delegate", "Google", "signInAccount: alice", "", ""),
+        "oauth.signInAccount must be an email address",
+    );
+    for (name, provider, extra) in [
+        (
+            "ms-app-only",
+            "Microsoft",
+            "    tenant: 8c3f1d5e-0000-4000-8000-000000000001",
+        ),
+        ("ms-interactive-common", "Microsoft", "    tenant: common"),
+        (
+            "oidc-app-only",
+            "OIDC",
+            "    issuerURL: https://id.example.org",
+        ),
+    ] {
+        let grant = if name.contains("interactive") {
+            "grantType: Interactive"
+        } else {
+            "grantType: ClientCredentials"
+        };
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+            &resource(name, provider, grant, extra, ""),
+        );
+        assert!(
+            out.status.success(),
+            "{name} rejected: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

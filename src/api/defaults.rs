@@ -46,6 +46,28 @@ impl MailIntegrationSpec {
             .unwrap_or(DEFAULT_CHECK_INTERVAL)
     }
 
+    /// How tokens are obtained.
+    pub fn grant_type(&self) -> GrantType {
+        self.oauth.grant_type.unwrap_or_default()
+    }
+
+    /// Whether a person signs in (and a grant Secret holds a refresh token): false for app-only
+    /// grants, which need no sign-in link, no grant Secret and no write-ahead mark.
+    pub fn interactive(&self) -> bool {
+        self.grant_type() == GrantType::Interactive
+    }
+
+    /// The account that must sign in and whose claims are checked: `spec.oauth.signInAccount`
+    /// (a delegate of a shared mailbox), else the mailbox itself.
+    pub fn sign_in_account(&self) -> &str {
+        self.oauth
+            .sign_in_account
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .unwrap_or(self.mailbox.address.trim())
+    }
+
     /// The mail protocol workloads read with.
     pub fn protocol(&self) -> MailProtocol {
         self.mailbox.protocol.unwrap_or_default()

@@ -65,6 +65,12 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
         .message("spec.oauth.clientSecretRef.name must not name a grant Secret (-oauth-grant): name the Secret holding the OAuth client's ID and secret"),
     validation = Rule::new("!has(self.spec.mailbox.caSecretRef) || self.spec.mailbox.caSecretRef.name != self.spec.tokenSecret.name")
         .message("spec.mailbox.caSecretRef.name must not be the token Secret"),
+    validation = Rule::new("!has(self.spec.oauth.signInAccount) || !has(self.spec.oauth.grantType) || self.spec.oauth.grantType == 'Interactive'")
+        .message("spec.oauth.signInAccount is for interactive sign-in only: nobody signs in with grantType ClientCredentials, remove it"),
+    validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ClientCredentials' || self.spec.provider != 'Google'")
+        .message("grantType ClientCredentials is not offered by Google: use Interactive (sign-in), or a Workspace service account with domain-wide delegation"),
+    validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ClientCredentials' || self.spec.provider != 'Microsoft' || !has(self.spec.oauth.tenant) || !(self.spec.oauth.tenant.lowerAscii() in ['common', 'organizations', 'consumers'])")
+        .message("grantType ClientCredentials (app-only) needs a specific spec.oauth.tenant (your directory's tenant ID or domain), not common, organizations or consumers: app-only tokens are issued by one tenant"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailIntegrationSpec {
@@ -229,6 +235,30 @@ pub struct OAuthSpec {
     /// Override any of the provider's endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
+    /// How tokens are obtained: Interactive (default: a person signs in once, the grant is
+    /// refreshed), or ClientCredentials (app-only: the client itself gets tokens, nobody signs in;
+    /// Microsoft Exchange Online app-only access, or any OIDC provider offering that grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_type: Option<GrantType>,
+    /// The account that signs in, when it is not the mailbox: for a shared or delegated mailbox,
+    /// a person with FullAccess to `spec.mailbox.address` signs in as themselves, and the tokens
+    /// open the mailbox (the XOAUTH2 user stays `spec.mailbox.address`). Default: the mailbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 320))]
+    #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+@[^@\\\\s]+$')")
+        .message("oauth.signInAccount must be an email address such as alice@example.com"))]
+    pub sign_in_account: Option<String>,
+}
+
+/// How the operator obtains tokens.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GrantType {
+    /// A person signs in once (status.signIn.url); the refresh token is kept in the grant Secret.
+    #[default]
+    Interactive,
+    /// The OAuth 2.0 client-credentials grant (RFC 6749 §4.4): app-only tokens from the client ID
+    /// and secret alone, no refresh token, no sign-in.
+    ClientCredentials,
 }
 
 /// The sign-in prompt (the seed's "No prompt", "Consent", "Select account").

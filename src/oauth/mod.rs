@@ -367,6 +367,39 @@ impl OAuthClient {
         )
     }
 
+    /// Get an app-only access token with the client-credentials grant (RFC 6749 §4.4): no
+    /// refresh token (one that comes back anyway is dropped: there is no grant to keep), `scopes`
+    /// sent only when non-empty.
+    pub async fn client_credentials(
+        &self,
+        endpoints: &ProviderEndpoints,
+        creds: &ClientCredentials,
+        scopes: &[String],
+        now: Timestamp,
+    ) -> Result<TokenGrant, TokenError> {
+        let op = TokenOperation::ClientCredentials;
+        let client = token_client(endpoints, creds);
+        let request = client
+            .exchange_client_credentials()
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
+        let meta = std::sync::Arc::new(Mutex::new(None));
+        let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
+        let result = request.request_async(&call).await;
+        let meta = meta.locked().take();
+        token_result(
+            endpoints.kind,
+            op,
+            result,
+            meta,
+            now,
+            &[creds.client_secret.expose()],
+        )
+        .map(|grant| TokenGrant {
+            refresh_token: None,
+            ..grant
+        })
+    }
+
     /// Exchange an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).
     pub async fn exchange_code(
         &self,

@@ -24,6 +24,8 @@ pub enum TokenOperation {
     Revocation,
     /// Reading the OIDC userinfo endpoint.
     UserInfo,
+    /// Requesting an app-only access token with the client-credentials grant.
+    ClientCredentials,
 }
 
 impl TokenOperation {
@@ -34,12 +36,17 @@ impl TokenOperation {
             TokenOperation::CodeExchange => "exchanging the sign-in code for tokens",
             TokenOperation::Revocation => "revoking the grant",
             TokenOperation::UserInfo => "reading the signed-in account from the userinfo endpoint",
+            TokenOperation::ClientCredentials => {
+                "requesting an app-only access token (client credentials)"
+            }
         }
     }
 
     fn endpoint(self) -> &'static str {
         match self {
-            TokenOperation::Refresh | TokenOperation::CodeExchange => "token",
+            TokenOperation::Refresh
+            | TokenOperation::CodeExchange
+            | TokenOperation::ClientCredentials => "token",
             TokenOperation::Revocation => "revocation",
             TokenOperation::UserInfo => "userinfo",
         }
@@ -594,6 +601,12 @@ fn by_error_code(
             Reason::InvalidClient,
             format!(
                 "{p} rejected the OAuth client: wrong or expired client secret, wrong client ID, or the client was deleted. Check the client Secret against the provider's console.{said}"
+            ),
+        ),
+        "unauthorized_client" if operation == TokenOperation::ClientCredentials => permanent(
+            Reason::UnauthorizedClient,
+            format!(
+                "{p} does not let this client use the client-credentials grant (app-only). Allow the grant type for the client at the provider, or use grantType Interactive.{said}"
             ),
         ),
         "unauthorized_client" => permanent(

@@ -8,7 +8,8 @@ mod classify;
 pub use classify::*;
 
 use crate::api::{
-    Endpoints, MailIntegrationSpec, MailProtocol, MailServer, Prompt, ProviderKind, TlsMode,
+    Endpoints, GrantType, MailIntegrationSpec, MailProtocol, MailServer, Prompt, ProviderKind,
+    TlsMode,
 };
 use crate::sync::LockExt as _;
 use serde::Deserialize;
@@ -26,6 +27,9 @@ pub const MICROSOFT_IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAs
 pub const MICROSOFT_POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All";
 /// Microsoft: send mail over SMTP AUTH.
 pub const MICROSOFT_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
+/// Microsoft app-only (client credentials): every Exchange Online permission the app was granted
+/// (IMAP.AccessAsApp, POP.AccessAsApp, SMTP.SendAsApp) in one token.
+pub const MICROSOFT_APP_ONLY_SCOPE: &str = "https://outlook.office365.com/.default";
 /// Ask for a refresh token (Microsoft, OIDC).
 pub const OFFLINE_ACCESS_SCOPE: &str = "offline_access";
 
@@ -499,6 +503,14 @@ pub fn describe_reqwest_error(e: &reqwest::Error) -> String {
 /// scopes): Google `https://mail.google.com/`; Microsoft the IMAP or POP scope, SMTP.Send when
 /// `spec.mailbox.smtp` is set, and `offline_access`; OIDC `openid email offline_access`.
 pub fn default_scopes(spec: &MailIntegrationSpec) -> Vec<String> {
+    if spec.grant_type() == GrantType::ClientCredentials {
+        // App-only: no identity and no refresh token to ask for. Microsoft takes the resource's
+        // `.default`; an OIDC server's own scopes are whatever it defines (spec.oauth.scopes).
+        return match spec.provider {
+            ProviderKind::Microsoft => vec![MICROSOFT_APP_ONLY_SCOPE.to_owned()],
+            ProviderKind::Google | ProviderKind::Oidc => Vec::new(),
+        };
+    }
     let v: Vec<&str> = match spec.provider {
         ProviderKind::Google => vec![GOOGLE_MAIL_SCOPE],
         ProviderKind::Microsoft => {

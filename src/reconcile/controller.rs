@@ -369,7 +369,10 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         return Ok(Action::requeue(d));
     }
     let sign_in = match (&outcome, &ctx.sign_in) {
-        (o, Some(links)) if decide::needs_sign_in(o, mi.status.as_ref()) => {
+        // Nobody signs in to an app-only integration: a link would only mislead.
+        (o, Some(links))
+            if mi.spec.interactive() && decide::needs_sign_in(o, mi.status.as_ref()) =>
+        {
             // Keep a link that is still valid for a while, so that idle reconciles write nothing.
             let current = mi.status.as_ref().and_then(|s| s.sign_in.clone());
             match current {

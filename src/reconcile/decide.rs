@@ -163,7 +163,8 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     if let Some(conflict) = &o.conflict {
         return Action::Hold(Outcome::Conflict(conflict.clone()));
     }
-    if o.grant.is_none() {
+    // App-only grants (client credentials) have no grant Secret: the client alone gets tokens.
+    if o.grant.is_none() && mi.spec.interactive() {
         return Action::Hold(Outcome::SignInRequired);
     }
     if mi.spec.suspended() {
@@ -385,12 +386,12 @@ pub fn status_after(
                 let msg = match &s.sign_in {
                     Some(link) => format!(
                         "no grant yet: open status.signIn.url to sign in as {} (link valid until {})",
-                        mi.spec.mailbox.address,
+                        mi.spec.sign_in_account(),
                         fmt_time(link.expires_at.0)
                     ),
                     None => format!(
                         "no grant yet: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
-                        mi.spec.mailbox.address,
+                        mi.spec.sign_in_account(),
                         mi.grant_secret_name()
                     ),
                 };

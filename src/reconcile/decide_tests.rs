@@ -127,6 +127,27 @@ fn no_grant_means_sign_in_required_not_stalled() {
 }
 
 #[test]
+fn an_app_only_integration_needs_no_grant_and_no_sign_in() {
+    let mut w = World::new();
+    w.mi = integration(serde_json::json!({
+        "provider": "Microsoft",
+        "oauth": {"clientSecretRef": {"name": "client"}, "tenant": "contoso.onmicrosoft.com", "grantType": "ClientCredentials"},
+    }));
+    w.grant = false;
+    assert!(!w.mi.spec.interactive());
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::NoToken));
+    // A published token is renewed when due, like a refreshed one, without any grant.
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
+    w.now = t("2026-11-28T10:55:00Z");
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+    assert_eq!(
+        crate::provider::requested_scopes(&w.mi.spec),
+        vec!["https://outlook.office365.com/.default".to_owned()]
+    );
+}
+
+#[test]
 fn first_reconcile_with_a_grant_refreshes() {
     assert_eq!(
         World::new().decide(),

@@ -98,6 +98,9 @@ pub(super) async fn refresh(
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> RefreshResult {
+    if !mi.spec.interactive() {
+        return app_only(mi, o, cause, token_secret, secrets_api, ctx).await;
+    }
     let uid = mi.uid().unwrap_or_default();
     let (Ok(creds), Some(grant), Some(grant_secret)) = (&o.client, &o.grant, grant_secret) else {
         // decide() refreshes only with client credentials and a grant.
@@ -111,7 +114,7 @@ pub(super) async fn refresh(
     if let Some(message) = grant.bound_elsewhere(
         endpoints.token.as_str(),
         &creds.client_id,
-        &mi.spec.mailbox.address,
+        mi.spec.sign_in_account(),
     ) {
         warn!(%message, "the grant was issued elsewhere; not sending it");
         ctx.set_backoff(&uid, None);
@@ -327,7 +330,8 @@ pub(super) async fn refresh(
             }
         }
     }
-    let outcome = publish(mi, &token, grant, token_secret, secrets_api, o.now, ctx).await;
+    let fallback = (grant.account.clone(), grant.scopes.clone());
+    let outcome = publish(mi, &token, fallback, token_secret, secrets_api, o.now, ctx).await;
     let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
         access_token: token.access_token.clone(),
         expires_at: token.expires_at,
@@ -336,6 +340,70 @@ pub(super) async fn refresh(
         outcome,
         published,
         grant_version,
+    }
+}
+
+/// An app-only token (the client-credentials grant): no grant Secret, no refresh token to keep
+/// and so no write-ahead mark; a new token is simply asked for whenever one is due.
+async fn app_only(
+    mi: &MailIntegration,
+    o: &Observed<'_>,
+    cause: RefreshCause,
+    token_secret: Option<&Secret>,
+    secrets_api: &Api<Secret>,
+    ctx: &Context,
+) -> RefreshResult {
+    let uid = mi.uid().unwrap_or_default();
+    let Ok(creds) = &o.client else {
+        // decide() refreshes only with client credentials.
+        return Outcome::Requeue(Duration::from_secs(5)).into();
+    };
+    info!(?cause, "requesting an app-only access token");
+    let endpoints = match ctx.providers.resolve(&mi.spec).await {
+        Ok(e) => e,
+        Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
+    };
+    if let Some(Err(message)) = mi
+        .spec
+        .token_secret
+        .template
+        .as_ref()
+        .map(super::template::check)
+    {
+        ctx.set_backoff(&uid, None);
+        return Outcome::PermanentFailure {
+            reason: Reason::TokenTemplateInvalid.as_str().into(),
+            message: format!("{message}: fix spec.tokenSecret.template"),
+        }
+        .into();
+    }
+    if ctx.fence.check().is_err() {
+        return Outcome::Requeue(Duration::from_secs(5)).into();
+    }
+    let started = Instant::now();
+    let scopes = crate::provider::requested_scopes(&mi.spec);
+    let result = ctx
+        .oauth
+        .client_credentials(&endpoints, creds, &scopes, o.now)
+        .await;
+    ctx.metrics
+        .refresh_duration
+        .observe(started.elapsed().as_secs_f64());
+    let token = match result {
+        Ok(t) => t,
+        Err(e) => return failure_outcome(mi, e.class, o.now, ctx).into(),
+    };
+    // Nobody signs in: the account is the mailbox the app was given access to.
+    let fallback = (Some(mi.spec.mailbox.address.clone()), scopes);
+    let outcome = publish(mi, &token, fallback, token_secret, secrets_api, o.now, ctx).await;
+    let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
+        access_token: token.access_token.clone(),
+        expires_at: token.expires_at,
+    });
+    RefreshResult {
+        outcome,
+        published,
+        grant_version: None,
     }
 }
 
@@ -389,7 +457,7 @@ pub(super) async fn store_pending(
 async fn publish(
     mi: &MailIntegration,
     token: &crate::oauth::TokenGrant,
-    grant: &super::observed::Grant,
+    (fallback_account, fallback_scopes): (Option<String>, Vec<String>),
     token_secret: Option<&Secret>,
     secrets_api: &Api<Secret>,
     now: Timestamp,
@@ -402,14 +470,15 @@ async fn publish(
         .id_token_claims()
         .and_then(Result::ok)
         .and_then(|c| c.email);
-    let expected = &mi.spec.mailbox.address;
+    // A shared mailbox's grant belongs to its delegate (spec.oauth.signInAccount).
+    let expected = mi.spec.sign_in_account();
     if let Some(actual) = signed_in
         .as_ref()
         .filter(|a| !a.eq_ignore_ascii_case(expected))
     {
         ctx.set_backoff(&uid, None);
         let message = format!(
-            "the grant belongs to {actual}, not to the mailbox {expected}: sign in again as {expected} (status.signIn.url), or replace the refresh token in Secret {:?}",
+            "the grant belongs to {actual}, not to {expected}: sign in again as {expected} (status.signIn.url), or replace the refresh token in Secret {:?}",
             mi.grant_secret_name()
         );
         return Outcome::PermanentFailure {
@@ -417,8 +486,8 @@ async fn publish(
             message,
         };
     }
-    let account = signed_in.or_else(|| grant.account.clone());
-    let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
+    let account = signed_in.or(fallback_account);
+    let scopes = token.scopes.clone().unwrap_or(fallback_scopes);
     let written =
         secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await;
     if let Err(secrets::TokenSecretError::Template(message)) = &written {

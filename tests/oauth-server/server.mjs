@@ -15,7 +15,8 @@
 //     "refresh_token_ttl": 1209600,               // seconds
 //     "rotate_refresh_token": true,
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
-//     "refresh_token_without_consent": false      // refresh tokens whatever the prompt (see below)
+//     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
+//     "client_credentials": false                 // every client may also use the client-credentials grant
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -135,12 +136,15 @@ if (config.select_account_prompt) {
 // an account that consented before also yield a grant.
 const refreshTokenWithoutConsent = config.refresh_token_without_consent ?? false;
 
+// App-only tokens (RFC 6749 §4.4), as Microsoft issues them for Exchange Online app-only access.
+const clientCredentials = config.client_credentials ?? false;
+
 const clients = config.clients.map((c) => ({
   client_id: c.client_id,
   client_secret: c.client_secret,
   redirect_uris: c.redirect_uris,
   response_types: ['code'],
-  grant_types: ['authorization_code', 'refresh_token'],
+  grant_types: ['authorization_code', 'refresh_token', ...(clientCredentials ? ['client_credentials'] : [])],
   token_endpoint_auth_method: 'client_secret_post',
 }));
 if (config.introspection_client) {
@@ -182,6 +186,7 @@ const configuration = {
   },
   features: {
     devInteractions: { enabled: true },
+    clientCredentials: { enabled: clientCredentials },
     introspection: { enabled: true, allowedPolicy: async () => true },
     // A client may revoke only its own tokens (oidc-provider's default rule, without its notice).
     revocation: { enabled: true, allowedPolicy: async (_ctx, client, token) => token.clientId === client.clientId },
@@ -196,6 +201,7 @@ const configuration = {
   clientBasedCORS: () => false,
   ttl: {
     AccessToken: accessTokenTtl,
+    ClientCredentials: accessTokenTtl,
     AuthorizationCode: 60,
     IdToken: 3600,
     Interaction: 600,

@@ -59,6 +59,9 @@ pub struct OAuthServerConfig {
     /// Issue refresh tokens whatever the prompt (as Microsoft does for offline_access), not only
     /// with `prompt=consent` (oidc-provider's default, per OIDC Core §11).
     pub refresh_token_without_consent: bool,
+    /// Let every client also use the client-credentials grant (app-only tokens, no refresh token),
+    /// oidc-provider's `clientCredentials` feature.
+    pub client_credentials: bool,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -100,6 +103,7 @@ impl Default for OAuthServerConfig {
             issuer: None,
             select_account_prompt: false,
             refresh_token_without_consent: false,
+            client_credentials: false,
         }
     }
 }
@@ -125,6 +129,7 @@ impl OAuthServerConfig {
             "rotate_refresh_token": self.rotate_refresh_token,
             "select_account_prompt": self.select_account_prompt,
             "refresh_token_without_consent": self.refresh_token_without_consent,
+            "client_credentials": self.client_credentials,
         })
     }
 }

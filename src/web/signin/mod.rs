@@ -669,7 +669,7 @@ async fn start(
         prompt,
         state: &state,
         pkce_verifier: &verifier,
-        login_hint: Some(&mi.spec.mailbox.address),
+        login_hint: Some(mi.spec.sign_in_account()),
     });
     let url = match url {
         Ok(u) => u,
@@ -989,7 +989,8 @@ pub fn check_grant<'g>(
     prompt: Option<crate::api::Prompt>,
     provider: &str,
 ) -> Result<(&'g SecretValue, String), Failure> {
-    let want = mi.spec.mailbox.address.trim();
+    // A shared mailbox's delegate signs in as themselves (spec.oauth.signInAccount).
+    let want = mi.spec.sign_in_account();
     let Some(account) = account.map(str::trim).filter(|a| !a.is_empty()) else {
         return Err(Failure::new(
             Reason::AccountUnknown,
@@ -1009,7 +1010,7 @@ pub fn check_grant<'g>(
                 failure::clean(account)
             ),
             format!(
-                "Open the sign-in link again, choose \"Select account\", and sign in as {want} (or change spec.mailbox.address)."
+                "Open the sign-in link again, choose \"Select account\", and sign in as {want} (or change spec.mailbox.address, or spec.oauth.signInAccount for a shared mailbox)."
             ),
         ));
     }

@@ -794,6 +794,25 @@ fn grant(
 }
 
 #[test]
+fn a_shared_mailbox_is_signed_in_to_by_its_delegate_and_only_by_them() {
+    let mut mi = integration("shared", UID, "helpdesk@example.com", None);
+    mi.spec.oauth.sign_in_account = Some("Alice@Example.com".into());
+    let g = grant(Some("rt"), Some(&["https://mail.google.com/"]), None);
+    let (_, account) = check_grant(&mi, &g, Some("alice@example.com"), None, "Google").unwrap();
+    assert_eq!(account, "alice@example.com");
+    // The mailbox itself is not the account that must sign in any more, nor is anyone else.
+    for other in ["helpdesk@example.com", "bob@example.com"] {
+        let err = check_grant(&mi, &g, Some(other), None, "Google").unwrap_err();
+        assert_eq!(err.reason, Reason::AccountMismatch);
+        assert!(err.todo.contains("Alice@Example.com"), "{}", err.todo);
+    }
+    assert_eq!(mi.spec.sign_in_account(), "Alice@Example.com");
+    // Without the field, the mailbox signs in.
+    mi.spec.oauth.sign_in_account = None;
+    assert_eq!(mi.spec.sign_in_account(), "helpdesk@example.com");
+}
+
+#[test]
 fn the_account_must_be_the_mailbox_and_a_refresh_token_and_the_scopes_are_needed() {
     let mi = integration("inbox", UID, "Support@Example.com", None);
     let endpoints = provider::google_endpoints();

@@ -1,0 +1,302 @@
+//! Grants where the mailbox itself does not sign in, end to end: the operator binary against the real
+//! kube-apiserver and oidc-provider (client-credentials grant enabled), with Microsoft's error bodies
+//! from the fault proxy in front of the token endpoint.
+//!
+//! - App-only (`spec.oauth.grantType: ClientCredentials`): nobody signs in; the integration goes
+//!   Ready with a token Secret, no grant Secret and no sign-in link, and a new app-only token is
+//!   fetched before the published one expires.
+//! - Shared mailboxes (`spec.oauth.signInAccount`): a delegate signs in as themselves, the token
+//!   Secret opens the shared mailbox.
+
+mod support;
+
+use base64::Engine as _;
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+use support::{
+    fault_proxy::Fault,
+    oauth::{OAuthServer, OAuthServerConfig},
+    world::{
+        Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, is_ready, tail,
+    },
+};
+
+/// App-only tokens that live 8 s: a new one is due every ~5 s.
+fn server() -> &'static OAuthServer {
+    static S: OnceLock<OAuthServer> = OnceLock::new();
+    S.get_or_init(|| {
+        OAuthServer::start(OAuthServerConfig {
+            access_token_ttl: Duration::from_secs(8),
+            client_credentials: true,
+            ..Default::default()
+        })
+    })
+}
+
+fn app_only() -> serde_json::Value {
+    serde_json::json!({"oauth": {"grantType": "ClientCredentials", "scopes": ["mail"]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_only_integration_goes_ready_without_a_sign_in_and_is_renewed() {
+    let env = Env::new("app-only", server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    env.integration_with("shared", "helpdesk@example.test", app_only())
+        .await;
+
+    let mi = env
+        .wait_for(
+            "shared",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
+    assert_eq!(condition(&mi, "TokenValid"), Some(("True", "TokenValid")));
+    let status = mi.status.as_ref().unwrap();
+    assert!(status.sign_in.is_none(), "no sign-in link for app-only");
+    assert_eq!(status.account.as_deref(), Some("helpdesk@example.test"));
+    assert_eq!(status.scopes, vec!["mail".to_owned()]);
+    assert!(
+        env.secrets()
+            .get_opt("shared-oauth-grant")
+            .await
+            .unwrap()
+            .is_none(),
+        "an app-only integration has no grant Secret"
+    );
+
+    // The token Secret looks exactly like a delegated integration's: the mailbox is the user.
+    let token = env.data("shared-token", "access_token").await.unwrap();
+    assert!(
+        env.server.introspect(&token).await,
+        "the app token is active"
+    );
+    assert_eq!(
+        env.data("shared-token", "username").await.as_deref(),
+        Some("helpdesk@example.test")
+    );
+    let xoauth2 = base64::engine::general_purpose::STANDARD
+        .decode(env.data("shared-token", "xoauth2").await.unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(xoauth2).unwrap(),
+        format!("user=helpdesk@example.test\x01auth=Bearer {token}\x01\x01")
+    );
+
+    // Renewed before it expires, twice, each time with the client-credentials grant.
+    let mut seen = vec![token];
+    let mut expiry = status.access_token_expires_at.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while seen.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} app tokens in 40 s:\n{}",
+            seen.len(),
+            tail(&op.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(t) = env.data("shared-token", "access_token").await else {
+            continue;
+        };
+        if seen.contains(&t) {
+            continue;
+        }
+        let now = jiff::Timestamp::now();
+        assert!(
+            now < expiry.0,
+            "a new app token must come before the old one expires ({now} >= {})",
+            expiry.0
+        );
+        let mi = env.get("shared").await;
+        assert!(is_ready(&mi), "still Ready after a renewal");
+        expiry = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.access_token_expires_at.clone())
+            .unwrap();
+        seen.push(t);
+    }
+    let log = env.server.log();
+    assert!(
+        log.contains("grant_type=client_credentials result=ok refresh_token_issued=false"),
+        "the OAuth server saw client-credentials requests:\n{}",
+        tail(&log, 20)
+    );
+    assert_eq!(
+        env.proxy.refresh_requests(),
+        0,
+        "no refresh token is ever presented"
+    );
+    assert!(env.get("shared").await.status.unwrap().sign_in.is_none());
+    let client_secret = env.server.client_secret().to_owned();
+    let mut secrets: Vec<&str> = seen.iter().map(String::as_str).collect();
+    secrets.push(&client_secret);
+    assert_no_secrets_in_logs_or_events(&env, &op, &secrets).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsoft_app_only_setup_errors_reach_the_conditions() {
+    let env = Env::new("app-only-ms", server()).await;
+    // The fault proxy stands in for login.microsoftonline.com.
+    let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
+    env.client_secret(env.server.client_secret()).await;
+    env.proxy.set_fault(Fault::microsoft(
+        401,
+        "invalid_client",
+        7000215,
+        "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+    ));
+    env.integration_with(
+        "m365",
+        "helpdesk@contoso.example",
+        serde_json::json!({
+            "provider": "Microsoft",
+            "oauth": {
+                "grantType": "ClientCredentials",
+                "tenant": "contoso.onmicrosoft.com",
+                "endpoints": {"token": env.proxy.token_url()},
+            },
+        }),
+    )
+    .await;
+    let stalled_with = |code: &'static str| {
+        move |mi: &kube_mi::MailIntegration| {
+            condition(mi, "Stalled").map(|c| c.0) == Some("True")
+                && mi
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
+                    .is_some_and(|c| c.message.contains(code))
+        }
+    };
+    let mi = env
+        .wait_for(
+            "m365",
+            "Stalled by AADSTS7000215",
+            Duration::from_secs(30),
+            &op,
+            stalled_with("AADSTS7000215"),
+        )
+        .await;
+    assert_eq!(condition(&mi, "Ready"), Some(("False", "InvalidClient")));
+    assert!(mi.status.as_ref().unwrap().sign_in.is_none());
+    assert_eq!(
+        env.proxy.refresh_requests(),
+        0,
+        "nothing but the client-credentials grant was asked for"
+    );
+
+    // The app is not registered in that tenant: a different answer, a different message.
+    env.proxy.set_fault(Fault::microsoft(
+        400,
+        "unauthorized_client",
+        700016,
+        "Application with identifier 'mio' was not found in the directory 'contoso'.",
+    ));
+    annotate_refresh(&env, "m365", "1").await;
+    let mi = env
+        .wait_for(
+            "m365",
+            "Stalled by AADSTS700016",
+            Duration::from_secs(30),
+            &op,
+            stalled_with("AADSTS700016"),
+        )
+        .await;
+    assert_eq!(condition(&mi, "Ready"), Some(("False", "InvalidClient")));
+    assert!(
+        env.secrets().get_opt("m365-token").await.unwrap().is_none(),
+        "no token was published"
+    );
+    let client_secret = env.server.client_secret().to_owned();
+    assert_no_secrets_in_logs_or_events(&env, &op, &[&client_secret]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
+    let env = Env::new("shared-mailbox", server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    // Alice (who has FullAccess to the help desk's mailbox) signed in as herself.
+    env.grant("helpdesk", "alice").await;
+    env.integration_with(
+        "helpdesk",
+        "helpdesk@example.test",
+        serde_json::json!({"oauth": {"signInAccount": "alice@example.test"}}),
+    )
+    .await;
+    // The same grant for a mailbox whose delegate is Bob: the ID token says Alice, so it is refused.
+    env.grant("wrong-delegate", "alice").await;
+    env.integration_with(
+        "wrong-delegate",
+        "helpdesk@example.test",
+        serde_json::json!({"oauth": {"signInAccount": "bob@example.test"}}),
+    )
+    .await;
+
+    let mi = env
+        .wait_for(
+            "helpdesk",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    assert_eq!(
+        mi.status.as_ref().unwrap().account.as_deref(),
+        Some("alice@example.test"),
+        "status.account is who signed in"
+    );
+    let token = env.data("helpdesk-token", "access_token").await.unwrap();
+    assert_eq!(
+        env.data("helpdesk-token", "username").await.as_deref(),
+        Some("helpdesk@example.test"),
+        "workloads open the shared mailbox"
+    );
+    let xoauth2 = base64::engine::general_purpose::STANDARD
+        .decode(env.data("helpdesk-token", "xoauth2").await.unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(xoauth2).unwrap(),
+        format!("user=helpdesk@example.test\x01auth=Bearer {token}\x01\x01")
+    );
+
+    let mi = env
+        .wait_for(
+            "wrong-delegate",
+            "AccountMismatch",
+            Duration::from_secs(30),
+            &op,
+            |mi| condition(mi, "Ready") == Some(("False", "AccountMismatch")),
+        )
+        .await;
+    let message = mi
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("alice@example.test") && message.contains("bob@example.test"),
+        "{message}"
+    );
+    assert!(
+        env.secrets()
+            .get_opt("wrong-delegate-token")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing is published for the wrong delegate"
+    );
+}
+
+mod kube_mi {
+    pub use mail_integration_operator::api::MailIntegration;
+}
