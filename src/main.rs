@@ -78,6 +78,11 @@ struct RunArgs {
     /// so that a brownout of the API server does not become a storm of retries. 0: no limit.
     #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 100)]
     kube_api_qps: u64,
+    /// Reconciles that run at once: bounds memory and the requests in flight when thousands of
+    /// integrations come due together (a refresh waits for the token endpoint, so more than the
+    /// API server's own concurrency helps when the provider is slow).
+    #[arg(long, env = "MIO_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -246,6 +251,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.grant_locks = grant_locks;
+    ctx.concurrency = args.concurrency;
     if args.leader_election {
         ctx.fence = Arc::new(Fence::leased());
     }

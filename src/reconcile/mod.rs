@@ -1,6 +1,7 @@
 //! The reconciler: a pure decision (what should happen, given the resource, its Secrets and the
 //! clock) and a small layer that applies it to the API and the provider.
 
+pub mod cache;
 pub mod controller;
 pub mod decide;
 pub mod finalizer;

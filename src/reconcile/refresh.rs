@@ -398,9 +398,13 @@ async fn publish(
     }
     let account = signed_in.or_else(|| grant.account.clone());
     let scopes = token.scopes.clone().unwrap_or_else(|| grant.scopes.clone());
-    if let Err(e) =
-        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await
-    {
+    let written =
+        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await;
+    if let Ok(version) = &written {
+        ctx.written
+            .set(&uid, super::cache::Kind::Token, version.clone());
+    }
+    if let Err(e) = written {
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, now);
         ctx.set_backoff(&uid, Some(b));

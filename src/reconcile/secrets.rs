@@ -83,16 +83,17 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Secret {
 /// Write the token Secret. `current` is the token Secret as read, which must be this integration's
 /// own (see [`super::observed::owned_by`]): when there was none it is created, so that a Secret
 /// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
-/// server-side apply with the resourceVersion read as its precondition.
+/// server-side apply with the resourceVersion read as its precondition. Returns the written
+/// resourceVersion.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let mut secret = token_secret(mi, token);
-    match current {
+    let written = match current {
         None => {
             api.create(
                 &PostParams {
@@ -101,7 +102,7 @@ pub async fn write_token_secret(
                 },
                 &secret,
             )
-            .await?;
+            .await?
         }
         Some(current) => {
             secret.metadata.resource_version = current.metadata.resource_version.clone();
@@ -110,11 +111,11 @@ pub async fn write_token_secret(
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&secret),
             )
-            .await?;
+            .await?
         }
-    }
+    };
     metrics.count_write("token_secret");
-    Ok(())
+    Ok(written.metadata.resource_version)
 }
 
 /// The grant Secret after a sign-in or a rotation: `base` (the current Secret, possibly brought by
