@@ -106,11 +106,7 @@ async fn an_idle_reconcile_reads_nothing_and_a_restart_with_valid_tokens_neither
         .await
         .unwrap();
     env.secrets()
-        .patch(
-            "client",
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch("client", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -31,7 +31,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Event, EventType, Reporter},
         reflector::{self, ObjectRef, Store, reflector},
         watcher::{Config as WatcherConfig, watcher},
     },
@@ -86,8 +86,8 @@ pub struct Context {
     pub providers: ProviderResolver,
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
-    /// One event recorder, so that repeats are aggregated (see [`Recorder`]).
-    pub(crate) recorder: Recorder,
+    /// Publishes the reconciler's events (without a cache: see [`super::events`]).
+    pub(crate) recorder: super::events::EventPublisher,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
     pub mailbox: MailboxChecker,
     /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
@@ -129,7 +129,7 @@ impl Context {
             oauth,
             providers,
             metrics,
-            recorder: Recorder::new(client.clone(), reporter.clone()),
+            recorder: super::events::EventPublisher::new(client.clone(), reporter.clone()),
             reporter,
             sign_in: None,
             revoke_timeout: Duration::from_secs(300),

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod controller;
 pub mod decide;
+pub mod events;
 pub mod finalizer;
 pub mod inflight;
 pub mod mailbox_check;
