@@ -261,7 +261,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.mailbox_allowed_hosts.iter().map(String::as_str),
     );
     info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
-    ctx.mailbox = ctx.mailbox.with_allowed_hosts(allowed);
+    ctx.mailbox = Arc::new(
+        mail_integration_operator::reconcile::mailbox_check::MailboxChecker::new(
+            8,
+            mail_integration_operator::mailbox::DEFAULT_TIMEOUT,
+            ctx.metrics.clone(),
+        )
+        .with_allowed_hosts(allowed),
+    );
     let ctx = Arc::new(ctx);
     // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -54,6 +54,21 @@ pub struct Caches {
 }
 
 impl Caches {
+    /// Wait (at most `limit`) until the Secret caches hold their first list. The integrations'
+    /// cache starts the reconciles, and may be ready before them: a reconcile deciding on an empty
+    /// Secret cache would read every Secret it misses (a restart of 10,000 integrations would make
+    /// tens of thousands of GETs). The controller keeps driving the watches meanwhile.
+    pub async fn secrets_ready(&self, limit: std::time::Duration) -> bool {
+        let both = futures::future::join(
+            self.owned.wait_until_ready(),
+            self.marked.wait_until_ready(),
+        );
+        matches!(
+            tokio::time::timeout(limit, both).await,
+            Ok((Ok(()), Ok(())))
+        )
+    }
+
     pub fn owned_secret(&self, ns: &str, name: &str) -> Option<Secret> {
         self.owned
             .get(&ObjectRef::new(name).within(ns))

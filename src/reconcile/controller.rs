@@ -89,7 +89,7 @@ pub struct Context {
     /// Publishes the reconciler's events (without a cache: see [`super::events`]).
     pub(crate) recorder: super::events::EventPublisher,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
-    pub mailbox: MailboxChecker,
+    pub mailbox: Arc<MailboxChecker>,
     /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
     pub revoke_timeout: Duration,
     /// Whether this process may act as the leader ([`Fence::unfenced`] without leader election).
@@ -124,7 +124,11 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            mailbox: MailboxChecker::new(8, crate::mailbox::DEFAULT_TIMEOUT, metrics.clone()),
+            mailbox: Arc::new(MailboxChecker::new(
+                8,
+                crate::mailbox::DEFAULT_TIMEOUT,
+                metrics.clone(),
+            )),
             client: client.clone(),
             oauth,
             providers,
@@ -217,6 +221,8 @@ impl Context {
 pub struct Scoped {
     pub ctx: Arc<Context>,
     pub caches: Caches,
+    /// Brings a reconcile of an integration (a mailbox check finished in the background).
+    pub wake: futures::channel::mpsc::UnboundedSender<ObjectRef<MailIntegration>>,
 }
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any())))]
@@ -225,7 +231,7 @@ async fn reconcile(mi: Arc<MailIntegration>, scoped: Arc<Scoped>) -> Result<Acti
     // Boxed as `dyn Future + Send`: works around rustc's higher-ranked Send inference for futures
     // that hold references across awaits.
     let inner: futures::future::BoxFuture<'_, Result<Action, Error>> =
-        Box::pin(reconcile_inner(&mi, ctx, &scoped.caches));
+        Box::pin(reconcile_inner(&mi, ctx, &scoped.caches, &scoped.wake));
     // A panic on one tenant's data must not end the controller for every tenant: it fails this
     // reconcile only. (The arithmetic and parsing are written not to panic; this is the net.)
     let result = match std::panic::AssertUnwindSafe(inner).catch_unwind().await {
@@ -250,11 +256,15 @@ async fn reconcile_inner(
     cached: &MailIntegration,
     ctx: &Context,
     caches: &Caches,
+    wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<MailIntegration>>,
 ) -> Result<Action, Error> {
     let ns = cached.namespace().ok_or(Error::NoNamespace)?;
     if ctx.fence.check().is_err() {
         // Not (or no longer) the leader: no reads, no writes.
         return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    if !caches.secrets_ready(Duration::from_secs(30)).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let uid = cached.uid().unwrap_or_default();
     let written = ctx.written.get(&uid);
@@ -464,7 +474,15 @@ async fn reconcile_inner(
     } else {
         let ca = read_ca(mi, caches, &secrets_api, ctx).await;
         match ca {
-            Ok(ca) => ctx.mailbox.state(mi, check_token, ca, now).await,
+            Ok(ca) => {
+                // Off the refresh path: the status reports the last finished check, and a check
+                // that finishes brings the next reconcile.
+                let (wake, target) = (wake.clone(), ObjectRef::from_obj(mi));
+                ctx.mailbox
+                    .state_in_background(mi, check_token, ca, now, move || {
+                        let _ = wake.unbounded_send(target);
+                    })
+            }
             Err(state) => Some(state),
         }
     };
@@ -776,7 +794,8 @@ async fn run_one(
         marked,
     };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    let scoped = Arc::new(Scoped { ctx, caches });
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let scoped = Arc::new(Scoped { ctx, caches, wake });
     let config = kube::runtime::controller::Config::default().concurrency(scoped.ctx.concurrency);
     Controller::for_stream(integration_events, store.clone())
         .with_config(config)
@@ -788,6 +807,7 @@ async fn run_one(
         .watches_stream(marked_events, move |s: Secret| {
             integrations_using(&store, s.metadata.namespace.as_deref(), &s.name_any())
         })
+        .reconcile_on(woken)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
