@@ -265,6 +265,10 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--log-format=json",
             "--leader-election",
             &format!("--leader-election-lease={n}-leader"),
+            "--leader-election-lease-seconds=15",
+            "--shutdown-timeout=40s",
+            "--kube-api-qps=100",
+            "--concurrency=32",
         ]
     );
     // Leader election is on by default: a rolling update, never two refreshers.
