@@ -88,6 +88,20 @@ pub struct Written {
     pub integration: Option<String>,
     pub grant: Option<String>,
     pub token: Option<String>,
+    /// When the last of them was written.
+    pub at: Option<std::time::Instant>,
+}
+
+/// How long a cache may lag behind this process's write before the object is read instead: a
+/// watch event takes milliseconds; an object that stays older (or gone: someone deleted the token
+/// Secret) must not keep its integration waiting.
+pub const LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Written {
+    /// Whether the last write is recent enough for a lagging cache to be waited for.
+    pub fn recent(&self) -> bool {
+        self.at.is_some_and(|at| at.elapsed() < LAG_LIMIT)
+    }
 }
 
 /// Which of an integration's objects was written.
@@ -111,6 +125,7 @@ impl WrittenVersions {
         let Some(version) = version else { return };
         let mut map = self.0.locked();
         let w = map.entry(uid.to_owned()).or_default();
+        w.at = Some(std::time::Instant::now());
         match kind {
             Kind::Integration => w.integration = Some(version),
             Kind::Grant => w.grant = Some(version),
@@ -127,7 +142,7 @@ impl WrittenVersions {
                 Kind::Grant => w.grant = None,
                 Kind::Token => w.token = None,
             }
-            if *w == Written::default() {
+            if w.integration.is_none() && w.grant.is_none() && w.token.is_none() {
                 map.remove(uid);
             }
         }
@@ -161,21 +176,27 @@ pub enum Freshness {
 /// Whether `cached` (the resourceVersion in the watch cache; `None`: not in it) is at least as new
 /// as `written` (this process's last write). resourceVersions are documented as opaque, but
 /// kube-apiserver serves etcd's revision, a number that only grows, and its own watch cache
-/// compares them the same way; anything else falls back to a read.
-pub fn freshness(cached: Option<&str>, written: Option<&str>) -> Freshness {
+/// compares them the same way; anything else falls back to a read. A cache still behind after
+/// [`LAG_LIMIT`] (`recent` false) is not waited for either: the object is read.
+pub fn freshness(cached: Option<&str>, written: Option<&str>, recent: bool) -> Freshness {
     let Some(written) = written else {
         return Freshness::Fresh;
     };
+    let lagging = if recent {
+        Freshness::Lagging
+    } else {
+        Freshness::Unknown
+    };
     let Some(cached) = cached else {
-        // Written (created) by this process but not in the cache yet.
-        return Freshness::Lagging;
+        // Written (created) by this process but not in the cache yet (or deleted since).
+        return lagging;
     };
     if cached == written {
         return Freshness::Fresh;
     }
     match (cached.parse::<u64>(), written.parse::<u64>()) {
         (Ok(c), Ok(w)) if c > w => Freshness::Fresh,
-        (Ok(_), Ok(_)) => Freshness::Lagging,
+        (Ok(_), Ok(_)) => lagging,
         _ => Freshness::Unknown,
     }
 }
@@ -186,13 +207,17 @@ mod tests {
 
     #[test]
     fn a_cache_is_fresh_unless_it_holds_less_than_this_process_wrote() {
-        assert_eq!(freshness(Some("5"), None), Freshness::Fresh);
-        assert_eq!(freshness(None, None), Freshness::Fresh);
-        assert_eq!(freshness(Some("7"), Some("7")), Freshness::Fresh);
-        assert_eq!(freshness(Some("8"), Some("7")), Freshness::Fresh);
-        assert_eq!(freshness(Some("6"), Some("7")), Freshness::Lagging);
-        assert_eq!(freshness(None, Some("7")), Freshness::Lagging);
-        assert_eq!(freshness(Some("x"), Some("7")), Freshness::Unknown);
+        assert_eq!(freshness(Some("5"), None, true), Freshness::Fresh);
+        assert_eq!(freshness(None, None, true), Freshness::Fresh);
+        assert_eq!(freshness(Some("7"), Some("7"), true), Freshness::Fresh);
+        assert_eq!(freshness(Some("8"), Some("7"), true), Freshness::Fresh);
+        assert_eq!(freshness(Some("6"), Some("7"), true), Freshness::Lagging);
+        assert_eq!(freshness(None, Some("7"), true), Freshness::Lagging);
+        assert_eq!(freshness(Some("x"), Some("7"), true), Freshness::Unknown);
+        // Behind for longer than a watch event takes (or deleted since): read it.
+        assert_eq!(freshness(Some("6"), Some("7"), false), Freshness::Unknown);
+        assert_eq!(freshness(None, Some("7"), false), Freshness::Unknown);
+        assert_eq!(freshness(Some("8"), Some("7"), false), Freshness::Fresh);
     }
 
     #[test]

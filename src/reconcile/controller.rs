@@ -282,9 +282,11 @@ async fn reconcile_inner(
         Ok(Action::requeue(Duration::from_secs(1)))
     };
     let fresh;
+    let recent = written.recent();
     let mi: &MailIntegration = match cache::freshness(
         cached.resource_version().as_deref(),
         written.integration.as_deref(),
+        recent,
     ) {
         Freshness::Lagging => return lagging("integration"),
         Freshness::Fresh if cached.meta().deletion_timestamp.is_none() => cached,
@@ -332,6 +334,7 @@ async fn reconcile_inner(
                     .as_ref()
                     .and_then(|s| s.metadata.resource_version.as_deref()),
                 version.as_deref(),
+                recent,
             ) {
                 Freshness::Lagging => Err(None),
                 Freshness::Fresh if cached.is_some() => Ok(cached),
