@@ -1,40 +1,85 @@
-//! Scale benchmark: N integrations against the real kube-apiserver and a stand-in token endpoint.
+//! Scale benchmark: N integrations on one operator process against the real kube-apiserver, a
+//! stand-in token endpoint and a loopback IMAP server, measured next to the API server's own limit.
 //!
-//!   cargo bench --bench scale -- 100 1000
+//!   cargo bench --bench scale -- 1000 10000
 //!
-//! For each N it prints: the time until all are Ready, token requests and API writes per refresh
-//! (over a steady-state window in which every integration refreshes at least once), and the
-//! operator's peak RSS. The stand-in token endpoint answers refresh_token grants at once with
-//! short-lived access tokens (no rotation, like Google), so the figures are the operator's own.
+//! For each N it prints one figure per line, `n=N name value`, so that a script can `grep`/`awk`
+//! them (benches/README.md explains each and holds the last figures). Environment knobs, for a run
+//! that must fit in less time: MIO_BENCH_UNRELATED_SECRETS (100000), MIO_BENCH_LATENESS_TTL_S
+//! (600: the access-token lifetime of the lateness phase, refreshBefore is 1m),
+//! MIO_BENCH_MAILBOX_SHARE (0.1: share of integrations whose mailbox is checked),
+//! MIO_BENCH_SATURATION_S (20: the saturation window), MIO_BENCH_CONCURRENCY (the operator's
+//! --concurrency, default its own).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use axum::{Form, Json, Router, routing::post};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, api::PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
 use mail_integration_operator::api::MailIntegration;
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
-use support::{ensure_crd, operator::Operator, unique_namespace};
+use support::{ensure_crd, operator::Operator};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// Access-token lifetime of the stand-in: integrations refresh at two thirds of it.
-const TOKEN_TTL_S: u64 = 30;
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
-async fn token_endpoint(counter: Arc<AtomicU64>) -> String {
+/// The stand-in token endpoint: answers refresh_token grants at once, with access tokens that live
+/// `ttl_s` (changed between phases), without rotation (like Google).
+struct TokenEndpoint {
+    url: String,
+    requests: Arc<AtomicU64>,
+    ttl_s: Arc<AtomicU64>,
+    /// Requests per refresh token (one per integration): how many refreshes each has had.
+    per_grant: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl TokenEndpoint {
+    /// Integrations refreshed at least `times` more than in `base`.
+    fn refreshed_since(&self, base: &HashMap<String, u32>, times: u32) -> usize {
+        self.per_grant
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, v)| **v >= base.get(*k).copied().unwrap_or(0) + times)
+            .count()
+    }
+    fn snapshot(&self) -> HashMap<String, u32> {
+        self.per_grant.lock().unwrap().clone()
+    }
+}
+
+async fn token_endpoint() -> TokenEndpoint {
+    let requests = Arc::new(AtomicU64::new(0));
+    let ttl_s = Arc::new(AtomicU64::new(3));
+    let per_grant = Arc::new(Mutex::new(HashMap::new()));
+    let (r, t, g) = (requests.clone(), ttl_s.clone(), per_grant.clone());
     let app = Router::new().route(
         "/token",
         post(move |Form(form): Form<HashMap<String, String>>| {
-            let counter = counter.clone();
+            let (r, t, g) = (r.clone(), t.clone(), g.clone());
             async move {
-                counter.fetch_add(1, Ordering::Relaxed);
+                r.fetch_add(1, Ordering::Relaxed);
+                if let Some(rt) = form.get("refresh_token") {
+                    *g.lock().unwrap().entry(rt.clone()).or_insert(0) += 1;
+                }
                 assert_eq!(
                     form.get("grant_type").map(String::as_str),
                     Some("refresh_token")
@@ -42,7 +87,7 @@ async fn token_endpoint(counter: Arc<AtomicU64>) -> String {
                 Json(serde_json::json!({
                     "access_token": format!("at-{}", rand::random::<u64>()),
                     "token_type": "Bearer",
-                    "expires_in": TOKEN_TTL_S,
+                    "expires_in": t.load(Ordering::Relaxed),
                 }))
             }
         }),
@@ -50,7 +95,60 @@ async fn token_endpoint(counter: Arc<AtomicU64>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/token", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    TokenEndpoint {
+        url,
+        requests,
+        ttl_s,
+        per_grant,
+    }
+}
+
+/// A loopback IMAP server that accepts any XOAUTH2 token: enough for the operator's check
+/// (greeting, AUTHENTICATE, EXAMINE INBOX, LOGOUT). Returns its port and its login count.
+async fn imap_server() -> (u16, Arc<AtomicU64>) {
+    let logins = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let l = logins.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                if write.write_all(b"* OK bench IMAP ready\r\n").await.is_err() {
+                    return;
+                }
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut words = line.split_whitespace();
+                    let tag = words.next().unwrap_or("*").to_owned();
+                    let command = words.next().unwrap_or("").to_ascii_uppercase();
+                    let answer = match command.as_str() {
+                        "AUTHENTICATE" => {
+                            if words.nth(1).is_none() {
+                                let _ = write.write_all(b"+ \r\n").await;
+                                let _ = lines.next_line().await;
+                            }
+                            l.fetch_add(1, Ordering::Relaxed);
+                            format!("{tag} OK authenticated\r\n")
+                        }
+                        "EXAMINE" | "SELECT" => format!(
+                            "* 0 EXISTS\r\n* 0 RECENT\r\n* FLAGS ()\r\n{tag} OK [READ-ONLY] done\r\n"
+                        ),
+                        "LOGOUT" => format!("* BYE bye\r\n{tag} OK done\r\n"),
+                        "CAPABILITY" => format!(
+                            "* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR\r\n{tag} OK done\r\n"
+                        ),
+                        _ => format!("{tag} OK done\r\n"),
+                    };
+                    if write.write_all(answer.as_bytes()).await.is_err() || command == "LOGOUT" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, logins)
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -64,8 +162,305 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn writes(op: &Operator) -> f64 {
-    op.api_writes()
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Requests the API server counted (`apiserver_request_total`) for the resources the operator
+/// uses, as (reads, writes). Reads: GET and LIST (WATCH is one long request per watch, not counted);
+/// writes: everything that changes an object.
+#[derive(Clone, Copy, Debug, Default)]
+struct ApiCounts {
+    reads: f64,
+    writes: f64,
+}
+
+impl std::ops::Sub for ApiCounts {
+    type Output = ApiCounts;
+    fn sub(self, o: ApiCounts) -> ApiCounts {
+        ApiCounts {
+            reads: self.reads - o.reads,
+            writes: self.writes - o.writes,
+        }
+    }
+}
+
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let rest = line.get(start..)?;
+    rest.get(..rest.find('"')?)
+}
+
+async fn api_counts(client: &Client) -> ApiCounts {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.unwrap();
+    let mut c = ApiCounts::default();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let resource = label(line, "resource").unwrap_or("");
+        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
+            continue;
+        }
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        match label(line, "verb").unwrap_or("") {
+            "GET" | "LIST" => c.reads += value,
+            "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "CREATE" | "UPDATE" => {
+                c.writes += value
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+fn secret(name: &str, labels: serde_json::Value, data: serde_json::Value) -> Secret {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels}, "stringData": data
+    }))
+    .unwrap()
+}
+
+async fn ensure_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
+/// 100,000 (MIO_BENCH_UNRELATED_SECRETS) Secrets in 100 other namespaces, none labelled for the
+/// operator: what a cluster-wide watch without a label selector would list and cache.
+async fn unrelated_secrets(client: &Client) {
+    let total: usize = env_or("MIO_BENCH_UNRELATED_SECRETS", 100_000);
+    let per_ns = total.div_ceil(100).max(1);
+    let started = Instant::now();
+    futures::stream::iter(0..total)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let ns = format!("bench-unrelated-{}", i / per_ns);
+                if i % per_ns == 0 {
+                    ensure_namespace(&client, &ns).await;
+                }
+                let api: Api<Secret> = Api::namespaced(client, &ns);
+                let s = secret(
+                    &format!("unrelated-{i}"),
+                    serde_json::json!({"app": "something-else"}),
+                    serde_json::json!({"password": format!("p{i:0>64}")}),
+                );
+                for _ in 0..20 {
+                    match api.create(&PostParams::default(), &s).await {
+                        Ok(_) => return,
+                        Err(kube::Error::Api(e)) if e.code == 409 => return,
+                        // The namespace may not be there yet (created by another task).
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    eprintln!(
+        "{total} unrelated Secrets present ({:.0}s)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The bare limit: the writes of one refresh (SSA of a token Secret, SSA of a status) in a loop
+/// at several concurrencies, on objects the operator does not watch. Returns the best writes/s.
+async fn raw_limit(client: &Client) -> f64 {
+    let ns = "bench-raw-limit";
+    ensure_namespace(client, ns).await;
+    let objects = 256usize;
+    let mis: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    futures::stream::iter(0..objects)
+        .map(|i| {
+            let mis = mis.clone();
+            async move {
+                let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+                    "metadata": {"name": format!("raw-{i}")},
+                    "spec": {
+                        "provider": "OIDC",
+                        "mailbox": {"address": format!("raw{i}@example.test")},
+                        "oauth": {"clientSecretRef": {"name": "none"}, "issuerURL": "https://127.0.0.1:1"},
+                        "tokenSecret": {"name": format!("raw-{i}-token")},
+                        "suspend": true,
+                    }
+                }))
+                .unwrap();
+                match mis.create(&PostParams::default(), &mi).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => panic!("raw limit object: {e}"),
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let mut best = 0.0f64;
+    for concurrency in [8usize, 16, 32, 64] {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let window = Duration::from_secs(5);
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|t| {
+                let (mis, secrets, done, stop) =
+                    (mis.clone(), secrets.clone(), done.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = i % objects;
+                        i += concurrency;
+                        let token = format!("at-{}", rand::random::<u64>());
+                        let s = serde_json::json!({
+                            "apiVersion": "v1", "kind": "Secret",
+                            "metadata": {"name": format!("raw-{k}-token")},
+                            "stringData": {"access_token": token, "expiry": jiff::Timestamp::now().to_string()},
+                        });
+                        let ok1 = secrets
+                            .patch(
+                                &format!("raw-{k}-token"),
+                                &PatchParams::apply("bench-raw").force(),
+                                &Patch::Apply(&s),
+                            )
+                            .await
+                            .is_ok();
+                        let status = serde_json::json!({
+                            "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+                            "status": {"lastRefreshTime": jiff::Timestamp::now().to_string(), "account": token},
+                        });
+                        let ok2 = mis
+                            .patch_status(
+                                &format!("raw-{k}"),
+                                &PatchParams::apply("bench-raw").force(),
+                                &Patch::Apply(&status),
+                            )
+                            .await
+                            .is_ok();
+                        if ok1 && ok2 {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(window).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let writes_per_s = 2.0 * done.load(Ordering::Relaxed) as f64 / window.as_secs_f64();
+        eprintln!("raw limit at concurrency {concurrency}: {writes_per_s:.0} writes/s");
+        best = best.max(writes_per_s);
+    }
+    // Gone before the operator (which watches all namespaces) starts.
+    let _ = mis
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let _ = secrets
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    best
+}
+
+/// What the bench sees of the integrations, from its own watch (one WATCH request, not counted as
+/// a read): how many are Ready, and the lateness of each refresh (lastRefreshTime of a refresh
+/// minus the nextRefreshTime the status announced before it).
+type Times = (Option<i64>, Option<i64>, Option<i64>);
+
+#[derive(Default)]
+struct Seen {
+    /// Per integration: (lastRefreshTime, nextRefreshTime, accessTokenExpiresAt), in seconds.
+    state: HashMap<String, Times>,
+    lateness: Vec<f64>,
+    recording: bool,
+    /// Integrations that were reported Ready at least once (with 3 s tokens at saturation, not all
+    /// are Ready at the same moment).
+    ever_ready: std::collections::HashSet<String>,
+}
+
+impl Seen {}
+
+fn watch_integrations(client: &Client, ns: &str) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let api: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(
+            watcher(api, Default::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(ev) = events.next().await {
+            let Ok(mi) = ev else { continue };
+            let name = mi.metadata.name.clone().unwrap_or_default();
+            let st = mi.status.as_ref();
+            let last = st
+                .and_then(|s| s.last_refresh_time.as_ref())
+                .map(|t| t.0.as_second());
+            let next = st
+                .and_then(|s| s.next_refresh_time.as_ref())
+                .map(|t| t.0.as_second());
+            let expires = st
+                .and_then(|s| s.access_token_expires_at.as_ref())
+                .map(|t| t.0.as_second());
+            let ready = st.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            let mut seen = s.lock().unwrap();
+            let before = seen.state.get(&name).cloned();
+            if let Some((prev_last, prev_next, _)) = before
+                && last != prev_last
+                && seen.recording
+                && let (Some(l), Some(n)) = (last, prev_next)
+            {
+                seen.lateness.push((l - n).max(0) as f64);
+            }
+            if ready {
+                seen.ever_ready.insert(name.clone());
+            }
+            seen.state.insert(name, (last, next, expires));
+        }
+    });
+    seen
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> (bool, String)) {
+    let started = Instant::now();
+    loop {
+        let (ok, progress) = done();
+        if ok {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not done after {limit:?} ({progress})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
 }
 
 fn refreshes(op: &Operator) -> f64 {
@@ -73,65 +468,108 @@ fn refreshes(op: &Operator) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn run(n: usize) {
-    let cp = ensure_crd();
-    let ns = unique_namespace(&format!("bench{n}"));
-    let client = cp.client().await;
-    let counter = Arc::new(AtomicU64::new(0));
-    let token_url = token_endpoint(counter.clone()).await;
-    let log_dir = tempfile::tempdir().unwrap();
-    let op = Operator::start(
+fn reconciles_ok(op: &Operator) -> f64 {
+    op.metric(r#"mailintegration_reconciles_total{result="ok"}"#)
+        .unwrap_or(0.0)
+}
+
+fn mailbox_checks(op: &Operator) -> f64 {
+    op.metric(r#"mailintegration_mailbox_checks_total{result="success",reason="Connected"}"#)
+        .unwrap_or(0.0)
+}
+
+struct Out(usize);
+
+impl Out {
+    fn fig(&self, name: &str, value: f64) {
+        println!("n={} {name} {value:.3}", self.0);
+    }
+}
+
+fn start_operator(
+    cp: &support::control_plane::ControlPlane,
+    log_dir: &std::path::Path,
+) -> Operator {
+    let concurrency = std::env::var("MIO_BENCH_CONCURRENCY").ok();
+    let mut args = vec![
+        "--log-format",
+        "json",
+        "--allow-endpoint-overrides",
+        "--kube-api-qps",
+        "0",
+    ];
+    let c;
+    if let Some(v) = &concurrency {
+        c = format!("--concurrency={v}");
+        args.push(&c);
+    }
+    Operator::start_with_env(
         "operator",
         &cp.kubeconfig,
-        &["--namespace", &ns, "--log-format", "json"],
-        log_dir.path(),
-    );
-    let pid = op.process.child_pid().expect("operator pid");
+        &args,
+        &[("RUST_LOG", "info".into())],
+        log_dir,
+    )
+}
+
+async fn run(n: usize, raw_limit_writes_per_s: f64) {
+    let out = Out(n);
+    out.fig("raw_limit_writes_per_s", raw_limit_writes_per_s);
+    let cp = ensure_crd();
+    let ns = format!("bench-n{n}");
+    let client = cp.client().await;
+    ensure_namespace(&client, &ns).await;
+    let endpoint = token_endpoint().await;
+    let (imap_port, imap_logins) = imap_server().await;
+    let share: f64 = env_or("MIO_BENCH_MAILBOX_SHARE", 0.1);
+    let checked_every = if share > 0.0 {
+        (1.0 / share).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
+    let log_dir = tempfile::tempdir().unwrap();
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mis: Api<MailIntegration> = Api::namespaced(client.clone(), &ns);
-    // Labelled as a user marks them: the client Secret for the operator to read, each grant
-    // Secret for its integration.
-    let label = |mut s: Secret, key: &str, value: &str| -> Secret {
-        s.metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert(key.to_owned(), value.to_owned());
-        s
-    };
-    let marked = |s: Secret| label(s, "mailintegration.dev/oauth-client", "true");
-    let for_integration = |s: Secret, name: &str| label(s, "mailintegration.dev/integration", name);
-    let secret = |name: String, data: serde_json::Value| -> Secret {
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data}))
-            .unwrap()
-    };
     secrets
         .create(
             &PostParams::default(),
-            &marked(secret(
-                "client".into(),
+            &secret(
+                "client",
+                serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
                 serde_json::json!({"client_id": "bench", "client_secret": "bench-secret"}),
-            )),
+            ),
         )
         .await
         .unwrap();
-
-    let started = Instant::now();
+    let created = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let (secrets, mis, token_url) = (secrets.clone(), mis.clone(), token_url.clone());
+            let (secrets, mis, token_url) = (secrets.clone(), mis.clone(), endpoint.url.clone());
             async move {
                 let name = format!("inbox-{i}");
                 secrets
-                    .create(&PostParams::default(), &for_integration(secret(format!("{name}-oauth-grant"), serde_json::json!({"refresh_token": format!("rt-{i}")})), &name))
+                    .create(
+                        &PostParams::default(),
+                        &secret(
+                            &format!("{name}-oauth-grant"),
+                            serde_json::json!({"mailintegration.dev/integration": name}),
+                            serde_json::json!({"refresh_token": format!("rt-{i}")}),
+                        ),
+                    )
                     .await
                     .unwrap();
+                let mut mailbox = serde_json::json!({"address": format!("user{i}@example.test")});
+                if i % checked_every == 0 {
+                    mailbox["server"] =
+                        serde_json::json!({"host": "127.0.0.1", "port": imap_port, "tls": "None"});
+                }
                 let mi: MailIntegration = serde_json::from_value(serde_json::json!({
                     "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
                     "metadata": {"name": name},
                     "spec": {
                         "provider": "OIDC",
-                        "mailbox": {"address": format!("user{i}@example.test")},
+                        "mailbox": mailbox,
                         "oauth": {"clientSecretRef": {"name": "client"}, "endpoints": {"authorization": "http://127.0.0.1:1/auth", "token": token_url}},
                         "tokenSecret": {"name": format!("{name}-token")},
                         "refreshBefore": "1m",
@@ -141,53 +579,191 @@ async fn run(n: usize) {
                 mis.create(&PostParams::default(), &mi).await.unwrap();
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    let created = started.elapsed();
+    eprintln!("n={n}: created in {:.1}s", created.elapsed().as_secs_f64());
+    let seen = watch_integrations(&client, &ns);
+    wait_until("bench watch synced", Duration::from_secs(300), || {
+        let s = seen.lock().unwrap();
+        (s.state.len() == n, format!("{}/{n}", s.state.len()))
+    })
+    .await;
 
-    loop {
-        let ready = mis
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .count();
-        if ready == n {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "only {ready}/{n} Ready after 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let all_ready = started.elapsed();
-
-    // Steady state: a window of one token lifetime, in which every integration refreshes once.
-    let (r0, w0, t0) = (refreshes(&op), writes(&op), counter.load(Ordering::Relaxed));
-    tokio::time::sleep(Duration::from_secs(TOKEN_TTL_S + 5)).await;
-    let (r1, w1, t1) = (refreshes(&op), writes(&op), counter.load(Ordering::Relaxed));
-    let refreshed = r1 - r0;
-    println!(
-        "scale N={n}: created in {:.1}s, all Ready after {:.1}s; steady state over {}s: {} refreshes, {:.2} token requests/refresh, {:.2} API writes/refresh; operator RSS now {} KiB, peak {} KiB",
-        created.as_secs_f64(),
-        all_ready.as_secs_f64(),
-        TOKEN_TTL_S + 5,
-        refreshed,
-        (t1 - t0) as f64 / refreshed.max(1.0),
-        (w1 - w0) / refreshed.max(1.0),
-        rss_kib(pid, "VmRSS:"),
-        rss_kib(pid, "VmHWM:"),
+    // 5. First refresh: N integrations with a grant and no token yet; access tokens of 10 minutes.
+    let late_ttl: u64 = env_or("MIO_BENCH_LATENESS_TTL_S", 600);
+    endpoint.ttl_s.store(late_ttl, Ordering::Relaxed);
+    let api0 = api_counts(&client).await;
+    let t0 = endpoint.requests.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let op = start_operator(cp, log_dir.path());
+    let pid = op.process.child_pid().expect("operator pid");
+    wait_until("first refresh", Duration::from_secs(3600), || {
+        let ready = seen.lock().unwrap().ever_ready.len();
+        (ready == n, format!("{ready}/{n} Ready"))
+    })
+    .await;
+    out.fig("first_refresh_s", started.elapsed().as_secs_f64());
+    let first = api_counts(&client).await - api0;
+    let first_tokens = (endpoint.requests.load(Ordering::Relaxed) - t0) as f64;
+    out.fig(
+        "first_refresh_reads_per_integration",
+        first.reads / n as f64,
     );
+    out.fig(
+        "first_refresh_writes_per_integration",
+        first.writes / n as f64,
+    );
+    out.fig("first_refresh_token_requests", first_tokens);
+
+    // 6. Lateness at a realistic load: those 10-minute tokens, refreshBefore 1m, jitter on, over
+    // two refresh cycles (counted at the token endpoint; the lateness of each refresh the bench's
+    // watch saw: lastRefreshTime minus the nextRefreshTime announced before it).
+    {
+        let mut s = seen.lock().unwrap();
+        s.recording = true;
+        s.lateness.clear();
+    }
+    let base = endpoint.snapshot();
+    let cycle_limit = Duration::from_secs(late_ttl * 3);
+    for cycle in 1..=2 {
+        wait_until(&format!("lateness cycle {cycle}"), cycle_limit, || {
+            let c = endpoint.refreshed_since(&base, cycle);
+            (c == n, format!("{c}/{n}"))
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut lateness = std::mem::take(&mut seen.lock().unwrap().lateness);
+    seen.lock().unwrap().recording = false;
+    lateness.sort_by(f64::total_cmp);
+    out.fig("lateness_samples", lateness.len() as f64);
+    out.fig("lateness_p50_s", percentile(&lateness, 0.5));
+    out.fig("lateness_p99_s", percentile(&lateness, 0.99));
+    out.fig(
+        "lateness_max_s",
+        lateness.last().copied().unwrap_or(f64::NAN),
+    );
+    out.fig("lateness_token_ttl_s", late_ttl as f64);
+    out.fig("lateness_rss_mib", mib(rss_kib(pid, "VmRSS:")));
+
+    // 2, 3. Saturation: a refresh of every integration requested at once (the annotation of
+    // `kubectl mailint refresh`), and tokens of 3 s from then on, so that each is due again every
+    // 2 s: a demand of N/2 per second, above what the API server can take at these sizes.
+    endpoint.ttl_s.store(3, Ordering::Relaxed);
+    let requested = jiff::Timestamp::now().to_string();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (mis, requested) = (mis.clone(), requested.clone());
+            async move {
+                let patch = serde_json::json!({"metadata": {"annotations": {
+                    "mailintegration.dev/refresh-requested-at": requested}}});
+                let _ = mis
+                    .patch(
+                        &format!("inbox-{i}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let window = Duration::from_secs(env_or("MIO_BENCH_SATURATION_S", 20));
+    let (r0, a0, k0) = (
+        refreshes(&op),
+        api_counts(&client).await,
+        mailbox_checks(&op),
+    );
+    let w0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let (r1, a1, k1) = (
+        refreshes(&op),
+        api_counts(&client).await,
+        mailbox_checks(&op),
+    );
+    let secs = w0.elapsed().as_secs_f64();
+    let refreshed = (r1 - r0).max(1.0);
+    let api = a1 - a0;
+    out.fig("operator_refreshes_per_s", refreshed / secs);
+    out.fig("operator_writes_per_s", api.writes / secs);
+    out.fig(
+        "ratio_to_limit",
+        api.writes / secs / raw_limit_writes_per_s.max(1.0),
+    );
+    out.fig("reads_per_refresh", api.reads / refreshed);
+    out.fig("writes_per_refresh", api.writes / refreshed);
+    out.fig("saturation_mailbox_checks_per_s", (k1 - k0) / secs);
+    out.fig("saturation_rss_mib", mib(rss_kib(pid, "VmRSS:")));
+
+    // Back to tokens of an hour, for the idle figures and the cold start.
+    endpoint.ttl_s.store(3600, Ordering::Relaxed);
+    let base = endpoint.snapshot();
+    wait_until(
+        "all on tokens of an hour",
+        Duration::from_secs(3600),
+        || {
+            let c = endpoint.refreshed_since(&base, 1);
+            (c == n, format!("{c}/{n}"))
+        },
+    )
+    .await;
+    // The last refresh's status writes have landed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    // 7. RSS, with the unrelated Secrets present all along.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    out.fig("rss_peak_mib", mib(rss_kib(pid, "VmHWM:")));
+    out.fig("rss_steady_mib", mib(rss_kib(pid, "VmRSS:")));
+    // 8. The mailbox check's share and cost.
+    let checked = n.div_ceil(checked_every.min(n.max(1)));
+    out.fig(
+        "mailbox_check_share",
+        if share > 0.0 {
+            checked as f64 / n as f64
+        } else {
+            0.0
+        },
+    );
+    out.fig("mailbox_logins", imap_logins.load(Ordering::Relaxed) as f64);
+    out.fig("mailbox_checks", mailbox_checks(&op));
+    drop(op);
+
+    // 4. Cold start: a new process, every token valid for about an hour, status already Ready.
+    let (a0, t0) = (
+        api_counts(&client).await,
+        endpoint.requests.load(Ordering::Relaxed),
+    );
+    let started = Instant::now();
+    let op = start_operator(cp, log_dir.path());
+    let pid = op.process.child_pid().expect("operator pid");
+    let target = n as f64;
+    wait_until("cold start", Duration::from_secs(600), || {
+        let r = reconciles_ok(&op);
+        (r >= target, format!("{r}/{n} reconciled"))
+    })
+    .await;
+    out.fig("cold_start_s", started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let api = api_counts(&client).await - a0;
+    out.fig(
+        "cold_start_token_requests",
+        (endpoint.requests.load(Ordering::Relaxed) - t0) as f64,
+    );
+    out.fig("cold_start_writes", api.writes);
+    out.fig("cold_start_reads", api.reads);
+    out.fig("cold_start_rss_mib", mib(rss_kib(pid, "VmRSS:")));
+    drop(op);
+
+    // Leave room for the next size: the operator watches every namespace.
+    let _ = mis
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let _ = secrets
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
 }
 
 #[tokio::main]
@@ -196,12 +772,13 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let sizes = if sizes.is_empty() {
-        vec![100, 1000]
-    } else {
-        sizes
-    };
+    let sizes = if sizes.is_empty() { vec![1000] } else { sizes };
+    let cp = ensure_crd();
+    let client = cp.client().await;
+    unrelated_secrets(&client).await;
     for n in sizes {
-        run(n).await;
+        // The limit right before each size, on the same API server (etcd grows between sizes).
+        let limit = raw_limit(&client).await;
+        run(n, limit).await;
     }
 }

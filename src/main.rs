@@ -78,6 +78,11 @@ struct RunArgs {
     /// so that a brownout of the API server does not become a storm of retries. 0: no limit.
     #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 100)]
     kube_api_qps: u64,
+    /// Reconciles that run at once: bounds memory and the requests in flight when thousands of
+    /// integrations come due together (a refresh waits for the token endpoint, so more than the
+    /// API server's own concurrency helps when the provider is slow).
+    #[arg(long, env = "MIO_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -248,6 +253,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.grant_locks = grant_locks;
+    ctx.concurrency = args.concurrency;
     if args.leader_election {
         ctx.fence = Arc::new(Fence::leased());
     }
@@ -257,7 +263,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.mailbox_allowed_hosts.iter().map(String::as_str),
     );
     info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
-    ctx.mailbox = ctx.mailbox.with_allowed_hosts(allowed);
+    ctx.mailbox = Arc::new(
+        mail_integration_operator::reconcile::mailbox_check::MailboxChecker::new(
+            8,
+            mail_integration_operator::mailbox::DEFAULT_TIMEOUT,
+            ctx.metrics.clone(),
+        )
+        .with_allowed_hosts(allowed),
+    );
     let ctx = Arc::new(ctx);
     // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);

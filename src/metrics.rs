@@ -30,6 +30,11 @@ pub struct ReconcileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub object: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
 }
@@ -46,6 +51,8 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub api_writes: Family<ErrorLabels, Counter>,
+    /// Reads (GETs) a reconcile made of the Kubernetes API, by object; the watch caches serve the rest.
+    pub api_reads: Family<ObjectLabels, Counter>,
     pub mailbox_checks: Family<RefreshLabels, Counter>,
     pub mailbox_check_failures: Family<ErrorLabels, Counter>,
     pub sign_ins: Family<RefreshLabels, Counter>,
@@ -103,6 +110,12 @@ impl Default for Metrics {
             "Writes to the Kubernetes API by kind of object",
             api_writes.clone(),
         );
+        let api_reads = Family::<ObjectLabels, Counter>::default();
+        registry.register(
+            "api_reads",
+            "Reads of the Kubernetes API by reconciles, by object (the watch caches serve the rest)",
+            api_reads.clone(),
+        );
         let mailbox_checks = Family::<RefreshLabels, Counter>::default();
         registry.register(
             "mailbox_checks",
@@ -153,6 +166,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_errors,
             api_writes,
+            api_reads,
         }
     }
 }
@@ -166,6 +180,14 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn count_read(&self, what: &str) {
+        self.api_reads
+            .get_or_create(&ObjectLabels {
+                object: what.to_owned(),
+            })
+            .inc();
     }
 
     pub fn count_write(&self, what: &str) {

@@ -279,6 +279,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--leader-election-lease-seconds=15",
             "--shutdown-timeout=40s",
             "--kube-api-qps=100",
+            "--concurrency=32",
         ]
     );
     // Room for the drain: the grace period is longer than --shutdown-timeout.

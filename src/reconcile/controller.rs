@@ -5,6 +5,7 @@ use super::inflight::Mark;
 use super::refresh::{self, PendingGrant, backoff_delay, refresh, store_pending};
 pub use super::refresh::{MAX_RETRY_AFTER, next_backoff};
 use super::{
+    cache::{self, Caches, Freshness, Kind, WrittenVersions},
     decide::{self, Action as Decision, Backoff, Outcome},
     finalizer,
     mailbox_check::{self, MailboxChecker, MailboxState},
@@ -27,12 +28,12 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
+        events::{Event, EventType, Reporter},
+        reflector::{self, ObjectRef, Store, reflector},
         watcher::{Config as WatcherConfig, watcher},
     },
 };
@@ -42,6 +43,9 @@ use std::{
     time::Duration,
 };
 use tracing::{instrument, warn};
+
+/// Reconciles at once by default (see [`Context::concurrency`]; chosen from benches/README.md).
+pub const DEFAULT_CONCURRENCY: u16 = 32;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "mail-integration-operator";
@@ -83,10 +87,10 @@ pub struct Context {
     pub providers: ProviderResolver,
     pub metrics: Arc<Metrics>,
     pub reporter: Reporter,
-    /// One event recorder, so that repeats are aggregated (see [`Recorder`]).
-    pub(crate) recorder: Recorder,
+    /// Publishes the reconciler's events (without a cache: see [`super::events`]).
+    pub(crate) recorder: super::events::EventPublisher,
     pub sign_in: Option<Arc<dyn SignInLinks>>,
-    pub mailbox: MailboxChecker,
+    pub mailbox: Arc<MailboxChecker>,
     /// How long a failing revocation may delay a deletion (spec.revokeOnDelete).
     pub revoke_timeout: Duration,
     /// Whether this process may act as the leader ([`Fence::unfenced`] without leader election).
@@ -95,6 +99,9 @@ pub struct Context {
     pub identity: String,
     /// One writer per grant in this process; shared with the sign-in server.
     pub grant_locks: Arc<GrantLocks>,
+    /// Reconciles that run at once (`--concurrency`): bounds the memory and the API requests in
+    /// flight when thousands of integrations are due together.
+    pub concurrency: u16,
     backoff: Mutex<HashMap<String, Backoff>>,
     /// Refreshed grants not stored yet, per UID.
     pending: Mutex<HashMap<String, PendingGrant>>,
@@ -102,6 +109,8 @@ pub struct Context {
     resolved_marks: Mutex<HashMap<String, Mark>>,
     /// Failed reconciles in a row, per resource UID (the error policy's backoff).
     errors: Mutex<HashMap<String, u32>>,
+    /// The resourceVersions of this process's last writes, per UID (see [`cache::freshness`]).
+    pub(crate) written: WrittenVersions,
 }
 
 impl Context {
@@ -116,12 +125,16 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            mailbox: MailboxChecker::new(8, crate::mailbox::DEFAULT_TIMEOUT, metrics.clone()),
+            mailbox: Arc::new(MailboxChecker::new(
+                8,
+                crate::mailbox::DEFAULT_TIMEOUT,
+                metrics.clone(),
+            )),
             client: client.clone(),
             oauth,
             providers,
             metrics,
-            recorder: Recorder::new(client.clone(), reporter.clone()),
+            recorder: super::events::EventPublisher::new(client.clone(), reporter.clone()),
             reporter,
             sign_in: None,
             revoke_timeout: Duration::from_secs(300),
@@ -132,10 +145,12 @@ impl Context {
                 rand::random::<u32>()
             ),
             grant_locks: Arc::default(),
+            concurrency: DEFAULT_CONCURRENCY,
             backoff: Mutex::default(),
             pending: Mutex::default(),
             resolved_marks: Mutex::default(),
             errors: Mutex::default(),
+            written: WrittenVersions::default(),
         }
     }
 
@@ -198,17 +213,27 @@ impl Context {
             self.set_pending(&uid, None);
             self.set_resolved_mark(&uid, None);
             self.errors.locked().remove(&uid);
+            self.written.forget(&uid);
         }
     }
 }
 
+/// What one controller's reconciles share: the process's [`Context`] and that controller's caches.
+pub struct Scoped {
+    pub ctx: Arc<Context>,
+    pub caches: Caches,
+    /// Brings a reconcile of an integration (a mailbox check finished in the background).
+    pub wake: futures::channel::mpsc::UnboundedSender<ObjectRef<MailIntegration>>,
+}
+
 #[instrument(skip_all, fields(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any())))]
-async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(mi: Arc<MailIntegration>, scoped: Arc<Scoped>) -> Result<Action, Error> {
+    let ctx = &scoped.ctx;
     // Boxed as `dyn Future + Send`: works around rustc's higher-ranked Send inference for futures
     // that hold references across awaits.
     let started = std::time::Instant::now();
     let inner: futures::future::BoxFuture<'_, Result<Action, Error>> =
-        Box::pin(reconcile_inner(&mi, &ctx));
+        Box::pin(reconcile_inner(&mi, ctx, &scoped.caches, &scoped.wake));
     // A panic on one tenant's data must not end the controller for every tenant: it fails this
     // reconcile only. (The arithmetic and parsing are written not to panic; this is the net.)
     let result = match std::panic::AssertUnwindSafe(inner).catch_unwind().await {
@@ -232,22 +257,55 @@ async fn reconcile(mi: Arc<MailIntegration>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_inner(
+    cached: &MailIntegration,
+    ctx: &Context,
+    caches: &Caches,
+    wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<MailIntegration>>,
+) -> Result<Action, Error> {
     let ns = cached.namespace().ok_or(Error::NoNamespace)?;
     if ctx.fence.check().is_err() {
         // Not (or no longer) the leader: no reads, no writes.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    // Decide on the object as it is now, not as the watch cache last saw it: right after a status
-    // write, the cache can still hold the previous status, and deciding on it would repeat a refresh
-    // that was just done (or retry a permanent failure).
+    if !caches.secrets_ready(Duration::from_secs(30)).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let uid = cached.uid().unwrap_or_default();
+    let written = ctx.written.get(&uid);
     let api: Api<MailIntegration> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
-        ctx.forget(cached);
-        return Ok(Action::await_change());
-    };
-    let mi = &fresh;
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    // Decide on the watch cache, unless it has not caught up with this process's own last write:
+    // deciding on the previous status would repeat a refresh that was just done (or retry a
+    // permanent failure). That write's watch event is on its way and brings the next reconcile;
+    // the requeue is only the fallback. A deletion is handled on the object as it is now.
+    let lagging = |what: &str| {
+        tracing::debug!(
+            object = what,
+            "the watch cache has not caught up with this process's write yet"
+        );
+        Ok(Action::requeue(Duration::from_secs(1)))
+    };
+    let fresh;
+    let recent = written.recent();
+    let mi: &MailIntegration = match cache::freshness(
+        cached.resource_version().as_deref(),
+        written.integration.as_deref(),
+        recent,
+    ) {
+        Freshness::Lagging => return lagging("integration"),
+        Freshness::Fresh if cached.meta().deletion_timestamp.is_none() => cached,
+        Freshness::Fresh | Freshness::Unknown => {
+            ctx.metrics.count_read("integration");
+            let Some(got) = api.get_opt(&cached.name_any()).await? else {
+                ctx.forget(cached);
+                return Ok(Action::await_change());
+            };
+            ctx.written.clear(&uid, Kind::Integration);
+            fresh = got;
+            &fresh
+        }
+    };
     if mi.meta().deletion_timestamp.is_some() {
         let fut: futures::future::BoxFuture<'_, Result<Action, Error>> =
             Box::pin(finalizer::finalize(mi, &api, &secrets_api, ctx));
@@ -257,11 +315,61 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         // The write triggers the next reconcile with the new object.
         return Ok(Action::await_change());
     }
-    let client_secret = secrets_api
-        .get_opt(&mi.spec.oauth.client_secret_ref.name)
-        .await?;
-    let grant_secret = secrets_api.get_opt(&mi.grant_secret_name()).await?;
-    let token_secret = secrets_api.get_opt(&mi.spec.token_secret.name).await?;
+    // The user's client Secret from the cache of marked Secrets; one that is not there is read, so
+    // that the condition says whether it is missing or only not marked.
+    let client_name = &mi.spec.oauth.client_secret_ref.name;
+    let client_secret = match caches.marked_secret(&ns, client_name) {
+        Some(s) => Some(s),
+        None => {
+            ctx.metrics.count_read("client_secret");
+            secrets_api.get_opt(client_name).await?
+        }
+    };
+    // The grant and token Secrets from the cache of the operator's own; one that is not there is
+    // read, because a Secret without the operator's label may hold the name (a conflict to report,
+    // and never to overwrite).
+    let owned = |name: String, kind: Kind, version: Option<String>| {
+        let secrets_api = secrets_api.clone();
+        let ns = ns.clone();
+        let uid = &uid;
+        async move {
+            let cached = caches.owned_secret(&ns, &name);
+            match cache::freshness(
+                cached
+                    .as_ref()
+                    .and_then(|s| s.metadata.resource_version.as_deref()),
+                version.as_deref(),
+                recent,
+            ) {
+                Freshness::Lagging => Err(None),
+                Freshness::Fresh if cached.is_some() => Ok(cached),
+                Freshness::Fresh | Freshness::Unknown => {
+                    ctx.metrics.count_read(match kind {
+                        Kind::Grant => "grant_secret",
+                        _ => "token_secret",
+                    });
+                    ctx.written.clear(uid, kind);
+                    secrets_api.get_opt(&name).await.map_err(Some)
+                }
+            }
+        }
+    };
+    let grant_secret = match owned(mi.grant_secret_name(), Kind::Grant, written.grant).await {
+        Ok(s) => s,
+        Err(None) => return lagging("grant Secret"),
+        Err(Some(e)) => return Err(e.into()),
+    };
+    let token_secret = match owned(
+        mi.spec.token_secret.name.clone(),
+        Kind::Token,
+        written.token,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(None) => return lagging("token Secret"),
+        Err(Some(e)) => return Err(e.into()),
+    };
 
     let now = Timestamp::now();
     let conflict = observed::conflicts(mi, grant_secret.as_ref(), token_secret.as_ref());
@@ -282,13 +390,13 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
         conflict,
         now,
     };
-    let uid = mi.uid().unwrap_or_default();
     let mut observed = observed;
     let mut new_token = None;
     let outcome = if let Some(pending) = ctx.pending(&uid) {
         // A refreshed grant is held in memory: storing it comes before anything else.
         let lock = ctx.grant_locks.get(&uid);
         let _guard = lock.lock().await;
+        ctx.metrics.count_read("grant_secret");
         let current = secrets_api.get_opt(&mi.grant_secret_name()).await?;
         let pending_store: futures::future::BoxFuture<'_, Result<(), Outcome>> = Box::pin(
             store_pending(mi, &pending, current.as_ref(), &secrets_api, now, ctx),
@@ -313,7 +421,12 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
                         )
                         .await
                         {
-                            Ok(_) => Outcome::Idle,
+                            Ok(written) => {
+                                if let Some(version) = written {
+                                    ctx.written.set(&uid, super::cache::Kind::Token, version);
+                                }
+                                Outcome::Idle
+                            }
                             Err(secrets::TokenSecretError::Template(message)) => {
                                 Outcome::PermanentFailure {
                                     reason: crate::reason::Reason::TokenTemplateInvalid
@@ -333,7 +446,10 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
                 let lock = ctx.grant_locks.get(&uid);
                 let _guard = lock.lock().await;
                 // Read the grant again under the lock: a sign-in (which takes the same lock) or
-                // the previous refresh may have replaced it since the read above.
+                // the previous refresh may have replaced it since the cache saw it. The one read
+                // of a refresh: the cache may lag behind a sign-in by this process, and the
+                // refresh token presented must be the one stored now.
+                ctx.metrics.count_read("grant_secret");
                 let grant_now = secrets_api
                     .get_opt(&mi.grant_secret_name())
                     .await?
@@ -354,6 +470,8 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
                     ));
                 let result = fut.await;
                 new_token = result.published;
+                ctx.written
+                    .set(&uid, Kind::Grant, result.grant_version.clone());
                 if let (Some(v), Some(g)) = (result.grant_version, observed.grant.as_mut()) {
                     g.resource_version = Some(v);
                 }
@@ -398,9 +516,17 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
     ) {
         None
     } else {
-        let ca = read_ca(mi, &secrets_api).await;
+        let ca = read_ca(mi, caches, &secrets_api, ctx).await;
         match ca {
-            Ok(ca) => ctx.mailbox.state(mi, check_token, ca, now).await,
+            Ok(ca) => {
+                // Off the refresh path: the status reports the last finished check, and a check
+                // that finishes brings the next reconcile.
+                let (wake, target) = (wake.clone(), ObjectRef::from_obj(mi));
+                ctx.mailbox
+                    .state_in_background(mi, check_token, ca, now, move || {
+                        let _ = wake.unbounded_send(target);
+                    })
+            }
             Err(state) => Some(state),
         }
     };
@@ -422,12 +548,15 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             "kind": "MailIntegration",
             "status": applied,
         });
-        api.patch_status(
-            &mi.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let after = api
+            .patch_status(
+                &mi.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.written
+            .set(&uid, Kind::Integration, after.resource_version());
         let stale_failure = mi
             .status
             .as_ref()
@@ -435,12 +564,15 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
             && status.last_sign_in_failure.is_none();
         if stale_failure {
             let clear = serde_json::json!({ "status": { "lastSignInFailure": null } });
-            api.patch_status(
-                &mi.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&clear),
-            )
-            .await?;
+            let after = api
+                .patch_status(
+                    &mi.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&clear),
+                )
+                .await?;
+            ctx.written
+                .set(&uid, Kind::Integration, after.resource_version());
         }
         ctx.metrics.count_write("status");
         publish_events(mi, mi.status.as_ref(), &status, ctx).await;
@@ -466,10 +598,20 @@ async fn reconcile_inner(cached: &MailIntegration, ctx: &Context) -> Result<Acti
 /// of the check, reported as such.
 async fn read_ca(
     mi: &MailIntegration,
+    caches: &Caches,
     secrets: &Api<Secret>,
+    ctx: &Context,
 ) -> Result<Option<Vec<u8>>, MailboxState> {
     let Some((name, key)) = mailbox_check::ca_key(mi) else {
         return Ok(None);
+    };
+    let cached = caches.marked_secret(&mi.namespace().unwrap_or_default(), name);
+    let got = match cached {
+        Some(s) => Ok(Some(s)),
+        None => {
+            ctx.metrics.count_read("ca_secret");
+            secrets.get_opt(name).await
+        }
     };
     let missing = |what: String| MailboxState::Failed {
         reason: "TLSError".into(),
@@ -477,7 +619,7 @@ async fn read_ca(
             "{what} (named by spec.mailbox.caSecretRef): create it with the PEM CA certificates of the mail server"
         ),
     };
-    match secrets.get_opt(name).await {
+    match got {
         Ok(Some(s)) if !observed::is_marked_for_operator(&s) => Err(MailboxState::Failed {
             reason: crate::reason::Reason::ClientSecretNotMarked.as_str().into(),
             message: format!(
@@ -579,7 +721,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     text.chars().take(200).collect()
 }
 
-fn error_policy(mi: Arc<MailIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(mi: Arc<MailIntegration>, error: &Error, scoped: Arc<Scoped>) -> Action {
+    let ctx = &scoped.ctx;
     warn!(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()), %error, "reconcile failed");
     ctx.metrics
         .reconcile_errors
@@ -649,47 +792,70 @@ async fn run_one(
         Some(ns) => Api::<MailIntegration>::namespaced(client.clone(), ns),
         None => Api::<MailIntegration>::all(client.clone()),
     };
-    // `PartialObjectMeta`: metadata-only lists and watches (no Secret data crosses the wire).
-    let secrets: Api<PartialObjectMeta<Secret>> = match &namespace {
+    let secrets: Api<Secret> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let controller = Controller::new(integrations, WatcherConfig::default().any_semantic());
-    let store = controller.store();
+    // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
+    let (store, writer) = reflector::store();
+    let integration_events = reflector(
+        writer,
+        watcher(integrations, WatcherConfig::default().any_semantic())
+            .modify(cache::trim_integration),
+    )
+    .applied_objects();
     // Per-object metrics are read from this cache at scrape time, while this controller runs.
     let _metrics = ctx.metrics.objects.register(store.clone());
-    // Secrets are watched by metadata only, not stored, and only those with the operator's labels:
-    // its own grant and token Secrets and grants brought by hand (`mailintegration.dev/integration`,
-    // which names the integration), and the client Secrets and CA bundles users marked for it. A
-    // change triggers the integrations concerned within seconds; the cluster's other Secrets are
-    // never listed.
+    // Only Secrets with the operator's labels are watched and cached: its own grant and token
+    // Secrets and grants brought by hand (`mailintegration.dev/integration`, which names the
+    // integration), and the client Secrets and CA bundles users marked for it. Reconciles read them
+    // from these caches, and a change triggers the integrations concerned within seconds; the
+    // cluster's other Secrets are never listed.
+    let (owned, owned_writer) = reflector::store();
+    let (marked, marked_writer) = reflector::store();
     let watch = |selector: &str| {
         watcher(
             secrets.clone(),
             WatcherConfig::default().labels(selector).any_semantic(),
         )
+        .modify(cache::trim_secret)
+    };
+    let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
         .touched_objects()
         .predicate_filter(
             kube::runtime::predicates::resource_version,
             Default::default(),
-        )
+        );
+    let marked_events = reflector(marked_writer, watch(&format!("{OAUTH_CLIENT_LABEL}=true")))
+        .touched_objects()
+        .predicate_filter(
+            kube::runtime::predicates::resource_version,
+            Default::default(),
+        );
+    let caches = Caches {
+        integrations: store.clone(),
+        owned,
+        marked,
     };
-    let owned_events = watch(INTEGRATION_LABEL);
-    let marked_events = watch(&format!("{OAUTH_CLIENT_LABEL}=true"));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    controller
-        .watches_stream(owned_events, |meta: PartialObjectMeta<Secret>| {
-            let ns = meta.namespace()?;
-            let name = meta.labels().get(INTEGRATION_LABEL)?.clone();
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let scoped = Arc::new(Scoped { ctx, caches, wake });
+    let config = kube::runtime::controller::Config::default().concurrency(scoped.ctx.concurrency);
+    Controller::for_stream(integration_events, store.clone())
+        .with_config(config)
+        .watches_stream(owned_events, |s: Secret| {
+            let ns = s.namespace()?;
+            let name = s.labels().get(INTEGRATION_LABEL)?.clone();
             Some(ObjectRef::new(&name).within(&ns))
         })
-        .watches_stream(marked_events, move |meta| {
-            integrations_using(&store, meta.metadata.namespace.as_deref(), &meta.name_any())
+        .watches_stream(marked_events, move |s: Secret| {
+            integrations_using(&store, s.metadata.namespace.as_deref(), &s.name_any())
         })
+        .reconcile_on(woken)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, scoped)
         .for_each(|_| futures::future::ready(()))
         .await;
 }

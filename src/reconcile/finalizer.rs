@@ -49,7 +49,19 @@ pub async fn sync(
     if wanted {
         finalizers.push(FINALIZER.to_owned());
     }
-    write(mi, api, finalizers).await?;
+    match write(mi, api, finalizers).await {
+        Ok(version) => {
+            // The next reconcile waits for the cache to hold this write (see `cache::freshness`).
+            ctx.written.set(
+                &mi.uid().unwrap_or_default(),
+                super::cache::Kind::Integration,
+                version,
+            );
+        }
+        // The object changed since the watch cache saw it: its event brings the next reconcile.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => return Ok(true),
+        Err(e) => return Err(e),
+    }
     ctx.metrics.count_write("finalizer");
     Ok(true)
 }
@@ -58,20 +70,21 @@ async fn write(
     mi: &MailIntegration,
     api: &Api<MailIntegration>,
     finalizers: Vec<String>,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     // The resourceVersion makes it an optimistic-concurrency write: another finalizer added or
     // removed meanwhile is not overwritten. A PATCH of the main resource (not /status, which ignores
     // metadata): the chart grants `patch` on mailintegrations for this write only.
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": mi.resource_version()}
     });
-    api.patch(
-        &mi.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
+    let written = api
+        .patch(
+            &mi.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(written.resource_version())
 }
 
 /// Handle a deletion: revoke, then let the resource go.
@@ -129,7 +142,7 @@ pub async fn finalize(
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    write(mi, api, rest).await?;
+    let _ = write(mi, api, rest).await?;
     ctx.forget(mi);
     Ok(Action::await_change())
 }

@@ -3,7 +3,9 @@
 //! The check runs after every token change and at least every `spec.mailbox.checkInterval`. Results
 //! are kept in memory per integration (with the token they were made with), so a storm of
 //! reconciles does not become a storm of logins, and a check that did not change its result writes
-//! nothing. Checks run with bounded concurrency and a timeout each.
+//! nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
+//! ([`MailboxChecker::state_in_background`]): a reconcile never waits for a mail server; it reports
+//! the last finished check, and a finished check brings a reconcile of its own.
 
 use crate::sync::LockExt as _;
 use crate::{
@@ -40,6 +42,8 @@ struct Cached {
 pub struct MailboxChecker {
     permits: tokio::sync::Semaphore,
     cache: Mutex<HashMap<String, Cached>>,
+    /// UIDs whose check runs in the background now (one at a time per integration).
+    running: Mutex<std::collections::HashSet<String>>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
     allowed: crate::mailbox::allowed::AllowedHosts,
@@ -50,6 +54,7 @@ impl MailboxChecker {
         Self {
             permits: tokio::sync::Semaphore::new(concurrency.max(1)),
             cache: Mutex::default(),
+            running: Mutex::default(),
             timeout,
             metrics,
             allowed: Default::default(),
@@ -136,7 +141,81 @@ impl MailboxChecker {
             let _permit = self.permits.acquire().await.ok()?;
             self.check_all(&targets, token, extra_ca_pem).await
         };
-        let (result, reason) = match &state {
+        self.count(&state);
+        self.cache.locked().insert(
+            key,
+            Cached {
+                token: fingerprint,
+                at: now,
+                state: state.clone(),
+            },
+        );
+        Some(state)
+    }
+
+    /// Like [`Self::state`], but a check that is needed runs in the background (bounded by the
+    /// same permits) and calls `done` when its result is in the cache; meanwhile the last finished
+    /// result is returned, or what the status says (`MailboxConnected` as last reported), so that a
+    /// refresh is never held by a mail server and its status write does not flap Ready.
+    pub fn state_in_background(
+        self: &std::sync::Arc<Self>,
+        mi: &MailIntegration,
+        token: Option<(&SecretValue, Timestamp)>,
+        extra_ca_pem: Option<Vec<u8>>,
+        now: Timestamp,
+        done: impl FnOnce() + Send + 'static,
+    ) -> Option<MailboxState> {
+        let targets = targets(mi);
+        if targets.is_empty() {
+            return Some(MailboxState::NotConfigured);
+        }
+        if let Some(refused) = self.refusal(mi, &targets) {
+            return Some(refused);
+        }
+        let reported = reported_state(mi.status.as_ref());
+        let (token, expires_at) = token?;
+        if expires_at <= now {
+            return None;
+        }
+        let key = mi.uid().unwrap_or_default();
+        let fingerprint = format!(
+            "{}/{}",
+            Self::fingerprint(token),
+            mi.metadata.generation.unwrap_or(0)
+        );
+        let last = self.cache.locked().get(&key).cloned();
+        if let Some(c) = &last {
+            let fresh = now.duration_since(c.at)
+                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
+            if c.token == fingerprint && fresh {
+                return Some(c.state.clone());
+            }
+        }
+        if self.running.locked().insert(key.clone()) {
+            let this = self.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                if let Ok(_permit) = this.permits.acquire().await {
+                    let state = this.check_all(&targets, &token, extra_ca_pem).await;
+                    this.count(&state);
+                    this.cache.locked().insert(
+                        key.clone(),
+                        Cached {
+                            token: fingerprint,
+                            at: Timestamp::now(),
+                            state,
+                        },
+                    );
+                }
+                this.running.locked().remove(&key);
+                done();
+            });
+        }
+        last.map(|c| c.state).or(reported)
+    }
+
+    fn count(&self, state: &MailboxState) {
+        let (result, reason) = match state {
             MailboxState::Failed { reason, .. } => {
                 self.metrics
                     .mailbox_check_failures
@@ -155,15 +234,6 @@ impl MailboxChecker {
                 reason,
             })
             .inc();
-        self.cache.locked().insert(
-            key,
-            Cached {
-                token: fingerprint,
-                at: now,
-                state: state.clone(),
-            },
-        );
-        Some(state)
     }
 
     /// When the cached result expires (the next periodic check), if there is one.
@@ -177,6 +247,11 @@ impl MailboxChecker {
 
     pub fn forget(&self, uid: &str) {
         self.cache.locked().remove(uid);
+    }
+
+    /// Checks running in the background now.
+    pub fn running(&self) -> usize {
+        self.running.locked().len()
     }
 
     async fn check_all(
@@ -259,6 +334,21 @@ pub fn targets(mi: &MailIntegration) -> Vec<CheckTarget> {
         out.push(t.with_mechanism(mechanism));
     }
     out
+}
+
+/// The mailbox state as the status last reported it (its MailboxConnected condition).
+pub fn reported_state(status: Option<&MailIntegrationStatus>) -> Option<MailboxState> {
+    let c = status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)?;
+    Some(match c.status.as_str() {
+        "True" => MailboxState::Connected(c.message.clone()),
+        _ => MailboxState::Failed {
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        },
+    })
 }
 
 /// Key of the CA bundle in the CA Secret.

@@ -1,8 +1,10 @@
 //! The reconciler: a pure decision (what should happen, given the resource, its Secrets and the
 //! clock) and a small layer that applies it to the API and the provider.
 
+pub mod cache;
 pub mod controller;
 pub mod decide;
+pub mod events;
 pub mod finalizer;
 pub mod inflight;
 pub mod mailbox_check;

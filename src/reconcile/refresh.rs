@@ -497,6 +497,10 @@ async fn publish(
             message: format!("{message}: fix spec.tokenSecret.template"),
         };
     }
+    if let Ok(version) = &written {
+        ctx.written
+            .set(&uid, super::cache::Kind::Token, version.clone());
+    }
     if let Err(e) = written {
         warn!(error = %e, "writing the token Secret failed; retrying");
         let (b, delay) = next_backoff(ctx.backoff(&uid), None, now);

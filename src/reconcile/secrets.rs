@@ -112,16 +112,17 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, 
 /// Write the token Secret. `current` is the token Secret as read, which must be this integration's
 /// own (see [`super::observed::owned_by`]): when there was none it is created, so that a Secret
 /// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
-/// server-side apply with the resourceVersion read as its precondition.
+/// server-side apply with the resourceVersion read as its precondition. Returns the written
+/// resourceVersion.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
-) -> Result<(), TokenSecretError> {
+) -> Result<Option<String>, TokenSecretError> {
     let mut secret = token_secret(mi, token).map_err(TokenSecretError::Template)?;
-    match current {
+    let written = match current {
         None => {
             api.create(
                 &PostParams {
@@ -130,7 +131,7 @@ pub async fn write_token_secret(
                 },
                 &secret,
             )
-            .await?;
+            .await?
         }
         Some(current) => {
             secret.metadata.resource_version = current.metadata.resource_version.clone();
@@ -139,25 +140,25 @@ pub async fn write_token_secret(
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&secret),
             )
-            .await?;
+            .await?
         }
-    }
+    };
     metrics.count_write("token_secret");
-    Ok(())
+    Ok(written.metadata.resource_version)
 }
 
 /// Re-render the token Secret from the token it holds when `spec.tokenSecret.template` changed
 /// (no refresh is needed for that): writes only when the rendered Secret differs from `current`.
-/// `Ok(true)` when it wrote.
+/// `Ok(Some(resourceVersion))` when it wrote.
 pub async fn sync_template(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: &Secret,
     published: &super::observed::PublishedToken,
     metrics: &Metrics,
-) -> Result<bool, TokenSecretError> {
+) -> Result<Option<Option<String>>, TokenSecretError> {
     if mi.spec.token_secret.template.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
     let token_type = current
         .data
@@ -185,10 +186,10 @@ pub async fn sync_template(
         && contains(&current.metadata.labels, &desired.metadata.labels)
         && contains(&current.metadata.annotations, &desired.metadata.annotations)
     {
-        return Ok(false);
+        return Ok(None);
     }
-    write_token_secret(mi, api, Some(current), &token, metrics).await?;
-    Ok(true)
+    let version = write_token_secret(mi, api, Some(current), &token, metrics).await?;
+    Ok(Some(version))
 }
 
 /// Why the token Secret was not written.

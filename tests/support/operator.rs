@@ -205,9 +205,13 @@ impl Operator {
     }
 }
 
-/// The operator binary: Cargo names it for tests and benches; examples (the sandbox) find it next to
+/// The operator binary ($MIO_OPERATOR_BINARY if set): Cargo names it for tests and benches; examples (the sandbox) find it next to
 /// their own directory (`target/<profile>/examples/x` → `target/<profile>/mail-integration-operator`).
 pub fn operator_binary() -> PathBuf {
+    // A wrapper instead (e.g. a script running the binary under heaptrack, see benches/README.md).
+    if let Some(p) = std::env::var_os("MIO_OPERATOR_BINARY") {
+        return PathBuf::from(p);
+    }
     if let Some(p) = option_env!("CARGO_BIN_EXE_mail-integration-operator") {
         return PathBuf::from(p);
     }

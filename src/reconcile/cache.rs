@@ -1,0 +1,253 @@
+//! What a reconcile reads instead of the API server: the watch caches of the integrations and of
+//! the Secrets the operator may read (its own, selected by label, and those users marked for it),
+//! and what this process last wrote, so that a cache that has not caught up with its own write is
+//! never decided on.
+//!
+//! Idle reconciles and refreshes then read nothing from the API server (at 10,000 integrations the
+//! four GETs of every reconcile were the largest share of the API server's work). Three reads stay,
+//! each where a cache cannot be trusted:
+//! - the grant Secret under the per-grant lock before a refresh (a sign-in in this process, or the
+//!   previous refresh, may have replaced it; see `reconcile_inner`);
+//! - a Secret the caches do not hold but that may exist unlabelled (a token Secret name taken by
+//!   someone else, a grant Secret brought by hand without its label, an unmarked client Secret):
+//!   read once so that the condition names the problem, as before;
+//! - an object whose resourceVersion cannot be compared (see [`freshness`]).
+
+use crate::api::MailIntegration;
+use crate::sync::LockExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    ResourceExt,
+    runtime::reflector::{ObjectRef, Store},
+};
+use std::{collections::HashMap, sync::Mutex};
+
+/// The annotation `kubectl apply` keeps a full copy of the object in: never read by the operator.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Trim an integration before it enters the watch cache: managedFields (about half of a served
+/// object once several managers wrote it) and kubectl's last-applied copy are never read, and the
+/// cache holds every integration for the life of the process.
+pub fn trim_integration(mi: &mut MailIntegration) {
+    mi.managed_fields_mut().clear();
+    if let Some(a) = mi.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// Trim a Secret before it enters the watch cache (its data is what the reconcile reads).
+pub fn trim_secret(s: &mut Secret) {
+    s.managed_fields_mut().clear();
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// The watch caches of one controller (one per watched namespace, or one for all).
+#[derive(Clone)]
+pub struct Caches {
+    pub integrations: Store<MailIntegration>,
+    /// Grant and token Secrets (label `mailintegration.dev/integration`).
+    pub owned: Store<Secret>,
+    /// Secrets users marked for the operator: client Secrets and CA bundles.
+    pub marked: Store<Secret>,
+}
+
+impl Caches {
+    /// Wait (at most `limit`) until the Secret caches hold their first list. The integrations'
+    /// cache starts the reconciles, and may be ready before them: a reconcile deciding on an empty
+    /// Secret cache would read every Secret it misses (a restart of 10,000 integrations would make
+    /// tens of thousands of GETs). The controller keeps driving the watches meanwhile.
+    pub async fn secrets_ready(&self, limit: std::time::Duration) -> bool {
+        let both = futures::future::join(
+            self.owned.wait_until_ready(),
+            self.marked.wait_until_ready(),
+        );
+        matches!(
+            tokio::time::timeout(limit, both).await,
+            Ok((Ok(()), Ok(())))
+        )
+    }
+
+    pub fn owned_secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        self.owned
+            .get(&ObjectRef::new(name).within(ns))
+            .map(|s| (*s).clone())
+    }
+
+    pub fn marked_secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        self.marked
+            .get(&ObjectRef::new(name).within(ns))
+            .map(|s| (*s).clone())
+    }
+}
+
+/// The resourceVersions of this process's last writes of one integration's objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub integration: Option<String>,
+    pub grant: Option<String>,
+    pub token: Option<String>,
+    /// When the last of them was written.
+    pub at: Option<std::time::Instant>,
+}
+
+/// How long a cache may lag behind this process's write before the object is read instead: a
+/// watch event takes milliseconds; an object that stays older (or gone: someone deleted the token
+/// Secret) must not keep its integration waiting.
+pub const LAG_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Written {
+    /// Whether the last write is recent enough for a lagging cache to be waited for.
+    pub fn recent(&self) -> bool {
+        self.at.is_some_and(|at| at.elapsed() < LAG_LIMIT)
+    }
+}
+
+/// Which of an integration's objects was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Integration,
+    Grant,
+    Token,
+}
+
+/// What this process last wrote, per integration UID.
+#[derive(Default)]
+pub struct WrittenVersions(Mutex<HashMap<String, Written>>);
+
+impl WrittenVersions {
+    pub fn get(&self, uid: &str) -> Written {
+        self.0.locked().get(uid).cloned().unwrap_or_default()
+    }
+
+    pub fn set(&self, uid: &str, kind: Kind, version: Option<String>) {
+        let Some(version) = version else { return };
+        let mut map = self.0.locked();
+        let w = map.entry(uid.to_owned()).or_default();
+        w.at = Some(std::time::Instant::now());
+        match kind {
+            Kind::Integration => w.integration = Some(version),
+            Kind::Grant => w.grant = Some(version),
+            Kind::Token => w.token = Some(version),
+        }
+    }
+
+    /// Forget one object's version (after it was read fresh: the read is then the newest known).
+    pub fn clear(&self, uid: &str, kind: Kind) {
+        let mut map = self.0.locked();
+        if let Some(w) = map.get_mut(uid) {
+            match kind {
+                Kind::Integration => w.integration = None,
+                Kind::Grant => w.grant = None,
+                Kind::Token => w.token = None,
+            }
+            if w.integration.is_none() && w.grant.is_none() && w.token.is_none() {
+                map.remove(uid);
+            }
+        }
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.0.locked().remove(uid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.locked().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a cached object compares with this process's last write of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Nothing written by this process, or the cache holds that write or a later one: decide on it.
+    Fresh,
+    /// The cache still holds an older version than this process wrote: its watch event is on the
+    /// way and brings the next reconcile.
+    Lagging,
+    /// The versions cannot be compared: read the object.
+    Unknown,
+}
+
+/// Whether `cached` (the resourceVersion in the watch cache; `None`: not in it) is at least as new
+/// as `written` (this process's last write). resourceVersions are documented as opaque, but
+/// kube-apiserver serves etcd's revision, a number that only grows, and its own watch cache
+/// compares them the same way; anything else falls back to a read. A cache still behind after
+/// [`LAG_LIMIT`] (`recent` false) is not waited for either: the object is read.
+pub fn freshness(cached: Option<&str>, written: Option<&str>, recent: bool) -> Freshness {
+    let Some(written) = written else {
+        return Freshness::Fresh;
+    };
+    let lagging = if recent {
+        Freshness::Lagging
+    } else {
+        Freshness::Unknown
+    };
+    let Some(cached) = cached else {
+        // Written (created) by this process but not in the cache yet (or deleted since).
+        return lagging;
+    };
+    if cached == written {
+        return Freshness::Fresh;
+    }
+    match (cached.parse::<u64>(), written.parse::<u64>()) {
+        (Ok(c), Ok(w)) if c > w => Freshness::Fresh,
+        (Ok(_), Ok(_)) => lagging,
+        _ => Freshness::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_is_fresh_unless_it_holds_less_than_this_process_wrote() {
+        assert_eq!(freshness(Some("5"), None, true), Freshness::Fresh);
+        assert_eq!(freshness(None, None, true), Freshness::Fresh);
+        assert_eq!(freshness(Some("7"), Some("7"), true), Freshness::Fresh);
+        assert_eq!(freshness(Some("8"), Some("7"), true), Freshness::Fresh);
+        assert_eq!(freshness(Some("6"), Some("7"), true), Freshness::Lagging);
+        assert_eq!(freshness(None, Some("7"), true), Freshness::Lagging);
+        assert_eq!(freshness(Some("x"), Some("7"), true), Freshness::Unknown);
+        // Behind for longer than a watch event takes (or deleted since): read it.
+        assert_eq!(freshness(Some("6"), Some("7"), false), Freshness::Unknown);
+        assert_eq!(freshness(None, Some("7"), false), Freshness::Unknown);
+        assert_eq!(freshness(Some("8"), Some("7"), false), Freshness::Fresh);
+    }
+
+    #[test]
+    fn written_versions_are_forgotten_per_object_and_whole() {
+        let w = WrittenVersions::default();
+        w.set("u", Kind::Token, Some("3".into()));
+        w.set("u", Kind::Integration, Some("4".into()));
+        w.set("u", Kind::Grant, None);
+        assert_eq!(w.get("u").token.as_deref(), Some("3"));
+        assert_eq!(w.get("u").grant, None);
+        w.clear("u", Kind::Token);
+        assert_eq!(w.len(), 1);
+        w.clear("u", Kind::Integration);
+        assert!(w.is_empty());
+        w.set("u", Kind::Grant, Some("9".into()));
+        w.forget("u");
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn trimming_drops_managed_fields_and_the_last_applied_copy() {
+        let mut s: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "annotations": {LAST_APPLIED: "{}", "keep": "1"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "data": {"k": "dg=="}
+        }))
+        .unwrap();
+        trim_secret(&mut s);
+        assert!(s.managed_fields().is_empty());
+        assert_eq!(s.annotations().len(), 1);
+        assert!(s.data.is_some());
+    }
+}
