@@ -6,34 +6,22 @@
 mod support;
 
 use kube::api::{Patch, PatchParams};
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 use support::{
     api_proxy::ApiProxy,
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     operator::Operator,
     world::{Env, is_ready},
 };
 
 /// Access tokens that live 8 s: refreshes come every ~5 s.
 fn short_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(8),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(8)
 }
 
 /// Access tokens that live 10 minutes: nothing is due during a test.
 fn long_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 /// GETs of single objects (not lists, not watches) whose path contains `part`.

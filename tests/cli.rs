@@ -8,24 +8,17 @@ use kube::api::DeleteParams;
 use std::{
     path::Path,
     process::{Command, Output},
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 use support::{
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     operator::Operator,
     world::{Env, condition, is_ready},
 };
 
 /// Access tokens that live 10 minutes: nothing is due during a test unless asked for.
 fn server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 fn plugin() -> &'static Path {
@@ -581,7 +574,8 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 /// Every query of the Grafana dashboard, evaluated by a real Prometheus (Debian's) scraping a
 /// running operator: each one is valid and the fleet panels show the integrations. (Grafana itself
 /// is not in Debian or any registry this project uses, so the dashboard is not rendered here; this
-/// is what its panels would show.) Writes the table to tests/artifacts/dashboard-queries.md.
+/// is what its panels would show.) Writes the table to tests/artifacts/dashboard-queries.md
+/// (docs/dashboard.md holds one such run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_evaluate_against_a_running_operator() {
     let env = Env::new("dashboard", server()).await;
@@ -734,7 +728,8 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
         "{table}"
     );
     assert!(by_title["Operator"].contains("version="), "{table}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/dashboard-queries.md");
-    std::fs::write(&out, &table).unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dashboard-queries.md"), &table).unwrap();
     eprintln!("{table}");
 }

@@ -16,31 +16,19 @@ use std::{
 };
 use support::{
     fault_proxy::Fault,
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     operator::Operator,
     world::{Env, condition, is_ready, tail},
 };
 
 /// Access tokens that live 10 minutes: refreshes happen when a test asks for one.
 fn long_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 /// Access tokens that live 8 s: a refresh every few seconds.
 fn short_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(8),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(8)
 }
 
 const IN_FLIGHT: &str = "mailintegration.dev/refresh-in-flight";
@@ -467,13 +455,7 @@ async fn two_operators_without_leader_election_never_present_a_token_twice() {
 
 /// Access tokens that live 20 s: refreshes every dozen seconds, with quiet time between them.
 fn twenty_second_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(20),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(20)
 }
 
 fn ready_message(mi: &MailIntegration) -> String {

@@ -7,21 +7,15 @@ mod support;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 use support::{
     dovecot::{Dovecot, DovecotConfig},
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     world::{Env, annotate_refresh, condition, is_ready},
 };
 
 fn server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 /// Dovecot asking `server()` whether a token is active, naming the user by its `email` claim.

@@ -9,14 +9,11 @@ mod support;
 
 use base64::Engine as _;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use std::{
-    sync::OnceLock,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 use support::{
     api_audit,
     fault_proxy::Fault,
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     operator::Operator,
     world::{
         Env, annotate_refresh, assert_no_forbidden_calls, assert_no_secrets_in_logs_or_events,
@@ -26,24 +23,12 @@ use support::{
 
 /// Access tokens that live 8 s: refreshes come every ~5 s.
 fn short_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(8),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(8)
 }
 
 /// Access tokens that live 10 minutes: nothing is due during a test.
 fn long_lived_server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,22 +8,16 @@ mod support;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 use support::{
     fault_proxy::Fault,
-    oauth::{OAuthServer, OAuthServerConfig},
+    oauth::OAuthServer,
     world::{Env, assert_no_secrets_in_logs_or_events, condition, is_ready, tail},
 };
 
 /// Access tokens that live 10 minutes: nothing is due during a test unless forced.
 fn server() -> &'static OAuthServer {
-    static S: OnceLock<OAuthServer> = OnceLock::new();
-    S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
-            access_token_ttl: Duration::from_secs(600),
-            ..Default::default()
-        })
-    })
+    support::oauth::with_token_ttl(600)
 }
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -428,12 +428,7 @@ async fn reconcile_inner(
                                 Outcome::Idle
                             }
                             Err(secrets::TokenSecretError::Template(message)) => {
-                                Outcome::PermanentFailure {
-                                    reason: crate::reason::Reason::TokenTemplateInvalid
-                                        .as_str()
-                                        .into(),
-                                    message: format!("{message}: fix spec.tokenSecret.template"),
-                                }
+                                refresh::template_invalid(&message)
                             }
                             Err(secrets::TokenSecretError::Kube(e)) => return Err(e.into()),
                         }

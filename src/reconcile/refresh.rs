@@ -124,20 +124,8 @@ pub(super) async fn refresh(
         }
         .into();
     }
-    if let Some(Err(message)) = mi
-        .spec
-        .token_secret
-        .template
-        .as_ref()
-        .map(super::template::check)
-    {
-        // Checked before the provider is called: the token could not be published.
-        ctx.set_backoff(&uid, None);
-        return Outcome::PermanentFailure {
-            reason: Reason::TokenTemplateInvalid.as_str().into(),
-            message: format!("{message}: fix spec.tokenSecret.template"),
-        }
-        .into();
+    if let Some(outcome) = template_refused(mi, ctx) {
+        return outcome.into();
     }
     // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
     let mut extra = Vec::new();
@@ -353,7 +341,6 @@ async fn app_only(
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> RefreshResult {
-    let uid = mi.uid().unwrap_or_default();
     let Ok(creds) = &o.client else {
         // decide() refreshes only with client credentials.
         return Outcome::Requeue(Duration::from_secs(5)).into();
@@ -363,19 +350,8 @@ async fn app_only(
         Ok(e) => e,
         Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
     };
-    if let Some(Err(message)) = mi
-        .spec
-        .token_secret
-        .template
-        .as_ref()
-        .map(super::template::check)
-    {
-        ctx.set_backoff(&uid, None);
-        return Outcome::PermanentFailure {
-            reason: Reason::TokenTemplateInvalid.as_str().into(),
-            message: format!("{message}: fix spec.tokenSecret.template"),
-        }
-        .into();
+    if let Some(outcome) = template_refused(mi, ctx) {
+        return outcome.into();
     }
     if ctx.fence.check().is_err() {
         return Outcome::Requeue(Duration::from_secs(5)).into();
@@ -453,6 +429,27 @@ pub(super) async fn store_pending(
     }
 }
 
+/// A token Secret template that does not render, checked before the provider is called (the
+/// token could not be published).
+fn template_refused(mi: &MailIntegration, ctx: &Context) -> Option<Outcome> {
+    let message = mi
+        .spec
+        .token_secret
+        .template
+        .as_ref()
+        .map(super::template::check)?
+        .err()?;
+    ctx.set_backoff(&mi.uid().unwrap_or_default(), None);
+    Some(template_invalid(&message))
+}
+
+pub(super) fn template_invalid(message: &str) -> Outcome {
+    Outcome::PermanentFailure {
+        reason: Reason::TokenTemplateInvalid.as_str().into(),
+        message: format!("{message}: fix spec.tokenSecret.template"),
+    }
+}
+
 /// After the grant is safe: check whose token it is and write the token Secret.
 async fn publish(
     mi: &MailIntegration,
@@ -492,10 +489,7 @@ async fn publish(
         secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await;
     if let Err(secrets::TokenSecretError::Template(message)) = &written {
         ctx.set_backoff(&uid, None);
-        return Outcome::PermanentFailure {
-            reason: Reason::TokenTemplateInvalid.as_str().into(),
-            message: format!("{message}: fix spec.tokenSecret.template"),
-        };
+        return template_invalid(message);
     }
     if let Ok(version) = &written {
         ctx.written

@@ -799,3 +799,20 @@ fn html_text(html: &str) -> String {
     let text = out.split_whitespace().collect::<Vec<_>>().join(" ");
     text.chars().take(1500).collect()
 }
+
+/// The OAuth server of this test binary whose access tokens live `ttl_secs` (rotation on, the
+/// defaults otherwise), started on first use: one per lifetime, shared by the binary's tests.
+pub fn with_token_ttl(ttl_secs: u64) -> &'static OAuthServer {
+    static SERVERS: std::sync::Mutex<Vec<(u64, &'static OAuthServer)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut servers = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, s)) = servers.iter().find(|(t, _)| *t == ttl_secs) {
+        return s;
+    }
+    let s: &'static OAuthServer = Box::leak(Box::new(OAuthServer::start(OAuthServerConfig {
+        access_token_ttl: std::time::Duration::from_secs(ttl_secs),
+        ..Default::default()
+    })));
+    servers.push((ttl_secs, s));
+    s
+}
