@@ -22,7 +22,7 @@ use support::{
     ensure_crd,
     oauth::{Account, ClientConfig, OAuthServer, OAuthServerConfig},
     operator::Operator,
-    process::free_port,
+    process::reserve_port,
     unique_namespace,
 };
 
@@ -46,7 +46,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 impl Env {
     /// A namespace, an oidc-provider whose clients redirect to the operator's callback, and the
-    /// operator (watching that namespace) with its sign-in server on a free port.
+    /// operator (watching that namespace) with its sign-in server on a reserved port.
     async fn new(prefix: &str) -> Env {
         let cp = ensure_crd();
         let ns = unique_namespace(prefix);
@@ -55,8 +55,8 @@ impl Env {
             .prefix("mio-sign-in-")
             .tempdir()
             .unwrap();
-        // Probed, not bound: the OAuth server must know the callback before the operator starts.
-        let port = free_port();
+        // Reserved, not bound: the OAuth server must know the callback before the operator starts.
+        let port = reserve_port();
         let callback = format!("http://127.0.0.1:{port}/oauth2/callback");
         let secret = || format!("secret-{}", token::random_b64(12));
         let oauth = OAuthServer::start(OAuthServerConfig {

@@ -796,6 +796,7 @@ async fn run_one(
     let integration_events = reflector(
         writer,
         watcher(integrations, WatcherConfig::default().any_semantic())
+            .default_backoff()
             .modify(cache::trim_integration),
     )
     .applied_objects();
@@ -813,6 +814,8 @@ async fn run_one(
             secrets.clone(),
             WatcherConfig::default().labels(selector).any_semantic(),
         )
+        // Reconnects after an API server outage back off instead of spinning.
+        .default_backoff()
         .modify(cache::trim_secret)
     };
     let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
