@@ -255,6 +255,19 @@ impl Env {
             .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
     }
 
+    /// A refused sign-in: Authorized=False with `reason`, its message naming `says`, no grant.
+    async fn refused(&self, name: &str, reason: &str, says: &str) {
+        let mi = self.wait_failure(name, reason).await;
+        let authorized = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(authorized.contains(says), "{says:?} in {authorized}");
+        self.no_grant(name).await;
+    }
+
     async fn no_grant(&self, name: &str) {
         assert!(
             self.secrets()
@@ -814,15 +827,7 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
         "{text}"
     );
     b.screenshot("no-refresh-token-page.png").await;
-    let mi = env.wait_failure("silent", "NoRefreshToken").await;
-    let authorized = mi
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    assert!(authorized.contains("Consent"), "{authorized}");
-    env.no_grant("silent").await;
+    env.refused("silent", "NoRefreshToken", "Consent").await;
 
     // A scope the provider does not offer ("archive"): signed in, but not granted.
     b.goto(&env.sign_in_url("scoped").await).await;
@@ -838,15 +843,7 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
         "{text}"
     );
     b.screenshot("scope-missing-page.png").await;
-    let mi = env.wait_failure("scoped", "ScopeMissing").await;
-    let authorized = mi
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
-    assert!(authorized.contains("archive"), "{authorized}");
-    env.no_grant("scoped").await;
+    env.refused("scoped", "ScopeMissing", "archive").await;
 
     // Each refusal left a Warning event with its reason.
     let events: Api<k8s_openapi::api::events::v1::Event> =
