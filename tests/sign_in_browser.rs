@@ -48,12 +48,27 @@ impl Env {
     /// A namespace, an oidc-provider whose clients redirect to the operator's callback, and the
     /// operator (watching that namespace) with its sign-in server on a reserved port.
     async fn new(prefix: &str) -> Env {
-        Self::with_refresh_policy(prefix, true).await
+        Self::with_config(prefix, |_| {}, &[]).await
     }
 
     /// `refresh_token_without_consent`: false follows OpenID Connect Core §11 as oidc-provider
     /// does by default (a refresh token only when the consent prompt was shown), as Google does.
     async fn with_refresh_policy(prefix: &str, refresh_token_without_consent: bool) -> Env {
+        Self::with_config(
+            prefix,
+            |c| c.refresh_token_without_consent = refresh_token_without_consent,
+            &[],
+        )
+        .await
+    }
+
+    /// [`Self::new`] with the OAuth server's configuration changed by `configure` and extra
+    /// operator flags.
+    async fn with_config(
+        prefix: &str,
+        configure: impl FnOnce(&mut OAuthServerConfig),
+        operator_args: &[&str],
+    ) -> Env {
         let cp = ensure_crd();
         let ns = unique_namespace(prefix);
         let client = cp.client().await;
@@ -65,7 +80,7 @@ impl Env {
         let port = reserve_port();
         let callback = format!("http://127.0.0.1:{port}/oauth2/callback");
         let secret = || format!("secret-{}", token::random_b64(12));
-        let oauth = OAuthServer::start(OAuthServerConfig {
+        let mut config = OAuthServerConfig {
             clients: vec![
                 ClientConfig {
                     client_id: "mio-browser".into(),
@@ -88,10 +103,12 @@ impl Env {
                 .collect(),
             access_token_ttl: Duration::from_secs(600),
             select_account_prompt: true,
-            refresh_token_without_consent,
+            refresh_token_without_consent: true,
             ..Default::default()
-        });
-        let op = start_operator(cp, "operator", &ns, port, log_dir.path());
+        };
+        configure(&mut config);
+        let oauth = OAuthServer::start(config);
+        let op = start_operator_with(cp, "operator", &ns, port, log_dir.path(), operator_args);
         let env = Env {
             cp,
             port,
@@ -353,17 +370,22 @@ fn start_operator(
     port: u16,
     log_dir: &std::path::Path,
 ) -> Operator {
-    Operator::start(
-        name,
-        &cp.kubeconfig,
-        &[
-            "--namespace",
-            ns,
-            &format!("--sign-in-addr=127.0.0.1:{port}"),
-            &format!("--public-url=http://127.0.0.1:{port}"),
-        ],
-        log_dir,
-    )
+    start_operator_with(cp, name, ns, port, log_dir, &[])
+}
+
+fn start_operator_with(
+    cp: &support::control_plane::ControlPlane,
+    name: &str,
+    ns: &str,
+    port: u16,
+    log_dir: &std::path::Path,
+    extra: &[&str],
+) -> Operator {
+    let addr = format!("--sign-in-addr=127.0.0.1:{port}");
+    let public = format!("--public-url=http://127.0.0.1:{port}");
+    let mut args = vec!["--namespace", ns, &addr, &public];
+    args.extend_from_slice(extra);
+    Operator::start(name, &cp.kubeconfig, &args, log_dir)
 }
 
 fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
@@ -885,6 +907,116 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
             .await
             .is_some()
     );
+    b.close().await;
+}
+
+/// Microsoft's identity checks at the sign-in page, against answers shaped as Entra ID gives them
+/// (oidc-provider under the tenant's issuer, no RFC 9207 `iss` in the authorization response, ID
+/// tokens with `tid` and `preferred_username` and no `email`): the account is taken from
+/// `preferred_username`, another account than the mailbox is refused by it, and an account of
+/// another directory than `spec.oauth.tenant` is refused by the ID token's `tid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsoft_sign_ins_check_the_account_and_the_directory() {
+    const TENANT: &str = "8f6c1e2a-3b4d-4e5f-9a0b-1c2d3e4f5a6b";
+    const OTHER_TENANT: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::with_config(
+        "sign-in-microsoft",
+        |c| {
+            c.microsoft_tenant = Some(TENANT.into());
+            c.issuer = Some(format!("https://login.microsoftonline.com/{TENANT}/v2.0"));
+        },
+        &["--allow-endpoint-overrides"],
+    )
+    .await;
+    let base = env.oauth.base_url.clone();
+    let integrations = env.integrations();
+    let microsoft = |name: &'static str, tenant: &'static str| {
+        let (base, integrations) = (base.clone(), integrations.clone());
+        async move {
+            let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+                "apiVersion": "mailintegration.dev/v1alpha1",
+                "kind": "MailIntegration",
+                "metadata": {"name": name},
+                "spec": {
+                    "provider": "Microsoft",
+                    "mailbox": {
+                        "address": ALICE,
+                        // Nothing listens there: the mailbox check is not what this test is about.
+                        "server": {"host": "127.0.0.1", "port": support::process::CLOSED_PORT, "tls": "None"},
+                    },
+                    "oauth": {
+                        "clientSecretRef": {"name": "client"},
+                        "tenant": tenant,
+                        "scopes": ["mail"],
+                        "endpoints": {"authorization": format!("{base}/auth"), "token": format!("{base}/token")},
+                    },
+                    "tokenSecret": {"name": format!("{name}-token")},
+                }
+            }))
+            .unwrap();
+            integrations
+                .create(&PostParams::default(), &mi)
+                .await
+                .unwrap();
+        }
+    };
+    microsoft("mismatch", TENANT).await;
+    microsoft("inbox", TENANT).await;
+    microsoft("elsewhere", OTHER_TENANT).await;
+    let b = env.browser().await;
+
+    // bob signs in for alice's mailbox: refused by preferred_username.
+    b.goto(&env.sign_in_url("mismatch").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, Some(BOB)).await;
+    let text = b
+        .wait_text("Another account signed in", Duration::from_secs(20))
+        .await;
+    assert!(text.contains(BOB), "{text}");
+    env.refused("mismatch", "AccountMismatch", BOB).await;
+
+    // alice (chosen with "Select account"): connected, the account from preferred_username.
+    b.goto(&env.sign_in_url("inbox").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-selectaccount]").await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, Some(ALICE)).await;
+    let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    assert!(text.contains(ALICE), "{text}");
+    let mi = env
+        .wait_for("inbox", "Authorized=True", |mi| {
+            condition(mi, "Authorized") == Some(("True", "Authorized"))
+        })
+        .await;
+    assert_eq!(
+        mi.status.as_ref().and_then(|s| s.account.as_deref()),
+        Some(ALICE)
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "account").await.as_deref(),
+        Some(ALICE)
+    );
+
+    // alice again, for an integration of another directory: refused by tid.
+    b.goto(&env.sign_in_url("elsewhere").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    let text = b
+        .wait_text(
+            "The account is from another directory",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        text.contains(TENANT) && text.contains(OTHER_TENANT),
+        "{text}"
+    );
+    env.refused("elsewhere", "AccountMismatch", OTHER_TENANT)
+        .await;
     b.close().await;
 }
 

@@ -16,7 +16,8 @@
 //     "rotate_refresh_token": true,
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
-//     "client_credentials": false                 // every client may also use the client-credentials grant
+//     "client_credentials": false,                // every client may also use the client-credentials grant
+//     "microsoft_tenant": "GUID"                  // ID tokens as Entra ID issues them (see below)
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -159,6 +160,18 @@ if (config.introspection_client) {
   });
 }
 
+// ID tokens as Microsoft Entra ID issues them: the directory's ID in `tid`, the sign-in name in
+// `preferred_username`, and no `email` claim (Entra adds it only as an optional claim).
+const microsoftTenant = config.microsoft_tenant;
+const idTokenClaims = microsoftTenant
+  ? { openid: ['sub', 'tid'], email: ['preferred_username'] }
+  : { openid: ['sub'], email: ['email', 'email_verified'] };
+function accountClaims(account) {
+  return microsoftTenant
+    ? { sub: account.sub, tid: microsoftTenant, preferred_username: account.email }
+    : { sub: account.sub, email: account.email, email_verified: true };
+}
+
 const configuration = {
   adapter: Adapter,
   clients,
@@ -166,7 +179,7 @@ const configuration = {
   jwks: { keys: [{ ...signingKey, use: 'sig', alg: 'RS256', kid: 'test-key' }] },
   cookies: { keys: [randomBytes(32).toString('base64url')] },
   scopes: ['openid', 'email', 'offline_access', ...extraScopes],
-  claims: { openid: ['sub'], email: ['email', 'email_verified'] },
+  claims: idTokenClaims,
   // Like Google: the ID token carries the email claim even when an access token is issued too.
   conformIdTokenClaims: false,
   async findAccount(_ctx, id) {
@@ -175,7 +188,7 @@ const configuration = {
     return {
       accountId: account.sub,
       async claims() {
-        return { sub: account.sub, email: account.email, email_verified: true };
+        return accountClaims(account);
       },
     };
   },
@@ -217,6 +230,11 @@ server.listen(requestedPort, '127.0.0.1', () => {
   const { port } = server.address();
   const issuer = config.issuer ?? `http://127.0.0.1:${port}`;
   const provider = new Provider(issuer, configuration);
+  // Entra ID does not send RFC 9207's `iss` with the authorization response; oidc-provider always
+  // does. The event carries the response parameters before they are sent.
+  if (microsoftTenant) {
+    provider.on('authorization.success', (_ctx, out) => { delete out.iss; });
+  }
 
   // One log line per token, revocation and introspection request, after it was answered.
   const logged = { '/token': 'token', '/token/revocation': 'revocation', '/token/introspection': 'introspection' };

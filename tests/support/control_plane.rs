@@ -399,12 +399,28 @@ impl ControlPlane {
     pub fn install_crd(&self) {
         let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
         self.kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/mailintegrations.mailintegration.dev",
-        ]);
+        // `kubectl wait` fails at once, instead of waiting, while the new CRD has no
+        // status.conditions yet (".status.conditions accessor error: <nil> is of the type <nil>"):
+        // ask again until it is Established, within one deadline.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.kubectl_output(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=30s",
+                "crd/mailintegrations.mailintegration.dev",
+            ]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the CRD was not Established within 60 s:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// A namespace of its own for one test, on this control plane.

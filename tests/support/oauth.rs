@@ -62,6 +62,9 @@ pub struct OAuthServerConfig {
     /// Let every client also use the client-credentials grant (app-only tokens, no refresh token),
     /// oidc-provider's `clientCredentials` feature.
     pub client_credentials: bool,
+    /// Issue ID tokens as Microsoft Entra ID does: this directory ID in `tid`, the address in
+    /// `preferred_username`, no `email` claim.
+    pub microsoft_tenant: Option<String>,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -104,6 +107,7 @@ impl Default for OAuthServerConfig {
             select_account_prompt: false,
             refresh_token_without_consent: false,
             client_credentials: false,
+            microsoft_tenant: None,
         }
     }
 }
@@ -130,6 +134,7 @@ impl OAuthServerConfig {
             "select_account_prompt": self.select_account_prompt,
             "refresh_token_without_consent": self.refresh_token_without_consent,
             "client_credentials": self.client_credentials,
+            "microsoft_tenant": self.microsoft_tenant,
         })
     }
 }
