@@ -30,6 +30,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use url::Url;
 
+mod app_only;
+pub mod assertion;
+pub use assertion::SigningKey;
+
 /// Default TCP/TLS connect timeout towards providers.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout of a whole request towards providers.
@@ -45,7 +49,11 @@ const MAX_EXPIRES_IN: u64 = 366 * 24 * 3600;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientCredentials {
     pub client_id: String,
+    /// Empty when the client authenticates with a key instead (`signing_key`).
     pub client_secret: SecretValue,
+    /// A certificate's key (client assertions, `private_key_jwt`) or a Google service account's
+    /// key (the JWT-bearer grant), from a Secret the user marked.
+    pub signing_key: Option<std::sync::Arc<SigningKey>>,
 }
 
 /// What a token endpoint granted.
@@ -365,39 +373,6 @@ impl OAuthClient {
             now,
             &[creds.client_secret.expose(), refresh_token.expose()],
         )
-    }
-
-    /// Get an app-only access token with the client-credentials grant (RFC 6749 §4.4): no
-    /// refresh token (one that comes back anyway is dropped: there is no grant to keep), `scopes`
-    /// sent only when non-empty.
-    pub async fn client_credentials(
-        &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
-        scopes: &[String],
-        now: Timestamp,
-    ) -> Result<TokenGrant, TokenError> {
-        let op = TokenOperation::ClientCredentials;
-        let client = token_client(endpoints, creds);
-        let request = client
-            .exchange_client_credentials()
-            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
-        let meta = std::sync::Arc::new(Mutex::new(None));
-        let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
-        let result = request.request_async(&call).await;
-        let meta = meta.locked().take();
-        token_result(
-            endpoints.kind,
-            op,
-            result,
-            meta,
-            now,
-            &[creds.client_secret.expose()],
-        )
-        .map(|grant| TokenGrant {
-            refresh_token: None,
-            ..grant
-        })
     }
 
     /// Exchange an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).

@@ -16,7 +16,10 @@
 //     "rotate_refresh_token": true,
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
-//     "client_credentials": false                 // every client may also use the client-credentials grant
+//     "client_credentials": false,                // every client may also use the client-credentials grant
+//     "key_clients": [{"client_id": "…", "public_key_pem": "-----BEGIN PUBLIC KEY-----…"}],
+//                                                 // private_key_jwt clients (client-credentials grant only)
+//     "app_mailbox": "helpdesk@example.test"      // the `email` claim of every client-credentials token
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -26,7 +29,7 @@
 
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createPublicKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 
 import Provider, { interactionPolicy } from 'oidc-provider';
 
@@ -147,6 +150,20 @@ const clients = config.clients.map((c) => ({
   grant_types: ['authorization_code', 'refresh_token', ...(clientCredentials ? ['client_credentials'] : [])],
   token_endpoint_auth_method: 'client_secret_post',
 }));
+// Certificate credentials (RFC 7523 client assertions, as Microsoft Entra checks them): the
+// assertion must be signed by the key whose public half is registered as the client's JWKS.
+for (const c of config.key_clients ?? []) {
+  const jwk = createPublicKey(c.public_key_pem).export({ format: 'jwk' });
+  clients.push({
+    client_id: c.client_id,
+    redirect_uris: [],
+    response_types: [],
+    grant_types: ['client_credentials'],
+    token_endpoint_auth_method: 'private_key_jwt',
+    jwks: { keys: [{ ...jwk, use: 'sig' }] },
+  });
+}
+const appMailbox = config.app_mailbox ?? null;
 if (config.introspection_client) {
   clients.push({
     client_id: config.introspection_client.client_id,
@@ -181,12 +198,14 @@ const configuration = {
   },
   // Put the mailbox address into access tokens, so introspection answers carry `email` as well as `sub`.
   async extraTokenClaims(_ctx, token) {
+    // App-only tokens name the one mailbox the app was given access to (app_mailbox).
+    if (token.kind === 'ClientCredentials') return appMailbox ? { email: appMailbox } : undefined;
     const account = token.accountId ? accounts.get(token.accountId) : undefined;
     return account ? { email: account.email } : undefined;
   },
   features: {
     devInteractions: { enabled: true },
-    clientCredentials: { enabled: clientCredentials },
+    clientCredentials: { enabled: clientCredentials || (config.key_clients ?? []).length > 0 },
     introspection: { enabled: true, allowedPolicy: async () => true },
     // A client may revoke only its own tokens (oidc-provider's default rule, without its notice).
     revocation: { enabled: true, allowedPolicy: async (_ctx, client, token) => token.clientId === client.clientId },

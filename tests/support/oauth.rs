@@ -26,6 +26,15 @@ pub struct ClientConfig {
     pub redirect_uris: Vec<String>,
 }
 
+/// A client that authenticates with a key instead of a secret (`private_key_jwt`, RFC 7523 client
+/// assertions checked against `public_key_pem`), allowed the client-credentials grant only.
+#[derive(Clone, Debug)]
+pub struct KeyClientConfig {
+    pub client_id: String,
+    /// The certificate's public key (PEM), registered as the client's JWKS.
+    pub public_key_pem: String,
+}
+
 /// A user who can sign in: the login form takes `sub`; `email` comes back as a claim and in
 /// introspection answers.
 #[derive(Clone, Debug)]
@@ -62,6 +71,12 @@ pub struct OAuthServerConfig {
     /// Let every client also use the client-credentials grant (app-only tokens, no refresh token),
     /// oidc-provider's `clientCredentials` feature.
     pub client_credentials: bool,
+    /// Clients with `private_key_jwt` client authentication (client-credentials grant).
+    pub key_clients: Vec<KeyClientConfig>,
+    /// The mailbox app-only tokens are good for: put into every client-credentials token as its
+    /// `email` (introspection answers carry it), as an Exchange admin gives an app access to one
+    /// mailbox. Dovecot, naming users by `email`, then accepts the token for that mailbox only.
+    pub app_mailbox: Option<String>,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -104,6 +119,8 @@ impl Default for OAuthServerConfig {
             select_account_prompt: false,
             refresh_token_without_consent: false,
             client_credentials: false,
+            key_clients: Vec::new(),
+            app_mailbox: None,
         }
     }
 }
@@ -130,6 +147,11 @@ impl OAuthServerConfig {
             "select_account_prompt": self.select_account_prompt,
             "refresh_token_without_consent": self.refresh_token_without_consent,
             "client_credentials": self.client_credentials,
+            "key_clients": self.key_clients.iter().map(|c| serde_json::json!({
+                "client_id": c.client_id,
+                "public_key_pem": c.public_key_pem,
+            })).collect::<Vec<_>>(),
+            "app_mailbox": self.app_mailbox,
         })
     }
 }

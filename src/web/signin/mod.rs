@@ -1158,7 +1158,7 @@ async fn callback(
         .clone()
         .unwrap_or_else(|| provider::sign_in_scopes(&mi.spec))
         .join(" ");
-    let extra = vec![
+    let mut extra = vec![
         (grant_keys::ACCOUNT, account.clone()),
         (grant_keys::SCOPES, scopes),
         // Where the grant was issued: the refresher sends it nowhere else.
@@ -1169,6 +1169,13 @@ async fn callback(
             now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
         ),
     ];
+    // Google announces the end of a Testing-status app's grant (7 days): shown in the status.
+    if let Some(end) = grant.refresh_token_expires_at {
+        extra.push((
+            grant_keys::REFRESH_TOKEN_EXPIRES_AT,
+            end.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        ));
+    }
     if let Err(e) = s.inner.backend.store_grant(&mi, refresh_token, extra).await {
         warn!(error = %e, "storing the grant Secret failed");
         let f = Failure::new(

@@ -930,6 +930,7 @@ fn controller_reports_the_last_sign_in_failure_while_sign_in_is_needed() {
     let o = Observed {
         integration: &mi,
         client: Ok(ClientCredentials {
+            signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("cs"),
         }),
@@ -1002,6 +1003,7 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
     let o = Observed {
         integration: &mi,
         client: Ok(ClientCredentials {
+            signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("cs"),
         }),
@@ -1011,6 +1013,7 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
             account: None,
             scopes: vec![],
             issued_at: None,
+            refresh_token_expires_at: None,
             token_endpoint: None,
             client_id: None,
             resource_version: Some("7".into()),
