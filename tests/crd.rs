@@ -398,13 +398,13 @@ fn app_only_grants_need_a_specific_microsoft_tenant_and_service_accounts_are_goo
     assert_rejected(
         &ns,
         &resource(
-            "interactive-cert",
+            "dwd-cert",
             "Google",
-            "clientCertificateRef: {name: app-cert}",
-            "",
+            "grantType: ServiceAccount",
+            "    clientCertificateRef: {name: app-cert}",
             "",
         ),
-        "spec.oauth.clientCertificateRef (certificate client authentication) is for grantType ClientCredentials",
+        "spec.oauth.clientCertificateRef (certificate client authentication) is not used with grantType ServiceAccount",
     );
     assert_rejected(
         &ns,
@@ -419,6 +419,12 @@ fn app_only_grants_need_a_specific_microsoft_tenant_and_service_accounts_are_goo
     );
     for (name, provider, oauth, extra) in [
         ("google-dwd", "Google", "grantType: ServiceAccount", ""),
+        (
+            "ms-interactive-cert",
+            "Microsoft",
+            "clientCertificateRef: {name: app-cert}",
+            "    tenant: common",
+        ),
         (
             "ms-app-only-cert",
             "Microsoft",

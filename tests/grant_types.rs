@@ -26,7 +26,7 @@ use std::{
 use support::{
     fault_proxy::Fault,
     keys::TestKey,
-    oauth::{KeyClientConfig, OAuthServer, OAuthServerConfig},
+    oauth::{ClientConfig, OAuthServer, OAuthServerConfig},
     world::{
         Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, is_ready, tail,
     },
@@ -47,16 +47,20 @@ fn app_key() -> &'static TestKey {
 fn server() -> &'static OAuthServer {
     static S: OnceLock<OAuthServer> = OnceLock::new();
     S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
+        let mut config = OAuthServerConfig {
             access_token_ttl: Duration::from_secs(8),
             client_credentials: true,
-            key_clients: vec![KeyClientConfig {
-                client_id: CERT_APP.into(),
-                public_key_pem: app_key().public_pem.clone(),
-            }],
             app_mailbox: Some(APP_MAILBOX.into()),
             ..Default::default()
-        })
+        };
+        // Signs in and gets app-only tokens alike, authenticating with its certificate.
+        config.clients.push(ClientConfig {
+            client_id: CERT_APP.into(),
+            client_secret: String::new(),
+            redirect_uris: config.clients[0].redirect_uris.clone(),
+            certificate: Some(app_key().client_certificate()),
+        });
+        OAuthServer::start(config)
     })
 }
 

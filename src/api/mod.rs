@@ -77,8 +77,8 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
         .message("grantType ClientCredentials (app-only) needs a specific spec.oauth.tenant (your directory's tenant ID or domain), not common, organizations or consumers: app-only tokens are issued by one tenant"),
     validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ServiceAccount' || self.spec.provider == 'Google'")
         .message("grantType ServiceAccount (domain-wide delegation with a service-account key) is for provider Google only; Microsoft app-only access is grantType ClientCredentials"),
-    validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || (has(self.spec.oauth.grantType) && self.spec.oauth.grantType == 'ClientCredentials')")
-        .message("spec.oauth.clientCertificateRef (certificate client authentication) is for grantType ClientCredentials; a service account's key goes into the client Secret"),
+    validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || !has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ServiceAccount'")
+        .message("spec.oauth.clientCertificateRef (certificate client authentication) is not used with grantType ServiceAccount: the service account's key file goes into the client Secret"),
     validation = Rule::new("!has(self.spec.oauth.clientSecretRef.serviceAccountKey) || (has(self.spec.oauth.grantType) && self.spec.oauth.grantType == 'ServiceAccount')")
         .message("spec.oauth.clientSecretRef.serviceAccountKey is for grantType ServiceAccount only"),
     validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || self.spec.oauth.clientCertificateRef.name != self.spec.tokenSecret.name")
@@ -262,8 +262,8 @@ pub struct OAuthSpec {
         .message("oauth.signInAccount must be an email address such as alice@example.com"))]
     pub sign_in_account: Option<String>,
     /// Authenticate the client with a certificate instead of a client secret: a client assertion
-    /// signed with the certificate's key (`private_key_jwt`). grantType ClientCredentials only; the
-    /// client Secret then needs only the client ID.
+    /// signed with the certificate's key (`private_key_jwt`), for the client-credentials grant and
+    /// for sign-in and refresh alike; the client Secret then needs only the client ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate_ref: Option<ClientCertificateRef>,
 }

@@ -19,13 +19,7 @@ impl OAuthClient {
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
         let op = TokenOperation::ClientCredentials;
-        let assertion = match creds.signing_key.as_deref() {
-            Some(SigningKey::Certificate(cert)) => Some(
-                cert.client_assertion(&creds.client_id, endpoints.token.as_str(), now)
-                    .map_err(|m| signing_failed(endpoints.kind, op, m))?,
-            ),
-            _ => None,
-        };
+        let assertion = client_assertion(endpoints, creds, op, now)?;
         let client = token_client(endpoints, creds);
         let mut request = client
             .exchange_client_credentials()

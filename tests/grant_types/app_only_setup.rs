@@ -168,6 +168,78 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_in_grant_of_a_certificate_client_is_refreshed_with_client_assertions() {
+    let env = Env::new("cert-interactive", server()).await;
+    let op = env.operator("operator");
+    env.put_secret("cert-client", &[("client_id", CERT_APP)])
+        .await;
+    tls_secret(&env, "app-cert", app_key()).await;
+    // Alice signed in through the certificate client (the code exchanged with an assertion).
+    let mut req = support::oauth::AuthorizationRequest::new("alice");
+    req.client_id = Some(CERT_APP.into());
+    let grant = env.server.obtain_grant_with(&req).await;
+    env.put_secret(
+        "alice-oauth-grant",
+        &[("refresh_token", grant.refresh_token())],
+    )
+    .await;
+    env.integration_with(
+        "alice",
+        "alice@example.test",
+        serde_json::json!({
+            "oauth": {
+                "clientSecretRef": {"name": "cert-client"},
+                "clientCertificateRef": {"name": "app-cert"},
+                "endpoints": {
+                    "authorization": format!("{}/auth", env.server.base_url),
+                    "token": format!("{}/token", env.server.base_url),
+                    "revocation": format!("{}/token/revocation", env.server.base_url),
+                },
+            },
+        }),
+    )
+    .await;
+    let mi = env
+        .wait_for(
+            "alice",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    assert_eq!(
+        mi.status.as_ref().unwrap().account.as_deref(),
+        Some("alice@example.test")
+    );
+    let log = env.server.log();
+    assert!(
+        log.contains(&format!(
+            "client={CERT_APP} grant_type=refresh_token result=ok"
+        )),
+        "the refresh authenticated with the certificate:\n{}",
+        tail(&log, 20)
+    );
+    let token = env.data("alice-token", "access_token").await.unwrap();
+    assert!(env.server.introspect(&token).await);
+    // The rotated refresh token was stored: the grant Secret no longer holds the first one.
+    let stored = env
+        .data("alice-oauth-grant", "refresh_token")
+        .await
+        .unwrap();
+    assert_ne!(stored, grant.refresh_token());
+    let key_lines: Vec<&str> = app_key()
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut secrets = key_lines;
+    secrets.push(&token);
+    secrets.push(&stored);
+    assert_no_secrets_in_logs_or_events(&env, &op, &secrets).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microsoft_app_only_setup_steps_that_are_missing_are_named() {
     let env = Env::new("app-only-setup", server()).await;
     let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
@@ -309,6 +381,50 @@ async fn a_client_secret_expiring_within_30_days_warns_and_is_exported() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert_eq!(value, expires.as_second() as f64);
+
+    // A grant whose end the provider announced at sign-in (a Google app in Testing status: 7 days).
+    let grant = env.server.obtain_grant("alice").await;
+    let ends = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(7 * 24))
+        .unwrap()
+        .round(jiff::Unit::Second)
+        .unwrap();
+    env.put_secret(
+        "testing-app-oauth-grant",
+        &[
+            ("refresh_token", grant.refresh_token()),
+            ("refresh_token_expires_at", &ends.to_string()),
+        ],
+    )
+    .await;
+    env.integration("testing-app", "alice@example.test").await;
+    let mi = env
+        .wait_for(
+            "testing-app",
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    assert_eq!(
+        mi.status
+            .as_ref()
+            .unwrap()
+            .grant_expires_at
+            .as_ref()
+            .map(|t| t.0),
+        Some(ends)
+    );
+    let sample = format!(
+        "mailintegration_grant_expiry_timestamp_seconds{{namespace=\"{}\",name=\"testing-app\"}}",
+        env.ns
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while op.metric(&sample) != Some(ends.as_second() as f64) {
+        assert!(Instant::now() < deadline, "no {sample}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // A date 60 days away: no warning, the condition says so; Ready never moved.
     let far = jiff::Timestamp::now()

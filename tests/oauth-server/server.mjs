@@ -8,6 +8,7 @@
 //     "port": 0,                                  // 0: any free port (see the "listening" line)
 //     "issuer": "http://127.0.0.1:PORT",          // default: derived from the port
 //     "clients": [{"client_id": "…", "client_secret": "…", "redirect_uris": ["http://127.0.0.1:…/cb"]}],
+//                                                 // or "public_key_pem" instead of the secret: private_key_jwt
 //     "introspection_client": {"client_id": "…", "client_secret": "…"},   // client_secret_basic
 //     "accounts": [{"sub": "alice", "email": "alice@example.test"}],
 //     "scopes": ["mail"],                         // on top of openid email offline_access
@@ -17,8 +18,6 @@
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
 //     "client_credentials": false,                // every client may also use the client-credentials grant
-//     "key_clients": [{"client_id": "…", "public_key_pem": "-----BEGIN PUBLIC KEY-----…"}],
-//                                                 // private_key_jwt clients (client-credentials grant only)
 //     "app_mailbox": "helpdesk@example.test"      // the `email` claim of every client-credentials token
 //   }
 //
@@ -142,27 +141,23 @@ const refreshTokenWithoutConsent = config.refresh_token_without_consent ?? false
 // App-only tokens (RFC 6749 §4.4), as Microsoft issues them for Exchange Online app-only access.
 const clientCredentials = config.client_credentials ?? false;
 
+// A client with `public_key_pem` authenticates with RFC 7523 client assertions (as Microsoft Entra
+// checks certificate credentials): signed by the key whose public half is its JWKS.
 const clients = config.clients.map((c) => ({
   client_id: c.client_id,
-  client_secret: c.client_secret,
   redirect_uris: c.redirect_uris,
-  response_types: ['code'],
-  grant_types: ['authorization_code', 'refresh_token', ...(clientCredentials ? ['client_credentials'] : [])],
-  token_endpoint_auth_method: 'client_secret_post',
+  response_types: c.redirect_uris.length ? ['code'] : [],
+  grant_types: [
+    ...(c.redirect_uris.length ? ['authorization_code', 'refresh_token'] : []),
+    ...(clientCredentials ? ['client_credentials'] : []),
+  ],
+  ...(c.public_key_pem
+    ? {
+        token_endpoint_auth_method: 'private_key_jwt',
+        jwks: { keys: [{ ...createPublicKey(c.public_key_pem).export({ format: 'jwk' }), use: 'sig' }] },
+      }
+    : { client_secret: c.client_secret, token_endpoint_auth_method: 'client_secret_post' }),
 }));
-// Certificate credentials (RFC 7523 client assertions, as Microsoft Entra checks them): the
-// assertion must be signed by the key whose public half is registered as the client's JWKS.
-for (const c of config.key_clients ?? []) {
-  const jwk = createPublicKey(c.public_key_pem).export({ format: 'jwk' });
-  clients.push({
-    client_id: c.client_id,
-    redirect_uris: [],
-    response_types: [],
-    grant_types: ['client_credentials'],
-    token_endpoint_auth_method: 'private_key_jwt',
-    jwks: { keys: [{ ...jwk, use: 'sig' }] },
-  });
-}
 const appMailbox = config.app_mailbox ?? null;
 if (config.introspection_client) {
   clients.push({
@@ -205,7 +200,7 @@ const configuration = {
   },
   features: {
     devInteractions: { enabled: true },
-    clientCredentials: { enabled: clientCredentials || (config.key_clients ?? []).length > 0 },
+    clientCredentials: { enabled: clientCredentials },
     introspection: { enabled: true, allowedPolicy: async () => true },
     // A client may revoke only its own tokens (oidc-provider's default rule, without its notice).
     revocation: { enabled: true, allowedPolicy: async (_ctx, client, token) => token.clientId === client.clientId },

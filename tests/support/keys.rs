@@ -44,6 +44,15 @@ impl TestKey {
         }
     }
 
+    /// This key as an OAuth client's certificate credential at the test OAuth server.
+    pub fn client_certificate(&self) -> super::oauth::ClientCertificate {
+        super::oauth::ClientCertificate {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            public_pem: self.public_pem.clone(),
+        }
+    }
+
     /// A Google service-account key file with this key.
     pub fn service_account_json(&self, client_email: &str, client_id: &str) -> String {
         serde_json::json!({

@@ -326,7 +326,15 @@ impl SignIn {
             warn!(error = %e, "reading the client Secret failed");
             api_unavailable()
         })?;
-        observed::client_credentials(r, secret.as_ref()).map_err(|p| {
+        // A client that authenticates with a certificate exchanges the code with its assertion.
+        let certificate = match &mi.spec.oauth.client_certificate_ref {
+            None => None,
+            Some(c) => self.inner.backend.secret(&ns, &c.name).await.map_err(|e| {
+                warn!(error = %e, "reading the client certificate Secret failed");
+                api_unavailable()
+            })?,
+        };
+        observed::client(&mi.spec, secret.as_ref(), certificate.as_ref()).map_err(|p| {
             let reason = p.reason();
             Failure::new(
                 reason,
