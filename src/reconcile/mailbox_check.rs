@@ -11,7 +11,7 @@ use crate::sync::LockExt as _;
 use crate::{
     api::{
         DEFAULT_CA_KEY, GrantType, MailIntegration, MailIntegrationSpec, MailIntegrationStatus,
-        SaslMechanismName, condition,
+        ProviderKind, SaslMechanismName, condition,
     },
     mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
     metrics::{ErrorLabels, Metrics, RefreshLabels},
@@ -340,10 +340,18 @@ pub fn explain_app_only(spec: &MailIntegrationSpec, state: MailboxState) -> Mail
         .unwrap_or_default();
     let mailbox = spec.mailbox.address.trim();
     let secret = &spec.oauth.client_secret_ref.name;
+    let fix = match spec.provider {
+        ProviderKind::Microsoft => format!(
+            "the app is likely not registered in Exchange Online or has no access to this mailbox. In Exchange Online PowerShell run New-ServicePrincipal -AppId <client ID in Secret {secret:?}> -ObjectId <object ID of the Enterprise Application> (Entra ID → Enterprise applications; not the App registration's object ID), then Add-MailboxPermission -Identity {mailbox} -User <the service principal's ID> -AccessRights FullAccess (or assign an RBAC for Applications role scoped to the mailbox). Changes can take up to an hour to apply."
+        ),
+        ProviderKind::Google | ProviderKind::Oidc => format!(
+            "the mail server does not let this app open {mailbox}: give the app (client ID in Secret {secret:?}) access to the mailbox at the mail server."
+        ),
+    };
     MailboxState::Failed {
         reason: Reason::AppMailboxAccessMissing.as_str().to_owned(),
         message: format!(
-            "{said}. The provider issued a valid app-only token, but the mail server refused it for {mailbox}: the app is likely not registered in Exchange Online or has no access to this mailbox. In Exchange Online PowerShell run New-ServicePrincipal -AppId <client ID in Secret {secret:?}> -ObjectId <object ID of the Enterprise Application> (Entra ID → Enterprise applications; not the App registration's object ID), then Add-MailboxPermission -Identity {mailbox} -User <the service principal's ID> -AccessRights FullAccess (or assign an RBAC for Applications role scoped to the mailbox). Changes can take up to an hour to apply."
+            "{said}. The provider issued a valid app-only token, but the mail server refused it for {mailbox}: {fix}"
         ),
     }
 }
@@ -544,6 +552,60 @@ mod tests {
         let mut kept = s.clone();
         apply(&mut kept, None, Some(1), now);
         assert_eq!(kept, s);
+    }
+
+    #[test]
+    fn a_refused_app_only_token_names_the_exchange_steps() {
+        let spec = |provider: &str, grant: &str| -> MailIntegrationSpec {
+            serde_json::from_value(serde_json::json!({
+                "provider": provider,
+                "mailbox": {"address": "helpdesk@contoso.example"},
+                "oauth": {"clientSecretRef": {"name": "m365"}, "grantType": grant},
+                "tokenSecret": {"name": "t"},
+            }))
+            .unwrap()
+        };
+        let refused = || {
+            MailboxState::Failed {
+            reason: "MailboxAuthFailed".into(),
+            message: "IMAP h:993: AUTHENTICATE failed. The mail server refused the access token (it cannot say why)".into(),
+        }
+        };
+        let MailboxState::Failed { reason, message } =
+            explain_app_only(&spec("Microsoft", "ClientCredentials"), refused())
+        else {
+            panic!("not a failure");
+        };
+        assert_eq!(reason, "AppMailboxAccessMissing");
+        assert!(
+            message.starts_with("IMAP h:993: AUTHENTICATE failed. The provider issued"),
+            "{message}"
+        );
+        assert!(
+            message.contains("New-ServicePrincipal -AppId <client ID in Secret \"m365\">"),
+            "{message}"
+        );
+        assert!(message.contains("Add-MailboxPermission -Identity helpdesk@contoso.example"));
+        let MailboxState::Failed { reason, message } =
+            explain_app_only(&spec("OIDC", "ClientCredentials"), refused())
+        else {
+            panic!("not a failure");
+        };
+        assert_eq!(reason, "AppMailboxAccessMissing");
+        assert!(!message.contains("Exchange"), "{message}");
+        // A signed-in grant's refusal is the mailbox's own business.
+        assert_eq!(
+            explain_app_only(&spec("Microsoft", "Interactive"), refused()),
+            refused()
+        );
+        let unreachable = MailboxState::Failed {
+            reason: "MailboxUnreachable".into(),
+            message: "x".into(),
+        };
+        assert_eq!(
+            explain_app_only(&spec("Microsoft", "ClientCredentials"), unreachable.clone()),
+            unreachable
+        );
     }
 
     #[test]

@@ -55,7 +55,8 @@ fn message(mi: &kube_mi::MailIntegration, t: &str) -> String {
 async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mailbox_only() {
     let dovecot = dovecot();
     let env = Env::new("cert-app", server()).await;
-    let op = env.operator("operator");
+    // oidc-provider stands in for Entra ID: a Microsoft integration whose endpoints are overridden.
+    let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
     create(
         &env,
         serde_json::json!({
@@ -72,8 +73,10 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
     // does), so the integration talks to it directly, not through the fault proxy.
     let direct = |mailbox: &str| {
         serde_json::json!({
+            "provider": "Microsoft",
             "oauth": {
                 "grantType": "ClientCredentials",
+                "tenant": "contoso.onmicrosoft.com",
                 "scopes": ["mail"],
                 "clientSecretRef": {"name": "cert-client"},
                 "clientCertificateRef": {"name": "app-cert", "algorithm": "PS256"},
