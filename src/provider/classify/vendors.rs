@@ -174,6 +174,18 @@ fn google_jwt_bearer(b: &ProviderErrorBody) -> Option<FailureClass> {
                 ),
             )
         }
+        "invalid_grant" => permanent(
+            Reason::ProviderError,
+            format!(
+                "Google refused the service account's assertion. Check that the client Secret holds this service account's current JSON key and that spec.mailbox.address is a user of the domain.{said}"
+            ),
+        ),
+        "invalid_scope" => permanent(
+            Reason::ScopeMissing,
+            format!(
+                "Google refused the requested scopes: domain-wide delegation grants exactly the scopes the Admin console lists. Leave spec.oauth.scopes empty (https://mail.google.com/) or list only delegated scopes.{said}"
+            ),
+        ),
         "invalid_client" => permanent(
             Reason::ServiceAccountKeyRejected,
             format!(
