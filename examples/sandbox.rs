@@ -17,7 +17,7 @@ use support::{
     dovecot::{Dovecot, DovecotConfig},
     oauth::{ClientConfig, OAuthServer, OAuthServerConfig},
     operator::Operator,
-    process::free_port,
+    process::reserve_port,
 };
 
 const NS: &str = "sandbox";
@@ -27,7 +27,7 @@ const NAME: &str = "support-inbox";
 async fn main() {
     let auto = std::env::args().any(|a| a == "--auto-sign-in");
     let exit_when_ready = std::env::args().any(|a| a == "--exit-when-ready");
-    let sign_in_port = free_port();
+    let sign_in_port = reserve_port();
     let public_url = format!("http://127.0.0.1:{sign_in_port}");
     let callback = format!("{public_url}/oauth2/callback");
 

@@ -223,12 +223,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = SignInConfig::new(args.public_url.clone());
     config.link_ttl = args.sign_in_link_ttl;
     let grant_locks = Arc::new(GrantLocks::default());
+    let written = Arc::new(mail_integration_operator::reconcile::cache::WrittenVersions::default());
     let sign_in = SignIn::new(
         config,
         signer,
         Arc::new(
             mail_integration_operator::metrics::sign_ins::CountingBackend::new(
-                KubeBackend::new(client.clone()).with_grant_locks(grant_locks.clone()),
+                KubeBackend::new(client.clone())
+                    .with_grant_locks(grant_locks.clone(), written.clone()),
                 metrics.clone(),
             ),
         ),
@@ -253,6 +255,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut ctx = Context::new(client, oauth, providers, metrics);
     ctx.grant_locks = grant_locks;
+    ctx.written = written;
     ctx.concurrency = args.concurrency;
     if args.leader_election {
         ctx.fence = Arc::new(Fence::leased());

@@ -584,8 +584,24 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
     env.grant("inbox", "alice").await;
     env.integration("inbox", "alice@example.test").await;
     env.integration("fresh", "bob@example.test").await;
+    // A mailbox whose server cannot be reached: its check fails (the alerts read that series).
+    env.grant("unreachable", "bob").await;
+    env.integration_with(
+        "unreachable",
+        "bob@example.test",
+        serde_json::json!({"mailbox": {"server": {"host": "127.0.0.1", "port": support::process::CLOSED_PORT, "tls": "None"}}}),
+    )
+    .await;
     env.wait_for("inbox", "Ready", Duration::from_secs(30), &op, is_ready)
         .await;
+    env.wait_for(
+        "unreachable",
+        "MailboxUnreachable",
+        Duration::from_secs(30),
+        &op,
+        |mi| condition(mi, "MailboxConnected").is_some_and(|c| c.1 == "MailboxUnreachable"),
+    )
+    .await;
     env.wait_for(
         "fresh",
         "SignInRequired",
@@ -601,16 +617,37 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
         "prometheus is missing: tools/install-test-deps.sh installs Debian's prometheus package"
     );
     let dir = tempfile::tempdir().unwrap();
+    // The chart's alert rules, evaluated by this Prometheus on the real scrape: without the
+    // NotReady delay (15m by default), and with a token-expiry threshold above the tokens' 10
+    // minutes, so that both alerts are due at once for the integrations they concern.
+    let rendered = support::helm::template(
+        "mio",
+        "ops",
+        &[
+            "prometheusRule.enabled=true",
+            "prometheusRule.notReadyFor=0s",
+            "prometheusRule.tokenExpiryThresholdSeconds=900",
+        ],
+    );
+    let rule = serde_saphyr::from_multiple::<serde_json::Value>(&rendered)
+        .expect("helm template renders YAML")
+        .into_iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("the chart renders a PrometheusRule");
+    let rules = dir.path().join("rules.json");
+    std::fs::write(&rules, rule["spec"].to_string()).unwrap();
     let config = dir.path().join("prometheus.yml");
+    // The job and namespace a ServiceMonitor of the chart's metrics Service would give `up`.
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: operator\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['{}']\nscrape_configs:\n  - job_name: mio-mail-integration-operator-metrics\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n        labels: {{namespace: ops}}\n",
+            rules.display(),
             op.health_port
         ),
     )
     .unwrap();
-    let port = support::process::free_port();
+    let port = support::process::reserve_port();
     let _prom = support::process::Supervised::spawn(
         "prometheus",
         prometheus,
@@ -658,6 +695,7 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    alerts_follow_the_scrape(&env, &op, &query, port).await;
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -718,7 +756,8 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
         }
     }
     assert_eq!(by_title["Ready"], "1", "{table}");
-    assert_eq!(by_title["Not ready"], "1", "{table}");
+    // fresh (no sign-in yet) and unreachable (its mailbox check fails).
+    assert_eq!(by_title["Not ready"], "2", "{table}");
     assert!(
         by_title["Not ready, by reason"].contains("SignInRequired"),
         "{table}"
@@ -732,4 +771,143 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("dashboard-queries.md"), &table).unwrap();
     eprintln!("{table}");
+}
+
+/// The chart's alerts as Prometheus evaluates them on the running operator's scrape name exactly
+/// the integrations the API server's objects say they should: NotReady those with Ready=False (with
+/// their reason), TokenExpiring those with a token (the threshold is above the tokens' lifetime
+/// here), MailboxCheckFailing those with MailboxConnected=False; OperatorDown stays silent while the
+/// target is up, and every rule evaluates without error. And the series the promtool test of the
+/// alerts feeds (tests/install.rs) carry the label sets this scrape shows.
+async fn alerts_follow_the_scrape<F, Fut>(env: &Env, op: &Operator, query: &F, prometheus_port: u16)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<serde_json::Value>>,
+{
+    let ns = &env.ns;
+    let scraped = reqwest::get(format!("http://127.0.0.1:{}/metrics", op.health_port))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .unwrap();
+    for (metric, labels) in support::alert_series::ALERT_INPUTS {
+        let seen: Vec<Vec<String>> = scraped
+            .lines()
+            .filter_map(support::alert_series::series_labels)
+            .filter(|(n, _)| n == metric)
+            .map(|(_, l)| l)
+            .collect();
+        assert!(
+            !seen.is_empty() && seen.iter().all(|l| l == labels),
+            "{metric}: the alert test feeds labels {labels:?}, the operator serves {seen:?}"
+        );
+    }
+
+    // What each alert must name, from the objects.
+    let api: kube::Api<mail_integration_operator::api::MailIntegration> =
+        kube::Api::namespaced(env.client.clone(), ns);
+    let objects = api.list(&Default::default()).await.unwrap().items;
+    let names =
+        |keep: &dyn Fn(&mail_integration_operator::api::MailIntegration) -> Option<String>| {
+            let mut v: Vec<(String, String)> = objects
+                .iter()
+                .filter_map(|mi| Some((kube::ResourceExt::name_any(mi), keep(mi)?)))
+                .collect();
+            v.sort();
+            v
+        };
+    let expected: Vec<(&str, Vec<(String, String)>)> = vec![
+        (
+            "MailIntegrationNotReady",
+            names(&|mi| {
+                condition(mi, "Ready")
+                    .filter(|c| c.0 == "False")
+                    .map(|c| c.1.to_owned())
+            }),
+        ),
+        (
+            "MailIntegrationTokenExpiring",
+            names(&|mi| {
+                mi.status.as_ref()?.access_token_expires_at.as_ref()?;
+                Some(String::new())
+            }),
+        ),
+        (
+            "MailIntegrationMailboxCheckFailing",
+            names(&|mi| {
+                condition(mi, "MailboxConnected")
+                    .filter(|c| c.0 == "False")
+                    .map(|_| String::new())
+            }),
+        ),
+        ("MailIntegrationOperatorDown", vec![]),
+    ];
+    assert!(
+        expected.iter().take(3).all(|(_, v)| !v.is_empty()),
+        "the test's integrations give every per-object alert something to name: {expected:?}"
+    );
+
+    // Alerts as Prometheus holds them (pending or firing), by alert name: (name, reason).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = query("ALERTS".into()).await;
+        let mut got: std::collections::BTreeMap<String, Vec<(String, String)>> = Default::default();
+        for a in r
+            .as_ref()
+            .and_then(|r| r["data"]["result"].as_array().cloned())
+            .unwrap_or_default()
+        {
+            let l = |k: &str| a["metric"][k].as_str().unwrap_or("").to_owned();
+            if l("namespace") == *ns || l("alertname") == "MailIntegrationOperatorDown" {
+                got.entry(l("alertname"))
+                    .or_default()
+                    .push((l("name"), l("reason")));
+            }
+        }
+        for v in got.values_mut() {
+            v.sort();
+            v.dedup();
+        }
+        let matches = expected
+            .iter()
+            .all(|(alert, want)| got.get(*alert).cloned().unwrap_or_default() == *want);
+        if matches {
+            eprintln!("alerts from the scrape: {got:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "within 60 s the alerts name what the objects say:\nexpected {expected:?}\ngot {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rules: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{prometheus_port}/api/v1/rules"))
+            .await
+            .expect("Prometheus rules API")
+            .json()
+            .await
+            .unwrap();
+    let evaluated: Vec<(String, String)> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or("").to_owned(),
+                r["health"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        evaluated.len(),
+        4,
+        "the chart's four alerts are loaded: {rules}"
+    );
+    assert!(
+        evaluated.iter().all(|(_, health)| health == "ok"),
+        "every rule evaluates: {rules}"
+    );
 }

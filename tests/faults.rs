@@ -78,6 +78,8 @@ async fn wait_refresh_requests(env: &Env, n: u64, timeout: Duration, op: &Operat
 fn wait_exit(op: &mut Operator, timeout: Duration) -> Duration {
     let started = Instant::now();
     while op.process.is_running() {
+        // A deadline, not a timing claim: callers pass more than the exit they wait for may take
+        // (the drain limit after SIGTERM or a lost lease, or nothing after SIGKILL) with seconds to spare.
         assert!(
             started.elapsed() < timeout,
             "the operator did not exit within {timeout:?}:\n{}",

@@ -2105,6 +2105,37 @@ tests:
 "#,
         rules = rules.display()
     );
+    // Only label sets a running operator serves (checked against a scrape in tests/cli.rs).
+    let mut used = std::collections::BTreeSet::new();
+    for line in test.lines() {
+        let Some(series) = line.trim().strip_prefix("- series: '") else {
+            continue;
+        };
+        let (name, labels) = support::alert_series::series_labels(series.trim_end_matches('\''))
+            .unwrap_or_else(|| panic!("unreadable series {series}"));
+        if name == "up" {
+            continue;
+        }
+        let labels: Vec<&str> = labels
+            .iter()
+            .map(String::as_str)
+            .filter(|l| *l != "instance")
+            .collect();
+        let served = support::alert_series::ALERT_INPUTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not among the series the operator serves"));
+        assert_eq!(
+            labels, served.1,
+            "{name}: labels the operator does not serve"
+        );
+        used.insert(name);
+    }
+    assert_eq!(
+        used.len(),
+        support::alert_series::ALERT_INPUTS.len(),
+        "every served series the alerts read has input: {used:?}"
+    );
     let test_file = dir.path().join("test.yaml");
     std::fs::write(&test_file, test).unwrap();
     let out = Command::new(&promtool)

@@ -81,6 +81,7 @@ where
         }
         ran += u64::from(cases);
         match budget {
+            // Not an assertion: the opt-in run goes on while its time budget lasts.
             Some(b) if started.elapsed() < b => continue,
             _ => break,
         }

@@ -22,7 +22,7 @@ use support::{
     ensure_crd,
     oauth::{Account, ClientConfig, OAuthServer, OAuthServerConfig},
     operator::Operator,
-    process::free_port,
+    process::reserve_port,
     unique_namespace,
 };
 
@@ -46,8 +46,14 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 impl Env {
     /// A namespace, an oidc-provider whose clients redirect to the operator's callback, and the
-    /// operator (watching that namespace) with its sign-in server on a free port.
+    /// operator (watching that namespace) with its sign-in server on a reserved port.
     async fn new(prefix: &str) -> Env {
+        Self::with_refresh_policy(prefix, true).await
+    }
+
+    /// `refresh_token_without_consent`: false follows OpenID Connect Core §11 as oidc-provider
+    /// does by default (a refresh token only when the consent prompt was shown), as Google does.
+    async fn with_refresh_policy(prefix: &str, refresh_token_without_consent: bool) -> Env {
         let cp = ensure_crd();
         let ns = unique_namespace(prefix);
         let client = cp.client().await;
@@ -55,8 +61,8 @@ impl Env {
             .prefix("mio-sign-in-")
             .tempdir()
             .unwrap();
-        // Probed, not bound: the OAuth server must know the callback before the operator starts.
-        let port = free_port();
+        // Reserved, not bound: the OAuth server must know the callback before the operator starts.
+        let port = reserve_port();
         let callback = format!("http://127.0.0.1:{port}/oauth2/callback");
         let secret = || format!("secret-{}", token::random_b64(12));
         let oauth = OAuthServer::start(OAuthServerConfig {
@@ -84,7 +90,7 @@ impl Env {
                 .collect(),
             access_token_ttl: Duration::from_secs(600),
             select_account_prompt: true,
-            refresh_token_without_consent: true,
+            refresh_token_without_consent,
             ..Default::default()
         });
         let op = start_operator(cp, "operator", &ns, port, log_dir.path());
@@ -134,12 +140,28 @@ impl Env {
     /// An OIDC MailIntegration for `address`, discovering the test server's endpoints; the redirect
     /// URL is the operator's default ({public-url}/oauth2/callback).
     async fn integration(&self, name: &str, address: &str, client: &str, prompt: Option<&str>) {
+        self.integration_with(name, address, client, prompt, serde_json::json!({}))
+            .await
+    }
+
+    /// [`Self::integration`] with more `spec.oauth` fields (e.g. scopes).
+    async fn integration_with(
+        &self,
+        name: &str,
+        address: &str,
+        client: &str,
+        prompt: Option<&str>,
+        more_oauth: serde_json::Value,
+    ) {
         let mut oauth = serde_json::json!({
             "clientSecretRef": {"name": client},
             "issuerURL": self.oauth.issuer(),
         });
         if let Some(p) = prompt {
             oauth["prompt"] = p.into();
+        }
+        for (k, v) in more_oauth.as_object().into_iter().flatten() {
+            oauth[k] = v.clone();
         }
         let mi: MailIntegration = serde_json::from_value(serde_json::json!({
             "apiVersion": "mailintegration.dev/v1alpha1",
@@ -233,6 +255,19 @@ impl Env {
         let s = self.secrets().get_opt(secret).await.unwrap()?;
         s.data
             .and_then(|d| d.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap()))
+    }
+
+    /// A refused sign-in: Authorized=False with `reason`, its message naming `says`, no grant.
+    async fn refused(&self, name: &str, reason: &str, says: &str) {
+        let mi = self.wait_failure(name, reason).await;
+        let authorized = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(authorized.contains(says), "{says:?} in {authorized}");
+        self.no_grant(name).await;
     }
 
     async fn no_grant(&self, name: &str) {
@@ -751,6 +786,110 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
 /// (the PKCE verifier is derived from the key and the state): a sign-in started by one operator
 /// process finishes on another one (here: the first is stopped while the browser is at the provider,
 /// and a new process takes over the same address, as after a restart or behind a Service).
+/// What the provider grants is checked before anything is stored, against oidc-provider's own
+/// answers: a "No prompt" sign-in of an account that consented before gets no refresh token (OpenID
+/// Connect Core §11: offline_access only with the consent prompt, as at Google), and a scope the
+/// provider does not offer is left out of the grant. Each gets its page, its condition with what to
+/// do, a Warning event, and no grant Secret; "Consent" then connects the first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = Env::with_refresh_policy("sign-in-grant", false).await;
+    env.integration("first", ALICE, "client", None).await;
+    env.integration("silent", ALICE, "client", Some("None"))
+        .await;
+    env.integration_with(
+        "scoped",
+        ALICE,
+        "client",
+        None,
+        serde_json::json!({"scopes": ["mail", "archive"]}),
+    )
+    .await;
+    let b = env.browser().await;
+
+    // The account consents once (a session and a grant at the provider).
+    b.goto(&env.sign_in_url("first").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, None).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    env.wait_ready("first").await;
+
+    // "No prompt": the provider answers at once, without a refresh token.
+    b.goto(&env.sign_in_url("silent").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    assert!(b.is_selected("#prompt-none").await);
+    b.click("button[type=submit]").await;
+    let text = b
+        .wait_text("No refresh token was returned", Duration::from_secs(20))
+        .await;
+    assert!(
+        text.contains("choose \"Consent\"") && text.contains("NoRefreshToken"),
+        "{text}"
+    );
+    b.screenshot("no-refresh-token-page.png").await;
+    env.refused("silent", "NoRefreshToken", "Consent").await;
+
+    // A scope the provider does not offer ("archive"): signed in, but not granted.
+    b.goto(&env.sign_in_url("scoped").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    let text = b
+        .wait_text("A permission was not granted", Duration::from_secs(20))
+        .await;
+    assert!(
+        text.contains("archive") && !text.contains("mail,") && text.contains("ScopeMissing"),
+        "{text}"
+    );
+    b.screenshot("scope-missing-page.png").await;
+    env.refused("scoped", "ScopeMissing", "archive").await;
+
+    // Each refusal left a Warning event with its reason.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reasons: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| e.reason)
+            .collect();
+        if ["NoRefreshToken", "ScopeMissing"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Warning events NoRefreshToken and ScopeMissing within 20 s: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // "Consent" on the same integration: a refresh token this time.
+    b.goto(&env.sign_in_url("silent").await).await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-consent]").await;
+    b.click("button[type=submit]").await;
+    env.consent_if_asked(&b).await;
+    b.wait_text(CONNECTED, Duration::from_secs(20)).await;
+    env.wait_ready("silent").await;
+    assert!(
+        env.data("silent-oauth-grant", "refresh_token")
+            .await
+            .is_some()
+    );
+    b.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_in_started_on_one_replica_finishes_on_another() {
     let _turn = ONE_AT_A_TIME.lock().await;

@@ -327,6 +327,8 @@ async fn provider_faults_back_off_keep_the_token_and_recover() {
             if n >= 2 {
                 break;
             }
+            // A deadline, not a timing claim: the longest expected gap is 9 s of Retry-After plus
+            // backoff; 30 s leaves more than 3x for a loaded 2-core machine.
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "{n} faulted requests within 30 s:\n{}",
@@ -768,6 +770,8 @@ async fn with_leader_election_only_the_leader_refreshes_and_a_standby_takes_over
         .unwrap();
     let killed_at = Instant::now();
     while holder() == first_holder {
+        // A deadline: the takeover is due one lease after the last renewal; 10 s more covers the
+        // standby's retry period (2 s) and a loaded machine's scheduling several times over.
         assert!(
             killed_at.elapsed() < Duration::from_secs(lease_seconds + 10),
             "no takeover within the lease duration:\n{}",

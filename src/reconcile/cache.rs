@@ -4,10 +4,10 @@
 //! never decided on.
 //!
 //! Idle reconciles and refreshes then read nothing from the API server (at 10,000 integrations the
-//! four GETs of every reconcile were the largest share of the API server's work). Three reads stay,
-//! each where a cache cannot be trusted:
-//! - the grant Secret under the per-grant lock before a refresh (a sign-in in this process, or the
-//!   previous refresh, may have replaced it; see `reconcile_inner`);
+//! four GETs of every reconcile were the largest share of the API server's work). A refresh
+//! presents the cached grant: under the per-grant lock it is checked against this process's last
+//! writes (a sign-in by this process or the previous refresh may have replaced it; the sign-in
+//! server records its grant writes here too). Two reads stay, each where a cache cannot be trusted:
 //! - a Secret the caches do not hold but that may exist unlabelled (a token Secret name taken by
 //!   someone else, a grant Secret brought by hand without its label, an unmarked client Secret):
 //!   read once so that the condition names the problem, as before;

@@ -109,8 +109,9 @@ pub struct Context {
     resolved_marks: Mutex<HashMap<String, Mark>>,
     /// Failed reconciles in a row, per resource UID (the error policy's backoff).
     errors: Mutex<HashMap<String, u32>>,
-    /// The resourceVersions of this process's last writes, per UID (see [`cache::freshness`]).
-    pub(crate) written: WrittenVersions,
+    /// The resourceVersions of this process's last writes, per UID (see [`cache::freshness`]);
+    /// shared with the sign-in server, whose grant writes a refresh must not decide past.
+    pub written: Arc<WrittenVersions>,
 }
 
 impl Context {
@@ -150,7 +151,7 @@ impl Context {
             pending: Mutex::default(),
             resolved_marks: Mutex::default(),
             errors: Mutex::default(),
-            written: WrittenVersions::default(),
+            written: Arc::default(),
         }
     }
 
@@ -451,20 +452,39 @@ async fn reconcile_inner(
             Decision::Refresh(cause) => {
                 let lock = ctx.grant_locks.get(&uid);
                 let _guard = lock.lock().await;
-                // Read the grant again under the lock: a sign-in (which takes the same lock) or
-                // the previous refresh may have replaced it since the cache saw it. The one read
-                // of a refresh: the cache may lag behind a sign-in by this process, and the
-                // refresh token presented must be the one stored now.
-                ctx.metrics.count_read("grant_secret");
-                let grant_now = secrets_api
-                    .get_opt(&mi.grant_secret_name())
-                    .await?
-                    .filter(|s| observed::grant_belongs_to(s, mi));
-                if grant_now.as_ref().map(|s| &s.metadata.resource_version)
-                    != grant_secret.as_ref().map(|s| &s.metadata.resource_version)
-                {
-                    return Ok(Action::requeue(Duration::from_secs(1)));
-                }
+                // Under the lock, a sign-in by this process (which takes the same lock) or the
+                // previous refresh may have replaced the grant since this reconcile looked at the
+                // cache; both leave their version in `written`. The refresh token presented must
+                // be the one stored now: a cache behind such a write waits for its event (which
+                // brings the next reconcile), one behind for too long is read. Writes of other
+                // processes are fenced by the write-ahead mark and the grant write's
+                // resourceVersion precondition, as a read here would not close that window either.
+                let written_now = ctx.written.get(&uid);
+                let grant_now = match cache::freshness(
+                    grant_secret
+                        .as_ref()
+                        .and_then(|s| s.metadata.resource_version.as_deref()),
+                    written_now.grant.as_deref(),
+                    written_now.recent(),
+                ) {
+                    Freshness::Fresh => grant_secret.clone(),
+                    Freshness::Lagging => return lagging("grant Secret (under the lock)"),
+                    Freshness::Unknown => {
+                        ctx.metrics.count_read("grant_secret");
+                        ctx.written.clear(&uid, Kind::Grant);
+                        let read = secrets_api
+                            .get_opt(&mi.grant_secret_name())
+                            .await?
+                            .filter(|s| observed::grant_belongs_to(s, mi));
+                        if read.as_ref().map(|s| &s.metadata.resource_version)
+                            != grant_secret.as_ref().map(|s| &s.metadata.resource_version)
+                        {
+                            // Decided on another grant than the one stored: decide again.
+                            return Ok(Action::requeue(Duration::from_secs(1)));
+                        }
+                        read
+                    }
+                };
                 let fut: futures::future::BoxFuture<'_, refresh::RefreshResult> =
                     Box::pin(refresh(
                         mi,
@@ -823,6 +843,7 @@ async fn run_one(
     let integration_events = reflector(
         writer,
         watcher(integrations, WatcherConfig::default().any_semantic())
+            .default_backoff()
             .modify(cache::trim_integration),
     )
     .applied_objects();
@@ -840,6 +861,8 @@ async fn run_one(
             secrets.clone(),
             WatcherConfig::default().labels(selector).any_semantic(),
         )
+        // Reconnects after an API server outage back off instead of spinning.
+        .default_backoff()
         .modify(cache::trim_secret)
     };
     let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))

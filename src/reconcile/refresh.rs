@@ -358,8 +358,13 @@ pub(super) async fn store_pending(
     )
     .await;
     match stored {
-        Ok(_) => {
+        Ok(stored) => {
             info!("stored the grant held in memory");
+            if let Stored::Stored(version) = stored {
+                // The cache may not have seen this write yet: the next reconcile must not decide
+                // on the grant as it was before it.
+                ctx.written.set(&uid, super::cache::Kind::Grant, version);
+            }
             ctx.set_pending(&uid, None);
             ctx.set_backoff(&uid, None);
             Ok(())

@@ -3,7 +3,7 @@
 //!
 //! Install: `apt-get install -y --no-install-recommends chromium chromium-driver fonts-dejavu-core`
 
-use super::process::{Supervised, free_port};
+use super::process::{Supervised, reserve_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ impl Browser {
             "MIO_CHROMEDRIVER",
             &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
         );
-        let port = free_port();
+        let port = reserve_port();
         let driver = Supervised::spawn(
             "chromedriver",
             &chromedriver,

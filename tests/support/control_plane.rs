@@ -5,7 +5,7 @@
 //! stops and restarts its kube-apiserver with [`ControlPlane::stop_apiserver`] and
 //! [`ControlPlane::start_apiserver`]: same port, certificates and etcd data).
 
-use super::process::{Supervised, free_port, free_ports};
+use super::process::{Supervised, reserve_port, reserve_ports};
 use std::{
     io::Write,
     path::{Path, PathBuf},
@@ -109,7 +109,7 @@ impl ControlPlane {
             .expect("temp dir");
         let root = dir.path();
 
-        let [client_port, peer_port] = free_ports(2)[..] else {
+        let [client_port, peer_port] = reserve_ports(2)[..] else {
             unreachable!()
         };
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -163,7 +163,7 @@ impl ControlPlane {
         )
         .unwrap();
 
-        let port = free_port();
+        let port = reserve_port();
         let cert_dir = root.join("certs");
         let apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),

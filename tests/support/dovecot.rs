@@ -20,7 +20,7 @@
 //! As root, Dovecot's own processes run as Debian's `dovecot`/`dovenull` users and mail as `nobody`;
 //! as another user, everything runs as that user.
 
-use super::process::{Supervised, free_ports};
+use super::process::{Supervised, reserve_ports};
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
@@ -247,7 +247,7 @@ impl Dovecot {
         let (cert, key) = ca.issue_server_cert(&root.join("ca"), "server");
 
         let relay_port = start_relay_stand_in();
-        let ports: Vec<u16> = free_ports(6);
+        let ports: Vec<u16> = reserve_ports(6);
         let (imaps_port, imap_port, pop3s_port, pop3_port, submissions_port, submission_port) =
             (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
 

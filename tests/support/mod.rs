@@ -1,6 +1,7 @@
 //! Shared by the integration tests: real servers started on loopback, stopped with the test binary.
 #![allow(dead_code, unused_imports)]
 
+pub mod alert_series;
 pub mod api_audit;
 pub mod api_proxy;
 pub mod browser;

@@ -2,7 +2,7 @@
 
 use super::api_audit::{self, ApiRequest};
 use super::control_plane::ApiUser;
-use super::process::{Supervised, free_port};
+use super::process::{Supervised, reserve_port};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ pub struct Operator {
 
 impl Operator {
     /// Start `mail-integration-operator run` with `kubeconfig` and extra args; waits for /readyz.
-    /// The sign-in server listens on a free port of 127.0.0.1 (its public URL is that address),
+    /// The sign-in server listens on a reserved port of 127.0.0.1 (its public URL is that address),
     /// unless `extra_args` pass `--sign-in-addr=127.0.0.1:PORT` (and `--public-url`) themselves.
     pub fn start(name: &str, kubeconfig: &Path, extra_args: &[&str], log_dir: &Path) -> Self {
         Self::start_with_env(name, kubeconfig, extra_args, &[], log_dir)
@@ -28,8 +28,8 @@ impl Operator {
     ///
     /// The health server binds 127.0.0.1:0 and the test reads the port the operator logged (no
     /// probe-then-bind race). The sign-in port cannot be chosen that way (the public URL, a flag,
-    /// must name it), so it is probed; should another process take it meanwhile, the operator fails
-    /// to bind and is started again on another port.
+    /// must name it), so it is reserved (`process::reserve_port`); should something outside the
+    /// tests take it meanwhile, the operator fails to bind and is started again on another port.
     pub fn start_with_env(
         name: &str,
         kubeconfig: &Path,
@@ -43,7 +43,9 @@ impl Operator {
             match Self::try_start(name, kubeconfig, extra_args, env, log_dir) {
                 Ok(op) => return op,
                 Err(log) if attempt < 3 => {
-                    eprintln!("{name}: the probed sign-in port was taken; starting again:\n{log}");
+                    eprintln!(
+                        "{name}: the reserved sign-in port was taken; starting again:\n{log}"
+                    );
                 }
                 Err(log) => panic!("{name}: the sign-in port was taken three times:\n{log}"),
             }
@@ -70,7 +72,7 @@ impl Operator {
         let sign_in_port = match given {
             Some(p) => p,
             None => {
-                let p = free_port();
+                let p = reserve_port();
                 args.push(format!("--sign-in-addr=127.0.0.1:{p}"));
                 if !extra_args.iter().any(|a| a.starts_with("--public-url")) {
                     args.push(format!("--public-url=http://127.0.0.1:{p}"));

@@ -117,31 +117,82 @@ impl Drop for Supervised {
 }
 
 /// A port of 127.0.0.1 where nothing listens: privileged (below 1024), and no test binds it, so
-/// a connection there is refused — unlike a probed free port, which a parallel test may take.
+/// a connection there is refused — unlike a port probed with `bind(0)`, which a parallel test may take.
 pub const CLOSED_PORT: u16 = 1;
 
-/// A free TCP port on 127.0.0.1, bound and released: another process may take it before the
-/// caller's server binds it. Only for servers that must be told their port before they start
+/// A TCP port of 127.0.0.1 reserved for one server that must be told its port before it starts
 /// (the operator's sign-in address, which its public URL names; etcd and kube-apiserver; Dovecot;
-/// chromedriver); bind `127.0.0.1:0` and pass the listener wherever the code allows it.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+/// chromedriver; Prometheus). Wherever the code allows it, bind `127.0.0.1:0` and pass the
+/// listener instead.
+///
+/// A port probed with `bind(0)` and released comes from the kernel's ephemeral range, where any
+/// other `bind(0)` or outgoing connection of a parallel test may take it before the server binds
+/// it. Reserved ports are therefore taken below that range (which the kernel never hands out on
+/// its own), and each is held by an exclusive lock on a file under the temporary directory for the
+/// life of this test process, so that parallel tests and other test processes (a second checkout,
+/// the sandbox) never pick the same one. A port something else already listens on is skipped.
+pub fn reserve_port() -> u16 {
+    reserve_ports(1)[0]
 }
 
-/// `n` distinct free ports on 127.0.0.1: all are bound at once before any is released, so two calls
-/// in a row cannot hand out the same port (one server's several listeners, e.g. Dovecot's).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+/// `n` distinct reserved ports (see [`reserve_port`]), e.g. Dovecot's several listeners.
+pub fn reserve_ports(n: usize) -> Vec<u16> {
+    use std::sync::{Mutex, OnceLock};
+    // The lock files of this process's ports: kept open (and so locked) until it exits.
+    static HELD: OnceLock<Mutex<Vec<std::fs::File>>> = OnceLock::new();
+    static NEXT: OnceLock<Mutex<u16>> = OnceLock::new();
+    let (low, high) = reservable_range();
+    let dir = std::env::temp_dir().join("mio-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the port lock directory");
+    let span = high - low;
+    // Start where this process's ID points, so that test processes rarely meet on a lock.
+    let next = NEXT.get_or_init(|| Mutex::new(low + (std::process::id() % u32::from(span)) as u16));
+    let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = HELD
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut ports = Vec::with_capacity(n);
+    let mut tried = 0u32;
+    while ports.len() < n {
+        assert!(
+            tried < u32::from(span),
+            "no free port left between {low} and {high} (lock files in {})",
+            dir.display()
+        );
+        tried += 1;
+        let port = *next;
+        *next = if port + 1 >= high { low } else { port + 1 };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .expect("open a port lock file");
+        if file.try_lock().is_err() {
+            continue; // another test process holds it
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue; // something outside the tests listens there
+        }
+        held.push(file);
+        ports.push(port);
+    }
+    ports
+}
+
+/// Ports below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by
+/// default) and above the well-known ones.
+fn reservable_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    assert!(
+        ephemeral_low > 12000,
+        "the ephemeral port range starts at {ephemeral_low}: tests need ports 10000-12000 outside it"
+    );
+    (10000, ephemeral_low)
 }
 
 /// An example program, as `cargo build --examples` leaves it (`target/<profile>/examples/NAME`;

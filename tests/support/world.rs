@@ -85,7 +85,7 @@ impl Env {
 
     /// The operator as the chart runs it: a release of the chart in a namespace of its own,
     /// watching this world's namespace (`set`: more `--set` values), and the operator process with
-    /// the Deployment's own args (but for the listen addresses: the test picks free ports) plus
+    /// the Deployment's own args (but for the listen addresses: the test reserves ports) plus
     /// `extra`, the downward-API env, and a kubeconfig of the chart's ServiceAccount. Every API call
     /// it makes is then checked against exactly the RBAC the chart grants.
     pub fn operator_as_chart(

@@ -72,6 +72,9 @@ pub struct KubeBackend {
     /// The per-grant locks of the controller in this process: a sign-in and a refresh of the same
     /// integration never write its grant at the same time.
     grant_locks: std::sync::Arc<crate::sync::GrantLocks>,
+    /// The controller's record of this process's writes: a refresh waiting for the lock must see
+    /// that a sign-in replaced the grant even before the watch cache does.
+    written: std::sync::Arc<crate::reconcile::cache::WrittenVersions>,
 }
 
 /// A sign-in failure with the same reason on the same integration is written to its status and
@@ -90,12 +93,19 @@ impl KubeBackend {
             reporter,
             reported: Default::default(),
             grant_locks: Default::default(),
+            written: Default::default(),
         }
     }
 
-    /// Share the controller's per-grant locks ([`crate::reconcile::controller::Context::grant_locks`]).
-    pub fn with_grant_locks(mut self, locks: std::sync::Arc<crate::sync::GrantLocks>) -> Self {
+    /// Share the controller's per-grant locks and its record of this process's writes
+    /// ([`crate::reconcile::controller::Context::grant_locks`] and `written`).
+    pub fn with_grant_locks(
+        mut self,
+        locks: std::sync::Arc<crate::sync::GrantLocks>,
+        written: std::sync::Arc<crate::reconcile::cache::WrittenVersions>,
+    ) -> Self {
         self.grant_locks = locks;
+        self.written = written;
         self
     }
 
@@ -186,7 +196,14 @@ impl Backend for KubeBackend {
                     None => api.create(&pp, &desired).await,
                 };
                 match result {
-                    Ok(_) => return Ok(()),
+                    Ok(stored) => {
+                        self.written.set(
+                            &mi.uid().unwrap_or_default(),
+                            crate::reconcile::cache::Kind::Grant,
+                            stored.metadata.resource_version,
+                        );
+                        return Ok(());
+                    }
                     Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                         last = s.message.clone();
                     }
