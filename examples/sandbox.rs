@@ -37,6 +37,7 @@ async fn main() {
             client_id: "sandbox-client".into(),
             client_secret: "sandbox-client-secret".into(),
             redirect_uris: vec![callback.clone()],
+            certificate: None,
         }],
         access_token_ttl: Duration::from_secs(120),
         ..Default::default()

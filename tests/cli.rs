@@ -581,6 +581,20 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
     let env = Env::new("dashboard", server()).await;
     let op: Operator = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
+    // The client secret expires in 10 days (its annotation): every integration using it exports
+    // the expiry series, and the expiry alert is due for each.
+    let expires = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(10 * 24))
+        .unwrap();
+    let annotate = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/client-secret-expires": expires.to_string()}}});
+    env.secrets()
+        .patch(
+            "client",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
     env.grant("inbox", "alice").await;
     env.integration("inbox", "alice@example.test").await;
     env.integration("fresh", "bob@example.test").await;
@@ -776,7 +790,8 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
 /// The chart's alerts as Prometheus evaluates them on the running operator's scrape name exactly
 /// the integrations the API server's objects say they should: NotReady those with Ready=False (with
 /// their reason), TokenExpiring those with a token (the threshold is above the tokens' lifetime
-/// here), MailboxCheckFailing those with MailboxConnected=False; OperatorDown stays silent while the
+/// here), MailboxCheckFailing those with MailboxConnected=False, ClientSecretExpiringSoon those whose client
+/// Secret is annotated to expire within 30 days; OperatorDown stays silent while the
 /// target is up, and every rule evaluates without error. And the series the promtool test of the
 /// alerts feeds (tests/install.rs) carry the label sets this scrape shows.
 async fn alerts_follow_the_scrape<F, Fut>(env: &Env, op: &Operator, query: &F, prometheus_port: u16)
@@ -841,10 +856,17 @@ where
                     .map(|_| String::new())
             }),
         ),
+        (
+            "MailIntegrationClientSecretExpiringSoon",
+            names(&|mi| {
+                mi.status.as_ref()?.client_secret_expires_at.as_ref()?;
+                Some(String::new())
+            }),
+        ),
         ("MailIntegrationOperatorDown", vec![]),
     ];
     assert!(
-        expected.iter().take(3).all(|(_, v)| !v.is_empty()),
+        expected.iter().take(4).all(|(_, v)| !v.is_empty()),
         "the test's integrations give every per-object alert something to name: {expected:?}"
     );
 
@@ -903,8 +925,8 @@ where
         .collect();
     assert_eq!(
         evaluated.len(),
-        4,
-        "the chart's four alerts are loaded: {rules}"
+        5,
+        "the chart's five alerts are loaded: {rules}"
     );
     assert!(
         evaluated.iter().all(|(_, health)| health == "ok"),

@@ -341,7 +341,7 @@ fn the_crd_sets_no_defaults_so_gitops_sees_no_drift() {
 }
 
 #[test]
-fn app_only_grants_need_a_specific_microsoft_tenant_and_are_not_offered_by_google() {
+fn app_only_grants_need_a_specific_microsoft_tenant_and_service_accounts_are_googles() {
     let cp = ensure_crd();
     let ns = unique_namespace("cel-app-only");
     for tenant in ["common", "organizations", "Consumers"] {
@@ -384,6 +384,64 @@ fn app_only_grants_need_a_specific_microsoft_tenant_and_are_not_offered_by_googl
         &resource("bad-delegate", "Google", "signInAccount: alice", "", ""),
         "oauth.signInAccount must be an email address",
     );
+    assert_rejected(
+        &ns,
+        &resource(
+            "ms-service-account",
+            "Microsoft",
+            "grantType: ServiceAccount",
+            "    tenant: contoso.onmicrosoft.com",
+            "",
+        ),
+        "grantType ServiceAccount (domain-wide delegation with a service-account key) is for provider Google only",
+    );
+    assert_rejected(
+        &ns,
+        &resource(
+            "dwd-cert",
+            "Google",
+            "grantType: ServiceAccount",
+            "    clientCertificateRef: {name: app-cert}",
+            "",
+        ),
+        "spec.oauth.clientCertificateRef (certificate client authentication) is not used with grantType ServiceAccount",
+    );
+    assert_rejected(
+        &ns,
+        &resource(
+            "dwd-delegate",
+            "Google",
+            "grantType: ServiceAccount",
+            "    signInAccount: alice@example.com",
+            "",
+        ),
+        "spec.oauth.signInAccount is for interactive sign-in only",
+    );
+    for (name, provider, oauth, extra) in [
+        ("google-dwd", "Google", "grantType: ServiceAccount", ""),
+        (
+            "ms-interactive-cert",
+            "Microsoft",
+            "clientCertificateRef: {name: app-cert}",
+            "    tenant: common",
+        ),
+        (
+            "ms-app-only-cert",
+            "Microsoft",
+            "grantType: ClientCredentials",
+            "    tenant: contoso.onmicrosoft.com\n    clientCertificateRef: {name: app-cert, algorithm: PS256}",
+        ),
+    ] {
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+            &resource(name, provider, oauth, extra, ""),
+        );
+        assert!(
+            out.status.success(),
+            "{name} rejected: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     for (name, provider, extra) in [
         (
             "ms-app-only",

@@ -5,6 +5,14 @@
 //! - App-only (`spec.oauth.grantType: ClientCredentials`): nobody signs in; the integration goes
 //!   Ready with a token Secret, no grant Secret and no sign-in link, and a new app-only token is
 //!   fetched before the published one expires.
+//! - Certificate client authentication (`spec.oauth.clientCertificateRef`, `private_key_jwt`):
+//!   oidc-provider checks the client assertion against the certificate's public key, and Dovecot
+//!   (introspecting at the same server) accepts the app token for the one mailbox the app was
+//!   given; for another mailbox it refuses, which the operator explains as missing Exchange
+//!   registration or mailbox permission.
+//! - Microsoft's app-only setup errors (AADSTS65001, 7000222, 700027) through the fault proxy.
+//! - A client Secret annotated with an expiry within 30 days: a warning condition and a metric,
+//!   Ready stays True.
 //! - Shared mailboxes (`spec.oauth.signInAccount`): a delegate signs in as themselves, the token
 //!   Secret opens the shared mailbox.
 
@@ -17,21 +25,42 @@ use std::{
 };
 use support::{
     fault_proxy::Fault,
-    oauth::{OAuthServer, OAuthServerConfig},
+    keys::TestKey,
+    oauth::{ClientConfig, OAuthServer, OAuthServerConfig},
     world::{
         Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, is_ready, tail,
     },
 };
 
+/// The client ID of the app that authenticates with a certificate.
+const CERT_APP: &str = "mio-cert-app";
+/// The one mailbox app-only tokens are good for at Dovecot.
+const APP_MAILBOX: &str = "helpdesk@example.test";
+
+/// The certificate registered for [`CERT_APP`].
+fn app_key() -> &'static TestKey {
+    static K: OnceLock<TestKey> = OnceLock::new();
+    K.get_or_init(|| TestKey::new("mio-cert-app"))
+}
+
 /// App-only tokens that live 8 s: a new one is due every ~5 s.
 fn server() -> &'static OAuthServer {
     static S: OnceLock<OAuthServer> = OnceLock::new();
     S.get_or_init(|| {
-        OAuthServer::start(OAuthServerConfig {
+        let mut config = OAuthServerConfig {
             access_token_ttl: Duration::from_secs(8),
             client_credentials: true,
+            app_mailbox: Some(APP_MAILBOX.into()),
             ..Default::default()
-        })
+        };
+        // Signs in and gets app-only tokens alike, authenticating with its certificate.
+        config.clients.push(ClientConfig {
+            client_id: CERT_APP.into(),
+            client_secret: String::new(),
+            redirect_uris: config.clients[0].redirect_uris.clone(),
+            certificate: Some(app_key().client_certificate()),
+        });
+        OAuthServer::start(config)
     })
 }
 
@@ -296,6 +325,9 @@ async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
         "nothing is published for the wrong delegate"
     );
 }
+
+#[path = "grant_types/app_only_setup.rs"]
+mod app_only_setup;
 
 mod kube_mi {
     pub use mail_integration_operator::api::MailIntegration;

@@ -2010,7 +2010,9 @@ fn prometheus_alerts_fire_as_documented() {
     //   from minute 11 -> MailboxCheckFailing from 21 m (for: 10m);
     // - mail/stuck: expiry fixed at 1200 s, never refreshed -> TokenExpiring from 900 s (+1m for:
     //   16m); Ready=False with reason GrantRevoked all along -> NotReady from 15 m, once, by name;
-    // - the operator's target is down from minute 10.
+    // - the operator's target is down from minute 10;
+    // - mail/ok's client secret expires at 30 days + 600 s: inside the 30-day window after minute
+    //   10 -> ClientSecretExpiringSoon from 21 m (for: 10m).
     let runbooks =
         "https://github.com/mail-integration-operator/mail-integration-operator/blob/main/docs";
     let test = format!(
@@ -2039,6 +2041,8 @@ tests:
         values: '0x10 1x30'
       - series: 'up{{job="mio-mail-integration-operator-metrics",namespace="ops"}}'
         values: '1x10 0x30'
+      - series: 'mailintegration_client_secret_expiry_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
+        values: '2592600x40'
     alert_rule_test:
       - eval_time: 10m
         alertname: MailIntegrationTokenExpiring
@@ -2076,6 +2080,17 @@ tests:
               summary: "Mailbox check of MailIntegration mail/ok is failing"
               description: "The mail server refuses the access token or cannot be reached. The MailboxConnected condition says why: kubectl mailint status -n mail ok"
               runbook_url: "{runbooks}/reasons.md#the-mailbox-check"
+      - eval_time: 20m
+        alertname: MailIntegrationClientSecretExpiringSoon
+        exp_alerts: []
+      - eval_time: 22m
+        alertname: MailIntegrationClientSecretExpiringSoon
+        exp_alerts:
+          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: ok}}
+            exp_annotations:
+              summary: "The client secret of MailIntegration mail/ok expires soon"
+              description: "The client secret expires in 29d 23h 48m 0s (negative: already expired). Create a new one at the provider, put it into the client Secret and update the annotation mailintegration.dev/client-secret-expires."
+              runbook_url: "{runbooks}/reasons.md#clientsecretexpiringsoon"
       - eval_time: 12m
         alertname: MailIntegrationOperatorDown
         exp_alerts: []

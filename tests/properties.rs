@@ -314,7 +314,7 @@ fn body(secrets: Vec<String>) -> BoxedStrategy<Vec<u8>> {
     let text = prop_oneof![hostile_text(), echo];
     let aadsts = prop::sample::select(vec![
         70008u64, 700082, 700084, 50173, 50076, 50079, 53003, 65001, 7000215, 7000222, 700016,
-        90002, 50196, 90055, 0, 1,
+        700027, 90002, 50196, 90055, 0, 1,
     ]);
     let error_json = (
         oauth_error_code(),
@@ -463,6 +463,7 @@ fn refresh_answered(
     now: Timestamp,
 ) -> Result<TokenGrant, oauth::TokenError> {
     let creds = ClientCredentials {
+        signing_key: None,
         client_id: "the-client".to_owned(),
         client_secret: SecretValue::new(client_secret),
     };
@@ -1411,6 +1412,7 @@ fn client_secret_problems_never_show_values() {
                 name: "client".into(),
                 client_id_key: id_key.map(str::to_owned),
                 client_secret_key: secret_key.map(str::to_owned),
+                service_account_key: None,
             };
             let mut secret = secret_of(data.clone(), None);
             if marked {
@@ -1551,6 +1553,7 @@ fn decide_and_report(
     let o = Observed {
         integration: mi,
         client: Ok(ClientCredentials {
+            signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("client-secret"),
         }),

@@ -245,7 +245,7 @@ fn microsoft_cases() -> Vec<Case> {
                 7000222,
                 "The provided client secret keys for app are expired.",
             ),
-            "InvalidClient",
+            "ClientSecretExpired",
             &["has expired", "Create a new one"],
             true,
         ),

@@ -86,11 +86,13 @@ impl Env {
                     client_id: "mio-browser".into(),
                     client_secret: secret(),
                     redirect_uris: vec![callback.clone()],
+                    certificate: None,
                 },
                 ClientConfig {
                     client_id: "mio-browser-2".into(),
                     client_secret: secret(),
                     redirect_uris: vec![callback.clone()],
+                    certificate: None,
                 },
             ],
             // The login is the account's address, so login_hint fills it in.

@@ -14,6 +14,8 @@ pub const DEFAULT_CA_KEY: &str = "ca.crt";
 pub const DEFAULT_CLIENT_ID_KEY: &str = "client_id";
 /// Default key of the client secret in the client Secret.
 pub const DEFAULT_CLIENT_SECRET_KEY: &str = "client_secret";
+/// Key of a service account's JSON key file in the client Secret (grantType ServiceAccount).
+pub const DEFAULT_SERVICE_ACCOUNT_KEY: &str = "service-account.json";
 
 impl MailIntegrationSpec {
     /// `spec.refreshBefore` or its default. The CRD's CEL rule guarantees a parseable value on the
@@ -125,6 +127,24 @@ impl ClientSecretRef {
         self.client_secret_key
             .as_deref()
             .unwrap_or(DEFAULT_CLIENT_SECRET_KEY)
+    }
+
+    /// Key of the service account's JSON key file.
+    pub fn service_account_key(&self) -> &str {
+        self.service_account_key
+            .as_deref()
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT_KEY)
+    }
+}
+
+impl ClientCertificateRef {
+    /// The client assertion's signature algorithm.
+    pub fn algorithm(&self) -> crate::oauth::assertion::AssertionAlgorithm {
+        use crate::oauth::assertion::AssertionAlgorithm;
+        match self.algorithm.unwrap_or_default() {
+            AssertionAlgorithmName::RS256 => AssertionAlgorithm::RS256,
+            AssertionAlgorithmName::PS256 => AssertionAlgorithm::PS256,
+        }
     }
 }
 

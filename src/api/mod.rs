@@ -31,6 +31,10 @@ pub const INTEGRATION_LABEL: &str = "mailintegration.dev/integration";
 /// Secret, or a CA bundle for the mail servers. Other Secrets are never read, whatever a
 /// MailIntegration names: whoever may create a MailIntegration may not be allowed to read Secrets.
 pub const OAUTH_CLIENT_LABEL: &str = "mailintegration.dev/oauth-client";
+/// Annotation on the client Secret with the client secret's expiry date (`2027-01-15` or an
+/// RFC 3339 time), as the provider's console shows it: a warning condition, a metric and an alert
+/// come 30 days ahead.
+pub const CLIENT_SECRET_EXPIRES_ANNOTATION: &str = "mailintegration.dev/client-secret-expires";
 /// Suffix of the grant Secret's name (`<integration>-oauth-grant`).
 pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
 
@@ -66,11 +70,19 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
     validation = Rule::new("!has(self.spec.mailbox.caSecretRef) || self.spec.mailbox.caSecretRef.name != self.spec.tokenSecret.name")
         .message("spec.mailbox.caSecretRef.name must not be the token Secret"),
     validation = Rule::new("!has(self.spec.oauth.signInAccount) || !has(self.spec.oauth.grantType) || self.spec.oauth.grantType == 'Interactive'")
-        .message("spec.oauth.signInAccount is for interactive sign-in only: nobody signs in with grantType ClientCredentials, remove it"),
+        .message("spec.oauth.signInAccount is for interactive sign-in only: nobody signs in with grantType ClientCredentials or ServiceAccount, remove it"),
     validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ClientCredentials' || self.spec.provider != 'Google'")
         .message("grantType ClientCredentials is not offered by Google: use Interactive (sign-in), or a Workspace service account with domain-wide delegation"),
     validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ClientCredentials' || self.spec.provider != 'Microsoft' || !has(self.spec.oauth.tenant) || !(self.spec.oauth.tenant.lowerAscii() in ['common', 'organizations', 'consumers'])")
         .message("grantType ClientCredentials (app-only) needs a specific spec.oauth.tenant (your directory's tenant ID or domain), not common, organizations or consumers: app-only tokens are issued by one tenant"),
+    validation = Rule::new("!has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ServiceAccount' || self.spec.provider == 'Google'")
+        .message("grantType ServiceAccount (domain-wide delegation with a service-account key) is for provider Google only; Microsoft app-only access is grantType ClientCredentials"),
+    validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || !has(self.spec.oauth.grantType) || self.spec.oauth.grantType != 'ServiceAccount'")
+        .message("spec.oauth.clientCertificateRef (certificate client authentication) is not used with grantType ServiceAccount: the service account's key file goes into the client Secret"),
+    validation = Rule::new("!has(self.spec.oauth.clientSecretRef.serviceAccountKey) || (has(self.spec.oauth.grantType) && self.spec.oauth.grantType == 'ServiceAccount')")
+        .message("spec.oauth.clientSecretRef.serviceAccountKey is for grantType ServiceAccount only"),
+    validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || self.spec.oauth.clientCertificateRef.name != self.spec.tokenSecret.name")
+        .message("spec.oauth.clientCertificateRef.name must not be the token Secret"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailIntegrationSpec {
@@ -236,8 +248,9 @@ pub struct OAuthSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
     /// How tokens are obtained: Interactive (default: a person signs in once, the grant is
-    /// refreshed), or ClientCredentials (app-only: the client itself gets tokens, nobody signs in;
-    /// Microsoft Exchange Online app-only access, or any OIDC provider offering that grant).
+    /// refreshed), ClientCredentials (app-only: the client itself gets tokens, nobody signs in;
+    /// Microsoft Exchange Online app-only access, or any OIDC provider offering that grant), or
+    /// ServiceAccount (Google Workspace domain-wide delegation with a service-account key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_type: Option<GrantType>,
     /// The account that signs in, when it is not the mailbox: for a shared or delegated mailbox,
@@ -248,6 +261,11 @@ pub struct OAuthSpec {
     #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+@[^@\\\\s]+$')")
         .message("oauth.signInAccount must be an email address such as alice@example.com"))]
     pub sign_in_account: Option<String>,
+    /// Authenticate the client with a certificate instead of a client secret: a client assertion
+    /// signed with the certificate's key (`private_key_jwt`), for the client-credentials grant and
+    /// for sign-in and refresh alike; the client Secret then needs only the client ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_ref: Option<ClientCertificateRef>,
 }
 
 /// How the operator obtains tokens.
@@ -257,8 +275,34 @@ pub enum GrantType {
     #[default]
     Interactive,
     /// The OAuth 2.0 client-credentials grant (RFC 6749 §4.4): app-only tokens from the client ID
-    /// and secret alone, no refresh token, no sign-in.
+    /// and its secret or certificate (spec.oauth.clientCertificateRef), no refresh token, no sign-in.
     ClientCredentials,
+    /// Google Workspace domain-wide delegation: a service account's key (the JSON key file in the
+    /// client Secret) signs a JWT-bearer assertion (RFC 7523) for the mailbox; no refresh token,
+    /// no sign-in.
+    ServiceAccount,
+}
+
+/// A certificate credential of the OAuth client (`private_key_jwt`, RFC 7523 client assertion).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateRef {
+    /// A `kubernetes.io/tls` Secret in the same namespace (tls.crt: the certificate uploaded to the
+    /// app; tls.key: its RSA private key), labelled mailintegration.dev/oauth-client=true.
+    #[x_kube(validation = Rule::new("self != ''").message("clientCertificateRef.name must name a kubernetes.io/tls Secret in the same namespace"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// The assertion's signature algorithm: RS256 (default) or PS256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<AssertionAlgorithmName>,
+}
+
+/// A client assertion's signature algorithm.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AssertionAlgorithmName {
+    #[default]
+    RS256,
+    PS256,
 }
 
 /// The sign-in prompt (the seed's "No prompt", "Consent", "Select account").
@@ -286,6 +330,11 @@ pub struct ClientSecretRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub client_secret_key: Option<String>,
+    /// grantType ServiceAccount: key of the service account's JSON key file (default
+    /// service-account.json); the client ID is read from the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_key: Option<String>,
 }
 
 /// Endpoint overrides.

@@ -45,6 +45,14 @@ pub struct MailIntegrationStatus {
     /// The last value of the refresh-requested-at annotation that was acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_request: Option<String>,
+    /// When the client secret expires, from the client Secret's annotation
+    /// mailintegration.dev/client-secret-expires (condition ClientSecretExpiringSoon within 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_expires_at: Option<Time>,
+    /// When the grant is expected to end, where the provider said so at sign-in (Google apps in
+    /// Testing publishing status: 7 days after sign-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_expires_at: Option<Time>,
 }
 
 /// Where to sign in.
@@ -80,4 +88,6 @@ pub mod condition {
     pub const MAILBOX_CONNECTED: &str = "MailboxConnected";
     pub const RECONCILING: &str = "Reconciling";
     pub const STALLED: &str = "Stalled";
+    /// A warning: the client secret expires within 30 days (never makes Ready False).
+    pub const CLIENT_SECRET_EXPIRING_SOON: &str = "ClientSecretExpiringSoon";
 }

@@ -229,6 +229,7 @@ const REFRESH: &str = "REFRESH-TOKEN-bounded-0002";
 
 fn creds() -> ClientCredentials {
     ClientCredentials {
+        signing_key: None,
         client_id: "client".into(),
         client_secret: SecretValue::new(SECRET),
     }

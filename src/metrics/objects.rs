@@ -138,6 +138,8 @@ impl Collector for ObjectCollector {
         let expiry = Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
         let last_refresh = Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
         let next_refresh = Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
+        let client_secret_expiry = Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
+        let grant_expiry = Family::<ObjectLabels, Gauge<f64, AtomicU64>>::default();
         let suspended = Family::<ObjectLabels, Gauge>::default();
         let fleet = Family::<FleetLabels, Gauge>::default();
         for s in CONDITION_STATUSES {
@@ -205,6 +207,14 @@ impl Collector for ObjectCollector {
                     &next_refresh,
                     seconds(status.and_then(|s| s.next_refresh_time.as_ref())),
                 ),
+                (
+                    &client_secret_expiry,
+                    seconds(status.and_then(|s| s.client_secret_expires_at.as_ref())),
+                ),
+                (
+                    &grant_expiry,
+                    seconds(status.and_then(|s| s.grant_expires_at.as_ref())),
+                ),
             ] {
                 if let Some(v) = value {
                     family.get_or_create(&object).set(v);
@@ -250,6 +260,18 @@ impl Collector for ObjectCollector {
             "next_refresh_timestamp_seconds",
             "When each integration's next refresh is due (Unix time)",
             &next_refresh,
+        )?;
+        encode_family(
+            e,
+            "client_secret_expiry_timestamp_seconds",
+            "When each integration's client secret expires, from the client Secret's annotation mailintegration.dev/client-secret-expires (Unix time; absent without it)",
+            &client_secret_expiry,
+        )?;
+        encode_family(
+            e,
+            "grant_expiry_timestamp_seconds",
+            "When each integration's grant is expected to end, where the provider announced it (Google apps in Testing status: 7 days after sign-in; Unix time)",
+            &grant_expiry,
         )?;
         encode_family(
             e,

@@ -4,7 +4,8 @@
 //! [`crate::provider::classify`].
 //!
 //! Credentials travel as [`SecretValue`]s and never appear in `Debug`, `Display` or error messages.
-//! Clients authenticate with `client_secret_post` (credentials in the form body).
+//! Clients authenticate with `client_secret_post` (credentials in the form body), or with a
+//! certificate's client assertion (`private_key_jwt`, RFC 7523; see [`assertion`]).
 
 use crate::api::{Prompt, ProviderKind};
 use crate::http_limit::{self, ReadError};
@@ -30,6 +31,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use url::Url;
 
+mod app_only;
+pub mod assertion;
+pub use assertion::SigningKey;
+
 /// Default TCP/TLS connect timeout towards providers.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default timeout of a whole request towards providers.
@@ -45,7 +50,11 @@ const MAX_EXPIRES_IN: u64 = 366 * 24 * 3600;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientCredentials {
     pub client_id: String,
+    /// Empty when the client authenticates with a key instead (`signing_key`).
     pub client_secret: SecretValue,
+    /// A certificate's key (client assertions, `private_key_jwt`) or a Google service account's
+    /// key (the JWT-bearer grant), from a Secret the user marked.
+    pub signing_key: Option<std::sync::Arc<SigningKey>>,
 }
 
 /// What a token endpoint granted.
@@ -199,6 +208,31 @@ fn token_client(endpoints: &ProviderEndpoints, creds: &ClientCredentials) -> Tok
     }
 }
 
+/// A client assertion for this request when the client authenticates with a certificate
+/// (`private_key_jwt`): addressed to the token endpoint, as Microsoft Entra and oidc-provider
+/// require for the token and revocation endpoints alike.
+fn client_assertion(
+    endpoints: &ProviderEndpoints,
+    creds: &ClientCredentials,
+    op: TokenOperation,
+    now: Timestamp,
+) -> Result<Option<SecretValue>, TokenError> {
+    match creds.signing_key.as_deref() {
+        Some(SigningKey::Certificate(cert)) => cert
+            .client_assertion(&creds.client_id, endpoints.token.as_str(), now)
+            .map(Some)
+            .map_err(|m| {
+                TokenError::permanent(
+                    endpoints.kind,
+                    op,
+                    Reason::ClientKeyInvalid,
+                    format!("{m}: check the certificate Secret"),
+                )
+            }),
+        _ => Ok(None),
+    }
+}
+
 /// What the HTTP layer saw of the last response (the `oauth2` crate keeps only the body).
 #[derive(Clone, Debug, Default)]
 struct ResponseMeta {
@@ -347,57 +381,25 @@ impl OAuthClient {
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
         let op = TokenOperation::Refresh;
+        let assertion = client_assertion(endpoints, creds, op, now)?;
         let client = token_client(endpoints, creds);
         let token = RefreshToken::new(refresh_token.expose().to_owned());
         let mut request = client.exchange_refresh_token(&token);
         if !scopes.is_empty() {
             request = request.add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
         }
+        if let Some(a) = &assertion {
+            request = request
+                .add_extra_param("client_assertion_type", assertion::CLIENT_ASSERTION_TYPE)
+                .add_extra_param("client_assertion", a.expose());
+        }
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
         let meta = meta.locked().take();
-        token_result(
-            endpoints.kind,
-            op,
-            result,
-            meta,
-            now,
-            &[creds.client_secret.expose(), refresh_token.expose()],
-        )
-    }
-
-    /// Get an app-only access token with the client-credentials grant (RFC 6749 §4.4): no
-    /// refresh token (one that comes back anyway is dropped: there is no grant to keep), `scopes`
-    /// sent only when non-empty.
-    pub async fn client_credentials(
-        &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
-        scopes: &[String],
-        now: Timestamp,
-    ) -> Result<TokenGrant, TokenError> {
-        let op = TokenOperation::ClientCredentials;
-        let client = token_client(endpoints, creds);
-        let request = client
-            .exchange_client_credentials()
-            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
-        let meta = std::sync::Arc::new(Mutex::new(None));
-        let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
-        let result = request.request_async(&call).await;
-        let meta = meta.locked().take();
-        token_result(
-            endpoints.kind,
-            op,
-            result,
-            meta,
-            now,
-            &[creds.client_secret.expose()],
-        )
-        .map(|grant| TokenGrant {
-            refresh_token: None,
-            ..grant
-        })
+        let mut secrets = vec![creds.client_secret.expose(), refresh_token.expose()];
+        secrets.extend(assertion.as_ref().map(SecretValue::expose));
+        token_result(endpoints.kind, op, result, meta, now, &secrets)
     }
 
     /// Exchange an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).
@@ -419,26 +421,27 @@ impl OAuthClient {
                 format!("the redirect URL {redirect_url:?} is not a URL ({e}): check spec.oauth.redirectURL"),
             )
         })?;
+        let assertion = client_assertion(endpoints, creds, op, now)?;
         let client = token_client(endpoints, creds).set_redirect_uri(redirect);
-        let request = client
+        let mut request = client
             .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier.expose().to_owned()));
+        if let Some(a) = &assertion {
+            request = request
+                .add_extra_param("client_assertion_type", assertion::CLIENT_ASSERTION_TYPE)
+                .add_extra_param("client_assertion", a.expose());
+        }
         let meta = std::sync::Arc::new(Mutex::new(None));
         let call = |r: HttpRequest| send(self.http.clone(), r, meta.clone());
         let result = request.request_async(&call).await;
         let meta = meta.locked().take();
-        token_result(
-            endpoints.kind,
-            op,
-            result,
-            meta,
-            now,
-            &[
-                creds.client_secret.expose(),
-                code.expose(),
-                pkce_verifier.expose(),
-            ],
-        )
+        let mut secrets = vec![
+            creds.client_secret.expose(),
+            code.expose(),
+            pkce_verifier.expose(),
+        ];
+        secrets.extend(assertion.as_ref().map(SecretValue::expose));
+        token_result(endpoints.kind, op, result, meta, now, &secrets)
     }
 
     /// Revoke a token (RFC 7009) with `client_secret_post`. Revoking a refresh token ends the
@@ -456,6 +459,7 @@ impl OAuthClient {
         let Some(url) = &endpoints.revocation else {
             return Ok(RevokeOutcome::NoRevocationEndpoint);
         };
+        let assertion = client_assertion(endpoints, creds, op, now)?;
         let mut form = vec![
             ("token", token.expose()),
             ("token_type_hint", hint.as_str()),
@@ -464,7 +468,12 @@ impl OAuthClient {
         if !creds.client_secret.is_empty() {
             form.push(("client_secret", creds.client_secret.expose()));
         }
-        let secrets = [creds.client_secret.expose(), token.expose()];
+        if let Some(a) = &assertion {
+            form.push(("client_assertion_type", assertion::CLIENT_ASSERTION_TYPE));
+            form.push(("client_assertion", a.expose()));
+        }
+        let mut secrets = vec![creds.client_secret.expose(), token.expose()];
+        secrets.extend(assertion.as_ref().map(SecretValue::expose));
         let response = self
             .http
             .post(url.clone())

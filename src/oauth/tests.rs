@@ -222,6 +222,7 @@ async fn start() -> (ProviderEndpoints, Recorder) {
 
 fn creds() -> ClientCredentials {
     ClientCredentials {
+        signing_key: None,
         client_id: CLIENT_ID.into(),
         client_secret: SecretValue::new(CLIENT_SECRET),
     }
@@ -377,6 +378,7 @@ async fn refresh_error_bodies_are_classified() {
 async fn wrong_client_secret_is_invalid_client() {
     let (endpoints, _) = start().await;
     let wrong = ClientCredentials {
+        signing_key: None,
         client_id: CLIENT_ID.into(),
         client_secret: SecretValue::new("WRONG-SECRET-0008"),
     };

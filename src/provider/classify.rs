@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
+mod vendors;
+
 /// What the operator was doing when the provider failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TokenOperation {
@@ -26,6 +28,9 @@ pub enum TokenOperation {
     UserInfo,
     /// Requesting an app-only access token with the client-credentials grant.
     ClientCredentials,
+    /// Requesting a mailbox's access token with a service account's JWT-bearer grant (Google
+    /// Workspace domain-wide delegation).
+    JwtBearer,
 }
 
 impl TokenOperation {
@@ -39,6 +44,9 @@ impl TokenOperation {
             TokenOperation::ClientCredentials => {
                 "requesting an app-only access token (client credentials)"
             }
+            TokenOperation::JwtBearer => {
+                "requesting the mailbox's access token with the service account (domain-wide delegation)"
+            }
         }
     }
 
@@ -46,7 +54,8 @@ impl TokenOperation {
         match self {
             TokenOperation::Refresh
             | TokenOperation::CodeExchange
-            | TokenOperation::ClientCredentials => "token",
+            | TokenOperation::ClientCredentials
+            | TokenOperation::JwtBearer => "token",
             TokenOperation::Revocation => "revocation",
             TokenOperation::UserInfo => "userinfo",
         }
@@ -460,120 +469,7 @@ fn classify_http(
     }
 }
 
-const SIGN_IN_AGAIN: &str = "Sign in again at status.signIn.url.";
-
-fn google(operation: TokenOperation, b: &ProviderErrorBody) -> Option<FailureClass> {
-    if b.error != "invalid_grant" {
-        return None;
-    }
-    let said = format!(" (Google said: {})", b.hint());
-    if b.error_subtype.as_deref() == Some("invalid_rapt") {
-        // Documented: a Google Workspace session-control policy requires re-authentication.
-        return Some(permanent(
-            Reason::ReauthRequired,
-            format!(
-                "Google requires the account to re-authenticate: a Google Workspace session-control policy ended the grant (invalid_rapt). {SIGN_IN_AGAIN} A Workspace admin can exempt this app by marking it Trusted in the API controls.{said}"
-            ),
-        ));
-    }
-    let expired_or_revoked = b
-        .error_description
-        .as_deref()
-        .is_some_and(|d| d.to_ascii_lowercase().contains("expired or revoked"));
-    if operation == TokenOperation::Refresh && expired_or_revoked {
-        return Some(permanent(
-            Reason::GrantRevoked,
-            format!(
-                "Google says the grant has expired or been revoked. Possible causes: the app's OAuth consent screen is in \"Testing\" publishing status (Google ends such grants after 7 days: publish the app), the user or an admin removed the app's access, the password changed, the grant was unused for 6 months, or more than 100 newer grants exist for this account and client. {SIGN_IN_AGAIN}{said}"
-            ),
-        ));
-    }
-    None
-}
-
-fn microsoft(
-    operation: TokenOperation,
-    b: &ProviderErrorBody,
-    retry_after: Option<Duration>,
-) -> Option<FailureClass> {
-    let said = format!(" (Microsoft said: {})", b.hint());
-    for code in b.aadsts_codes() {
-        let class = match code {
-            70008 | 700082 => permanent(
-                Reason::GrantExpiredInactive,
-                format!(
-                    "Microsoft ended the grant because it was not used for too long (AADSTS{code}; refresh tokens lapse after 90 days without use). {SIGN_IN_AGAIN}{said}"
-                ),
-            ),
-            700084 => permanent(
-                Reason::GrantExpiredInactive,
-                format!(
-                    "Microsoft issued a refresh token for a single-page application, which lives only 24 hours (AADSTS700084). Register the redirect URI under the \"Web\" platform in Entra ID, not \"Single-page application\", then sign in again.{said}"
-                ),
-            ),
-            50173 => permanent(
-                Reason::GrantRevoked,
-                format!(
-                    "Microsoft says the grant was revoked (AADSTS50173), e.g. after a password change or an admin revoking sessions. {SIGN_IN_AGAIN}{said}"
-                ),
-            ),
-            50076 | 50079 => permanent(
-                Reason::ReauthRequired,
-                format!(
-                    "Microsoft requires multi-factor authentication for this account (AADSTS{code}). {SIGN_IN_AGAIN}{said}"
-                ),
-            ),
-            53003 => permanent(
-                Reason::ProviderError,
-                format!(
-                    "a Microsoft Entra Conditional Access policy blocks this sign-in (AADSTS53003). A tenant admin must allow this app, location or device in Conditional Access; signing in again alone will not help.{said}"
-                ),
-            ),
-            65001 => permanent(
-                Reason::ScopeMissing,
-                format!(
-                    "consent for the requested permissions is missing (AADSTS65001). Sign in again with prompt Consent, or have a tenant admin grant admin consent to the app for the mail permissions.{said}"
-                ),
-            ),
-            7000215 => permanent(
-                Reason::InvalidClient,
-                format!(
-                    "Microsoft rejected the client secret (AADSTS7000215). Put the secret's Value (not its Secret ID) from Entra ID → App registrations → Certificates & secrets into the client Secret.{said}"
-                ),
-            ),
-            7000222 => permanent(
-                Reason::InvalidClient,
-                format!(
-                    "the client secret has expired (AADSTS7000222). Create a new one in Entra ID → App registrations → Certificates & secrets and update the client Secret.{said}"
-                ),
-            ),
-            700016 => permanent(
-                Reason::InvalidClient,
-                format!(
-                    "Microsoft does not know this client ID in the tenant (AADSTS700016). Check client_id and spec.oauth.tenant.{said}"
-                ),
-            ),
-            90002 => permanent(
-                Reason::InvalidEndpoint,
-                format!(
-                    "Microsoft does not know the tenant in spec.oauth.tenant (AADSTS90002). Use common, organizations, consumers, or your directory's tenant ID or domain.{said}"
-                ),
-            ),
-            50196 | 90055 => transient(
-                Reason::RateLimited,
-                format!(
-                    "Microsoft is throttling requests (AADSTS{code}) while {}; {}, keeping the current access token.{said}",
-                    operation.describe(),
-                    wait_phrase(retry_after)
-                ),
-                retry_after,
-            ),
-            _ => continue,
-        };
-        return Some(class);
-    }
-    None
-}
+use vendors::{SIGN_IN_AGAIN, google, microsoft};
 
 fn by_error_code(
     kind: ProviderKind,

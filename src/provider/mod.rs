@@ -503,6 +503,10 @@ pub fn describe_reqwest_error(e: &reqwest::Error) -> String {
 /// scopes): Google `https://mail.google.com/`; Microsoft the IMAP or POP scope, SMTP.Send when
 /// `spec.mailbox.smtp` is set, and `offline_access`; OIDC `openid email offline_access`.
 pub fn default_scopes(spec: &MailIntegrationSpec) -> Vec<String> {
+    if spec.grant_type() == GrantType::ServiceAccount {
+        // Domain-wide delegation is granted per client ID and scope: the mail scope, nothing else.
+        return vec![GOOGLE_MAIL_SCOPE.to_owned()];
+    }
     if spec.grant_type() == GrantType::ClientCredentials {
         // App-only: no identity and no refresh token to ask for. Microsoft takes the resource's
         // `.default`; an OIDC server's own scopes are whatever it defines (spec.oauth.scopes).

@@ -986,7 +986,111 @@ fn table() -> Vec<Row> {
                 json!({"error": "invalid_client", "error_codes": [7000222]}),
                 None,
             ),
-            Reason::InvalidClient,
+            Reason::ClientSecretExpired,
+            true,
+            None,
+        ),
+        (
+            "ms app-only admin consent 65001",
+            Microsoft,
+            ClientCredentials,
+            oauth(
+                400,
+                json!({"error": "invalid_grant", "error_codes": [65001]}),
+                None,
+            ),
+            Reason::AdminConsentRequired,
+            true,
+            None,
+        ),
+        (
+            "ms certificate not uploaded 700027",
+            Microsoft,
+            ClientCredentials,
+            oauth(
+                401,
+                json!({"error": "invalid_client", "error_description": "AADSTS700027: Client assertion failed signature validation."}),
+                None,
+            ),
+            Reason::ClientCertificateRejected,
+            true,
+            None,
+        ),
+        (
+            "google dwd not configured",
+            Google,
+            JwtBearer,
+            oauth(
+                401,
+                json!({"error": "unauthorized_client", "error_description": "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested."}),
+                None,
+            ),
+            Reason::DomainWideDelegationMissing,
+            true,
+            None,
+        ),
+        (
+            "google dwd unknown user",
+            Google,
+            JwtBearer,
+            oauth(
+                400,
+                json!({"error": "invalid_grant", "error_description": "Invalid email or User ID"}),
+                None,
+            ),
+            Reason::DelegatedUserUnknown,
+            true,
+            None,
+        ),
+        (
+            "google dwd bad signature",
+            Google,
+            JwtBearer,
+            oauth(
+                400,
+                json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}),
+                None,
+            ),
+            Reason::ServiceAccountKeyRejected,
+            true,
+            None,
+        ),
+        (
+            "google dwd audience",
+            Google,
+            JwtBearer,
+            oauth(
+                400,
+                json!({"error": "invalid_grant", "error_description": "Invalid JWT: Failed audience check."}),
+                None,
+            ),
+            Reason::ProviderError,
+            true,
+            None,
+        ),
+        (
+            "google dwd scope",
+            Google,
+            JwtBearer,
+            oauth(
+                400,
+                json!({"error": "invalid_scope", "error_description": "Invalid OAuth scope or ID token audience provided."}),
+                None,
+            ),
+            Reason::ScopeMissing,
+            true,
+            None,
+        ),
+        (
+            "google refresh unauthorized_client stays UnauthorizedClient",
+            Google,
+            Refresh,
+            oauth(
+                401,
+                json!({"error": "unauthorized_client", "error_description": "Unauthorized"}),
+                None,
+            ),
+            Reason::UnauthorizedClient,
             true,
             None,
         ),
@@ -1265,4 +1369,60 @@ async fn google_and_microsoft_endpoints_are_not_overridden_without_the_flag() {
     );
     let plain = spec(json!({}));
     assert!(resolver.resolve(&plain).await.is_ok());
+}
+
+#[test]
+fn grants_without_a_sign_in_never_send_anyone_to_sign_in() {
+    // A service account's or an app's failure is fixed in a console, not by a sign-in link.
+    for (kind, operation, body) in [
+        (
+            ProviderKind::Google,
+            TokenOperation::JwtBearer,
+            json!({"error": "invalid_grant", "error_description": "Invalid JWT: Failed audience check."}),
+        ),
+        (
+            ProviderKind::Google,
+            TokenOperation::JwtBearer,
+            json!({"error": "invalid_grant", "error_description": "Invalid email or User ID"}),
+        ),
+        (
+            ProviderKind::Google,
+            TokenOperation::JwtBearer,
+            json!({"error": "invalid_scope"}),
+        ),
+        (
+            ProviderKind::Google,
+            TokenOperation::JwtBearer,
+            json!({"error": "unauthorized_client"}),
+        ),
+        (
+            ProviderKind::Microsoft,
+            TokenOperation::ClientCredentials,
+            json!({"error": "invalid_grant", "error_codes": [65001]}),
+        ),
+        (
+            ProviderKind::Microsoft,
+            TokenOperation::ClientCredentials,
+            json!({"error": "invalid_client", "error_codes": [700027]}),
+        ),
+        (
+            ProviderKind::Microsoft,
+            TokenOperation::ClientCredentials,
+            json!({"error": "unauthorized_client", "error_codes": [700016]}),
+        ),
+    ] {
+        let class = classify(
+            kind,
+            &TokenEndpointFailure {
+                operation,
+                cause: oauth(400, body.clone(), None),
+            },
+        );
+        assert!(class.is_permanent(), "{body}");
+        assert!(
+            !class.message().contains("signIn.url"),
+            "{body}: {}",
+            class.message()
+        );
+    }
 }

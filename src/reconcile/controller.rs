@@ -326,6 +326,17 @@ async fn reconcile_inner(
             secrets_api.get_opt(client_name).await?
         }
     };
+    // A certificate credential's kubernetes.io/tls Secret, read the same way.
+    let certificate = match &mi.spec.oauth.client_certificate_ref {
+        None => None,
+        Some(r) => match caches.marked_secret(&ns, &r.name) {
+            Some(s) => Some(s),
+            None => {
+                ctx.metrics.count_read("client_secret");
+                secrets_api.get_opt(&r.name).await?
+            }
+        },
+    };
     // The grant and token Secrets from the cache of the operator's own; one that is not there is
     // read, because a Secret without the operator's label may hold the name (a conflict to report,
     // and never to overwrite).
@@ -379,13 +390,13 @@ async fn reconcile_inner(
     let token_secret = token_secret.filter(|s| observed::owned_by(s, mi));
     let observed = Observed {
         integration: mi,
-        client: observed::client_credentials(
-            &mi.spec.oauth.client_secret_ref,
-            client_secret.as_ref(),
-        ),
-        client_version: client_secret
-            .as_ref()
-            .and_then(|s| s.metadata.resource_version.clone()),
+        client: observed::client(&mi.spec, client_secret.as_ref(), certificate.as_ref()),
+        // A permanent failure waits for either Secret to change.
+        client_version: [client_secret.as_ref(), certificate.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.metadata.resource_version.clone())
+            .reduce(|a, b| format!("{a}/{b}")),
         grant: observed::grant(grant_secret.as_ref()),
         token: observed::published_token(token_secret.as_ref(), now),
         conflict,
@@ -548,6 +559,16 @@ async fn reconcile_inner(
     mailbox_check::apply(
         &mut status,
         mailbox_state.as_ref(),
+        mi.metadata.generation,
+        now,
+    );
+    super::lifetime::apply(
+        &mut status,
+        super::lifetime::client_secret_expiry(client_secret.as_ref()),
+        observed
+            .grant
+            .as_ref()
+            .and_then(|g| g.refresh_token_expires_at),
         mi.metadata.generation,
         now,
     );
@@ -761,6 +782,12 @@ fn integrations_using(
         .filter(|mi| mi.namespace().as_deref() == namespace)
         .filter(|mi| {
             mi.spec.oauth.client_secret_ref.name == name
+                || mi
+                    .spec
+                    .oauth
+                    .client_certificate_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
                 || mi
                     .spec
                     .mailbox

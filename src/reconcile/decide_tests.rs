@@ -51,6 +51,7 @@ impl World {
             integration: &self.mi,
             client: if self.client_ok {
                 Ok(ClientCredentials {
+                    signing_key: None,
                     client_id: "id".into(),
                     client_secret: SecretValue::new("cs"),
                 })
@@ -65,6 +66,7 @@ impl World {
                 account: Some("support@example.com".into()),
                 scopes: vec![],
                 issued_at: None,
+                refresh_token_expires_at: None,
                 token_endpoint: None,
                 client_id: None,
                 resource_version: Some("11".into()),

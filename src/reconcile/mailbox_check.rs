@@ -9,7 +9,10 @@
 
 use crate::sync::LockExt as _;
 use crate::{
-    api::{DEFAULT_CA_KEY, MailIntegration, MailIntegrationStatus, SaslMechanismName, condition},
+    api::{
+        DEFAULT_CA_KEY, GrantType, MailIntegration, MailIntegrationSpec, MailIntegrationStatus,
+        ProviderKind, SaslMechanismName, condition,
+    },
     mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
     metrics::{ErrorLabels, Metrics, RefreshLabels},
     secret::SecretValue,
@@ -139,7 +142,8 @@ impl MailboxChecker {
         }
         let state = {
             let _permit = self.permits.acquire().await.ok()?;
-            self.check_all(&targets, token, extra_ca_pem).await
+            let state = self.check_all(&targets, token, extra_ca_pem).await;
+            explain_app_only(&mi.spec, state)
         };
         self.count(&state);
         self.cache.locked().insert(
@@ -194,9 +198,11 @@ impl MailboxChecker {
         if self.running.locked().insert(key.clone()) {
             let this = self.clone();
             let token = token.clone();
+            let spec = mi.spec.clone();
             tokio::spawn(async move {
                 if let Ok(_permit) = this.permits.acquire().await {
                     let state = this.check_all(&targets, &token, extra_ca_pem).await;
+                    let state = explain_app_only(&spec, state);
                     this.count(&state);
                     this.cache.locked().insert(
                         key.clone(),
@@ -309,6 +315,43 @@ fn failed(t: &CheckTarget, e: &MailboxError) -> MailboxState {
             t.host,
             t.port,
             e.detail()
+        ),
+    }
+}
+
+/// A mail server that refuses an app-only token the provider has just issued (the token is valid:
+/// the token endpoint gave it out for this client) is not refusing the token but the app: for
+/// Exchange Online, the app's service principal is not registered in Exchange, or has no
+/// permission on the mailbox. Say which commands are likely missing.
+pub fn explain_app_only(spec: &MailIntegrationSpec, state: MailboxState) -> MailboxState {
+    let MailboxState::Failed { reason, message } = state else {
+        return state;
+    };
+    use crate::reason::Reason;
+    if reason != Reason::MailboxAuthFailed.as_str()
+        || spec.grant_type() != GrantType::ClientCredentials
+    {
+        return MailboxState::Failed { reason, message };
+    }
+    // The mail server's own words come first; the generic hint about scopes does not apply.
+    let said = message
+        .split(". The mail server refused the access token")
+        .next()
+        .unwrap_or_default();
+    let mailbox = spec.mailbox.address.trim();
+    let secret = &spec.oauth.client_secret_ref.name;
+    let fix = match spec.provider {
+        ProviderKind::Microsoft => format!(
+            "the app is likely not registered in Exchange Online or has no access to this mailbox. In Exchange Online PowerShell run New-ServicePrincipal -AppId <client ID in Secret {secret:?}> -ObjectId <object ID of the Enterprise Application> (Entra ID → Enterprise applications; not the App registration's object ID), then Add-MailboxPermission -Identity {mailbox} -User <the service principal's ID> -AccessRights FullAccess (or assign an RBAC for Applications role scoped to the mailbox). Changes can take up to an hour to apply."
+        ),
+        ProviderKind::Google | ProviderKind::Oidc => format!(
+            "the mail server does not let this app open {mailbox}: give the app (client ID in Secret {secret:?}) access to the mailbox at the mail server."
+        ),
+    };
+    MailboxState::Failed {
+        reason: Reason::AppMailboxAccessMissing.as_str().to_owned(),
+        message: format!(
+            "{said}. The provider issued a valid app-only token, but the mail server refused it for {mailbox}: {fix}"
         ),
     }
 }
@@ -509,6 +552,60 @@ mod tests {
         let mut kept = s.clone();
         apply(&mut kept, None, Some(1), now);
         assert_eq!(kept, s);
+    }
+
+    #[test]
+    fn a_refused_app_only_token_names_the_exchange_steps() {
+        let spec = |provider: &str, grant: &str| -> MailIntegrationSpec {
+            serde_json::from_value(serde_json::json!({
+                "provider": provider,
+                "mailbox": {"address": "helpdesk@contoso.example"},
+                "oauth": {"clientSecretRef": {"name": "m365"}, "grantType": grant},
+                "tokenSecret": {"name": "t"},
+            }))
+            .unwrap()
+        };
+        let refused = || {
+            MailboxState::Failed {
+            reason: "MailboxAuthFailed".into(),
+            message: "IMAP h:993: AUTHENTICATE failed. The mail server refused the access token (it cannot say why)".into(),
+        }
+        };
+        let MailboxState::Failed { reason, message } =
+            explain_app_only(&spec("Microsoft", "ClientCredentials"), refused())
+        else {
+            panic!("not a failure");
+        };
+        assert_eq!(reason, "AppMailboxAccessMissing");
+        assert!(
+            message.starts_with("IMAP h:993: AUTHENTICATE failed. The provider issued"),
+            "{message}"
+        );
+        assert!(
+            message.contains("New-ServicePrincipal -AppId <client ID in Secret \"m365\">"),
+            "{message}"
+        );
+        assert!(message.contains("Add-MailboxPermission -Identity helpdesk@contoso.example"));
+        let MailboxState::Failed { reason, message } =
+            explain_app_only(&spec("OIDC", "ClientCredentials"), refused())
+        else {
+            panic!("not a failure");
+        };
+        assert_eq!(reason, "AppMailboxAccessMissing");
+        assert!(!message.contains("Exchange"), "{message}");
+        // A signed-in grant's refusal is the mailbox's own business.
+        assert_eq!(
+            explain_app_only(&spec("Microsoft", "Interactive"), refused()),
+            refused()
+        );
+        let unreachable = MailboxState::Failed {
+            reason: "MailboxUnreachable".into(),
+            message: "x".into(),
+        };
+        assert_eq!(
+            explain_app_only(&spec("Microsoft", "ClientCredentials"), unreachable.clone()),
+            unreachable
+        );
     }
 
     #[test]

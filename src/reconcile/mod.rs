@@ -7,6 +7,7 @@ pub mod decide;
 pub mod events;
 pub mod finalizer;
 pub mod inflight;
+pub mod lifetime;
 pub mod mailbox_check;
 pub mod observed;
 pub mod refresh;

@@ -3,8 +3,7 @@
 
 use crate::{
     api::{
-        ClientSecretRef, INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration,
-        OAUTH_CLIENT_LABEL,
+        INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration, OAUTH_CLIENT_LABEL,
     },
     secret::SecretValue,
 };
@@ -21,6 +20,8 @@ pub mod grant_keys {
     pub const SCOPES: &str = "scopes";
     pub const ISSUED_AT: &str = "issued_at";
     pub const ROTATED_AT: &str = "rotated_at";
+    /// When the provider said the grant ends, if it did (RFC 3339).
+    pub const REFRESH_TOKEN_EXPIRES_AT: &str = "refresh_token_expires_at";
     /// Where the grant was issued: the token endpoint it is refreshed at, and the OAuth client it
     /// belongs to. Written at sign-in (or on the first refresh of a grant brought by hand); the
     /// refresh token is never sent to another endpoint or with another client.
@@ -40,51 +41,8 @@ pub mod token_keys {
 
 pub use crate::oauth::ClientCredentials;
 
-/// Why the client Secret cannot be used. Messages name the Secret and key, never a value.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ClientSecretProblem {
-    #[error(
-        "Secret {name:?} (named by spec.oauth.clientSecretRef) does not exist in this namespace: create it with the OAuth client's ID and secret"
-    )]
-    NotFound { name: String },
-    #[error(
-        "Secret {name:?} has no key {key:?}: add it, or set spec.oauth.clientSecretRef.{field} to the key that holds the value"
-    )]
-    KeyMissing {
-        name: String,
-        key: String,
-        field: &'static str,
-    },
-    #[error(
-        "Secret {name:?} key {key:?} is empty (or not UTF-8 text): put the OAuth client's value there"
-    )]
-    Empty { name: String, key: String },
-    #[error(
-        "Secret {name:?} is not marked for the operator, which reads only Secrets labelled {label}=true: if it holds this integration's OAuth client, run: kubectl label secret {name} -n {namespace} {label}=true",
-        label = OAUTH_CLIENT_LABEL
-    )]
-    NotMarked { name: String, namespace: String },
-    #[error(
-        "Secret {name:?} is one the operator manages (a grant or token Secret), not an OAuth client: set spec.oauth.clientSecretRef.name to the Secret holding the client's ID and secret"
-    )]
-    OperatorManaged { name: String },
-}
-
-impl ClientSecretProblem {
-    /// The condition reason.
-    pub fn reason(&self) -> crate::reason::Reason {
-        use crate::reason::Reason;
-        match self {
-            ClientSecretProblem::NotFound { .. } => Reason::ClientSecretNotFound,
-            ClientSecretProblem::KeyMissing { .. } | ClientSecretProblem::Empty { .. } => {
-                Reason::ClientSecretKeyMissing
-            }
-            ClientSecretProblem::NotMarked { .. } | ClientSecretProblem::OperatorManaged { .. } => {
-                Reason::ClientSecretNotMarked
-            }
-        }
-    }
-}
+mod client;
+pub use client::*;
 
 fn label<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
     secret
@@ -132,56 +90,6 @@ pub fn grant_belongs_to(secret: &Secret, mi: &MailIntegration) -> bool {
     label(secret, INTEGRATION_LABEL) == Some(mi.name_any().as_str()) && !other_controller
 }
 
-/// Read the client credentials from the user's Secret (`None`: it does not exist).
-pub fn client_credentials(
-    r: &ClientSecretRef,
-    secret: Option<&Secret>,
-) -> Result<ClientCredentials, ClientSecretProblem> {
-    let name = r.name.clone();
-    let secret = secret.ok_or_else(|| ClientSecretProblem::NotFound { name: name.clone() })?;
-    // Checked before any key is looked at: a Secret the user did not mark is not read at all.
-    if is_operator_managed(secret) {
-        return Err(ClientSecretProblem::OperatorManaged { name });
-    }
-    if !is_marked_for_operator(secret) {
-        return Err(ClientSecretProblem::NotMarked {
-            name,
-            namespace: secret.namespace().unwrap_or_default(),
-        });
-    }
-    let read = |key: &str, field: &'static str| -> Result<SecretValue, ClientSecretProblem> {
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| b.0.as_slice())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(|s| s.as_bytes())
-            })
-            .ok_or_else(|| ClientSecretProblem::KeyMissing {
-                name: name.clone(),
-                key: key.to_owned(),
-                field,
-            })?;
-        SecretValue::from_bytes(bytes)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| ClientSecretProblem::Empty {
-                name: name.clone(),
-                key: key.to_owned(),
-            })
-    };
-    let client_id = read(r.client_id_key(), "clientIdKey")?;
-    let client_secret = read(r.client_secret_key(), "clientSecretKey")?;
-    Ok(ClientCredentials {
-        client_id: client_id.expose().trim().to_owned(),
-        client_secret,
-    })
-}
-
 /// The stored grant.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grant {
@@ -189,6 +97,9 @@ pub struct Grant {
     pub account: Option<String>,
     pub scopes: Vec<String>,
     pub issued_at: Option<Timestamp>,
+    /// When the provider said the grant ends (Google's `refresh_token_expires_in` at sign-in: a
+    /// Testing-status app's grant lives 7 days).
+    pub refresh_token_expires_at: Option<Timestamp>,
     /// The token endpoint and client the grant was issued for ([`grant_keys::TOKEN_ENDPOINT`]).
     pub token_endpoint: Option<String>,
     pub client_id: Option<String>,
@@ -264,6 +175,8 @@ pub fn grant(secret: Option<&Secret>) -> Option<Grant> {
             .map(|s| s.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default(),
         issued_at: text(secret, grant_keys::ISSUED_AT).and_then(|s| s.parse().ok()),
+        refresh_token_expires_at: text(secret, grant_keys::REFRESH_TOKEN_EXPIRES_AT)
+            .and_then(|s| s.parse().ok()),
         token_endpoint: text(secret, grant_keys::TOKEN_ENDPOINT),
         client_id: text(secret, grant_keys::CLIENT_ID),
         resource_version: secret.metadata.resource_version.clone(),
@@ -359,6 +272,7 @@ pub struct Observed<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ClientSecretRef;
     use k8s_openapi::ByteString;
     use std::collections::BTreeMap;
 
@@ -558,6 +472,7 @@ mod tests {
             name: "gmail-client".into(),
             client_id_key: None,
             client_secret_key: Some("secret".into()),
+            service_account_key: None,
         }
     }
 

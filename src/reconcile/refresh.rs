@@ -19,6 +19,9 @@ use kube::{Api, ResourceExt};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+mod app_only;
+use app_only::app_only;
+
 /// The longest `Retry-After` believed. A provider (or a server a tenant names) asking for more, up to
 /// the absurd, is retried after this: an answer must not park an integration for years, nor
 /// overflow the clock.
@@ -246,7 +249,7 @@ pub(super) async fn refresh(
                     // age tells them apart.
                     let history = crate::provider::GrantHistory {
                         issued_at: grant.issued_at,
-                        refresh_token_expires_at: None,
+                        refresh_token_expires_at: grant.refresh_token_expires_at,
                     };
                     let class = crate::provider::refine_with_grant_history(
                         mi.spec.provider,
@@ -328,58 +331,6 @@ pub(super) async fn refresh(
         outcome,
         published,
         grant_version,
-    }
-}
-
-/// An app-only token (the client-credentials grant): no grant Secret, no refresh token to keep
-/// and so no write-ahead mark; a new token is simply asked for whenever one is due.
-async fn app_only(
-    mi: &MailIntegration,
-    o: &Observed<'_>,
-    cause: RefreshCause,
-    token_secret: Option<&Secret>,
-    secrets_api: &Api<Secret>,
-    ctx: &Context,
-) -> RefreshResult {
-    let Ok(creds) = &o.client else {
-        // decide() refreshes only with client credentials.
-        return Outcome::Requeue(Duration::from_secs(5)).into();
-    };
-    info!(?cause, "requesting an app-only access token");
-    let endpoints = match ctx.providers.resolve(&mi.spec).await {
-        Ok(e) => e,
-        Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
-    };
-    if let Some(outcome) = template_refused(mi, ctx) {
-        return outcome.into();
-    }
-    if ctx.fence.check().is_err() {
-        return Outcome::Requeue(Duration::from_secs(5)).into();
-    }
-    let started = Instant::now();
-    let scopes = crate::provider::requested_scopes(&mi.spec);
-    let result = ctx
-        .oauth
-        .client_credentials(&endpoints, creds, &scopes, o.now)
-        .await;
-    ctx.metrics
-        .refresh_duration
-        .observe(started.elapsed().as_secs_f64());
-    let token = match result {
-        Ok(t) => t,
-        Err(e) => return failure_outcome(mi, e.class, o.now, ctx).into(),
-    };
-    // Nobody signs in: the account is the mailbox the app was given access to.
-    let fallback = (Some(mi.spec.mailbox.address.clone()), scopes);
-    let outcome = publish(mi, &token, fallback, token_secret, secrets_api, o.now, ctx).await;
-    let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
-        access_token: token.access_token.clone(),
-        expires_at: token.expires_at,
-    });
-    RefreshResult {
-        outcome,
-        published,
-        grant_version: None,
     }
 }
 

@@ -8,6 +8,7 @@
 //     "port": 0,                                  // 0: any free port (see the "listening" line)
 //     "issuer": "http://127.0.0.1:PORT",          // default: derived from the port
 //     "clients": [{"client_id": "…", "client_secret": "…", "redirect_uris": ["http://127.0.0.1:…/cb"]}],
+//                                                 // or "public_key_pem" instead of the secret: private_key_jwt
 //     "introspection_client": {"client_id": "…", "client_secret": "…"},   // client_secret_basic
 //     "accounts": [{"sub": "alice", "email": "alice@example.test"}],
 //     "scopes": ["mail"],                         // on top of openid email offline_access
@@ -17,7 +18,8 @@
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
 //     "client_credentials": false,                // every client may also use the client-credentials grant
-//     "microsoft_tenant": "GUID"                  // ID tokens as Entra ID issues them (see below)
+//     "microsoft_tenant": "GUID",                 // ID tokens as Entra ID issues them (see below)
+//     "app_mailbox": "helpdesk@example.test"      // the `email` claim of every client-credentials token
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -27,7 +29,7 @@
 
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createPublicKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 
 import Provider, { interactionPolicy } from 'oidc-provider';
 
@@ -140,14 +142,24 @@ const refreshTokenWithoutConsent = config.refresh_token_without_consent ?? false
 // App-only tokens (RFC 6749 §4.4), as Microsoft issues them for Exchange Online app-only access.
 const clientCredentials = config.client_credentials ?? false;
 
+// A client with `public_key_pem` authenticates with RFC 7523 client assertions (as Microsoft Entra
+// checks certificate credentials): signed by the key whose public half is its JWKS.
 const clients = config.clients.map((c) => ({
   client_id: c.client_id,
-  client_secret: c.client_secret,
   redirect_uris: c.redirect_uris,
-  response_types: ['code'],
-  grant_types: ['authorization_code', 'refresh_token', ...(clientCredentials ? ['client_credentials'] : [])],
-  token_endpoint_auth_method: 'client_secret_post',
+  response_types: c.redirect_uris.length ? ['code'] : [],
+  grant_types: [
+    ...(c.redirect_uris.length ? ['authorization_code', 'refresh_token'] : []),
+    ...(clientCredentials ? ['client_credentials'] : []),
+  ],
+  ...(c.public_key_pem
+    ? {
+        token_endpoint_auth_method: 'private_key_jwt',
+        jwks: { keys: [{ ...createPublicKey(c.public_key_pem).export({ format: 'jwk' }), use: 'sig' }] },
+      }
+    : { client_secret: c.client_secret, token_endpoint_auth_method: 'client_secret_post' }),
 }));
+const appMailbox = config.app_mailbox ?? null;
 if (config.introspection_client) {
   clients.push({
     client_id: config.introspection_client.client_id,
@@ -194,6 +206,8 @@ const configuration = {
   },
   // Put the mailbox address into access tokens, so introspection answers carry `email` as well as `sub`.
   async extraTokenClaims(_ctx, token) {
+    // App-only tokens name the one mailbox the app was given access to (app_mailbox).
+    if (token.kind === 'ClientCredentials') return appMailbox ? { email: appMailbox } : undefined;
     const account = token.accountId ? accounts.get(token.accountId) : undefined;
     return account ? { email: account.email } : undefined;
   },

@@ -21,6 +21,10 @@ pub const ALERT_INPUTS: &[(&str, &[&str])] = &[
         "mailintegration_mailbox_connected_status",
         &["condition", "name", "namespace"],
     ),
+    (
+        "mailintegration_client_secret_expiry_timestamp_seconds",
+        &["name", "namespace"],
+    ),
 ];
 
 /// The metric name and sorted label names of one series in the exposition (or promtool) format,

@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod dovecot;
 pub mod fault_proxy;
 pub mod helm;
+pub mod keys;
 pub mod oauth;
 pub mod operator;
 pub mod process;

@@ -22,8 +22,58 @@ use std::{
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub client_id: String,
+    /// Unused when `certificate` is set.
     pub client_secret: String,
     pub redirect_uris: Vec<String>,
+    /// Authenticate with this certificate's key (`private_key_jwt`) instead of the secret.
+    pub certificate: Option<ClientCertificate>,
+}
+
+impl ClientConfig {
+    /// The client's credentials for the token endpoint `token_url`: its secret, or a client
+    /// assertion.
+    pub fn credentials(&self, token_url: &str) -> Vec<(&'static str, String)> {
+        match &self.certificate {
+            None => vec![
+                ("client_id", self.client_id.clone()),
+                ("client_secret", self.client_secret.clone()),
+            ],
+            Some(c) => vec![
+                ("client_id", self.client_id.clone()),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned(),
+                ),
+                ("client_assertion", c.assertion(&self.client_id, token_url)),
+            ],
+        }
+    }
+}
+
+/// A client's certificate credential: registered at the server as the client's JWKS
+/// (`private_key_jwt`: client assertions instead of a secret); the helpers sign with `key_pem`.
+#[derive(Clone, Debug)]
+pub struct ClientCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub public_pem: String,
+}
+
+impl ClientCertificate {
+    /// A client assertion for `client_id` at `token_url`, signed as the operator signs them.
+    pub fn assertion(&self, client_id: &str, token_url: &str) -> String {
+        use mail_integration_operator::oauth::assertion::{AssertionAlgorithm, CertificateKey};
+        CertificateKey::from_pem(
+            self.cert_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+            AssertionAlgorithm::RS256,
+        )
+        .unwrap()
+        .client_assertion(client_id, token_url, jiff::Timestamp::now())
+        .unwrap()
+        .expose()
+        .to_owned()
+    }
 }
 
 /// A user who can sign in: the login form takes `sub`; `email` comes back as a claim and in
@@ -65,6 +115,10 @@ pub struct OAuthServerConfig {
     /// Issue ID tokens as Microsoft Entra ID does: this directory ID in `tid`, the address in
     /// `preferred_username`, no `email` claim.
     pub microsoft_tenant: Option<String>,
+    /// The mailbox app-only tokens are good for: put into every client-credentials token as its
+    /// `email` (introspection answers carry it), as an Exchange admin gives an app access to one
+    /// mailbox. Dovecot, naming users by `email`, then accepts the token for that mailbox only.
+    pub app_mailbox: Option<String>,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -86,6 +140,7 @@ impl Default for OAuthServerConfig {
                 client_id: "mio-test-client".into(),
                 client_secret: random_hex(24),
                 redirect_uris: vec!["http://127.0.0.1:8080/oauth2/callback".into()],
+                certificate: None,
             }],
             introspection_client_id: "mio-test-introspector".into(),
             introspection_client_secret: random_hex(24),
@@ -108,6 +163,7 @@ impl Default for OAuthServerConfig {
             refresh_token_without_consent: false,
             client_credentials: false,
             microsoft_tenant: None,
+            app_mailbox: None,
         }
     }
 }
@@ -121,6 +177,7 @@ impl OAuthServerConfig {
                 "client_id": c.client_id,
                 "client_secret": c.client_secret,
                 "redirect_uris": c.redirect_uris,
+                "public_key_pem": c.certificate.as_ref().map(|k| k.public_pem.clone()),
             })).collect::<Vec<_>>(),
             "introspection_client": {
                 "client_id": self.introspection_client_id,
@@ -135,6 +192,7 @@ impl OAuthServerConfig {
             "refresh_token_without_consent": self.refresh_token_without_consent,
             "client_credentials": self.client_credentials,
             "microsoft_tenant": self.microsoft_tenant,
+            "app_mailbox": self.app_mailbox,
         })
     }
 }
@@ -466,18 +524,15 @@ impl OAuthServer {
             .redirect_uri
             .clone()
             .unwrap_or_else(|| client.redirect_uris[0].clone());
-        post_form(
-            &self.token_url(),
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("redirect_uri", &redirect_uri),
-                ("code_verifier", code_verifier),
-                ("client_id", &client.client_id),
-                ("client_secret", &client.client_secret),
-            ],
-        )
-        .await
+        let credentials = client.credentials(&self.token_url());
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", &redirect_uri),
+            ("code_verifier", code_verifier),
+        ];
+        form.extend(credentials.iter().map(|(k, v)| (*k, v.as_str())));
+        post_form(&self.token_url(), &form).await
     }
 
     /// Refresh at this server's token endpoint with the main client's credentials.

@@ -9,7 +9,12 @@
 //! bodies: `FaultProxy::start(&standin.url())`.
 //!
 //! Refresh tokens are issued by [`ProviderStandIn::issue_refresh_token`] (the "sign-in"); unknown
-//! ones get the provider's `invalid_grant` body. Only `grant_type=refresh_token` is served.
+//! ones get the provider's `invalid_grant` body. `grant_type=refresh_token` is served, and for
+//! Google the JWT-bearer grant of service accounts with domain-wide delegation ([`jwt_bearer`]:
+//! the assertion's signature really verified with the service account's public key), whose
+//! access tokens `/introspect` answers for (RFC 7662), so that Dovecot can check them.
+
+mod jwt_bearer;
 
 use axum::{
     Router,
@@ -41,6 +46,8 @@ struct Inner {
     /// The scope the answer carries (Google: what was granted); `None`: echo the request's.
     scope: Option<String>,
     expires_in: u64,
+    /// Domain-wide delegation (Google's JWT-bearer grant).
+    dwd: jwt_bearer::Delegation,
 }
 
 pub struct ProviderStandIn {
@@ -59,6 +66,7 @@ impl ProviderStandIn {
         let inner = Arc::new(Mutex::new(Inner {
             scope: (flavour == Flavour::Google).then(|| "https://mail.google.com/".to_owned()),
             expires_in: 3599,
+            dwd: jwt_bearer::Delegation::new(format!("{url}/token")),
             ..Inner::default()
         }));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -71,7 +79,10 @@ impl ProviderStandIn {
                     .build()
                     .unwrap();
                 rt.block_on(async move {
-                    let app = Router::new().route("/token", post(token)).with_state(state);
+                    let app = Router::new()
+                        .route("/token", post(token))
+                        .route("/introspect", post(jwt_bearer::introspect))
+                        .with_state(state);
                     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                     tokio::select! {
                         _ = rx => {}
@@ -116,6 +127,30 @@ impl ProviderStandIn {
         self.inner.lock().unwrap().expires_in = secs;
     }
 
+    /// A service account whose assertions verify with `public_key_pem` (Google Cloud's key).
+    pub fn add_service_account(&self, client_email: &str, client_id: &str, public_key_pem: &[u8]) {
+        self.inner
+            .lock()
+            .unwrap()
+            .dwd
+            .add_service_account(client_email, client_id, public_key_pem);
+    }
+
+    /// Domain-wide delegation of `scope` to `client_id` (the Admin console's entry).
+    pub fn delegate(&self, client_id: &str, scope: &str) {
+        self.inner.lock().unwrap().dwd.delegate(client_id, scope);
+    }
+
+    /// A user of the Workspace domain.
+    pub fn add_user(&self, email: &str) {
+        self.inner.lock().unwrap().dwd.add_user(email);
+    }
+
+    /// What each JWT-bearer request got (`ok sub=…` or the error and its description), in order.
+    pub fn jwt_bearer_answers(&self) -> Vec<String> {
+        self.inner.lock().unwrap().dwd.answers.clone()
+    }
+
     /// Answer with this scope from now on (e.g. a grant whose user unticked the mail scope).
     pub fn set_scope(&self, scope: &str) {
         self.inner.lock().unwrap().scope = Some(scope.to_owned());
@@ -140,6 +175,13 @@ async fn token(
     State((flavour, inner)): State<(Flavour, Arc<Mutex<Inner>>)>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
+    if flavour == Flavour::Google
+        && form.get("grant_type").map(String::as_str) == Some(jwt_bearer::GRANT_TYPE)
+    {
+        let mut i = inner.lock().unwrap();
+        let expires_in = i.expires_in;
+        return i.dwd.answer(&form, expires_in);
+    }
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
         return (
             StatusCode::BAD_REQUEST,

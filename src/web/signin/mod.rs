@@ -326,7 +326,15 @@ impl SignIn {
             warn!(error = %e, "reading the client Secret failed");
             api_unavailable()
         })?;
-        observed::client_credentials(r, secret.as_ref()).map_err(|p| {
+        // A client that authenticates with a certificate exchanges the code with its assertion.
+        let certificate = match &mi.spec.oauth.client_certificate_ref {
+            None => None,
+            Some(c) => self.inner.backend.secret(&ns, &c.name).await.map_err(|e| {
+                warn!(error = %e, "reading the client certificate Secret failed");
+                api_unavailable()
+            })?,
+        };
+        observed::client(&mi.spec, secret.as_ref(), certificate.as_ref()).map_err(|p| {
             let reason = p.reason();
             Failure::new(
                 reason,
@@ -980,6 +988,31 @@ pub fn account_from_id_token(
     Ok(claims.email.or(upn).map(|e| e.trim().to_owned()))
 }
 
+/// The grant Secret's keys besides the refresh token: the account, the granted scopes, where the
+/// grant was issued (the refresher sends it nowhere else), when, and when the provider said it
+/// ends (Google's `refresh_token_expires_in` for an app in Testing status: 7 days).
+pub fn grant_record(
+    account: &str,
+    scopes: String,
+    token_endpoint: &str,
+    client_id: &str,
+    now: Timestamp,
+    ends: Option<Timestamp>,
+) -> Vec<(&'static str, String)> {
+    let rfc3339 = |t: Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut keys = vec![
+        (grant_keys::ACCOUNT, account.to_owned()),
+        (grant_keys::SCOPES, scopes),
+        (grant_keys::TOKEN_ENDPOINT, token_endpoint.to_owned()),
+        (grant_keys::CLIENT_ID, client_id.to_owned()),
+        (grant_keys::ISSUED_AT, rfc3339(now)),
+    ];
+    if let Some(end) = ends {
+        keys.push((grant_keys::REFRESH_TOKEN_EXPIRES_AT, rfc3339(end)));
+    }
+    keys
+}
+
 /// The checks of what the token endpoint granted: the signed-in account must be the mailbox, a
 /// refresh token must be there, and the mailbox scopes must be granted.
 pub fn check_grant<'g>(
@@ -1158,17 +1191,14 @@ async fn callback(
         .clone()
         .unwrap_or_else(|| provider::sign_in_scopes(&mi.spec))
         .join(" ");
-    let extra = vec![
-        (grant_keys::ACCOUNT, account.clone()),
-        (grant_keys::SCOPES, scopes),
-        // Where the grant was issued: the refresher sends it nowhere else.
-        (grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()),
-        (grant_keys::CLIENT_ID, creds.client_id.clone()),
-        (
-            grant_keys::ISSUED_AT,
-            now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        ),
-    ];
+    let extra = grant_record(
+        &account,
+        scopes,
+        endpoints.token.as_str(),
+        &creds.client_id,
+        now,
+        grant.refresh_token_expires_at,
+    );
     if let Err(e) = s.inner.backend.store_grant(&mi, refresh_token, extra).await {
         warn!(error = %e, "storing the grant Secret failed");
         let f = Failure::new(

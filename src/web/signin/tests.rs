@@ -930,6 +930,7 @@ fn controller_reports_the_last_sign_in_failure_while_sign_in_is_needed() {
     let o = Observed {
         integration: &mi,
         client: Ok(ClientCredentials {
+            signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("cs"),
         }),
@@ -1002,6 +1003,7 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
     let o = Observed {
         integration: &mi,
         client: Ok(ClientCredentials {
+            signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("cs"),
         }),
@@ -1011,6 +1013,7 @@ fn a_grant_only_a_new_sign_in_fixes_offers_the_link_too() {
             account: None,
             scopes: vec![],
             issued_at: None,
+            refresh_token_expires_at: None,
             token_endpoint: None,
             client_id: None,
             resource_version: Some("7".into()),
@@ -1142,4 +1145,37 @@ fn the_id_token_must_be_for_this_client_fresh_verified_and_of_the_tenant() {
     assert!(check_id_token(&same_tid, &ms, "the-client", Some(tenant), now).is_ok());
     // A tenant given by name (common, a domain) cannot be compared with a directory ID.
     assert!(check_id_token(&other_tid, &ms, "the-client", Some("common"), now).is_ok());
+}
+
+#[test]
+fn an_announced_grant_end_is_recorded_and_read_back() {
+    let now: Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
+    let ends: Timestamp = "2026-12-08T09:59:59Z".parse().unwrap();
+    let keys = grant_record(
+        "alice@example.com",
+        "https://mail.google.com/".into(),
+        "https://oauth2.googleapis.com/token",
+        "client-1",
+        now,
+        Some(ends),
+    );
+    let mut secret = k8s_openapi::api::core::v1::Secret::default();
+    let mut data: std::collections::BTreeMap<String, k8s_openapi::ByteString> = keys
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.into_bytes())))
+        .collect();
+    data.insert(
+        "refresh_token".into(),
+        k8s_openapi::ByteString(b"rt".to_vec()),
+    );
+    secret.data = Some(data);
+    let g = crate::reconcile::observed::grant(Some(&secret)).unwrap();
+    assert_eq!(g.issued_at, Some(now));
+    assert_eq!(g.refresh_token_expires_at, Some(ends));
+    let without = grant_record("a@b.c", String::new(), "https://t", "c", now, None);
+    assert!(
+        without
+            .iter()
+            .all(|(k, _)| *k != "refresh_token_expires_at")
+    );
 }

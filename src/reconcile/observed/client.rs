@@ -1,0 +1,326 @@
+//! The OAuth client as the user's Secrets describe it: a client ID with a secret, a certificate
+//! (`kubernetes.io/tls` Secret), or a Google service account's key file. Every Secret read here
+//! is one the user marked for the operator; messages name Secrets and keys, never a value.
+
+use super::{is_marked_for_operator, is_operator_managed};
+use crate::api::{ClientSecretRef, GrantType, MailIntegrationSpec, OAUTH_CLIENT_LABEL};
+use crate::oauth::assertion::{CertificateKey, ServiceAccountKey};
+use crate::oauth::{ClientCredentials, SigningKey};
+use crate::secret::SecretValue;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use std::sync::Arc;
+
+/// Why the client Secret cannot be used. Messages name the Secret and key, never a value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientSecretProblem {
+    #[error(
+        "Secret {name:?} (named by spec.oauth.clientSecretRef) does not exist in this namespace: create it with the OAuth client's ID and secret"
+    )]
+    NotFound { name: String },
+    #[error(
+        "Secret {name:?} has no key {key:?}: add it, or set spec.oauth.clientSecretRef.{field} to the key that holds the value"
+    )]
+    KeyMissing {
+        name: String,
+        key: String,
+        field: &'static str,
+    },
+    #[error(
+        "Secret {name:?} key {key:?} is empty (or not UTF-8 text): put the OAuth client's value there"
+    )]
+    Empty { name: String, key: String },
+    #[error(
+        "Secret {name:?} is not marked for the operator, which reads only Secrets labelled {label}=true: if it holds this integration's OAuth client, run: kubectl label secret {name} -n {namespace} {label}=true",
+        label = OAUTH_CLIENT_LABEL
+    )]
+    NotMarked { name: String, namespace: String },
+    #[error(
+        "Secret {name:?} is one the operator manages (a grant or token Secret), not an OAuth client: set spec.oauth.clientSecretRef.name to the Secret holding the client's ID and secret"
+    )]
+    OperatorManaged { name: String },
+    #[error(
+        "Secret {name:?} (named by spec.oauth.clientCertificateRef) does not exist in this namespace: create it with kubectl create secret tls {name} --cert=app.crt --key=app.key, and label it {label}=true",
+        label = OAUTH_CLIENT_LABEL
+    )]
+    CertificateNotFound { name: String },
+    #[error(
+        "Secret {name:?} (named by spec.oauth.clientCertificateRef) is not marked for the operator, which reads only Secrets labelled {label}=true: run kubectl label secret {name} -n {namespace} {label}=true",
+        label = OAUTH_CLIENT_LABEL
+    )]
+    CertificateNotMarked { name: String, namespace: String },
+    #[error("Secret {name:?} key {key:?} cannot be used: {problem}")]
+    KeyInvalid {
+        name: String,
+        key: String,
+        problem: String,
+    },
+}
+
+impl ClientSecretProblem {
+    /// The condition reason.
+    pub fn reason(&self) -> crate::reason::Reason {
+        use crate::reason::Reason;
+        match self {
+            ClientSecretProblem::NotFound { .. } => Reason::ClientSecretNotFound,
+            ClientSecretProblem::KeyMissing { .. } | ClientSecretProblem::Empty { .. } => {
+                Reason::ClientSecretKeyMissing
+            }
+            ClientSecretProblem::NotMarked { .. }
+            | ClientSecretProblem::OperatorManaged { .. }
+            | ClientSecretProblem::CertificateNotMarked { .. } => Reason::ClientSecretNotMarked,
+            ClientSecretProblem::CertificateNotFound { .. } => Reason::ClientSecretNotFound,
+            ClientSecretProblem::KeyInvalid { .. } => Reason::ClientKeyInvalid,
+        }
+    }
+}
+
+/// Read the client credentials from the user's Secret (`None`: it does not exist): the client ID
+/// and secret.
+pub fn client_credentials(
+    r: &ClientSecretRef,
+    secret: Option<&Secret>,
+) -> Result<ClientCredentials, ClientSecretProblem> {
+    let secret = marked_client_secret(r, secret)?;
+    let client_id = read_key(secret, &r.name, r.client_id_key(), "clientIdKey")?;
+    let client_secret = read_key(secret, &r.name, r.client_secret_key(), "clientSecretKey")?;
+    Ok(ClientCredentials {
+        client_id: client_id.expose().trim().to_owned(),
+        client_secret,
+        signing_key: None,
+    })
+}
+
+/// The client as `spec` wants it authenticated: [`client_credentials`]; with
+/// `spec.oauth.clientCertificateRef` the client ID and the certificate (`certificate`, the
+/// `kubernetes.io/tls` Secret it names); with grantType ServiceAccount the key file from the client
+/// Secret.
+pub fn client(
+    spec: &MailIntegrationSpec,
+    client_secret: Option<&Secret>,
+    certificate: Option<&Secret>,
+) -> Result<ClientCredentials, ClientSecretProblem> {
+    let r = &spec.oauth.client_secret_ref;
+    if spec.grant_type() == GrantType::ServiceAccount {
+        let secret = marked_client_secret(r, client_secret)?;
+        let key = r.service_account_key();
+        let json = raw_key(secret, &r.name, key, "serviceAccountKey")?;
+        let account =
+            ServiceAccountKey::from_json(json).map_err(|p| key_invalid(&r.name, key, &p))?;
+        return Ok(ClientCredentials {
+            client_id: account.client_id.clone(),
+            client_secret: SecretValue::new(String::new()),
+            signing_key: Some(Arc::new(SigningKey::ServiceAccount(account))),
+        });
+    }
+    let Some(cert_ref) = &spec.oauth.client_certificate_ref else {
+        return client_credentials(r, client_secret);
+    };
+    let secret = marked_client_secret(r, client_secret)?;
+    let client_id = read_key(secret, &r.name, r.client_id_key(), "clientIdKey")?;
+    let name = &cert_ref.name;
+    let tls = certificate
+        .ok_or_else(|| ClientSecretProblem::CertificateNotFound { name: name.clone() })?;
+    if is_operator_managed(tls) {
+        return Err(ClientSecretProblem::OperatorManaged { name: name.clone() });
+    }
+    if !is_marked_for_operator(tls) {
+        return Err(ClientSecretProblem::CertificateNotMarked {
+            name: name.clone(),
+            namespace: tls.namespace().unwrap_or_default(),
+        });
+    }
+    let cert = raw_key(tls, name, "tls.crt", "clientCertificateRef")?;
+    let key = raw_key(tls, name, "tls.key", "clientCertificateRef")?;
+    let cert = CertificateKey::from_pem(cert, key, cert_ref.algorithm()).map_err(|p| {
+        let which = if p == crate::oauth::assertion::KeyProblem::NoCertificate {
+            "tls.crt"
+        } else {
+            "tls.key"
+        };
+        key_invalid(name, which, &p)
+    })?;
+    Ok(ClientCredentials {
+        client_id: client_id.expose().trim().to_owned(),
+        client_secret: SecretValue::new(String::new()),
+        signing_key: Some(Arc::new(SigningKey::Certificate(cert))),
+    })
+}
+
+fn key_invalid(
+    name: &str,
+    key: &str,
+    p: &crate::oauth::assertion::KeyProblem,
+) -> ClientSecretProblem {
+    ClientSecretProblem::KeyInvalid {
+        name: name.to_owned(),
+        key: key.to_owned(),
+        problem: p.to_string(),
+    }
+}
+
+/// The client Secret, if the user marked it for the operator: a Secret that is not marked is not
+/// read at all.
+fn marked_client_secret<'a>(
+    r: &ClientSecretRef,
+    secret: Option<&'a Secret>,
+) -> Result<&'a Secret, ClientSecretProblem> {
+    let name = r.name.clone();
+    let secret = secret.ok_or_else(|| ClientSecretProblem::NotFound { name: name.clone() })?;
+    if is_operator_managed(secret) {
+        return Err(ClientSecretProblem::OperatorManaged { name });
+    }
+    if !is_marked_for_operator(secret) {
+        return Err(ClientSecretProblem::NotMarked {
+            name,
+            namespace: secret.namespace().unwrap_or_default(),
+        });
+    }
+    Ok(secret)
+}
+
+/// A key's bytes (`data`, else `stringData`).
+fn raw_key<'a>(
+    secret: &'a Secret,
+    name: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<&'a [u8], ClientSecretProblem> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.as_bytes())
+        })
+        .ok_or_else(|| ClientSecretProblem::KeyMissing {
+            name: name.to_owned(),
+            key: key.to_owned(),
+            field,
+        })
+}
+
+/// A key's text value, not empty.
+fn read_key(
+    secret: &Secret,
+    name: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<SecretValue, ClientSecretProblem> {
+    let bytes = raw_key(secret, name, key, field)?;
+    SecretValue::from_bytes(bytes)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ClientSecretProblem::Empty {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::assertion::tests::keypair;
+    use k8s_openapi::ByteString;
+
+    fn secret(name: &str, marked: bool, pairs: &[(&str, &[u8])]) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("ns".into());
+        if marked {
+            s.metadata.labels = Some([(OAUTH_CLIENT_LABEL.to_owned(), "true".to_owned())].into());
+        }
+        s.data = Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                .collect(),
+        );
+        s
+    }
+
+    fn spec(oauth: serde_json::Value) -> MailIntegrationSpec {
+        let mut o = serde_json::json!({"clientSecretRef": {"name": "client"}});
+        o.as_object_mut()
+            .unwrap()
+            .extend(oauth.as_object().unwrap().clone());
+        serde_json::from_value(serde_json::json!({
+            "provider": "Microsoft",
+            "mailbox": {"address": "helpdesk@contoso.example"},
+            "oauth": o,
+            "tokenSecret": {"name": "t"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_certificate_client_needs_only_the_client_id_and_a_marked_tls_secret() {
+        let (cert, key, _, fingerprint) = keypair();
+        let s = spec(serde_json::json!({
+            "tenant": "contoso.example",
+            "grantType": "ClientCredentials",
+            "clientCertificateRef": {"name": "app-cert"},
+        }));
+        let id_only = secret("client", true, &[("client_id", b"app-1")]);
+        let tls = secret("app-cert", true, &[("tls.crt", &cert), ("tls.key", &key)]);
+        let creds = client(&s, Some(&id_only), Some(&tls)).unwrap();
+        assert_eq!(creds.client_id, "app-1");
+        assert!(creds.client_secret.is_empty());
+        assert!(format!("{creds:?}").contains(&fingerprint));
+
+        let unmarked = secret("app-cert", false, &[("tls.crt", &cert), ("tls.key", &key)]);
+        let err = client(&s, Some(&id_only), Some(&unmarked)).unwrap_err();
+        assert_eq!(err.reason(), crate::reason::Reason::ClientSecretNotMarked);
+        assert!(
+            err.to_string()
+                .contains("kubectl label secret app-cert -n ns"),
+            "{err}"
+        );
+        let err = client(&s, Some(&id_only), None).unwrap_err();
+        assert_eq!(err.reason(), crate::reason::Reason::ClientSecretNotFound);
+        let swapped = secret("app-cert", true, &[("tls.crt", &key), ("tls.key", &cert)]);
+        let err = client(&s, Some(&id_only), Some(&swapped)).unwrap_err();
+        assert_eq!(err.reason(), crate::reason::Reason::ClientKeyInvalid);
+        assert!(err.to_string().contains("tls.crt"), "{err}");
+        let text = String::from_utf8(key).unwrap();
+        let body = text.lines().nth(1).unwrap();
+        assert!(!err.to_string().contains(body));
+    }
+
+    #[test]
+    fn a_service_account_reads_its_key_file_and_client_id_from_the_client_secret() {
+        let (_, key, _, _) = keypair();
+        let mut s = spec(serde_json::json!({"grantType": "ServiceAccount"}));
+        s.provider = crate::api::ProviderKind::Google;
+        let json = serde_json::json!({
+            "type": "service_account",
+            "client_email": "mailer@p.iam.gserviceaccount.com",
+            "client_id": "42",
+            "private_key": String::from_utf8(key).unwrap(),
+        })
+        .to_string();
+        let good = secret("client", true, &[("service-account.json", json.as_bytes())]);
+        let creds = client(&s, Some(&good), None).unwrap();
+        assert_eq!(creds.client_id, "42");
+        assert!(matches!(
+            creds.signing_key.as_deref(),
+            Some(SigningKey::ServiceAccount(_))
+        ));
+        let missing = secret("client", true, &[("client_id", b"x")]);
+        let err = client(&s, Some(&missing), None).unwrap_err();
+        assert!(err.to_string().contains("serviceAccountKey"), "{err}");
+        let unmarked = secret(
+            "client",
+            false,
+            &[("service-account.json", json.as_bytes())],
+        );
+        assert_eq!(
+            client(&s, Some(&unmarked), None).unwrap_err().reason(),
+            crate::reason::Reason::ClientSecretNotMarked
+        );
+    }
+}
