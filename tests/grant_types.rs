@@ -3,8 +3,8 @@
 //! from the fault proxy in front of the token endpoint.
 //!
 //! - App-only (`spec.oauth.grantType: ClientCredentials`): nobody signs in; the integration goes
-//!   Ready with a token Secret, no grant Secret and no sign-in link, and a new app-only token is
-//!   fetched before the published one expires.
+//!   Ready with a token Secret, no grant Secret and no sign-in link, Dovecot accepts the app token
+//!   for the mailbox, and a new app-only token is fetched before the published one expires.
 //! - Certificate client authentication (`spec.oauth.clientCertificateRef`, `private_key_jwt`):
 //!   oidc-provider checks the client assertion against the certificate's public key, and Dovecot
 //!   (introspecting at the same server) accepts the app token for the one mailbox the app was
@@ -70,19 +70,33 @@ fn app_only() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_only_integration_goes_ready_without_a_sign_in_and_is_renewed() {
+    let dovecot = app_only_setup::dovecot();
     let env = Env::new("app-only", server()).await;
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
-    env.integration_with("shared", "helpdesk@example.test", app_only())
-        .await;
+    app_only_setup::create(
+        &env,
+        serde_json::json!({
+            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
+        }),
+    )
+    .await;
+    let mut spec = app_only();
+    // Dovecot checks the app token for the mailbox named in XOAUTH2 (its `email` claim).
+    spec["mailbox"] = serde_json::json!({
+        "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
+        "caSecretRef": {"name": "mail-ca"},
+    });
+    env.integration_with("shared", APP_MAILBOX, spec).await;
 
     let mi = env
         .wait_for(
             "shared",
-            "Ready=True",
-            Duration::from_secs(30),
+            "Ready=True and MailboxConnected",
+            Duration::from_secs(60),
             &op,
-            is_ready,
+            |mi| is_ready(mi) && condition(mi, "MailboxConnected").map(|c| c.0) == Some("True"),
         )
         .await;
     assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));

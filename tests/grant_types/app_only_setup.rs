@@ -9,7 +9,7 @@ use kube::api::PostParams;
 use support::dovecot::{Dovecot, DovecotConfig};
 
 /// Dovecot asking `server()` about every token, naming the user by its `email` claim.
-fn dovecot() -> Dovecot {
+pub(super) fn dovecot() -> Dovecot {
     let (id, secret) = server().introspection_client();
     let url =
         server()
@@ -21,7 +21,7 @@ fn dovecot() -> Dovecot {
     })
 }
 
-async fn create(env: &Env, secret: serde_json::Value) {
+pub(super) async fn create(env: &Env, secret: serde_json::Value) {
     let s: Secret = serde_json::from_value(secret).unwrap();
     env.secrets()
         .create(&PostParams::default(), &s)

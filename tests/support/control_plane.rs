@@ -103,11 +103,16 @@ impl ControlPlane {
         let etcd_bin = require(&bin_dir, "etcd");
         let apiserver_bin = require(&bin_dir, "kube-apiserver");
         require(&bin_dir, "kubectl");
+        sweep_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("mio-control-plane-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .expect("temp dir");
         let root = dir.path();
+        // A control plane shared by a test binary lives in a static, which is never dropped: the
+        // next test process removes the directory once this one is gone (see `sweep_stale_dirs`).
+        std::fs::write(root.join(OWNER_FILE), std::process::id().to_string())
+            .expect("write the owner file");
 
         let [client_port, peer_port] = reserve_ports(2)[..] else {
             unreachable!()
@@ -384,6 +389,33 @@ fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) {
 /// A namespace of its own for one test.
 pub fn unique_namespace(prefix: &str) -> String {
     control_plane().unique_namespace(prefix)
+}
+
+const DIR_PREFIX: &str = "mio-control-plane-";
+/// The PID of the test process that owns a control plane's directory.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Remove the directories (etcd data, certificates, logs: ~125 MB each) of control planes whose
+/// test process has exited. Directories without an owner file are left alone.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if let (true, Some(pid)) = (is_ours, owner)
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Install the checked-in CRD once per test binary and wait until it is Established.
