@@ -206,6 +206,8 @@ pub enum Reason {
     DomainWideDelegationMissing,
     /// Google does not know the mailbox the service account asked a token for (`invalid_grant` "Invalid email or User ID").
     DelegatedUserUnknown,
+    /// The service account's key Secret does not allow tokens for this mailbox: its annotation mailintegration.dev/delegated-mailboxes does not list spec.mailbox.address. Nothing was asked of Google.
+    DelegationNotAllowed,
     /// Google refused the service account's signed assertion (`invalid_grant` "Invalid JWT Signature."): the key was deleted or disabled, or belongs to another service account.
     ServiceAccountKeyRejected,
     /// The mail server refused a valid app-only token: Exchange Online does not know the app's service principal, or it has no permission on the mailbox.
@@ -294,6 +296,7 @@ impl Reason {
         Reason::ClientKeyInvalid,
         Reason::DomainWideDelegationMissing,
         Reason::DelegatedUserUnknown,
+        Reason::DelegationNotAllowed,
         Reason::ServiceAccountKeyRejected,
         Reason::AppMailboxAccessMissing,
         Reason::ClientSecretExpiringSoon,
@@ -377,6 +380,7 @@ impl Reason {
             Reason::ClientKeyInvalid => "ClientKeyInvalid",
             Reason::DomainWideDelegationMissing => "DomainWideDelegationMissing",
             Reason::DelegatedUserUnknown => "DelegatedUserUnknown",
+            Reason::DelegationNotAllowed => "DelegationNotAllowed",
             Reason::ServiceAccountKeyRejected => "ServiceAccountKeyRejected",
             Reason::AppMailboxAccessMissing => "AppMailboxAccessMissing",
             Reason::ClientSecretExpiringSoon => "ClientSecretExpiringSoon",
@@ -402,6 +406,7 @@ impl Reason {
             Reason::ClientKeyInvalid => Category::NeedsHuman,
             Reason::DomainWideDelegationMissing => Category::NeedsHuman,
             Reason::DelegatedUserUnknown => Category::NeedsHuman,
+            Reason::DelegationNotAllowed => Category::NeedsHuman,
             Reason::ServiceAccountKeyRejected => Category::NeedsHuman,
             Reason::AppMailboxAccessMissing => Category::Mailbox,
             Reason::ClientSecretExpiringSoon => Category::Warning,

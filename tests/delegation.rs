@@ -55,10 +55,25 @@ async fn create(env: &Env, secret: serde_json::Value) {
         .unwrap();
 }
 
-/// The client Secret holding a service account's key file.
+/// The client Secret holding a service account's key file, which its owner allows for the
+/// mailboxes of example.test.
 async fn key_secret(env: &Env, name: &str, json: &str) {
+    key_secret_for(env, name, json, "*@example.test").await;
+}
+
+/// [`key_secret`] allowed for the mailboxes `allowed` (the delegated-mailboxes annotation).
+async fn key_secret_for(env: &Env, name: &str, json: &str, allowed: &str) {
     env.put_secret(name, &[("service-account.json", json)])
         .await;
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/delegated-mailboxes": allowed}}});
+    env.secrets()
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
 }
 
 /// A delegated Google integration for `mailbox` with the key in Secret `key`, its mail server
@@ -206,6 +221,14 @@ async fn delegation_setup_failures_are_refused_and_explained() {
         &key.service_account_json(SERVICE_ACCOUNT, CLIENT_ID),
     )
     .await;
+    // A good key whose owner allows it for another mailbox only.
+    key_secret_for(
+        &env,
+        "narrow-key",
+        &key.service_account_json(SERVICE_ACCOUNT, CLIENT_ID),
+        "helpdesk@example.test",
+    )
+    .await;
     // An OAuth client's JSON, not a service account's key file.
     key_secret(
         &env,
@@ -214,7 +237,7 @@ async fn delegation_setup_failures_are_refused_and_explained() {
     )
     .await;
 
-    let cases: [(&str, &str, &str, &str, &[&str]); 4] = [
+    let cases: [(&str, &str, &str, &str, &[&str]); 5] = [
         (
             "wrong-key",
             "wrong-key",
@@ -254,6 +277,17 @@ async fn delegation_setup_failures_are_refused_and_explained() {
             MAILBOX,
             "ClientKeyInvalid",
             &["service-account.json", "not a service-account key file"],
+        ),
+        (
+            "not-allowed",
+            "narrow-key",
+            MAILBOX,
+            "DelegationNotAllowed",
+            &[
+                "mailintegration.dev/delegated-mailboxes",
+                MAILBOX,
+                "nothing was asked of Google",
+            ],
         ),
     ];
     for (name, secret, mailbox, _, _) in &cases {
@@ -298,8 +332,9 @@ async fn delegation_setup_failures_are_refused_and_explained() {
         "{answers:?}\n{}",
         tail(&op.log(), 30)
     );
-    // Three calls for the three integrations with a key; a permanent failure is not retried, and
-    // the key file that is not one never reached Google.
+    // Three calls for the three integrations with a usable key; a permanent failure is not
+    // retried, and neither the key file that is not one nor the key not allowed for the mailbox
+    // reached Google.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         google.jwt_bearer_answers().len(),

@@ -83,6 +83,8 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
         .message("spec.oauth.clientSecretRef.serviceAccountKey is for grantType ServiceAccount only"),
     validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || self.spec.oauth.clientCertificateRef.name != self.spec.tokenSecret.name")
         .message("spec.oauth.clientCertificateRef.name must not be the token Secret"),
+    validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || !self.spec.oauth.clientCertificateRef.name.endsWith('-oauth-grant')")
+        .message("spec.oauth.clientCertificateRef.name must not name a grant Secret (-oauth-grant): name the kubernetes.io/tls Secret holding the client's certificate and key"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailIntegrationSpec {

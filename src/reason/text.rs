@@ -25,6 +25,9 @@ impl Reason {
             Reason::DelegatedUserUnknown => {
                 "Google does not know the mailbox the service account asked a token for (`invalid_grant` \"Invalid email or User ID\")."
             }
+            Reason::DelegationNotAllowed => {
+                "The service account's key Secret does not allow tokens for this mailbox: its annotation mailintegration.dev/delegated-mailboxes does not list spec.mailbox.address. Nothing was asked of Google."
+            }
             Reason::ServiceAccountKeyRejected => {
                 "Google refused the service account's signed assertion (`invalid_grant` \"Invalid JWT Signature.\"): the key was deleted or disabled, or belongs to another service account."
             }
@@ -238,6 +241,9 @@ impl Reason {
             }
             Reason::DelegatedUserUnknown => {
                 "Set spec.mailbox.address to an existing user of the Workspace domain whose admin configured the delegation (not a group or alias, and not a consumer Gmail address)."
+            }
+            Reason::DelegationNotAllowed => {
+                "Domain-wide delegation lets the key act as any user of the domain, so whoever may create MailIntegrations could otherwise read any mailbox with it. The owner of the key Secret lists the mailboxes it may be used for, comma-separated, as addresses or *@domain: kubectl annotate secret NAME mailintegration.dev/delegated-mailboxes='support@example.com,*@tickets.example.com'."
             }
             Reason::ServiceAccountKeyRejected => {
                 "Create a new key for the service account (Google Cloud console → IAM & Admin → Service accounts → Keys → Add key → JSON) and put the file into the client Secret."

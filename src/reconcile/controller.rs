@@ -564,7 +564,12 @@ async fn reconcile_inner(
     );
     super::lifetime::apply(
         &mut status,
-        super::lifetime::client_secret_expiry(client_secret.as_ref()),
+        // Only a Secret the user marked for the operator (and not one of its own) is read.
+        super::lifetime::client_secret_expiry(
+            client_secret.as_ref().filter(|s| {
+                observed::is_marked_for_operator(s) && !observed::is_operator_managed(s)
+            }),
+        ),
         observed
             .grant
             .as_ref()

@@ -164,9 +164,17 @@ async fn revoke(
         .get_opt(&mi.spec.oauth.client_secret_ref.name)
         .await
         .map_err(|e| Some(e.to_string()))?;
-    let creds =
-        observed::client_credentials(&mi.spec.oauth.client_secret_ref, client_secret.as_ref())
-            .map_err(|e| Some(e.to_string()))?;
+    // A client that authenticates with a certificate revokes with a client assertion, as it
+    // refreshes.
+    let certificate = match &mi.spec.oauth.client_certificate_ref {
+        Some(r) => secrets
+            .get_opt(&r.name)
+            .await
+            .map_err(|e| Some(e.to_string()))?,
+        None => None,
+    };
+    let creds = observed::client(&mi.spec, client_secret.as_ref(), certificate.as_ref())
+        .map_err(|e| Some(e.to_string()))?;
     let endpoints = ctx
         .providers
         .resolve(&mi.spec)

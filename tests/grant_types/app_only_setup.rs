@@ -190,6 +190,7 @@ async fn a_signed_in_grant_of_a_certificate_client_is_refreshed_with_client_asse
         "alice",
         "alice@example.test",
         serde_json::json!({
+            "revokeOnDelete": true,
             "oauth": {
                 "clientSecretRef": {"name": "cert-client"},
                 "clientCertificateRef": {"name": "app-cert"},
@@ -239,6 +240,31 @@ async fn a_signed_in_grant_of_a_certificate_client_is_refreshed_with_client_asse
     let mut secrets = key_lines;
     secrets.push(&token);
     secrets.push(&stored);
+
+    // Deleted with revokeOnDelete: the grant is revoked with a client assertion too.
+    env.integrations()
+        .delete("alice", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.integrations().get_opt("alice").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "not deleted within 30 s:\n{}",
+            tail(&op.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = env.server.log();
+    assert!(
+        log.contains(&format!("revocation status=200 client={CERT_APP}")),
+        "the revocation authenticated with the certificate:\n{}",
+        tail(&log, 20)
+    );
+    assert!(
+        !env.server.introspect(&token).await,
+        "the grant was revoked at the provider"
+    );
     assert_no_secrets_in_logs_or_events(&env, &op, &secrets).await;
 }
 

@@ -18,9 +18,7 @@ pub enum ClientSecretProblem {
         "Secret {name:?} (named by spec.oauth.clientSecretRef) does not exist in this namespace: create it with the OAuth client's ID and secret"
     )]
     NotFound { name: String },
-    #[error(
-        "Secret {name:?} has no key {key:?}: add it, or set spec.oauth.clientSecretRef.{field} to the key that holds the value"
-    )]
+    #[error("Secret {name:?} has no key {key:?}: {field}")]
     KeyMissing {
         name: String,
         key: String,
@@ -36,9 +34,13 @@ pub enum ClientSecretProblem {
     )]
     NotMarked { name: String, namespace: String },
     #[error(
-        "Secret {name:?} is one the operator manages (a grant or token Secret), not an OAuth client: set spec.oauth.clientSecretRef.name to the Secret holding the client's ID and secret"
+        "Secret {name:?} is one the operator manages (a grant or token Secret), not an OAuth client: set spec.oauth.{field}.name to the Secret holding the client's {holds}"
     )]
-    OperatorManaged { name: String },
+    OperatorManaged {
+        name: String,
+        field: &'static str,
+        holds: &'static str,
+    },
     #[error(
         "Secret {name:?} (named by spec.oauth.clientCertificateRef) does not exist in this namespace: create it with kubectl create secret tls {name} --cert=app.crt --key=app.key, and label it {label}=true",
         label = OAUTH_CLIENT_LABEL
@@ -49,6 +51,10 @@ pub enum ClientSecretProblem {
         label = OAUTH_CLIENT_LABEL
     )]
     CertificateNotMarked { name: String, namespace: String },
+    #[error(
+        "Secret {name:?} (the service account's key) does not allow tokens for {mailbox}: its annotation {DELEGATED_MAILBOXES_ANNOTATION} lists the mailboxes it may be used for (addresses or *@domain, comma-separated); nothing was asked of Google"
+    )]
+    DelegationNotAllowed { name: String, mailbox: String },
     #[error("Secret {name:?} key {key:?} cannot be used: {problem}")]
     KeyInvalid {
         name: String,
@@ -71,6 +77,7 @@ impl ClientSecretProblem {
             | ClientSecretProblem::CertificateNotMarked { .. } => Reason::ClientSecretNotMarked,
             ClientSecretProblem::CertificateNotFound { .. } => Reason::ClientSecretNotFound,
             ClientSecretProblem::KeyInvalid { .. } => Reason::ClientKeyInvalid,
+            ClientSecretProblem::DelegationNotAllowed { .. } => Reason::DelegationNotAllowed,
         }
     }
 }
@@ -82,14 +89,48 @@ pub fn client_credentials(
     secret: Option<&Secret>,
 ) -> Result<ClientCredentials, ClientSecretProblem> {
     let secret = marked_client_secret(r, secret)?;
-    let client_id = read_key(secret, &r.name, r.client_id_key(), "clientIdKey")?;
-    let client_secret = read_key(secret, &r.name, r.client_secret_key(), "clientSecretKey")?;
+    let client_id = read_key(secret, &r.name, r.client_id_key(), CLIENT_ID_FIX)?;
+    let client_secret = read_key(secret, &r.name, r.client_secret_key(), CLIENT_SECRET_FIX)?;
     Ok(ClientCredentials {
         client_id: client_id.expose().trim().to_owned(),
         client_secret,
         signing_key: None,
     })
 }
+
+/// The annotation on a service account's key Secret that lists the mailboxes the key may get
+/// tokens for (addresses or `*@domain`, comma-separated; `*`: any). Domain-wide delegation lets the
+/// key act as any user of the Workspace domain, and the spec's mailbox is written by whoever may
+/// create MailIntegrations: the key's owner says which mailboxes it serves.
+pub const DELEGATED_MAILBOXES_ANNOTATION: &str = "mailintegration.dev/delegated-mailboxes";
+
+/// Whether the annotation value `allowed` lets a key get tokens for `mailbox` (case-insensitive;
+/// no annotation allows nothing).
+pub fn delegation_allows(allowed: Option<&str>, mailbox: &str) -> bool {
+    let Some(allowed) = allowed else {
+        return false;
+    };
+    let mailbox = mailbox.trim();
+    let Some((_, domain)) = mailbox.rsplit_once('@') else {
+        return false;
+    };
+    allowed
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| match entry.strip_prefix("*@") {
+            _ if entry == "*" => true,
+            Some(d) => d.eq_ignore_ascii_case(domain),
+            None => entry.eq_ignore_ascii_case(mailbox),
+        })
+}
+
+/// What to do about a missing key, per field of the spec.
+const CLIENT_ID_FIX: &str =
+    "add it, or set spec.oauth.clientSecretRef.clientIdKey to the key that holds the client ID";
+const CLIENT_SECRET_FIX: &str = "add it, or set spec.oauth.clientSecretRef.clientSecretKey to the key that holds the client secret";
+const SERVICE_ACCOUNT_FIX: &str = "add it, or set spec.oauth.clientSecretRef.serviceAccountKey to the key that holds the service account's key file";
+const CERTIFICATE_FIX: &str = "a kubernetes.io/tls Secret holds tls.crt and tls.key (spec.oauth.clientCertificateRef): create it with kubectl create secret tls";
 
 /// The client as `spec` wants it authenticated: [`client_credentials`]; with
 /// `spec.oauth.clientCertificateRef` the client ID and the certificate (`certificate`, the
@@ -103,8 +144,20 @@ pub fn client(
     let r = &spec.oauth.client_secret_ref;
     if spec.grant_type() == GrantType::ServiceAccount {
         let secret = marked_client_secret(r, client_secret)?;
+        let mailbox = spec.mailbox.address.trim();
+        let allowed = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DELEGATED_MAILBOXES_ANNOTATION));
+        if !delegation_allows(allowed.map(String::as_str), mailbox) {
+            return Err(ClientSecretProblem::DelegationNotAllowed {
+                name: r.name.clone(),
+                mailbox: crate::web::signin::failure::clean(mailbox),
+            });
+        }
         let key = r.service_account_key();
-        let json = raw_key(secret, &r.name, key, "serviceAccountKey")?;
+        let json = raw_key(secret, &r.name, key, SERVICE_ACCOUNT_FIX)?;
         let account =
             ServiceAccountKey::from_json(json).map_err(|p| key_invalid(&r.name, key, &p))?;
         return Ok(ClientCredentials {
@@ -117,12 +170,16 @@ pub fn client(
         return client_credentials(r, client_secret);
     };
     let secret = marked_client_secret(r, client_secret)?;
-    let client_id = read_key(secret, &r.name, r.client_id_key(), "clientIdKey")?;
+    let client_id = read_key(secret, &r.name, r.client_id_key(), CLIENT_ID_FIX)?;
     let name = &cert_ref.name;
     let tls = certificate
         .ok_or_else(|| ClientSecretProblem::CertificateNotFound { name: name.clone() })?;
     if is_operator_managed(tls) {
-        return Err(ClientSecretProblem::OperatorManaged { name: name.clone() });
+        return Err(ClientSecretProblem::OperatorManaged {
+            name: name.clone(),
+            field: "clientCertificateRef",
+            holds: "certificate and key (kubernetes.io/tls)",
+        });
     }
     if !is_marked_for_operator(tls) {
         return Err(ClientSecretProblem::CertificateNotMarked {
@@ -130,13 +187,15 @@ pub fn client(
             namespace: tls.namespace().unwrap_or_default(),
         });
     }
-    let cert = raw_key(tls, name, "tls.crt", "clientCertificateRef")?;
-    let key = raw_key(tls, name, "tls.key", "clientCertificateRef")?;
+    let cert = raw_key(tls, name, "tls.crt", CERTIFICATE_FIX)?;
+    let key = raw_key(tls, name, "tls.key", CERTIFICATE_FIX)?;
+    let cert_len = cert.len();
     let cert = CertificateKey::from_pem(cert, key, cert_ref.algorithm()).map_err(|p| {
-        let which = if p == crate::oauth::assertion::KeyProblem::NoCertificate {
-            "tls.crt"
-        } else {
-            "tls.key"
+        use crate::oauth::assertion::{KeyProblem, MAX_KEY_BYTES};
+        let which = match p {
+            KeyProblem::NoCertificate => "tls.crt",
+            KeyProblem::TooLarge if cert_len > MAX_KEY_BYTES => "tls.crt",
+            _ => "tls.key",
         };
         key_invalid(name, which, &p)
     })?;
@@ -168,7 +227,11 @@ fn marked_client_secret<'a>(
     let name = r.name.clone();
     let secret = secret.ok_or_else(|| ClientSecretProblem::NotFound { name: name.clone() })?;
     if is_operator_managed(secret) {
-        return Err(ClientSecretProblem::OperatorManaged { name });
+        return Err(ClientSecretProblem::OperatorManaged {
+            name,
+            field: "clientSecretRef",
+            holds: "ID and secret",
+        });
     }
     if !is_marked_for_operator(secret) {
         return Err(ClientSecretProblem::NotMarked {
@@ -223,6 +286,23 @@ fn read_key(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn delegation_is_allowed_only_for_the_listed_mailboxes() {
+        let allows = |a: Option<&str>, m: &str| delegation_allows(a, m);
+        assert!(!allows(None, "ceo@example.com"));
+        assert!(!allows(Some(""), "ceo@example.com"));
+        assert!(allows(Some("support@example.com"), "Support@Example.com"));
+        assert!(!allows(Some("support@example.com"), "ceo@example.com"));
+        assert!(allows(
+            Some(" x@y.z , *@Tickets.example.com"),
+            "a@tickets.example.com"
+        ));
+        assert!(!allows(Some("*@example.com"), "a@tickets.example.com"));
+        assert!(!allows(Some("*@example.com"), "a@evil-example.com"));
+        assert!(allows(Some("*"), "anyone@anywhere.test"));
+        assert!(!allows(Some("*@example.com"), "not-an-address"));
+    }
+
     use super::*;
     use crate::oauth::assertion::tests::keypair;
     use k8s_openapi::ByteString;
@@ -303,14 +383,27 @@ mod tests {
             "private_key": String::from_utf8(key).unwrap(),
         })
         .to_string();
-        let good = secret("client", true, &[("service-account.json", json.as_bytes())]);
+        let mut good = secret("client", true, &[("service-account.json", json.as_bytes())]);
+        // Without the key owner's list of mailboxes, the key is not used for any.
+        assert_eq!(
+            client(&s, Some(&good), None).unwrap_err().reason(),
+            crate::reason::Reason::DelegationNotAllowed
+        );
+        good.metadata.annotations = Some(
+            [(
+                DELEGATED_MAILBOXES_ANNOTATION.to_owned(),
+                "*@contoso.example".to_owned(),
+            )]
+            .into(),
+        );
         let creds = client(&s, Some(&good), None).unwrap();
         assert_eq!(creds.client_id, "42");
         assert!(matches!(
             creds.signing_key.as_deref(),
             Some(SigningKey::ServiceAccount(_))
         ));
-        let missing = secret("client", true, &[("client_id", b"x")]);
+        let mut missing = secret("client", true, &[("client_id", b"x")]);
+        missing.metadata.annotations = good.metadata.annotations.clone();
         let err = client(&s, Some(&missing), None).unwrap_err();
         assert!(err.to_string().contains("serviceAccountKey"), "{err}");
         let unmarked = secret(
