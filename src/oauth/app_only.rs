@@ -69,35 +69,15 @@ impl OAuthClient {
             ("grant_type", JWT_BEARER_GRANT),
             ("assertion", assertion.expose()),
         ];
-        let response = self
-            .http
-            .post(endpoints.token.clone())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
-            .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(token_error(
-                    endpoints.kind,
-                    op,
-                    transport_failure(&e),
-                    &secrets,
-                ));
-            }
-        };
-        if !response.status().is_success() {
-            let cause = http_failure(response, now).await;
-            return Err(token_error(endpoints.kind, op, cause, &secrets));
-        }
-        let body = match http_limit::read_capped(response, http_limit::TOKEN_RESPONSE_LIMIT).await {
-            Ok(b) => b,
-            Err(e) => {
-                let cause = read_failure(e, "the token endpoint");
-                return Err(token_error(endpoints.kind, op, cause, &secrets));
-            }
-        };
+        let body = send_and_read(
+            self.http.post(endpoints.token.clone()).form(&form),
+            http_limit::TOKEN_RESPONSE_LIMIT,
+            "the token endpoint",
+            (endpoints.kind, op),
+            &secrets,
+            now,
+        )
+        .await?;
         match serde_json::from_slice::<GrantResponse>(&body) {
             Ok(r) => Ok(TokenGrant {
                 refresh_token: None,

@@ -527,39 +527,17 @@ impl OAuthClient {
             ));
         };
         let secrets = [access_token.expose()];
-        let response = self
-            .http
-            .get(url.clone())
-            .bearer_auth(access_token.expose())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(token_error(
-                    endpoints.kind,
-                    op,
-                    transport_failure(&e),
-                    &secrets,
-                ));
-            }
-        };
-        if !response.status().is_success() {
-            let cause = http_failure(response, now).await;
-            return Err(token_error(endpoints.kind, op, cause, &secrets));
-        }
-        let body = match http_limit::read_capped(response, http_limit::USERINFO_LIMIT).await {
-            Ok(b) => b,
-            Err(e) => {
-                return Err(token_error(
-                    endpoints.kind,
-                    op,
-                    read_failure(e, "the userinfo endpoint"),
-                    &secrets,
-                ));
-            }
-        };
+        let body = send_and_read(
+            self.http
+                .get(url.clone())
+                .bearer_auth(access_token.expose()),
+            http_limit::USERINFO_LIMIT,
+            "the userinfo endpoint",
+            (endpoints.kind, op),
+            &secrets,
+            now,
+        )
+        .await?;
         serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .filter(serde_json::Value::is_object)
@@ -661,6 +639,31 @@ fn read_failure(e: ReadError, endpoint: &str) -> FailureCause {
         },
         ReadError::Transport(e) => transport_failure(&e),
     }
+}
+
+/// Send a request made with reqwest directly (userinfo, app-only and JWT-bearer token requests) and
+/// read its successful body, at most `limit` bytes; every failure classified for `op`, with
+/// `secrets` scrubbed from its message.
+async fn send_and_read(
+    request: reqwest::RequestBuilder,
+    limit: usize,
+    endpoint: &str,
+    (kind, op): (ProviderKind, TokenOperation),
+    secrets: &[&str],
+    now: Timestamp,
+) -> Result<Vec<u8>, TokenError> {
+    let response = request
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| token_error(kind, op, transport_failure(&e), secrets))?;
+    if !response.status().is_success() {
+        let cause = http_failure(response, now).await;
+        return Err(token_error(kind, op, cause, secrets));
+    }
+    http_limit::read_capped(response, limit)
+        .await
+        .map_err(|e| token_error(kind, op, read_failure(e, endpoint), secrets))
 }
 
 /// Read a failed response made with reqwest directly (revocation, userinfo).
