@@ -60,17 +60,7 @@ async fn an_idle_reconcile_reads_nothing_and_a_restart_with_valid_tokens_neither
     let kubeconfig = env.log_dir.path().join("proxy-kubeconfig");
     api.kubeconfig(&kubeconfig);
     let mut op = env.operator_with_kubeconfig("operator-1", &kubeconfig, &[]);
-    env.client_secret(env.server.client_secret()).await;
-    env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    env.ready_integration(&op, "inbox").await;
     // Settle: the reconciles that the operator's own writes brought have run.
     let settled = |op: &Operator| op.metric("mailintegration_reconciles_total{result=\"ok\"}");
     let mut last = settled(&op);
@@ -167,17 +157,7 @@ async fn a_refresh_reads_nothing_and_no_secret_is_listed_unselected() {
     let kubeconfig = env.log_dir.path().join("proxy-kubeconfig");
     api.kubeconfig(&kubeconfig);
     let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
-    env.client_secret(env.server.client_secret()).await;
-    env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    env.ready_integration(&op, "inbox").await;
     let refreshed = |op: &Operator| {
         op.metric(r#"mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}"#)
             .unwrap_or(0.0)

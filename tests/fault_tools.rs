@@ -16,7 +16,7 @@ use support::{
     control_plane::{ControlPlane, control_plane},
     fault_proxy::{FaultProxy, digest},
     oauth, unique_namespace,
-    world::{Env, is_ready},
+    world::Env,
 };
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
@@ -572,17 +572,7 @@ async fn the_operator_process_runs_through_both_proxies() {
     let kubeconfig = env.log_dir.path().join("proxy-kubeconfig");
     api.kubeconfig(&kubeconfig);
     let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
-    env.client_secret(env.server.client_secret()).await;
-    let rt = env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    let rt = env.ready_integration(&op, "inbox").await;
 
     let ns = &env.ns;
     let log = api.requests_log_text();

@@ -100,17 +100,6 @@ fn signal(op: &Operator, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// An integration that went Ready with its first refresh (a grant brought by hand: the test knows
-/// its refresh token).
-async fn ready_integration(env: &Env, op: &Operator, name: &str) -> String {
-    env.client_secret(env.server.client_secret()).await;
-    let rt = env.grant(name, "alice").await;
-    env.integration(name, "alice@example.test").await;
-    env.wait_for(name, "Ready=True", Duration::from_secs(30), op, is_ready)
-        .await;
-    rt
-}
-
 /// 2. SIGTERM while a refresh waits for the provider: the process does not abort it; the provider
 /// answers (and rotates), the new refresh token is stored, then the process exits. The next
 /// operator refreshes with the stored token.
@@ -118,7 +107,7 @@ async fn ready_integration(env: &Env, op: &Operator, name: &str) -> String {
 async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token() {
     let env = Env::new("drain", long_lived_server()).await;
     let mut op = env.operator("operator");
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     let before = grant_secret(&env, "inbox").await;
     let before_rt = before.data.as_ref().unwrap()["refresh_token"].clone();
 
@@ -191,7 +180,7 @@ async fn losing_the_lease_during_a_refresh_drains_it_and_exits_non_zero() {
         "6",
     ];
     let mut op = env.operator_with("operator", &args);
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     let before_rt = grant_secret(&env, "inbox").await.data.unwrap()["refresh_token"].clone();
 
     env.proxy.set_fault(Fault::Slow(Duration::from_secs(5)));
@@ -256,7 +245,7 @@ async fn losing_the_lease_during_a_refresh_drains_it_and_exits_non_zero() {
 async fn a_storm_of_conflicting_writes_on_the_grant_loses_nothing() {
     let env = Env::new("conflicts", short_lived_server()).await;
     let op = env.operator("operator");
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     // The provider answers after 300 ms, so a bump lands between the mark and the store.
     env.proxy.set_fault(Fault::Slow(Duration::from_millis(300)));
     let secrets = env.secrets();
@@ -389,7 +378,7 @@ async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() 
     );
 
     // A refresh in flight when the namespace starts terminating and its Secrets go away.
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     env.proxy.set_fault(Fault::Slow(Duration::from_secs(4)));
     let n = env.proxy.refresh_requests();
     force_refresh(&env, "inbox").await;
@@ -439,7 +428,7 @@ async fn two_operators_without_leader_election_never_present_a_token_twice() {
     let env = Env::new("two-unlocked", short_lived_server()).await;
     let a = env.operator("operator-a");
     let b = env.operator("operator-b");
-    ready_integration(&env, &a, "inbox").await;
+    env.ready_integration(&a, "inbox").await;
     let start = env.proxy.refresh_requests();
     wait_refresh_requests(&env, start + 6, Duration::from_secs(60), &a).await;
     let mi = env
@@ -509,7 +498,7 @@ async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
     let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &[]);
-    ready_integration(&env, &a, "inbox").await;
+    env.ready_integration(&a, "inbox").await;
     let spent = env
         .data("inbox-oauth-grant", "refresh_token")
         .await
@@ -619,7 +608,7 @@ async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
     let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     let before = env
         .data("inbox-oauth-grant", "refresh_token")
         .await
@@ -706,7 +695,7 @@ async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
         "6",
     ];
     let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &args);
-    ready_integration(&env, &a, "inbox").await;
+    env.ready_integration(&a, "inbox").await;
     let b = env.operator_with("operator-b", &args);
     // Two more refreshes by the leader, then cut it off right after one was stored (the next is
     // due in about a dozen seconds: none is in flight).
@@ -770,7 +759,7 @@ async fn the_api_server_down_for_a_minute_loses_nothing() {
     let cp = restartable_control_plane();
     let env = Env::new_on(cp, "apiserver-down", short_lived_server()).await;
     let op = env.operator("operator");
-    ready_integration(&env, &op, "inbox").await;
+    env.ready_integration(&op, "inbox").await;
     let start = env.proxy.refresh_requests();
     wait_refresh_requests(&env, start + 1, Duration::from_secs(30), &op).await;
 

@@ -241,6 +241,12 @@ impl Env {
         url
     }
 
+    /// Open the sign-in link of `name` in `b` and wait for the operator's page.
+    async fn open_sign_in(&self, b: &Browser, name: &str) {
+        b.goto(&self.sign_in_url(name).await).await;
+        b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    }
+
     /// Wait for Authorized=False with `reason` (the controller reports the sign-in failure).
     async fn wait_failure(&self, name: &str, reason: &str) -> MailIntegration {
         let mi = self
@@ -465,8 +471,7 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
 
     // 2. "No prompt" with a client this account has not consented to (the provider session from
     // step 1 exists): the provider refuses without showing a page.
-    b.goto(&env.sign_in_url("silent-new-client").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "silent-new-client").await;
     assert!(b.is_selected("#prompt-none").await);
     b.click("button[type=submit]").await;
     let text = b.wait_text("Consent needed", Duration::from_secs(20)).await;
@@ -491,8 +496,7 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
     env.no_grant("silent-new-client").await;
 
     // 3. "Select account": the provider asks which account (its login form), then back.
-    b.goto(&env.sign_in_url("select").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "select").await;
     assert!(b.is_selected("#prompt-selectaccount").await);
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, None).await;
@@ -501,8 +505,7 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
     env.wait_ready("select").await;
 
     // 4. "No prompt" for an account that consented before: no provider page at all.
-    b.goto(&env.sign_in_url("silent").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "silent").await;
     assert!(b.is_selected("#prompt-none").await);
     b.click("button[type=submit]").await;
     let text = b.wait_text(CONNECTED, Duration::from_secs(20)).await;
@@ -510,8 +513,7 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
     env.wait_ready("silent").await;
 
     // 5. The same resource signs in again, now with "Consent": the failure is gone.
-    b.goto(&env.sign_in_url("silent-new-client").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "silent-new-client").await;
     b.click("label[for=prompt-consent]").await;
     b.click("button[type=submit]").await;
     env.consent_if_asked(&b).await;
@@ -580,8 +582,7 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
     let b = env.browser().await;
 
     // Account mismatch: bob signs in for alice's mailbox.
-    b.goto(&env.sign_in_url("inbox").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "inbox").await;
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, Some(BOB)).await;
     let text = b
@@ -622,8 +623,7 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
     env.wait_failure("inbox", "SignInStateInvalid").await;
 
     // The provider's error parameters: the user cancels at the provider (access_denied).
-    b.goto(&env.sign_in_url("inbox").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "inbox").await;
     b.click("button[type=submit]").await;
     // The session from the last sign-in exists: the provider goes straight to its consent page.
     b.wait_text("[ Cancel ]", Duration::from_secs(15)).await;
@@ -831,16 +831,14 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
     let b = env.browser().await;
 
     // The account consents once (a session and a grant at the provider).
-    b.goto(&env.sign_in_url("first").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "first").await;
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, None).await;
     b.wait_text(CONNECTED, Duration::from_secs(20)).await;
     env.wait_ready("first").await;
 
     // "No prompt": the provider answers at once, without a refresh token.
-    b.goto(&env.sign_in_url("silent").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "silent").await;
     assert!(b.is_selected("#prompt-none").await);
     b.click("button[type=submit]").await;
     let text = b
@@ -854,8 +852,7 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
     env.refused("silent", "NoRefreshToken", "Consent").await;
 
     // A scope the provider does not offer ("archive"): signed in, but not granted.
-    b.goto(&env.sign_in_url("scoped").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "scoped").await;
     b.click("label[for=prompt-consent]").await;
     b.click("button[type=submit]").await;
     env.consent_if_asked(&b).await;
@@ -897,8 +894,7 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
     }
 
     // "Consent" on the same integration: a refresh token this time.
-    b.goto(&env.sign_in_url("silent").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "silent").await;
     b.click("label[for=prompt-consent]").await;
     b.click("button[type=submit]").await;
     env.consent_if_asked(&b).await;
@@ -969,8 +965,7 @@ async fn microsoft_sign_ins_check_the_account_and_the_directory() {
     let b = env.browser().await;
 
     // bob signs in for alice's mailbox: refused by preferred_username.
-    b.goto(&env.sign_in_url("mismatch").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "mismatch").await;
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, Some(BOB)).await;
     let text = b
@@ -980,8 +975,7 @@ async fn microsoft_sign_ins_check_the_account_and_the_directory() {
     env.refused("mismatch", "AccountMismatch", BOB).await;
 
     // alice (chosen with "Select account"): connected, the account from preferred_username.
-    b.goto(&env.sign_in_url("inbox").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "inbox").await;
     b.click("label[for=prompt-selectaccount]").await;
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, Some(ALICE)).await;
@@ -1002,8 +996,7 @@ async fn microsoft_sign_ins_check_the_account_and_the_directory() {
     );
 
     // alice again, for an integration of another directory: refused by tid.
-    b.goto(&env.sign_in_url("elsewhere").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "elsewhere").await;
     b.click("label[for=prompt-consent]").await;
     b.click("button[type=submit]").await;
     env.consent_if_asked(&b).await;
@@ -1028,8 +1021,7 @@ async fn a_sign_in_started_on_one_replica_finishes_on_another() {
     let mut env = Env::new("sign-in-replica").await;
     env.integration("inbox", ALICE, "client", None).await;
     let b = env.browser().await;
-    b.goto(&env.sign_in_url("inbox").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "inbox").await;
     b.click("button[type=submit]").await;
     b.wait_text("Sign-in", Duration::from_secs(15)).await;
 
@@ -1080,8 +1072,7 @@ async fn a_sign_in_during_a_refresh_of_the_old_grant_wins() {
         .await
         .unwrap();
     let b = env.browser().await;
-    b.goto(&env.sign_in_url("inbox").await).await;
-    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    env.open_sign_in(&b, "inbox").await;
     b.click("button[type=submit]").await;
     env.provider_sign_in(&b, None).await;
     b.wait_text(CONNECTED, Duration::from_secs(20)).await;

@@ -221,17 +221,7 @@ async fn wrong_client_secret_stalls_and_fixing_it_recovers_within_seconds() {
 async fn revoked_grant_stalls_and_stops_calling_the_provider() {
     let env = Env::new("revoked", long_lived_server()).await;
     let op = env.operator("operator");
-    env.client_secret(env.server.client_secret()).await;
-    let rt = env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    let rt = env.ready_integration(&op, "inbox").await;
 
     // The user revokes the grant at the provider; then a refresh is asked for.
     let current_rt = env
@@ -273,17 +263,7 @@ async fn revoked_grant_stalls_and_stops_calling_the_provider() {
 async fn provider_faults_back_off_keep_the_token_and_recover() {
     let env = Env::new("faults", long_lived_server()).await;
     let op = env.operator("operator");
-    env.client_secret(env.server.client_secret()).await;
-    env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    env.ready_integration(&op, "inbox").await;
     let mut token = env.data("inbox-token", "access_token").await.unwrap();
 
     // The first retry comes after the backoff (5 s ± 20 %: at least 4 s), or after Retry-After
@@ -489,17 +469,7 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
 async fn restart_with_valid_tokens_makes_no_token_requests_and_idle_makes_no_writes() {
     let env = Env::new("restart", long_lived_server()).await;
     let mut op = env.operator("operator-1");
-    env.client_secret(env.server.client_secret()).await;
-    env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for(
-        "inbox",
-        "Ready=True",
-        Duration::from_secs(30),
-        &op,
-        is_ready,
-    )
-    .await;
+    env.ready_integration(&op, "inbox").await;
 
     // Idle: over a measured interval, zero writes — by the operator's own count and by the objects'
     // resourceVersions.
@@ -726,11 +696,7 @@ async fn with_leader_election_only_the_leader_refreshes_and_a_standby_takes_over
     ];
     let a = env.operator_with("operator-a", &args);
     let b = env.operator_with("operator-b", &args);
-    env.client_secret(env.server.client_secret()).await;
-    env.grant("inbox", "alice").await;
-    env.integration("inbox", "alice@example.test").await;
-    env.wait_for("inbox", "Ready=True", Duration::from_secs(30), &a, is_ready)
-        .await;
+    env.ready_integration(&a, "inbox").await;
     let count = |op: &Operator| op.metric(SUCCESS).unwrap_or(0.0);
     env.wait_for(
         "inbox",

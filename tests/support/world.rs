@@ -207,6 +207,18 @@ impl Env {
         rt
     }
 
+    /// The client Secret, a grant of alice brought by hand and an integration `name` for her
+    /// mailbox, once it went Ready with its first refresh; the grant's refresh token (the test knows
+    /// it).
+    pub async fn ready_integration(&self, op: &Operator, name: &str) -> String {
+        self.client_secret(self.server.client_secret()).await;
+        let rt = self.grant(name, "alice").await;
+        self.integration(name, "alice@example.test").await;
+        self.wait_for(name, "Ready=True", Duration::from_secs(30), op, is_ready)
+            .await;
+        rt
+    }
+
     pub async fn integration(&self, name: &str, address: &str) {
         self.integration_with(name, address, serde_json::json!({}))
             .await
