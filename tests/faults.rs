@@ -406,8 +406,16 @@ async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mi = env.get("inbox").await;
-    assert!(!is_ready(&mi), "{:?}", mi.status);
+    // The status write that reports it follows the log line.
+    let mi = env
+        .wait_for(
+            "inbox",
+            "not Ready after giving up",
+            Duration::from_secs(20),
+            &op,
+            |mi| !is_ready(mi),
+        )
+        .await;
     env.proxy.clear_fault();
     let presented = env.proxy.refresh_requests();
     tokio::time::sleep(Duration::from_secs(6)).await;
