@@ -133,7 +133,25 @@ impl WrittenVersions {
         }
     }
 
-    /// Forget one object's version (after it was read fresh: the read is then the newest known).
+    /// Remember the version a read returned (`None`: the object is gone) as the newest known,
+    /// without counting it as a write: a cache still behind it (the watch is reconnecting after an
+    /// API server outage, say) is then read again instead of being decided on, and a cache that
+    /// has caught up with it is fresh. Forgetting the version instead would let the next
+    /// reconcile decide on the lagging cache.
+    pub fn read(&self, uid: &str, kind: Kind, version: Option<String>) {
+        let Some(version) = version else {
+            return self.clear(uid, kind);
+        };
+        let mut map = self.0.locked();
+        let w = map.entry(uid.to_owned()).or_default();
+        match kind {
+            Kind::Integration => w.integration = Some(version),
+            Kind::Grant => w.grant = Some(version),
+            Kind::Token => w.token = Some(version),
+        }
+    }
+
+    /// Forget one object's version.
     pub fn clear(&self, uid: &str, kind: Kind) {
         let mut map = self.0.locked();
         if let Some(w) = map.get_mut(uid) {
@@ -218,6 +236,33 @@ mod tests {
         assert_eq!(freshness(Some("6"), Some("7"), false), Freshness::Unknown);
         assert_eq!(freshness(None, Some("7"), false), Freshness::Unknown);
         assert_eq!(freshness(Some("8"), Some("7"), false), Freshness::Fresh);
+    }
+
+    #[test]
+    fn a_read_newer_than_the_cache_keeps_the_cache_from_being_decided_on() {
+        let w = WrittenVersions::default();
+        w.set("u", Kind::Grant, Some("7".into()));
+        // Read after the cache lagged too long: the API server has 9, the cache still 5.
+        w.read("u", Kind::Grant, Some("9".into()));
+        let now = w.get("u");
+        assert_eq!(now.grant.as_deref(), Some("9"));
+        // The read is not a write: it does not make a lagging cache worth waiting for again.
+        assert_eq!(now.at, w.get("u").at);
+        assert_eq!(
+            freshness(Some("5"), now.grant.as_deref(), false),
+            Freshness::Unknown,
+            "a cache behind the read is read again"
+        );
+        assert_eq!(
+            freshness(Some("9"), now.grant.as_deref(), false),
+            Freshness::Fresh
+        );
+        // A read that found nothing forgets the version.
+        w.read("u", Kind::Grant, None);
+        assert_eq!(w.get("u").grant, None);
+        // Never written, only read: not recent.
+        w.read("v", Kind::Token, Some("3".into()));
+        assert!(!w.get("v").recent());
     }
 
     #[test]

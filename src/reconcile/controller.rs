@@ -302,7 +302,8 @@ async fn reconcile_inner(
                 ctx.forget(cached);
                 return Ok(Action::await_change());
             };
-            ctx.written.clear(&uid, Kind::Integration);
+            ctx.written
+                .read(&uid, Kind::Integration, got.resource_version());
             fresh = got;
             &fresh
         }
@@ -340,7 +341,7 @@ async fn reconcile_inner(
     // The grant and token Secrets from the cache of the operator's own; one that is not there is
     // read, because a Secret without the operator's label may hold the name (a conflict to report,
     // and never to overwrite).
-    let owned = |name: String, kind: Kind, version: Option<String>| {
+    let owned = |name: String, kind: Kind, version: Option<String>, recent: bool| {
         let secrets_api = secrets_api.clone();
         let ns = ns.clone();
         let uid = &uid;
@@ -353,20 +354,27 @@ async fn reconcile_inner(
                 version.as_deref(),
                 recent,
             ) {
-                Freshness::Lagging => Err(None),
+                Freshness::Lagging => Err(None::<kube::Error>),
                 Freshness::Fresh if cached.is_some() => Ok(cached),
                 Freshness::Fresh | Freshness::Unknown => {
                     ctx.metrics.count_read(match kind {
                         Kind::Grant => "grant_secret",
                         _ => "token_secret",
                     });
-                    ctx.written.clear(uid, kind);
-                    secrets_api.get_opt(&name).await.map_err(Some)
+                    let read = secrets_api.get_opt(&name).await.map_err(Some)?;
+                    ctx.written.read(
+                        uid,
+                        kind,
+                        read.as_ref()
+                            .and_then(|s| s.metadata.resource_version.clone()),
+                    );
+                    Ok(read)
                 }
             }
         }
     };
-    let grant_secret = match owned(mi.grant_secret_name(), Kind::Grant, written.grant).await {
+    let grant_secret = match owned(mi.grant_secret_name(), Kind::Grant, written.grant, recent).await
+    {
         Ok(s) => s,
         Err(None) => return lagging("grant Secret"),
         Err(Some(e)) => return Err(e.into()),
@@ -375,6 +383,7 @@ async fn reconcile_inner(
         mi.spec.token_secret.name.clone(),
         Kind::Token,
         written.token,
+        recent,
     )
     .await
     {
@@ -454,37 +463,31 @@ async fn reconcile_inner(
                 let _guard = lock.lock().await;
                 // Under the lock, a sign-in by this process (which takes the same lock) or the
                 // previous refresh may have replaced the grant since this reconcile looked at the
-                // cache; both leave their version in `written`. The refresh token presented must
-                // be the one stored now: a cache behind such a write waits for its event (which
-                // brings the next reconcile), one behind for too long is read. Writes of other
-                // processes are fenced by the write-ahead mark and the grant write's
-                // resourceVersion precondition, as a read here would not close that window either.
+                // cache; both leave their version in `written`, and the cache is looked at again
+                // as at the start. The refresh token presented must be the one stored now: a cache
+                // behind such a write waits for its event (which brings the next reconcile), one
+                // behind for too long is read. Writes of other processes are fenced by the
+                // write-ahead mark and the grant write's resourceVersion precondition, as a read
+                // here would not close that window either.
                 let written_now = ctx.written.get(&uid);
-                let grant_now = match cache::freshness(
-                    grant_secret
-                        .as_ref()
-                        .and_then(|s| s.metadata.resource_version.as_deref()),
-                    written_now.grant.as_deref(),
+                let grant_now = match owned(
+                    mi.grant_secret_name(),
+                    Kind::Grant,
+                    written_now.grant.clone(),
                     written_now.recent(),
-                ) {
-                    Freshness::Fresh => grant_secret.clone(),
-                    Freshness::Lagging => return lagging("grant Secret (under the lock)"),
-                    Freshness::Unknown => {
-                        ctx.metrics.count_read("grant_secret");
-                        ctx.written.clear(&uid, Kind::Grant);
-                        let read = secrets_api
-                            .get_opt(&mi.grant_secret_name())
-                            .await?
-                            .filter(|s| observed::grant_belongs_to(s, mi));
-                        if read.as_ref().map(|s| &s.metadata.resource_version)
-                            != grant_secret.as_ref().map(|s| &s.metadata.resource_version)
-                        {
-                            // Decided on another grant than the one stored: decide again.
-                            return Ok(Action::requeue(Duration::from_secs(1)));
-                        }
-                        read
-                    }
+                )
+                .await
+                {
+                    Ok(s) => s.filter(|s| observed::grant_belongs_to(s, mi)),
+                    Err(None) => return lagging("grant Secret (under the lock)"),
+                    Err(Some(e)) => return Err(e.into()),
                 };
+                if grant_now.as_ref().map(|s| &s.metadata.resource_version)
+                    != grant_secret.as_ref().map(|s| &s.metadata.resource_version)
+                {
+                    // Decided on another grant than the one stored now: decide again.
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
                 let fut: futures::future::BoxFuture<'_, refresh::RefreshResult> =
                     Box::pin(refresh(
                         mi,
@@ -806,6 +809,20 @@ fn integrations_using(
 
 /// Run the controller until shutdown, over all namespaces (`namespaces` empty) or over each of
 /// `namespaces` (one watch per namespace, so RBAC can be limited to them).
+/// How the watches reconnect after an error (an API server outage, say): exponential from 0.8 s,
+/// with jitter, up to 10 s between tries, reset by the next event. kube's default (client-go's:
+/// up to 30 s, jitter doubling it) left the caches up to a minute behind an API server that was
+/// back; three watches trying every 10 s are no load for one.
+fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 pub async fn run(
     ctx: Arc<Context>,
     namespaces: Vec<String>,
@@ -848,7 +865,7 @@ async fn run_one(
     let integration_events = reflector(
         writer,
         watcher(integrations, WatcherConfig::default().any_semantic())
-            .default_backoff()
+            .backoff(watch_backoff())
             .modify(cache::trim_integration),
     )
     .applied_objects();
@@ -866,8 +883,7 @@ async fn run_one(
             secrets.clone(),
             WatcherConfig::default().labels(selector).any_semantic(),
         )
-        // Reconnects after an API server outage back off instead of spinning.
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(cache::trim_secret)
     };
     let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
