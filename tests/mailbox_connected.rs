@@ -296,3 +296,95 @@ async fn patch_mailbox(env: &Env, name: &str, mailbox: serde_json::Value) {
         .await
         .unwrap();
 }
+
+/// The last check's time and result are in the status, so a restarted operator does not log in to
+/// every mailbox again at once: the next check is due an interval after the last one. Counted at
+/// the mail server (Dovecot's login lines) and by the new operator's own metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_check_the_mailbox_again_before_it_is_due() {
+    let dovecot = dovecot();
+    let (env, mut op) = ready_world("mailbox-restart").await;
+    ca_secret(&env, &dovecot.ca_pem).await;
+    env.grant("inbox", "alice").await;
+    let user = "alice@example.test";
+    env.integration_with(
+        "inbox",
+        user,
+        serde_json::json!({"mailbox": {
+            "protocol": "IMAP",
+            "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
+            "mechanism": "XOAUTH2",
+            "caSecretRef": {"name": "mail-ca"},
+        }}),
+    )
+    .await;
+    let mi = env
+        .wait_for(
+            "inbox",
+            "MailboxConnected=True with status.mailboxCheckedAt",
+            Duration::from_secs(40),
+            &op,
+            |m| {
+                mailbox_condition(m).is_some_and(|c| c.0 == "True")
+                    && m.status
+                        .as_ref()
+                        .is_some_and(|s| s.mailbox_checked_at.is_some())
+            },
+        )
+        .await;
+    let checked_at = mi.status.as_ref().unwrap().mailbox_checked_at.clone();
+    let logins = dovecot.logins(user);
+    assert!(
+        logins >= 1,
+        "Dovecot logged no login of {user}, though the operator reports MailboxConnected:\n{}",
+        dovecot.log_tail(20)
+    );
+
+    op.process.stop();
+    let op2 = env.operator("operator-2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while op2
+        .metric("mailintegration_reconciles_total{result=\"ok\"}")
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new operator did not reconcile within 30 s:\n{}",
+            support::world::tail(&op2.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A check at start-up is started by the first reconcile and takes well under a second against
+    // this local Dovecot; 5 s leave room for a loaded machine.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        dovecot.logins(user),
+        logins,
+        "the restarted operator logged in to the mailbox again although the last check (at {checked_at:?}) is less than an interval old:\n{}",
+        dovecot.log_tail(10)
+    );
+    let checks: f64 = op2
+        .get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("mailintegration_mailbox_checks_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(checks, 0.0, "mailbox checks by the restarted operator");
+    let mi = env.get("inbox").await;
+    assert!(is_ready(&mi), "{:?}", mi.status);
+    assert_eq!(mailbox_condition(&mi).map(|c| c.0), Some("True".to_owned()));
+
+    // A new token is checked at once: the login count above counts checks.
+    annotate_refresh(&env, "inbox", "after-restart").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dovecot.logins(user) == logins {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mailbox check within 30 s of a refreshed token:\n{}",
+            support::world::tail(&op2.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

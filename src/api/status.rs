@@ -53,6 +53,11 @@ pub struct MailIntegrationStatus {
     /// Testing publishing status: 7 days after sign-in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_expires_at: Option<Time>,
+    /// When the mailbox was last checked (the result is the MailboxConnected condition). Written
+    /// with the status's other changes, never on its own, so it can be behind by up to a token
+    /// lifetime; after a restart, the operator checks again only once a check is due from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox_checked_at: Option<Time>,
 }
 
 /// Where to sign in.

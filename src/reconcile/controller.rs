@@ -26,6 +26,7 @@ use crate::{
 use futures::{FutureExt as _, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -580,7 +581,23 @@ async fn reconcile_inner(
         mi.metadata.generation,
         now,
     );
-    if mi.status.as_ref() != Some(&status) {
+    // The time of the last mailbox check goes out with the status's other changes; a check that
+    // changed nothing else writes nothing.
+    status.mailbox_checked_at = match mailbox_state {
+        Some(MailboxState::NotConfigured) => None,
+        _ => ctx.mailbox.checked_at(mi).map(Time).or_else(|| {
+            mi.status
+                .as_ref()
+                .and_then(|s| s.mailbox_checked_at.clone())
+        }),
+    };
+    let unchanged = mi.status.as_ref().is_some_and(|old| {
+        old == &MailIntegrationStatus {
+            mailbox_checked_at: old.mailbox_checked_at.clone(),
+            ..status.clone()
+        }
+    });
+    if !unchanged {
         // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
         // are removed, which a merge patch would not do. status.lastSignInFailure belongs to the
         // sign-in server (its own field manager): it is never applied here, only read, and

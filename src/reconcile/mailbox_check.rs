@@ -187,7 +187,25 @@ impl MailboxChecker {
             Self::fingerprint(token),
             mi.metadata.generation.unwrap_or(0)
         );
-        let last = self.cache.locked().get(&key).cloned();
+        let last = {
+            let mut cache = self.cache.locked();
+            if !cache.contains_key(&key)
+                && let Some(state) = reported.clone()
+                && let Some(at) = resumed_check_time(mi, now)
+            {
+                // First look at this integration since the process started: the status says when
+                // it was last checked and with what result, so the check is due from then.
+                cache.insert(
+                    key.clone(),
+                    Cached {
+                        token: fingerprint.clone(),
+                        at,
+                        state,
+                    },
+                );
+            }
+            cache.get(&key).cloned()
+        };
         if let Some(c) = &last {
             let fresh = now.duration_since(c.at)
                 < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
@@ -240,6 +258,15 @@ impl MailboxChecker {
                 reason,
             })
             .inc();
+    }
+
+    /// When the last finished check of this integration ran, if one did in this process (or was
+    /// taken over from the status at start).
+    pub fn checked_at(&self, mi: &MailIntegration) -> Option<Timestamp> {
+        self.cache
+            .locked()
+            .get(&mi.uid().unwrap_or_default())
+            .map(|c| c.at)
     }
 
     /// When the cached result expires (the next periodic check), if there is one.
@@ -392,6 +419,35 @@ pub fn reported_state(status: Option<&MailIntegrationStatus>) -> Option<MailboxS
             message: c.message.clone(),
         },
     })
+}
+
+/// When to count the last check as made, for an integration this process has not checked yet: the
+/// status's `mailboxCheckedAt` when it describes the current spec (MailboxConnected of this
+/// generation) and is less than an interval old. One older than that (or after the status was
+/// written by an operator that did not record it) is due, but not all at once: a restart with
+/// thousands of overdue integrations spreads their checks over one interval, as they would run
+/// anyway, instead of queueing them all behind each other. `None`: check now.
+pub fn resumed_check_time(mi: &MailIntegration, now: Timestamp) -> Option<Timestamp> {
+    let status = mi.status.as_ref()?;
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
+        .filter(|c| {
+            c.observed_generation.is_some() && c.observed_generation == mi.metadata.generation
+        })?;
+    let checked = status.mailbox_checked_at.as_ref()?.0;
+    let interval = mi.spec.check_interval();
+    // A time in the future (a clock step, or a hand edit) counts as now.
+    let checked = checked.min(now);
+    if crate::time::after(checked, interval) > now {
+        return Some(checked);
+    }
+    let spread = interval.mul_f64(rand::random_range(0.0..1.0));
+    Some(crate::time::after(
+        crate::time::before(now, interval),
+        spread,
+    ))
 }
 
 /// Key of the CA bundle in the CA Secret.
@@ -552,6 +608,65 @@ mod tests {
         let mut kept = s.clone();
         apply(&mut kept, None, Some(1), now);
         assert_eq!(kept, s);
+    }
+
+    #[test]
+    fn a_restart_takes_the_last_check_from_the_status_and_spreads_overdue_ones() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let mi = |generation: i64, checked: Option<Timestamp>| -> MailIntegration {
+            let mut mi: MailIntegration = serde_json::from_value(serde_json::json!({
+                "apiVersion": "mailintegration.dev/v1alpha1",
+                "kind": "MailIntegration",
+                "metadata": {"name": "inbox", "namespace": "ns", "uid": "u", "generation": generation},
+                "spec": {
+                    "provider": "Google",
+                    "mailbox": {"address": "a@example.com", "checkInterval": "15m"},
+                    "oauth": {"clientSecretRef": {"name": "c"}},
+                    "tokenSecret": {"name": "t"},
+                },
+            }))
+            .unwrap();
+            let mut s = status_ready();
+            apply(
+                &mut s,
+                Some(&MailboxState::Connected("IMAP ok".into())),
+                Some(1),
+                now,
+            );
+            s.mailbox_checked_at = checked.map(Time);
+            mi.status = Some(s);
+            mi
+        };
+        let ago = |m: i64| now - SignedDuration::from_mins(m);
+        // Checked 5 minutes ago: the next check is due 10 minutes from now, as before the restart.
+        assert_eq!(resumed_check_time(&mi(1, Some(ago(5))), now), Some(ago(5)));
+        // Never recorded, or of an older spec: check now.
+        assert_eq!(resumed_check_time(&mi(1, None), now), None);
+        assert_eq!(resumed_check_time(&mi(2, Some(ago(5))), now), None);
+        // In the future (a clock step): counts as now.
+        assert_eq!(
+            resumed_check_time(&mi(1, Some(now + SignedDuration::from_hours(1))), now),
+            Some(now)
+        );
+        // Overdue: due at some moment within the next interval, not all at once.
+        let due: Vec<Timestamp> = (0..50)
+            .map(|_| {
+                resumed_check_time(&mi(1, Some(ago(60))), now).unwrap()
+                    + SignedDuration::from_mins(15)
+            })
+            .collect();
+        assert!(
+            due.iter()
+                .all(|d| *d >= now && *d <= now + SignedDuration::from_mins(15)),
+            "{due:?}"
+        );
+        let first = due[0];
+        assert!(
+            due.iter().any(|d| *d != first),
+            "spread, not one instant: {due:?}"
+        );
+        // Hostile values do not panic.
+        assert!(resumed_check_time(&mi(1, Some(Timestamp::MIN)), now).is_some());
     }
 
     #[test]

@@ -430,6 +430,14 @@ service anvil {{
         self.process.as_mut().is_some_and(|p| p.is_running())
     }
 
+    /// How many logins of `user` Dovecot has logged (its `Login: user=<...>` lines, IMAP, POP3 and
+    /// submission alike): the mail server's own count of the operator's mailbox checks.
+    pub fn logins(&self, user: &str) -> usize {
+        let text = std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default();
+        let needle = format!("Login: user=<{user}>");
+        text.lines().filter(|l| l.contains(&needle)).count()
+    }
+
     /// The last lines of Dovecot's log, for failure messages.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default();
