@@ -51,6 +51,8 @@ fn server() -> &'static OAuthServer {
             access_token_ttl: Duration::from_secs(8),
             client_credentials: true,
             app_mailbox: Some(APP_MAILBOX.into()),
+            // Alice may open the help desk's shared mailbox (Exchange's FullAccess).
+            full_access: vec![("alice".into(), APP_MAILBOX.into())],
             ..Default::default()
         };
         // Signs in and gets app-only tokens alike, authenticating with its certificate.
@@ -263,15 +265,38 @@ async fn microsoft_app_only_setup_errors_reach_the_conditions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
+    // Dovecot opens a mailbox for its own account's token, or for the token of an account that
+    // may open it (the `full_access` its tokens carry), as Exchange does for FullAccess delegates.
+    let dovecot = app_only_setup::shared_mailbox_dovecot();
     let env = Env::new("shared-mailbox", server()).await;
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
+    app_only_setup::create(
+        &env,
+        serde_json::json!({
+            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
+        }),
+    )
+    .await;
+    let imap = serde_json::json!({
+        "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
+        "caSecretRef": {"name": "mail-ca"},
+    });
     // Alice (who has FullAccess to the help desk's mailbox) signed in as herself.
     env.grant("helpdesk", "alice").await;
     env.integration_with(
         "helpdesk",
         "helpdesk@example.test",
-        serde_json::json!({"oauth": {"signInAccount": "alice@example.test"}}),
+        serde_json::json!({"oauth": {"signInAccount": "alice@example.test"}, "mailbox": imap}),
+    )
+    .await;
+    // Bob signed in as himself too, but has no access to the help desk's mailbox.
+    env.grant("no-access", "bob").await;
+    env.integration_with(
+        "no-access",
+        "helpdesk@example.test",
+        serde_json::json!({"oauth": {"signInAccount": "bob@example.test"}, "mailbox": imap}),
     )
     .await;
     // The same grant for a mailbox whose delegate is Bob: the ID token says Alice, so it is refused.
@@ -286,12 +311,43 @@ async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
     let mi = env
         .wait_for(
             "helpdesk",
-            "Ready=True",
+            "Ready=True and MailboxConnected",
             Duration::from_secs(30),
             &op,
-            is_ready,
+            |mi| is_ready(mi) && condition(mi, "MailboxConnected").map(|c| c.0) == Some("True"),
         )
         .await;
+    assert!(
+        dovecot.logins("helpdesk@example.test") >= 1,
+        "Dovecot opened the shared mailbox:\n{}",
+        dovecot.log_tail(20)
+    );
+    assert_eq!(
+        dovecot.logins("alice@example.test"),
+        0,
+        "the check opened the shared mailbox, not the delegate's own"
+    );
+    let refused = env
+        .wait_for(
+            "no-access",
+            "MailboxConnected=False",
+            Duration::from_secs(30),
+            &op,
+            |mi| condition(mi, "MailboxConnected").map(|c| c.0) == Some("False"),
+        )
+        .await;
+    assert_eq!(
+        condition(&refused, "MailboxConnected"),
+        Some(("False", "MailboxAuthFailed")),
+        "a delegate without access to the mailbox is refused by the mail server: {:?}",
+        refused.status
+    );
+    assert_eq!(
+        condition(&refused, "Authorized").map(|c| c.0),
+        Some("True"),
+        "Bob's own grant is fine: {:?}",
+        refused.status
+    );
     assert_eq!(
         mi.status.as_ref().unwrap().account.as_deref(),
         Some("alice@example.test"),

@@ -83,17 +83,24 @@ impl MailboxChecker {
                 ),
             });
         }
-        let address = &mi.spec.mailbox.address;
+        // The account that must have signed in: the mailbox's own, or its delegate's for a shared
+        // mailbox (spec.oauth.signInAccount).
+        let expected = mi.spec.sign_in_account();
         if let Some(account) = mi
             .status
             .as_ref()
             .and_then(|s| s.account.as_deref())
-            .filter(|a| !a.eq_ignore_ascii_case(address))
+            .filter(|a| !a.eq_ignore_ascii_case(expected))
         {
+            let of = if expected.eq_ignore_ascii_case(mi.spec.mailbox.address.trim()) {
+                format!("the mailbox {expected}")
+            } else {
+                format!("{expected} (spec.oauth.signInAccount)")
+            };
             return Some(MailboxState::Failed {
                 reason: crate::reason::Reason::AccountMismatch.as_str().into(),
                 message: format!(
-                    "the grant is of {account}, not of the mailbox {address}: its token is not sent to the mail server; sign in again as {address} (status.signIn.url)"
+                    "the grant is of {account}, not of {of}: its token is not sent to the mail server; sign in again as {expected} (status.signIn.url)"
                 ),
             });
         }

@@ -10,6 +10,15 @@ use support::dovecot::{Dovecot, DovecotConfig};
 
 /// Dovecot asking `server()` about every token, naming the user by its `email` claim.
 pub(super) fn dovecot() -> Dovecot {
+    dovecot_with(None)
+}
+
+/// [`dovecot`], also opening a mailbox for a token whose `full_access` names it (a delegate's).
+pub(super) fn shared_mailbox_dovecot() -> Dovecot {
+    dovecot_with(Some("full_access"))
+}
+
+fn dovecot_with(delegation_attribute: Option<&str>) -> Dovecot {
     let (id, secret) = server().introspection_client();
     let url =
         server()
@@ -17,6 +26,7 @@ pub(super) fn dovecot() -> Dovecot {
             .replacen("http://", &format!("http://{id}:{secret}@"), 1);
     Dovecot::start(DovecotConfig {
         username_attribute: "email".into(),
+        delegation_attribute: delegation_attribute.map(Into::into),
         ..DovecotConfig::new(url)
     })
 }

@@ -19,7 +19,9 @@
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
 //     "client_credentials": false,                // every client may also use the client-credentials grant
 //     "microsoft_tenant": "GUID",                 // ID tokens as Entra ID issues them (see below)
-//     "app_mailbox": "helpdesk@example.test"      // the `email` claim of every client-credentials token
+//     "app_mailbox": "helpdesk@example.test",     // the `email` claim of every client-credentials token
+//     "full_access": {"alice": "helpdesk@example.test"}  // the `full_access` claim of an account's tokens
+//                                                 // (default: its own email), see extraTokenClaims
 //   }
 //
 // When ready it prints exactly one line `oauth-server listening on http://127.0.0.1:PORT`. Every request
@@ -160,6 +162,7 @@ const clients = config.clients.map((c) => ({
     : { client_secret: c.client_secret, token_endpoint_auth_method: 'client_secret_post' }),
 }));
 const appMailbox = config.app_mailbox ?? null;
+const fullAccess = config.full_access ?? {};
 if (config.introspection_client) {
   clients.push({
     client_id: config.introspection_client.client_id,
@@ -204,12 +207,14 @@ const configuration = {
       },
     };
   },
-  // Put the mailbox address into access tokens, so introspection answers carry `email` as well as `sub`.
+  // Put the mailbox address into access tokens, so introspection answers carry `email` as well as `sub`,
+  // and the shared mailbox the account may open (`full_access`, as an Exchange admin grants FullAccess;
+  // its own address when none), for a mail server that opens delegated mailboxes.
   async extraTokenClaims(_ctx, token) {
     // App-only tokens name the one mailbox the app was given access to (app_mailbox).
     if (token.kind === 'ClientCredentials') return appMailbox ? { email: appMailbox } : undefined;
     const account = token.accountId ? accounts.get(token.accountId) : undefined;
-    return account ? { email: account.email } : undefined;
+    return account ? { email: account.email, full_access: fullAccess[account.sub] ?? account.email } : undefined;
   },
   features: {
     devInteractions: { enabled: true },

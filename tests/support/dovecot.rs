@@ -41,6 +41,10 @@ pub struct DovecotConfig {
     pub introspection_url: String,
     /// Which introspection field names the mailbox user (`sub` or `email`).
     pub username_attribute: String,
+    /// A second `oauth2` passdb, tried when the token is not the login user's own: it accepts a
+    /// token whose introspection field of this name is the login user, i.e. a delegate's token for
+    /// the shared mailbox it may open (see [`super::oauth::OAuthServerConfig::full_access`]).
+    pub delegation_attribute: Option<String>,
 }
 
 impl DovecotConfig {
@@ -48,6 +52,7 @@ impl DovecotConfig {
         Self {
             introspection_url: introspection_url.into(),
             username_attribute: "sub".into(),
+            delegation_attribute: None,
         }
     }
 }
@@ -271,21 +276,32 @@ impl Dovecot {
             chown(owner, &home);
         }
 
-        let oauth2_args = root.join("dovecot-oauth2.conf.ext");
-        std::fs::write(
-            &oauth2_args,
-            format!(
-                "introspection_mode = post\n\
-                 introspection_url = {url}\n\
-                 username_attribute = {attr}\n\
-                 active_attribute = active\n\
-                 active_value = true\n\
-                 force_introspection = yes\n",
-                url = config.introspection_url,
-                attr = config.username_attribute,
+        let oauth2_file = |name: &str, attr: &str| {
+            let path = root.join(name);
+            std::fs::write(
+                &path,
+                format!(
+                    "introspection_mode = post\n\
+                     introspection_url = {url}\n\
+                     username_attribute = {attr}\n\
+                     active_attribute = active\n\
+                     active_value = true\n\
+                     force_introspection = yes\n",
+                    url = config.introspection_url,
+                ),
+            )
+            .unwrap();
+            path
+        };
+        let oauth2_args = oauth2_file("dovecot-oauth2.conf.ext", &config.username_attribute);
+        // Dovecot tries the next passdb when one refuses (result_failure = continue by default).
+        let delegation_passdb = match &config.delegation_attribute {
+            None => String::new(),
+            Some(attr) => format!(
+                "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}\n}}\n",
+                oauth2_file("dovecot-oauth2-delegation.conf.ext", attr).display()
             ),
-        )
-        .unwrap();
+        };
 
         let r = root.display();
         let conf = format!(
@@ -317,7 +333,7 @@ passdb {{
   mechanisms = xoauth2 oauthbearer
   args = {oauth2_args}
 }}
-userdb {{
+{delegation_passdb}userdb {{
   driver = static
   args = uid={mail_user} gid={mail_group} home={r}/home/%u
 }}

@@ -119,6 +119,10 @@ pub struct OAuthServerConfig {
     /// `email` (introspection answers carry it), as an Exchange admin gives an app access to one
     /// mailbox. Dovecot, naming users by `email`, then accepts the token for that mailbox only.
     pub app_mailbox: Option<String>,
+    /// Shared mailboxes accounts have FullAccess to (account `sub`, mailbox): their tokens carry it
+    /// as `full_access` (their own address otherwise), as Exchange knows who may open which mailbox.
+    /// A Dovecot with [`super::dovecot::DovecotConfig::delegation_attribute`] opens it.
+    pub full_access: Vec<(String, String)>,
 }
 
 /// The scope the grant helpers ask for by default.
@@ -164,6 +168,7 @@ impl Default for OAuthServerConfig {
             client_credentials: false,
             microsoft_tenant: None,
             app_mailbox: None,
+            full_access: Vec::new(),
         }
     }
 }
@@ -193,6 +198,7 @@ impl OAuthServerConfig {
             "client_credentials": self.client_credentials,
             "microsoft_tenant": self.microsoft_tenant,
             "app_mailbox": self.app_mailbox,
+            "full_access": self.full_access.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         })
     }
 }
