@@ -76,20 +76,9 @@ async fn an_app_only_integration_goes_ready_without_a_sign_in_and_is_renewed() {
     let env = Env::new("app-only", server()).await;
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
-    app_only_setup::create(
-        &env,
-        serde_json::json!({
-            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
-            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
-        }),
-    )
-    .await;
     let mut spec = app_only();
     // Dovecot checks the app token for the mailbox named in XOAUTH2 (its `email` claim).
-    spec["mailbox"] = serde_json::json!({
-        "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
-        "caSecretRef": {"name": "mail-ca"},
-    });
+    spec["mailbox"] = app_only_setup::imaps_mailbox(&env, &dovecot).await;
     env.integration_with("shared", APP_MAILBOX, spec).await;
 
     let mi = env
@@ -271,18 +260,7 @@ async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
     let env = Env::new("shared-mailbox", server()).await;
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
-    app_only_setup::create(
-        &env,
-        serde_json::json!({
-            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
-            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
-        }),
-    )
-    .await;
-    let imap = serde_json::json!({
-        "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
-        "caSecretRef": {"name": "mail-ca"},
-    });
+    let imap = app_only_setup::imaps_mailbox(&env, &dovecot).await;
     // Alice (who has FullAccess to the help desk's mailbox) signed in as herself.
     env.grant("helpdesk", "alice").await;
     env.integration_with(

@@ -41,6 +41,23 @@ struct Cached {
     state: MailboxState,
 }
 
+impl Cached {
+    /// Whether this result still answers: made with this token and spec, less than an interval ago.
+    fn answers(&self, fingerprint: &str, mi: &MailIntegration, now: Timestamp) -> bool {
+        self.token == fingerprint
+            && now.duration_since(self.at)
+                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX)
+    }
+}
+
+/// A check to make (see [`MailboxChecker::start`]).
+struct Check<'t> {
+    targets: Vec<CheckTarget>,
+    token: &'t SecretValue,
+    key: String,
+    fingerprint: String,
+}
+
 /// Checks mailboxes with bounded concurrency and remembers the results.
 pub struct MailboxChecker {
     permits: tokio::sync::Semaphore,
@@ -107,6 +124,38 @@ impl MailboxChecker {
         None
     }
 
+    /// What every check starts with: the servers to check with which token, or (`Err`) what to
+    /// report without a check (nothing to check, a refusal, no valid token).
+    fn start<'t>(
+        &self,
+        mi: &MailIntegration,
+        token: Option<(&'t SecretValue, Timestamp)>,
+        now: Timestamp,
+    ) -> Result<Check<'t>, Option<MailboxState>> {
+        let targets = targets(mi);
+        if targets.is_empty() {
+            return Err(Some(MailboxState::NotConfigured));
+        }
+        if let Some(refused) = self.refusal(mi, &targets) {
+            return Err(Some(refused));
+        }
+        let Some((token, _)) = token.filter(|(_, expires_at)| *expires_at > now) else {
+            return Err(None);
+        };
+        // A new token or a new spec (servers, mechanism, address) means a new check.
+        let fingerprint = format!(
+            "{}/{}",
+            Self::fingerprint(token),
+            mi.metadata.generation.unwrap_or(0)
+        );
+        Ok(Check {
+            targets,
+            token,
+            key: mi.uid().unwrap_or_default(),
+            fingerprint,
+        })
+    }
+
     /// A short fingerprint of the token, so the cache can tell a new token without keeping it.
     fn fingerprint(token: &SecretValue) -> String {
         let digest = sha2::Sha256::digest(token.expose().as_bytes());
@@ -122,30 +171,19 @@ impl MailboxChecker {
         extra_ca_pem: Option<Vec<u8>>,
         now: Timestamp,
     ) -> Option<MailboxState> {
-        let targets = targets(mi);
-        if targets.is_empty() {
-            return Some(MailboxState::NotConfigured);
-        }
-        if let Some(refused) = self.refusal(mi, &targets) {
-            return Some(refused);
-        }
-        let (token, expires_at) = token?;
-        if expires_at <= now {
-            return None;
-        }
-        let key = mi.uid().unwrap_or_default();
-        // A new token or a new spec (servers, mechanism, address) means a new check.
-        let fingerprint = format!(
-            "{}/{}",
-            Self::fingerprint(token),
-            mi.metadata.generation.unwrap_or(0)
-        );
-        if let Some(c) = self.cache.locked().get(&key) {
-            let fresh = now.duration_since(c.at)
-                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
-            if c.token == fingerprint && fresh {
-                return Some(c.state.clone());
-            }
+        let Check {
+            targets,
+            token,
+            key,
+            fingerprint,
+        } = match self.start(mi, token, now) {
+            Ok(check) => check,
+            Err(report) => return report,
+        };
+        if let Some(c) = self.cache.locked().get(&key)
+            && c.answers(&fingerprint, mi, now)
+        {
+            return Some(c.state.clone());
         }
         let state = {
             let _permit = self.permits.acquire().await.ok()?;
@@ -176,24 +214,16 @@ impl MailboxChecker {
         now: Timestamp,
         done: impl FnOnce() + Send + 'static,
     ) -> Option<MailboxState> {
-        let targets = targets(mi);
-        if targets.is_empty() {
-            return Some(MailboxState::NotConfigured);
-        }
-        if let Some(refused) = self.refusal(mi, &targets) {
-            return Some(refused);
-        }
+        let Check {
+            targets,
+            token,
+            key,
+            fingerprint,
+        } = match self.start(mi, token, now) {
+            Ok(check) => check,
+            Err(report) => return report,
+        };
         let reported = reported_state(mi.status.as_ref());
-        let (token, expires_at) = token?;
-        if expires_at <= now {
-            return None;
-        }
-        let key = mi.uid().unwrap_or_default();
-        let fingerprint = format!(
-            "{}/{}",
-            Self::fingerprint(token),
-            mi.metadata.generation.unwrap_or(0)
-        );
         let last = {
             let mut cache = self.cache.locked();
             if !cache.contains_key(&key)
@@ -213,12 +243,10 @@ impl MailboxChecker {
             }
             cache.get(&key).cloned()
         };
-        if let Some(c) = &last {
-            let fresh = now.duration_since(c.at)
-                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX);
-            if c.token == fingerprint && fresh {
-                return Some(c.state.clone());
-            }
+        if let Some(c) = &last
+            && c.answers(&fingerprint, mi, now)
+        {
+            return Some(c.state.clone());
         }
         if self.running.locked().insert(key.clone()) {
             let this = self.clone();

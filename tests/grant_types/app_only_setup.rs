@@ -31,6 +31,23 @@ fn dovecot_with(delegation_attribute: Option<&str>) -> Dovecot {
     })
 }
 
+/// Puts Dovecot's CA into the marked Secret `mail-ca` and returns the `spec.mailbox` that checks
+/// the token at Dovecot's IMAPS port with it.
+pub(super) async fn imaps_mailbox(env: &Env, dovecot: &Dovecot) -> serde_json::Value {
+    create(
+        env,
+        serde_json::json!({
+            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
+        }),
+    )
+    .await;
+    serde_json::json!({
+        "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
+        "caSecretRef": {"name": "mail-ca"},
+    })
+}
+
 pub(super) async fn create(env: &Env, secret: serde_json::Value) {
     let s: Secret = serde_json::from_value(secret).unwrap();
     env.secrets()
@@ -67,14 +84,7 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
     let env = Env::new("cert-app", server()).await;
     // oidc-provider stands in for Entra ID: a Microsoft integration whose endpoints are overridden.
     let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
-    create(
-        &env,
-        serde_json::json!({
-            "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
-            "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
-        }),
-    )
-    .await;
+    let imaps = imaps_mailbox(&env, &dovecot).await;
     // The client Secret holds only the client ID: the certificate authenticates the client.
     env.put_secret("cert-client", &[("client_id", CERT_APP)])
         .await;
@@ -82,6 +92,8 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
     // oidc-provider accepts client assertions addressed to its own token endpoint (as Entra
     // does), so the integration talks to it directly, not through the fault proxy.
     let direct = |mailbox: &str| {
+        let mut imaps = imaps.clone();
+        imaps["address"] = mailbox.into();
         serde_json::json!({
             "provider": "Microsoft",
             "oauth": {
@@ -95,11 +107,7 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
                     "token": format!("{}/token", env.server.base_url),
                 },
             },
-            "mailbox": {
-                "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
-                "caSecretRef": {"name": "mail-ca"},
-                "address": mailbox,
-            },
+            "mailbox": imaps,
         })
     };
     env.integration_with("helpdesk", APP_MAILBOX, direct(APP_MAILBOX))
