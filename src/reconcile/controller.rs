@@ -583,20 +583,22 @@ async fn reconcile_inner(
     );
     // The time of the last mailbox check goes out with the status's other changes; a check that
     // changed nothing else writes nothing.
-    status.mailbox_checked_at = match mailbox_state {
+    let reported_check = mi
+        .status
+        .as_ref()
+        .and_then(|s| s.mailbox_checked_at.clone());
+    let checked_at = match mailbox_state {
         Some(MailboxState::NotConfigured) => None,
-        _ => ctx.mailbox.checked_at(mi).map(Time).or_else(|| {
-            mi.status
-                .as_ref()
-                .and_then(|s| s.mailbox_checked_at.clone())
-        }),
+        _ => ctx
+            .mailbox
+            .checked_at(mi)
+            .map(Time)
+            .or_else(|| reported_check.clone()),
     };
-    let unchanged = mi.status.as_ref().is_some_and(|old| {
-        old == &MailIntegrationStatus {
-            mailbox_checked_at: old.mailbox_checked_at.clone(),
-            ..status.clone()
-        }
-    });
+    // Compared with the check time as reported, then the current one is what is written.
+    status.mailbox_checked_at = reported_check;
+    let unchanged = mi.status.as_ref() == Some(&status);
+    status.mailbox_checked_at = checked_at;
     if !unchanged {
         // Server-side apply: fields this manager set before and now omits (failedInputs, signIn)
         // are removed, which a merge patch would not do. status.lastSignInFailure belongs to the
