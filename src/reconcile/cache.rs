@@ -15,6 +15,7 @@
 
 use crate::api::MailIntegration;
 use crate::sync::LockExt as _;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     ResourceExt,
@@ -51,21 +52,45 @@ pub struct Caches {
     pub owned: Store<Secret>,
     /// Secrets users marked for the operator: client Secrets and CA bundles.
     pub marked: Store<Secret>,
+    /// Whether both Secret caches hold their first list, for any number of waiters.
+    secrets_listed: Shared<BoxFuture<'static, bool>>,
 }
 
 impl Caches {
+    pub fn new(
+        integrations: Store<MailIntegration>,
+        owned: Store<Secret>,
+        marked: Store<Secret>,
+    ) -> Self {
+        // `Store::wait_until_ready` wakes only the last of its concurrent waiters (it polls one
+        // oneshot receiver, which keeps one waker): with hundreds of reconciles waiting at a
+        // start, all the others slept out their whole limit. One future waits on the stores and
+        // `Shared` wakes every reconcile waiting on it.
+        let (o, m) = (owned.clone(), marked.clone());
+        let secrets_listed = async move {
+            matches!(
+                futures::future::join(o.wait_until_ready(), m.wait_until_ready()).await,
+                (Ok(()), Ok(()))
+            )
+        }
+        .boxed()
+        .shared();
+        Self {
+            integrations,
+            owned,
+            marked,
+            secrets_listed,
+        }
+    }
+
     /// Wait (at most `limit`) until the Secret caches hold their first list. The integrations'
     /// cache starts the reconciles, and may be ready before them: a reconcile deciding on an empty
     /// Secret cache would read every Secret it misses (a restart of 10,000 integrations would make
     /// tens of thousands of GETs). The controller keeps driving the watches meanwhile.
     pub async fn secrets_ready(&self, limit: std::time::Duration) -> bool {
-        let both = futures::future::join(
-            self.owned.wait_until_ready(),
-            self.marked.wait_until_ready(),
-        );
         matches!(
-            tokio::time::timeout(limit, both).await,
-            Ok((Ok(()), Ok(())))
+            tokio::time::timeout(limit, self.secrets_listed.clone()).await,
+            Ok(true)
         )
     }
 
@@ -222,6 +247,35 @@ pub fn freshness(cached: Option<&str>, written: Option<&str>, recent: bool) -> F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn every_reconcile_waiting_for_the_secret_caches_wakes_when_they_have_listed() {
+        let (integrations, _w) = kube::runtime::reflector::store::<MailIntegration>();
+        let (owned, mut owned_writer) = kube::runtime::reflector::store::<Secret>();
+        let (marked, mut marked_writer) = kube::runtime::reflector::store::<Secret>();
+        let caches = Caches::new(integrations, owned, marked);
+        let limit = std::time::Duration::from_secs(20);
+        let waiters: Vec<_> = (0..100)
+            .map(|_| {
+                let c = caches.clone();
+                tokio::spawn(async move { c.secrets_ready(limit).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        for w in [&mut owned_writer, &mut marked_writer] {
+            w.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+            w.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        }
+        for w in waiters {
+            assert!(
+                w.await.unwrap(),
+                "a waiter timed out instead of being woken"
+            );
+        }
+        // Woken, not timed out: kube's own wait wakes only the last of many waiters.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn a_cache_is_fresh_unless_it_holds_less_than_this_process_wrote() {

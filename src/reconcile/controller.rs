@@ -917,11 +917,7 @@ async fn run_one(
             kube::runtime::predicates::resource_version,
             Default::default(),
         );
-    let caches = Caches {
-        integrations: store.clone(),
-        owned,
-        marked,
-    };
+    let caches = Caches::new(store.clone(), owned, marked);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let scoped = Arc::new(Scoped { ctx, caches, wake });
