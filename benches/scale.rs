@@ -18,11 +18,11 @@ use axum::{Form, Json, Router, routing::post};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
-use mail_integration_operator::api::MailIntegration;
+use mail_integration_operator::{api::MailIntegration, reconcile::controller::FIELD_MANAGER};
 use std::{
     collections::HashMap,
     sync::{
@@ -284,7 +284,9 @@ async fn raw_limit(client: &Client) -> f64 {
     let objects = 256usize;
     let mis: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    futures::stream::iter(0..objects)
+    // The raw objects have the spec of the bench's integrations (OIDC, no mail server), so that
+    // the token Secret and the status below are exactly those the operator writes for them.
+    let created: Vec<MailIntegration> = futures::stream::iter(0..objects)
         .map(|i| {
             let mis = mis.clone();
             async move {
@@ -294,22 +296,23 @@ async fn raw_limit(client: &Client) -> f64 {
                     "spec": {
                         "provider": "OIDC",
                         "mailbox": {"address": format!("raw{i}@example.test")},
-                        "oauth": {"clientSecretRef": {"name": "none"}, "issuerURL": "https://127.0.0.1:1"},
+                        "oauth": {"clientSecretRef": {"name": "client"}, "endpoints": {"authorization": "http://127.0.0.1:1/auth", "token": "http://127.0.0.1:1/token"}},
                         "tokenSecret": {"name": format!("raw-{i}-token")},
-                        "suspend": true,
+                        "refreshBefore": "1m",
                     }
                 }))
                 .unwrap();
                 match mis.create(&PostParams::default(), &mi).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Ok(created) => created,
+                    Err(kube::Error::Api(e)) if e.code == 409 => mis.get(&mi.name_any()).await.unwrap(),
                     Err(e) => panic!("raw limit object: {e}"),
                 }
             }
         })
         .buffer_unordered(16)
-        .collect::<Vec<_>>()
+        .collect()
         .await;
+    let created = Arc::new(created);
     let mut best = 0.0f64;
     for concurrency in [8usize, 16, 32, 64] {
         let done = Arc::new(AtomicU64::new(0));
@@ -317,35 +320,31 @@ async fn raw_limit(client: &Client) -> f64 {
         let window = Duration::from_secs(5);
         let tasks: Vec<_> = (0..concurrency)
             .map(|t| {
-                let (mis, secrets, done, stop) =
-                    (mis.clone(), secrets.clone(), done.clone(), stop.clone());
+                let (mis, secrets, done, stop, created) = (
+                    mis.clone(),
+                    secrets.clone(),
+                    done.clone(),
+                    stop.clone(),
+                    created.clone(),
+                );
                 tokio::spawn(async move {
                     let mut i = t;
                     while !stop.load(Ordering::Relaxed) {
                         let k = i % objects;
                         i += concurrency;
-                        let token = format!("at-{}", rand::random::<u64>());
-                        let s = serde_json::json!({
-                            "apiVersion": "v1", "kind": "Secret",
-                            "metadata": {"name": format!("raw-{k}-token")},
-                            "stringData": {"access_token": token, "expiry": jiff::Timestamp::now().to_string()},
-                        });
+                        let (secret, status) = refresh_writes(&created[k]);
                         let ok1 = secrets
                             .patch(
-                                &format!("raw-{k}-token"),
-                                &PatchParams::apply("bench-raw").force(),
-                                &Patch::Apply(&s),
+                                &secret.name_any(),
+                                &PatchParams::apply(FIELD_MANAGER).force(),
+                                &Patch::Apply(&secret),
                             )
                             .await
                             .is_ok();
-                        let status = serde_json::json!({
-                            "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
-                            "status": {"lastRefreshTime": jiff::Timestamp::now().to_string(), "account": token},
-                        });
                         let ok2 = mis
                             .patch_status(
-                                &format!("raw-{k}"),
-                                &PatchParams::apply("bench-raw").force(),
+                                &created[k].name_any(),
+                                &PatchParams::apply(FIELD_MANAGER).force(),
                                 &Patch::Apply(&status),
                             )
                             .await
@@ -374,6 +373,78 @@ async fn raw_limit(client: &Client) -> f64 {
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await;
     best
+}
+
+/// The two writes of one refresh as the operator makes them for a bench integration (OIDC, no mail
+/// server): its token Secret and its status, built by the operator's own functions from a new
+/// access token, so that the raw limit is measured on the same objects.
+fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
+    use mail_integration_operator::{
+        oauth::TokenGrant,
+        reconcile::{
+            decide::{self, Outcome},
+            mailbox_check::{self, MailboxState},
+            observed::{ClientCredentials, Grant, Observed, PublishedToken},
+            secrets,
+        },
+        secret::SecretValue,
+    };
+    let now = jiff::Timestamp::now();
+    let expires_at = now + jiff::SignedDuration::from_mins(10);
+    let access_token = SecretValue::new(format!("at-{}", rand::random::<u64>()));
+    let grant = TokenGrant {
+        access_token: access_token.clone(),
+        token_type: "Bearer".into(),
+        expires_at,
+        refresh_token: None,
+        scopes: None,
+        id_token: None,
+        refresh_token_expires_at: None,
+    };
+    let secret = secrets::token_secret(mi, &grant).expect("no template");
+    let observed = Observed {
+        integration: mi,
+        client: Ok(ClientCredentials {
+            signing_key: None,
+            client_id: "bench".into(),
+            client_secret: SecretValue::new("bench-secret"),
+        }),
+        client_version: Some("1".into()),
+        grant: Some(Grant {
+            refresh_token: SecretValue::new("rt"),
+            account: None,
+            scopes: vec![],
+            issued_at: None,
+            refresh_token_expires_at: None,
+            token_endpoint: None,
+            client_id: None,
+            resource_version: Some("1".into()),
+        }),
+        token: Some(PublishedToken {
+            access_token,
+            expires_at: now,
+        }),
+        conflict: None,
+        now,
+    };
+    let outcome = Outcome::Refreshed {
+        expires_at,
+        account: None,
+        scopes: vec![],
+    };
+    let mut status = decide::status_after(&observed, &outcome, None);
+    mailbox_check::apply(
+        &mut status,
+        Some(&MailboxState::NotConfigured),
+        mi.metadata.generation,
+        now,
+    );
+    let status = serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1",
+        "kind": "MailIntegration",
+        "status": status,
+    });
+    (secret, status)
 }
 
 /// What the bench sees of the integrations, from its own watch (one WATCH request, not counted as
