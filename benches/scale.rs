@@ -384,7 +384,7 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
         reconcile::{
             decide::{self, Outcome},
             mailbox_check::{self, MailboxState},
-            observed::{ClientCredentials, Grant, Observed, PublishedToken},
+            observed::{self, ClientCredentials, Observed, PublishedToken},
             secrets,
         },
         secret::SecretValue,
@@ -392,15 +392,7 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
     let now = jiff::Timestamp::now();
     let expires_at = now + jiff::SignedDuration::from_mins(10);
     let access_token = SecretValue::new(format!("at-{}", rand::random::<u64>()));
-    let grant = TokenGrant {
-        access_token: access_token.clone(),
-        token_type: "Bearer".into(),
-        expires_at,
-        refresh_token: None,
-        scopes: None,
-        id_token: None,
-        refresh_token_expires_at: None,
-    };
+    let grant = TokenGrant::access_only(access_token.clone(), "Bearer".into(), expires_at);
     let secret = secrets::token_secret(mi, &grant).expect("no template");
     let observed = Observed {
         integration: mi,
@@ -410,16 +402,17 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
             client_secret: SecretValue::new("bench-secret"),
         }),
         client_version: Some("1".into()),
-        grant: Some(Grant {
-            refresh_token: SecretValue::new("rt"),
-            account: None,
-            scopes: vec![],
-            issued_at: None,
-            refresh_token_expires_at: None,
-            token_endpoint: None,
-            client_id: None,
-            resource_version: Some("1".into()),
-        }),
+        // The grant Secret as the bench creates it (a refresh token only).
+        grant: observed::grant(Some(&Secret {
+            data: Some(
+                [(
+                    "refresh_token".to_owned(),
+                    k8s_openapi::ByteString(b"rt".to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        })),
         token: Some(PublishedToken {
             access_token,
             expires_at: now,

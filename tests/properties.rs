@@ -1454,15 +1454,7 @@ fn client_secret_problems_never_show_values() {
 
 /// A token grant as the token endpoint gives it.
 fn token_grant(access: String, expires_at: Timestamp) -> TokenGrant {
-    TokenGrant {
-        access_token: SecretValue::new(access),
-        token_type: "Bearer".into(),
-        expires_at,
-        refresh_token: None,
-        scopes: None,
-        id_token: None,
-        refresh_token_expires_at: None,
-    }
+    TokenGrant::access_only(SecretValue::new(access), "Bearer".into(), expires_at)
 }
 
 #[test]

@@ -78,6 +78,23 @@ pub struct TokenGrant {
 }
 
 impl TokenGrant {
+    /// An access token alone, as a token Secret publishes it (no refresh token, scopes or ID token).
+    pub fn access_only(
+        access_token: SecretValue,
+        token_type: String,
+        expires_at: Timestamp,
+    ) -> Self {
+        Self {
+            access_token,
+            token_type,
+            expires_at,
+            refresh_token: None,
+            scopes: None,
+            id_token: None,
+            refresh_token_expires_at: None,
+        }
+    }
+
     /// The claims of the ID token, if there is one (see [`decode_id_token_claims`]).
     pub fn id_token_claims(&self) -> Option<Result<IdTokenClaims, IdTokenError>> {
         self.id_token.as_ref().map(decode_id_token_claims)

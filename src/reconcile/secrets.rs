@@ -166,15 +166,11 @@ pub async fn sync_template(
         .and_then(|d| d.get(token_keys::TOKEN_TYPE))
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .unwrap_or_else(|| "Bearer".to_owned());
-    let token = TokenGrant {
-        access_token: published.access_token.clone(),
+    let token = TokenGrant::access_only(
+        published.access_token.clone(),
         token_type,
-        expires_at: published.expires_at,
-        refresh_token: None,
-        scopes: None,
-        id_token: None,
-        refresh_token_expires_at: None,
-    };
+        published.expires_at,
+    );
     let desired = token_secret(mi, &token).map_err(TokenSecretError::Template)?;
     let contains = |have: &Option<BTreeMap<String, String>>,
                     want: &Option<BTreeMap<String, String>>| {
