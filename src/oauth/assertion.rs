@@ -45,6 +45,10 @@ pub enum KeyProblem {
     NotServiceAccountJson(String),
     #[error("the service-account key file has no {0}")]
     ServiceAccountFieldMissing(&'static str),
+    /// A field that appears in conditions (the service account's address and client ID) holding
+    /// control characters: it would forge lines in the messages that quote it.
+    #[error("the service-account key file's {0} holds control characters")]
+    ServiceAccountFieldInvalid(&'static str),
 }
 
 /// The signature algorithm of client assertions.
@@ -179,9 +183,14 @@ impl ServiceAccountKey {
             ));
         }
         let text = |v: Option<String>, name| {
-            v.map(|s| s.trim().to_owned())
+            let v = v
+                .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty() && s.len() <= 320)
-                .ok_or(KeyProblem::ServiceAccountFieldMissing(name))
+                .ok_or(KeyProblem::ServiceAccountFieldMissing(name))?;
+            if v.chars().any(char::is_control) {
+                return Err(KeyProblem::ServiceAccountFieldInvalid(name));
+            }
+            Ok(v)
         };
         let private_key = parsed
             .private_key

@@ -164,6 +164,12 @@ fn unusable_keys_are_refused_without_their_content() {
         ServiceAccountKey::from_json(no_email.to_string().as_bytes()).err(),
         Some(KeyProblem::ServiceAccountFieldMissing("client_email"))
     );
+    // The address is quoted in conditions: a forged line in it is refused, not quoted.
+    let forged = serde_json::json!({"type": "service_account", "client_email": "a@p.iam.gserviceaccount.com\nReady: True", "client_id": "1", "private_key": key_text});
+    assert_eq!(
+        ServiceAccountKey::from_json(forged.to_string().as_bytes()).err(),
+        Some(KeyProblem::ServiceAccountFieldInvalid("client_email"))
+    );
     let oauth_client = serde_json::json!({"web": {"client_id": "x"}});
     assert!(matches!(
         ServiceAccountKey::from_json(oauth_client.to_string().as_bytes()),
