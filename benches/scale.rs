@@ -406,7 +406,7 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
         grant: observed::grant(Some(&Secret {
             data: Some(
                 [(
-                    "refresh_token".to_owned(),
+                    observed::grant_keys::REFRESH_TOKEN.to_owned(),
                     k8s_openapi::ByteString(b"rt".to_vec()),
                 )]
                 .into(),

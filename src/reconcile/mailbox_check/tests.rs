@@ -21,6 +21,18 @@ fn status_ready() -> MailIntegrationStatus {
     }
 }
 
+/// A ready status whose mailbox check at `at` connected.
+fn status_connected(at: Timestamp) -> MailIntegrationStatus {
+    let mut s = status_ready();
+    apply(
+        &mut s,
+        Some(&MailboxState::Connected("IMAP ok".into())),
+        Some(1),
+        at,
+    );
+    s
+}
+
 #[test]
 fn a_refused_mailbox_makes_ready_false_with_its_reason() {
     let now: Timestamp = "2026-11-28T10:00:00Z".parse().unwrap();
@@ -58,13 +70,7 @@ fn a_refused_mailbox_makes_ready_false_with_its_reason() {
         ("False", "MailboxAuthFailed")
     );
 
-    let mut s = status_ready();
-    apply(
-        &mut s,
-        Some(&MailboxState::Connected("IMAP ok".into())),
-        Some(1),
-        now,
-    );
+    let s = status_connected(now);
     assert_eq!(s.conditions[3].reason, "Connected");
     assert_eq!(s.conditions[0].status, "True");
     let again = {
@@ -99,13 +105,7 @@ fn a_restart_takes_the_last_check_from_the_status_and_spreads_overdue_ones() {
             },
         }))
         .unwrap();
-        let mut s = status_ready();
-        apply(
-            &mut s,
-            Some(&MailboxState::Connected("IMAP ok".into())),
-            Some(1),
-            now,
-        );
+        let mut s = status_connected(now);
         s.mailbox_checked_at = checked.map(Time);
         mi.status = Some(s);
         mi
