@@ -422,6 +422,7 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
     };
     let outcome = Outcome::Refreshed {
         expires_at,
+        next_refresh_at: decide::refresh_window(mi, Some(now), expires_at).latest,
         account: None,
         scopes: vec![],
     };

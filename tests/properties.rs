@@ -1499,8 +1499,9 @@ fn written_secrets_read_back() {
 /// An outcome the reconcile could report after a refresh.
 fn outcome(times: BoxedStrategy<Timestamp>) -> impl Strategy<Value = Outcome> {
     prop_oneof![
-        times.prop_map(|expires_at| Outcome::Refreshed {
+        (times.clone(), times).prop_map(|(expires_at, next_refresh_at)| Outcome::Refreshed {
             expires_at,
+            next_refresh_at,
             account: Some("support@example.com".into()),
             scopes: vec![],
         }),

@@ -11,6 +11,7 @@ use super::{
     mailbox_check::{self, MailboxChecker, MailboxState},
     observed::{self, Observed},
     secrets,
+    slots::RefreshSlots,
 };
 use crate::lease::Fence;
 use crate::sync::GrantLocks;
@@ -113,6 +114,8 @@ pub struct Context {
     /// The resourceVersions of this process's last writes, per UID (see [`cache::freshness`]);
     /// shared with the sign-in server, whose grant writes a refresh must not decide past.
     pub written: Arc<WrittenVersions>,
+    /// The refreshes announced per second (see [`super::slots`]).
+    pub(super) slots: RefreshSlots,
 }
 
 impl Context {
@@ -153,6 +156,7 @@ impl Context {
             resolved_marks: Mutex::default(),
             errors: Mutex::default(),
             written: Arc::default(),
+            slots: RefreshSlots::default(),
         }
     }
 
@@ -216,6 +220,7 @@ impl Context {
             self.set_resolved_mark(&uid, None);
             self.errors.locked().remove(&uid);
             self.written.forget(&uid);
+            self.slots.hold(&uid, None);
         }
     }
 }
@@ -597,6 +602,9 @@ async fn reconcile_inner(
     };
     // Compared with the check time as reported, then the current one is what is written.
     status.mailbox_checked_at = reported_check;
+    // The load of every second is known again after a restart as the statuses are reconciled.
+    ctx.slots
+        .hold(&uid, status.next_refresh_time.as_ref().map(|t| t.0));
     let unchanged = mi.status.as_ref() == Some(&status);
     status.mailbox_checked_at = checked_at;
     if !unchanged {

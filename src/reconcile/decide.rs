@@ -38,7 +38,7 @@ pub struct Backoff {
 pub enum RefreshCause {
     /// No usable access token is published yet (or it was lost).
     NoToken,
-    /// The published token reached `expiry - refreshBefore - jitter`.
+    /// The published token reached the refresh time its status announced.
     Due,
     /// A new value of the refresh-requested-at annotation.
     Requested,
@@ -77,6 +77,8 @@ pub enum Outcome {
     /// The token endpoint answered with a new access token.
     Refreshed {
         expires_at: Timestamp,
+        /// The second the next refresh is announced for (see [`super::slots`]).
+        next_refresh_at: Timestamp,
         account: Option<String>,
         scopes: Vec<String>,
     },
@@ -116,10 +118,10 @@ fn requested_refresh(mi: &MailIntegration) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-/// A per-resource spread, so that many integrations created together do not refresh in the same
-/// second: deterministic (a hash of the UID), so a restart computes the same due time.
+/// A per-resource spread, for a token whose status announces no refresh time of its own (see
+/// [`refresh_due_at`]): deterministic (a hash of the UID), so a restart computes the same due time.
 pub fn jitter(uid: &str, window: Duration) -> Duration {
-    let max = window.as_secs().min(30);
+    let max = window.as_secs();
     if max == 0 {
         return Duration::ZERO;
     }
@@ -130,27 +132,78 @@ pub fn jitter(uid: &str, window: Duration) -> Duration {
     Duration::from_secs(hash.checked_rem(max.saturating_add(1)).unwrap_or(0))
 }
 
-/// When the published token must be refreshed: `expiry - refreshBefore - jitter`. For tokens that
-/// live less than three times `refreshBefore` (short-lived test or provider tokens) the refresh comes
-/// at two thirds of the lifetime instead, so that it does not loop.
-pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp {
-    let mut before = mi.spec.refresh_before();
-    if let Some(last) = mi
-        .status
-        .as_ref()
-        .and_then(|s| s.last_refresh_time.as_ref())
-    {
-        let lifetime = expires_at.duration_since(last.0);
-        if lifetime.is_positive() {
-            let third = Duration::from_secs_f64(lifetime.as_secs_f64() / 3.0);
-            before = before.min(third);
-        }
+/// The seconds a token's refresh may be announced for (see [`super::slots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub earliest: Timestamp,
+    /// `expiry - refreshBefore`.
+    pub latest: Timestamp,
+}
+
+impl Window {
+    /// Whether `t` lies in the window, give or take the second that status timestamps round off.
+    pub fn holds(&self, t: Timestamp) -> bool {
+        let slack = Duration::from_secs(1);
+        t >= crate::time::before(self.earliest, slack)
+            && t <= crate::time::after(self.latest, slack)
     }
-    let spread = jitter(
-        mi.uid().as_deref().unwrap_or_default(),
-        before.checked_div(10).unwrap_or_default(),
-    );
-    crate::time::before(expires_at, before.saturating_add(spread))
+}
+
+/// The longest spread of a refresh window.
+const MAX_SPREAD: Duration = Duration::from_secs(3600);
+
+/// When the refresh of a token issued at `issued_at` (if known) and expiring at `expires_at` may
+/// come: from `expiry - refreshBefore - spread` to `expiry - refreshBefore`, the spread being a fifth
+/// of the lifetime (as kubelet rotates its certificates between 70 and 90 % of theirs), at most an
+/// hour; a tenth of refreshBefore (at most 30 s) when the lifetime is unknown. Tokens that live less
+/// than three times `refreshBefore` (short-lived test or provider tokens) are refreshed from two
+/// thirds of their lifetime instead, so that they do not loop.
+pub fn refresh_window(
+    mi: &MailIntegration,
+    issued_at: Option<Timestamp>,
+    expires_at: Timestamp,
+) -> Window {
+    let mut before = mi.spec.refresh_before();
+    let mut spread = before
+        .checked_div(10)
+        .unwrap_or_default()
+        .min(Duration::from_secs(30));
+    if let Some(lifetime) = issued_at
+        .and_then(|t| Duration::try_from(expires_at.duration_since(t)).ok())
+        .filter(|l| !l.is_zero())
+    {
+        before = before.min(lifetime.checked_div(3).unwrap_or_default());
+        spread = lifetime.checked_div(5).unwrap_or_default().min(MAX_SPREAD);
+    }
+    let latest = crate::time::before(expires_at, before);
+    Window {
+        earliest: crate::time::before(latest, spread),
+        latest,
+    }
+}
+
+/// When the published token must be refreshed: the time the status announced for it, when it
+/// announced one for this token inside its window (the second [`super::slots`] chose); else a
+/// per-resource point of the window ([`jitter`]).
+pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp {
+    let status = mi.status.as_ref();
+    let issued_at = status
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .map(|t| t.0);
+    let window = refresh_window(mi, issued_at, expires_at);
+    let announced = status
+        .filter(|s| s.access_token_expires_at.as_ref().map(|t| t.0) == Some(expires_at))
+        .and_then(|s| s.next_refresh_time.as_ref())
+        .map(|t| t.0)
+        .filter(|t| window.holds(*t));
+    announced.unwrap_or_else(|| {
+        let spread =
+            Duration::try_from(window.latest.duration_since(window.earliest)).unwrap_or_default();
+        crate::time::before(
+            window.latest,
+            jitter(mi.uid().as_deref().unwrap_or_default(), spread),
+        )
+    })
 }
 
 /// Decide what this reconcile must do.
@@ -333,16 +386,10 @@ pub fn status_after(
     s.access_token_expires_at = token_expiry.map(Time);
     s.next_refresh_time = match outcome {
         Outcome::Suspended => None,
-        _ => token_expiry.map(|e| {
-            let mut with_time = mi.clone();
-            if let Outcome::Refreshed { .. } = outcome {
-                with_time
-                    .status
-                    .get_or_insert_with(Default::default)
-                    .last_refresh_time = Some(Time(o.now));
-            }
-            Time(refresh_due_at(&with_time, e))
-        }),
+        Outcome::Refreshed {
+            next_refresh_at, ..
+        } => Some(Time(*next_refresh_at)),
+        _ => token_expiry.map(|e| Time(refresh_due_at(mi, e))),
     };
 
     let link = sign_in.clone();

@@ -157,18 +157,23 @@ fn first_reconcile_with_a_grant_refreshes() {
     );
 }
 
+/// The second the slots would announce when nothing else is due: the window's last.
+fn latest(w: &World, expires_at: Timestamp) -> Timestamp {
+    refresh_window(&w.mi, Some(w.now), expires_at).latest
+}
+
 #[test]
-fn refresh_is_due_exactly_at_expiry_minus_refresh_before_minus_jitter() {
+fn without_an_announced_time_refresh_is_due_at_expiry_minus_refresh_before_minus_jitter() {
     let mut w = World::new();
     let expiry = t("2026-11-28T11:00:00Z");
     w.token_expiry = Some(expiry);
     let due = refresh_due_at(&w.mi, expiry);
-    let spread = jitter(w.mi.uid().as_deref().unwrap(), Duration::from_secs(60));
+    // No status: the lifetime is unknown, the spread is a tenth of refreshBefore, at most 30 s.
+    let spread = jitter(w.mi.uid().as_deref().unwrap(), Duration::from_secs(30));
     assert_eq!(
         due,
         expiry - SignedDuration::from_mins(10) - SignedDuration::try_from(spread).unwrap()
     );
-    assert!(spread <= Duration::from_secs(30));
 
     w.now = due - SignedDuration::from_secs(1);
     assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
@@ -192,18 +197,68 @@ fn refresh_before_comes_from_the_spec() {
 }
 
 #[test]
-fn short_lived_tokens_refresh_at_two_thirds_of_their_life() {
+fn the_refresh_window_is_the_last_fifth_before_refresh_before() {
+    let w = World::new();
+    let issued = t("2026-11-28T10:00:00Z");
+    // An hour's token, refreshBefore 10m: from 12 minutes before 10:50 to 10:50.
+    assert_eq!(
+        refresh_window(&w.mi, Some(issued), t("2026-11-28T11:00:00Z")),
+        Window {
+            earliest: t("2026-11-28T10:38:00Z"),
+            latest: t("2026-11-28T10:50:00Z"),
+        }
+    );
+    // 30 s lifetime with refreshBefore 10m: two thirds of the lifetime, a fifth of it earlier.
+    assert_eq!(
+        refresh_window(&w.mi, Some(issued), t("2026-11-28T10:00:30Z")),
+        Window {
+            earliest: t("2026-11-28T10:00:14Z"),
+            latest: t("2026-11-28T10:00:20Z"),
+        }
+    );
+    // Lifetimes of a day spread over an hour at most.
+    let day = refresh_window(&w.mi, Some(issued), t("2026-11-29T10:00:00Z"));
+    assert_eq!(
+        day.latest.duration_since(day.earliest),
+        SignedDuration::from_hours(1)
+    );
+    // A token that expired before it was issued has no lifetime to spread over.
+    let odd = refresh_window(&w.mi, Some(issued), t("2026-11-28T09:00:00Z"));
+    assert!(odd.earliest <= odd.latest && odd.latest <= t("2026-11-28T09:00:00Z"));
+}
+
+#[test]
+fn the_announced_time_is_kept_while_it_belongs_to_the_token_and_its_window() {
     let mut w = World::new();
+    let expiry = t("2026-11-28T11:00:00Z");
+    let announced = t("2026-11-28T10:41:07Z");
     let s = w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T10:00:30Z"),
+        expires_at: expiry,
+        next_refresh_at: announced,
         account: None,
         scopes: vec![],
     });
-    // 30 s lifetime with refreshBefore 10m: due at 20 s (minus at most 1 s of jitter).
-    let next = s.next_refresh_time.unwrap().0;
+    assert_eq!(s.next_refresh_time.as_ref().map(|t| t.0), Some(announced));
+    w.token_expiry = Some(expiry);
+    assert_eq!(refresh_due_at(&w.mi, expiry), announced);
+    w.now = announced - SignedDuration::from_secs(1);
+    assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
+    // An idle reconcile (a restart's too) announces the same second: nothing to write.
+    let again = status_after(&w.observed(), &Outcome::Idle, None);
+    assert_eq!(Some(&again), w.mi.status.as_ref());
+    w.now = announced;
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+
+    // For another token (a token Secret written by hand) the announcement is not trusted.
+    let other = t("2026-11-28T11:30:00Z");
+    assert_ne!(refresh_due_at(&w.mi, other), announced);
+    // Nor a time after the window (an edited status): never later than expiry - refreshBefore.
+    let status = w.mi.status.as_mut().unwrap();
+    status.next_refresh_time = Some(Time(t("2026-11-28T10:55:00Z")));
+    let due = refresh_due_at(&w.mi, expiry);
     assert!(
-        next <= t("2026-11-28T10:00:20Z") && next >= t("2026-11-28T10:00:19Z"),
-        "{next}"
+        due <= t("2026-11-28T10:50:00Z") && due >= t("2026-11-28T10:38:00Z"),
+        "{due}"
     );
 }
 
@@ -222,6 +277,7 @@ fn idle_reconcile_reproduces_the_stored_status_exactly() {
     let mut w = World::new();
     w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: Some("support@example.com".into()),
         scopes: vec!["https://mail.google.com/".into()],
     });
@@ -246,6 +302,7 @@ fn refreshed_status_is_ready_with_times() {
     let mut w = World::new();
     let s = w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: Some("support@example.com".into()),
         scopes: vec!["https://mail.google.com/".into()],
     });
@@ -355,6 +412,7 @@ fn requested_refresh_runs_once_per_annotation_value() {
     assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
     w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: None,
         scopes: vec![],
     });
@@ -369,6 +427,7 @@ fn transient_failure_keeps_ready_while_the_token_is_valid() {
     let mut w = World::new();
     w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: None,
         scopes: vec![],
     });
@@ -448,6 +507,7 @@ fn transition_times_move_only_when_status_flips() {
     let mut w = World::new();
     let s1 = w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: None,
         scopes: vec![],
     });
@@ -458,6 +518,7 @@ fn transition_times_move_only_when_status_flips() {
     w.now = t("2026-11-28T10:50:00Z");
     let s2 = w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:50:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:50:00Z")),
         account: None,
         scopes: vec![],
     });
@@ -486,6 +547,7 @@ fn requeue_is_exactly_the_next_due_time() {
     let mut w = World::new();
     let s = w.store(&Outcome::Refreshed {
         expires_at: t("2026-11-28T11:00:00Z"),
+        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
         account: None,
         scopes: vec![],
     });
@@ -521,6 +583,7 @@ fn token_expiry_at_the_ends_of_the_clock_does_not_panic() {
         let outcome = match action {
             Action::Refresh(_) => Outcome::Refreshed {
                 expires_at: crate::time::after(w.now, Duration::from_secs(3600)),
+                next_refresh_at: latest(&w, crate::time::after(w.now, Duration::from_secs(3600))),
                 account: None,
                 scopes: vec![],
             },

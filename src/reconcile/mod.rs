@@ -12,4 +12,5 @@ pub mod mailbox_check;
 pub mod observed;
 pub mod refresh;
 pub mod secrets;
+pub mod slots;
 pub mod template;

@@ -472,8 +472,10 @@ async fn publish(
             reason: "TokenRefreshed".into(),
         })
         .inc();
+    let window = super::decide::refresh_window(mi, Some(now), token.expires_at);
     Outcome::Refreshed {
         expires_at: token.expires_at,
+        next_refresh_at: ctx.slots.pick(&uid, window, now),
         account,
         scopes,
     }
