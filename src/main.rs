@@ -10,7 +10,10 @@ use mail_integration_operator::{
     metrics::Metrics,
     oauth::OAuthClient,
     provider::ProviderResolver,
-    reconcile::controller::{self, Context},
+    reconcile::{
+        controller::{self, Context},
+        watches,
+    },
     web::{
         health::{self, HealthState},
         signin::{self, KubeBackend, SignIn, SignInConfig, Signer},
@@ -21,6 +24,11 @@ use std::{
     sync::{Arc, atomic::AtomicBool},
 };
 use tracing::info;
+
+// See Cargo.toml: jemalloc with background purging instead of the platform's allocator.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Keeps mailbox integrations connected through OAuth 2.0: serves the sign-in page, refreshes access
 /// tokens before they expire, writes them into Secrets that mail workloads mount, and reports the
@@ -310,7 +318,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await?;
     } else {
-        let mut running = tokio::spawn(controller::run(ctx, args.namespace, ready, stop.clone()));
+        let mut running = tokio::spawn(watches::run(ctx, args.namespace, ready, stop.clone()));
         let mut stopping = stop;
         tokio::select! {
             _ = &mut running => {}
@@ -402,7 +410,7 @@ async fn run_as_leader(
     }
     info!(identity = %lease.identity, "became the leader: reconciling");
     let (term_tx, term) = tokio::sync::watch::channel(false);
-    let mut running = tokio::spawn(controller::run(ctx.clone(), namespace, ready, term));
+    let mut running = tokio::spawn(watches::run(ctx.clone(), namespace, ready, term));
     let lost = async {
         loop {
             if !*leader.borrow_and_update() || fence.check().is_err() {
