@@ -1,14 +1,17 @@
 //! What the operator asks of the API server, counted at an [`ApiProxy`] in front of it: the watch
 //! caches serve the reconciles, so neither an idle reconcile nor a refresh reads anything (the
 //! grant a refresh presents is the cached one, checked against this process's own last writes under
-//! the per-grant lock), and no Secret is ever listed or watched without a label selector. Structural, not timing-based: the counts are exact whatever the machine's speed.
+//! the per-grant lock), and no Secret is ever listed or watched without a label selector; the
+//! watches stream their initial objects where the API server allows it, and list them in pages
+//! where not. Structural, not timing-based: the counts are exact whatever the machine's speed.
 
 mod support;
 
 use kube::api::{Patch, PatchParams};
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 use support::{
     api_proxy::ApiProxy,
+    control_plane::ControlPlane,
     oauth::OAuthServer,
     operator::Operator,
     world::{Env, is_ready},
@@ -190,4 +193,80 @@ async fn a_refresh_reads_nothing_and_no_secret_is_listed_unselected() {
     );
     // The operator's own counter agrees with the API server's side.
     assert_eq!(g1 - g0, 0.0, "grant reads counted by the operator");
+}
+
+/// A control plane whose API server refuses streaming lists (the WatchList feature off, as
+/// Kubernetes 1.33 ships it).
+fn control_plane_without_streaming_lists() -> &'static ControlPlane {
+    static CP: OnceLock<ControlPlane> = OnceLock::new();
+    CP.get_or_init(|| {
+        let cp = ControlPlane::start_dedicated_with(&["--feature-gates=WatchList=false"]);
+        cp.install_crd();
+        cp
+    })
+}
+
+/// The collection requests (lists and watches) of integrations and Secrets, split into those that
+/// ask for the initial objects as watch events (`sendInitialEvents=true`) and paged lists.
+fn initial_lists(api: &ApiProxy) -> (Vec<String>, Vec<String>) {
+    let collections: Vec<String> = api
+        .requests_log_with_query()
+        .into_iter()
+        .filter(|(m, p)| {
+            let path = p.split_once('?').map_or(p.as_str(), |(path, _)| path);
+            m == "GET" && (path.ends_with("/secrets") || path.ends_with("/mailintegrations"))
+        })
+        .map(|(_, p)| p)
+        .collect();
+    let (streamed, other): (Vec<_>, Vec<_>) = collections
+        .into_iter()
+        .partition(|p| p.contains("sendInitialEvents=true"));
+    let paged = other.into_iter().filter(|p| !p.contains("watch=")).collect();
+    (streamed, paged)
+}
+
+async fn ready_through_a_proxy(env: &Env, api: &ApiProxy) -> Operator {
+    let kubeconfig = env.log_dir.path().join("proxy-kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
+    env.ready_integration(&op, "inbox").await;
+    op
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watches_stream_their_initial_objects_where_the_api_server_allows_it_and_list_pages_where_not()
+ {
+    // This binary's shared API server (Kubernetes 1.35: WatchList on by default) streams: the
+    // integrations' watch and the two Secret watches, after one probe; not one paged list.
+    let env = Env::new("lists-streamed", long_lived_server()).await;
+    let api = ApiProxy::start();
+    let op = ready_through_a_proxy(&env, &api).await;
+    let (streamed, paged) = initial_lists(&api);
+    assert!(
+        streamed.len() >= 4 && paged.is_empty(),
+        "expected the probe and three streamed watches, no paged list; streamed:\n{}\npaged:\n{}\n{}",
+        streamed.join("\n"),
+        paged.join("\n"),
+        op.process.log_tail(20)
+    );
+    assert!(op.process.log_tail(usize::MAX).contains("Streaming"), "{}", op.process.log_tail(20));
+
+    // One that refuses them: the probe is refused, and the caches are filled by paged lists.
+    let cp = control_plane_without_streaming_lists();
+    let env = Env::new_on(cp, "lists-paged", long_lived_server()).await;
+    let api = ApiProxy::start_for(cp);
+    let op = ready_through_a_proxy(&env, &api).await;
+    let (streamed, paged) = initial_lists(&api);
+    assert!(
+        streamed.len() == 1 && paged.len() >= 3,
+        "expected only the refused probe streamed and three paged lists; streamed:\n{}\npaged:\n{}\n{}",
+        streamed.join("\n"),
+        paged.join("\n"),
+        op.process.log_tail(20)
+    );
+    assert!(
+        paged.iter().filter(|p| p.contains("/secrets")).all(|p| p.contains("labelSelector=")),
+        "{paged:?}"
+    );
+    assert!(op.process.log_tail(usize::MAX).contains("Paged"), "{}", op.process.log_tail(20));
 }

@@ -14,3 +14,4 @@ pub mod refresh;
 pub mod secrets;
 pub mod slots;
 pub mod template;
+pub mod watches;

@@ -60,7 +60,7 @@ static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 
 /// The control plane of this test binary, started on first use.
 pub fn control_plane() -> &'static ControlPlane {
-    CONTROL_PLANE.get_or_init(ControlPlane::start)
+    CONTROL_PLANE.get_or_init(|| ControlPlane::start(&[]))
 }
 
 /// The directory holding kube-apiserver, etcd, kubectl and helm: `$MIO_CONTROL_PLANE_BIN`, as
@@ -95,10 +95,15 @@ impl ControlPlane {
     /// seconds, like the shared one. `ensure_crd` and `unique_namespace` work on the shared one; use
     /// [`Self::install_crd`] and [`Self::unique_namespace`] here.
     pub fn start_dedicated() -> Self {
-        Self::start()
+        Self::start(&[])
     }
 
-    fn start() -> Self {
+    /// [`Self::start_dedicated`] with more kube-apiserver flags (`--feature-gates=…`, say).
+    pub fn start_dedicated_with(apiserver_flags: &[&str]) -> Self {
+        Self::start(apiserver_flags)
+    }
+
+    fn start(extra_apiserver_flags: &[&str]) -> Self {
         let bin_dir = bin_dir();
         let etcd_bin = require(&bin_dir, "etcd");
         let apiserver_bin = require(&bin_dir, "kube-apiserver");
@@ -170,7 +175,7 @@ impl ControlPlane {
 
         let port = reserve_port();
         let cert_dir = root.join("certs");
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={port}"),
@@ -189,6 +194,7 @@ impl ControlPlane {
             "--audit-log-mode=blocking".into(),
             "--v=0".into(),
         ];
+        apiserver_args.extend(extra_apiserver_flags.iter().map(|f| f.to_string()));
 
         let server = format!("https://127.0.0.1:{port}");
         let kubeconfig = root.join("kubeconfig");

@@ -1,0 +1,207 @@
+//! The watches and the kube-runtime `Controller` that runs [`reconcile`] over them: one per watched
+//! namespace (or one for all), each with its caches (see [`super::cache`]).
+
+use super::{
+    cache::{self, Caches},
+    controller::{Context, Scoped, error_policy, reconcile},
+};
+use crate::api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    api::WatchParams,
+    runtime::{
+        Controller, WatchStreamExt,
+        reflector::{self, ObjectRef, Store, reflector},
+        watcher::{Config as WatcherConfig, watcher},
+    },
+};
+use std::{sync::Arc, time::Duration};
+use tracing::info;
+
+/// How the watches get their initial state. A streaming list (the initial objects as watch
+/// events) keeps one object at a time in flight where a paged list holds whole pages of them; the
+/// API server must allow it (Kubernetes 1.34 and later by default, the WatchList feature), so one
+/// watch request asks first, and paged lists remain for a server that refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InitialList {
+    Streaming,
+    Paged,
+}
+
+impl InitialList {
+    async fn of(integrations: &Api<MailIntegration>) -> Self {
+        // A selector no object has: the answer is the end-of-initial-events bookmark alone.
+        let probe = WatchParams::streaming_lists()
+            .labels("mailintegration.dev/initial-list-probe")
+            .timeout(1);
+        let streaming = match integrations.watch(&probe, "0").await {
+            Ok(events) => {
+                let mut events = std::pin::pin!(events);
+                // The server refuses in the stream's first event or in the response itself.
+                !matches!(
+                    events.next().await,
+                    Some(Err(_)) | Some(Ok(kube::api::WatchEvent::Error(_)))
+                )
+            }
+            Err(_) => false,
+        };
+        let chosen = if streaming { Self::Streaming } else { Self::Paged };
+        info!(initial_list = ?chosen, "how the watches list their objects");
+        chosen
+    }
+
+    fn config(self) -> WatcherConfig {
+        match self {
+            Self::Streaming => WatcherConfig::default().streaming_lists(),
+            Self::Paged => WatcherConfig::default().any_semantic(),
+        }
+    }
+}
+
+/// The MailIntegrations whose client Secret or CA bundle is `secret` (same namespace, by name).
+fn integrations_using(
+    store: &Store<MailIntegration>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<MailIntegration>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|mi| mi.namespace().as_deref() == namespace)
+        .filter(|mi| {
+            mi.spec.oauth.client_secret_ref.name == name
+                || mi
+                    .spec
+                    .oauth
+                    .client_certificate_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
+                || mi
+                    .spec
+                    .mailbox
+                    .ca_secret_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
+        })
+        .map(|mi| ObjectRef::from_obj(&*mi))
+        .collect()
+}
+
+/// How the watches reconnect after an error (an API server outage, say): exponential from 0.8 s,
+/// with jitter, up to 10 s between tries, reset by the next event. kube's default (client-go's:
+/// up to 30 s, jitter doubling it) left the caches up to a minute behind an API server that was
+/// back; three watches trying every 10 s are no load for one.
+fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+/// Run the controller until shutdown, over all namespaces (`namespaces` empty) or over each of
+/// `namespaces` (one watch per namespace, so RBAC can be limited to them).
+pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: Vec<String>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if namespaces.is_empty() {
+        run_one(ctx, None, ready, stop).await;
+    } else {
+        // `--namespace a --namespace a` must not start two controllers for one namespace.
+        let mut unique = namespaces;
+        unique.sort();
+        unique.dedup();
+        futures::future::join_all(
+            unique
+                .into_iter()
+                .map(|ns| run_one(ctx.clone(), Some(ns), ready.clone(), stop.clone())),
+        )
+        .await;
+    }
+}
+
+async fn run_one(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let client = ctx.client.clone();
+    let integrations = match &namespace {
+        Some(ns) => Api::<MailIntegration>::namespaced(client.clone(), ns),
+        None => Api::<MailIntegration>::all(client.clone()),
+    };
+    let secrets: Api<Secret> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let initial = InitialList::of(&integrations).await;
+    // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
+    let (store, writer) = reflector::store();
+    let integration_events = reflector(
+        writer,
+        watcher(integrations, initial.config())
+            .backoff(watch_backoff())
+            .modify(cache::trim_integration),
+    )
+    .applied_objects();
+    // Per-object metrics are read from this cache at scrape time, while this controller runs.
+    let _metrics = ctx.metrics.objects.register(store.clone());
+    // Only Secrets with the operator's labels are watched and cached: its own grant and token
+    // Secrets and grants brought by hand (`mailintegration.dev/integration`, which names the
+    // integration), and the client Secrets and CA bundles users marked for it. Reconciles read them
+    // from these caches, and a change triggers the integrations concerned within seconds; the
+    // cluster's other Secrets are never listed.
+    let (owned, owned_writer) = reflector::store();
+    let (marked, marked_writer) = reflector::store();
+    let watch = |selector: &str| {
+        watcher(
+            secrets.clone(),
+            initial.config().labels(selector),
+        )
+        .backoff(watch_backoff())
+        .modify(cache::trim_secret)
+    };
+    let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
+        .touched_objects()
+        .predicate_filter(
+            kube::runtime::predicates::resource_version,
+            Default::default(),
+        );
+    let marked_events = reflector(marked_writer, watch(&format!("{OAUTH_CLIENT_LABEL}=true")))
+        .touched_objects()
+        .predicate_filter(
+            kube::runtime::predicates::resource_version,
+            Default::default(),
+        );
+    let caches = Caches::new(store.clone(), owned, marked);
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let scoped = Arc::new(Scoped { ctx, caches, wake });
+    let config = kube::runtime::controller::Config::default().concurrency(scoped.ctx.concurrency);
+    Controller::for_stream(integration_events, store.clone())
+        .with_config(config)
+        .watches_stream(owned_events, |s: Secret| {
+            let ns = s.namespace()?;
+            let name = s.labels().get(INTEGRATION_LABEL)?.clone();
+            Some(ObjectRef::new(&name).within(&ns))
+        })
+        .watches_stream(marked_events, move |s: Secret| {
+            integrations_using(&store, s.metadata.namespace.as_deref(), &s.name_any())
+        })
+        .reconcile_on(woken)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, scoped)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
