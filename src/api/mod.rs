@@ -96,7 +96,9 @@ pub struct MailIntegrationSpec {
     pub oauth: OAuthSpec,
     /// The Secret the operator writes the current access token into, for mail workloads to mount.
     pub token_secret: TokenSecretRef,
-    /// Refresh this long before the access token expires (Go duration, 1m to 50m; default 10m).
+    /// Refresh at least this long before the access token expires (Go duration, 1m to 50m; default
+    /// 10m). When many tokens come due together, some are refreshed up to a fifth of their lifetime
+    /// earlier, so that the refreshes spread out; status.nextRefreshTime says when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('50m')")
