@@ -221,7 +221,10 @@ fn initial_lists(api: &ApiProxy) -> (Vec<String>, Vec<String>) {
     let (streamed, other): (Vec<_>, Vec<_>) = collections
         .into_iter()
         .partition(|p| p.contains("sendInitialEvents=true"));
-    let paged = other.into_iter().filter(|p| !p.contains("watch=")).collect();
+    let paged = other
+        .into_iter()
+        .filter(|p| !p.contains("watch="))
+        .collect();
     (streamed, paged)
 }
 
@@ -249,7 +252,11 @@ async fn the_watches_stream_their_initial_objects_where_the_api_server_allows_it
         paged.join("\n"),
         op.process.log_tail(20)
     );
-    assert!(op.process.log_tail(usize::MAX).contains("Streaming"), "{}", op.process.log_tail(20));
+    assert!(
+        op.process.log_tail(usize::MAX).contains("Streaming"),
+        "{}",
+        op.process.log_tail(20)
+    );
 
     // One that refuses them: the probe is refused, and the caches are filled by paged lists.
     let cp = control_plane_without_streaming_lists();
@@ -265,8 +272,15 @@ async fn the_watches_stream_their_initial_objects_where_the_api_server_allows_it
         op.process.log_tail(20)
     );
     assert!(
-        paged.iter().filter(|p| p.contains("/secrets")).all(|p| p.contains("labelSelector=")),
+        paged
+            .iter()
+            .filter(|p| p.contains("/secrets"))
+            .all(|p| p.contains("labelSelector=")),
         "{paged:?}"
     );
-    assert!(op.process.log_tail(usize::MAX).contains("Paged"), "{}", op.process.log_tail(20));
+    assert!(
+        op.process.log_tail(usize::MAX).contains("Paged"),
+        "{}",
+        op.process.log_tail(20)
+    );
 }

@@ -17,9 +17,7 @@ use crate::lease::Fence;
 use crate::sync::GrantLocks;
 use crate::sync::LockExt as _;
 use crate::{
-    api::{
-        MailIntegration, MailIntegrationStatus, condition,
-    },
+    api::{MailIntegration, MailIntegrationStatus, condition},
     metrics::Metrics,
     oauth::OAuthClient,
     provider::ProviderResolver,
@@ -232,7 +230,10 @@ pub struct Scoped {
 }
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any())))]
-pub(super) async fn reconcile(mi: Arc<MailIntegration>, scoped: Arc<Scoped>) -> Result<Action, Error> {
+pub(super) async fn reconcile(
+    mi: Arc<MailIntegration>,
+    scoped: Arc<Scoped>,
+) -> Result<Action, Error> {
     let ctx = &scoped.ctx;
     // Boxed as `dyn Future + Send`: works around rustc's higher-ranked Send inference for futures
     // that hold references across awaits.

@@ -195,7 +195,11 @@ mod tests {
         for i in 0..10_000i64 {
             let issued = i / 100;
             let latest = issued + 540;
-            let got = slots.pick(&format!("uid-{i}"), window(latest - 120, latest), at(issued));
+            let got = slots.pick(
+                &format!("uid-{i}"),
+                window(latest - 120, latest),
+                at(issued),
+            );
             assert!(got >= at(latest - 120) && got <= at(latest), "{got}");
         }
         let busiest = (0..700).map(|s| slots.load_at(at(s))).max().unwrap();

@@ -47,7 +47,11 @@ impl InitialList {
             }
             Err(_) => false,
         };
-        let chosen = if streaming { Self::Streaming } else { Self::Paged };
+        let chosen = if streaming {
+            Self::Streaming
+        } else {
+            Self::Paged
+        };
         info!(initial_list = ?chosen, "how the watches list their objects");
         chosen
     }
@@ -162,12 +166,9 @@ async fn run_one(
     let (owned, owned_writer) = reflector::store();
     let (marked, marked_writer) = reflector::store();
     let watch = |selector: &str| {
-        watcher(
-            secrets.clone(),
-            initial.config().labels(selector),
-        )
-        .backoff(watch_backoff())
-        .modify(cache::trim_secret)
+        watcher(secrets.clone(), initial.config().labels(selector))
+            .backoff(watch_backoff())
+            .modify(cache::trim_secret)
     };
     let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
         .touched_objects()
@@ -204,4 +205,3 @@ async fn run_one(
         .for_each(|_| futures::future::ready(()))
         .await;
 }
-
