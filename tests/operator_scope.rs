@@ -197,7 +197,7 @@ async fn an_operator_watching_two_namespaces_serves_both_and_leaves_a_third_alon
     let standin = ProviderStandIn::start(Flavour::Google);
     let proxies: Vec<FaultProxy> = (0..3).map(|_| FaultProxy::start(&standin.url())).collect();
     let ns_flag = format!("--namespace={second}");
-    let op = env.operator_with("operator", &["--allow-endpoint-overrides", &ns_flag]);
+    let mut op = env.operator_with("operator", &["--allow-endpoint-overrides", &ns_flag]);
     let spaces = [env.ns.clone(), second.clone(), unwatched.clone()];
     for (ns, proxy) in spaces.iter().zip(&proxies) {
         google_integration(&env, ns, "inbox", &standin, proxy).await;
@@ -228,6 +228,8 @@ async fn an_operator_watching_two_namespaces_serves_both_and_leaves_a_third_alon
         0,
         "a refresh for the unwatched namespace"
     );
+    // The audit log records a request once it is complete: a watch when it ends, so stop first.
+    op.process.stop();
     let requests = op.api_requests();
     let about_unwatched: Vec<_> = requests
         .iter()

@@ -22,8 +22,8 @@ use tracing::info;
 
 /// How the watches get their initial state. A streaming list (the initial objects as watch
 /// events) keeps one object at a time in flight where a paged list holds whole pages of them; the
-/// API server must allow it (Kubernetes 1.34 and later by default, the WatchList feature), so one
-/// watch request asks first, and paged lists remain for a server that refuses.
+/// API server must allow it (the WatchList feature, on by default in Kubernetes 1.32 and from 1.34),
+/// so one watch request asks first, and paged lists remain for a server that refuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum InitialList {
     Streaming,
@@ -115,8 +115,14 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // One API server: asked once, in a namespace this process may watch.
+    let probed = match namespaces.first() {
+        Some(ns) => Api::<MailIntegration>::namespaced(ctx.client.clone(), ns),
+        None => Api::<MailIntegration>::all(ctx.client.clone()),
+    };
+    let initial = InitialList::of(&probed).await;
     if namespaces.is_empty() {
-        run_one(ctx, None, ready, stop).await;
+        run_one(ctx, None, initial, ready, stop).await;
     } else {
         // `--namespace a --namespace a` must not start two controllers for one namespace.
         let mut unique = namespaces;
@@ -125,7 +131,7 @@ pub async fn run(
         futures::future::join_all(
             unique
                 .into_iter()
-                .map(|ns| run_one(ctx.clone(), Some(ns), ready.clone(), stop.clone())),
+                .map(|ns| run_one(ctx.clone(), Some(ns), initial, ready.clone(), stop.clone())),
         )
         .await;
     }
@@ -134,6 +140,7 @@ pub async fn run(
 async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<String>,
+    initial: InitialList,
     ready: Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -146,7 +153,6 @@ async fn run_one(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let initial = InitialList::of(&integrations).await;
     // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
     let (store, writer) = reflector::store();
     let integration_events = reflector(
