@@ -13,6 +13,7 @@
 //!   read once so that the condition names the problem, as before;
 //! - an object whose resourceVersion cannot be compared (see [`freshness`]).
 
+use super::cached_secret::CachedSecret;
 use crate::api::MailIntegration;
 use crate::sync::LockExt as _;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
@@ -24,7 +25,7 @@ use kube::{
 use std::{collections::HashMap, sync::Mutex};
 
 /// The annotation `kubectl apply` keeps a full copy of the object in: never read by the operator.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Trim an integration before it enters the watch cache: managedFields (about half of a served
 /// object once several managers wrote it) and kubectl's last-applied copy are never read, and the
@@ -36,22 +37,14 @@ pub fn trim_integration(mi: &mut MailIntegration) {
     }
 }
 
-/// Trim a Secret before it enters the watch cache (its data is what the reconcile reads).
-pub fn trim_secret(s: &mut Secret) {
-    s.managed_fields_mut().clear();
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.remove(LAST_APPLIED);
-    }
-}
-
 /// The watch caches of one controller (one per watched namespace, or one for all).
 #[derive(Clone)]
 pub struct Caches {
     pub integrations: Store<MailIntegration>,
-    /// Grant and token Secrets (label `mailintegration.dev/integration`).
-    pub owned: Store<Secret>,
-    /// Secrets users marked for the operator: client Secrets and CA bundles.
-    pub marked: Store<Secret>,
+    /// Grant and token Secrets (label `mailintegration.dev/integration`), kept compact.
+    pub owned: Store<CachedSecret>,
+    /// Secrets users marked for the operator: client Secrets and CA bundles, kept compact.
+    pub marked: Store<CachedSecret>,
     /// Whether both Secret caches hold their first list, for any number of waiters.
     secrets_listed: Shared<BoxFuture<'static, bool>>,
 }
@@ -59,8 +52,8 @@ pub struct Caches {
 impl Caches {
     pub fn new(
         integrations: Store<MailIntegration>,
-        owned: Store<Secret>,
-        marked: Store<Secret>,
+        owned: Store<CachedSecret>,
+        marked: Store<CachedSecret>,
     ) -> Self {
         // `Store::wait_until_ready` wakes only the last of its concurrent waiters (it polls one
         // oneshot receiver, which keeps one waker): with hundreds of reconciles waiting at a
@@ -97,13 +90,13 @@ impl Caches {
     pub fn owned_secret(&self, ns: &str, name: &str) -> Option<Secret> {
         self.owned
             .get(&ObjectRef::new(name).within(ns))
-            .map(|s| (*s).clone())
+            .map(|s| s.to_secret())
     }
 
     pub fn marked_secret(&self, ns: &str, name: &str) -> Option<Secret> {
         self.marked
             .get(&ObjectRef::new(name).within(ns))
-            .map(|s| (*s).clone())
+            .map(|s| s.to_secret())
     }
 }
 
@@ -251,8 +244,8 @@ mod tests {
     #[tokio::test]
     async fn every_reconcile_waiting_for_the_secret_caches_wakes_when_they_have_listed() {
         let (integrations, _w) = kube::runtime::reflector::store::<MailIntegration>();
-        let (owned, mut owned_writer) = kube::runtime::reflector::store::<Secret>();
-        let (marked, mut marked_writer) = kube::runtime::reflector::store::<Secret>();
+        let (owned, mut owned_writer) = kube::runtime::reflector::store::<CachedSecret>();
+        let (marked, mut marked_writer) = kube::runtime::reflector::store::<CachedSecret>();
         let caches = Caches::new(integrations, owned, marked);
         let limit = std::time::Duration::from_secs(20);
         let waiters: Vec<_> = (0..100)
@@ -338,15 +331,16 @@ mod tests {
 
     #[test]
     fn trimming_drops_managed_fields_and_the_last_applied_copy() {
-        let mut s: Secret = serde_json::from_value(serde_json::json!({
+        let mut mi: MailIntegration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
             "metadata": {"name": "a", "annotations": {LAST_APPLIED: "{}", "keep": "1"},
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-            "data": {"k": "dg=="}
+            "spec": {"provider": "Google", "mailbox": {"address": "a@example.test"},
+                "oauth": {"clientSecretRef": {"name": "c"}}, "tokenSecret": {"name": "t"}}
         }))
         .unwrap();
-        trim_secret(&mut s);
-        assert!(s.managed_fields().is_empty());
-        assert_eq!(s.annotations().len(), 1);
-        assert!(s.data.is_some());
+        trim_integration(&mut mi);
+        assert!(mi.managed_fields().is_empty());
+        assert_eq!(mi.annotations().len(), 1);
     }
 }

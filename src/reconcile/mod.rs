@@ -2,6 +2,7 @@
 //! clock) and a small layer that applies it to the API and the provider.
 
 pub mod cache;
+pub mod cached_secret;
 pub mod controller;
 pub mod decide;
 pub mod events;

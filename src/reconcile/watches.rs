@@ -3,6 +3,7 @@
 
 use super::{
     cache::{self, Caches},
+    cached_secret,
     controller::{Context, Scoped, error_policy, reconcile},
 };
 use crate::api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL};
@@ -172,22 +173,22 @@ async fn run_one(
     let (owned, owned_writer) = reflector::store();
     let (marked, marked_writer) = reflector::store();
     let watch = |selector: &str| {
-        watcher(secrets.clone(), initial.config().labels(selector))
-            .backoff(watch_backoff())
-            .modify(cache::trim_secret)
+        watcher(secrets.clone(), initial.config().labels(selector)).backoff(watch_backoff())
     };
-    let owned_events = reflector(owned_writer, watch(INTEGRATION_LABEL))
+    // The stores keep the compact form of each Secret (see `cached_secret`).
+    let owned_events = cached_secret::reflector(owned_writer, watch(INTEGRATION_LABEL))
         .touched_objects()
         .predicate_filter(
             kube::runtime::predicates::resource_version,
             Default::default(),
         );
-    let marked_events = reflector(marked_writer, watch(&format!("{OAUTH_CLIENT_LABEL}=true")))
-        .touched_objects()
-        .predicate_filter(
-            kube::runtime::predicates::resource_version,
-            Default::default(),
-        );
+    let marked_events =
+        cached_secret::reflector(marked_writer, watch(&format!("{OAUTH_CLIENT_LABEL}=true")))
+            .touched_objects()
+            .predicate_filter(
+                kube::runtime::predicates::resource_version,
+                Default::default(),
+            );
     let caches = Caches::new(store.clone(), owned, marked);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (wake, woken) = futures::channel::mpsc::unbounded();
