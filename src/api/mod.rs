@@ -35,6 +35,9 @@ pub const OAUTH_CLIENT_LABEL: &str = "mailintegration.dev/oauth-client";
 /// RFC 3339 time), as the provider's console shows it: a warning condition, a metric and an alert
 /// come 30 days ahead.
 pub const CLIENT_SECRET_EXPIRES_ANNOTATION: &str = "mailintegration.dev/client-secret-expires";
+/// The annotation `kubectl apply` keeps a full copy of the object in: never read by the operator,
+/// and left out of its watch caches.
+pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Suffix of the grant Secret's name (`<integration>-oauth-grant`).
 pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
 

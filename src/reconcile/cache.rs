@@ -14,7 +14,7 @@
 //! - an object whose resourceVersion cannot be compared (see [`freshness`]).
 
 use super::cached_secret::CachedSecret;
-use crate::api::MailIntegration;
+use crate::api::{LAST_APPLIED_ANNOTATION as LAST_APPLIED, MailIntegration};
 use crate::sync::LockExt as _;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
 use k8s_openapi::api::core::v1::Secret;
@@ -23,9 +23,6 @@ use kube::{
     runtime::reflector::{ObjectRef, Store},
 };
 use std::{collections::HashMap, sync::Mutex};
-
-/// The annotation `kubectl apply` keeps a full copy of the object in: never read by the operator.
-pub(super) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Trim an integration before it enters the watch cache: managedFields (about half of a served
 /// object once several managers wrote it) and kubectl's last-applied copy are never read, and the

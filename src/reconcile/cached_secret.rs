@@ -12,7 +12,7 @@
 //! with the projection in between, so that the watch still hands full Secrets to the controller's
 //! triggers while the store keeps the compact form.
 
-use super::cache::LAST_APPLIED;
+use crate::api::LAST_APPLIED_ANNOTATION as LAST_APPLIED;
 use futures::{Stream, TryStreamExt as _};
 use k8s_openapi::{
     ByteString,
