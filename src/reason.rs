@@ -113,6 +113,10 @@ pub enum Reason {
     TokenSecretConflict,
     /// The grant Secret `<name>-oauth-grant` exists but belongs to something else.
     GrantSecretConflict,
+    /// A client Secret, certificate or CA bundle marked for the operator is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): nothing of it is used.
+    ClientSecretTooLarge,
+    /// The grant or token Secret (labelled `mailintegration.dev/integration`) is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): it is neither used nor written.
+    SecretTooLarge,
     /// The stored grant was issued for another provider, token endpoint, client or account than the spec now names.
     GrantBoundElsewhere,
     /// `spec.oauth.endpoints` overrides a Google or Microsoft endpoint, which this operator does not allow.
@@ -251,6 +255,8 @@ impl Reason {
         Reason::ClientSecretNotMarked,
         Reason::TokenSecretConflict,
         Reason::GrantSecretConflict,
+        Reason::ClientSecretTooLarge,
+        Reason::SecretTooLarge,
         Reason::GrantBoundElsewhere,
         Reason::EndpointOverrideNotAllowed,
         Reason::MailboxHostNotAllowed,
@@ -335,6 +341,8 @@ impl Reason {
             Reason::ClientSecretNotMarked => "ClientSecretNotMarked",
             Reason::TokenSecretConflict => "TokenSecretConflict",
             Reason::GrantSecretConflict => "GrantSecretConflict",
+            Reason::ClientSecretTooLarge => "ClientSecretTooLarge",
+            Reason::SecretTooLarge => "SecretTooLarge",
             Reason::GrantBoundElsewhere => "GrantBoundElsewhere",
             Reason::EndpointOverrideNotAllowed => "EndpointOverrideNotAllowed",
             Reason::MailboxHostNotAllowed => "MailboxHostNotAllowed",
@@ -440,6 +448,8 @@ impl Reason {
             | Reason::ClientSecretNotMarked
             | Reason::TokenSecretConflict
             | Reason::GrantSecretConflict
+            | Reason::ClientSecretTooLarge
+            | Reason::SecretTooLarge
             | Reason::GrantBoundElsewhere
             | Reason::EndpointOverrideNotAllowed
             | Reason::MailboxHostNotAllowed

@@ -6,6 +6,9 @@
 
 mod support;
 
+#[path = "trust_boundaries/memory.rs"]
+mod memory;
+
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
 use std::time::Duration;

@@ -107,6 +107,12 @@ impl Reason {
             Reason::GrantSecretConflict => {
                 "The grant Secret `<name>-oauth-grant` exists but belongs to something else."
             }
+            Reason::ClientSecretTooLarge => {
+                "A client Secret, certificate or CA bundle marked for the operator is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): nothing of it is used."
+            }
+            Reason::SecretTooLarge => {
+                "The grant or token Secret (labelled `mailintegration.dev/integration`) is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): it is neither used nor written."
+            }
             Reason::GrantBoundElsewhere => {
                 "The stored grant was issued for another provider, token endpoint, client or account than the spec now names."
             }
@@ -361,6 +367,12 @@ impl Reason {
             }
             Reason::GrantSecretConflict => {
                 "Delete or rename that Secret; to bring your own refresh token, create it with the label mailintegration.dev/integration=<integration name>."
+            }
+            Reason::ClientSecretTooLarge => {
+                "Keep only what the integration needs in the Secret the message names (a client ID and secret, a certificate and key, a CA bundle), or move the rest to another Secret; the operator reads it again when it changes."
+            }
+            Reason::SecretTooLarge => {
+                "Delete the Secret the message names (the operator recreates its own), or bring a grant with only its refresh token; make spec.tokenSecret.template smaller if it fills the token Secret."
             }
             Reason::GrantBoundElsewhere => {
                 "Sign in again at status.signIn.url: a grant is only ever sent back to where it was issued."

@@ -7,13 +7,16 @@
 //! four GETs of every reconcile were the largest share of the API server's work). A refresh
 //! presents the cached grant: under the per-grant lock it is checked against this process's last
 //! writes (a sign-in by this process or the previous refresh may have replaced it; the sign-in
-//! server records its grant writes here too). Two reads stay, each where a cache cannot be trusted:
+//! server records its grant writes here too). The marked Secrets' watch is metadata-only: their data
+//! is read once per resourceVersion (see [`super::marked`]). Two more reads stay, each where a cache
+//! cannot be trusted:
 //! - a Secret the caches do not hold but that may exist unlabelled (a token Secret name taken by
 //!   someone else, a grant Secret brought by hand without its label, an unmarked client Secret):
 //!   read once so that the condition names the problem, as before;
 //! - an object whose resourceVersion cannot be compared (see [`freshness`]).
 
-use super::cached_secret::CachedSecret;
+use super::cached_secret::{CachedSecret, Held};
+use super::marked::MarkedData;
 use crate::api::{LAST_APPLIED_ANNOTATION as LAST_APPLIED, MailIntegration};
 use crate::sync::LockExt as _;
 use futures::future::{BoxFuture, FutureExt as _, Shared};
@@ -22,7 +25,10 @@ use kube::{
     ResourceExt,
     runtime::reflector::{ObjectRef, Store},
 };
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 /// Trim an integration before it enters the watch cache: managedFields (about half of a served
 /// object once several managers wrote it) and kubectl's last-applied copy are never read, and the
@@ -40,8 +46,11 @@ pub struct Caches {
     pub integrations: Store<MailIntegration>,
     /// Grant and token Secrets (label `mailintegration.dev/integration`), kept compact.
     pub owned: Store<CachedSecret>,
-    /// Secrets users marked for the operator: client Secrets and CA bundles, kept compact.
+    /// Secrets users marked for the operator (client Secrets, certificates, CA bundles): their
+    /// metadata, from a metadata-only watch.
     pub marked: Store<CachedSecret>,
+    /// The data of the marked Secrets a reconcile needed, per resourceVersion (see `super::marked`).
+    pub marked_data: Arc<MarkedData>,
     /// Whether both Secret caches hold their first list, for any number of waiters.
     secrets_listed: Shared<BoxFuture<'static, bool>>,
 }
@@ -69,6 +78,7 @@ impl Caches {
             integrations,
             owned,
             marked,
+            marked_data: Arc::default(),
             secrets_listed,
         }
     }
@@ -84,16 +94,29 @@ impl Caches {
         )
     }
 
-    pub fn owned_secret(&self, ns: &str, name: &str) -> Option<Secret> {
+    /// A grant or token Secret from the cache (or the marker of one too large to keep).
+    pub fn owned_secret(&self, ns: &str, name: &str) -> Option<Held> {
         self.owned
             .get(&ObjectRef::new(name).within(ns))
-            .map(|s| s.to_secret())
+            .map(|s| s.held())
     }
 
-    pub fn marked_secret(&self, ns: &str, name: &str) -> Option<Secret> {
-        self.marked
-            .get(&ObjectRef::new(name).within(ns))
-            .map(|s| s.to_secret())
+    /// A marked Secret: `None` when the metadata watch does not hold it (missing, or not marked);
+    /// else its data, read with `read` the first time this resourceVersion is needed.
+    pub async fn marked_secret<F, Fut>(
+        &self,
+        ns: &str,
+        name: &str,
+        read: F,
+    ) -> Result<Option<Held>, kube::Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Secret>, kube::Error>>,
+    {
+        let Some(meta) = self.marked.get(&ObjectRef::new(name).within(ns)) else {
+            return Ok(None);
+        };
+        self.marked_data.get(&meta, read).await
     }
 }
 

@@ -9,8 +9,14 @@
 //! boxed slices, and is turned back into a `Secret` when a reconcile looks it up.
 //!
 //! kube-runtime's `reflector` stores the type its watch yields; [`reflector`] here is the same loop
-//! with the projection in between, so that the watch still hands full Secrets to the controller's
-//! triggers while the store keeps the compact form.
+//! with the projection in between, so that the watch still hands full Secrets (or their metadata)
+//! to the controller's triggers while the store keeps the compact form.
+//!
+//! Anyone who may write Secrets in a watched namespace can label one for the operator, with no
+//! MailIntegration at all, so what is kept of one Secret is bounded: [`MAX_HELD_BYTES`] of its
+//! labels, annotations, ownerReferences and data. Of a larger one only its name, namespace, UID,
+//! resourceVersion and size are kept (a marker: [`Held::TooLarge`]), and the reconcile that needs
+//! it reports it by name instead of using it.
 
 use crate::api::LAST_APPLIED_ANNOTATION as LAST_APPLIED;
 use futures::{Stream, TryStreamExt as _};
@@ -19,13 +25,120 @@ use k8s_openapi::{
     api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
-use kube::runtime::{
-    reflector::{Lookup, store::Writer},
-    watcher,
+use kube::{
+    core::PartialObjectMeta,
+    runtime::{
+        reflector::{Lookup, store::Writer},
+        watcher,
+    },
 };
 use std::{borrow::Cow, collections::BTreeMap};
 
 type Pairs<V> = Box<[(Box<str>, V)]>;
+
+/// The most the operator keeps of one watched Secret, in bytes: the keys and values of its data,
+/// labels and annotations (kubectl's last-applied copy left out) and the strings of its
+/// ownerReferences. The operator's own Secrets are a few KiB (an access token and its SASL strings,
+/// a refresh token); the token Secret it writes is held to the same bound (see
+/// `secrets::token_secret`). 130 labelled Secrets of 1 MiB kept whole took the chart's 128 MiB pod
+/// past its limit; at this bound they cost their metadata markers, and Secrets just under it 64 KiB
+/// each.
+pub const MAX_HELD_BYTES: usize = 64 * 1024;
+
+/// What [`MAX_HELD_BYTES`] counts of a Secret: its kept metadata and `data`.
+pub fn held_size(meta: &ObjectMeta, data: Option<&BTreeMap<String, ByteString>>) -> usize {
+    let strings = |m: &Option<BTreeMap<String, String>>| {
+        m.iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED)
+            .map(|(k, v)| k.len().saturating_add(v.len()))
+            .fold(0usize, usize::saturating_add)
+    };
+    let owners = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| {
+            [&o.api_version, &o.kind, &o.name, &o.uid]
+                .iter()
+                .map(|s| s.len())
+                .fold(0usize, usize::saturating_add)
+        })
+        .fold(0usize, usize::saturating_add);
+    let data = data
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| k.len().saturating_add(v.0.len()))
+        .fold(0usize, usize::saturating_add);
+    strings(&meta.labels)
+        .saturating_add(strings(&meta.annotations))
+        .saturating_add(owners)
+        .saturating_add(data)
+}
+
+/// What a reconcile gets of a watched Secret.
+// Built per lookup and dropped with the reconcile, and the Secret is the common variant: boxing it
+// would add an allocation to every lookup to save none.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Held {
+    /// The Secret, with the fields kept.
+    Secret(Secret),
+    /// Larger than [`MAX_HELD_BYTES`]: nothing of it but its name and version is held or used.
+    TooLarge {
+        name: String,
+        bytes: usize,
+        resource_version: Option<String>,
+    },
+}
+
+impl Held {
+    /// `secret` as read from the API server, under the same bound as the caches when `bounded`
+    /// (a Secret labelled for the operator; an unlabelled one is only looked at to say so).
+    pub fn of_read(secret: Secret, bounded: bool) -> Self {
+        let bytes = held_size(&secret.metadata, secret.data.as_ref());
+        if bounded && bytes > MAX_HELD_BYTES {
+            Held::TooLarge {
+                name: secret.metadata.name.unwrap_or_default(),
+                bytes,
+                resource_version: secret.metadata.resource_version,
+            }
+        } else {
+            Held::Secret(secret)
+        }
+    }
+
+    pub fn resource_version(&self) -> Option<&str> {
+        match self {
+            Held::Secret(s) => s.metadata.resource_version.as_deref(),
+            Held::TooLarge {
+                resource_version, ..
+            } => resource_version.as_deref(),
+        }
+    }
+
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            Held::Secret(s) => Some(s),
+            Held::TooLarge { .. } => None,
+        }
+    }
+
+    pub fn into_secret(self) -> Option<Secret> {
+        match self {
+            Held::Secret(s) => Some(s),
+            Held::TooLarge { .. } => None,
+        }
+    }
+
+    /// `(name, bytes)` when too large.
+    pub fn too_large(&self) -> Option<(&str, usize)> {
+        match self {
+            Held::Secret(_) => None,
+            Held::TooLarge { name, bytes, .. } => Some((name, *bytes)),
+        }
+    }
+}
 
 /// A Secret as the caches hold it (see the module's text). Its `Debug` names the data keys only.
 #[derive(Clone, PartialEq)]
@@ -41,6 +154,9 @@ pub struct CachedSecret {
     annotations: Pairs<Box<str>>,
     owner_references: Box<[OwnerReference]>,
     data: Pairs<Box<[u8]>>,
+    /// Set (to the size) when the Secret is larger than [`MAX_HELD_BYTES`]: then labels,
+    /// annotations, ownerReferences and data are empty.
+    too_large: Option<usize>,
 }
 
 fn boxed(s: &Option<String>) -> Option<Box<str>> {
@@ -66,28 +182,75 @@ fn map(pairs: &Pairs<Box<str>>) -> Option<BTreeMap<String, String>> {
 
 impl From<&Secret> for CachedSecret {
     fn from(s: &Secret) -> Self {
-        let m = &s.metadata;
-        Self {
-            name: m.name.as_deref().unwrap_or_default().into(),
-            namespace: boxed(&m.namespace),
-            resource_version: boxed(&m.resource_version),
-            uid: boxed(&m.uid),
-            type_: boxed(&s.type_),
-            immutable: s.immutable,
-            labels: pairs(&m.labels),
-            annotations: pairs(&m.annotations),
-            owner_references: m.owner_references.clone().unwrap_or_default().into(),
-            data: s
-                .data
-                .iter()
-                .flatten()
-                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.0.as_slice())))
-                .collect(),
-        }
+        Self::project(&s.metadata, s.type_.as_ref(), s.immutable, s.data.as_ref())
     }
 }
 
 impl CachedSecret {
+    fn project(
+        m: &ObjectMeta,
+        type_: Option<&String>,
+        immutable: Option<bool>,
+        data: Option<&BTreeMap<String, ByteString>>,
+    ) -> Self {
+        let bytes = held_size(m, data);
+        let marker = Self {
+            name: m.name.as_deref().unwrap_or_default().into(),
+            namespace: boxed(&m.namespace),
+            resource_version: boxed(&m.resource_version),
+            uid: boxed(&m.uid),
+            type_: None,
+            immutable: None,
+            labels: Box::default(),
+            annotations: Box::default(),
+            owner_references: Box::default(),
+            data: Box::default(),
+            too_large: Some(bytes),
+        };
+        if bytes > MAX_HELD_BYTES {
+            return marker;
+        }
+        Self {
+            type_: type_.map(|t| Box::from(t.as_str())),
+            immutable,
+            labels: pairs(&m.labels),
+            annotations: pairs(&m.annotations),
+            owner_references: m.owner_references.clone().unwrap_or_default().into(),
+            data: data
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.0.as_slice())))
+                .collect(),
+            too_large: None,
+            ..marker
+        }
+    }
+
+    pub fn name_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace ("" for none).
+    pub fn namespace_str(&self) -> &str {
+        self.namespace.as_deref().unwrap_or_default()
+    }
+
+    /// The resourceVersion the watch last saw.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
+
+    /// What a reconcile gets: the Secret, or the marker of one too large to keep.
+    pub fn held(&self) -> Held {
+        match self.too_large {
+            Some(bytes) => Held::TooLarge {
+                name: self.name.to_string(),
+                bytes,
+                resource_version: self.resource_version.as_deref().map(str::to_owned),
+            },
+            None => Held::Secret(self.to_secret()),
+        }
+    }
     /// The Secret again, with the fields kept (a reconcile reads nothing else).
     pub fn to_secret(&self) -> Secret {
         Secret {
@@ -168,22 +331,42 @@ impl Lookup for CachedSecret {
     }
 }
 
-fn project(event: &watcher::Event<Secret>) -> watcher::Event<CachedSecret> {
+/// What a watch yields that a [`CachedSecret`] is made of: a whole Secret (the operator's own,
+/// whose data is kept up to the bound) or a Secret's metadata alone (the marked ones, whose data is
+/// read when a reconcile needs it; see `super::marked`).
+pub trait Projected {
+    fn project(&self) -> CachedSecret;
+}
+
+impl Projected for Secret {
+    fn project(&self) -> CachedSecret {
+        self.into()
+    }
+}
+
+impl Projected for PartialObjectMeta<Secret> {
+    fn project(&self) -> CachedSecret {
+        CachedSecret::project(&self.metadata, None, None, None)
+    }
+}
+
+fn project<K: Projected>(event: &watcher::Event<K>) -> watcher::Event<CachedSecret> {
     use watcher::Event;
     match event {
-        Event::Apply(s) => Event::Apply(s.into()),
-        Event::Delete(s) => Event::Delete(s.into()),
+        Event::Apply(s) => Event::Apply(s.project()),
+        Event::Delete(s) => Event::Delete(s.project()),
         Event::Init => Event::Init,
-        Event::InitApply(s) => Event::InitApply(s.into()),
+        Event::InitApply(s) => Event::InitApply(s.project()),
         Event::InitDone => Event::InitDone,
     }
 }
 
 /// kube-runtime's `reflector` with the projection: `writer`'s store keeps each Secret of `stream`
 /// as a [`CachedSecret`], and the events go on unchanged.
-pub fn reflector<S>(mut writer: Writer<CachedSecret>, stream: S) -> impl Stream<Item = S::Item>
+pub fn reflector<K, S>(mut writer: Writer<CachedSecret>, stream: S) -> impl Stream<Item = S::Item>
 where
-    S: Stream<Item = watcher::Result<watcher::Event<Secret>>>,
+    K: Projected,
+    S: Stream<Item = watcher::Result<watcher::Event<K>>>,
 {
     stream.inspect_ok(move |event| writer.apply_watcher_event(&project(event)))
 }
@@ -247,6 +430,69 @@ mod tests {
         assert_eq!(back.metadata.annotations, None);
         assert_eq!(back.metadata.owner_references, None);
         assert_eq!(back.data, Some(BTreeMap::new()));
+    }
+
+    #[test]
+    fn a_secret_over_the_bound_is_kept_as_a_marker_without_its_data() {
+        let mut s = secret();
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("filler".into(), ByteString(vec![b'x'; MAX_HELD_BYTES]));
+        let cached = CachedSecret::from(&s);
+        match cached.held() {
+            Held::TooLarge {
+                name,
+                bytes,
+                resource_version,
+            } => {
+                assert_eq!(name, "inbox-token");
+                assert!(bytes > MAX_HELD_BYTES);
+                assert_eq!(resource_version.as_deref(), Some("42"));
+            }
+            other => panic!("kept whole: {other:?}"),
+        }
+        assert!(
+            cached.data.is_empty() && cached.labels.is_empty() && cached.annotations.is_empty()
+        );
+        // Annotations count too (they may hold 256 KiB), kubectl's last-applied copy does not.
+        let mut s = secret();
+        s.data = None;
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("note".into(), "y".repeat(MAX_HELD_BYTES));
+        assert!(CachedSecret::from(&s).held().too_large().is_some());
+        let mut s = secret();
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(LAST_APPLIED.into(), "y".repeat(MAX_HELD_BYTES));
+        assert!(CachedSecret::from(&s).held().secret().is_some());
+    }
+
+    #[test]
+    fn a_read_is_bounded_only_when_asked() {
+        let mut s = secret();
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("filler".into(), ByteString(vec![b'x'; MAX_HELD_BYTES]));
+        assert!(Held::of_read(s.clone(), true).too_large().is_some());
+        assert!(Held::of_read(s, false).secret().is_some());
+    }
+
+    #[test]
+    fn metadata_alone_keeps_no_data() {
+        let meta = PartialObjectMeta::<Secret> {
+            metadata: secret().metadata,
+            ..Default::default()
+        };
+        let cached = meta.project();
+        assert!(cached.data.is_empty());
+        assert_eq!(cached.resource_version(), Some("42"));
     }
 
     #[test]

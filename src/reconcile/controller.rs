@@ -1,6 +1,7 @@
 //! The act side of the reconciler: read the resource's Secrets, run the decision, call the provider
 //! when it says so, and write only what changed.
 
+use super::cached_secret::Held;
 use super::inflight::Mark;
 use super::refresh::{self, PendingGrant, backoff_delay, refresh, store_pending};
 pub use super::refresh::{MAX_RETRY_AFTER, next_backoff};
@@ -322,26 +323,16 @@ async fn reconcile_inner(
         // The write triggers the next reconcile with the new object.
         return Ok(Action::await_change());
     }
-    // The user's client Secret from the cache of marked Secrets; one that is not there is read, so
-    // that the condition says whether it is missing or only not marked.
+    // The user's client Secret: a marked one from the metadata cache, its data read once per
+    // version (see `super::marked`); one that is not there is read, so that the condition says
+    // whether it is missing or only not marked. A marked Secret over the bound is not used.
     let client_name = &mi.spec.oauth.client_secret_ref.name;
-    let client_secret = match caches.marked_secret(&ns, client_name) {
-        Some(s) => Some(s),
-        None => {
-            ctx.metrics.count_read("client_secret");
-            secrets_api.get_opt(client_name).await?
-        }
-    };
+    let client_secret =
+        marked_or_read(caches, &secrets_api, &ns, client_name, "client_secret", ctx).await?;
     // A certificate credential's kubernetes.io/tls Secret, read the same way.
     let certificate = match &mi.spec.oauth.client_certificate_ref {
         None => None,
-        Some(r) => match caches.marked_secret(&ns, &r.name) {
-            Some(s) => Some(s),
-            None => {
-                ctx.metrics.count_read("client_secret");
-                secrets_api.get_opt(&r.name).await?
-            }
-        },
+        Some(r) => marked_or_read(caches, &secrets_api, &ns, &r.name, "client_secret", ctx).await?,
     };
     // The grant and token Secrets from the cache of the operator's own; one that is not there is
     // read, because a Secret without the operator's label may hold the name (a conflict to report,
@@ -353,9 +344,7 @@ async fn reconcile_inner(
         async move {
             let cached = caches.owned_secret(&ns, &name);
             match cache::freshness(
-                cached
-                    .as_ref()
-                    .and_then(|s| s.metadata.resource_version.as_deref()),
+                cached.as_ref().and_then(Held::resource_version),
                 version.as_deref(),
                 recent,
             ) {
@@ -373,7 +362,12 @@ async fn reconcile_inner(
                         read.as_ref()
                             .and_then(|s| s.metadata.resource_version.clone()),
                     );
-                    Ok(read)
+                    // Bounded as the cache is, when labelled as the operator's; an unlabelled
+                    // Secret under the name is a conflict, whatever its size.
+                    Ok(read.map(|s| {
+                        let labelled = observed::is_operator_managed(&s);
+                        Held::of_read(s, labelled)
+                    }))
                 }
             }
         }
@@ -398,18 +392,26 @@ async fn reconcile_inner(
     };
 
     let now = Timestamp::now();
-    let conflict = observed::conflicts(mi, grant_secret.as_ref(), token_secret.as_ref());
+    // A grant or token Secret over the bound is neither used nor written: said by name.
+    let too_large = [&grant_secret, &token_secret]
+        .into_iter()
+        .flatten()
+        .find_map(observed::too_large);
+    let grant_secret = grant_secret.and_then(Held::into_secret);
+    let token_secret = token_secret.and_then(Held::into_secret);
+    let conflict =
+        too_large.or_else(|| observed::conflicts(mi, grant_secret.as_ref(), token_secret.as_ref()));
     // A grant or token Secret that is not this integration's is neither used nor written.
     let grant_secret = grant_secret.filter(|s| observed::grant_belongs_to(s, mi));
     let token_secret = token_secret.filter(|s| observed::owned_by(s, mi));
     let observed = Observed {
         integration: mi,
-        client: observed::client(&mi.spec, client_secret.as_ref(), certificate.as_ref()),
+        client: observed::client_held(&mi.spec, client_secret.as_ref(), certificate.as_ref()),
         // A permanent failure waits for either Secret to change.
         client_version: [client_secret.as_ref(), certificate.as_ref()]
             .into_iter()
             .flatten()
-            .filter_map(|s| s.metadata.resource_version.clone())
+            .filter_map(|s| s.resource_version().map(str::to_owned))
             .reduce(|a, b| format!("{a}/{b}")),
         grant: observed::grant(grant_secret.as_ref()),
         token: observed::published_token(token_secret.as_ref(), now),
@@ -483,7 +485,9 @@ async fn reconcile_inner(
                 )
                 .await
                 {
-                    Ok(s) => s.filter(|s| observed::grant_belongs_to(s, mi)),
+                    Ok(s) => s
+                        .and_then(Held::into_secret)
+                        .filter(|s| observed::grant_belongs_to(s, mi)),
                     Err(None) => return lagging("grant Secret (under the lock)"),
                     Err(Some(e)) => return Err(e.into()),
                 };
@@ -574,7 +578,7 @@ async fn reconcile_inner(
         &mut status,
         // Only a Secret the user marked for the operator (and not one of its own) is read.
         super::lifetime::client_secret_expiry(
-            client_secret.as_ref().filter(|s| {
+            client_secret.as_ref().and_then(Held::secret).filter(|s| {
                 observed::is_marked_for_operator(s) && !observed::is_operator_managed(s)
             }),
         ),
@@ -664,6 +668,32 @@ async fn reconcile_inner(
     })
 }
 
+/// A Secret the spec names as a client Secret, certificate or CA bundle: from the marked Secrets'
+/// cache (its data read once per version, over the bound a marker), else read (`what` counts the
+/// read) so that the condition can say whether it is missing or only not marked.
+async fn marked_or_read(
+    caches: &Caches,
+    secrets: &Api<Secret>,
+    ns: &str,
+    name: &str,
+    what: &'static str,
+    ctx: &Context,
+) -> Result<Option<Held>, kube::Error> {
+    let read = || async {
+        ctx.metrics.count_read(what);
+        secrets.get_opt(name).await
+    };
+    if let Some(held) = caches.marked_secret(ns, name, read).await? {
+        return Ok(Some(held));
+    }
+    ctx.metrics.count_read(what);
+    Ok(secrets.get_opt(name).await?.map(|s| {
+        // Marked but not in the cache yet: the same bound.
+        let marked = observed::is_marked_for_operator(&s);
+        Held::of_read(s, marked)
+    }))
+}
+
 /// The extra CA bundle named by spec.mailbox.caSecretRef; a missing Secret or key is a TLS problem
 /// of the check, reported as such.
 async fn read_ca(
@@ -675,14 +705,8 @@ async fn read_ca(
     let Some((name, key)) = mailbox_check::ca_key(mi) else {
         return Ok(None);
     };
-    let cached = caches.marked_secret(&mi.namespace().unwrap_or_default(), name);
-    let got = match cached {
-        Some(s) => Ok(Some(s)),
-        None => {
-            ctx.metrics.count_read("ca_secret");
-            secrets.get_opt(name).await
-        }
-    };
+    let ns = mi.namespace().unwrap_or_default();
+    let got = marked_or_read(caches, secrets, &ns, name, "ca_secret", ctx).await;
     let missing = |what: String| MailboxState::Failed {
         reason: "TLSError".into(),
         message: format!(
@@ -690,15 +714,21 @@ async fn read_ca(
         ),
     };
     match got {
-        Ok(Some(s)) if !observed::is_marked_for_operator(&s) => Err(MailboxState::Failed {
-            reason: crate::reason::Reason::ClientSecretNotMarked.as_str().into(),
-            message: format!(
-                "Secret {name:?} (named by spec.mailbox.caSecretRef) is not marked for the operator, which reads only Secrets labelled {label}=true: run kubectl label secret {name} -n {ns} {label}=true",
-                label = crate::api::OAUTH_CLIENT_LABEL,
-                ns = mi.namespace().unwrap_or_default(),
-            ),
+        Ok(Some(Held::TooLarge { bytes, .. })) => Err(MailboxState::Failed {
+            reason: crate::reason::Reason::ClientSecretTooLarge.as_str().into(),
+            message: observed::too_large_message(name, "spec.mailbox.caSecretRef", bytes),
         }),
-        Ok(Some(s)) => match s.data.and_then(|d| d.get(key).map(|b| b.0.clone())) {
+        Ok(Some(Held::Secret(s))) if !observed::is_marked_for_operator(&s) => {
+            Err(MailboxState::Failed {
+                reason: crate::reason::Reason::ClientSecretNotMarked.as_str().into(),
+                message: format!(
+                    "Secret {name:?} (named by spec.mailbox.caSecretRef) is not marked for the operator, which reads only Secrets labelled {label}=true: run kubectl label secret {name} -n {ns} {label}=true",
+                    label = crate::api::OAUTH_CLIENT_LABEL,
+                    ns = mi.namespace().unwrap_or_default(),
+                ),
+            })
+        }
+        Ok(Some(Held::Secret(s))) => match s.data.and_then(|d| d.get(key).map(|b| b.0.clone())) {
             Some(pem) if !pem.is_empty() => Ok(Some(pem)),
             _ => Err(missing(format!("Secret {name:?} has no key {key:?}"))),
         },

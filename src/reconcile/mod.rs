@@ -10,6 +10,7 @@ pub mod finalizer;
 pub mod inflight;
 pub mod lifetime;
 pub mod mailbox_check;
+pub mod marked;
 pub mod observed;
 pub mod refresh;
 pub mod secrets;

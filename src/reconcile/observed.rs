@@ -43,6 +43,8 @@ pub use crate::oauth::ClientCredentials;
 
 mod client;
 pub use client::*;
+mod size;
+pub use size::*;
 
 fn label<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
     secret

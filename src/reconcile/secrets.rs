@@ -101,6 +101,14 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, 
             metadata.annotations = Some(t.annotations.clone());
         }
     }
+    // The watch keeps no more of a Secret than this: a larger token Secret would not be used.
+    let held = super::cached_secret::held_size(&metadata, Some(&data));
+    if held > super::cached_secret::MAX_HELD_BYTES {
+        return Err(format!(
+            "the token Secret would hold {held} bytes of labels, annotations and data, more than the {} the operator keeps of a Secret: make spec.tokenSecret.template smaller",
+            super::cached_secret::MAX_HELD_BYTES
+        ));
+    }
     Ok(Secret {
         metadata,
         type_: Some("Opaque".into()),

@@ -7,15 +7,16 @@ use super::{
     controller::{Context, Scoped, error_policy, reconcile},
 };
 use crate::api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::WatchParams,
+    core::PartialObjectMeta,
     runtime::{
         Controller, WatchStreamExt,
         reflector::{self, ObjectRef, Store, reflector},
-        watcher::{Config as WatcherConfig, watcher},
+        watcher::{self, Config as WatcherConfig, watcher},
     },
 };
 use std::{sync::Arc, time::Duration};
@@ -154,6 +155,10 @@ async fn run_one(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let secret_metas: Api<PartialObjectMeta<Secret>> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
     let (store, writer) = reflector::store();
     let integration_events = reflector(
@@ -165,31 +170,57 @@ async fn run_one(
     .applied_objects();
     // Per-object metrics are read from this cache at scrape time, while this controller runs.
     let _metrics = ctx.metrics.objects.register(store.clone());
-    // Only Secrets with the operator's labels are watched and cached: its own grant and token
-    // Secrets and grants brought by hand (`mailintegration.dev/integration`, which names the
-    // integration), and the client Secrets and CA bundles users marked for it. Reconciles read them
-    // from these caches, and a change triggers the integrations concerned within seconds; the
-    // cluster's other Secrets are never listed.
+    // Only Secrets with the operator's labels are watched: its own grant and token Secrets and
+    // grants brought by hand (`mailintegration.dev/integration`, which names the integration),
+    // kept with their data up to `cached_secret::MAX_HELD_BYTES` each; and the client Secrets and
+    // CA bundles users marked for it, watched metadata-only (their data is read when a reconcile
+    // needs it: see `super::marked`). Reconciles read them from these caches, and a change
+    // triggers the integrations concerned within seconds; the cluster's other Secrets are never
+    // listed.
     let (owned, owned_writer) = reflector::store();
     let (marked, marked_writer) = reflector::store();
-    let watch = |selector: &str| {
-        watcher(secrets.clone(), initial.config().labels(selector)).backoff(watch_backoff())
-    };
+    let caches = Caches::new(store.clone(), owned, marked.clone());
+    let marked_data = caches.marked_data.clone();
     // The stores keep the compact form of each Secret (see `cached_secret`).
-    let owned_events = cached_secret::reflector(owned_writer, watch(INTEGRATION_LABEL))
-        .touched_objects()
-        .predicate_filter(
-            kube::runtime::predicates::resource_version,
-            Default::default(),
-        );
-    let marked_events =
-        cached_secret::reflector(marked_writer, watch(&format!("{OAUTH_CLIENT_LABEL}=true")))
-            .touched_objects()
-            .predicate_filter(
-                kube::runtime::predicates::resource_version,
-                Default::default(),
-            );
-    let caches = Caches::new(store.clone(), owned, marked);
+    let owned_events = cached_secret::reflector(
+        owned_writer,
+        watcher(secrets.clone(), initial.config().labels(INTEGRATION_LABEL))
+            .backoff(watch_backoff()),
+    )
+    .touched_objects()
+    .predicate_filter(
+        kube::runtime::predicates::resource_version,
+        Default::default(),
+    );
+    let marked_events = cached_secret::reflector(
+        marked_writer,
+        // An Api of PartialObjectMeta makes kube ask for metadata only (a PartialObjectMetadata
+        // list and watch): the API server sends no data.
+        watcher(
+            secret_metas,
+            initial
+                .config()
+                .labels(&format!("{OAUTH_CLIENT_LABEL}=true")),
+        )
+        .backoff(watch_backoff()),
+    )
+    .map_ok(move |event| {
+        // Data read for a Secret that is gone (or no longer marked) is forgotten with it.
+        match &event {
+            watcher::Event::Delete(s) => marked_data.forget(
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default(),
+            ),
+            watcher::Event::InitDone => marked_data.retain_listed(&marked),
+            _ => {}
+        }
+        event
+    })
+    .touched_objects()
+    .predicate_filter(
+        kube::runtime::predicates::resource_version,
+        Default::default(),
+    );
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let scoped = Arc::new(Scoped { ctx, caches, wake });
@@ -201,7 +232,7 @@ async fn run_one(
             let name = s.labels().get(INTEGRATION_LABEL)?.clone();
             Some(ObjectRef::new(&name).within(&ns))
         })
-        .watches_stream(marked_events, move |s: Secret| {
+        .watches_stream(marked_events, move |s: PartialObjectMeta<Secret>| {
             integrations_using(&store, s.metadata.namespace.as_deref(), &s.name_any())
         })
         .reconcile_on(woken)

@@ -89,9 +89,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["mailintegration.dev"]
   resources: ["mailintegrations"]
   verbs: ["patch"]
-# Secrets: a metadata-only watch (list/watch) to notice changes of the Secrets an integration names,
-# direct GETs of the client, grant and token Secrets, and writes of the grant Secret (create/update)
-# and the token Secret (server-side apply: patch). No delete: owned Secrets go with their
+# Secrets: label-selected watches (list/watch): metadata-only of the Secrets users marked
+# mailintegration.dev/oauth-client=true (their data is read by GET, once per version, when an
+# integration names them), and of the operator's grant and token Secrets (label
+# mailintegration.dev/integration) with their data, at most 64 KiB kept per Secret (docs/security.md);
+# GETs of a Secret a spec names that the watches do not hold, and writes of the grant Secret
+# (create/update) and the token Secret (server-side apply: patch). No delete: owned Secrets go with their
 # MailIntegration through garbage collection. RBAC cannot narrow these verbs by label or name (the
 # names come from each MailIntegration), and its list is not metadata-only: the ServiceAccount may
 # read and overwrite any Secret where this rule applies. The operator reads only the Secrets a user

@@ -61,6 +61,9 @@ pub enum ClientSecretProblem {
         key: String,
         problem: String,
     },
+    /// A marked Secret over the bound the operator keeps (see `size::too_large_message`).
+    #[error("{message}")]
+    TooLarge { message: String },
 }
 
 impl ClientSecretProblem {
@@ -78,6 +81,7 @@ impl ClientSecretProblem {
             ClientSecretProblem::CertificateNotFound { .. } => Reason::ClientSecretNotFound,
             ClientSecretProblem::KeyInvalid { .. } => Reason::ClientKeyInvalid,
             ClientSecretProblem::DelegationNotAllowed { .. } => Reason::DelegationNotAllowed,
+            ClientSecretProblem::TooLarge { .. } => Reason::ClientSecretTooLarge,
         }
     }
 }
