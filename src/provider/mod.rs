@@ -35,6 +35,14 @@ pub const OFFLINE_ACCESS_SCOPE: &str = "offline_access";
 
 /// How long a fetched OIDC discovery document is reused.
 pub const DEFAULT_DISCOVERY_TTL: Duration = Duration::from_secs(60 * 60);
+/// How many issuers' endpoints are kept at most. Each entry is a few URLs of at most
+/// [`MAX_URL_LEN`] characters (about 10 KiB at worst, 1 KiB for real providers), so the cache holds
+/// at most a few MiB whatever the specs name; past the bound the oldest fetch is forgotten (and
+/// fetched again when an integration needs it).
+pub const MAX_DISCOVERY_ENTRIES: usize = 256;
+/// The longest endpoint or issuer URL the operator uses, in bytes (the CRD's bound on the spec's
+/// URLs; a discovery document may name no longer ones).
+pub const MAX_URL_LEN: usize = 2048;
 
 /// The endpoints of one provider for one integration, after defaults, discovery and overrides.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +156,12 @@ pub fn check_endpoint_url(what: &str, raw: &str) -> Result<Url, FailureClass> {
         reason: crate::reason::Reason::InvalidEndpoint,
         message: format!("the {what} endpoint {why}"),
     };
+    if raw.len() > MAX_URL_LEN {
+        return Err(invalid(format!(
+            "is {} bytes long, more than the {MAX_URL_LEN} the operator uses",
+            raw.len()
+        )));
+    }
     let url = Url::parse(raw.trim()).map_err(|e| invalid(format!("is not a valid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
@@ -319,7 +333,7 @@ pub fn discovery_url(issuer_url: &str) -> Result<Url, FailureClass> {
 pub struct ProviderResolver {
     http: reqwest::Client,
     ttl: Duration,
-    cache: Arc<Mutex<HashMap<String, (Instant, ProviderEndpoints)>>>,
+    cache: Arc<Mutex<DiscoveryCache>>,
     allow_overrides: bool,
 }
 
@@ -403,10 +417,19 @@ impl ProviderResolver {
             }
         }
         let endpoints = self.fetch(issuer_url).await?;
-        self.cache
-            .locked()
-            .insert(key, (Instant::now(), endpoints.clone()));
+        insert_bounded(
+            &mut self.cache.locked(),
+            key,
+            endpoints.clone(),
+            Instant::now(),
+            self.ttl,
+        );
         Ok(endpoints)
+    }
+
+    /// How many issuers' endpoints are cached.
+    pub fn cached_issuers(&self) -> usize {
+        self.cache.locked().len()
     }
 
     /// Forget the cached document of `issuer_url` (e.g. after the spec changed or a token
@@ -468,6 +491,31 @@ impl ProviderResolver {
         })?;
         doc.endpoints(issuer_url)
     }
+}
+
+type DiscoveryCache = HashMap<String, (Instant, ProviderEndpoints)>;
+
+/// Insert into the discovery cache, bounded in age and entries: what has expired (older than
+/// `ttl` at `now`) goes first, then the oldest fetches while [`MAX_DISCOVERY_ENTRIES`] are held.
+fn insert_bounded(
+    cache: &mut DiscoveryCache,
+    key: String,
+    endpoints: ProviderEndpoints,
+    now: Instant,
+    ttl: Duration,
+) {
+    cache.retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+    while cache.len() >= MAX_DISCOVERY_ENTRIES && !cache.contains_key(&key) {
+        let Some(oldest) = cache
+            .iter()
+            .min_by_key(|(_, (at, _))| *at)
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        cache.remove(&oldest);
+    }
+    cache.insert(key, (now, endpoints));
 }
 
 /// Describe a reqwest error without its URL (which is known to the caller) and with its causes.

@@ -216,6 +216,48 @@ fn discovery_url_appends_the_well_known_path() {
     );
 }
 
+#[test]
+fn the_discovery_cache_is_bounded_in_entries_and_age() {
+    let endpoints = google_endpoints();
+    let mut cache = DiscoveryCache::new();
+    let start = Instant::now();
+    let ttl = Duration::from_secs(3600);
+    for i in 0..(MAX_DISCOVERY_ENTRIES + 50) {
+        let at = start + Duration::from_secs(i as u64);
+        insert_bounded(
+            &mut cache,
+            format!("https://id{i}.example"),
+            endpoints.clone(),
+            at,
+            ttl,
+        );
+    }
+    assert_eq!(cache.len(), MAX_DISCOVERY_ENTRIES);
+    assert!(
+        !cache.contains_key("https://id0.example"),
+        "the oldest fetch went first"
+    );
+    assert!(cache.contains_key(&format!("https://id{}.example", MAX_DISCOVERY_ENTRIES + 49)));
+    // An hour after the last fetch, every entry has expired: one new fetch leaves one entry.
+    let later = start + Duration::from_secs(2 * 3600);
+    insert_bounded(
+        &mut cache,
+        "https://new.example".into(),
+        endpoints,
+        later,
+        ttl,
+    );
+    assert_eq!(cache.len(), 1);
+}
+
+#[test]
+fn endpoint_urls_longer_than_the_crd_allows_are_refused_without_echo() {
+    let long = format!("https://id.example/{}", "a".repeat(MAX_URL_LEN));
+    let err = check_endpoint_url("token", &long).unwrap_err();
+    assert_eq!(err.reason(), crate::reason::Reason::InvalidEndpoint);
+    assert!(err.message().len() < 200, "{}", err.message());
+}
+
 // ----- discovery over HTTP --------------------------------------------------------------------
 
 mod discovery_http {
