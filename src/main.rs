@@ -91,6 +91,18 @@ struct RunArgs {
     /// API server's own concurrency helps when the provider is slow).
     #[arg(long, env = "MIO_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// The lowest interval between two token requests of one integration, whatever the provider's
+    /// `expires_in` or a refresh request (the refresh-requested-at annotation) asks for: a token
+    /// that lives shorter is refreshed once per interval (Ready=False, TokenLifetimeTooShort), and
+    /// a request within it waits until it is over.
+    #[arg(long, env = "MIO_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_min_refresh_interval)]
+    min_refresh_interval: std::time::Duration,
+    /// The percentage of the reconciles (--concurrency) that one namespace may have waiting for
+    /// providers (token, discovery and revocation requests) at once, and of the mailbox checks
+    /// that run at once (8): a namespace whose servers are slow keeps the rest free for the
+    /// others. Calls over it are deferred by a few seconds. 100: no per-namespace limit.
+    #[arg(long, env = "MIO_MAX_NAMESPACE_SHARE", default_value_t = mail_integration_operator::reconcile::share::DEFAULT_MAX_NAMESPACE_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
+    max_namespace_share: u8,
     /// Log format.
     #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -133,6 +145,14 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     // a shorter lifetime would have every reconcile write a new one.
     if d < std::time::Duration::from_secs(15 * 60) {
         return Err(format!("{s:?} is shorter than 15 minutes"));
+    }
+    Ok(d)
+}
+
+fn parse_min_refresh_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_any_duration(s)?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{s:?} is not between 1s and 1h"));
     }
     Ok(d)
 }
@@ -265,6 +285,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.grant_locks = grant_locks;
     ctx.written = written;
     ctx.concurrency = args.concurrency;
+    ctx.pace = mail_integration_operator::reconcile::decide::Pace {
+        min_refresh_interval: args.min_refresh_interval,
+    };
+    ctx.provider_share = mail_integration_operator::reconcile::share::NamespaceShare::new(
+        mail_integration_operator::reconcile::share::share_of(
+            usize::from(args.concurrency),
+            args.max_namespace_share,
+        ),
+    );
     if args.leader_election {
         ctx.fence = Arc::new(Fence::leased());
     }
@@ -280,6 +309,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             mail_integration_operator::mailbox::DEFAULT_TIMEOUT,
             ctx.metrics.clone(),
         )
+        .with_namespace_share(8, args.max_namespace_share)
         .with_allowed_hosts(allowed),
     );
     let ctx = Arc::new(ctx);

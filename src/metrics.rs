@@ -35,6 +35,12 @@ pub struct ObjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// namespace_share | min_refresh_interval
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
 }
@@ -56,6 +62,8 @@ pub struct Metrics {
     pub mailbox_checks: Family<RefreshLabels, Counter>,
     pub mailbox_check_failures: Family<ErrorLabels, Counter>,
     pub sign_ins: Family<RefreshLabels, Counter>,
+    /// Provider calls deferred by a limit (docs/security.md, "Shared capacity").
+    pub deferred: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +124,12 @@ impl Default for Metrics {
             "Reads of the Kubernetes API by reconciles, by object (the watch caches serve the rest)",
             api_reads.clone(),
         );
+        let deferred = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "deferred",
+            "Provider calls deferred by a limit: a namespace's share of them in flight, or the lowest refresh interval",
+            deferred.clone(),
+        );
         let mailbox_checks = Family::<RefreshLabels, Counter>::default();
         registry.register(
             "mailbox_checks",
@@ -167,6 +181,7 @@ impl Default for Metrics {
             reconcile_errors,
             api_writes,
             api_reads,
+            deferred,
         }
     }
 }
@@ -186,6 +201,14 @@ impl Metrics {
         self.api_reads
             .get_or_create(&ObjectLabels {
                 object: what.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_deferred(&self, limit: &str) {
+        self.deferred
+            .get_or_create(&LimitLabels {
+                limit: limit.to_owned(),
             })
             .inc();
     }

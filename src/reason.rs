@@ -175,6 +175,8 @@ pub enum Reason {
     RefreshInFlightElsewhere,
     /// `spec.tokenSecret.template` does not render.
     TokenTemplateInvalid,
+    /// The provider's access tokens live no longer than the operator's lowest refresh interval.
+    TokenLifetimeTooShort,
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
     /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
@@ -285,6 +287,7 @@ impl Reason {
         Reason::NamespaceTerminating,
         Reason::RefreshInFlightElsewhere,
         Reason::TokenTemplateInvalid,
+        Reason::TokenLifetimeTooShort,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -371,6 +374,7 @@ impl Reason {
             Reason::NamespaceTerminating => "NamespaceTerminating",
             Reason::RefreshInFlightElsewhere => "RefreshInFlightElsewhere",
             Reason::TokenTemplateInvalid => "TokenTemplateInvalid",
+            Reason::TokenLifetimeTooShort => "TokenLifetimeTooShort",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -458,7 +462,8 @@ impl Reason {
             | Reason::GrantLostInFlight
             | Reason::GrantSecretImmutable
             | Reason::NamespaceTerminating
-            | Reason::TokenTemplateInvalid => Category::NeedsHuman,
+            | Reason::TokenTemplateInvalid
+            | Reason::TokenLifetimeTooShort => Category::NeedsHuman,
             Reason::SignInDenied
             | Reason::LoginRequired
             | Reason::ConsentRequired

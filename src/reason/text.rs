@@ -137,6 +137,9 @@ impl Reason {
             Reason::RefreshInFlightElsewhere => {
                 "Another operator process marked this grant as being refreshed within the last 75 seconds; this one waits instead of presenting the same refresh token."
             }
+            Reason::TokenLifetimeTooShort => {
+                "The provider issued an access token that expires no later than the operator's lowest refresh interval (`--min-refresh-interval`, 30 s by default) after it was issued (e.g. `expires_in: 0`). The token is published and refreshed once per interval, not sooner, so it is expired part of the time."
+            }
             Reason::TokenTemplateInvalid => {
                 "`spec.tokenSecret.template` does not render (a syntax error, an unknown name, or it computes or produces too much), so no token is published."
             }
@@ -397,6 +400,9 @@ impl Reason {
             }
             Reason::RefreshInFlightElsewhere => {
                 "Another operator process is refreshing this grant; nothing to do unless it repeats, then check that only one operator (the Lease holder) runs: kubectl get lease -A | grep mail-integration-operator."
+            }
+            Reason::TokenLifetimeTooShort => {
+                "Configure longer access tokens at the provider (at least a few minutes; the message says how long the last one lived). The operator's admin can lower --min-refresh-interval, at the cost of more API writes for such integrations."
             }
             Reason::TokenTemplateInvalid => {
                 "Fix the template named in the message: the names it may use are access_token, token_type, expiry, username, xoauth2, oauthbearer, mail_server and mail_port (docs/consuming-tokens.md)."

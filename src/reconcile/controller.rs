@@ -12,6 +12,7 @@ use super::{
     mailbox_check::{self, MailboxChecker, MailboxState},
     observed::{self, Observed},
     secrets,
+    share::{NamespaceShare, SharePermit},
     slots::RefreshSlots,
 };
 use crate::lease::Fence;
@@ -113,6 +114,13 @@ pub struct Context {
     pub written: Arc<WrittenVersions>,
     /// The refreshes announced per second (see [`super::slots`]).
     pub(super) slots: RefreshSlots,
+    /// How often an integration's token endpoint may be called (`--min-refresh-interval`).
+    pub pace: decide::Pace,
+    /// When this process last called each UID's token endpoint (see [`decide::decide_paced`]).
+    last_calls: Mutex<HashMap<String, Timestamp>>,
+    /// The reconciles one namespace may have waiting for a provider at once
+    /// (`--max-namespace-share` of `--concurrency`; see [`super::share`]).
+    pub provider_share: Arc<NamespaceShare>,
 }
 
 impl Context {
@@ -154,7 +162,38 @@ impl Context {
             errors: Mutex::default(),
             written: Arc::default(),
             slots: RefreshSlots::default(),
+            pace: decide::Pace::default(),
+            last_calls: Mutex::default(),
+            provider_share: NamespaceShare::new(super::share::share_of(
+                usize::from(DEFAULT_CONCURRENCY),
+                super::share::DEFAULT_MAX_NAMESPACE_SHARE,
+            )),
         }
+    }
+
+    /// When this process last called `uid`'s token endpoint.
+    pub(super) fn last_call(&self, uid: &str) -> Option<Timestamp> {
+        self.last_calls.locked().get(uid).copied()
+    }
+
+    /// Record a call of `uid`'s token endpoint, made now (whatever its answer will be).
+    pub(super) fn note_call(&self, uid: &str, at: Timestamp) {
+        self.last_calls.locked().insert(uid.to_owned(), at);
+    }
+
+    /// A unit of `mi`'s namespace's share of provider calls, or (`Err`) the outcome that defers
+    /// the call: the namespace has its whole share waiting for providers now.
+    pub(super) fn provider_permit(&self, mi: &MailIntegration) -> Result<SharePermit, Outcome> {
+        let ns = mi.namespace().unwrap_or_default();
+        self.provider_share.try_take(&ns).ok_or_else(|| {
+            tracing::debug!(
+                namespace = %ns,
+                share = self.provider_share.limit(),
+                "the namespace has its share of provider calls in flight: deferred"
+            );
+            self.metrics.count_deferred("namespace_share");
+            Outcome::Requeue(super::share::deferral())
+        })
     }
 
     pub(super) fn backoff(&self, uid: &str) -> Backoff {
@@ -218,6 +257,7 @@ impl Context {
             self.errors.locked().remove(&uid);
             self.written.forget(&uid);
             self.slots.hold(&uid, None);
+            self.last_calls.locked().remove(&uid);
         }
     }
 }
@@ -435,7 +475,7 @@ async fn reconcile_inner(
             Err(outcome) => outcome,
         }
     } else {
-        match decide::decide(&observed, ctx.backoff(&uid)) {
+        match decide::decide_paced(&observed, ctx.backoff(&uid), ctx.last_call(&uid), ctx.pace) {
             Decision::Hold(Outcome::Idle) if mi.spec.token_secret.template.is_some() => {
                 // The template may have changed since the token was published: render again.
                 match (token_secret.as_ref(), observed.token.as_ref()) {
@@ -463,6 +503,16 @@ async fn reconcile_inner(
                     }
                     _ => Outcome::Idle,
                 }
+            }
+            Decision::Hold(Outcome::Requeue(d)) => {
+                // Only the pace defers a decision: the refresh (a request, say) waits for the
+                // lowest refresh interval since the last call, and stays pending meanwhile.
+                tracing::debug!(
+                    wait_s = d.as_secs(),
+                    "refresh deferred by the lowest refresh interval"
+                );
+                ctx.metrics.count_deferred("min_refresh_interval");
+                Outcome::Requeue(d)
             }
             Decision::Hold(outcome) => outcome,
             Decision::Refresh(cause) => {
@@ -540,7 +590,7 @@ async fn reconcile_inner(
         }
         _ => None,
     };
-    let mut status = decide::status_after(&observed, &outcome, sign_in);
+    let mut status = decide::status_after_paced(&observed, &outcome, sign_in, ctx.pace);
     let check_token = new_token
         .as_ref()
         .or(observed.token.as_ref())

@@ -33,6 +33,42 @@ pub struct Backoff {
     pub not_before: Option<Timestamp>,
 }
 
+/// How often the operator may call an integration's token endpoint, whatever the provider or the
+/// integration's author asks for (`--min-refresh-interval`; see docs/security.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    /// No provider call for an integration sooner than this after its last one: a token that lives
+    /// shorter is refreshed once per interval (and reported, [`lifetime_too_short`]), and a refresh
+    /// request (the annotation) within it waits until the interval is over.
+    pub min_refresh_interval: Duration,
+}
+
+/// The default of `--min-refresh-interval`: shorter than two thirds of the shortest access-token
+/// lifetime providers configure (Keycloak's lowest common setting is one minute), so that no real
+/// provider's tokens are affected.
+pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+        }
+    }
+}
+
+impl Pace {
+    /// The first instant a provider call may follow one made at `last` (`None`: no call known).
+    pub fn next_call_at(&self, last: Option<Timestamp>) -> Option<Timestamp> {
+        last.map(|t| crate::time::after(t, self.min_refresh_interval))
+    }
+}
+
+/// Whether a token issued at `issued_at` and expiring at `expires_at` expires before the pace
+/// allows its next refresh: it is published, but expired part of the time.
+pub fn lifetime_too_short(issued_at: Timestamp, expires_at: Timestamp, pace: Pace) -> bool {
+    expires_at <= crate::time::after(issued_at, pace.min_refresh_interval)
+}
+
 /// Why a refresh is due.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefreshCause {
@@ -157,11 +193,14 @@ const MAX_SPREAD: Duration = Duration::from_secs(3600);
 /// of the lifetime (as kubelet rotates its certificates between 70 and 90 % of theirs), at most an
 /// hour; a tenth of refreshBefore (at most 30 s) when the lifetime is unknown. Tokens that live less
 /// than three times `refreshBefore` (short-lived test or provider tokens) are refreshed from two
-/// thirds of their lifetime instead, so that they do not loop.
+/// thirds of their lifetime instead, so that they do not loop. Never earlier than
+/// `pace.min_refresh_interval` after `issued_at`, whatever the token's lifetime (an `expires_in` of 0
+/// must not make a refresh loop).
 pub fn refresh_window(
     mi: &MailIntegration,
     issued_at: Option<Timestamp>,
     expires_at: Timestamp,
+    pace: Pace,
 ) -> Window {
     let mut before = mi.spec.refresh_before();
     let mut spread = before
@@ -176,21 +215,27 @@ pub fn refresh_window(
         spread = lifetime.checked_div(5).unwrap_or_default().min(MAX_SPREAD);
     }
     let latest = crate::time::before(expires_at, before);
-    Window {
-        earliest: crate::time::before(latest, spread),
-        latest,
+    let earliest = crate::time::before(latest, spread);
+    // (A token that expired before it was issued is refreshed as its window says: no floor from a
+    // time that cannot be its issue.)
+    match pace.next_call_at(issued_at.filter(|t| *t <= expires_at)) {
+        Some(floor) => Window {
+            earliest: earliest.max(floor),
+            latest: latest.max(floor),
+        },
+        None => Window { earliest, latest },
     }
 }
 
 /// When the published token must be refreshed: the time the status announced for it, when it
 /// announced one for this token inside its window (the second [`super::slots`] chose); else a
 /// per-resource point of the window ([`jitter`]).
-pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp {
+pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp, pace: Pace) -> Timestamp {
     let status = mi.status.as_ref();
     let issued_at = status
         .and_then(|s| s.last_refresh_time.as_ref())
         .map(|t| t.0);
-    let window = refresh_window(mi, issued_at, expires_at);
+    let window = refresh_window(mi, issued_at, expires_at, pace);
     let announced = status
         .filter(|s| s.access_token_expires_at.as_ref().map(|t| t.0) == Some(expires_at))
         .and_then(|s| s.next_refresh_time.as_ref())
@@ -206,8 +251,54 @@ pub fn refresh_due_at(mi: &MailIntegration, expires_at: Timestamp) -> Timestamp 
     })
 }
 
-/// Decide what this reconcile must do.
+/// Decide what this reconcile must do, with the default [`Pace`] and no provider call known but
+/// the last refresh the status records.
 pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
+    decide_paced(o, backoff, None, Pace::default())
+}
+
+/// Decide what this reconcile must do. `last_call`: when this process last called the token
+/// endpoint for the integration (whatever the answer). A refresh that the pace does not allow yet
+/// (a refresh request, a lost token Secret, changed inputs: anything but the retry after a
+/// transient failure, which its backoff paces) is deferred, not dropped: [`Outcome::Requeue`] until
+/// the interval since the last call (or the last refresh in the status) is over, the status left
+/// as it is, so that a request stays pending and is honoured then.
+pub fn decide_paced(
+    o: &Observed<'_>,
+    backoff: Backoff,
+    last_call: Option<Timestamp>,
+    pace: Pace,
+) -> Action {
+    let action = decide_unpaced(o, backoff, pace);
+    let Action::Refresh(cause) = action else {
+        return action;
+    };
+    if cause == RefreshCause::Retry {
+        return action;
+    }
+    let last_refresh = o
+        .integration
+        .status
+        .as_ref()
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .map(|t| t.0);
+    let last = match (last_call, last_refresh) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    match pace.next_call_at(last).filter(|at| o.now < *at) {
+        // Never longer than the interval: a last refresh time in the future (a clock gone wrong,
+        // an edited status) does not park the integration.
+        Some(at) => Action::Hold(Outcome::Requeue(
+            crate::time::until(o.now, at)
+                .min(pace.min_refresh_interval)
+                .max(Duration::from_secs(1)),
+        )),
+        None => action,
+    }
+}
+
+fn decide_unpaced(o: &Observed<'_>, backoff: Backoff, pace: Pace) -> Action {
     let mi = o.integration;
     let status = mi.status.clone().unwrap_or_default();
     if let Err(problem) = &o.client {
@@ -236,7 +327,9 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     {
         return Action::Hold(Outcome::StillFailed);
     }
-    if backoff.not_before.is_some_and(|t| o.now < t) && !requested {
+    // A refresh request waits out a transient failure's backoff (and the provider's Retry-After)
+    // like everything else: it stays pending and is honoured once the backoff is over.
+    if backoff.not_before.is_some_and(|t| o.now < t) {
         return Action::Hold(Outcome::BackingOff);
     }
     if requested {
@@ -250,7 +343,9 @@ pub fn decide(o: &Observed<'_>, backoff: Backoff) -> Action {
     }
     match &o.token {
         None => Action::Refresh(RefreshCause::NoToken),
-        Some(t) if o.now >= refresh_due_at(mi, t.expires_at) => Action::Refresh(RefreshCause::Due),
+        Some(t) if o.now >= refresh_due_at(mi, t.expires_at, pace) => {
+            Action::Refresh(RefreshCause::Due)
+        }
         Some(_) => Action::Hold(Outcome::Idle),
     }
 }
@@ -330,11 +425,24 @@ fn fmt_time(t: Timestamp) -> String {
 
 /// The status after `outcome`. Fields the outcome does not speak of keep their previous values, and
 /// a condition whose status did not change keeps its lastTransitionTime, so that an idle reconcile
-/// yields exactly the stored status (and no write).
+/// yields exactly the stored status (and no write). With the default [`Pace`].
 pub fn status_after(
     o: &Observed<'_>,
     outcome: &Outcome,
     sign_in: Option<SignInStatus>,
+) -> MailIntegrationStatus {
+    status_after_paced(o, outcome, sign_in, Pace::default())
+}
+
+/// [`status_after`] with the operator's [`Pace`]: the refresh time it announces respects it, and a
+/// token that lives shorter than it is reported ([`Reason::TokenLifetimeTooShort`]).
+///
+/// [`Reason::TokenLifetimeTooShort`]: crate::reason::Reason::TokenLifetimeTooShort
+pub fn status_after_paced(
+    o: &Observed<'_>,
+    outcome: &Outcome,
+    sign_in: Option<SignInStatus>,
+    pace: Pace,
 ) -> MailIntegrationStatus {
     let mi = o.integration;
     let prev = mi.status.clone().unwrap_or_default();
@@ -389,7 +497,7 @@ pub fn status_after(
         Outcome::Refreshed {
             next_refresh_at, ..
         } => Some(Time(*next_refresh_at)),
-        _ => token_expiry.map(|e| Time(refresh_due_at(mi, e))),
+        _ => token_expiry.map(|e| Time(refresh_due_at(mi, e, pace))),
     };
 
     let link = sign_in.clone();
@@ -482,27 +590,31 @@ pub fn status_after(
             // A usable grant: an earlier failed sign-in no longer matters.
             s.last_sign_in_failure = None;
             let a = authorized_ok(&s.account);
-            let msg = match (token_expiry, &s.next_refresh_time) {
-                (Some(e), Some(n)) => format!(
-                    "access token valid until {}; next refresh at {}",
-                    fmt_time(e),
-                    fmt_time(n.0)
-                ),
-                _ => "access token published".to_owned(),
-            };
-            (
-                a,
-                cond(
-                    condition::READY,
-                    token_valid,
-                    if token_valid {
-                        reasons::READY
-                    } else {
-                        reasons::TOKEN_EXPIRED
-                    },
-                    msg,
-                ),
-            )
+            if let Some(ready) = too_short_condition(&s, token_expiry, pace) {
+                (a, ready)
+            } else {
+                let msg = match (token_expiry, &s.next_refresh_time) {
+                    (Some(e), Some(n)) => format!(
+                        "access token valid until {}; next refresh at {}",
+                        fmt_time(e),
+                        fmt_time(n.0)
+                    ),
+                    _ => "access token published".to_owned(),
+                };
+                (
+                    a,
+                    cond(
+                        condition::READY,
+                        token_valid,
+                        if token_valid {
+                            reasons::READY
+                        } else {
+                            reasons::TOKEN_EXPIRED
+                        },
+                        msg,
+                    ),
+                )
+            }
         }
         Outcome::StillFailed => {
             // Keep what the failure said; only token validity moves with the clock.
@@ -610,6 +722,31 @@ pub fn status_after(
     conditions.sort_by_key(|c| condition_order(&c.type_));
     s.conditions = conditions;
     s
+}
+
+/// Ready for a token that the provider issued for less than the pace's interval (see
+/// [`lifetime_too_short`]): not Ready, though published, and the same message all the interval
+/// long (made of the status's own times), so that idle reconciles write nothing.
+fn too_short_condition(
+    s: &MailIntegrationStatus,
+    token_expiry: Option<Timestamp>,
+    pace: Pace,
+) -> Option<Condition> {
+    let issued = s.last_refresh_time.as_ref()?.0;
+    let expiry = token_expiry?;
+    if !lifetime_too_short(issued, expiry, pace) {
+        return None;
+    }
+    let lifetime = crate::time::until(issued, expiry).as_secs();
+    let interval = pace.min_refresh_interval.as_secs();
+    Some(cond(
+        condition::READY,
+        false,
+        crate::reason::Reason::TokenLifetimeTooShort.as_str(),
+        format!(
+            "the provider issued an access token valid for {lifetime}s, not longer than the operator's lowest refresh interval ({interval}s): the token is published and refreshed every {interval}s, and is expired in between; configure longer access tokens at the provider (or ask the operator's admin about --min-refresh-interval)"
+        ),
+    ))
 }
 
 /// Authorized and Ready after a failed sign-in (`status.lastSignInFailure`).

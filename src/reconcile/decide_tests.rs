@@ -6,6 +6,11 @@ use crate::{
 };
 use jiff::SignedDuration;
 
+/// A pace that never binds in the tests of the window's shape.
+const FAST: Pace = Pace {
+    min_refresh_interval: Duration::from_secs(1),
+};
+
 fn t(s: &str) -> Timestamp {
     s.parse().unwrap()
 }
@@ -159,7 +164,7 @@ fn first_reconcile_with_a_grant_refreshes() {
 
 /// The second the slots would announce when nothing else is due: the window's last.
 fn latest(w: &World, expires_at: Timestamp) -> Timestamp {
-    refresh_window(&w.mi, Some(w.now), expires_at).latest
+    refresh_window(&w.mi, Some(w.now), expires_at, Pace::default()).latest
 }
 
 #[test]
@@ -167,7 +172,7 @@ fn without_an_announced_time_refresh_is_due_at_expiry_minus_refresh_before_minus
     let mut w = World::new();
     let expiry = t("2026-11-28T11:00:00Z");
     w.token_expiry = Some(expiry);
-    let due = refresh_due_at(&w.mi, expiry);
+    let due = refresh_due_at(&w.mi, expiry, Pace::default());
     // No status: the lifetime is unknown, the spread is a tenth of refreshBefore, at most 30 s.
     let spread = jitter(w.mi.uid().as_deref().unwrap(), Duration::from_secs(30));
     assert_eq!(
@@ -188,7 +193,7 @@ fn refresh_before_comes_from_the_spec() {
     let mut w = World::new();
     w.mi = integration(serde_json::json!({"refreshBefore": "30m"}));
     let expiry = t("2026-11-28T11:00:00Z");
-    let due = refresh_due_at(&w.mi, expiry);
+    let due = refresh_due_at(&w.mi, expiry, Pace::default());
     assert!(
         due <= expiry - SignedDuration::from_mins(30)
             && due >= expiry - SignedDuration::from_mins(30) - SignedDuration::from_secs(30),
@@ -202,7 +207,7 @@ fn the_refresh_window_is_the_last_fifth_before_refresh_before() {
     let issued = t("2026-11-28T10:00:00Z");
     // An hour's token, refreshBefore 10m: from 12 minutes before 10:50 to 10:50.
     assert_eq!(
-        refresh_window(&w.mi, Some(issued), t("2026-11-28T11:00:00Z")),
+        refresh_window(&w.mi, Some(issued), t("2026-11-28T11:00:00Z"), FAST),
         Window {
             earliest: t("2026-11-28T10:38:00Z"),
             latest: t("2026-11-28T10:50:00Z"),
@@ -210,20 +215,20 @@ fn the_refresh_window_is_the_last_fifth_before_refresh_before() {
     );
     // 30 s lifetime with refreshBefore 10m: two thirds of the lifetime, a fifth of it earlier.
     assert_eq!(
-        refresh_window(&w.mi, Some(issued), t("2026-11-28T10:00:30Z")),
+        refresh_window(&w.mi, Some(issued), t("2026-11-28T10:00:30Z"), FAST),
         Window {
             earliest: t("2026-11-28T10:00:14Z"),
             latest: t("2026-11-28T10:00:20Z"),
         }
     );
     // Lifetimes of a day spread over an hour at most.
-    let day = refresh_window(&w.mi, Some(issued), t("2026-11-29T10:00:00Z"));
+    let day = refresh_window(&w.mi, Some(issued), t("2026-11-29T10:00:00Z"), FAST);
     assert_eq!(
         day.latest.duration_since(day.earliest),
         SignedDuration::from_hours(1)
     );
     // A token that expired before it was issued has no lifetime to spread over.
-    let odd = refresh_window(&w.mi, Some(issued), t("2026-11-28T09:00:00Z"));
+    let odd = refresh_window(&w.mi, Some(issued), t("2026-11-28T09:00:00Z"), FAST);
     assert!(odd.earliest <= odd.latest && odd.latest <= t("2026-11-28T09:00:00Z"));
 }
 
@@ -240,7 +245,7 @@ fn the_announced_time_is_kept_while_it_belongs_to_the_token_and_its_window() {
     });
     assert_eq!(s.next_refresh_time.as_ref().map(|t| t.0), Some(announced));
     w.token_expiry = Some(expiry);
-    assert_eq!(refresh_due_at(&w.mi, expiry), announced);
+    assert_eq!(refresh_due_at(&w.mi, expiry, Pace::default()), announced);
     w.now = announced - SignedDuration::from_secs(1);
     assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
     // An idle reconcile (a restart's too) announces the same second: nothing to write.
@@ -251,11 +256,11 @@ fn the_announced_time_is_kept_while_it_belongs_to_the_token_and_its_window() {
 
     // For another token (a token Secret written by hand) the announcement is not trusted.
     let other = t("2026-11-28T11:30:00Z");
-    assert_ne!(refresh_due_at(&w.mi, other), announced);
+    assert_ne!(refresh_due_at(&w.mi, other, Pace::default()), announced);
     // Nor a time after the window (an edited status): never later than expiry - refreshBefore.
     let status = w.mi.status.as_mut().unwrap();
     status.next_refresh_time = Some(Time(t("2026-11-28T10:55:00Z")));
-    let due = refresh_due_at(&w.mi, expiry);
+    let due = refresh_due_at(&w.mi, expiry, Pace::default());
     assert!(
         due <= t("2026-11-28T10:50:00Z") && due >= t("2026-11-28T10:38:00Z"),
         "{due}"
@@ -417,9 +422,161 @@ fn requested_refresh_runs_once_per_annotation_value() {
         scopes: vec![],
     });
     assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
+    // A new request within the lowest refresh interval waits for it (deferred, not dropped).
     w.mi.metadata.annotations =
         Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "again".to_owned())].into());
+    assert_eq!(
+        w.decide(),
+        Action::Hold(Outcome::Requeue(DEFAULT_MIN_REFRESH_INTERVAL))
+    );
+    w.now += SignedDuration::from_secs(30);
     assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
+}
+
+#[test]
+fn refresh_requests_are_paced_by_the_last_call_whatever_its_answer() {
+    let mut w = World::new();
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    w.store(&Outcome::Idle);
+    let request = |w: &mut World, v: &str| {
+        w.mi.metadata.annotations =
+            Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), v.to_owned())].into());
+    };
+    request(&mut w, "1");
+    let last_call = Some(t("2026-11-28T09:59:50Z"));
+    // A call 10 s ago (a permanent failure, say, which sets no lastRefreshTime): 20 s to wait.
+    assert_eq!(
+        decide_paced(
+            &w.observed(),
+            Backoff::default(),
+            last_call,
+            Pace::default()
+        ),
+        Action::Hold(Outcome::Requeue(Duration::from_secs(20)))
+    );
+    // Every new value in the meantime waits the same: one call per interval, however many requests.
+    for i in 2..50 {
+        request(&mut w, &i.to_string());
+        assert!(matches!(
+            decide_paced(
+                &w.observed(),
+                Backoff::default(),
+                last_call,
+                Pace::default()
+            ),
+            Action::Hold(Outcome::Requeue(_))
+        ));
+    }
+    w.now = t("2026-11-28T10:00:20Z");
+    assert_eq!(
+        decide_paced(
+            &w.observed(),
+            Backoff::default(),
+            last_call,
+            Pace::default()
+        ),
+        Action::Refresh(RefreshCause::Requested)
+    );
+    // A last call in the future (a clock gone wrong) defers by the interval at most.
+    assert_eq!(
+        decide_paced(
+            &w.observed(),
+            Backoff::default(),
+            Some(Timestamp::MAX),
+            Pace::default()
+        ),
+        Action::Hold(Outcome::Requeue(DEFAULT_MIN_REFRESH_INTERVAL))
+    );
+}
+
+#[test]
+fn a_refresh_request_does_not_bypass_a_backoff_or_retry_after() {
+    let mut w = World::new();
+    w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
+    w.store(&Outcome::Idle);
+    w.mi.metadata.annotations =
+        Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "now".to_owned())].into());
+    // The provider answered 429 with Retry-After: 120 a minute ago.
+    let backoff = Backoff {
+        failures: 1,
+        not_before: Some(t("2026-11-28T10:01:00Z")),
+    };
+    assert_eq!(
+        decide(&w.observed(), backoff),
+        Action::Hold(Outcome::BackingOff)
+    );
+    // The request is still pending once the backoff is over.
+    w.now = t("2026-11-28T10:01:00Z");
+    assert_eq!(
+        decide(&w.observed(), backoff),
+        Action::Refresh(RefreshCause::Requested)
+    );
+}
+
+#[test]
+fn a_token_of_zero_lifetime_is_published_and_refreshed_once_per_interval() {
+    let mut w = World::new();
+    // expires_in: 0 — the token expires the moment it is issued.
+    let expiry = w.now;
+    let s = w.store(&Outcome::Refreshed {
+        expires_at: expiry,
+        next_refresh_at: latest(&w, expiry),
+        account: None,
+        scopes: vec![],
+    });
+    w.token_expiry = Some(expiry);
+    assert_eq!(
+        s.next_refresh_time.as_ref().unwrap().0,
+        t("2026-11-28T10:00:30Z"),
+        "not sooner than the interval"
+    );
+    let ready = find_condition(&s, condition::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "TokenLifetimeTooShort")
+    );
+    assert!(ready.message.contains("valid for 0s"), "{}", ready.message);
+    assert!(ready.message.contains("every 30s"), "{}", ready.message);
+    // Not due in between, and an idle reconcile writes nothing.
+    for secs in [1, 10, 29] {
+        w.now = t("2026-11-28T10:00:00Z") + SignedDuration::from_secs(secs);
+        assert_eq!(w.decide(), Action::Hold(Outcome::Idle), "{secs}s");
+        assert_eq!(status_after(&w.observed(), &Outcome::Idle, None), s);
+        assert_eq!(
+            requeue_after(&w.observed(), &s, &Outcome::Idle, Backoff::default()),
+            Some(Duration::from_secs(30 - secs as u64))
+        );
+    }
+    w.now = t("2026-11-28T10:00:30Z");
+    assert_eq!(w.decide(), Action::Refresh(RefreshCause::Due));
+    // One of 1 s, or one that lives exactly the interval, likewise.
+    for lifetime in [1, 30] {
+        let expiry = w.now + SignedDuration::from_secs(lifetime);
+        let window = refresh_window(&w.mi, Some(w.now), expiry, Pace::default());
+        assert_eq!(window.earliest, t("2026-11-28T10:01:00Z"), "{lifetime}");
+        assert!(lifetime_too_short(w.now, expiry, Pace::default()));
+    }
+    // A minute's token is refreshed before it expires, as before.
+    let minute = w.now + SignedDuration::from_secs(60);
+    let window = refresh_window(&w.mi, Some(w.now), minute, Pace::default());
+    assert_eq!(window.latest, t("2026-11-28T10:01:10Z"));
+    assert!(!lifetime_too_short(w.now, minute, Pace::default()));
+}
+
+#[test]
+fn the_pace_saturates_instead_of_overflowing() {
+    let pace = Pace {
+        min_refresh_interval: Duration::from_secs(3600),
+    };
+    assert_eq!(
+        pace.next_call_at(Some(Timestamp::MAX)),
+        Some(Timestamp::MAX)
+    );
+    assert!(lifetime_too_short(Timestamp::MAX, Timestamp::MAX, pace));
+    assert!(!lifetime_too_short(Timestamp::MIN, Timestamp::MAX, pace));
+    let w = World::new();
+    let window = refresh_window(&w.mi, Some(Timestamp::MAX), Timestamp::MAX, pace);
+    assert_eq!(window.latest, Timestamp::MAX);
 }
 
 #[test]
@@ -577,7 +734,7 @@ fn token_expiry_at_the_ends_of_the_clock_does_not_panic() {
     ] {
         let mut w = World::new();
         w.token_expiry = Some(expiry);
-        let due = refresh_due_at(&w.mi, expiry);
+        let due = refresh_due_at(&w.mi, expiry, Pace::default());
         assert!(due <= expiry);
         let action = w.decide();
         let outcome = match action {

@@ -4,7 +4,9 @@
 
 use super::{
     controller::{Context, Error},
+    decide::Outcome,
     observed,
+    refresh::next_backoff,
 };
 use crate::{
     api::MailIntegration,
@@ -100,7 +102,16 @@ pub async fn finalize(
     }
     let recorder = &ctx.recorder;
     let reference = mi.object_ref(&());
+    // The revocation endpoint is a server the spec names: at most the namespace's share of
+    // reconciles wait for providers at once; over it, the deletion waits a few seconds.
+    let permit = match ctx.provider_permit(mi) {
+        Ok(p) => p,
+        Err(Outcome::Requeue(d)) => return Ok(Action::requeue(d)),
+        Err(_) => return Ok(Action::requeue(super::share::deferral())),
+    };
     let result = revoke(mi, secrets, ctx).await;
+    drop(permit);
+    let uid = mi.uid().unwrap_or_default();
     let (event_type, reason, note) = match result {
         Ok(RevokeOutcome::Revoked) | Ok(RevokeOutcome::AlreadyInvalid) => {
             (EventType::Normal, "GrantRevoked", "the grant was revoked at the provider".to_owned())
@@ -112,9 +123,19 @@ pub async fn finalize(
         ),
         Err(Some(message)) => {
             let since = mi.meta().deletion_timestamp.as_ref().map(|t| Timestamp::now().duration_since(t.0)).unwrap_or_default();
-            if since < SignedDuration::try_from(ctx.revoke_timeout).unwrap_or(SignedDuration::ZERO) {
-                warn!(%message, "revoking the grant failed; retrying");
-                return Ok(Action::requeue(Duration::from_secs(5)));
+            let deadline = SignedDuration::try_from(ctx.revoke_timeout).unwrap_or(SignedDuration::ZERO);
+            if since < deadline {
+                // The same backoff as a refresh's (5 s doubling to 5 min, jittered), and never
+                // past the deadline: the last try comes at it.
+                let (backoff, delay) = next_backoff(ctx.backoff(&uid), None, Timestamp::now());
+                ctx.set_backoff(&uid, Some(backoff));
+                let left = deadline
+                    .checked_sub(since)
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .unwrap_or_default();
+                let delay = delay.min(left).max(Duration::from_secs(1));
+                warn!(%message, retry_in_s = delay.as_secs(), "revoking the grant failed; retrying");
+                return Ok(Action::requeue(delay));
             }
             let note = format!(
                 "the grant of {} was NOT revoked at the provider (tried for {}s: {message}); revoke the app's access for the account at the provider by hand",

@@ -60,7 +60,9 @@ struct Check<'t> {
 
 /// Checks mailboxes with bounded concurrency and remembers the results.
 pub struct MailboxChecker {
-    permits: tokio::sync::Semaphore,
+    /// The checks that run at once, of which one namespace holds at most its share (see
+    /// [`super::share::NamespaceQueue`]).
+    permits: std::sync::Arc<super::share::NamespaceQueue>,
     cache: Mutex<HashMap<String, Cached>>,
     /// UIDs whose check runs in the background now (one at a time per integration).
     running: Mutex<std::collections::HashSet<String>>,
@@ -72,13 +74,25 @@ pub struct MailboxChecker {
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
         Self {
-            permits: tokio::sync::Semaphore::new(concurrency.max(1)),
+            permits: super::share::NamespaceQueue::new(
+                concurrency,
+                super::share::share_of(concurrency, super::share::DEFAULT_MAX_NAMESPACE_SHARE),
+            ),
             cache: Mutex::default(),
             running: Mutex::default(),
             timeout,
             metrics,
             allowed: Default::default(),
         }
+    }
+
+    /// Let one namespace run at most `percent` % of the checks that run at once (at least one).
+    pub fn with_namespace_share(mut self, concurrency: usize, percent: u8) -> Self {
+        self.permits = super::share::NamespaceQueue::new(
+            concurrency,
+            super::share::share_of(concurrency.max(1), percent),
+        );
+        self
     }
 
     /// Connect only to these mail hosts (see [`crate::mailbox::allowed`]).
@@ -186,7 +200,10 @@ impl MailboxChecker {
             return Some(c.state.clone());
         }
         let state = {
-            let _permit = self.permits.acquire().await.ok()?;
+            let _permit = self
+                .permits
+                .acquire(&mi.namespace().unwrap_or_default())
+                .await?;
             let state = self.check_all(&targets, token, extra_ca_pem).await;
             explain_app_only(&mi.spec, state)
         };
@@ -252,8 +269,9 @@ impl MailboxChecker {
             let this = self.clone();
             let token = token.clone();
             let spec = mi.spec.clone();
+            let namespace = mi.namespace().unwrap_or_default();
             tokio::spawn(async move {
-                if let Ok(_permit) = this.permits.acquire().await {
+                if let Some(_permit) = this.permits.acquire(&namespace).await {
                     let state = this.check_all(&targets, &token, extra_ca_pem).await;
                     let state = explain_app_only(&spec, state);
                     this.count(&state);

@@ -14,6 +14,7 @@ pub mod marked;
 pub mod observed;
 pub mod refresh;
 pub mod secrets;
+pub mod share;
 pub mod slots;
 pub mod template;
 pub mod watches;

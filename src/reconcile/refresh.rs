@@ -109,6 +109,12 @@ pub(super) async fn refresh(
         // decide() refreshes only with client credentials and a grant.
         return Outcome::SignInRequired.into();
     };
+    // Discovery and the token request wait for servers the spec names: at most the namespace's
+    // share of them at once (see `super::share`).
+    let permit = match ctx.provider_permit(mi) {
+        Ok(p) => p,
+        Err(deferred) => return deferred.into(),
+    };
     info!(?cause, "refreshing the access token");
     let endpoints = match ctx.providers.resolve(&mi.spec).await {
         Ok(e) => e,
@@ -213,10 +219,12 @@ pub(super) async fn refresh(
     }
     let started = Instant::now();
     let scopes = crate::provider::refresh_scopes(&mi.spec);
+    ctx.note_call(&uid, o.now);
     let result = ctx
         .oauth
         .refresh(&endpoints, creds, &grant.refresh_token, &scopes, o.now)
         .await;
+    drop(permit);
     ctx.metrics
         .refresh_duration
         .observe(started.elapsed().as_secs_f64());
@@ -472,7 +480,7 @@ async fn publish(
             reason: "TokenRefreshed".into(),
         })
         .inc();
-    let window = super::decide::refresh_window(mi, Some(now), token.expires_at);
+    let window = super::decide::refresh_window(mi, Some(now), token.expires_at, ctx.pace);
     Outcome::Refreshed {
         expires_at: token.expires_at,
         next_refresh_at: ctx.slots.pick(&uid, window, now),

@@ -15,7 +15,7 @@ use crate::{
     },
 };
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
+use kube::{Api, ResourceExt};
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -31,6 +31,10 @@ pub(super) async fn app_only(
         // decide() refreshes only with client credentials.
         return Outcome::Requeue(Duration::from_secs(5)).into();
     };
+    let permit = match ctx.provider_permit(mi) {
+        Ok(p) => p,
+        Err(deferred) => return deferred.into(),
+    };
     info!(?cause, grant_type = ?mi.spec.grant_type(), "requesting an app-only access token");
     let endpoints = match ctx.providers.resolve(&mi.spec).await {
         Ok(e) => e,
@@ -44,6 +48,7 @@ pub(super) async fn app_only(
     }
     let started = Instant::now();
     let scopes = crate::provider::requested_scopes(&mi.spec);
+    ctx.note_call(&mi.uid().unwrap_or_default(), o.now);
     let result = match mi.spec.grant_type() {
         GrantType::ServiceAccount => {
             let mailbox = mi.spec.mailbox.address.trim();
@@ -57,6 +62,7 @@ pub(super) async fn app_only(
                 .await
         }
     };
+    drop(permit);
     ctx.metrics
         .refresh_duration
         .observe(started.elapsed().as_secs_f64());
