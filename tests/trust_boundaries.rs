@@ -8,6 +8,8 @@ mod support;
 
 #[path = "trust_boundaries/memory.rs"]
 mod memory;
+#[path = "trust_boundaries/capacity.rs"]
+mod capacity;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;

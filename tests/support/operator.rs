@@ -81,6 +81,14 @@ impl Operator {
             }
         };
         args.extend(extra_args.iter().map(|s| s.to_string()));
+        // The tests' tokens live seconds (8 s, 20 s), shorter than the production floor of
+        // `--min-refresh-interval` (30 s): a test that means that floor passes it itself.
+        if !extra_args
+            .iter()
+            .any(|a| a.starts_with("--min-refresh-interval"))
+        {
+            args.push("--min-refresh-interval=1s".to_owned());
+        }
         let log_path: PathBuf = log_dir.join(format!("{name}.log"));
         // The log is appended to across restarts under one name: read only this start's part.
         let offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
