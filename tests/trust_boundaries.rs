@@ -6,10 +6,10 @@
 
 mod support;
 
-#[path = "trust_boundaries/memory.rs"]
-mod memory;
 #[path = "trust_boundaries/capacity.rs"]
 mod capacity;
+#[path = "trust_boundaries/memory.rs"]
+mod memory;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
