@@ -1659,3 +1659,23 @@ fn decisions_survive_any_clock_and_expiry() {
         check_decision,
     );
 }
+
+/// Issue 21, point 6: every piece of outside text that reaches a status, an event or a page passes
+/// `reason::outside_text`: no control character, at most `max` characters, cut on a character
+/// boundary, idempotent, and unchanged (but trimmed) when it fits.
+#[test]
+fn outside_text_is_bounded_printable_and_idempotent() {
+    use mail_integration_operator::reason::outside_text;
+    check("outside_text", (hostile_text(), 0usize..700), |(s, max)| {
+        let o = outside_text(&s, max);
+        prop_assert_eq!(control_char(&o), None);
+        prop_assert!(o.chars().count() <= max, "{} > {max}", o.chars().count());
+        prop_assert_eq!(o.trim(), o.as_str());
+        prop_assert_eq!(outside_text(&o, max), o.clone(), "idempotent");
+        let trimmed = s.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+        if control_char(trimmed).is_none() && trimmed.chars().count() <= max {
+            prop_assert_eq!(o.as_str(), trimmed);
+        }
+        Ok(())
+    });
+}

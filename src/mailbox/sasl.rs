@@ -105,12 +105,11 @@ pub fn decode_challenge(base64_text: &str) -> String {
     }
 }
 
-/// Server text made safe for a status message: control characters removed, at most 512 characters.
+/// Server text made safe for a status message ([`crate::reason::outside_text`]): control characters
+/// made spaces, at most 512 characters.
 /// Public for the property tests.
 pub fn printable(text: &str) -> String {
-    // Trimmed after the filter: a control character before a space would leave the space first.
-    let cleaned: String = text.chars().filter(|c| !c.is_control()).take(512).collect();
-    cleaned.trim().to_owned()
+    crate::reason::outside_text(text, 512)
 }
 
 #[cfg(test)]
@@ -169,8 +168,9 @@ mod tests {
             decode_challenge("not base64!"),
             "undecodable challenge (11 characters)"
         );
-        assert_eq!(printable("a\r\nb\x01c"), "abc");
-        assert_eq!(printable(&"x".repeat(2000)).len(), 512);
+        // The one rule for outside text (crate::reason::outside_text): controls become spaces.
+        assert_eq!(printable("a\r\nb\x01c"), "a  b c");
+        assert_eq!(printable(&"x".repeat(2000)).chars().count(), 512);
     }
 
     #[test]

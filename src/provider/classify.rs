@@ -137,22 +137,13 @@ impl fmt::Display for ProviderErrorBody {
 
 impl oauth2::ErrorResponse for ProviderErrorBody {}
 
-/// Collapse whitespace and control characters and cut to `max` characters.
+/// Collapse whitespace and control characters, then [`crate::reason::outside_text`] with `max`.
 fn one_line(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for word in s.split(|c: char| c.is_whitespace() || c.is_control()) {
-        if word.is_empty() {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(word);
-    }
-    if out.chars().count() > max {
-        out = out.chars().take(max).collect::<String>() + "…";
-    }
-    out
+    let words: Vec<&str> = s
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect();
+    crate::reason::outside_text(&words.join(" "), max)
 }
 
 /// The body of a failed HTTP response.

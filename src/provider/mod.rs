@@ -163,18 +163,30 @@ pub fn check_endpoint_url(what: &str, raw: &str) -> Result<Url, FailureClass> {
         )));
     }
     let url = Url::parse(raw.trim()).map_err(|e| invalid(format!("is not a valid URL ({e})")))?;
+    // The URL may come from a discovery document: quoted bounded, and never with credentials.
+    let shown = {
+        let mut bare = url.clone();
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        crate::reason::quoted(bare.as_str())
+    };
     match url.scheme() {
         "https" => {}
         "http" if is_loopback(&url) => {}
         "http" => {
             return Err(invalid(format!(
-                "{url} uses http: use https (http is allowed only for localhost, 127.0.0.1 or [::1])"
+                "{shown} uses http: use https (http is allowed only for localhost, 127.0.0.1 or [::1])"
             )));
         }
-        other => return Err(invalid(format!("{url} has scheme {other}: use https"))),
+        other => {
+            return Err(invalid(format!(
+                "{shown} has scheme {}: use https",
+                crate::reason::quoted(other)
+            )));
+        }
     }
     if url.host().is_none() {
-        return Err(invalid(format!("{url} has no host")));
+        return Err(invalid(format!("{shown} has no host")));
     }
     if !url.username().is_empty() || url.password().is_some() {
         // Never echo credentials embedded in a URL.
@@ -279,8 +291,9 @@ impl DiscoveryDocument {
         // document was fetched from (mix-up defence). Only a trailing slash is forgiven.
         if self.issuer.trim_end_matches('/') != issuer_url.trim_end_matches('/') {
             return Err(fail(format!(
-                "the discovery document of {issuer_url} names a different issuer, {:?}; spec.oauth.issuerURL must be exactly the provider's issuer",
-                self.issuer
+                "the discovery document of {} names a different issuer, {}; spec.oauth.issuerURL must be exactly the provider's issuer",
+                crate::reason::quoted(issuer_url),
+                crate::reason::quoted(&self.issuer)
             )));
         }
         let wrap = |e: FailureClass| {

@@ -413,7 +413,8 @@ fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Cond
         type_: type_.to_owned(),
         status: if ok { "True" } else { "False" }.to_owned(),
         reason: reason.to_owned(),
-        message: message.into(),
+        // Every condition message passes here: whatever outside text it quotes, it stays bounded.
+        message: crate::reason::outside_text(&message.into(), crate::reason::MAX_MESSAGE),
         observed_generation: None,
         last_transition_time: Time(Timestamp::UNIX_EPOCH),
     }

@@ -42,7 +42,11 @@ impl EventPublisher {
             reason: Some(ev.reason.clone()),
             event_time: Some(MicroTime(now)),
             regarding: Some(reference.clone()),
-            note: ev.note.clone(),
+            // Every event note passes here: bounded, whatever outside text it quotes.
+            note: ev
+                .note
+                .as_deref()
+                .map(|n| crate::reason::outside_text(n, crate::reason::MAX_MESSAGE)),
             metadata: ObjectMeta {
                 namespace: Some(namespace.clone()),
                 name: Some(format!(

@@ -72,7 +72,7 @@ pub fn apply(
             type_: condition::CLIENT_SECRET_EXPIRING_SOON.to_owned(),
             status: state.to_owned(),
             reason: reason.as_str().to_owned(),
-            message,
+            message: crate::reason::outside_text(&message, crate::reason::MAX_MESSAGE),
             observed_generation: generation,
             last_transition_time,
         });

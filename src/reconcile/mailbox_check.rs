@@ -543,7 +543,7 @@ pub fn apply(
         type_: condition::MAILBOX_CONNECTED.into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: reason.into(),
-        message: message.clone(),
+        message: crate::reason::outside_text(&message, crate::reason::MAX_MESSAGE),
         observed_generation: generation,
         last_transition_time: transition,
     };

@@ -136,3 +136,90 @@ async fn labelled_secrets_of_a_mebibyte_are_not_held_and_the_others_are_served()
     assert!(is_ready(&env.get("tenant").await));
     assert_no_secrets_in_logs_or_events(&env, &op, &["big-client-secret-value"]).await;
 }
+
+/// An OIDC issuer on loopback whose discovery document is `doc(base)`; its base URL.
+async fn discovery_server(
+    doc: impl Fn(&str) -> serde_json::Value + Send + Sync + 'static,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let body = doc(&base);
+    let app = axum::Router::new().route(
+        "/.well-known/openid-configuration",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { axum::Json(body) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// Issue 21, point 6 (provider text): what a provider says reaches status and events bounded and
+/// without control characters, however much it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_text_reaches_status_bounded_and_printable() {
+    let env = Env::new("providertext", server()).await;
+    let mut op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    // A grant brought by hand: its refresh resolves the endpoints (and is never sent).
+    env.put_secret(
+        "talker-oauth-grant",
+        &[("refresh_token", "rt-never-sent-7d1c")],
+    )
+    .await;
+    // A discovery document naming another issuer: 200,000 characters with a forged line and a
+    // terminal escape.
+    let issuer = format!(
+        "https://id.example/\nReady=True all good\u{1b}[2J{}",
+        "A".repeat(200_000)
+    );
+    let base = discovery_server(move |base| {
+        serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{base}/auth"),
+            "token_endpoint": format!("{base}/token"),
+        })
+    })
+    .await;
+    let spec = serde_json::json!({
+        "provider": "OIDC",
+        "mailbox": {"address": "alice@example.test"},
+        "oauth": {"clientSecretRef": {"name": "client"}, "issuerURL": base},
+        "tokenSecret": {"name": "talker-token"},
+    });
+    env.integrations()
+        .create(
+            &PostParams::default(),
+            &support::world::mail_integration("talker", spec),
+        )
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("talker", "DiscoveryFailed", WAIT, &op, |mi| {
+            condition(mi, "Ready").is_some_and(|c| c.1 == "DiscoveryFailed")
+        })
+        .await;
+    let conditions = &mi.status.as_ref().unwrap().conditions;
+    for c in conditions {
+        assert!(
+            c.message.chars().count() <= mail_integration_operator::reason::MAX_MESSAGE,
+            "{}: {} characters",
+            c.type_,
+            c.message.chars().count()
+        );
+        assert!(
+            !c.message.chars().any(char::is_control),
+            "{}: a control character in {:?}",
+            c.type_,
+            c.message
+        );
+    }
+    let text = message(&mi, "Ready");
+    assert!(text.contains("names a different issuer"), "{text}");
+    assert!(
+        !text.contains(&"A".repeat(400)),
+        "the issuer is quoted whole"
+    );
+    assert!(op.process.is_running());
+}

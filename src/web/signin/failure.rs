@@ -79,17 +79,10 @@ fn sentence(s: &str) -> String {
     }
 }
 
-/// Provider-sent text made safe to show and store: printable characters only, at most 300.
+/// Provider-sent text made safe to show and store: [`crate::reason::outside_text`], at most 300
+/// characters.
 pub fn clean(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect();
-    if s.chars().count() > 300 {
-        out.push('…');
-    }
-    out.trim().to_owned()
+    crate::reason::outside_text(s, crate::reason::MAX_QUOTED)
 }
 
 const RETRY: &str = "Open the sign-in link from status.signIn.url again";
