@@ -305,3 +305,95 @@ async fn a_failing_revocation_endpoint_is_retried_with_backoff() {
         support::world::tail(&op.log(), 30)
     );
 }
+
+/// A mail server that accepts connections and never says anything: every check of it takes the
+/// whole check timeout (10 s). Returns its port and how many connections it accepted.
+fn silent_mail_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            open.push(stream);
+        }
+    });
+    (port, accepted)
+}
+
+fn mailbox_condition(mi: &mail_integration_operator::api::MailIntegration) -> Option<(&str, &str)> {
+    condition(mi, "MailboxConnected")
+}
+
+/// A namespace whose mail server never answers runs at most its share of the mailbox checks (4 of
+/// the 8 that run at once): another namespace's check runs at once (main: it queued behind the
+/// first namespace's twelve checks of 10 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_whose_mail_server_hangs_does_not_hold_the_other_namespaces_checks() {
+    let env = Env::new("cap-mail", support::oauth::with_token_ttl(600)).await;
+    let other = Env::new("cap-mail-other", support::oauth::with_token_ttl(600)).await;
+    let op = env.operator_with("operator", &["--namespace", &other.ns]);
+    let (port, accepted) = silent_mail_server();
+
+    env.client_secret(env.server.client_secret()).await;
+    let names: Vec<String> = (1..=12).map(|i| format!("silent-{i}")).collect();
+    // The grants first (a sign-in each), then the integrations together, so that their checks
+    // start within a second or two of each other.
+    for name in &names {
+        env.grant(name, "alice").await;
+    }
+    for name in &names {
+        env.integration_with(
+            name,
+            "alice@example.test",
+            serde_json::json!({"mailbox": {"server": {"host": "127.0.0.1", "port": port, "tls": "Implicit"}}}),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the silent mail server got {} connections\n{}",
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            support::world::tail(&op.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let checking = accepted.load(std::sync::atomic::Ordering::SeqCst);
+
+    other.client_secret(other.server.client_secret()).await;
+    other.grant("inbox", "alice").await;
+    let created = Instant::now();
+    other
+        .integration_with(
+            "inbox",
+            "alice@example.test",
+            serde_json::json!({"mailbox": {"server": {"host": "127.0.0.1", "port": support::process::CLOSED_PORT, "tls": "Implicit"}}}),
+        )
+        .await;
+    let mi = other
+        .wait_for(
+            "inbox",
+            "MailboxConnected reported",
+            Duration::from_secs(6),
+            &op,
+            |mi| mailbox_condition(mi).is_some_and(|c| c.1 == "MailboxUnreachable"),
+        )
+        .await;
+    assert_eq!(
+        mailbox_condition(&mi),
+        Some(("False", "MailboxUnreachable"))
+    );
+    assert_eq!(
+        checking, 4,
+        "the silent namespace runs 4 checks at once (half of 8), the others wait for its share"
+    );
+    eprintln!(
+        "the other namespace's check was reported {:?} after its integration was created",
+        created.elapsed()
+    );
+}
