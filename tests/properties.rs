@@ -1679,3 +1679,98 @@ fn outside_text_is_bounded_printable_and_idempotent() {
         Ok(())
     });
 }
+
+/// Issue 21, point 5: the lowest refresh interval. Whatever the clock, the Secrets, the status and
+/// the last call say, the paced decision does not panic, calls the provider only once the interval
+/// since the last call and the last refresh is over (but for the retry its backoff paces), defers
+/// by at most the interval, and the refresh window never opens before the interval after issue.
+fn check_pace(
+    (case, interval_s, last_call): (DecisionCase, u64, Option<Timestamp>),
+) -> Result<(), TestCaseError> {
+    let (grant_data, token_data, status, refresh_before, now, not_before, _) = case;
+    let mi = integration(
+        spec(serde_json::json!({ "refreshBefore": refresh_before })),
+        status,
+    );
+    let pace = decide::Pace {
+        min_refresh_interval: Duration::from_secs(interval_s),
+    };
+    let token = parse_token(&token_data);
+    let o = Observed {
+        integration: &mi,
+        client: Ok(ClientCredentials {
+            signing_key: None,
+            client_id: "id".into(),
+            client_secret: SecretValue::new("client-secret"),
+        }),
+        client_version: Some("3".into()),
+        grant: parse_grant(&grant_data),
+        token: token.clone(),
+        conflict: None,
+        now,
+    };
+    let backoff = Backoff {
+        failures: u32::from(not_before.is_some()),
+        not_before,
+    };
+    let last_refresh = mi
+        .status
+        .as_ref()
+        .and_then(|s| s.last_refresh_time.as_ref())
+        .map(|t| t.0);
+    match decide::decide_paced(&o, backoff, last_call, pace) {
+        Action::Refresh(decide::RefreshCause::Retry) => {}
+        Action::Refresh(_) => {
+            for last in [last_call, last_refresh].into_iter().flatten() {
+                prop_assert!(
+                    now >= last
+                        .saturating_add(pace.min_refresh_interval)
+                        .unwrap_or(Timestamp::MAX),
+                    "a call at {now}, {interval_s} s after one at {last}"
+                );
+            }
+        }
+        Action::Hold(Outcome::Requeue(d)) => {
+            prop_assert!(
+                d >= Duration::from_secs(1)
+                    && d <= pace.min_refresh_interval.max(Duration::from_secs(1))
+            );
+        }
+        Action::Hold(_) => {}
+    }
+    let status = decide::status_after_paced(&o, &Outcome::Idle, None, pace);
+    let _ = decide::requeue_after(&o, &status, &Outcome::Idle, backoff);
+    if let Some(t) = &token {
+        let window = decide::refresh_window(&mi, Some(now), t.expires_at, pace);
+        prop_assert!(window.earliest <= window.latest);
+        if now <= t.expires_at {
+            let floor = now
+                .saturating_add(pace.min_refresh_interval)
+                .unwrap_or(Timestamp::MAX);
+            prop_assert!(window.earliest >= floor, "{window:?} opens before {floor}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_lowest_refresh_interval_holds_for_any_clock() {
+    check(
+        "pace_any_time",
+        (
+            decision_case(timestamp().boxed(), duration_text().boxed()),
+            1u64..=3600,
+            prop::option::of(timestamp()),
+        ),
+        check_pace,
+    );
+    check(
+        "pace_recent",
+        (
+            decision_case(recent_timestamp().boxed(), crd_refresh_before()),
+            1u64..=3600,
+            prop::option::of(recent_timestamp()),
+        ),
+        check_pace,
+    );
+}
