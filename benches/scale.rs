@@ -393,7 +393,7 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
     let expires_at = now + jiff::SignedDuration::from_mins(10);
     let access_token = SecretValue::new(format!("at-{}", rand::random::<u64>()));
     let grant = TokenGrant::access_only(access_token.clone(), "Bearer".into(), expires_at);
-    let secret = secrets::token_secret(mi, &grant).expect("no template");
+    let secret = secrets::token_secret(mi, &grant, Default::default()).expect("no template");
     let observed = Observed {
         integration: mi,
         client: Ok(ClientCredentials {

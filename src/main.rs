@@ -12,6 +12,7 @@ use mail_integration_operator::{
     provider::ProviderResolver,
     reconcile::{
         controller::{self, Context},
+        template::sandbox,
         watches,
     },
     web::{
@@ -497,11 +498,21 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // A renderer child of spec.tokenSecret.template (see reconcile::template::sandbox): before any
+    // thread or runtime exists, so that its memory limit covers little more than the template.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == sandbox::SUBCOMMAND)
+    {
+        std::process::exit(sandbox::child_main());
+    }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(*args).await?,
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(*args))?,
         Command::Crd => print!("{}", mail_integration_operator::api::crd_yaml()),
     }
     Ok(())

@@ -180,6 +180,8 @@ pub enum Reason {
     TokenTemplateInvalid,
     /// The provider's access tokens live no longer than the operator's lowest refresh interval.
     TokenLifetimeTooShort,
+    /// The MailIntegration's name is longer than a label value may be (63 characters).
+    NameTooLong,
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
     /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
@@ -291,6 +293,7 @@ impl Reason {
         Reason::RefreshInFlightElsewhere,
         Reason::TokenTemplateInvalid,
         Reason::TokenLifetimeTooShort,
+        Reason::NameTooLong,
         Reason::ProviderUnavailable,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
@@ -378,6 +381,7 @@ impl Reason {
             Reason::RefreshInFlightElsewhere => "RefreshInFlightElsewhere",
             Reason::TokenTemplateInvalid => "TokenTemplateInvalid",
             Reason::TokenLifetimeTooShort => "TokenLifetimeTooShort",
+            Reason::NameTooLong => "NameTooLong",
             Reason::ProviderUnavailable => "ProviderUnavailable",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
@@ -466,7 +470,8 @@ impl Reason {
             | Reason::GrantSecretImmutable
             | Reason::NamespaceTerminating
             | Reason::TokenTemplateInvalid
-            | Reason::TokenLifetimeTooShort => Category::NeedsHuman,
+            | Reason::TokenLifetimeTooShort
+            | Reason::NameTooLong => Category::NeedsHuman,
             Reason::SignInDenied
             | Reason::LoginRequired
             | Reason::ConsentRequired

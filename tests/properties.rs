@@ -1483,8 +1483,12 @@ fn written_secrets_read_back() {
             prop_assert_eq!(g.refresh_token.expose(), rt.as_str());
             prop_assert_eq!(g.account.as_deref(), Some(account.as_str()));
             prop_assert_eq!(g.scopes, scopes);
-            let written = secrets::token_secret(&mi, &token_grant(access.clone(), expires_at))
-                .map_err(TestCaseError::fail)?;
+            let written = secrets::token_secret(
+                &mi,
+                &token_grant(access.clone(), expires_at),
+                Default::default(),
+            )
+            .map_err(TestCaseError::fail)?;
             let t = observed::published_token(Some(&written), expires_at).ok_or_else(|| {
                 TestCaseError::fail("the written token Secret does not read back")
             })?;
@@ -1773,4 +1777,202 @@ fn the_lowest_refresh_interval_holds_for_any_clock() {
         ),
         check_pace,
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// spec.tokenSecret.template: generated templates, filters and operators included
+// ---------------------------------------------------------------------------------------------
+
+/// An expression of a generated template: literals, the token's fields, earlier `{% set %}`
+/// variables, and the operators and filters that allocate (`~`, `*`, `+`, `indent`, `replace`,
+/// `join`, `format`, `batch`, `pprint`, ...) with small and huge arguments.
+fn template_expression() -> impl Strategy<Value = String> {
+    let number = prop_oneof![
+        Just("2".to_owned()),
+        Just("64".to_owned()),
+        Just("100000".to_owned()),
+        Just("100000000".to_owned()),
+        Just("1000000000000".to_owned()),
+        Just("-1".to_owned()),
+    ];
+    let leaf = prop_oneof![
+        Just("'xxxx'".to_owned()),
+        Just("''".to_owned()),
+        Just("'a\\nb'".to_owned()),
+        Just("access_token".to_owned()),
+        Just("username".to_owned()),
+        Just("mail_port".to_owned()),
+        Just("[1, 2, 3]".to_owned()),
+        (0..4u8).prop_map(|i| format!("v{i}")),
+        number.clone(),
+    ];
+    leaf.prop_recursive(4, 24, 3, move |inner| {
+        let n = number.clone();
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a} ~ {b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a} + {b})")),
+            (inner.clone(), n.clone()).prop_map(|(a, n)| format!("({a} * {n})")),
+            (inner.clone(), n.clone()).prop_map(|(a, n)| format!("({a}|indent({n}))")),
+            (inner.clone(), n.clone()).prop_map(|(a, n)| format!("({a}|slice({n})|list)")),
+            (inner.clone(), n.clone()).prop_map(|(a, n)| format!("({a}|batch({n})|list)")),
+            (inner.clone(), n.clone()).prop_map(|(a, n)| format!("range({n})|join({a})")),
+            inner
+                .clone()
+                .prop_map(|a| format!("({a}|replace('x', 'xxxxxxxx'))")),
+            inner.clone().prop_map(|a| format!("({a}|list|join(','))")),
+            inner
+                .clone()
+                .prop_map(|a| format!("('%s%s'|format({a}, {a}))")),
+            inner.clone().prop_map(|a| format!("({a}|pprint)")),
+            inner
+                .clone()
+                .prop_map(|a| format!("({a}|upper|reverse|string)")),
+            inner.prop_map(|a| format!("({a}|length)")),
+        ]
+    })
+}
+
+/// A generated template: `{% set %}` chains (where doubling comes from), loops and output.
+fn generated_template() -> impl Strategy<Value = String> {
+    let statement = prop_oneof![
+        ((0..4u8), template_expression()).prop_map(|(i, e)| format!("{{% set v{i} = {e} %}}")),
+        template_expression().prop_map(|e| format!("{{{{ {e} }}}}")),
+        (
+            template_expression(),
+            prop_oneof![Just(3u32), Just(1000), Just(100000)]
+        )
+            .prop_map(|(e, n)| format!("{{% for i in range({n}) %}}{{{{ {e} }}}}{{% endfor %}}")),
+        Just("{% set v0 = 'xxxx' %}".to_owned()),
+        (1..4u8).prop_map(|i| format!("{{% set v{i} = v{} ~ v{} %}}", i - 1, i - 1)),
+    ];
+    // Every variable is defined first, so that most templates get past their first use of one.
+    let defined = "{% set v0 = 'xxxx' %}{% set v1 = access_token %}{% set v2 = [username] %}{% set v3 = 'ab' %}";
+    proptest::collection::vec(statement, 1..10)
+        .prop_map(move |s| format!("{defined}{}", s.concat()))
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    mail_integration_operator::reconcile::template::sandbox::status_kib(&status, "VmHWM:")
+        .unwrap_or(0)
+}
+
+/// Whatever a generated template computes, the renderer answers within its deadline, with keys of
+/// bounded size or a message naming the key and no token, and the process that asked (the
+/// operator's) stays under a memory cap: the template runs in a child with an address-space limit.
+#[test]
+fn generated_templates_render_with_bounded_memory() {
+    use mail_integration_operator::reconcile::template::{
+        MAX_RENDERED, MAX_RENDERED_TOTAL, Renderer, TokenFields, sandbox,
+    };
+    /// The test process's peak RSS may grow by at most this over the whole run (it holds at most
+    /// one answer of 4 MiB at a time; the children hold the templates' data).
+    const CAP_KIB: u64 = 64 * 1024;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let renderer = Renderer::new(env!("CARGO_BIN_EXE_mail-integration-operator"));
+    let token = "SECRET-ACCESS-TOKEN-4f1c";
+    let fields = TokenFields {
+        access_token: token.into(),
+        ..TokenFields::placeholders()
+    };
+    let before = vm_hwm_kib();
+    check(
+        "template_memory",
+        proptest::collection::vec(generated_template(), 1..3),
+        |sources| {
+            let t = api::TokenSecretTemplate {
+                data: sources
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("k{i}"), s.clone()))
+                    .collect(),
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let result = runtime.block_on(renderer.render(&t, &fields));
+            let took = started.elapsed();
+            prop_assert!(
+                took < sandbox::DEADLINE + Duration::from_secs(2),
+                "took {took:?}"
+            );
+            match result {
+                Ok(rendered) => {
+                    prop_assert_eq!(rendered.len(), t.data.len());
+                    let total: usize = rendered.values().map(|v| v.expose().len()).sum();
+                    prop_assert!(total <= MAX_RENDERED_TOTAL);
+                    for v in rendered.values() {
+                        prop_assert!(v.expose().len() <= MAX_RENDERED);
+                    }
+                }
+                Err(message) => {
+                    prop_assert!(
+                        message.starts_with("spec.tokenSecret.template"),
+                        "{message}"
+                    );
+                    prop_assert!(!message.contains(token), "{message}");
+                    prop_assert!(message.len() < 2048, "{message}");
+                }
+            }
+            let grew = vm_hwm_kib().saturating_sub(before);
+            prop_assert!(grew < CAP_KIB, "the calling process grew by {grew} KiB");
+            Ok(())
+        },
+    );
+}
+
+/// The templates the issue names, one by one: each is refused with the key and the limit, in
+/// about the time a process takes to start and fill its memory.
+#[test]
+fn the_known_memory_bombs_are_refused_naming_the_key_and_the_limit() {
+    use mail_integration_operator::reconcile::template::{Renderer, TokenFields, sandbox};
+    let limit = || format!("{} MiB of memory", sandbox::MEMORY_LIMIT >> 20);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let renderer = Renderer::new(env!("CARGO_BIN_EXE_mail-integration-operator"));
+    let doubling = (b'b'..=b'z').fold("{% set a = 'xxxx' %}".to_owned(), |s, c| {
+        let (prev, this) = ((c - 1) as char, c as char);
+        format!("{s}{{% set {this} = {prev} ~ {prev} %}}")
+    }) + "{{ z|length }}";
+    for bomb in [
+        "{{ ''|indent(1000000000000) }}",
+        "{{ 'x' * 100000000 }}",
+        doubling.as_str(),
+    ] {
+        let t = api::TokenSecretTemplate {
+            data: [
+                ("fine".to_owned(), "{{ username }}".to_owned()),
+                ("bomb".to_owned(), bomb.to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let e = runtime
+            .block_on(renderer.render(&t, &TokenFields::placeholders()))
+            .expect_err(bomb);
+        assert!(
+            e.starts_with("spec.tokenSecret.template.data[\"bomb\"]") && e.contains(&limit()),
+            "{bomb}: {e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "{bomb}");
+        let e = runtime.block_on(renderer.check(&t)).expect_err(bomb);
+        assert!(e.contains("data[\"bomb\"]"), "{bomb}: {e}");
+    }
+    let fine = api::TokenSecretTemplate {
+        data: [(
+            "user".to_owned(),
+            "{{ username }}:{{ mail_port }}".to_owned(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let out = runtime
+        .block_on(renderer.render(&fine, &TokenFields::placeholders()))
+        .unwrap();
+    assert_eq!(out["user"].expose(), "mailbox@example.com:993");
 }

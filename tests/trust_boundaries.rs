@@ -11,6 +11,9 @@ mod capacity;
 #[path = "trust_boundaries/memory.rs"]
 mod memory;
 
+#[path = "trust_boundaries/templates.rs"]
+mod templates;
+
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
 use std::time::Duration;

@@ -64,6 +64,10 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
         .message("provider Microsoft needs spec.oauth.tenant: 'common', 'organizations', 'consumers', or your directory's tenant ID or domain"),
     validation = Rule::new("self.spec.provider == 'Microsoft' || !has(self.spec.oauth.tenant)")
         .message("spec.oauth.tenant is only used with provider Microsoft: remove it, or set provider: Microsoft"),
+    // Checked at creation only (a name never changes): a MailIntegration stored before this rule
+    // must stay deletable, and its finalizer removable (the operator reports NameTooLong on it).
+    validation = Rule::new("oldSelf.hasValue() || size(self.metadata.name) <= 63").optional_old_self(true)
+        .message("a MailIntegration's name may be at most 63 characters: the operator labels its Secrets with it (mailintegration.dev/integration), and a label value is at most 63 characters"),
     validation = Rule::new("self.spec.tokenSecret.name != self.spec.oauth.clientSecretRef.name")
         .message("spec.tokenSecret.name must not be the client Secret: the operator writes the token Secret, and would overwrite the client's ID and secret"),
     validation = Rule::new("!self.spec.tokenSecret.name.endsWith('-oauth-grant')")
@@ -237,9 +241,10 @@ pub struct OAuthSpec {
     /// The sign-in page's default prompt: None, Consent or SelectAccount (default Consent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Prompt>,
-    /// Scopes to request (default: the provider's mail scopes).
+    /// Scopes to request (default: the provider's mail scopes): at most 32, each 1 to 256
+    /// characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub scopes: Vec<String>,
     /// Microsoft only: the tenant (common, organizations, consumers, or a tenant ID or domain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -388,22 +393,32 @@ pub struct TokenSecretRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenSecretTemplate {
-    /// Labels added to the token Secret (the operator's own labels cannot be replaced).
+    /// Labels added to the token Secret (at most 32; the operator's own labels cannot be replaced,
+    /// and keys that ask a Secret-mirroring controller for a copy are refused).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('mailintegration.dev/') && k != 'app.kubernetes.io/managed-by')").message("template.labels may not set the operator's own labels (mailintegration.dev/*, app.kubernetes.io/managed-by)"))]
-    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(MIRRORING_RULE).message(MIRRORING_MESSAGE))]
+    #[schemars(extend("maxProperties" = 32))]
     pub labels: BTreeMap<String, String>,
-    /// Annotations added to the token Secret.
+    /// Annotations added to the token Secret (at most 32; keys that ask a Secret-mirroring
+    /// controller for a copy are refused).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(MIRRORING_RULE).message(MIRRORING_MESSAGE))]
+    #[schemars(extend("maxProperties" = 32))]
     pub annotations: BTreeMap<String, String>,
-    /// Keys added to the token Secret: key → template.
+    /// Keys added to the token Secret: key → template (at most 32).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(validation = Rule::new("self.all(k, k.matches('^[-._a-zA-Z0-9]+$') && size(k) <= 253)").message("template.data keys must be valid Secret keys (letters, digits, '-', '_', '.')"))]
     #[x_kube(validation = Rule::new("self.all(k, size(self[k]) <= 16384)").message("a template.data template may be at most 16 KiB"))]
-    #[schemars(length(max = 32))]
+    #[schemars(extend("maxProperties" = 32))]
     pub data: BTreeMap<String, String>,
 }
+
+/// The CEL rule refusing template labels and annotations that ask a Secret-mirroring controller
+/// to copy the token Secret (the same prefixes as
+/// `reconcile::template::keys::MIRRORING_PREFIXES`, which a unit test compares).
+pub const MIRRORING_RULE: &str = "!self.exists(k, k.startsWith('reflector.v1.k8s.emberstack.com/') || k.startsWith('replicator.v1.mittwald.de/') || k.startsWith('kubed.appscode.com/') || k.startsWith('synator/') || k.startsWith('replizieren.dev/') || k.startsWith('replik8or.c0deltin.dev/') || k.startsWith('kube-syncer/') || k.startsWith('secretsync.ibm.com/'))";
+const MIRRORING_MESSAGE: &str = "template labels and annotations may not ask a Secret-mirroring controller (Reflector, kubernetes-replicator, kubed/Config Syncer, ...) to copy the token Secret: it holds a live token";
 
 /// The CustomResourceDefinition generated from these types.
 pub fn crd() -> CustomResourceDefinition {

@@ -141,7 +141,10 @@ impl Reason {
                 "The provider issued an access token that expires no later than the operator's lowest refresh interval (`--min-refresh-interval`, 30 s by default) after it was issued (e.g. `expires_in: 0`). The token is published and refreshed once per interval, not sooner, so it is expired part of the time."
             }
             Reason::TokenTemplateInvalid => {
-                "`spec.tokenSecret.template` does not render (a syntax error, an unknown name, or it computes or produces too much), so no token is published."
+                "`spec.tokenSecret.template` is refused or does not render (a syntax error, an unknown name, a label or annotation asking a Secret-mirroring controller for a copy, or it computes, allocates or produces too much), so no token is published."
+            }
+            Reason::NameTooLong => {
+                "The MailIntegration's name is longer than 63 characters: the operator labels the Secrets it writes with the name (`mailintegration.dev/integration`), and a label value may be at most 63 characters, so it does nothing for this integration. The CRD refuses such names; this one was stored before that rule."
             }
             Reason::TokenExpired => {
                 "The published access token has expired and no new one was obtained (condition `TokenValid=False`, and `Ready` while refreshing does not succeed): workloads using it fail to log in."
@@ -405,7 +408,10 @@ impl Reason {
                 "Configure longer access tokens at the provider (at least a few minutes; the message says how long the last one lived). The operator's admin can lower --min-refresh-interval, at the cost of more API writes for such integrations."
             }
             Reason::TokenTemplateInvalid => {
-                "Fix the template named in the message: the names it may use are access_token, token_type, expiry, username, xoauth2, oauthbearer, mail_server and mail_port (docs/consuming-tokens.md)."
+                "Fix the template named in the message: the names it may use are access_token, token_type, expiry, username, xoauth2, oauthbearer, mail_server and mail_port (docs/consuming-tokens.md); what a template may use (memory, time, size) and which keys are refused is in docs/security.md."
+            }
+            Reason::NameTooLong => {
+                "Recreate the MailIntegration under a name of at most 63 characters (kubectl get mailint NAME -o yaml, edit metadata.name, apply, then delete the old one), and sign in again."
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."

@@ -121,6 +121,8 @@ pub struct Context {
     /// The reconciles one namespace may have waiting for a provider at once
     /// (`--max-namespace-share` of `--concurrency`; see [`super::share`]).
     pub provider_share: Arc<NamespaceShare>,
+    /// Renders `spec.tokenSecret.template` in child processes (see [`super::template::sandbox`]).
+    pub renderer: Arc<super::template::Renderer>,
 }
 
 impl Context {
@@ -168,6 +170,7 @@ impl Context {
                 usize::from(DEFAULT_CONCURRENCY),
                 super::share::DEFAULT_MAX_NAMESPACE_SHARE,
             )),
+            renderer: Arc::new(super::template::Renderer::of_this_binary()),
         }
     }
 
@@ -486,6 +489,7 @@ async fn reconcile_inner(
                             current,
                             published,
                             &ctx.metrics,
+                            &ctx.renderer,
                         )
                         .await
                         {

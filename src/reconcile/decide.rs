@@ -301,6 +301,9 @@ pub fn decide_paced(
 fn decide_unpaced(o: &Observed<'_>, backoff: Backoff, pace: Pace) -> Action {
     let mi = o.integration;
     let status = mi.status.clone().unwrap_or_default();
+    if let Some(outcome) = name_too_long(mi) {
+        return Action::Hold(outcome);
+    }
     if let Err(problem) = &o.client {
         return Action::Hold(Outcome::ClientSecret(problem.clone()));
     }
@@ -348,6 +351,22 @@ fn decide_unpaced(o: &Observed<'_>, backoff: Backoff, pace: Pace) -> Action {
         }
         Some(_) => Action::Hold(Outcome::Idle),
     }
+}
+
+/// The longest name a MailIntegration may have: its Secrets carry it as a label value.
+pub const MAX_NAME: usize = 63;
+
+/// A MailIntegration stored before the CRD refused names longer than [`MAX_NAME`]: none of its
+/// Secrets could be labelled, so nothing is done for it.
+fn name_too_long(mi: &MailIntegration) -> Option<Outcome> {
+    let name = mi.metadata.name.as_deref().unwrap_or_default();
+    (name.len() > MAX_NAME).then(|| Outcome::PermanentFailure {
+        reason: crate::reason::Reason::NameTooLong.as_str().into(),
+        message: format!(
+            "the name is {} characters long, and the operator labels its Secrets with it (mailintegration.dev/integration), where at most {MAX_NAME} fit: recreate the MailIntegration under a shorter name",
+            name.len()
+        ),
+    })
 }
 
 /// How often a Secret conflict is looked at again (it is also re-checked on every spec change).

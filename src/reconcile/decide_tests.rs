@@ -793,3 +793,24 @@ fn a_grant_lost_in_flight_is_not_presented_again_even_on_request() {
         Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "again".to_owned())].into());
     assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
 }
+
+#[test]
+fn a_name_longer_than_a_label_value_is_refused_before_anything_else() {
+    let mut w = World::new();
+    w.mi.metadata.name = Some("a".repeat(64));
+    match w.decide() {
+        Action::Hold(Outcome::PermanentFailure { reason, message }) => {
+            assert_eq!(reason, "NameTooLong");
+            assert!(
+                message.contains("64 characters") && message.contains("63"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    w.mi.metadata.name = Some("a".repeat(63));
+    assert!(!matches!(
+        w.decide(),
+        Action::Hold(Outcome::PermanentFailure { .. })
+    ));
+}

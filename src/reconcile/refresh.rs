@@ -133,7 +133,7 @@ pub(super) async fn refresh(
         }
         .into();
     }
-    if let Some(outcome) = template_refused(mi, ctx) {
+    if let Some(outcome) = template_refused(mi, token_secret, ctx).await {
         return outcome.into();
     }
     // A grant brought by hand is bound to where it first worked, in the same write as a rotation.
@@ -393,16 +393,28 @@ pub(super) async fn store_pending(
     }
 }
 
-/// A token Secret template that does not render, checked before the provider is called (the
-/// token could not be published).
-fn template_refused(mi: &MailIntegration, ctx: &Context) -> Option<Outcome> {
-    let message = mi
-        .spec
-        .token_secret
-        .template
-        .as_ref()
-        .map(super::template::check)?
-        .err()?;
+/// A token Secret template that is refused or does not render, checked before the provider is
+/// called (the token could not be published). A template that already rendered with real values
+/// into the token Secret (its digest annotation says so) is not rendered again.
+async fn template_refused(
+    mi: &MailIntegration,
+    token_secret: Option<&Secret>,
+    ctx: &Context,
+) -> Option<Outcome> {
+    let t = mi.spec.token_secret.template.as_ref()?;
+    let message = match super::template::keys::refused(t) {
+        Some(refused) => refused,
+        None => {
+            let recorded = token_secret
+                .and_then(|s| s.metadata.annotations.as_ref())
+                .and_then(|a| a.get(super::template::digest::DIGEST_ANNOTATION))
+                .map(String::as_str);
+            if super::template::digest::template_known_good(t, recorded) {
+                return None;
+            }
+            ctx.renderer.check(t).await.err()?
+        }
+    };
     ctx.set_backoff(&mi.uid().unwrap_or_default(), None);
     Some(template_invalid(&message))
 }
@@ -449,8 +461,15 @@ async fn publish(
     }
     let account = signed_in.or(fallback_account);
     let scopes = token.scopes.clone().unwrap_or(fallback_scopes);
-    let written =
-        secrets::write_token_secret(mi, secrets_api, token_secret, token, &ctx.metrics).await;
+    let written = secrets::write_token_secret(
+        mi,
+        secrets_api,
+        token_secret,
+        token,
+        &ctx.metrics,
+        &ctx.renderer,
+    )
+    .await;
     if let Err(secrets::TokenSecretError::Template(message)) = &written {
         ctx.set_backoff(&uid, None);
         return template_invalid(message);

@@ -3,8 +3,11 @@
 
 use super::controller::FIELD_MANAGER;
 use super::observed::{grant_keys, token_keys};
+use super::template::{Rendered, Renderer, TokenFields, digest, keys};
 use crate::{
-    api::{INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration},
+    api::{
+        INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration, TokenSecretTemplate,
+    },
     mailbox as sasl,
     metrics::Metrics,
     oauth::TokenGrant,
@@ -47,10 +50,11 @@ fn rfc3339(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-/// The token Secret's content: never the refresh token or the client secret. With
-/// `spec.tokenSecret.template`, its labels, annotations and rendered keys are added (`Err`: the
-/// template does not render, said without any token value).
-pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, String> {
+/// The standard keys of the token Secret for `token`, and the values a template sees.
+fn standard(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+) -> (BTreeMap<String, ByteString>, TokenFields) {
     let user = &mi.spec.mailbox.address;
     let server = crate::provider::mail_server(&mi.spec);
     let access = &token.access_token;
@@ -77,29 +81,50 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, 
     if let Some(ob) = &oauthbearer {
         data.insert(token_keys::OAUTHBEARER.to_owned(), bytes(ob.expose()));
     }
+    let fields = TokenFields {
+        access_token: access.expose().to_owned(),
+        token_type: token.token_type.clone(),
+        expiry,
+        username: user.clone(),
+        xoauth2: xoauth2.expose().to_owned(),
+        oauthbearer: oauthbearer
+            .as_ref()
+            .map(|o| o.expose().to_owned())
+            .unwrap_or_default(),
+        mail_server: server.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+        mail_port: port,
+    };
+    (data, fields)
+}
+
+/// The token Secret's content: never the refresh token or the client secret. With
+/// `spec.tokenSecret.template`, its labels, annotations and `rendered` keys (see
+/// [`render_template`]) are added, and the annotation saying what they were rendered from. `Err`:
+/// the Secret would be larger than the operator keeps of one.
+pub fn token_secret(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+    rendered: Rendered,
+) -> Result<Secret, String> {
+    let (mut data, fields) = standard(mi, token);
+    for (k, v) in rendered {
+        data.insert(k, bytes(v.expose()));
+    }
     let mut metadata = owned_meta(mi, &mi.spec.token_secret.name);
     if let Some(t) = &mi.spec.token_secret.template {
-        let fields = super::template::TokenFields {
-            access_token: access.expose(),
-            token_type: &token.token_type,
-            expiry: &expiry,
-            username: user,
-            xoauth2: xoauth2.expose(),
-            oauthbearer: oauthbearer.as_ref().map(SecretValue::expose).unwrap_or(""),
-            mail_server: server.as_ref().map(|s| s.host.as_str()).unwrap_or(""),
-            mail_port: port,
-        };
-        for (k, v) in super::template::render(t, &fields)? {
-            data.insert(k, bytes(v.expose()));
-        }
         let labels = metadata.labels.get_or_insert_with(Default::default);
-        for (k, v) in &t.labels {
+        for (k, v) in applied(&t.labels) {
             // The operator's own labels (ownership, the watch's selector) stay as they are.
             labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        if !t.annotations.is_empty() {
-            metadata.annotations = Some(t.annotations.clone());
-        }
+        let mut annotations: BTreeMap<String, String> = applied(&t.annotations)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        annotations.insert(
+            digest::DIGEST_ANNOTATION.to_owned(),
+            digest::annotation(t, &fields, &data),
+        );
+        metadata.annotations = Some(annotations);
     }
     // The watch keeps no more of a Secret than this: a larger token Secret would not be used.
     let held = super::cached_secret::held_size(&metadata, Some(&data));
@@ -117,6 +142,30 @@ pub fn token_secret(mi: &MailIntegration, token: &TokenGrant) -> Result<Secret, 
     })
 }
 
+/// The template's labels or annotations that are set: not one asking a Secret-mirroring
+/// controller for a copy (a template with one is refused before; this holds whatever the caller).
+fn applied(map: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    map.iter()
+        .filter(|(k, _)| keys::mirroring_controller(k).is_none())
+}
+
+/// The template's keys for `token`, rendered in the sandbox (none without a template). `Err`: the
+/// template is refused or does not render, said without any token value.
+pub async fn render_template(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+    renderer: &Renderer,
+) -> Result<Rendered, String> {
+    let Some(t) = &mi.spec.token_secret.template else {
+        return Ok(Rendered::new());
+    };
+    if let Some(refused) = keys::refused(t) {
+        return Err(refused);
+    }
+    let (_, fields) = standard(mi, token);
+    renderer.render(t, &fields).await
+}
+
 /// Write the token Secret. `current` is the token Secret as read, which must be this integration's
 /// own (see [`super::observed::owned_by`]): when there was none it is created, so that a Secret
 /// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
@@ -128,8 +177,12 @@ pub async fn write_token_secret(
     current: Option<&Secret>,
     token: &TokenGrant,
     metrics: &Metrics,
+    renderer: &Renderer,
 ) -> Result<Option<String>, TokenSecretError> {
-    let mut secret = token_secret(mi, token).map_err(TokenSecretError::Template)?;
+    let rendered = render_template(mi, token, renderer)
+        .await
+        .map_err(TokenSecretError::Template)?;
+    let mut secret = token_secret(mi, token, rendered).map_err(TokenSecretError::Template)?;
     let written = match current {
         None => {
             api.create(
@@ -155,8 +208,10 @@ pub async fn write_token_secret(
     Ok(written.metadata.resource_version)
 }
 
-/// Re-render the token Secret from the token it holds when `spec.tokenSecret.template` changed
-/// (no refresh is needed for that): writes only when the rendered Secret differs from `current`.
+/// Re-render the token Secret from the token it holds when `spec.tokenSecret.template` or what it
+/// renders from changed (no refresh is needed for that). Renders nothing when the Secret's
+/// [`digest::DIGEST_ANNOTATION`] says it is what the template makes of its inputs (an idle
+/// reconcile); writes only when the rendered Secret differs from `current`.
 /// `Ok(Some(resourceVersion))` when it wrote.
 pub async fn sync_template(
     mi: &MailIntegration,
@@ -164,10 +219,11 @@ pub async fn sync_template(
     current: &Secret,
     published: &super::observed::PublishedToken,
     metrics: &Metrics,
+    renderer: &Renderer,
 ) -> Result<Option<Option<String>>, TokenSecretError> {
-    if mi.spec.token_secret.template.is_none() {
+    let Some(t) = &mi.spec.token_secret.template else {
         return Ok(None);
-    }
+    };
     let token_type = current
         .data
         .as_ref()
@@ -179,21 +235,55 @@ pub async fn sync_template(
         token_type,
         published.expires_at,
     );
-    let desired = token_secret(mi, &token).map_err(TokenSecretError::Template)?;
     let contains = |have: &Option<BTreeMap<String, String>>,
                     want: &Option<BTreeMap<String, String>>| {
         want.iter()
             .flatten()
             .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
     };
+    let recorded = current
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(digest::DIGEST_ANNOTATION))
+        .map(String::as_str);
+    let (_, fields) = standard(mi, &token);
+    let no_data = BTreeMap::new();
+    if digest::up_to_date(
+        t,
+        &fields,
+        current.data.as_ref().unwrap_or(&no_data),
+        recorded,
+    ) {
+        // Rendered from these inputs already: only labels or annotations put back by hand.
+        let desired =
+            token_secret(mi, &token, Rendered::new()).map_err(TokenSecretError::Template)?;
+        if contains(&current.metadata.labels, &desired.metadata.labels)
+            && contains(&current.metadata.annotations, &applied_annotations(t))
+        {
+            return Ok(None);
+        }
+    }
+    let rendered = render_template(mi, &token, renderer)
+        .await
+        .map_err(TokenSecretError::Template)?;
+    let desired = token_secret(mi, &token, rendered).map_err(TokenSecretError::Template)?;
     if desired.data == current.data
         && contains(&current.metadata.labels, &desired.metadata.labels)
         && contains(&current.metadata.annotations, &desired.metadata.annotations)
     {
         return Ok(None);
     }
-    let version = write_token_secret(mi, api, Some(current), &token, metrics).await?;
+    let version = write_token_secret(mi, api, Some(current), &token, metrics, renderer).await?;
     Ok(Some(version))
+}
+
+fn applied_annotations(t: &TokenSecretTemplate) -> Option<BTreeMap<String, String>> {
+    Some(
+        applied(&t.annotations)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
 }
 
 /// Why the token Secret was not written.

@@ -1,43 +1,69 @@
 //! `spec.tokenSecret.template`: extra labels, annotations and keys of the token Secret, rendered
-//! with MiniJinja (Jinja2) from the token's fields. A template is the tenant's input: rendering is
-//! bounded (fuel, size), undefined names are errors, and an error message never carries a rendered
-//! value — templates are checked against placeholder values first, where a detailed message is
-//! safe, and a failure with the real values is reported by kind and line only.
+//! with MiniJinja (Jinja2) from the token's fields. A template is the tenant's input:
+//!
+//! - it is rendered in a child process with a memory limit and a deadline ([`sandbox`]), never in
+//!   the operator's own process: fuel counts instructions, not bytes, and one filter call
+//!   (`indent`, `*`, `~`, `replace`, `format`, ...) can allocate without bound;
+//! - it is rendered only when something it depends on changed ([`digest`]): the template, the
+//!   token's fields, or the keys it wrote;
+//! - undefined names are errors, and an error message never carries a rendered value: templates
+//!   are checked against placeholder values first, where a detailed message is safe, and a
+//!   failure with the real values is reported by kind and line only;
+//! - labels and annotations that ask a Secret-mirroring controller to copy the token Secret
+//!   elsewhere are refused ([`keys`]).
 
-use crate::{api::TokenSecretTemplate, secret::SecretValue};
+pub mod digest;
+pub mod keys;
+pub mod sandbox;
+
+pub use sandbox::Renderer;
+
+use crate::secret::SecretValue;
 use minijinja::{Environment, UndefinedBehavior};
-use serde::Serialize;
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, fmt};
 
 /// How much a template may compute (MiniJinja fuel: roughly one unit per instruction).
 const FUEL: u64 = 100_000;
 /// The largest rendered value.
 pub const MAX_RENDERED: usize = 64 * 1024;
+/// The most all rendered values of one template may add up to (a Secret holds at most 1 MiB).
+pub const MAX_RENDERED_TOTAL: usize = 512 * 1024;
 
-/// The values a template sees.
-#[derive(Serialize)]
-pub struct TokenFields<'a> {
-    pub access_token: &'a str,
-    pub token_type: &'a str,
-    pub expiry: &'a str,
-    pub username: &'a str,
-    pub xoauth2: &'a str,
-    pub oauthbearer: &'a str,
-    pub mail_server: &'a str,
+/// The rendered keys of the token Secret.
+pub type Rendered = BTreeMap<String, SecretValue>;
+
+/// The values a template sees. Its `Debug` shows none of them.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Default)]
+pub struct TokenFields {
+    pub access_token: String,
+    pub token_type: String,
+    pub expiry: String,
+    pub username: String,
+    pub xoauth2: String,
+    pub oauthbearer: String,
+    pub mail_server: String,
     pub mail_port: u16,
 }
 
-impl TokenFields<'static> {
-    /// Stand-ins of the right shape, for [`check`].
-    fn placeholders() -> Self {
+impl fmt::Debug for TokenFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenFields([redacted])")
+    }
+}
+
+impl TokenFields {
+    /// Stand-ins of the right shape, for the check whose messages may be detailed.
+    pub fn placeholders() -> Self {
         TokenFields {
-            access_token: "ya29.placeholder-access-token",
-            token_type: "Bearer",
-            expiry: "2026-01-01T00:00:00Z",
-            username: "mailbox@example.com",
-            xoauth2: "dXNlcj1tYWlsYm94QGV4YW1wbGUuY29tAWF1dGg9QmVhcmVyIHBsYWNlaG9sZGVyAQE=",
-            oauthbearer: "bixhPW1haWxib3hAZXhhbXBsZS5jb20sAWF1dGg9QmVhcmVyIHBsYWNlaG9sZGVyAQE=",
-            mail_server: "imap.example.com",
+            access_token: "ya29.placeholder-access-token".into(),
+            token_type: "Bearer".into(),
+            expiry: "2026-01-01T00:00:00Z".into(),
+            username: "mailbox@example.com".into(),
+            xoauth2: "dXNlcj1tYWlsYm94QGV4YW1wbGUuY29tAWF1dGg9QmVhcmVyIHBsYWNlaG9sZGVyAQE=".into(),
+            oauthbearer: "bixhPW1haWxib3hAZXhhbXBsZS5jb20sAWF1dGg9QmVhcmVyIHBsYWNlaG9sZGVyAQE="
+                .into(),
+            mail_server: "imap.example.com".into(),
             mail_port: 993,
         }
     }
@@ -53,27 +79,21 @@ fn environment() -> Environment<'static> {
     env
 }
 
-/// Whether `t` renders (with placeholder values): `Err` says which key or label and why.
-pub fn check(t: &TokenSecretTemplate) -> Result<(), String> {
-    render_with(t, &TokenFields::placeholders(), true).map(|_| ())
-}
-
-/// The rendered keys of the token Secret.
-pub fn render(
-    t: &TokenSecretTemplate,
-    fields: &TokenFields<'_>,
-) -> Result<BTreeMap<String, SecretValue>, String> {
-    render_with(t, fields, false)
-}
-
-fn render_with(
-    t: &TokenSecretTemplate,
-    fields: &TokenFields<'_>,
+/// Render `data` (key → template) with `fields` in this process. Only the sandbox's child calls
+/// this for a tenant's template (see [`sandbox`]): `progress` hears each key before it is
+/// rendered, so that a child killed at its limit can say which key it was. `detailed`: the error
+/// may quote MiniJinja's message (placeholder values only).
+pub fn render_in_process(
+    data: &BTreeMap<String, String>,
+    fields: &TokenFields,
     detailed: bool,
-) -> Result<BTreeMap<String, SecretValue>, String> {
+    progress: &mut dyn FnMut(&str),
+) -> Result<Rendered, String> {
     let env = environment();
     let mut out = BTreeMap::new();
-    for (key, source) in &t.data {
+    let mut total = 0usize;
+    for (key, source) in data {
+        progress(key);
         let rendered = env.render_str(source, fields).map_err(|e| {
             let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
             if detailed {
@@ -90,6 +110,12 @@ fn render_with(
                 "spec.tokenSecret.template.data[{key:?}] renders to more than {MAX_RENDERED} bytes"
             ));
         }
+        total = total.saturating_add(rendered.len());
+        if total > MAX_RENDERED_TOTAL {
+            return Err(format!(
+                "spec.tokenSecret.template.data renders to more than {MAX_RENDERED_TOTAL} bytes in all"
+            ));
+        }
         out.insert(key.clone(), SecretValue::new(rendered));
     }
     Ok(out)
@@ -99,27 +125,32 @@ fn render_with(
 mod tests {
     use super::*;
 
-    fn template(pairs: &[(&str, &str)]) -> TokenSecretTemplate {
-        TokenSecretTemplate {
-            data: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Default::default()
+    fn template(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn fields(token: &str) -> TokenFields {
+        TokenFields {
+            access_token: token.into(),
+            token_type: "Bearer".into(),
+            expiry: "2026-12-01T10:00:00Z".into(),
+            username: "support@example.com".into(),
+            xoauth2: "eA==".into(),
+            oauthbearer: String::new(),
+            mail_server: "imap.gmail.com".into(),
+            mail_port: 993,
         }
     }
 
-    fn fields<'a>(token: &'a str) -> TokenFields<'a> {
-        TokenFields {
-            access_token: token,
-            token_type: "Bearer",
-            expiry: "2026-12-01T10:00:00Z",
-            username: "support@example.com",
-            xoauth2: "eA==",
-            oauthbearer: "",
-            mail_server: "imap.gmail.com",
-            mail_port: 993,
-        }
+    fn check(t: &BTreeMap<String, String>) -> Result<Rendered, String> {
+        render_in_process(t, &TokenFields::placeholders(), true, &mut |_| {})
+    }
+
+    fn render(t: &BTreeMap<String, String>, f: &TokenFields) -> Result<Rendered, String> {
+        render_in_process(t, f, false, &mut |_| {})
     }
 
     #[test]
@@ -158,5 +189,26 @@ mod tests {
             "{% for i in range(70) %}{{ xoauth2 * 1000 }}{% endfor %}",
         )]);
         assert!(render(&huge, &fields("t")).is_err());
+    }
+
+    #[test]
+    fn the_keys_together_are_bounded_too() {
+        let each = "{{ 'x' * 60000 }}";
+        let t: BTreeMap<String, String> = (0..10).map(|i| (format!("k{i}"), each.into())).collect();
+        let e = render(&t, &fields("t")).unwrap_err();
+        assert!(e.contains("in all"), "{e}");
+    }
+
+    #[test]
+    fn progress_names_each_key_before_rendering_it() {
+        let t = template(&[("a", "1"), ("b", "{{ nope }}")]);
+        let mut seen = Vec::new();
+        let _ = render_in_process(&t, &fields("t"), false, &mut |k| seen.push(k.to_owned()));
+        assert_eq!(seen, ["a", "b"]);
+    }
+
+    #[test]
+    fn fields_debug_shows_no_value() {
+        assert!(!format!("{:?}", fields("SECRET-TOKEN-VALUE")).contains("SECRET"));
     }
 }

@@ -40,7 +40,7 @@ pub(super) async fn app_only(
         Ok(e) => e,
         Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
     };
-    if let Some(outcome) = template_refused(mi, ctx) {
+    if let Some(outcome) = template_refused(mi, token_secret, ctx).await {
         return outcome.into();
     }
     if ctx.fence.check().is_err() {
