@@ -323,3 +323,44 @@ pub fn status_kib(status: &str, field: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(signal: Option<i32>, code: i32) -> ExitStatus {
+        match signal {
+            Some(s) => ExitStatus::from_raw(s),
+            None => ExitStatus::from_raw(code << 8),
+        }
+    }
+
+    #[test]
+    fn a_child_without_an_answer_is_reported_with_its_key_and_limit() {
+        let out = b"{\"Key\":\"a\"}\n{\"Key\":\"b\"}\n";
+        let e = interpret(out, Some(status(Some(6), 0)), false);
+        assert_eq!(
+            e,
+            "spec.tokenSecret.template.data[\"b\"]: rendering needs more than the 32 MiB of memory a template may use"
+        );
+        let e = interpret(out, Some(status(Some(24), 0)), false);
+        assert!(e.contains("2 s of CPU"), "{e}");
+        let e = interpret(b"", None, true);
+        assert!(
+            e.starts_with("spec.tokenSecret.template: rendering takes longer than 3 s"),
+            "{e}"
+        );
+        let e = interpret(b"garbage\n", Some(status(None, 101)), false);
+        assert!(
+            e.starts_with("spec.tokenSecret.template: the renderer failed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn status_figures_are_read_in_kib() {
+        let status = "Name:\tx\nVmPeak:\t   12345 kB\nVmHWM:\t  678 kB\n";
+        assert_eq!(status_kib(status, "VmHWM:"), Some(678));
+        assert_eq!(status_kib(status, "VmSize:"), None);
+    }
+}
