@@ -22,7 +22,7 @@ fn peak_rss_kib(op: &support::operator::Operator) -> u64 {
         .expect("VmHWM in /proc/<pid>/status")
 }
 
-/// How a refusal at the memory limit names it: "32 MiB of memory".
+/// How a refusal at the memory limit names it: "16 MiB of memory".
 fn limit() -> String {
     let mib = mail_integration_operator::reconcile::template::sandbox::MEMORY_LIMIT >> 20;
     format!("{mib} MiB of memory")
