@@ -4,6 +4,7 @@
 
 mod support;
 
+use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
@@ -57,6 +58,45 @@ async fn ready_world(prefix: &str) -> (Env, support::operator::Operator) {
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
     (env, op)
+}
+
+/// `a1 AUTHENTICATE <mechanism> <initial_response>` at Dovecot's IMAPS port, with `openssl s_client`
+/// as the mail client (a real TLS client, trusting Dovecot's CA), the initial response sent as it is.
+/// Returns the server's tagged answer, or everything it said when there is none.
+fn imap_authenticate(dovecot: &Dovecot, mechanism: &str, initial_response: &str) -> String {
+    use std::io::Write as _;
+    let ca = dovecot.dir.path().join("client-ca.pem");
+    std::fs::write(&ca, &dovecot.ca_pem).unwrap();
+    let mut child = std::process::Command::new("timeout")
+        .args([
+            "20",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+        ])
+        .arg("-CAfile")
+        .arg(&ca)
+        .args(["-connect", &format!("127.0.0.1:{}", dovecot.imaps_port)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is needed as the test's mail client (apt-get install openssl)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            format!("a1 AUTHENTICATE {mechanism} {initial_response}\r\na2 LOGOUT\r\n").as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("a1 "))
+        .map(str::to_owned)
+        .unwrap_or(text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,6 +185,32 @@ async fn imap_pop3_and_smtp_accept_the_token_with_xoauth2_and_oauthbearer() {
         table.lines().skip(1).all(|l| l.contains("Connected")),
         "{table}"
     );
+    // The token Secret's ready-made SASL strings, as a workload uses them: sent as they are by a mail
+    // client of its own (openssl s_client), Dovecot lets them in; the same string with another token
+    // in it is refused, so the check can fail.
+    for (key, mechanism) in [("xoauth2", "XOAUTH2"), ("oauthbearer", "OAUTHBEARER")] {
+        let ready_made = env
+            .data("imap-starttls-token", key)
+            .await
+            .unwrap_or_else(|| panic!("the token Secret has no {key} key"));
+        let answer = imap_authenticate(&dovecot, mechanism, &ready_made);
+        assert!(answer.starts_with("a1 OK"), "{key}: {answer}");
+        let forged = base64::engine::general_purpose::STANDARD.encode(
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&ready_made)
+                    .unwrap(),
+            )
+            .unwrap()
+            .replace("auth=Bearer ", "auth=Bearer forged"),
+        );
+        let answer = imap_authenticate(&dovecot, mechanism, &forged);
+        assert!(
+            answer.starts_with("a1 NO") || answer.starts_with("a1 BAD"),
+            "{key} with a forged token: {answer}"
+        );
+    }
+
     // The token never appears in the log.
     let token = env.data("imaps-token", "access_token").await.unwrap();
     assert!(
