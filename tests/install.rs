@@ -2274,9 +2274,9 @@ fn exclusive_cluster() -> (
 }
 
 /// The aggregated roles let a namespace's users work with MailIntegrations (view: read; edit:
-/// change) and nothing more — no Secret access — checked by the API server's own authorizer. (The
-/// aggregation into `view`/`edit`/`admin` is kube-controller-manager's work; these control planes
-/// run none, so the roles are bound directly here.) The opt-in NetworkPolicy and the `helm test`
+/// change) and nothing more — no Secret access — checked by the API server's own authorizer, bound
+/// directly; and kube-controller-manager's aggregation puts them into Kubernetes' own `view` and
+/// `edit`, so that a user bound to those gets them. The opt-in NetworkPolicy and the `helm test`
 /// Pod are accepted by the API server.
 #[test]
 fn aggregated_roles_grant_mailintegrations_only_and_the_extras_are_valid() {
@@ -2334,6 +2334,42 @@ fn aggregated_roles_grant_mailintegrations_only_and_the_extras_are_valid() {
         "delete",
         "mailintegrations.mailintegration.dev"
     ));
+    // Kubernetes' own roles, filled by the ClusterRole aggregation controller.
+    for (user, role) in [("k8s-viewer", "view"), ("k8s-editor", "edit")] {
+        cp.kubectl(&[
+            "create",
+            "rolebinding",
+            user,
+            "-n",
+            &team,
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+        ]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(can("k8s-viewer", "list", "mailintegrations.mailintegration.dev")
+        && can(
+            "k8s-editor",
+            "create",
+            "mailintegrations.mailintegration.dev",
+        ))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the chart's roles were not aggregated into view and edit within 60 s.\n--- kube-controller-manager ---\n{}",
+            cp.controller_manager_log_tail(30)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(!can(
+        "k8s-viewer",
+        "create",
+        "mailintegrations.mailintegration.dev"
+    ));
+    assert!(
+        !can("k8s-viewer", "get", "secrets"),
+        "view reads no Secrets"
+    );
     for user in ["viewer", "editor"] {
         assert!(!can(user, "get", "secrets"), "{user} reads no Secrets");
         assert!(

@@ -277,13 +277,36 @@ async fn secrets_it_does_not_own_are_never_written() {
         "only the owner refreshed; squatter and copycat were held before any provider call"
     );
 
-    // Deleting the squatter leaves the user's Secret alone (no ownerReference for the GC).
-    env.integrations()
-        .delete("squatter", &DeleteParams::default())
+    // Deleting the squatter leaves the user's Secret alone (no ownerReference for the garbage
+    // collector), while the real garbage collector of kube-controller-manager removes what the
+    // operator owned: the owner's token Secret, once the owner is deleted too.
+    for name in ["squatter", "owner"] {
+        env.integrations()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while env
+        .secrets()
+        .get_opt("owner-token")
         .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(env.secrets().get_opt("app-config").await.unwrap().is_some());
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the garbage collector did not remove the deleted owner's token Secret within 90 s.\n--- kube-controller-manager ---\n{}",
+            env.cp.controller_manager_log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let kept = env.secrets().get_opt("app-config").await.unwrap();
+    assert_eq!(
+        kept.and_then(|s| s.metadata.resource_version),
+        before.metadata.resource_version,
+        "the user's Secret named by the squatter is neither deleted nor written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes control plane used by the tests (kube-apiserver, kubectl, etcd) from the
-# published Go modules, and Helm, caching each binary by version outside the repository.
+# Builds the real Kubernetes control plane used by the tests (kube-apiserver, kube-controller-manager,
+# kubectl, etcd) from the published Go modules, and Helm, caching each binary by version outside the
+# repository. kube-controller-manager gives the tests the garbage collector (ownerReferences), namespace
+# deletion, the service-account token controller and the aggregation of ClusterRoles.
 #
 #   tools/control-plane.sh            build what is missing, print the bin directory on the last line
 #   tools/control-plane.sh --update   regenerate tools/k8s/go.mod for K8S_VERSION (after a version bump)
@@ -36,7 +38,8 @@ k8s_gomod() {
       args+=("-replace=$mod=$mod@v0.$minor_patch")
     done < <(sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*|\1|p' "$upstream")
     go mod edit "${args[@]}"
-    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION"
+    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION" \
+      "k8s.io/kubernetes/cmd/kube-controller-manager@v$K8S_VERSION"
     go mod tidy
   )
 }
@@ -53,27 +56,37 @@ version_ldflags() {
 }
 
 build_k8s() {
-  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] &&
-    "$bin/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v$K8S_VERSION"; then
-    log "kube-apiserver and kubectl v$K8S_VERSION cached in $bin"
+  local cmds=(kube-apiserver kube-controller-manager kubectl) missing=()
+  for c in "${cmds[@]}"; do
+    local version=(--version)
+    [ "$c" = kubectl ] && version=(version --client)
+    [[ -x "$bin/$c" && "$("$bin/$c" "${version[@]}" 2>/dev/null)" =~ v$K8S_VERSION($|$'\n') ]] || missing+=("$c")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "${cmds[*]} v$K8S_VERSION cached in $bin"
     return
   fi
-  grep -q "k8s.io/kubernetes v$K8S_VERSION\$" "$here/k8s/go.mod" 2>/dev/null || k8s_gomod
+  # go.mod is regenerated only for another version, or when it lacks one of the commands.
+  ( grep -q "k8s.io/kubernetes v$K8S_VERSION\( // indirect\)\?\$" "$here/k8s/go.mod" &&
+    for c in "${cmds[@]}"; do grep -q "^[[:space:]]*k8s.io/kubernetes/cmd/$c\$" "$here/k8s/go.mod" || exit 1; done ) 2>/dev/null ||
+    k8s_gomod
   local t0=$SECONDS
-  log "building kube-apiserver and kubectl v$K8S_VERSION (cold: about 10-15 minutes on 2 cores)"
-  (cd "$here/k8s" && go build -trimpath -ldflags "$(version_ldflags)" -o "$bin/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
-  (cd "$here/k8s" && go build -trimpath -ldflags "$(version_ldflags)" -o "$bin/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl)
-  mv "$bin/kube-apiserver.tmp" "$bin/kube-apiserver"
-  mv "$bin/kubectl.tmp" "$bin/kubectl"
-  log "built kube-apiserver and kubectl in $((SECONDS - t0)) s"
+  log "building ${missing[*]} v$K8S_VERSION (cold: about 10-15 minutes on 2 cores)"
+  for c in "${missing[@]}"; do
+    (cd "$here/k8s" && go build -trimpath -ldflags "$(version_ldflags)" -o "$bin/$c.tmp" "k8s.io/kubernetes/cmd/$c")
+    mv "$bin/$c.tmp" "$bin/$c"
+  done
+  log "built ${missing[*]} in $((SECONDS - t0)) s"
 }
 
 build_etcd() {
-  if [ -x "$bin/etcd" ] && "$bin/etcd" --version 2>/dev/null | grep -q "etcd Version: $ETCD_VERSION\$"; then
+  # The version is read whole, not piped into grep -q: with pipefail, grep quitting at the first
+  # line makes etcd's later writes fail (SIGPIPE), and a cached binary looked missing.
+  if [[ -x "$bin/etcd" && "$("$bin/etcd" --version 2>/dev/null)" == *"etcd Version: $ETCD_VERSION"$'\n'* ]]; then
     log "etcd v$ETCD_VERSION cached in $bin"
     return
   fi
-  grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/etcd/go.mod" 2>/dev/null || (
+  grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION\( // indirect\)\?\$" "$here/etcd/go.mod" 2>/dev/null || (
     cd "$here/etcd"
     log "generating $here/etcd/go.mod for etcd v$ETCD_VERSION"
     printf 'module mail-integration-operator/tools/etcd\n\ngo 1.25.0\n' > go.mod

@@ -2,8 +2,9 @@
 # Runs every check and test of the project on this machine, installing what the tests need first:
 #   - Debian packages (Dovecot, Chromium, openssl, ...) and the test OAuth server's npm packages, by
 #     tools/install-test-deps.sh;
-#   - the real Kubernetes control plane (kube-apiserver, etcd, kubectl) and Helm, built from their Go
-#     modules by tools/control-plane.sh and cached by version under ~/.cache/mail-integration-operator;
+#   - the real Kubernetes control plane (kube-apiserver, kube-controller-manager, etcd, kubectl) and
+#     Helm, built from their Go modules by tools/control-plane.sh and cached by version under
+#     ~/.cache/mail-integration-operator;
 # then cargo fmt --check, cargo clippy -D warnings and cargo test. With FUZZ=1, then also the property
 # tests of tests/properties.rs for MIO_FUZZ_SECONDS (default 60) seconds each (docs/fuzzing.md).
 set -euo pipefail

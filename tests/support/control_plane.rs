@@ -1,5 +1,8 @@
-//! A real Kubernetes control plane (etcd + kube-apiserver built by `tools/control-plane.sh`) on free
-//! 127.0.0.1 ports, shared by all tests of one test binary and stopped when the binary ends.
+//! A real Kubernetes control plane (etcd, kube-apiserver and kube-controller-manager built by
+//! `tools/control-plane.sh`) on free 127.0.0.1 ports, shared by all tests of one test binary and
+//! stopped when the binary ends. kube-controller-manager runs the controllers the operator's
+//! behaviour depends on: the garbage collector (ownerReferences), namespace deletion, ServiceAccounts
+//! and their token Secrets, and the aggregation of ClusterRoles into `view`/`edit`/`admin`.
 //!
 //! [`ControlPlane::start_dedicated`] starts another one, private to whoever holds it (e.g. a test that
 //! stops and restarts its kube-apiserver with [`ControlPlane::stop_apiserver`] and
@@ -54,7 +57,13 @@ pub struct ControlPlane {
     apiserver: Mutex<Option<Supervised>>,
     apiserver_bin: PathBuf,
     apiserver_args: Vec<String>,
+    controller_manager: Mutex<Option<Supervised>>,
 }
+
+/// The controllers of kube-controller-manager the tests run (its other controllers need kubelets,
+/// nodes or cloud providers, which these control planes do not have).
+const CONTROLLERS: &str =
+    "garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation";
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
 
@@ -107,6 +116,7 @@ impl ControlPlane {
         let bin_dir = bin_dir();
         let etcd_bin = require(&bin_dir, "etcd");
         let apiserver_bin = require(&bin_dir, "kube-apiserver");
+        require(&bin_dir, "kube-controller-manager");
         require(&bin_dir, "kubectl");
         sweep_stale_dirs();
         let dir = tempfile::Builder::new()
@@ -206,10 +216,73 @@ impl ControlPlane {
             apiserver: Mutex::new(None),
             apiserver_bin,
             apiserver_args,
+            controller_manager: Mutex::new(None),
             dir,
         };
         cp.start_apiserver();
+        cp.start_controller_manager(&sa_key);
         cp
+    }
+
+    /// Start kube-controller-manager against this API server (as the admin, without leader
+    /// election or a serving port). It stays up while the API server is stopped and restarted.
+    fn start_controller_manager(&self, sa_key: &Path) {
+        let kubeconfig = self.dir.path().join("controller-manager.kubeconfig");
+        write_kubeconfig(&kubeconfig, &self.server, &self.ca_path(), ADMIN_TOKEN);
+        let process = Supervised::spawn(
+            "kube-controller-manager",
+            &self.bin_dir.join("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--controllers={CONTROLLERS}"),
+                format!("--service-account-private-key-file={}", sa_key.display()),
+                format!("--root-ca-file={}", self.ca_path().display()),
+                "--use-service-account-credentials=false".into(),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--v=0".into(),
+            ],
+            &[],
+            self.dir.path().join("kube-controller-manager.log"),
+        );
+        *self.controller_manager.lock().unwrap() = Some(process);
+    }
+
+    /// The last `n` lines of kube-controller-manager's log, for failure messages.
+    pub fn controller_manager_log_tail(&self, n: usize) -> String {
+        let log = self.dir.path().join("kube-controller-manager.log");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Wait (at most 60 s) until kube-controller-manager's controllers work: the ServiceAccount
+    /// controller has made `default` in the namespace `default`. Panics with its log otherwise.
+    pub fn wait_controllers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let running = self
+                .controller_manager
+                .lock()
+                .unwrap()
+                .as_mut()
+                .is_some_and(Supervised::is_running);
+            assert!(
+                running,
+                "kube-controller-manager exited.\n--- its log ---\n{}",
+                self.controller_manager_log_tail(40)
+            );
+            let out = self.kubectl_output(&["get", "serviceaccount", "default", "-n", "default"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-controller-manager made no ServiceAccount within 60 s.\n--- its log ---\n{}",
+                self.controller_manager_log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Stop the kube-apiserver (TERM, KILL after 3 s) and wait until it is gone; etcd keeps running.
