@@ -142,6 +142,12 @@ async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token() {
         took >= Duration::from_secs(2),
         "the exit waited for the provider's answer ({took:?})"
     );
+    assert_eq!(
+        op.process.exit_code(),
+        Some(0),
+        "a drained SIGTERM ends with exit status 0:\n{}",
+        tail(&log, 30)
+    );
 
     let op2 = env.operator("operator-2");
     let n = env.proxy.refresh_requests();
@@ -205,9 +211,11 @@ async fn losing_the_lease_during_a_refresh_drains_it_and_exits_non_zero() {
     env.proxy.clear_fault();
     let log = op.log();
     assert!(log.contains("lost the Lease"), "{}", tail(&log, 30));
-    assert!(
-        log.contains("Error: lost leadership"),
-        "the process ends with an error (non-zero exit):\n{}",
+    assert!(log.contains("Error: lost leadership"), "{}", tail(&log, 30));
+    assert_eq!(
+        op.process.exit_code(),
+        Some(1),
+        "the process ends with an error (exit status 1):\n{}",
         tail(&log, 30)
     );
     let after = grant_secret(&env, "inbox").await;
@@ -451,16 +459,44 @@ async fn two_operators_without_leader_election_never_present_a_token_twice() {
     env.ready_integration(&a, "inbox").await;
     let start = env.proxy.refresh_requests();
     wait_refresh_requests(&env, start + 6, Duration::from_secs(60), &a).await;
+    // Both took part, by the API server's own record: each operator (an API user of its own)
+    // stored the grant at least once, so refreshes really came from both sides.
+    let stored_grant = |op: &Operator| {
+        let user = op
+            .api_user
+            .as_ref()
+            .expect("an operator of Env has its own API user");
+        support::api_audit::requests_of(user)
+            .iter()
+            .filter(|r| {
+                r.resource == "secrets"
+                    && r.name.as_deref() == Some("inbox-oauth-grant")
+                    && matches!(r.verb.as_str(), "update" | "patch")
+                    && r.code == 200
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while stored_grant(&a) == 0 || stored_grant(&b) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "within 90 s one of the two operators never wrote the grant (a: {}, b: {}):\n--- a ---\n{}\n--- b ---\n{}",
+            stored_grant(&a),
+            stored_grant(&b),
+            tail(&a.log(), 20),
+            tail(&b.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let mi = env
         .wait_for("inbox", "Ready", Duration::from_secs(20), &a, is_ready)
         .await;
     assert_eq!(condition(&mi, "Authorized"), Some(("True", "Authorized")));
     let refreshes = assert_no_reuse(&env, "two operators");
-    let by = |op: &Operator| op.log().matches("stored the grant").count();
     eprintln!(
-        "two operators: {refreshes} refreshes ({} stored by a, {} by b), 0 presented twice",
-        by(&a),
-        by(&b)
+        "two operators: {refreshes} refreshes ({} grant writes by a, {} by b), 0 presented twice",
+        stored_grant(&a),
+        stored_grant(&b)
     );
 }
 

@@ -29,6 +29,8 @@ child=$!
 stop() { kill -TERM "$child" 2>/dev/null; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$child" 2>/dev/null || exit 0; sleep 0.3; done; kill -KILL "$child" 2>/dev/null; exit 0; }
 trap stop TERM INT HUP
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
+# The child ended by itself: the watchdog ends with its exit status (128 + N for signal N).
+kill -0 "$child" 2>/dev/null || { wait "$child"; exit $?; }
 stop
 "#;
 
@@ -80,6 +82,16 @@ impl Supervised {
     /// Whether the child (through its watchdog) still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.watchdog.try_wait(), Ok(None))
+    }
+
+    /// The exit status of a child that ended by itself (128 + N when signal N killed it); `None`
+    /// while it runs. (A child stopped through [`Self::stop`] reports 0.)
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.watchdog
+            .try_wait()
+            .ok()
+            .flatten()
+            .and_then(|s| s.code())
     }
 
     /// The last `n` lines of the child's log, for failure messages.
