@@ -124,7 +124,24 @@ async fn suspend_stops_due_and_requested_refreshes_and_resume_restarts_them() {
         async || env.data("inbox-token", "access_token").await.is_some(),
     )
     .await;
-    let published = Instant::now();
+    // The refresh that the suspension must prevent: when the operator announced it.
+    let due = env
+        .wait_for(
+            "inbox",
+            "status.nextRefreshTime",
+            Duration::from_secs(30),
+            &op,
+            |m| {
+                m.status
+                    .as_ref()
+                    .is_some_and(|s| s.next_refresh_time.is_some())
+            },
+        )
+        .await
+        .status
+        .and_then(|s| s.next_refresh_time)
+        .unwrap()
+        .0;
     let patch = |suspend: bool| serde_json::json!({"spec": {"suspend": suspend}});
     env.integrations()
         .patch(
@@ -147,9 +164,16 @@ async fn suspend_stops_due_and_requested_refreshes_and_resume_restarts_them() {
     let refreshes = standin.presented().len();
     assert_eq!(refreshes, 1, "one refresh before the suspension");
     annotate_refresh(&env, "inbox", "while-suspended").await;
-    // Past the due time (15 s after the refresh, less jitter) with a margin of 10 s.
-    let until = published + Duration::from_secs(25);
-    tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+    // Past the announced due time, with a margin of 10 s.
+    let wait = due
+        .duration_since(jiff::Timestamp::now())
+        .checked_add(jiff::SignedDuration::from_secs(10))
+        .unwrap();
+    assert!(
+        wait <= jiff::SignedDuration::from_secs(90),
+        "the refresh was announced for {due}, {wait} from now: more than this test waits"
+    );
+    tokio::time::sleep(Duration::try_from(wait).unwrap_or_default()).await;
     assert_eq!(
         standin.presented().len(),
         refreshes,
