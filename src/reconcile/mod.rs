@@ -13,6 +13,7 @@ pub mod mailbox_check;
 pub mod marked;
 pub mod observed;
 pub mod refresh;
+pub mod schedule;
 pub mod secrets;
 pub mod share;
 pub mod slots;
