@@ -1,0 +1,347 @@
+//! The token Secret that workloads mount: its standard keys, the keys, labels and annotations of
+//! `spec.tokenSecret.template` (rendered in the sandbox, see [`crate::reconcile::template`]), and its
+//! writes.
+
+use super::{bytes, owned_meta, rfc3339};
+use crate::reconcile::controller::FIELD_MANAGER;
+use crate::reconcile::observed::token_keys;
+use crate::reconcile::template::{Rendered, Renderer, TokenFields, digest, keys};
+use crate::{
+    api::{MailIntegration, TokenSecretTemplate},
+    mailbox as sasl,
+    metrics::Metrics,
+    oauth::TokenGrant,
+};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use std::collections::BTreeMap;
+
+/// The standard keys of the token Secret for `token`, and the values a template sees.
+fn standard(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+) -> (BTreeMap<String, ByteString>, TokenFields) {
+    let user = &mi.spec.mailbox.address;
+    let server = crate::provider::mail_server(&mi.spec);
+    let access = &token.access_token;
+    let xoauth2 = sasl::xoauth2(user, access);
+    let expiry = rfc3339(token.expires_at);
+    let mut data: BTreeMap<String, ByteString> = [
+        (token_keys::ACCESS_TOKEN, bytes(access.expose())),
+        (token_keys::TOKEN_TYPE, bytes(&token.token_type)),
+        (token_keys::EXPIRY, bytes(&expiry)),
+        (token_keys::USERNAME, bytes(user)),
+        (token_keys::XOAUTH2, bytes(xoauth2.expose())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    // OAUTHBEARER names the server; without a known server (OIDC with no spec.mailbox.server) it is left out.
+    let port = server
+        .as_ref()
+        .map(|s| u16::try_from(s.port).unwrap_or(0))
+        .unwrap_or(0);
+    let oauthbearer = server
+        .as_ref()
+        .map(|server| sasl::oauthbearer(user, &server.host, port, access));
+    if let Some(ob) = &oauthbearer {
+        data.insert(token_keys::OAUTHBEARER.to_owned(), bytes(ob.expose()));
+    }
+    let fields = TokenFields {
+        access_token: access.expose().to_owned(),
+        token_type: token.token_type.clone(),
+        expiry,
+        username: user.clone(),
+        xoauth2: xoauth2.expose().to_owned(),
+        oauthbearer: oauthbearer
+            .as_ref()
+            .map(|o| o.expose().to_owned())
+            .unwrap_or_default(),
+        mail_server: server.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+        mail_port: port,
+    };
+    (data, fields)
+}
+
+/// The token Secret's content: never the refresh token or the client secret. With
+/// `spec.tokenSecret.template`, its labels, annotations and `rendered` keys (see
+/// [`render_template`]) are added, and the annotation saying what they were rendered from. `Err`:
+/// the Secret would be larger than the operator keeps of one.
+pub fn token_secret(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+    rendered: Rendered,
+) -> Result<Secret, String> {
+    let (mut data, fields) = standard(mi, token);
+    for (k, v) in rendered {
+        data.insert(k, bytes(v.expose()));
+    }
+    let mut metadata = owned_meta(mi, &mi.spec.token_secret.name);
+    if let Some(t) = &mi.spec.token_secret.template {
+        let labels = metadata.labels.get_or_insert_with(Default::default);
+        for (k, v) in applied(&t.labels) {
+            // The operator's own labels (ownership, the watch's selector) stay as they are.
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut annotations: BTreeMap<String, String> = applied(&t.annotations)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        annotations.insert(
+            digest::DIGEST_ANNOTATION.to_owned(),
+            digest::annotation(t, &fields, &data),
+        );
+        metadata.annotations = Some(annotations);
+    }
+    // The watch keeps no more of a Secret than this: a larger token Secret would not be used.
+    let held = crate::reconcile::cached_secret::held_size(&metadata, Some(&data));
+    if held > crate::reconcile::cached_secret::MAX_HELD_BYTES {
+        return Err(format!(
+            "the token Secret would hold {held} bytes of labels, annotations and data, more than the {} the operator keeps of a Secret: make spec.tokenSecret.template smaller",
+            crate::reconcile::cached_secret::MAX_HELD_BYTES
+        ));
+    }
+    Ok(Secret {
+        metadata,
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    })
+}
+
+/// The template's labels or annotations that are set: not one asking a Secret-mirroring
+/// controller for a copy (a template with one is refused before; this holds whatever the caller),
+/// nor the operator's own digest annotation (a template setting it would make every idle
+/// reconcile render).
+fn applied(map: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    map.iter().filter(|(k, _)| {
+        keys::mirroring_controller(k).is_none() && k.as_str() != digest::DIGEST_ANNOTATION
+    })
+}
+
+/// The template's keys for `token`, rendered in the sandbox (none without a template). `Err`: the
+/// template is refused or does not render, said without any token value.
+pub async fn render_template(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+    renderer: &Renderer,
+) -> Result<Rendered, String> {
+    let Some(t) = &mi.spec.token_secret.template else {
+        return Ok(Rendered::new());
+    };
+    if let Some(refused) = keys::refused(t) {
+        return Err(refused);
+    }
+    let (_, fields) = standard(mi, token);
+    renderer.render(t, &fields).await
+}
+
+/// Write the token Secret. `current` is the token Secret as read, which must be this integration's
+/// own (see [`crate::reconcile::observed::owned_by`]): when there was none it is created, so that a Secret
+/// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
+/// server-side apply with the resourceVersion read as its precondition. Returns the written
+/// resourceVersion.
+pub async fn write_token_secret(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    current: Option<&Secret>,
+    token: &TokenGrant,
+    metrics: &Metrics,
+    renderer: &Renderer,
+) -> Result<Option<String>, TokenSecretError> {
+    let rendered = render_template(mi, token, renderer)
+        .await
+        .map_err(TokenSecretError::Template)?;
+    let mut secret = token_secret(mi, token, rendered).map_err(TokenSecretError::Template)?;
+    let written = match current {
+        None => {
+            api.create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &secret,
+            )
+            .await?
+        }
+        Some(current) => {
+            secret.metadata.resource_version = current.metadata.resource_version.clone();
+            api.patch(
+                &mi.spec.token_secret.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?
+        }
+    };
+    metrics.count_write("token_secret");
+    Ok(written.metadata.resource_version)
+}
+
+/// Re-render the token Secret from the token it holds when `spec.tokenSecret.template` or what it
+/// renders from changed (no refresh is needed for that). Renders nothing when the Secret's
+/// [`digest::DIGEST_ANNOTATION`] says it is what the template makes of its inputs (an idle
+/// reconcile); writes only when the rendered Secret differs from `current`.
+/// `Ok(Some(resourceVersion))` when it wrote.
+pub async fn sync_template(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    current: &Secret,
+    published: &crate::reconcile::observed::PublishedToken,
+    metrics: &Metrics,
+    renderer: &Renderer,
+) -> Result<Option<Option<String>>, TokenSecretError> {
+    let Some(t) = &mi.spec.token_secret.template else {
+        return Ok(None);
+    };
+    let token_type = current
+        .data
+        .as_ref()
+        .and_then(|d| d.get(token_keys::TOKEN_TYPE))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .unwrap_or_else(|| "Bearer".to_owned());
+    let token = TokenGrant::access_only(
+        published.access_token.clone(),
+        token_type,
+        published.expires_at,
+    );
+    let contains = |have: &Option<BTreeMap<String, String>>,
+                    want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let recorded = current
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(digest::DIGEST_ANNOTATION))
+        .map(String::as_str);
+    let (_, fields) = standard(mi, &token);
+    let no_data = BTreeMap::new();
+    if digest::up_to_date(
+        t,
+        &fields,
+        current.data.as_ref().unwrap_or(&no_data),
+        recorded,
+    ) {
+        // Rendered from these inputs already: only labels or annotations put back by hand.
+        let desired =
+            token_secret(mi, &token, Rendered::new()).map_err(TokenSecretError::Template)?;
+        if contains(&current.metadata.labels, &desired.metadata.labels)
+            && contains(&current.metadata.annotations, &applied_annotations(t))
+        {
+            return Ok(None);
+        }
+    }
+    let rendered = render_template(mi, &token, renderer)
+        .await
+        .map_err(TokenSecretError::Template)?;
+    let desired = token_secret(mi, &token, rendered).map_err(TokenSecretError::Template)?;
+    if desired.data == current.data
+        && contains(&current.metadata.labels, &desired.metadata.labels)
+        && contains(&current.metadata.annotations, &desired.metadata.annotations)
+    {
+        return Ok(None);
+    }
+    let version = write_token_secret(mi, api, Some(current), &token, metrics, renderer).await?;
+    Ok(Some(version))
+}
+
+fn applied_annotations(t: &TokenSecretTemplate) -> Option<BTreeMap<String, String>> {
+    Some(
+        applied(&t.annotations)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// Why the token Secret was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSecretError {
+    /// `spec.tokenSecret.template` does not render (the message names the key, never a value).
+    #[error("{0}")]
+    Template(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MailIntegrationSpec;
+    use crate::secret::SecretValue;
+    use jiff::Timestamp;
+
+    fn templated(template: serde_json::Value) -> MailIntegration {
+        let spec: MailIntegrationSpec = serde_json::from_value(serde_json::json!({
+            "provider": "Google",
+            "mailbox": {"address": "support@example.com"},
+            "oauth": {"clientSecretRef": {"name": "gmail-client"}},
+            "tokenSecret": {"name": "token", "template": template},
+        }))
+        .unwrap();
+        let mut mi = MailIntegration::new("inbox", spec);
+        mi.metadata.namespace = Some("mail".into());
+        mi.metadata.uid = Some("u1".into());
+        mi
+    }
+
+    #[test]
+    fn a_templated_token_secret_records_what_it_was_rendered_from_and_sets_no_refused_key() {
+        let mi = templated(serde_json::json!({
+            "data": {"password": "{{ access_token }}"},
+            "annotations": {
+                "example.com/reload": "true",
+                "reflector.v1.k8s.emberstack.com/reflection-allowed": "true",
+                digest::DIGEST_ANNOTATION: "forged",
+            },
+        }));
+        let t = mi.spec.token_secret.template.clone().unwrap();
+        let token = TokenGrant::access_only(
+            SecretValue::new("tok-1"),
+            "Bearer".into(),
+            Timestamp::from_second(1_900_000_000).unwrap(),
+        );
+        let rendered: Rendered = [("password".to_owned(), SecretValue::new("tok-1"))].into();
+        let secret = token_secret(&mi, &token, rendered).unwrap();
+        let annotations = secret.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            annotations.get("example.com/reload").map(String::as_str),
+            Some("true")
+        );
+        assert!(!annotations.contains_key("reflector.v1.k8s.emberstack.com/reflection-allowed"));
+        let recorded = annotations
+            .get(digest::DIGEST_ANNOTATION)
+            .map(String::as_str);
+        assert_ne!(recorded, Some("forged"));
+        // A template's own digest annotation is not one an idle reconcile looks for either (it
+        // would never match, and every idle reconcile would render).
+        assert!(
+            !applied_annotations(&t)
+                .unwrap()
+                .contains_key(digest::DIGEST_ANNOTATION)
+        );
+        // What an idle reconcile sees: the same inputs, so no render.
+        let (_, fields) = standard(&mi, &token);
+        assert!(digest::up_to_date(
+            &t,
+            &fields,
+            secret.data.as_ref().unwrap(),
+            recorded
+        ));
+        assert!(digest::template_known_good(&t, recorded));
+        // Another token: rendered again.
+        let next = TokenGrant::access_only(
+            SecretValue::new("tok-2"),
+            "Bearer".into(),
+            Timestamp::from_second(1_900_000_000).unwrap(),
+        );
+        let (_, fields) = standard(&mi, &next);
+        assert!(!digest::up_to_date(
+            &t,
+            &fields,
+            secret.data.as_ref().unwrap(),
+            recorded
+        ));
+    }
+}
