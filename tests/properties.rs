@@ -95,6 +95,68 @@ where
     }
 }
 
+/// The branches a property's cases took, counted: every named branch must be reached by a run, so
+/// that a generator that stops reaching one (e.g. a property that drops every case as invalid)
+/// fails instead of passing without checking anything. Timed runs print the counts.
+struct Branches {
+    names: &'static [&'static str],
+    hits: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Branches {
+    /// Count one case as having taken `branch` (one of the names given to [`check_branches`]).
+    fn hit(&self, branch: &str) {
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == branch)
+            .unwrap_or_else(|| panic!("{branch:?} is not one of the branches {:?}", self.names));
+        self.hits[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.names
+            .iter()
+            .zip(&self.hits)
+            .map(|(n, h)| (*n, h.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// [`check`], counting which of `branches` each case took (the property calls [`Branches::hit`]);
+/// panics when a run left one of them unreached.
+fn check_branches<S>(
+    name: &str,
+    strategy: S,
+    branches: &'static [&'static str],
+    property: impl Fn(S::Value, &Branches) -> Result<(), TestCaseError>,
+) where
+    S: Strategy,
+    S::Value: Debug,
+{
+    let counted = Branches {
+        names: branches,
+        hits: branches
+            .iter()
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+    };
+    check(name, strategy, |v| property(v, &counted));
+    let counts = counted.counts();
+    if env_number("MIO_FUZZ_SECONDS").is_some() {
+        eprintln!("property {name}: branches {counts:?}");
+    }
+    let unreached: Vec<&str> = counts
+        .iter()
+        .filter(|(_, n)| *n == 0)
+        .map(|(b, _)| *b)
+        .collect();
+    assert!(
+        unreached.is_empty(),
+        "property {name}: no case reached {unreached:?} (counts {counts:?}): widen its generator"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared strategies
 // ---------------------------------------------------------------------------------------------
@@ -718,16 +780,19 @@ fn any_changed_byte_breaks_a_signed_token() {
         let len = signer.sign("state", &claims).len();
         (Just(signer), Just(claims), 0..len, 1u8..=255)
     });
-    check(
+    check_branches(
         "single_byte_mutation",
         case,
-        |(signer, claims, at, flip)| {
+        &["text", "not UTF-8"],
+        |(signer, claims, at, flip), branches| {
             let mut bytes = signer.sign("state", &claims).into_bytes();
             bytes[at] ^= flip;
             // Only strings reach verify (a query parameter is decoded to UTF-8 first).
             let Ok(mutated) = String::from_utf8(bytes) else {
+                branches.hit("not UTF-8");
                 return Ok(());
             };
+            branches.hit("text");
             prop_assert!(
                 signer.verify::<StateClaims>("state", &mutated).is_err(),
                 "{:?} still verifies",
@@ -740,10 +805,21 @@ fn any_changed_byte_breaks_a_signed_token() {
 
 #[test]
 fn browser_bindings_are_fixed_length_hashes() {
-    check(
+    // The second nonce is the first one, the first one with a character more, or any other.
+    let pair = (any::<String>(), any::<String>(), 0..3u8).prop_map(|(a, other, how)| {
+        let b = match how {
+            0 => a.clone(),
+            1 => format!("{a}x"),
+            _ => other,
+        };
+        (a, b)
+    });
+    check_branches(
         "browser_binding",
-        (any::<String>(), any::<String>()),
-        |(a, b)| {
+        pair,
+        &["equal", "different"],
+        |(a, b), branches| {
+            branches.hit(if a == b { "equal" } else { "different" });
             let (ha, hb) = (token::browser_binding(&a), token::browser_binding(&b));
             prop_assert_eq!(ha.len(), 43);
             prop_assert!(
@@ -1052,32 +1128,39 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
 #[test]
 fn the_sign_in_server_answers_any_request_with_a_safe_page() {
     let server = SignInServer::new();
-    check("sign_in_requests", sign_in_request(), |r| {
-        let Some(req) = request_of(&server, &r) else {
-            return Ok(());
-        };
-        let (status, body, reports) = server.send(req);
-        // Without a client Secret nothing can succeed; only a genuine ticket could start a sign-in.
-        prop_assert!(
-            status.is_client_error() || status.is_server_error(),
-            "{} for {:?}",
-            status,
-            r
-        );
-        prop_assert!(!body.contains(INJECTED), "unescaped input in the page");
-        for report in reports {
-            let Report::Failed { message, .. } = report else {
-                return Err(TestCaseError::fail("a sign-in succeeded"));
+    check_branches(
+        "sign_in_requests",
+        sign_in_request(),
+        &["sent", "no HTTP request"],
+        |r, branches| {
+            let Some(req) = request_of(&server, &r) else {
+                branches.hit("no HTTP request");
+                return Ok(());
             };
-            prop_assert_eq!(control_char(&message), None, "{}", message);
+            branches.hit("sent");
+            let (status, body, reports) = server.send(req);
+            // Without a client Secret nothing can succeed; only a genuine ticket could start a sign-in.
             prop_assert!(
-                message.chars().count() <= MAX_MESSAGE_CHARS,
-                "{}",
-                message.len()
+                status.is_client_error() || status.is_server_error(),
+                "{} for {:?}",
+                status,
+                r
             );
-        }
-        Ok(())
-    });
+            prop_assert!(!body.contains(INJECTED), "unescaped input in the page");
+            for report in reports {
+                let Report::Failed { message, .. } = report else {
+                    return Err(TestCaseError::fail("a sign-in succeeded"));
+                };
+                prop_assert_eq!(control_char(&message), None, "{}", message);
+                prop_assert!(
+                    message.chars().count() <= MAX_MESSAGE_CHARS,
+                    "{}",
+                    message.len()
+                );
+            }
+            Ok(())
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1322,8 +1405,36 @@ fn secret_data(
 ) -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
     let known = prop::sample::select(keys.to_vec()).prop_map(str::to_owned);
     let key = prop_oneof![3 => known, 1 => any::<String>()];
-    let value = prop_oneof![3 => secret_value(), 2 => times.prop_map(String::into_bytes)];
-    proptest::collection::btree_map(key, value, 0..8)
+    let value = prop_oneof![3 => secret_value(), 2 => times.clone().prop_map(String::into_bytes)];
+    let random = proptest::collection::btree_map(key, value, 0..8);
+    // Every key the operator reads, with a value of its kind (a timestamp for `*_at` and `expiry`,
+    // a credential-like text otherwise), and other keys beside: what an operator-written Secret
+    // looks like, so that the parsing succeeds often enough to check what it returns.
+    let typed: Vec<BoxedStrategy<(String, Vec<u8>)>> = keys
+        .iter()
+        .map(|k| {
+            let k = (*k).to_owned();
+            if k.ends_with("_at") || k == token_keys::EXPIRY {
+                times
+                    .clone()
+                    .prop_map(move |t| (k.clone(), t.into_bytes()))
+                    .boxed()
+            } else {
+                credential()
+                    .prop_map(move |c| (k.clone(), c.into_bytes()))
+                    .boxed()
+            }
+        })
+        .collect();
+    let well_formed = (
+        typed,
+        proptest::collection::btree_map(any::<String>(), secret_value(), 0..3),
+    )
+        .prop_map(|(pairs, mut data)| {
+            data.extend(pairs);
+            data
+        });
+    prop_oneof![2 => random, 1 => well_formed]
 }
 
 const GRANT_KEYS: &[&str] = &[
@@ -1351,13 +1462,16 @@ fn parse_token(data: &BTreeMap<String, Vec<u8>>) -> Option<PublishedToken> {
 
 #[test]
 fn grant_secrets_are_parsed_or_ignored() {
-    check(
+    check_branches(
         "grant_secret",
         secret_data(GRANT_KEYS, any_timestamp_text()),
-        |data| {
+        &["a grant", "ignored"],
+        |data, branches| {
             let Some(g) = parse_grant(&data) else {
+                branches.hit("ignored");
                 return Ok(());
             };
+            branches.hit("a grant");
             let raw = &data[grant_keys::REFRESH_TOKEN];
             prop_assert!(std::str::from_utf8(raw).is_ok());
             prop_assert!(!g.refresh_token.is_empty());
@@ -1376,13 +1490,16 @@ fn grant_secrets_are_parsed_or_ignored() {
 
 #[test]
 fn token_secrets_are_parsed_or_ignored() {
-    check(
+    check_branches(
         "token_secret",
         secret_data(TOKEN_KEYS, any_timestamp_text()),
-        |data| {
+        &["a token", "ignored"],
+        |data, branches| {
             let Some(t) = parse_token(&data) else {
+                branches.hit("ignored");
                 return Ok(());
             };
+            branches.hit("a token");
             prop_assert!(!t.access_token.is_empty());
             let expiry = std::str::from_utf8(&data[token_keys::EXPIRY])
                 .unwrap()
