@@ -131,6 +131,12 @@ struct RunArgs {
     /// or a proxy). Off: such an integration is refused with EndpointOverrideNotAllowed.
     #[arg(long, env = "MIO_ALLOW_ENDPOINT_OVERRIDES")]
     allow_endpoint_overrides: bool,
+    /// For development and tests only: let specs name endpoints on loopback (localhost,
+    /// 127.0.0.0/8, ::1; http is allowed only there) and let the mailbox check connect to mail
+    /// servers on loopback. Off (the default, and in the chart): on loopback are the pod's own
+    /// sidecars (an Envoy admin API on 127.0.0.1:15000, say), which no spec may reach.
+    #[arg(long, env = "MIO_ALLOW_LOOPBACK")]
+    allow_loopback: bool,
 }
 
 fn parse_public_url(s: &str) -> Result<url::Url, String> {
@@ -245,7 +251,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let oauth = OAuthClient::new().context("building the HTTP client")?;
     let providers = ProviderResolver::new(oauth.http_client().clone())
-        .with_endpoint_overrides(args.allow_endpoint_overrides);
+        .with_endpoint_overrides(args.allow_endpoint_overrides)
+        .with_loopback(args.allow_loopback);
     let (key_ns, key_name) = key_secret_ref(&args.sign_in_key_secret)?;
     let key = signin::key::load_or_create(client.clone(), &key_ns, &key_name).await?;
     let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
@@ -300,9 +307,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     ctx.sign_in = Some(Arc::new(sign_in));
     ctx.revoke_timeout = args.revoke_timeout.into();
-    let allowed = mail_integration_operator::mailbox::allowed::AllowedHosts::with_defaults(
+    let mut allowed = mail_integration_operator::mailbox::allowed::AllowedHosts::with_defaults(
         args.mailbox_allowed_hosts.iter().map(String::as_str),
     );
+    if args.allow_loopback {
+        allowed = allowed.with_loopback();
+    }
     info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
     ctx.mailbox = Arc::new(
         mail_integration_operator::reconcile::mailbox_check::MailboxChecker::new(

@@ -2,28 +2,70 @@
 //! mailbox check sends a live access token there from inside the cluster: without a limit, whoever
 //! may edit a MailIntegration could point the check at a server of theirs (and collect the token),
 //! or at a service only the operator's pod can reach (and read its answers back from the status).
-//! So the check connects only to hosts on this list: by default the providers' own mail hosts and
-//! loopback, plus what the operator's admin adds with `--mailbox-allowed-hosts`.
+//! So the check connects only to hosts on this list: by default the providers' own mail hosts,
+//! plus what the operator's admin adds with `--mailbox-allowed-hosts`, and loopback only when the
+//! operator runs with `--allow-loopback` (for development and tests: on loopback are the pod's own
+//! sidecars).
+//!
+//! A name on the list may resolve to anything its DNS says, so the check resolves it once, checks
+//! every address ([`AllowedHosts::allows_address`]: no loopback, link-local (the cloud metadata
+//! address among them), private or otherwise special address unless the list names it, as an
+//! address or a network such as `10.20.0.0/16`), and connects to the addresses it checked.
 
+use ipnet::IpNet;
 use std::net::IpAddr;
 
-/// The providers' mail hosts (Google, Microsoft 365) and loopback.
+/// The providers' mail hosts (Google, Microsoft 365).
 pub const DEFAULT_ALLOWED_HOSTS: &[&str] = &[
     "imap.gmail.com",
     "pop.gmail.com",
     "smtp.gmail.com",
     "outlook.office365.com",
     "smtp.office365.com",
-    "localhost",
-    "127.0.0.1",
-    "::1",
 ];
 
+/// Loopback, allowed only with `--allow-loopback` ([`AllowedHosts::with_loopback`]).
+pub const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
 /// A list of host names (`mail.example.com`), suffix patterns (`*.example.com`: any name below
-/// example.com, not example.com itself) and IP addresses, compared case-insensitively.
+/// example.com, not example.com itself), IP addresses and networks (`10.20.0.0/16`: addresses
+/// only), compared case-insensitively.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllowedHosts {
     entries: Vec<String>,
+    nets: Vec<IpNet>,
+}
+
+/// Whether `ip` is an address a name on the list may not lead to unless the list names it:
+/// loopback, unspecified, link-local (169.254.0.0/16 holds the cloud metadata address), private
+/// (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10), multicast, broadcast, documentation
+/// and reserved ranges.
+pub fn is_special(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+        }
+    }
 }
 
 impl Default for AllowedHosts {
@@ -50,12 +92,36 @@ impl AllowedHosts {
             .collect();
         entries.sort();
         entries.dedup();
-        Self { entries }
+        let nets = entries.iter().filter_map(|e| e.parse().ok()).collect();
+        Self { entries, nets }
     }
 
     /// The defaults plus `extra`.
     pub fn with_defaults<'a>(extra: impl IntoIterator<Item = &'a str>) -> Self {
         Self::new(DEFAULT_ALLOWED_HOSTS.iter().copied().chain(extra))
+    }
+
+    /// These entries and loopback (`--allow-loopback`, for development and tests).
+    pub fn with_loopback(self) -> Self {
+        Self::new(
+            self.entries
+                .iter()
+                .map(String::as_str)
+                .chain(LOOPBACK_HOSTS.iter().copied()),
+        )
+    }
+
+    /// Whether the check may connect to `ip`, an address an allowed host resolved to: any address
+    /// that is not [special](is_special), and a special one only when the list names it (as an
+    /// address, or in a network).
+    pub fn allows_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !is_special(ip)
+            || self.nets.iter().any(|n| n.contains(&ip))
+            || self
+                .entries
+                .iter()
+                .any(|e| e.parse::<IpAddr>().is_ok_and(|a| a.to_canonical() == ip))
     }
 
     /// Whether the check may connect to `host`.
@@ -96,8 +162,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_cover_the_providers_and_loopback_only() {
-        let a = AllowedHosts::default();
+    fn defaults_cover_the_providers_and_loopback_only_with_the_flag() {
+        let without = AllowedHosts::default();
+        for no in ["localhost", "127.0.0.1", "::1"] {
+            assert!(!without.allows(no), "{no}");
+            assert!(!without.allows_address("127.0.0.1".parse().unwrap()));
+        }
+        let a = AllowedHosts::default().with_loopback();
+        assert!(a.allows_address("127.0.0.1".parse().unwrap()));
+        assert!(a.allows_address("::1".parse().unwrap()));
+        assert!(!a.allows_address("127.0.0.2".parse().unwrap()));
         for ok in [
             "imap.gmail.com",
             "IMAP.Gmail.com.",
@@ -135,5 +209,40 @@ mod tests {
         assert!(!a.allows("10.1.2.4"));
         assert!(a.allows("imap.gmail.com"));
         assert!(a.describe().contains("*.mail.example.com"));
+    }
+
+    #[test]
+    fn resolved_addresses_must_be_public_unless_the_list_names_them() {
+        let a = AllowedHosts::with_defaults(["mail.example.com", "10.20.0.0/16", "192.168.1.5"]);
+        for public in ["142.250.1.108", "2a00:1450:4001:c02::6c"] {
+            assert!(a.allows_address(public.parse().unwrap()), "{public}");
+        }
+        for special in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.6",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "fe80::1",
+            "fd00::1",
+            "::",
+            "224.0.0.1",
+        ] {
+            assert!(!a.allows_address(special.parse().unwrap()), "{special}");
+        }
+        assert!(
+            a.allows_address("10.20.3.4".parse().unwrap()),
+            "in a listed network"
+        );
+        assert!(
+            a.allows_address("192.168.1.5".parse().unwrap()),
+            "a listed address"
+        );
+        assert!(a.allows_address("::ffff:10.20.0.9".parse().unwrap()));
     }
 }

@@ -30,7 +30,7 @@ use crate::api::TlsMode;
 
 pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> {
     let host = s.target.host.as_str();
-    let tcp = tls::connect(host, s.target.port).await?;
+    let tcp = tls::connect(host, s.target.port, s.target.allowed.as_deref()).await?;
     match s.target.tls {
         TlsMode::Implicit => {
             s.progress.at("in the TLS handshake");

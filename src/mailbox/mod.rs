@@ -81,6 +81,9 @@ pub struct CheckTarget {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// The whole check, connect to logout, must finish within this.
     pub timeout: Duration,
+    /// The addresses the host may resolve to ([`allowed::AllowedHosts::allows_address`]); `None`
+    /// checks none (a caller that chose the server itself). The operator always sets it.
+    pub allowed: Option<std::sync::Arc<allowed::AllowedHosts>>,
 }
 
 impl CheckTarget {
@@ -100,6 +103,7 @@ impl CheckTarget {
             username: username.into(),
             extra_ca_pem: None,
             timeout: DEFAULT_TIMEOUT,
+            allowed: None,
         }
     }
 
@@ -138,6 +142,12 @@ impl CheckTarget {
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Connect only to addresses `allowed` allows (after resolving the host once).
+    pub fn with_allowed(mut self, allowed: std::sync::Arc<allowed::AllowedHosts>) -> Self {
+        self.allowed = Some(allowed);
         self
     }
 
@@ -199,6 +209,9 @@ pub enum MailboxError {
     /// The server said something a mail client cannot work with.
     #[error("mail protocol error: {detail}")]
     Protocol { detail: String },
+    /// The host resolved to an address the operator does not connect to.
+    #[error("{detail}")]
+    AddressNotAllowed { detail: String },
 }
 
 impl MailboxError {
@@ -207,6 +220,7 @@ impl MailboxError {
         match self {
             Self::AuthFailed { .. } => "MailboxAuthFailed",
             Self::Unreachable { .. } => "MailboxUnreachable",
+            Self::AddressNotAllowed { .. } => crate::reason::Reason::MailboxHostNotAllowed.as_str(),
             Self::Tls { .. } => "TLSError",
             Self::Protocol { .. } => "ProtocolError",
         }
@@ -218,7 +232,8 @@ impl MailboxError {
             Self::AuthFailed { detail }
             | Self::Unreachable { detail }
             | Self::Tls { detail }
-            | Self::Protocol { detail } => detail,
+            | Self::Protocol { detail }
+            | Self::AddressNotAllowed { detail } => detail,
         }
     }
 
@@ -227,7 +242,8 @@ impl MailboxError {
             Self::AuthFailed { detail }
             | Self::Unreachable { detail }
             | Self::Tls { detail }
-            | Self::Protocol { detail } => detail,
+            | Self::Protocol { detail }
+            | Self::AddressNotAllowed { detail } => detail,
         }
     }
 

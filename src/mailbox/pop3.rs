@@ -86,7 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3<S> {
 
 pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> {
     let host = s.target.host.as_str();
-    let tcp = tls::connect(host, s.target.port).await?;
+    let tcp = tls::connect(host, s.target.port, s.target.allowed.as_deref()).await?;
     match s.target.tls {
         TlsMode::Implicit => {
             s.progress.at("in the TLS handshake");

@@ -54,7 +54,7 @@ pub(super) async fn check(s: &Session<'_>) -> Result<Option<u32>, MailboxError> 
     let addr = format!("{host}:{port}");
     // An address literal, as RFC 5321 §4.1.4 asks of a client without a meaningful host name.
     let hello = ClientId::default();
-    let tcp = tls::connect(host, port).await?;
+    let tcp = tls::connect(host, port, s.target.allowed.as_deref()).await?;
     let mut conn = match s.target.tls {
         TlsMode::Implicit => {
             s.progress.at("in the TLS handshake");

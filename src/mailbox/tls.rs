@@ -77,13 +77,37 @@ where
         .map_err(|e| classify_io(&e, &format!("{host}:{port}"), "during the TLS handshake"))
 }
 
-/// Open the TCP connection.
-pub(crate) async fn connect(host: &str, port: u16) -> Result<TcpStream, MailboxError> {
-    TcpStream::connect((host, port))
+/// Open the TCP connection: resolve `host` once, check every address it resolved to against
+/// `allowed` (all or nothing: a name that also leads somewhere forbidden is not used), and connect
+/// to those addresses (no second resolution, which could answer otherwise).
+pub(crate) async fn connect(
+    host: &str,
+    port: u16,
+    allowed: Option<&super::allowed::AllowedHosts>,
+) -> Result<TcpStream, MailboxError> {
+    let unreachable = |e: &dyn std::fmt::Display| MailboxError::Unreachable {
+        detail: format!("cannot connect to {host}:{port}: {e}"),
+    };
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| MailboxError::Unreachable {
-            detail: format!("cannot connect to {host}:{port}: {e}"),
-        })
+        .map_err(|e| unreachable(&e))?
+        .collect();
+    if let Some(allowed) = allowed
+        && let Some(bad) = addrs.iter().find(|a| !allowed.allows_address(a.ip()))
+    {
+        return Err(MailboxError::AddressNotAllowed {
+            detail: format!(
+                "the mail server {host} resolves to {}, an address the operator does not connect to (loopback, link-local, private or otherwise special): ask the operator's admin to add that address or its network to --mailbox-allowed-hosts",
+                bad.ip()
+            ),
+        });
+    }
+    if addrs.is_empty() {
+        return Err(unreachable(&"the name resolves to no address"));
+    }
+    TcpStream::connect(addrs.as_slice())
+        .await
+        .map_err(|e| unreachable(&e))
 }
 
 /// The rustls error somewhere in an error's chain (an `io::Error` hides it behind `get_ref`).

@@ -348,6 +348,7 @@ pub struct ProviderResolver {
     ttl: Duration,
     cache: Arc<Mutex<DiscoveryCache>>,
     allow_overrides: bool,
+    allow_loopback: bool,
 }
 
 impl fmt::Debug for ProviderResolver {
@@ -366,7 +367,30 @@ impl ProviderResolver {
             ttl: DEFAULT_DISCOVERY_TTL,
             cache: Arc::default(),
             allow_overrides: false,
+            allow_loopback: false,
         }
+    }
+
+    /// Whether endpoints and issuers on loopback may be used (`--allow-loopback`, for development
+    /// and tests; off by default: on loopback are the pod's own sidecars, such as an Envoy admin
+    /// API on 127.0.0.1:15000, and no spec may make the operator call them).
+    pub fn with_loopback(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
+    }
+
+    /// Refuse `url` (named as `what`) when it is on loopback and that is not allowed.
+    fn check_loopback(&self, what: &str, url: &Url) -> Result<(), FailureClass> {
+        if self.allow_loopback || !is_loopback(url) {
+            return Ok(());
+        }
+        Err(FailureClass::Permanent {
+            reason: crate::reason::Reason::InvalidEndpoint,
+            message: format!(
+                "the {what} endpoint {} is on loopback, inside the operator's own pod, which the operator calls only when started with --allow-loopback (for development and tests): name the provider's own address",
+                crate::reason::quoted(url.origin().ascii_serialization().as_str())
+            ),
+        })
     }
 
     /// Whether `spec.oauth.endpoints` may replace Google's or Microsoft's own endpoints (off by
@@ -404,6 +428,24 @@ impl ProviderResolver {
                 ),
             });
         }
+        let endpoints = self.endpoints(spec).await?;
+        self.check_loopback("authorization", &endpoints.authorization)?;
+        self.check_loopback("token", &endpoints.token)?;
+        for (what, url) in [
+            ("revocation", &endpoints.revocation),
+            ("userinfo", &endpoints.userinfo),
+        ] {
+            if let Some(url) = url {
+                self.check_loopback(what, url)?;
+            }
+        }
+        Ok(endpoints)
+    }
+
+    async fn endpoints(
+        &self,
+        spec: &MailIntegrationSpec,
+    ) -> Result<ProviderEndpoints, FailureClass> {
         if let Some(endpoints) = static_endpoints(spec)? {
             return Ok(endpoints);
         }
@@ -420,6 +462,7 @@ impl ProviderResolver {
 
     /// The endpoints discovered from `issuer_url`, from the cache while it is fresh.
     pub async fn discover(&self, issuer_url: &str) -> Result<ProviderEndpoints, FailureClass> {
+        self.check_loopback("issuer", &discovery_url(issuer_url)?)?;
         let key = issuer_url.trim_end_matches('/').to_owned();
         {
             let cache = self.cache.locked();

@@ -258,6 +258,34 @@ fn endpoint_urls_longer_than_the_crd_allows_are_refused_without_echo() {
     assert!(err.message().len() < 200, "{}", err.message());
 }
 
+#[tokio::test]
+async fn loopback_endpoints_and_issuers_are_refused_without_the_flag() {
+    let resolver = ProviderResolver::new(reqwest::Client::new());
+    let spec = spec(json!({"provider": "OIDC", "oauth": {"endpoints": {
+        "authorization": "https://id.example/auth",
+        "token": "http://127.0.0.1:15000/quitquitquit",
+    }}}));
+    let err = resolver.resolve(&spec).await.unwrap_err();
+    assert_eq!(err.reason(), Reason::InvalidEndpoint);
+    assert!(
+        err.message().contains("--allow-loopback"),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("quitquitquit"), "{}", err.message());
+    for issuer in [
+        "http://localhost:15000",
+        "https://[::1]:8443",
+        "https://127.0.0.2",
+    ] {
+        let err = resolver.discover(issuer).await.unwrap_err();
+        assert_eq!(err.reason(), Reason::InvalidEndpoint, "{issuer}");
+    }
+    // With the flag (development, tests) the same spec resolves.
+    let dev = ProviderResolver::new(reqwest::Client::new()).with_loopback(true);
+    assert_eq!(dev.resolve(&spec).await.unwrap().token.port(), Some(15000));
+}
+
 // ----- discovery over HTTP --------------------------------------------------------------------
 
 mod discovery_http {
@@ -312,7 +340,7 @@ mod discovery_http {
     #[tokio::test]
     async fn resolves_caches_and_applies_overrides() {
         let (base, hits) = start(None).await;
-        let resolver = ProviderResolver::new(reqwest::Client::new());
+        let resolver = ProviderResolver::new(reqwest::Client::new()).with_loopback(true);
         let e = resolver
             .resolve(&oidc_spec(&base, json!({})))
             .await
@@ -346,7 +374,9 @@ mod discovery_http {
     #[tokio::test]
     async fn expired_cache_entries_are_fetched_again() {
         let (base, hits) = start(None).await;
-        let resolver = ProviderResolver::new(reqwest::Client::new()).with_ttl(Duration::ZERO);
+        let resolver = ProviderResolver::new(reqwest::Client::new())
+            .with_loopback(true)
+            .with_ttl(Duration::ZERO);
         resolver.discover(&base).await.unwrap();
         resolver.discover(&base).await.unwrap();
         assert_eq!(hits.load(Ordering::SeqCst), 2);
@@ -355,7 +385,7 @@ mod discovery_http {
     #[tokio::test]
     async fn issuer_mismatch_is_permanent_and_5xx_transient() {
         let (base, _) = start(Some("https://evil.example.com")).await;
-        let resolver = ProviderResolver::new(reqwest::Client::new());
+        let resolver = ProviderResolver::new(reqwest::Client::new()).with_loopback(true);
         let err = resolver.discover(&base).await.unwrap_err();
         assert_eq!(err.reason(), Reason::DiscoveryFailed);
         assert!(err.is_permanent());

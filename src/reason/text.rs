@@ -309,7 +309,7 @@ impl Reason {
                 "Sign in again with prompt Consent and keep every requested permission ticked; check spec.oauth.scopes."
             }
             Reason::InvalidEndpoint => {
-                "Fix the endpoint URLs in spec.oauth.endpoints (or spec.oauth.issuerURL / tenant): https is required except on loopback."
+                "Fix the endpoint URLs in spec.oauth.endpoints (or spec.oauth.issuerURL / tenant): https is required, and loopback (http or https) is used only by an operator started with --allow-loopback, for development and tests."
             }
             Reason::ProviderError => {
                 "The provider refused the request; see the message for the provider's explanation."

@@ -68,7 +68,7 @@ pub struct MailboxChecker {
     running: Mutex<std::collections::HashSet<String>>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
-    allowed: crate::mailbox::allowed::AllowedHosts,
+    allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
 
 impl MailboxChecker {
@@ -97,7 +97,7 @@ impl MailboxChecker {
 
     /// Connect only to these mail hosts (see [`crate::mailbox::allowed`]).
     pub fn with_allowed_hosts(mut self, allowed: crate::mailbox::allowed::AllowedHosts) -> Self {
-        self.allowed = allowed;
+        self.allowed = std::sync::Arc::new(allowed);
         self
     }
 
@@ -348,7 +348,12 @@ impl MailboxChecker {
     ) -> MailboxState {
         let mut connected = Vec::new();
         for t in targets {
-            let mut target = t.clone().with_timeout(self.timeout);
+            // The host is on the list (see `refusal`); the addresses it resolves to are checked
+            // when connecting.
+            let mut target = t
+                .clone()
+                .with_timeout(self.timeout)
+                .with_allowed(self.allowed.clone());
             if let Some(pem) = &ca {
                 target = target.with_extra_ca_pem(pem.clone());
             }

@@ -99,6 +99,10 @@ impl Operator {
             &[
                 ("KUBECONFIG", kubeconfig.display().to_string()),
                 ("RUST_LOG", "info,mail_integration_operator=debug".into()),
+                // The tests' providers and mail servers run on loopback: --allow-loopback, the
+                // flag meant for development and tests. A test of its refusal passes
+                // ("MIO_ALLOW_LOOPBACK", "false") in `env`, which comes after.
+                ("MIO_ALLOW_LOOPBACK", "true".into()),
             ]
             .into_iter()
             .chain(env.iter().cloned())

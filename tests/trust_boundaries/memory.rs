@@ -223,3 +223,132 @@ async fn provider_text_reaches_status_bounded_and_printable() {
     );
     assert!(op.process.is_running());
 }
+
+/// A sidecar's admin API on loopback (as Envoy's on 127.0.0.1:15000): counts what it is sent.
+async fn sidecar_admin() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { "OK" }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, hits)
+}
+
+/// Issue 21, point 6 (loopback): an operator run as in production (without `--allow-loopback`,
+/// the flag for development and tests) calls no endpoint on loopback that a spec names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_cannot_reach_a_sidecar_on_loopback_in_production() {
+    let env = Env::new("loopback", server()).await;
+    let (admin, hits) = sidecar_admin().await;
+    let op = support::operator::Operator::start_with_env(
+        "operator",
+        &env.cp.kubeconfig,
+        &["--namespace", &env.ns],
+        &[("MIO_ALLOW_LOOPBACK", "false".into())],
+        env.log_dir.path(),
+    );
+    env.client_secret(env.server.client_secret()).await;
+    env.put_secret(
+        "probe-oauth-grant",
+        &[("refresh_token", "rt-never-sent-5e2a")],
+    )
+    .await;
+    env.integration_with(
+        "probe",
+        "alice@example.test",
+        serde_json::json!({"oauth": {"endpoints": {
+            "authorization": "https://id.example.test/auth",
+            "token": format!("{admin}/quitquitquit"),
+        }}}),
+    )
+    .await;
+    let mi = env
+        .wait_for("probe", "InvalidEndpoint", WAIT, &op, |mi| {
+            condition(mi, "Ready").is_some_and(|c| c.1 == "InvalidEndpoint")
+        })
+        .await;
+    let text = message(&mi, "Ready");
+    assert!(
+        text.contains("loopback") && text.contains("--allow-loopback"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the sidecar's admin API was called"
+    );
+}
+
+/// Issue 21, point 6 (DNS): an allow-listed mail host name is resolved once and every address it
+/// resolves to is checked: `localhost`, allowed by name in production, leads to loopback, where the
+/// check does not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_mail_host_name_that_resolves_to_loopback_is_not_connected_to() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = Env::new("mailhostdns", server()).await;
+    // What listens there (a sidecar, say): counts connections.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    // A token is published by a development operator (`--allow-loopback`: it may check there).
+    let mut dev = env.operator("development");
+    env.client_secret(env.server.client_secret()).await;
+    env.grant("inbox", "alice").await;
+    env.integration_with(
+        "inbox",
+        "alice@example.test",
+        serde_json::json!({"mailbox": {"server": {"host": "localhost", "port": port, "tls": "Implicit"}}}),
+    )
+    .await;
+    env.wait_for("inbox", "TokenValid=True", WAIT, &dev, |mi| {
+        condition(mi, "TokenValid").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    dev.process.stop();
+    connections.store(0, Ordering::SeqCst);
+    // A new generation of the spec: checked again at once, with the token still valid.
+    env.integrations()
+        .patch(
+            "inbox",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"mailbox": {"checkInterval": "2h"}}})),
+        )
+        .await
+        .unwrap();
+    // The operator as in production, whose admin allowed the name `localhost`.
+    let op = support::operator::Operator::start_with_env(
+        "production",
+        &env.cp.kubeconfig,
+        &["--namespace", &env.ns, "--mailbox-allowed-hosts=localhost"],
+        &[("MIO_ALLOW_LOOPBACK", "false".into())],
+        env.log_dir.path(),
+    );
+    let mi = env
+        .wait_for("inbox", "MailboxHostNotAllowed", WAIT, &op, |mi| {
+            condition(mi, "MailboxConnected").is_some_and(|c| c.1 == "MailboxHostNotAllowed")
+        })
+        .await;
+    let text = message(&mi, "MailboxConnected");
+    assert!(
+        text.contains("resolves to") && text.contains("localhost"),
+        "{text}"
+    );
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the check connected to loopback"
+    );
+}
