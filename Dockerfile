@@ -22,8 +22,12 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Everything the manifest names: cargo refuses a Cargo.toml whose [[bench]] file is missing, even for
+# `--bin` (tests/install.rs::dockerfile_context_holds_what_cargo_needs copies what these lines copy
+# and fails when cargo cannot read it).
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY benches ./benches
 # BuildKit caches keep the registry and the target dir between builds; the binary is copied out of
 # the cache mount so that the next stage can take it. jemalloc (the operator's allocator) is built
 # for 64 KiB pages on arm64, so that the binary also runs on kernels with 64 KiB pages, not only 4 KiB.

@@ -6,6 +6,8 @@
 //! and the Dockerfile lint. Against the real test control plane; the Deployment is stored but never
 //! runs (no kubelet), so nothing here waits for pods.
 
+#[path = "install/docker_context.rs"]
+mod docker_context;
 mod support;
 
 use k8s_openapi::api::{
@@ -2267,6 +2269,97 @@ fn dockerfile_passes_hadolint() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("FROM gcr.io/distroless/static-debian12:nonroot"));
     assert!(dockerfile.contains("USER 65532:65532"));
+}
+
+/// The image builds from what the Dockerfile copies, not from the whole checkout: the files its
+/// build stage COPYs from the context (after `.dockerignore`) are copied into a temp dir as the
+/// image lays them out, and there cargo must read the manifest, find every target it declares
+/// (`cargo fetch`: `cargo metadata` does not look for target files, so a missing `benches/` passes
+/// it) and resolve the lock offline for the image's two platforms; every file the library and
+/// binaries read at compile time (`include_str!`, `include_bytes!`, `#[path]`) must be among the
+/// copied files. A new top-level file the manifest needs then fails this test, not a user's
+/// `docker build`. Not a release build: compiling the binary from scratch in that dir takes longer
+/// than this whole test binary on a 2-core CI machine, and the rest of the suite builds the same
+/// sources from the checkout.
+#[test]
+fn dockerfile_context_holds_what_cargo_needs() {
+    let root = tempfile::tempdir().unwrap();
+    let (workdir, copied) = docker_context::materialize(repo(), root.path(), "cargo build");
+    assert!(
+        copied.iter().any(|f| f == "Cargo.lock") && copied.iter().any(|f| f == "src/main.rs"),
+        "{copied:?}"
+    );
+    let top: BTreeSet<&str> = copied
+        .iter()
+        .map(|f| f.split('/').next().unwrap())
+        .collect();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let run = |args: &[&str]| {
+        let out = Command::new(&cargo)
+            .args(args)
+            .current_dir(&workdir)
+            // Not the checkout's target dir or config: only what the image has.
+            .env("CARGO_TARGET_DIR", root.path().join("target"))
+            .output()
+            .expect("run cargo");
+        assert!(
+            out.status.success(),
+            "cargo {} in the Dockerfile's context (it holds {top:?}):\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    for target in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"] {
+        run(&["fetch", "--locked", "--offline", "--target", target]);
+    }
+    let meta: Value = serde_json::from_slice(&run(&[
+        "metadata",
+        "--locked",
+        "--offline",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        "x86_64-unknown-linux-musl",
+    ]))
+    .unwrap();
+    // The sources of the library and the binaries: what `cargo build --bin` compiles.
+    let package = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "mail-integration-operator")
+        .expect("the crate in cargo metadata");
+    let mut dirs = BTreeSet::new();
+    for t in package["targets"].as_array().unwrap() {
+        let kinds = t["kind"].as_array().unwrap();
+        if kinds.iter().any(|k| k == "lib" || k == "bin") {
+            let src = PathBuf::from(t["src_path"].as_str().unwrap());
+            dirs.insert(src.parent().unwrap().to_path_buf());
+        }
+    }
+    let ctx = workdir.canonicalize().unwrap();
+    let mut reads = 0;
+    for dir in dirs {
+        for file in docker_context::rust_files(&dir) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for read in docker_context::compile_time_reads(&file, &text, &workdir) {
+                reads += 1;
+                let found = read.canonicalize().ok().filter(|p| p.starts_with(&ctx));
+                assert!(
+                    found.is_some(),
+                    "{} reads {} at compile time, which the Dockerfile does not copy",
+                    file.strip_prefix(&workdir).unwrap_or(&file).display(),
+                    read.display()
+                );
+            }
+        }
+    }
+    // src/reconcile/decide.rs has `#[path = "decide_tests.rs"]`: the scan sees the sources.
+    assert!(
+        reads > 0,
+        "no compile-time read found in the copied sources"
+    );
 }
 
 /// The control plane, for one test at a time: these tests install, apply and compare the one
