@@ -249,7 +249,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Default::default(),
     ));
 
-    let oauth = OAuthClient::new().context("building the HTTP client")?;
+    // Without --allow-loopback, no name a spec or a provider gives may lead into the pod either.
+    let oauth = if args.allow_loopback {
+        OAuthClient::new()
+    } else {
+        OAuthClient::not_to_own_host()
+    }
+    .context("building the HTTP client")?;
     let providers = ProviderResolver::new(oauth.http_client().clone())
         .with_endpoint_overrides(args.allow_endpoint_overrides)
         .with_loopback(args.allow_loopback);

@@ -357,6 +357,45 @@ pub fn build_http_client(
         .build()
 }
 
+/// Whether `ip` is inside the operator's own pod or host, as a name in a spec may lead: loopback,
+/// unspecified (0.0.0.0 and :: reach loopback on Linux) or link-local (169.254.0.0/16 with the
+/// cloud metadata address, fe80::/10).
+pub fn is_own_host(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// The system's resolver, refusing a name that leads to [its own host](is_own_host): in an
+/// operator without `--allow-loopback`, a spec's `https://name-of-mine.example` that resolves to
+/// 127.0.0.1 must not reach the pod's sidecars any more than `https://127.0.0.1` may.
+#[derive(Debug)]
+struct NotOwnHost;
+
+impl reqwest::dns::Resolve for NotOwnHost {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| is_own_host(a.ip())) {
+                return Err(format!(
+                    "{} resolves to {}, inside the operator's own pod or host, which the operator calls only when started with --allow-loopback",
+                    crate::reason::quoted(&host),
+                    bad.ip()
+                )
+                .into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// Calls the provider's token, revocation and userinfo endpoints. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct OAuthClient {
@@ -373,6 +412,23 @@ impl OAuthClient {
     pub fn with_timeouts(connect: Duration, request: Duration) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: build_http_client(connect, request)?,
+        })
+    }
+
+    /// A client with the default timeouts whose names may not lead to loopback or link-local
+    /// addresses (an operator without `--allow-loopback`).
+    pub fn not_to_own_host() -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+                .timeout(DEFAULT_REQUEST_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!(
+                    "mail-integration-operator/",
+                    env!("CARGO_PKG_VERSION")
+                ))
+                .dns_resolver(std::sync::Arc::new(NotOwnHost))
+                .build()?,
         })
     }
 

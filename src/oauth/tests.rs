@@ -903,3 +903,60 @@ async fn nothing_formats_a_secret() {
         assert_no_secrets(t);
     }
 }
+
+#[test]
+fn own_host_addresses_are_loopback_unspecified_and_link_local() {
+    for own in [
+        "127.0.0.1",
+        "127.9.9.9",
+        "0.0.0.0",
+        "169.254.169.254",
+        "::1",
+        "::",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+    ] {
+        assert!(is_own_host(own.parse().unwrap()), "{own}");
+    }
+    for other in [
+        "10.0.0.1",
+        "192.168.1.1",
+        "142.250.1.108",
+        "fd00::1",
+        "2a00:1450::1",
+    ] {
+        assert!(!is_own_host(other.parse().unwrap()), "{other}");
+    }
+}
+
+#[tokio::test]
+async fn a_name_that_leads_to_loopback_is_not_called_without_the_flag() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let client = OAuthClient::not_to_own_host().unwrap();
+    let err = client
+        .http_client()
+        .get(format!("http://localhost:{port}/"))
+        .send()
+        .await
+        .unwrap_err();
+    let text = format!("{:?}", std::error::Error::source(&err));
+    assert!(text.contains("--allow-loopback"), "{text}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The development client calls it.
+    let _ = OAuthClient::new()
+        .unwrap()
+        .http_client()
+        .get(format!("http://localhost:{port}/"))
+        .send()
+        .await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

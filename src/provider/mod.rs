@@ -381,7 +381,13 @@ impl ProviderResolver {
 
     /// Refuse `url` (named as `what`) when it is on loopback and that is not allowed.
     fn check_loopback(&self, what: &str, url: &Url) -> Result<(), FailureClass> {
-        if self.allow_loopback || !is_loopback(url) {
+        let own_host = is_loopback(url)
+            || match url.host() {
+                Some(url::Host::Ipv4(ip)) => crate::oauth::is_own_host(ip.into()),
+                Some(url::Host::Ipv6(ip)) => crate::oauth::is_own_host(ip.into()),
+                _ => false,
+            };
+        if self.allow_loopback || !own_host {
             return Ok(());
         }
         Err(FailureClass::Permanent {

@@ -277,6 +277,8 @@ async fn loopback_endpoints_and_issuers_are_refused_without_the_flag() {
         "http://localhost:15000",
         "https://[::1]:8443",
         "https://127.0.0.2",
+        "https://0.0.0.0:8443",
+        "https://169.254.169.254",
     ] {
         let err = resolver.discover(issuer).await.unwrap_err();
         assert_eq!(err.reason(), Reason::InvalidEndpoint, "{issuer}");
