@@ -161,6 +161,34 @@ fn chart_app_version_is_the_crate_version() {
     assert!(deploy.contains(&image), "deploy/deployment.yaml: {image}");
 }
 
+/// The license every label names is the one in LICENSE, and the changelog has a section for the
+/// version being built, beside Unreleased.
+#[test]
+fn license_and_changelog_match_the_version_and_labels() {
+    let license = std::fs::read_to_string(repo().join("LICENSE")).expect("LICENSE");
+    assert!(
+        license.trim_start().starts_with("Apache License")
+            && license.contains("Version 2.0, January 2004")
+            && license.contains("END OF TERMS AND CONDITIONS"),
+        "LICENSE must hold the full Apache License 2.0 text"
+    );
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("\nlicense = \"Apache-2.0\"\n"));
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("org.opencontainers.image.licenses=\"Apache-2.0\""));
+    let changelog = std::fs::read_to_string(repo().join("CHANGELOG.md")).expect("CHANGELOG.md");
+    let headings: Vec<&str> = changelog.lines().filter(|l| l.starts_with("## ")).collect();
+    assert_eq!(headings.first(), Some(&"## [Unreleased]"), "{headings:?}");
+    let this = format!("## [{}]", env!("CARGO_PKG_VERSION"));
+    assert!(
+        headings.iter().any(|h| h.starts_with(&this)),
+        "CHANGELOG.md has no section {this}: {headings:?}"
+    );
+    // Each version (Unreleased too) says what an upgrade needs.
+    let sections = changelog.split("\n## ").skip(1).count();
+    assert_eq!(changelog.matches("\n### Upgrading\n").count(), sections);
+}
+
 #[test]
 fn helm_package_carries_the_crd_as_a_file() {
     let out = tempfile::tempdir().unwrap();
