@@ -184,6 +184,13 @@ pub enum Reason {
     NameTooLong,
     /// The provider did not answer properly (5xx, timeout, connection error).
     ProviderUnavailable,
+    /// The token endpoint answered with something that is not an OAuth answer (an HTML or
+    /// non-JSON page, a 404, 405, 407 or 4xx without an OAuth error body): an ingress, proxy or
+    /// firewall answered instead of the OAuth server. Retried with backoff.
+    NotAnOAuthAnswer,
+    /// The grant Secret changed under the write-ahead mark twice in a row (409 Conflict, re-read
+    /// in between): nothing was sent to the provider; retried with backoff.
+    GrantMarkConflict,
     /// The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055).
     RateLimited,
     /// The OIDC discovery document could not be fetched or is inconsistent.
@@ -295,6 +302,8 @@ impl Reason {
         Reason::TokenLifetimeTooShort,
         Reason::NameTooLong,
         Reason::ProviderUnavailable,
+        Reason::NotAnOAuthAnswer,
+        Reason::GrantMarkConflict,
         Reason::RateLimited,
         Reason::DiscoveryFailed,
         Reason::TokenSecretWriteFailed,
@@ -383,6 +392,8 @@ impl Reason {
             Reason::TokenLifetimeTooShort => "TokenLifetimeTooShort",
             Reason::NameTooLong => "NameTooLong",
             Reason::ProviderUnavailable => "ProviderUnavailable",
+            Reason::NotAnOAuthAnswer => "NotAnOAuthAnswer",
+            Reason::GrantMarkConflict => "GrantMarkConflict",
             Reason::RateLimited => "RateLimited",
             Reason::DiscoveryFailed => "DiscoveryFailed",
             Reason::TokenSecretWriteFailed => "TokenSecretWriteFailed",
@@ -490,6 +501,8 @@ impl Reason {
             | Reason::SignInFailed
             | Reason::GrantWriteFailed => Category::SignIn,
             Reason::ProviderUnavailable
+            | Reason::NotAnOAuthAnswer
+            | Reason::GrantMarkConflict
             | Reason::RateLimited
             | Reason::DiscoveryFailed
             | Reason::TokenSecretWriteFailed

@@ -2093,3 +2093,58 @@ fn the_known_memory_bombs_are_refused_naming_the_key_and_the_limit() {
         .unwrap();
     assert_eq!(out["user"].expose(), "mailbox@example.com:993");
 }
+
+/// Issue 26: only the OAuth server's own refusal ends retrying. Whatever the status, content type,
+/// headers and body, a failed refresh is permanent only when the body is JSON whose `error` is
+/// one of the codes OAuth defines (or the bearer error of a `WWW-Authenticate` header): an
+/// ingress's, proxy's or firewall's page never stops the operator, and never declares a grant lost.
+#[test]
+fn only_an_oauth_error_answer_is_permanent() {
+    const KNOWN: &[&str] = &[
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_token",
+        "insufficient_scope",
+        "interaction_required",
+        "login_required",
+        "consent_required",
+        "account_selection_required",
+        "access_denied",
+        "invalid_target",
+        "invalid_resource",
+    ];
+    check(
+        "only_oauth_is_permanent",
+        token_endpoint_case(),
+        |(kind, client_secret, refresh_token, answer, now)| {
+            let Err(e) = refresh_answered(kind, &client_secret, &refresh_token, &answer, now)
+            else {
+                return Ok(());
+            };
+            if !e.is_permanent() {
+                return Ok(());
+            }
+            let code = serde_json::from_slice::<serde_json::Value>(&answer.body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|c| c.as_str()).map(str::to_owned))
+                .or_else(|| {
+                    let h = answer.www_authenticate.as_deref()?;
+                    let start = h.find("error=\"")? + 7;
+                    let rest = h.get(start..)?;
+                    rest.get(..rest.find('"')?).map(str::to_owned)
+                });
+            prop_assert!(
+                code.as_deref().is_some_and(|c| KNOWN.contains(&c)),
+                "HTTP {} without an OAuth error ({:?}) is permanent: {:?}",
+                answer.status,
+                code,
+                e.class
+            );
+            Ok(())
+        },
+    );
+}

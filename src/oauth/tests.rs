@@ -960,3 +960,152 @@ async fn a_name_that_leads_to_loopback_is_not_called_without_the_flag() {
         .await;
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Issue 26: what a failed token-endpoint answer means, from what comes over the wire: only an
+/// OAuth error body (JSON with an `error` some OAuth specification defines) may be permanent;
+/// ingress, gateway, proxy and firewall pages are transient whatever their status.
+#[test]
+fn raw_token_endpoint_answers_are_permanent_only_with_an_oauth_error_body() {
+    const NGINX_404: &str = "<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+    const NGINX_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+    const SQUID_407: &str = "<!DOCTYPE html PUBLIC \"-//W3C//DTD HTML 4.01//EN\"><html><head><title>ERROR: Cache Access Denied</title></head><body><h2>Cache Access Denied.</h2></body></html>";
+    // (status, content type, body, reason, permanent)
+    let table: &[(u16, Option<&str>, &str, Reason, bool)] = &[
+        (
+            404,
+            Some("text/html"),
+            NGINX_404,
+            Reason::NotAnOAuthAnswer,
+            false,
+        ),
+        // An HTML page without a content type is still HTML.
+        (404, None, NGINX_404, Reason::NotAnOAuthAnswer, false),
+        (
+            404,
+            Some("text/plain"),
+            "404 page not found",
+            Reason::NotAnOAuthAnswer,
+            false,
+        ),
+        (405, None, "", Reason::NotAnOAuthAnswer, false),
+        (
+            407,
+            Some("text/html;charset=utf-8"),
+            SQUID_407,
+            Reason::NotAnOAuthAnswer,
+            false,
+        ),
+        (
+            400,
+            Some("text/html"),
+            "<html><body>Request Rejected. Your support ID is: 1234</body></html>",
+            Reason::NotAnOAuthAnswer,
+            false,
+        ),
+        (401, None, "", Reason::NotAnOAuthAnswer, false),
+        (
+            403,
+            Some("application/json"),
+            r#"{"message":"Forbidden"}"#,
+            Reason::RateLimited,
+            false,
+        ),
+        (
+            400,
+            Some("application/json"),
+            r#"{"error":"blocked_by_policy"}"#,
+            Reason::NotAnOAuthAnswer,
+            false,
+        ),
+        (
+            502,
+            Some("text/html"),
+            NGINX_502,
+            Reason::ProviderUnavailable,
+            false,
+        ),
+        (
+            503,
+            Some("text/html"),
+            "<html>upstream connect error</html>",
+            Reason::ProviderUnavailable,
+            false,
+        ),
+        (504, None, "", Reason::ProviderUnavailable, false),
+        // The OAuth server's own answers.
+        (
+            400,
+            Some("application/json"),
+            r#"{"error":"invalid_grant","error_description":"grant request is invalid"}"#,
+            Reason::GrantRevoked,
+            true,
+        ),
+        (
+            401,
+            Some("application/json"),
+            r#"{"error":"invalid_client"}"#,
+            Reason::InvalidClient,
+            true,
+        ),
+        (
+            400,
+            Some("application/json"),
+            r#"{"error":"invalid_request"}"#,
+            Reason::ProviderError,
+            true,
+        ),
+        (
+            400,
+            Some("application/json"),
+            r#"{"error":"invalid_scope"}"#,
+            Reason::ScopeMissing,
+            true,
+        ),
+        (
+            400,
+            Some("application/json"),
+            r#"{"error":"temporarily_unavailable"}"#,
+            Reason::ProviderUnavailable,
+            false,
+        ),
+        // A 5xx is never the final word, whatever its body says.
+        (
+            500,
+            Some("application/json"),
+            r#"{"error":"invalid_grant"}"#,
+            Reason::ProviderUnavailable,
+            false,
+        ),
+    ];
+    for (status, content_type, body, reason, permanent) in table {
+        let meta = ResponseMeta {
+            status: *status,
+            retry_after: None,
+            content_type: content_type.map(str::to_owned),
+            www_authenticate: None,
+        };
+        let cause = FailureCause::Http {
+            status: *status,
+            retry_after: None,
+            body: error_body(&meta, body.as_bytes()),
+        };
+        let class = crate::provider::classify(
+            ProviderKind::Oidc,
+            &TokenEndpointFailure {
+                operation: TokenOperation::Refresh,
+                cause,
+            },
+        );
+        let case = format!("{status} {content_type:?} {body:.40}");
+        assert_eq!(class.reason(), *reason, "{case}: {class:?}");
+        assert_eq!(class.is_permanent(), *permanent, "{case}: {class:?}");
+        // Never the page itself.
+        for part in ["<html", "nginx", "Cache Access", "support ID", "Forbidden"] {
+            assert!(
+                !class.message().contains(part),
+                "{case}: {}",
+                class.message()
+            );
+        }
+    }
+}

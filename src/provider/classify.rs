@@ -408,55 +408,131 @@ fn classify_http(
                 retry_after,
             );
         }
-        return by_error_code(kind, operation, b, retry_after);
+        return by_error_code(kind, operation, status, b, retry_after);
     }
+    not_oauth(kind, operation, status, retry_after, body)
+}
+
+/// An error status without an OAuth error body: whatever answered, it was not the OAuth server
+/// speaking RFC 6749 (an ingress while the server restarts, an egress proxy, a firewall, a
+/// gateway), so it is never the final word on the grant or the client: always transient, with a
+/// message that says what was seen — never the body itself, only its kind (and a cleaned,
+/// bounded content type). What persists is escalated by [`after_long_run`].
+fn not_oauth(
+    kind: ProviderKind,
+    operation: TokenOperation,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &ErrorBody,
+) -> FailureClass {
+    let p = display_name(kind);
+    let op = operation.describe();
     let what = match body {
-        ErrorBody::Html => "an HTML page",
-        ErrorBody::Empty => "an empty body",
-        _ => "a body that is not an OAuth error",
+        ErrorBody::Html => "an HTML body".to_owned(),
+        ErrorBody::Empty => "an empty body".to_owned(),
+        ErrorBody::Other {
+            content_type: Some(ct),
+        } => format!(
+            "a body of type {} that is not an OAuth error",
+            media_type(ct)
+        ),
+        ErrorBody::Other { content_type: None } => "a body that is not an OAuth error".to_owned(),
+        ErrorBody::OAuth(_) => "an OAuth error body".to_owned(),
     };
+    let wait = wait_phrase(retry_after);
     match status {
         403 => transient(
             Reason::RateLimited,
             format!(
-                "{p} refused with HTTP 403 and {what} while {op}, as it does under load; {}, keeping the current access token.",
-                wait_phrase(retry_after)
+                "{p} refused with HTTP 403 and {what} while {op}, as it does under load; {wait}, keeping the current access token."
             ),
             retry_after,
         ),
         408 | 500.. => transient(
             Reason::ProviderUnavailable,
             format!(
-                "{p} failed with HTTP {status} while {op}; {}.",
-                wait_phrase(retry_after)
+                "{p} failed with HTTP {status} ({what}) while {op}; {wait}, keeping the current access token."
             ),
             retry_after,
         ),
-        401 if operation != TokenOperation::UserInfo => permanent(
-            Reason::InvalidClient,
-            format!(
-                "{p} refused the OAuth client's credentials (HTTP 401) while {op}. Check client_id and client_secret in the client Secret against the provider's console."
-            ),
-        ),
-        401 => permanent(
-            Reason::ProviderError,
-            format!(
-                "{p} did not accept the access token at the userinfo endpoint (HTTP 401). Sign in again; check that the openid and email scopes are granted."
-            ),
-        ),
-        404 | 405 | 410 => permanent(
-            Reason::InvalidEndpoint,
-            format!(
-                "the {} endpoint answered HTTP {status} while {op}: check the endpoint URL (spec.oauth.endpoints, issuerURL or tenant).",
-                operation.endpoint()
-            ),
-        ),
-        _ => permanent(
-            Reason::ProviderError,
-            format!(
-                "{p} refused with HTTP {status} and {what} while {op}. Check the provider's console and the endpoint URLs."
-            ),
-        ),
+        _ => {
+            let endpoint = operation.endpoint();
+            let (who, check) = match status {
+                404 | 410 => (
+                    "an ingress or proxy answered, not the OAuth server (it may be restarting)",
+                    "If this persists, check the endpoint URL (spec.oauth.endpoints, issuerURL or tenant).",
+                ),
+                405 => (
+                    "the URL does not take the request: an ingress answered, or it is not the endpoint",
+                    "If this persists, check the endpoint URL (spec.oauth.endpoints, issuerURL or tenant).",
+                ),
+                407 => (
+                    "an egress proxy between the operator and the provider wants credentials",
+                    "Check the operator's HTTPS_PROXY and NO_PROXY settings and the proxy's rules.",
+                ),
+                401 => (
+                    "the refusal carries no OAuth error (neither body nor WWW-Authenticate): a proxy or front end refused",
+                    "If this persists, check client_id and client_secret, and any authenticating proxy in between.",
+                ),
+                _ => (
+                    "a proxy or web application firewall may have answered instead of the OAuth server",
+                    "If this persists, check the proxies and firewalls between the operator and the provider.",
+                ),
+            };
+            transient(
+                Reason::NotAnOAuthAnswer,
+                format!(
+                    "the {endpoint} endpoint answered HTTP {status} with {what} while {op}: {who}; {wait}, keeping the current access token. {check}"
+                ),
+                retry_after,
+            )
+        }
+    }
+}
+
+/// A content type for a message: its media type only (no parameters), cleaned, at most 60
+/// characters.
+fn media_type(ct: &str) -> String {
+    let media = ct.split(';').next().unwrap_or_default();
+    let cleaned: String = media
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(60)
+        .collect();
+    if cleaned.is_empty() {
+        "(unnamed)".to_owned()
+    } else {
+        cleaned
+    }
+}
+
+/// How long the answers of a run of failures may all be [`Reason::NotAnOAuthAnswer`] before the
+/// message says that the endpoint URL is the likely cause (see [`after_long_run`]).
+pub const NOT_OAUTH_ESCALATION: Duration = Duration::from_secs(3600);
+
+/// The long-run rule for answers that are not OAuth answers: they stay transient (retried with the
+/// capped backoff, at most every 5 minutes) however long they last, because only the OAuth server
+/// may end a grant; but once the integration has been failing for [`NOT_OAUTH_ESCALATION`] and the
+/// latest answer is still not an OAuth answer, the message says `InvalidEndpoint`: an ingress that
+/// answers 404 for an hour is more likely a wrong URL than a restart. `failing_for`: since when
+/// this run of failures lasts (the Reconciling condition's transition), `None` if unknown.
+pub fn after_long_run(class: FailureClass, failing_for: Option<Duration>) -> FailureClass {
+    match class {
+        FailureClass::Transient {
+            reason: Reason::NotAnOAuthAnswer,
+            message,
+            retry_after,
+        } if failing_for.is_some_and(|d| d >= NOT_OAUTH_ESCALATION) => {
+            let minutes = failing_for.unwrap_or_default().as_secs() / 60;
+            transient(
+                Reason::NotAnOAuthAnswer,
+                format!(
+                    "Likely InvalidEndpoint: refreshing has failed for {minutes} minutes and the latest answer is still not an OAuth answer, so the endpoint URL is probably wrong (spec.oauth.endpoints, issuerURL or tenant) or a proxy is in the way; the operator keeps retrying, at most every 5 minutes. {message}"
+                ),
+                retry_after,
+            )
+        }
+        other => other,
     }
 }
 
@@ -465,6 +541,7 @@ use vendors::{SIGN_IN_AGAIN, google, microsoft};
 fn by_error_code(
     kind: ProviderKind,
     operation: TokenOperation,
+    status: u16,
     b: &ProviderErrorBody,
     retry_after: Option<Duration>,
 ) -> FailureClass {
@@ -534,9 +611,26 @@ fn by_error_code(
             ),
             retry_after,
         ),
-        _ => permanent(
+        // The rest of RFC 6749 §5.2, RFC 8707 and Microsoft's: a refusal of the request itself.
+        "invalid_request"
+        | "unsupported_grant_type"
+        | "invalid_target"
+        | "invalid_resource"
+        | "access_denied"
+        | "account_selection_required" => permanent(
             Reason::ProviderError,
             format!("{p} refused while {op}.{said}"),
+        ),
+        // JSON with an `error` that no OAuth specification defines: a proxy's or a firewall's
+        // JSON as likely as the server's; not the final word.
+        _ => transient(
+            Reason::NotAnOAuthAnswer,
+            format!(
+                "the {} endpoint answered HTTP {status} with an error code that is not an OAuth one while {op}; {}, keeping the current access token. If this persists, check the endpoint URL and the proxies in between.{said}",
+                operation.endpoint(),
+                wait_phrase(retry_after)
+            ),
+            retry_after,
         ),
     }
 }

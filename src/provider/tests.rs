@@ -906,8 +906,8 @@ fn table() -> Vec<Row> {
             Oidc,
             Refresh,
             non_json(401, html(), None),
-            Reason::InvalidClient,
-            true,
+            Reason::NotAnOAuthAnswer,
+            false,
             None,
         ),
         (
@@ -921,8 +921,8 @@ fn table() -> Vec<Row> {
                 },
                 None,
             ),
-            Reason::InvalidEndpoint,
-            true,
+            Reason::NotAnOAuthAnswer,
+            false,
             None,
         ),
         (
@@ -1239,6 +1239,88 @@ fn table() -> Vec<Row> {
             Oidc,
             UserInfo,
             non_json(401, ErrorBody::Empty, None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        // Issue 26: an answer without an OAuth error body is never the final word.
+        (
+            "ingress 404 html",
+            Oidc,
+            Refresh,
+            non_json(404, html(), None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "gateway 502 html",
+            Oidc,
+            Refresh,
+            non_json(502, html(), None),
+            Reason::ProviderUnavailable,
+            false,
+            None,
+        ),
+        (
+            "egress proxy 407 html",
+            Oidc,
+            Refresh,
+            non_json(407, html(), None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "waf 400 html",
+            Microsoft,
+            Refresh,
+            non_json(400, html(), Some(10)),
+            Reason::NotAnOAuthAnswer,
+            false,
+            Some(10),
+        ),
+        (
+            "405 empty",
+            Google,
+            Refresh,
+            non_json(405, ErrorBody::Empty, None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "410 on revocation",
+            Oidc,
+            Revocation,
+            non_json(410, html(), None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "code exchange 404 html",
+            Oidc,
+            CodeExchange,
+            non_json(404, html(), None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "json 400 with an error no OAuth specification defines",
+            Oidc,
+            Refresh,
+            oauth(400, json!({"error": "request_blocked"}), None),
+            Reason::NotAnOAuthAnswer,
+            false,
+            None,
+        ),
+        (
+            "unsupported_grant_type stays permanent",
+            Oidc,
+            Refresh,
+            oauth(400, json!({"error": "unsupported_grant_type"}), None),
             Reason::ProviderError,
             true,
             None,
@@ -1499,4 +1581,97 @@ fn grants_without_a_sign_in_never_send_anyone_to_sign_in() {
             class.message()
         );
     }
+}
+
+#[test]
+fn an_answer_that_is_not_oauth_says_what_was_seen_and_never_the_body() {
+    let class = classify(
+        ProviderKind::Oidc,
+        &TokenEndpointFailure {
+            operation: TokenOperation::Refresh,
+            cause: non_json(404, ErrorBody::Html, None),
+        },
+    );
+    let m = class.message();
+    assert!(
+        m.starts_with("The token endpoint answered HTTP 404 with an HTML body")
+            && m.contains("an ingress or proxy answered, not the OAuth server")
+            && m.contains("check the endpoint URL"),
+        "{m}"
+    );
+    let proxy = classify(
+        ProviderKind::Oidc,
+        &TokenEndpointFailure {
+            operation: TokenOperation::Refresh,
+            cause: non_json(407, ErrorBody::Html, None),
+        },
+    );
+    assert!(
+        proxy.message().contains("HTTPS_PROXY"),
+        "{}",
+        proxy.message()
+    );
+    // The content type is shown cleaned and bounded, never anything of the body.
+    let odd = classify(
+        ProviderKind::Oidc,
+        &TokenEndpointFailure {
+            operation: TokenOperation::Refresh,
+            cause: non_json(
+                400,
+                ErrorBody::Other {
+                    content_type: Some(format!("text/x-\u{1b}[31m{}; charset=x", "a".repeat(500))),
+                },
+                None,
+            ),
+        },
+    );
+    let m = odd.message();
+    assert!(
+        !m.contains('\u{1b}') && !m.contains("charset") && m.len() < 800,
+        "{m}"
+    );
+}
+
+#[test]
+fn a_long_run_of_answers_that_are_not_oauth_says_invalid_endpoint_and_keeps_retrying() {
+    let class = || {
+        classify(
+            ProviderKind::Oidc,
+            &TokenEndpointFailure {
+                operation: TokenOperation::Refresh,
+                cause: non_json(404, ErrorBody::Html, None),
+            },
+        )
+    };
+    for short in [
+        None,
+        Some(Duration::ZERO),
+        Some(NOT_OAUTH_ESCALATION - Duration::from_secs(1)),
+    ] {
+        assert_eq!(after_long_run(class(), short), class(), "{short:?}");
+    }
+    let long = after_long_run(class(), Some(NOT_OAUTH_ESCALATION));
+    assert!(!long.is_permanent());
+    assert_eq!(long.reason(), Reason::NotAnOAuthAnswer);
+    assert!(
+        long.message()
+            .starts_with("Likely InvalidEndpoint: refreshing has failed for 60 minutes")
+            && long.message().contains(class().message()),
+        "{}",
+        long.message()
+    );
+    let huge = after_long_run(class(), Some(Duration::MAX));
+    assert!(!huge.is_permanent());
+    // Other transient failures and permanent ones are left alone.
+    let timeout = classify(
+        ProviderKind::Oidc,
+        &TokenEndpointFailure {
+            operation: TokenOperation::Refresh,
+            cause: FailureCause::Timeout,
+        },
+    );
+    assert_eq!(
+        after_long_run(timeout.clone(), Some(Duration::MAX)),
+        timeout
+    );
 }

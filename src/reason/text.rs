@@ -123,7 +123,7 @@ impl Reason {
                 "The mail server named in `spec.mailbox` is not in the operator's allowed mail hosts."
             }
             Reason::GrantLostInFlight => {
-                "A refresh of a provider that rotates refresh tokens was cut off (the process was killed or lost its Lease) after the provider may have issued a new refresh token, and the provider now refuses the stored one."
+                "A refresh of a provider that rotates refresh tokens was cut off (the process was killed or lost its Lease, or no OAuth answer came back: a timeout, a gateway's page) after the provider may have issued a new refresh token, and the provider now refuses the stored one with an OAuth error."
             }
             Reason::GrantNotStored => {
                 "The provider issued a new refresh token that the operator cannot write into the grant Secret: it is held only in the operator's memory while the write is retried."
@@ -203,6 +203,12 @@ impl Reason {
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly (5xx, timeout, connection error)."
+            }
+            Reason::NotAnOAuthAnswer => {
+                "The token endpoint's answer was not an OAuth answer (an HTML or other non-JSON page, or a 404, 405, 407 or other 4xx without an OAuth error body): an ingress, proxy or firewall answered instead of the OAuth server. Only an OAuth error body ends retrying; this is retried with backoff, keeping the current access token."
+            }
+            Reason::GrantMarkConflict => {
+                "The grant Secret changed twice in a row while the operator marked it before a refresh (409 Conflict on the write-ahead mark, the Secret read again in between). Nothing was sent to the provider; the operator retries with backoff."
             }
             Reason::RateLimited => {
                 "The provider asked us to slow down (429, Google's 403 page under load, AADSTS50196/90055)."
@@ -415,6 +421,12 @@ impl Reason {
             }
             Reason::ProviderUnavailable => {
                 "The provider did not answer properly; the operator retries with backoff and keeps the current token."
+            }
+            Reason::NotAnOAuthAnswer => {
+                "Nothing, if it passes (the OAuth server restarting behind its ingress). If it persists, the message says what answered: check the endpoint URL (spec.oauth.endpoints, issuerURL), the operator's HTTPS_PROXY/NO_PROXY and the proxies or firewalls in between. After an hour the message says InvalidEndpoint; the operator keeps retrying at most every 5 minutes."
+            }
+            Reason::GrantMarkConflict => {
+                "Look for another writer of the grant Secret (kubectl get secret NAME -o yaml --show-managed-fields): a controller or policy that rewrites it on every change. The operator retries by itself."
             }
             Reason::RateLimited => {
                 "The provider asked to slow down; the operator waits and retries, keeping the current token."
