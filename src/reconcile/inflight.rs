@@ -29,10 +29,40 @@ use std::time::Duration;
 pub const REFRESH_IN_FLIGHT_ANNOTATION: &str = "mailintegration.dev/refresh-in-flight";
 
 /// How long another holder's mark is taken to mean "still in flight": longer than a refresh can
-/// take from its mark to its store — the provider request timeout
-/// ([`crate::oauth::DEFAULT_REQUEST_TIMEOUT`], 30 s) plus the bounded retries of the grant write
-/// ([`super::secrets::STORE_DEADLINE`], 20 s) — with room for clock skew between the two processes.
+/// take from the time in its mark to its store — the mark's own write ([`MARK_WRITE_BUDGET`],
+/// 10 s), the provider request timeout ([`crate::oauth::DEFAULT_REQUEST_TIMEOUT`], 30 s) and the
+/// bounded retries of the grant write ([`super::secrets::STORE_DEADLINE`], 20 s) — with room for
+/// clock skew between the two processes.
 pub const IN_FLIGHT_WINDOW: Duration = Duration::from_secs(75);
+
+/// The room [`IN_FLIGHT_WINDOW`] leaves for clock skew between two operator processes.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(14);
+
+/// The longest a mark's own write may take, from the time written into the mark to the API
+/// server's acknowledgement, for its refresh to go ahead: what [`IN_FLIGHT_WINDOW`] leaves after the
+/// rest of a refresh's worst case (the provider request, the store) and [`CLOCK_SKEW_ALLOWANCE`].
+/// The write is abandoned at this bound (kube's client retries 429/503/504 by itself, without a
+/// deadline), and a write acknowledged later than it is not followed by a presentation: another
+/// process may take the mark for stale before this one's refresh could end.
+pub const MARK_WRITE_BUDGET: Duration = Duration::from_secs(10);
+
+/// The mark's time is written in whole seconds, cut down: up to this much older than it is.
+const MARK_TIME_RESOLUTION: Duration = Duration::from_secs(1);
+
+const _: () = assert!(
+    MARK_WRITE_BUDGET.as_secs()
+        + crate::oauth::DEFAULT_REQUEST_TIMEOUT.as_secs()
+        + super::secrets::STORE_DEADLINE.as_secs()
+        + CLOCK_SKEW_ALLOWANCE.as_secs()
+        + MARK_TIME_RESOLUTION.as_secs()
+        <= IN_FLIGHT_WINDOW.as_secs()
+);
+
+/// Whether a refresh whose mark was acknowledged `since_mark` after the time written into it (its
+/// sub-second part included: the mark is written in whole seconds) may present its refresh token.
+pub fn may_present(since_mark: Duration) -> bool {
+    since_mark <= MARK_WRITE_BUDGET
+}
 
 /// Whether refreshes of this integration are marked: providers that may invalidate a refresh
 /// token once they have rotated it. Generic OIDC servers may (oidc-provider, Okta, Auth0, Keycloak
@@ -204,6 +234,27 @@ mod tests {
             MarkState::Clear
         );
         assert_eq!(state(None, "me", None, now), MarkState::Clear);
+    }
+
+    #[test]
+    fn a_mark_acknowledged_late_is_not_presented_under() {
+        assert!(may_present(Duration::ZERO));
+        assert!(may_present(Duration::from_millis(9_999)));
+        assert!(may_present(MARK_WRITE_BUDGET));
+        assert!(!may_present(MARK_WRITE_BUDGET + Duration::from_millis(1)));
+        assert!(!may_present(Duration::MAX));
+        // The holder's worst case after the budget still ends inside the window as another
+        // process, its clock up to the allowance ahead, sees it.
+        let since = t("2026-12-01T10:00:00Z");
+        let holder_done = MARK_WRITE_BUDGET
+            + crate::oauth::DEFAULT_REQUEST_TIMEOUT
+            + super::super::secrets::STORE_DEADLINE;
+        let other_now = crate::time::after(since, holder_done + CLOCK_SKEW_ALLOWANCE);
+        let m = Mark::new("operator-0/aa", since);
+        assert_eq!(
+            state(Some(m.clone()), "operator-1/bb", None, other_now),
+            MarkState::Fresh(m)
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::{
     controller::Context,
     decide::{Backoff, Outcome, RefreshCause},
-    inflight::{self, MarkState},
+    inflight,
     observed::{Observed, PublishedToken, grant_keys},
     secrets::{self, StoreError, Stored},
 };
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 mod app_only;
+mod mark;
 use app_only::app_only;
 
 /// The longest `Retry-After` believed. A provider (or a server a tenant names) asking for more, up to
@@ -164,50 +165,14 @@ pub(super) async fn refresh(
     let mut cut_off = None;
     let mut mark = None;
     if marked {
-        let resolved = ctx.resolved_mark(&uid);
-        match inflight::state(
-            inflight::mark_of(grant_secret),
-            &ctx.identity,
-            resolved.as_ref(),
-            o.now,
-        ) {
-            MarkState::Fresh(m) => {
-                // Not a failure, and not this refresh's turn: decide again once the mark is stale
-                // (a refresh request stays pending meanwhile; the status is left as it is).
-                info!(reason = Reason::RefreshInFlightElsewhere.as_str(), holder = %m.holder, since = %m.since, "another operator process is refreshing this grant; waiting");
-                return Outcome::Requeue(inflight::wait_for(&m, o.now)).into();
+        match mark::mark(mi, o, grant, grant_secret, secrets_api, ctx).await {
+            Ok(m) => {
+                grant_version = m.base.metadata.resource_version.clone();
+                base = m.base;
+                mark = Some(m.mark);
+                cut_off = m.cut_off;
             }
-            MarkState::Stale(m) => {
-                warn!(holder = %m.holder, since = %m.since, "a refresh of this grant was cut off before it stored its result; trying the stored refresh token once");
-                cut_off = Some(m);
-            }
-            MarkState::Clear => {}
-        }
-        let m = inflight::Mark::new(&ctx.identity, Timestamp::now());
-        match secrets::write_mark(secrets_api, grant_secret, &m, &ctx.metrics).await {
-            Ok(written) => {
-                grant_version = written.metadata.resource_version.clone();
-                base = written;
-                mark = Some(m);
-            }
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                // The grant changed since it was read (a sign-in, another process): decide again
-                // on what is there now.
-                return Outcome::Requeue(Duration::from_secs(1)).into();
-            }
-            Err(e) => {
-                let (b, delay) = next_backoff(ctx.backoff(&uid), None, o.now);
-                ctx.set_backoff(&uid, Some(b));
-                return Outcome::TransientFailure {
-                    reason: Reason::GrantWriteFailed.as_str().into(),
-                    message: format!(
-                        "could not mark the grant Secret {:?} before refreshing: {e}",
-                        grant_secret.name_any()
-                    ),
-                    retry_in: delay,
-                }
-                .into();
-            }
+            Err(result) => return result,
         }
         // The mark took a round trip: is this still the leader?
         if ctx.fence.check().is_err() {
@@ -232,7 +197,10 @@ pub(super) async fn refresh(
         Ok(t) => t,
         Err(e) => {
             if let (Some(m), true) = (&mark, e.is_permanent()) {
-                // The provider answered, and rotated nothing: this mark is not a cut-off refresh.
+                // The OAuth server answered, and rotated nothing: this mark is not a cut-off
+                // refresh. (Only an OAuth error body is permanent; any other answer — a proxy's
+                // page, a 5xx, a timeout — leaves the mark in doubt, like a cut-off: the next
+                // attempt presents the same token once more, see docs/operations.md.)
                 ctx.set_resolved_mark(&uid, Some(m.clone()));
             }
             let outcome = match (&cut_off, &e.class) {
@@ -508,6 +476,18 @@ async fn publish(
     }
 }
 
+/// How long this integration has been failing: since its Reconciling condition turned True (kept
+/// in the status, so a restart does not reset it).
+fn failing_for(mi: &MailIntegration, now: Timestamp) -> Option<Duration> {
+    let c = mi
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::api::condition::RECONCILING && c.status == "True")?;
+    Duration::try_from(now.duration_since(c.last_transition_time.0)).ok()
+}
+
 fn failure_outcome(
     mi: &MailIntegration,
     class: FailureClass,
@@ -515,7 +495,7 @@ fn failure_outcome(
     ctx: &Context,
 ) -> Outcome {
     let uid = mi.uid().unwrap_or_default();
-    match class {
+    match crate::provider::after_long_run(class, failing_for(mi, now)) {
         FailureClass::Permanent { reason, message } => {
             warn!(reason = reason.as_str(), %message, "refresh failed permanently; waiting for a change");
             ctx.set_backoff(&uid, None);
