@@ -2116,6 +2116,12 @@ fn only_an_oauth_error_answer_is_permanent() {
         "access_denied",
         "invalid_target",
         "invalid_resource",
+        "unsupported_response_type",
+        "authorization_pending",
+        "expired_token",
+        "server_error",
+        "temporarily_unavailable",
+        "slow_down",
     ];
     check(
         "only_oauth_is_permanent",

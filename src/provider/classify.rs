@@ -385,7 +385,9 @@ fn classify_http(
             retry_after,
         );
     }
-    if let ErrorBody::OAuth(b) = body {
+    if let ErrorBody::OAuth(b) = body
+        && is_oauth_error_code(&b.error)
+    {
         let specific = match kind {
             ProviderKind::Google => google(operation, b),
             ProviderKind::Microsoft => microsoft(operation, b, retry_after),
@@ -408,9 +410,56 @@ fn classify_http(
                 retry_after,
             );
         }
-        return by_error_code(kind, operation, status, b, retry_after);
+        return by_error_code(kind, operation, b, retry_after);
     }
-    not_oauth(kind, operation, status, retry_after, body)
+    // JSON with an `error` that no OAuth specification defines is a proxy's or a firewall's as
+    // likely as the server's: not the final word, whatever vendor codes come with it.
+    match (not_oauth(kind, operation, status, retry_after, body), body) {
+        (
+            FailureClass::Transient {
+                reason,
+                message,
+                retry_after,
+            },
+            ErrorBody::OAuth(b),
+        ) => transient(
+            reason,
+            format!("{message} ({p} said: {})", b.hint()),
+            retry_after,
+        ),
+        (class, _) => class,
+    }
+}
+
+/// The `error` codes OAuth defines (RFC 6749 §4.1.2.1 and §5.2, RFC 6750 §3.1, OpenID Connect Core
+/// §3.1.2.6, RFC 8628 §3.5, RFC 8707 §2) and Microsoft's `invalid_resource`: the only codes whose
+/// answer may end retrying.
+pub const OAUTH_ERROR_CODES: &[&str] = &[
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "access_denied",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+    "invalid_token",
+    "insufficient_scope",
+    "interaction_required",
+    "login_required",
+    "account_selection_required",
+    "consent_required",
+    "authorization_pending",
+    "slow_down",
+    "expired_token",
+    "invalid_target",
+    "invalid_resource",
+];
+
+fn is_oauth_error_code(code: &str) -> bool {
+    OAUTH_ERROR_CODES.contains(&code)
 }
 
 /// An error status without an OAuth error body: whatever answered, it was not the OAuth server
@@ -437,7 +486,7 @@ fn not_oauth(
             media_type(ct)
         ),
         ErrorBody::Other { content_type: None } => "a body that is not an OAuth error".to_owned(),
-        ErrorBody::OAuth(_) => "an OAuth error body".to_owned(),
+        ErrorBody::OAuth(_) => "a JSON body whose error code is not an OAuth one".to_owned(),
     };
     let wait = wait_phrase(retry_after);
     match status {
@@ -541,7 +590,6 @@ use vendors::{SIGN_IN_AGAIN, google, microsoft};
 fn by_error_code(
     kind: ProviderKind,
     operation: TokenOperation,
-    status: u16,
     b: &ProviderErrorBody,
     retry_after: Option<Duration>,
 ) -> FailureClass {
@@ -611,26 +659,10 @@ fn by_error_code(
             ),
             retry_after,
         ),
-        // The rest of RFC 6749 §5.2, RFC 8707 and Microsoft's: a refusal of the request itself.
-        "invalid_request"
-        | "unsupported_grant_type"
-        | "invalid_target"
-        | "invalid_resource"
-        | "access_denied"
-        | "account_selection_required" => permanent(
+        // The rest of the codes OAuth defines: a refusal of the request itself.
+        _ => permanent(
             Reason::ProviderError,
             format!("{p} refused while {op}.{said}"),
-        ),
-        // JSON with an `error` that no OAuth specification defines: a proxy's or a firewall's
-        // JSON as likely as the server's; not the final word.
-        _ => transient(
-            Reason::NotAnOAuthAnswer,
-            format!(
-                "the {} endpoint answered HTTP {status} with an error code that is not an OAuth one while {op}; {}, keeping the current access token. If this persists, check the endpoint URL and the proxies in between.{said}",
-                operation.endpoint(),
-                wait_phrase(retry_after)
-            ),
-            retry_after,
         ),
     }
 }
