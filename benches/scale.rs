@@ -400,6 +400,8 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
             signing_key: None,
             client_id: "bench".into(),
             client_secret: SecretValue::new("bench-secret"),
+
+            owner: Default::default(),
         }),
         client_version: Some("1".into()),
         // The grant Secret as the bench creates it (a refresh token only).

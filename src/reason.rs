@@ -226,6 +226,10 @@ pub enum Reason {
     DelegatedUserUnknown,
     /// The service account's key Secret does not allow tokens for this mailbox: its annotation mailintegration.dev/delegated-mailboxes does not list spec.mailbox.address. Nothing was asked of Google.
     DelegationNotAllowed,
+    /// `spec.oauth.clientSecretRef` names a key that the client Secret does not declare (annotations mailintegration.dev/client-id-key, client-secret-key, service-account-key), or the client ID would be read from a key of secret material.
+    ClientSecretKeyNotDeclared,
+    /// A client credential or grant would be sent to a server that its owner did not name: the client Secret's annotation mailintegration.dev/oauth-servers (required for provider OIDC) does not list it. Nothing was sent.
+    OAuthServerNotAllowed,
     /// Google refused the service account's signed assertion (`invalid_grant` "Invalid JWT Signature."): the key was deleted or disabled, or belongs to another service account.
     ServiceAccountKeyRejected,
     /// The mail server refused a valid app-only token: Exchange Online does not know the app's service principal, or it has no permission on the mailbox.
@@ -321,6 +325,8 @@ impl Reason {
         Reason::DomainWideDelegationMissing,
         Reason::DelegatedUserUnknown,
         Reason::DelegationNotAllowed,
+        Reason::ClientSecretKeyNotDeclared,
+        Reason::OAuthServerNotAllowed,
         Reason::ServiceAccountKeyRejected,
         Reason::AppMailboxAccessMissing,
         Reason::ClientSecretExpiringSoon,
@@ -411,6 +417,8 @@ impl Reason {
             Reason::DomainWideDelegationMissing => "DomainWideDelegationMissing",
             Reason::DelegatedUserUnknown => "DelegatedUserUnknown",
             Reason::DelegationNotAllowed => "DelegationNotAllowed",
+            Reason::ClientSecretKeyNotDeclared => "ClientSecretKeyNotDeclared",
+            Reason::OAuthServerNotAllowed => "OAuthServerNotAllowed",
             Reason::ServiceAccountKeyRejected => "ServiceAccountKeyRejected",
             Reason::AppMailboxAccessMissing => "AppMailboxAccessMissing",
             Reason::ClientSecretExpiringSoon => "ClientSecretExpiringSoon",
@@ -437,6 +445,9 @@ impl Reason {
             Reason::DomainWideDelegationMissing => Category::NeedsHuman,
             Reason::DelegatedUserUnknown => Category::NeedsHuman,
             Reason::DelegationNotAllowed => Category::NeedsHuman,
+            Reason::ClientSecretKeyNotDeclared | Reason::OAuthServerNotAllowed => {
+                Category::NeedsHuman
+            }
             Reason::ServiceAccountKeyRejected => Category::NeedsHuman,
             Reason::AppMailboxAccessMissing => Category::Mailbox,
             Reason::ClientSecretExpiringSoon => Category::Warning,

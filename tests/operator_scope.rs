@@ -62,7 +62,8 @@ async fn google_integration(
         ),
     ] {
         let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": secret, "labels": label},
+            // The OIDC integration of `ca_bundles_and_unknown_servers` uses the same client.
+            "metadata": {"name": secret, "labels": label, "annotations": {"mailintegration.dev/oauth-servers": proxy.url()}},
             "stringData": pairs,
         }))
         .unwrap();

@@ -528,6 +528,8 @@ fn refresh_answered(
         signing_key: None,
         client_id: "the-client".to_owned(),
         client_secret: SecretValue::new(client_secret),
+
+        owner: Default::default(),
     };
     futures::executor::block_on(oauth::interpret_refresh_response(
         &endpoints(kind),
@@ -691,12 +693,14 @@ fn state_claims() -> impl Strategy<Value = StateClaims> {
         any::<String>(),
     )
         .prop_map(|(id, ns, name, uid, exp, b, p)| StateClaims {
+            c: id.clone(),
             id,
             ns,
             name,
             uid,
             exp,
             b,
+            t: p.clone(),
             p,
         })
 }
@@ -707,8 +711,15 @@ fn ticket() -> impl Strategy<Value = Ticket> {
         any::<String>(),
         any::<String>(),
         any::<i64>(),
+        any::<i64>(),
     )
-        .prop_map(|(ns, name, uid, exp)| Ticket { ns, name, uid, exp })
+        .prop_map(|(ns, name, uid, exp, iat)| Ticket {
+            ns,
+            name,
+            uid,
+            exp,
+            iat,
+        })
 }
 
 /// Strings shaped like tokens (two base64url parts), and anything else.
@@ -1095,6 +1106,8 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
                     exp: Timestamp::now().as_second() + 600,
                     b: token::browser_binding(&nonce),
                     p: prompt.clone(),
+                    t: String::new(),
+                    c: String::new(),
                 },
             );
             let query = url::form_urlencoded::Serializer::new(String::new())
@@ -1670,6 +1683,8 @@ fn decide_and_report(
             signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("client-secret"),
+
+            owner: Default::default(),
         }),
         client_version: Some("3".into()),
         grant,

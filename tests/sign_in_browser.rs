@@ -144,7 +144,11 @@ impl Env {
 
     async fn secret(&self, name: &str, pairs: &[(&str, &str)]) {
         let s: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "metadata": {
+                "name": name,
+                "labels": {"mailintegration.dev/oauth-client": "true"},
+                "annotations": {"mailintegration.dev/oauth-servers": self.oauth.issuer()},
+            },
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();
@@ -650,6 +654,8 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
                 exp: jiff::Timestamp::now().as_second() + exp_in,
                 b: token::browser_binding(&nonce),
                 p: "None".into(),
+                t: String::new(),
+                c: String::new(),
             },
         )
     };
@@ -716,6 +722,7 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
             name: "inbox".into(),
             uid: mi.uid().unwrap(),
             exp: jiff::Timestamp::now().as_second() - 60,
+            iat: 0,
         },
     );
     b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))
@@ -761,6 +768,7 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
             name: "never-existed".into(),
             uid: "x".into(),
             exp: jiff::Timestamp::now().as_second() + 600,
+            iat: 0,
         },
     );
     b.goto(&format!("{}/sign-in?ticket={gone}", env.op.sign_in_url()))
@@ -1050,7 +1058,17 @@ async fn a_sign_in_during_a_refresh_of_the_old_grant_wins() {
     let env = Env::new("sign-in-during-refresh").await;
     let proxy = support::fault_proxy::FaultProxy::start(&env.oauth.base_url);
     // Discovery from the issuer, but the token endpoint (refreshes and the code exchange) through
-    // the fault proxy.
+    // the fault proxy, which the client Secret's owner lists too.
+    let servers = format!("{},{}", env.oauth.issuer(), proxy.url());
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/oauth-servers": servers}}});
+    env.secrets()
+        .patch(
+            "client",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
     let mi: MailIntegration = serde_json::from_value(serde_json::json!({
         "apiVersion": "mailintegration.dev/v1alpha1",
         "kind": "MailIntegration",
@@ -1118,6 +1136,7 @@ async fn a_sign_in_during_a_refresh_of_the_old_grant_wins() {
             name: "inbox".into(),
             uid: mi.uid().unwrap(),
             exp: jiff::Timestamp::now().as_second() + 600,
+            iat: 0,
         },
     );
     b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))

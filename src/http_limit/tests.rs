@@ -216,6 +216,7 @@ fn endpoints(server: &Hostile) -> ProviderEndpoints {
         revocation: Some(server.url("/revoke")),
         userinfo: Some(server.url("/userinfo")),
         issuer: None,
+        discovered: None,
     }
 }
 
@@ -232,6 +233,8 @@ fn creds() -> ClientCredentials {
         signing_key: None,
         client_id: "client".into(),
         client_secret: SecretValue::new(SECRET),
+
+        owner: Default::default(),
     }
 }
 
@@ -239,8 +242,11 @@ async fn refresh(server: &Hostile) -> crate::oauth::TokenError {
     let call = async {
         client()
             .refresh(
-                &endpoints(server),
-                &creds(),
+                &crate::oauth::Bound::unchecked(
+                    &endpoints(server),
+                    &creds(),
+                    crate::provider::TokenOperation::Refresh,
+                ),
                 &SecretValue::new(REFRESH),
                 &[],
                 jiff::Timestamp::now(),
@@ -281,8 +287,11 @@ async fn code_exchange_refuses_an_endless_chunked_answer() {
     let call = async {
         client()
             .exchange_code(
-                &endpoints(&server),
-                &creds(),
+                &crate::oauth::Bound::unchecked(
+                    &endpoints(&server),
+                    &creds(),
+                    crate::provider::TokenOperation::CodeExchange,
+                ),
                 &SecretValue::new("AUTH-CODE-bounded-0003"),
                 &SecretValue::new("PKCE-VERIFIER-bounded-0004-abcdefghijklmnopqrstuvwxyz"),
                 "https://op.example.com/oauth2/callback",
@@ -336,8 +345,11 @@ async fn revocation_error_with_an_endless_body_is_read_by_its_status() {
     let call = async {
         client()
             .revoke(
-                &endpoints(&server),
-                &creds(),
+                &crate::oauth::Bound::unchecked(
+                    &endpoints(&server),
+                    &creds(),
+                    crate::provider::TokenOperation::Revocation,
+                ),
                 &SecretValue::new(REFRESH),
                 TokenTypeHint::RefreshToken,
                 jiff::Timestamp::now(),

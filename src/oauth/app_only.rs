@@ -13,14 +13,15 @@ impl OAuthClient {
     /// keep); `scopes` are sent only when non-empty.
     pub async fn client_credentials(
         &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
+        bound: &Bound<'_>,
         scopes: &[String],
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
+        let (endpoints, creds) = (bound.endpoints(), bound.creds());
         let op = TokenOperation::ClientCredentials;
+        check_op(bound, op)?;
         let assertion = client_assertion(endpoints, creds, op, now)?;
-        let client = token_client(endpoints, creds);
+        let client = token_client(bound);
         let mut request = client
             .exchange_client_credentials()
             .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
@@ -46,13 +47,14 @@ impl OAuthClient {
     /// (`aud`) and the scopes, and is signed with the service account's key.
     pub async fn jwt_bearer(
         &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
+        bound: &Bound<'_>,
         subject: &str,
         scopes: &[String],
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
+        let (endpoints, creds) = (bound.endpoints(), bound.creds());
         let op = TokenOperation::JwtBearer;
+        check_op(bound, op)?;
         let Some(SigningKey::ServiceAccount(account)) = creds.signing_key.as_deref() else {
             return Err(TokenError::permanent(
                 endpoints.kind,
@@ -62,7 +64,7 @@ impl OAuthClient {
             ));
         };
         let assertion = account
-            .grant_assertion(subject, scopes, endpoints.token.as_str(), now)
+            .grant_assertion(subject, scopes, bound.url().as_str(), now)
             .map_err(|m| signing_failed(endpoints.kind, op, m))?;
         let secrets = [assertion.expose()];
         let form = [
@@ -70,7 +72,7 @@ impl OAuthClient {
             ("assertion", assertion.expose()),
         ];
         let body = send_and_read(
-            self.http.post(endpoints.token.clone()).form(&form),
+            self.http.post(bound.url().clone()).form(&form),
             http_limit::TOKEN_RESPONSE_LIMIT,
             "the token endpoint",
             (endpoints.kind, op),

@@ -33,7 +33,9 @@ use url::Url;
 
 mod app_only;
 pub mod assertion;
+pub mod binding;
 pub use assertion::SigningKey;
+pub use binding::{Bound, Carrying, CredentialOwner, GrantOrigin, bind};
 
 /// Default TCP/TLS connect timeout towards providers.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +57,9 @@ pub struct ClientCredentials {
     /// A certificate's key (client assertions, `private_key_jwt`) or a Google service account's
     /// key (the JWT-bearer grant), from a Secret the user marked.
     pub signing_key: Option<std::sync::Arc<SigningKey>>,
+    /// The Secret holding the credential, and the servers its owner lets it go to (see
+    /// [`binding`]).
+    pub owner: CredentialOwner,
 }
 
 /// What a token endpoint granted.
@@ -214,15 +219,33 @@ type TokenClient = oauth2::Client<
     EndpointSet,
 >;
 
-fn token_client(endpoints: &ProviderEndpoints, creds: &ClientCredentials) -> TokenClient {
+fn token_client(bound: &Bound<'_>) -> TokenClient {
+    let creds = bound.creds();
     let client = oauth2::Client::new(ClientId::new(creds.client_id.clone()))
         .set_auth_type(AuthType::RequestBody)
-        .set_token_uri(TokenUrl::from_url(endpoints.token.clone()));
+        .set_token_uri(TokenUrl::from_url(bound.url().clone()));
     if creds.client_secret.is_empty() {
         client
     } else {
         client.set_client_secret(ClientSecret::new(creds.client_secret.expose().to_owned()))
     }
+}
+
+/// A [`Bound`] is checked for one operation: it is not used for another.
+fn check_op(bound: &Bound<'_>, op: TokenOperation) -> Result<(), TokenError> {
+    if bound.op() == op {
+        return Ok(());
+    }
+    Err(TokenError::permanent(
+        bound.endpoints().kind,
+        op,
+        Reason::OAuthServerNotAllowed,
+        format!(
+            "the destination was checked for {}, not for {}",
+            bound.op().describe(),
+            op.describe()
+        ),
+    ))
 }
 
 /// A client assertion for this request when the client authenticates with a certificate
@@ -447,15 +470,16 @@ impl OAuthClient {
     /// A returned `refresh_token` replaces the old one, which must be persisted first.
     pub async fn refresh(
         &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
+        bound: &Bound<'_>,
         refresh_token: &SecretValue,
         scopes: &[String],
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
+        let (endpoints, creds) = (bound.endpoints(), bound.creds());
         let op = TokenOperation::Refresh;
+        check_op(bound, op)?;
         let assertion = client_assertion(endpoints, creds, op, now)?;
-        let client = token_client(endpoints, creds);
+        let client = token_client(bound);
         let token = RefreshToken::new(refresh_token.expose().to_owned());
         let mut request = client.exchange_refresh_token(&token);
         if !scopes.is_empty() {
@@ -478,14 +502,15 @@ impl OAuthClient {
     /// Exchange an authorization code (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).
     pub async fn exchange_code(
         &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
+        bound: &Bound<'_>,
         code: &SecretValue,
         pkce_verifier: &SecretValue,
         redirect_url: &str,
         now: Timestamp,
     ) -> Result<TokenGrant, TokenError> {
+        let (endpoints, creds) = (bound.endpoints(), bound.creds());
         let op = TokenOperation::CodeExchange;
+        check_op(bound, op)?;
         let redirect = RedirectUrl::new(redirect_url.to_owned()).map_err(|e| {
             TokenError::permanent(
                 endpoints.kind,
@@ -495,7 +520,7 @@ impl OAuthClient {
             )
         })?;
         let assertion = client_assertion(endpoints, creds, op, now)?;
-        let client = token_client(endpoints, creds).set_redirect_uri(redirect);
+        let client = token_client(bound).set_redirect_uri(redirect);
         let mut request = client
             .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier.expose().to_owned()));
@@ -522,16 +547,15 @@ impl OAuthClient {
     /// rules out loopback test servers.
     pub async fn revoke(
         &self,
-        endpoints: &ProviderEndpoints,
-        creds: &ClientCredentials,
+        bound: &Bound<'_>,
         token: &SecretValue,
         hint: TokenTypeHint,
         now: Timestamp,
     ) -> Result<RevokeOutcome, TokenError> {
+        let (endpoints, creds) = (bound.endpoints(), bound.creds());
         let op = TokenOperation::Revocation;
-        let Some(url) = &endpoints.revocation else {
-            return Ok(RevokeOutcome::NoRevocationEndpoint);
-        };
+        check_op(bound, op)?;
+        let url = bound.url();
         let assertion = client_assertion(endpoints, creds, op, now)?;
         let mut form = vec![
             ("token", token.expose()),
@@ -639,7 +663,9 @@ pub async fn interpret_refresh_response(
     response: HttpResponse,
     now: Timestamp,
 ) -> Result<TokenGrant, TokenError> {
-    let client = token_client(endpoints, creds);
+    // Nothing is sent: the answer is given.
+    let bound = Bound::offline(endpoints, creds, TokenOperation::Refresh);
+    let client = token_client(&bound);
     let token = RefreshToken::new(refresh_token.expose().to_owned());
     let meta = ResponseMeta::of(response.status(), response.headers());
     let answer = |_: HttpRequest| std::future::ready(Ok::<_, HttpError>(response.clone()));
@@ -993,6 +1019,9 @@ pub struct IdTokenClaims {
     /// Microsoft: the directory (tenant) ID of the account.
     #[serde(default)]
     pub tid: Option<String>,
+    /// Microsoft: the account's object ID in its directory (immutable, unlike `email`).
+    #[serde(default)]
+    pub oid: Option<String>,
 }
 
 fn string_or_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

@@ -216,6 +216,7 @@ async fn start() -> (ProviderEndpoints, Recorder) {
         revocation: Some(url("/revoke")),
         userinfo: Some(url("/userinfo")),
         issuer: None,
+        discovered: None,
     };
     (endpoints, rec)
 }
@@ -225,6 +226,8 @@ fn creds() -> ClientCredentials {
         signing_key: None,
         client_id: CLIENT_ID.into(),
         client_secret: SecretValue::new(CLIENT_SECRET),
+
+        owner: Default::default(),
     }
 }
 
@@ -242,7 +245,16 @@ fn client() -> OAuthClient {
 
 async fn refresh_err(endpoints: &ProviderEndpoints, name: &str) -> TokenError {
     client()
-        .refresh(endpoints, &creds(), &rt(name), &[], now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt(name),
+            &[],
+            now(),
+        )
         .await
         .expect_err(name)
 }
@@ -259,7 +271,16 @@ fn assert_no_secrets(text: &str) {
 async fn refresh_success_without_rotation_uses_client_secret_post_and_no_scope() {
     let (endpoints, rec) = start().await;
     let grant = client()
-        .refresh(&endpoints, &creds(), &rt("good"), &[], now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt("good"),
+            &[],
+            now(),
+        )
         .await
         .unwrap();
     assert_eq!(grant.access_token.expose(), ACCESS_NEW);
@@ -295,7 +316,16 @@ async fn refresh_success_with_rotation_and_requested_scopes() {
         "offline_access".to_owned(),
     ];
     let grant = client()
-        .refresh(&endpoints, &creds(), &rt("rotate"), &scopes, now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt("rotate"),
+            &scopes,
+            now(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -323,7 +353,16 @@ async fn refresh_success_with_rotation_and_requested_scopes() {
 async fn missing_expires_in_assumes_an_hour() {
     let (endpoints, _) = start().await;
     let grant = client()
-        .refresh(&endpoints, &creds(), &rt("noexp"), &[], now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt("noexp"),
+            &[],
+            now(),
+        )
         .await
         .unwrap();
     assert_eq!(grant.expires_at, now() + SignedDuration::from_secs(3600));
@@ -381,9 +420,20 @@ async fn wrong_client_secret_is_invalid_client() {
         signing_key: None,
         client_id: CLIENT_ID.into(),
         client_secret: SecretValue::new("WRONG-SECRET-0008"),
+
+        owner: Default::default(),
     };
     let err = client()
-        .refresh(&endpoints, &wrong, &rt("good"), &[], now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &wrong,
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt("good"),
+            &[],
+            now(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.reason(), Reason::InvalidClient);
@@ -487,8 +537,11 @@ async fn exchange_code_sends_verifier_and_redirect_and_reads_the_id_token() {
     let (endpoints, rec) = start().await;
     let grant = client()
         .exchange_code(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::CodeExchange,
+            ),
             &SecretValue::new(CODE_GOOD),
             &SecretValue::new(VERIFIER),
             "https://op.example.com/oauth2/callback",
@@ -519,8 +572,11 @@ async fn a_rejected_code_asks_for_a_new_sign_in() {
     let (endpoints, _) = start().await;
     let err = client()
         .exchange_code(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::CodeExchange,
+            ),
             &SecretValue::new("AUTH-CODE-used-0009"),
             &SecretValue::new(VERIFIER),
             "https://op.example.com/oauth2/callback",
@@ -533,8 +589,11 @@ async fn a_rejected_code_asks_for_a_new_sign_in() {
     assert_eq!(err.operation, TokenOperation::CodeExchange);
     let err = client()
         .exchange_code(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::CodeExchange,
+            ),
             &SecretValue::new(CODE_GOOD),
             &SecretValue::new(VERIFIER),
             "not a url",
@@ -552,8 +611,11 @@ async fn revoke_posts_the_token_with_client_credentials() {
     let (endpoints, rec) = start().await;
     let out = client()
         .revoke(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Revocation,
+            ),
             &SecretValue::new(REFRESH_ROTATED),
             TokenTypeHint::RefreshToken,
             now(),
@@ -569,8 +631,11 @@ async fn revoke_posts_the_token_with_client_credentials() {
 
     let out = client()
         .revoke(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Revocation,
+            ),
             &SecretValue::new("ACCESS-TOKEN-dead-0010"),
             TokenTypeHint::AccessToken,
             now(),
@@ -581,8 +646,11 @@ async fn revoke_posts_the_token_with_client_credentials() {
 
     let err = client()
         .revoke(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Revocation,
+            ),
             &SecretValue::new(ACCESS_NEW),
             TokenTypeHint::AccessToken,
             now(),
@@ -594,22 +662,7 @@ async fn revoke_posts_the_token_with_client_credentials() {
     assert_eq!(err.operation, TokenOperation::Revocation);
     assert_no_secrets(&format!("{err} {err:?}"));
 
-    let microsoft = ProviderEndpoints {
-        kind: ProviderKind::Microsoft,
-        revocation: None,
-        ..endpoints
-    };
-    let out = client()
-        .revoke(
-            &microsoft,
-            &creds(),
-            &SecretValue::new(REFRESH_ROTATED),
-            TokenTypeHint::RefreshToken,
-            now(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(out, RevokeOutcome::NoRevocationEndpoint);
+    // Without a revocation endpoint (Microsoft) nothing is sent: see reconcile::finalizer.
 }
 
 #[tokio::test]
@@ -811,8 +864,11 @@ async fn nothing_formats_a_secret() {
 
     let grant = client()
         .exchange_code(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::CodeExchange,
+            ),
             &SecretValue::new(CODE_GOOD),
             &SecretValue::new(VERIFIER),
             "https://op.example.com/oauth2/callback",
@@ -823,7 +879,16 @@ async fn nothing_formats_a_secret() {
     texts.push(format!("{grant:?}"));
     texts.push(format!("{:?}", grant.id_token_claims()));
     let rotated = client()
-        .refresh(&endpoints, &creds(), &rt("rotate"), &[], now())
+        .refresh(
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Refresh,
+            ),
+            &rt("rotate"),
+            &[],
+            now(),
+        )
         .await
         .unwrap();
     texts.push(format!("{rotated:?}"));
@@ -864,8 +929,11 @@ async fn nothing_formats_a_secret() {
     }
     let err = client()
         .exchange_code(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::CodeExchange,
+            ),
             &SecretValue::new("AUTH-CODE-used-0009"),
             &SecretValue::new(VERIFIER),
             "https://op.example.com/oauth2/callback",
@@ -881,8 +949,11 @@ async fn nothing_formats_a_secret() {
     texts.push(format!("{err} | {err:?}"));
     let err = client()
         .revoke(
-            &endpoints,
-            &creds(),
+            &crate::oauth::Bound::unchecked(
+                &endpoints,
+                &creds(),
+                crate::provider::TokenOperation::Revocation,
+            ),
             &SecretValue::new(ACCESS_NEW),
             TokenTypeHint::AccessToken,
             now(),

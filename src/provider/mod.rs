@@ -59,6 +59,16 @@ pub struct ProviderEndpoints {
     pub userinfo: Option<Url>,
     /// The issuer ID tokens must carry, when it is known in advance.
     pub issuer: Option<String>,
+    /// When the endpoints were discovered: from which issuer URL, and the URLs its document named
+    /// (the binding check lets an issuer that a client Secret lists name its own endpoints).
+    pub discovered: Option<Discovered>,
+}
+
+/// The issuer URL a discovery document was fetched from, and the endpoint URLs it named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    pub issuer_url: String,
+    pub urls: Vec<Url>,
 }
 
 /// A human name of the provider for messages.
@@ -96,6 +106,7 @@ pub fn google_endpoints() -> ProviderEndpoints {
         revocation: Some(fixed_url(GOOGLE_REVOCATION)),
         userinfo: Some(fixed_url(GOOGLE_USERINFO)),
         issuer: Some(GOOGLE_ISSUER.to_owned()),
+        discovered: None,
     }
 }
 
@@ -131,6 +142,7 @@ pub fn microsoft_endpoints(tenant: &str) -> Result<ProviderEndpoints, FailureCla
         revocation: None,
         userinfo: None,
         issuer: is_guid(tenant).then(|| format!("{MICROSOFT_LOGIN}/{tenant}/v2.0")),
+        discovered: None,
     })
 }
 
@@ -262,6 +274,7 @@ pub fn static_endpoints(
                 revocation: None,
                 userinfo: None,
                 issuer: None,
+                discovered: None,
             }
         }
     };
@@ -302,24 +315,36 @@ impl DiscoveryDocument {
                 e.message()
             ))
         };
+        let token = check_endpoint_url("token", &self.token_endpoint).map_err(wrap)?;
+        let revocation = self
+            .revocation_endpoint
+            .as_deref()
+            .map(|u| check_endpoint_url("revocation", u))
+            .transpose()
+            .map_err(wrap)?;
+        let userinfo = self
+            .userinfo_endpoint
+            .as_deref()
+            .map(|u| check_endpoint_url("userinfo", u))
+            .transpose()
+            .map_err(wrap)?;
+        let urls = [Some(&token), revocation.as_ref(), userinfo.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         Ok(ProviderEndpoints {
             kind: ProviderKind::Oidc,
             authorization: check_endpoint_url("authorization", &self.authorization_endpoint)
                 .map_err(wrap)?,
-            token: check_endpoint_url("token", &self.token_endpoint).map_err(wrap)?,
-            revocation: self
-                .revocation_endpoint
-                .as_deref()
-                .map(|u| check_endpoint_url("revocation", u))
-                .transpose()
-                .map_err(wrap)?,
-            userinfo: self
-                .userinfo_endpoint
-                .as_deref()
-                .map(|u| check_endpoint_url("userinfo", u))
-                .transpose()
-                .map_err(wrap)?,
+            token,
+            revocation,
+            userinfo,
             issuer: Some(self.issuer.clone()),
+            discovered: Some(Discovered {
+                issuer_url: issuer_url.to_owned(),
+                urls,
+            }),
         })
     }
 }
@@ -405,6 +430,19 @@ impl ProviderResolver {
     pub fn with_endpoint_overrides(mut self, allow: bool) -> Self {
         self.allow_overrides = allow;
         self
+    }
+
+    /// The binding check ([`crate::oauth::binding::bind`]) with this operator's
+    /// `--allow-endpoint-overrides`.
+    pub fn bind<'a>(
+        &self,
+        op: TokenOperation,
+        dest: &Url,
+        endpoints: &'a ProviderEndpoints,
+        creds: &'a crate::oauth::ClientCredentials,
+        carrying: crate::oauth::Carrying<'_>,
+    ) -> Result<crate::oauth::Bound<'a>, crate::oauth::binding::Refusal> {
+        crate::oauth::bind(op, dest, endpoints, creds, carrying, self.allow_overrides)
     }
 
     /// Change how long discovery documents are reused.
@@ -666,7 +704,10 @@ pub fn requested_scopes(spec: &MailIntegrationSpec) -> Vec<String> {
 pub fn sign_in_scopes(spec: &MailIntegrationSpec) -> Vec<String> {
     let identity: &[&str] = match spec.provider {
         ProviderKind::Google => &["openid", "email"],
-        ProviderKind::Microsoft | ProviderKind::Oidc => &["openid", "email", OFFLINE_ACCESS_SCOPE],
+        // Microsoft puts the user principal name (`preferred_username`) into the ID token with
+        // `profile`: the account is read from it rather than from the mutable `email`.
+        ProviderKind::Microsoft => &["openid", "email", "profile", OFFLINE_ACCESS_SCOPE],
+        ProviderKind::Oidc => &["openid", "email", OFFLINE_ACCESS_SCOPE],
     };
     let mut v = requested_scopes(spec);
     v.extend(identity.iter().map(|s| (*s).to_owned()));

@@ -493,7 +493,8 @@ fn sign_in_scopes_add_identity_scopes_once() {
             "https://outlook.office.com/IMAP.AccessAsUser.All",
             "offline_access",
             "openid",
-            "email"
+            "email",
+            "profile"
         ])
     );
     assert_eq!(

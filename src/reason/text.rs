@@ -28,6 +28,12 @@ impl Reason {
             Reason::DelegationNotAllowed => {
                 "The service account's key Secret does not allow tokens for this mailbox: its annotation mailintegration.dev/delegated-mailboxes does not list spec.mailbox.address. Nothing was asked of Google."
             }
+            Reason::ClientSecretKeyNotDeclared => {
+                "`spec.oauth.clientSecretRef` names a key that the client Secret does not declare (annotations mailintegration.dev/client-id-key, client-secret-key, service-account-key), or the client ID would be read from a key of secret material."
+            }
+            Reason::OAuthServerNotAllowed => {
+                "A client credential or grant would be sent to a server that its owner did not name: the client Secret's annotation mailintegration.dev/oauth-servers (required for provider OIDC) does not list it. Nothing was sent."
+            }
             Reason::ServiceAccountKeyRejected => {
                 "Google refused the service account's signed assertion (`invalid_grant` \"Invalid JWT Signature.\"): the key was deleted or disabled, or belongs to another service account."
             }
@@ -259,6 +265,12 @@ impl Reason {
             }
             Reason::DelegatedUserUnknown => {
                 "Set spec.mailbox.address to an existing user of the Workspace domain whose admin configured the delegation (not a group or alias, and not a consumer Gmail address)."
+            }
+            Reason::ClientSecretKeyNotDeclared => {
+                "The meaning of a client Secret's keys is set by whoever may write the Secret: the defaults client_id, client_secret and service-account.json need nothing; other keys are declared on the Secret, e.g. kubectl annotate secret NAME mailintegration.dev/client-id-key=id mailintegration.dev/client-secret-key=secret. The client ID is never read from the client secret's key or from a key a Secret type reserves for secret material (tls.key, password, token, ...)."
+            }
+            Reason::OAuthServerNotAllowed => {
+                "The message names the server and the exact command. Whoever may write the client Secret lists the servers its credentials may go to, comma-separated URLs (an OIDC issuer URL also allows the endpoints its discovery document names): kubectl annotate secret NAME mailintegration.dev/oauth-servers=https://id.example.com. Google's and Microsoft's credentials go to their own endpoints without it."
             }
             Reason::DelegationNotAllowed => {
                 "Domain-wide delegation lets the key act as any user of the domain, so whoever may create MailIntegrations could otherwise read any mailbox with it. The owner of the key Secret lists the mailboxes it may be used for, comma-separated, as addresses or *@domain: kubectl annotate secret NAME mailintegration.dev/delegated-mailboxes='support@example.com,*@tickets.example.com'."

@@ -59,6 +59,8 @@ impl World {
                     signing_key: None,
                     client_id: "id".into(),
                     client_secret: SecretValue::new("cs"),
+
+                    owner: Default::default(),
                 })
             } else {
                 Err(ClientSecretProblem::NotFound {
@@ -74,6 +76,7 @@ impl World {
                 refresh_token_expires_at: None,
                 token_endpoint: None,
                 client_id: None,
+                revocation_endpoint: None,
                 resource_version: Some("11".into()),
             }),
             token: self.token_expiry.map(|e| PublishedToken {

@@ -10,7 +10,8 @@ use super::{
 };
 use crate::{
     api::MailIntegration,
-    oauth::{RevokeOutcome, TokenTypeHint},
+    oauth::{Carrying, RevokeOutcome, TokenTypeHint},
+    provider::TokenOperation,
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
@@ -121,7 +122,11 @@ pub async fn finalize(
             "RevocationNotSupported",
             "the provider has no revocation endpoint: remove the app's access for the account at the provider".to_owned(),
         ),
-        Err(Some(message)) => {
+        Err(NotRevoked::Refused(refusal)) => {
+            warn!(reason = refusal.reason.as_str(), message = %refusal.message, "the grant may not be sent to that revocation endpoint; not revoking");
+            (EventType::Warning, refusal.reason.as_str(), refusal.message)
+        }
+        Err(NotRevoked::Failed(message)) => {
             let since = mi.meta().deletion_timestamp.as_ref().map(|t| Timestamp::now().duration_since(t.0)).unwrap_or_default();
             let deadline = SignedDuration::try_from(ctx.revoke_timeout).unwrap_or(SignedDuration::ZERO);
             if since < deadline {
@@ -144,7 +149,7 @@ pub async fn finalize(
             );
             (EventType::Warning, "RevocationFailed", note)
         }
-        Err(None) => (EventType::Normal, "NothingToRevoke", "no grant was stored, nothing to revoke".to_owned()),
+        Err(NotRevoked::Nothing) => (EventType::Normal, "NothingToRevoke", "no grant was stored, nothing to revoke".to_owned()),
     };
     info!(reason, "letting the resource go");
     let event = Event {
@@ -168,47 +173,82 @@ pub async fn finalize(
     Ok(Action::await_change())
 }
 
-/// `Err(None)`: no grant to revoke; `Err(Some(message))`: the attempt failed.
+/// Why nothing was revoked.
+enum NotRevoked {
+    /// No grant is stored.
+    Nothing,
+    /// The attempt failed (retried until `--revoke-timeout`).
+    Failed(String),
+    /// The binding check refused the destination: retrying cannot help.
+    Refused(crate::oauth::binding::Refusal),
+}
+
 async fn revoke(
     mi: &MailIntegration,
     secrets: &Api<Secret>,
     ctx: &Context,
-) -> Result<RevokeOutcome, Option<String>> {
+) -> Result<RevokeOutcome, NotRevoked> {
+    let failed = |e: &dyn std::fmt::Display| NotRevoked::Failed(e.to_string());
     let grant_secret = secrets
         .get_opt(&mi.grant_secret_name())
         .await
-        .map_err(|e| Some(e.to_string()))?;
+        .map_err(|e| failed(&e))?;
     // Only this integration's own grant is revoked (never a Secret that merely has its name).
     let grant_secret = grant_secret.filter(|s| observed::grant_belongs_to(s, mi));
-    let grant = observed::grant(grant_secret.as_ref()).ok_or(None)?;
+    let grant = observed::grant(grant_secret.as_ref()).ok_or(NotRevoked::Nothing)?;
     let client_secret = secrets
         .get_opt(&mi.spec.oauth.client_secret_ref.name)
         .await
-        .map_err(|e| Some(e.to_string()))?;
+        .map_err(|e| failed(&e))?;
     // A client that authenticates with a certificate revokes with a client assertion, as it
     // refreshes.
     let certificate = match &mi.spec.oauth.client_certificate_ref {
-        Some(r) => secrets
-            .get_opt(&r.name)
-            .await
-            .map_err(|e| Some(e.to_string()))?,
+        Some(r) => secrets.get_opt(&r.name).await.map_err(|e| failed(&e))?,
         None => None,
     };
     let creds = observed::client(&mi.spec, client_secret.as_ref(), certificate.as_ref())
-        .map_err(|e| Some(e.to_string()))?;
+        .map_err(|e| failed(&e))?;
     let endpoints = ctx
         .providers
         .resolve(&mi.spec)
         .await
-        .map_err(|e| Some(e.to_string()))?;
-    ctx.oauth
-        .revoke(
+        .map_err(|e| failed(&e))?;
+    // The revocation endpoint recorded with the grant, else the one the spec leads to (which the
+    // binding check accepts only on the server that issued the grant).
+    let recorded = grant
+        .revocation_endpoint
+        .as_deref()
+        .map(url::Url::parse)
+        .transpose()
+        .map_err(|e| {
+            failed(&format!(
+                "the grant's recorded revocation endpoint is not a URL ({e})"
+            ))
+        })?;
+    let Some(dest) = recorded.or_else(|| endpoints.revocation.clone()) else {
+        return Ok(RevokeOutcome::NoRevocationEndpoint);
+    };
+    let carrying = Carrying::Grant {
+        origin: grant.origin(),
+        mailbox: mi.spec.sign_in_account(),
+    };
+    let bound = ctx
+        .providers
+        .bind(
+            TokenOperation::Revocation,
+            &dest,
             &endpoints,
             &creds,
+            carrying,
+        )
+        .map_err(NotRevoked::Refused)?;
+    ctx.oauth
+        .revoke(
+            &bound,
             &grant.refresh_token,
             TokenTypeHint::RefreshToken,
             Timestamp::now(),
         )
         .await
-        .map_err(|e| Some(e.to_string()))
+        .map_err(|e| failed(&e))
 }

@@ -27,6 +27,12 @@ pub mod grant_keys {
     /// refresh token is never sent to another endpoint or with another client.
     pub const TOKEN_ENDPOINT: &str = "token_endpoint";
     pub const CLIENT_ID: &str = "client_id";
+    /// The revocation endpoint of the issuer (recorded with the token endpoint): the only place
+    /// `revokeOnDelete` sends the refresh token to.
+    pub const REVOCATION_ENDPOINT: &str = "revocation_endpoint";
+    /// Microsoft: the signed-in account's immutable identity, `<tid>/<oid>` (directory and object
+    /// ID): a later sign-in must be of the same account, whatever its `email` claim says.
+    pub const ACCOUNT_ID: &str = "account_id";
 }
 
 /// Keys of the token Secret that workloads mount.
@@ -42,8 +48,10 @@ pub mod token_keys {
 pub use crate::oauth::ClientCredentials;
 
 mod client;
+mod client_keys;
 pub use client::*;
 mod size;
+pub use client_keys::*;
 pub use size::*;
 
 fn label<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
@@ -105,6 +113,8 @@ pub struct Grant {
     /// The token endpoint and client the grant was issued for ([`grant_keys::TOKEN_ENDPOINT`]).
     pub token_endpoint: Option<String>,
     pub client_id: Option<String>,
+    /// The revocation endpoint of the grant's issuer, when it has one ([`grant_keys::REVOCATION_ENDPOINT`]).
+    pub revocation_endpoint: Option<String>,
     /// The Secret's resourceVersion: the precondition of every write (optimistic concurrency).
     pub resource_version: Option<String>,
 }
@@ -145,6 +155,16 @@ impl Grant {
         None
     }
 
+    /// Where the grant was issued, for the binding check.
+    pub fn origin(&self) -> crate::oauth::GrantOrigin<'_> {
+        crate::oauth::GrantOrigin {
+            token_endpoint: self.token_endpoint.as_deref(),
+            revocation_endpoint: self.revocation_endpoint.as_deref(),
+            client_id: self.client_id.as_deref(),
+            account: self.account.as_deref(),
+        }
+    }
+
     /// Whether the grant records where it was issued (else it is bound on its first refresh).
     pub fn is_bound(&self) -> bool {
         self.token_endpoint.is_some() && self.client_id.is_some()
@@ -181,6 +201,7 @@ pub fn grant(secret: Option<&Secret>) -> Option<Grant> {
             .and_then(|s| s.parse().ok()),
         token_endpoint: text(secret, grant_keys::TOKEN_ENDPOINT),
         client_id: text(secret, grant_keys::CLIENT_ID),
+        revocation_endpoint: text(secret, grant_keys::REVOCATION_ENDPOINT),
         resource_version: secret.metadata.resource_version.clone(),
     })
 }
@@ -347,7 +368,10 @@ mod tests {
     #[test]
     fn only_marked_secrets_are_read_as_clients() {
         let r = client_ref();
-        let pairs: &[(&str, &[u8])] = &[("client_id", b"id"), ("secret", b"refresh-token-value")];
+        let pairs: &[(&str, &[u8])] = &[
+            ("client_id", b"id"),
+            ("client_secret", b"refresh-token-value"),
+        ];
         let err = client_credentials(&r, Some(&secret(pairs))).unwrap_err();
         assert!(
             matches!(err, ClientSecretProblem::NotMarked { .. }),
@@ -473,7 +497,7 @@ mod tests {
         ClientSecretRef {
             name: "gmail-client".into(),
             client_id_key: None,
-            client_secret_key: Some("secret".into()),
+            client_secret_key: None,
             service_account_key: None,
         }
     }
@@ -489,12 +513,15 @@ mod tests {
         );
         let only_id = marked(&[("client_id", b"id")]);
         let err = client_credentials(&r, Some(&only_id)).unwrap_err();
-        assert!(err.to_string().contains("has no key \"secret\""), "{err}");
-        assert!(err.to_string().contains("clientSecretKey"), "{err}");
-        let empty = marked(&[("client_id", b"id"), ("secret", b" \n")]);
+        assert!(
+            err.to_string().contains("has no key \"client_secret\""),
+            "{err}"
+        );
+        assert!(err.to_string().contains("client-secret-key"), "{err}");
+        let empty = marked(&[("client_id", b"id"), ("client_secret", b" \n")]);
         let err = client_credentials(&r, Some(&empty)).unwrap_err();
         assert!(matches!(err, ClientSecretProblem::Empty { .. }), "{err}");
-        let ok = marked(&[("client_id", b"id\n"), ("secret", b"s3cr3t-value")]);
+        let ok = marked(&[("client_id", b"id\n"), ("client_secret", b"s3cr3t-value")]);
         let creds = client_credentials(&r, Some(&ok)).unwrap();
         assert_eq!(creds.client_id, "id");
         assert_eq!(creds.client_secret.expose(), "s3cr3t-value");

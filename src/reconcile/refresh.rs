@@ -10,7 +10,11 @@ use super::{
     secrets::{self, StoreError, Stored},
 };
 use crate::{
-    api::MailIntegration, metrics::RefreshLabels, provider::FailureClass, reason::Reason,
+    api::MailIntegration,
+    metrics::RefreshLabels,
+    oauth::Carrying,
+    provider::{FailureClass, TokenOperation},
+    reason::Reason,
     secret::SecretValue,
 };
 use jiff::Timestamp;
@@ -121,19 +125,28 @@ pub(super) async fn refresh(
         Ok(e) => e,
         Err(class) => return failure_outcome(mi, class, o.now, ctx).into(),
     };
-    if let Some(message) = grant.bound_elsewhere(
-        endpoints.token.as_str(),
-        &creds.client_id,
-        mi.spec.sign_in_account(),
+    let carrying = Carrying::Grant {
+        origin: grant.origin(),
+        mailbox: mi.spec.sign_in_account(),
+    };
+    let bound = match ctx.providers.bind(
+        TokenOperation::Refresh,
+        &endpoints.token,
+        &endpoints,
+        creds,
+        carrying,
     ) {
-        warn!(%message, "the grant was issued elsewhere; not sending it");
-        ctx.set_backoff(&uid, None);
-        return Outcome::PermanentFailure {
-            reason: Reason::GrantBoundElsewhere.as_str().into(),
-            message,
+        Ok(b) => b,
+        Err(refusal) => {
+            warn!(reason = refusal.reason.as_str(), message = %refusal.message, "the grant or client credential may not go there; not sending it");
+            ctx.set_backoff(&uid, None);
+            return Outcome::PermanentFailure {
+                reason: refusal.reason.as_str().into(),
+                message: refusal.message,
+            }
+            .into();
         }
-        .into();
-    }
+    };
     if let Some(outcome) = template_refused(mi, token_secret, ctx).await {
         return outcome.into();
     }
@@ -142,6 +155,9 @@ pub(super) async fn refresh(
     if !grant.is_bound() {
         extra.push((grant_keys::TOKEN_ENDPOINT, endpoints.token.to_string()));
         extra.push((grant_keys::CLIENT_ID, creds.client_id.clone()));
+        if let Some(r) = &endpoints.revocation {
+            extra.push((grant_keys::REVOCATION_ENDPOINT, r.to_string()));
+        }
     }
     let marked = inflight::needs_mark(&mi.spec);
     if grant_secret.immutable == Some(true) && (marked || !extra.is_empty()) {
@@ -187,7 +203,7 @@ pub(super) async fn refresh(
     ctx.note_call(&uid, o.now);
     let result = ctx
         .oauth
-        .refresh(&endpoints, creds, &grant.refresh_token, &scopes, o.now)
+        .refresh(&bound, &grant.refresh_token, &scopes, o.now)
         .await;
     drop(permit);
     ctx.metrics

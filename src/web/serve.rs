@@ -80,8 +80,12 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
                 continue;
             }
         };
+        let service = WithPeer {
+            inner: app.clone(),
+            peer,
+        };
         let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 // Header timeouts, resets, malformed requests: the client's doing.
@@ -89,6 +93,36 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
             }
             drop(permit);
         });
+    }
+}
+
+/// The router with the connection's peer address in every request's extensions (axum's
+/// `ConnectInfo`), for the sign-in port's per-source limit.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: std::net::SocketAddr,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for WithPeer<S>
+where
+    S: tower::Service<axum::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.inner.call(req)
     }
 }
 

@@ -137,14 +137,25 @@ impl Env {
     /// Create or replace a Secret as a user would, marked the way the operator asks: a grant
     /// brought by hand (`<integration>-oauth-grant`) names its integration, any other Secret
     /// (client, CA bundle) carries the opt-in label.
+    /// A client Secret also names the servers its credentials may go to (the annotation
+    /// `mailintegration.dev/oauth-servers`): this world's proxy and OAuth server.
     pub async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
-        let labels = match name.strip_suffix("-oauth-grant") {
-            Some(integration) => {
-                serde_json::json!({"mailintegration.dev/integration": integration})
-            }
-            None => serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
+        let (labels, annotations) = match name.strip_suffix("-oauth-grant") {
+            Some(integration) => (
+                serde_json::json!({"mailintegration.dev/integration": integration}),
+                serde_json::json!({}),
+            ),
+            None => (
+                serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
+                serde_json::json!({"mailintegration.dev/oauth-servers": self.oauth_servers()}),
+            ),
         };
-        self.put_secret_labelled(name, pairs, labels).await
+        self.put_secret_with(name, pairs, labels, annotations).await
+    }
+
+    /// The value of a client Secret's `mailintegration.dev/oauth-servers` in this world.
+    pub fn oauth_servers(&self) -> String {
+        format!("{},{}", self.proxy.url(), self.server.base_url)
     }
 
     /// Create or replace a Secret with exactly `labels` (an object; `{}` for none).
@@ -154,8 +165,20 @@ impl Env {
         pairs: &[(&str, &str)],
         labels: serde_json::Value,
     ) {
+        self.put_secret_with(name, pairs, labels, serde_json::json!({}))
+            .await
+    }
+
+    /// Create or replace a Secret with exactly `labels` and `annotations` (objects).
+    pub async fn put_secret_with(
+        &self,
+        name: &str,
+        pairs: &[(&str, &str)],
+        labels: serde_json::Value,
+        annotations: serde_json::Value,
+    ) {
         let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": labels},
+            "metadata": {"name": name, "labels": labels, "annotations": annotations},
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();

@@ -2,10 +2,11 @@
 //! (`kubernetes.io/tls` Secret), or a Google service account's key file. Every Secret read here
 //! is one the user marked for the operator; messages name Secrets and keys, never a value.
 
-use super::{is_marked_for_operator, is_operator_managed};
+use super::{client_keys, is_marked_for_operator, is_operator_managed};
 use crate::api::{ClientSecretRef, GrantType, MailIntegrationSpec, OAUTH_CLIENT_LABEL};
 use crate::oauth::assertion::{CertificateKey, ServiceAccountKey};
-use crate::oauth::{ClientCredentials, SigningKey};
+use crate::oauth::binding::{OAUTH_SERVERS_ANNOTATION, parse_servers};
+use crate::oauth::{ClientCredentials, CredentialOwner, SigningKey};
 use crate::secret::SecretValue;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -64,6 +65,13 @@ pub enum ClientSecretProblem {
     /// A marked Secret over the bound the operator keeps (see `size::too_large_message`).
     #[error("{message}")]
     TooLarge { message: String },
+    /// The spec names keys the Secret does not declare, or the client ID key is secret material.
+    #[error("{message}")]
+    KeyNotDeclared { message: String },
+    #[error(
+        "Secret {name:?} has an annotation {OAUTH_SERVERS_ANNOTATION} that cannot be used ({problem}): list the OAuth servers its credentials may be sent to as comma-separated https URLs"
+    )]
+    ServersInvalid { name: String, problem: String },
 }
 
 impl ClientSecretProblem {
@@ -82,6 +90,8 @@ impl ClientSecretProblem {
             ClientSecretProblem::KeyInvalid { .. } => Reason::ClientKeyInvalid,
             ClientSecretProblem::DelegationNotAllowed { .. } => Reason::DelegationNotAllowed,
             ClientSecretProblem::TooLarge { .. } => Reason::ClientSecretTooLarge,
+            ClientSecretProblem::KeyNotDeclared { .. } => Reason::ClientSecretKeyNotDeclared,
+            ClientSecretProblem::ServersInvalid { .. } => Reason::OAuthServerNotAllowed,
         }
     }
 }
@@ -93,12 +103,44 @@ pub fn client_credentials(
     secret: Option<&Secret>,
 ) -> Result<ClientCredentials, ClientSecretProblem> {
     let secret = marked_client_secret(r, secret)?;
-    let client_id = read_key(secret, &r.name, r.client_id_key(), CLIENT_ID_FIX)?;
-    let client_secret = read_key(secret, &r.name, r.client_secret_key(), CLIENT_SECRET_FIX)?;
+    let keys = keys_of(r, secret)?;
+    let client_id = read_key(secret, &r.name, &keys.client_id, CLIENT_ID_FIX)?;
+    let client_secret = read_key(secret, &r.name, &keys.client_secret, CLIENT_SECRET_FIX)?;
     Ok(ClientCredentials {
         client_id: client_id.expose().trim().to_owned(),
         client_secret,
         signing_key: None,
+        owner: owner_of(r, secret)?,
+    })
+}
+
+/// The keys the Secret's owner declared (see [`client_keys`]).
+fn keys_of(
+    r: &ClientSecretRef,
+    secret: &Secret,
+) -> Result<client_keys::ClientKeys, ClientSecretProblem> {
+    client_keys::client_keys(r, secret).map_err(|refusal| ClientSecretProblem::KeyNotDeclared {
+        message: refusal.message(&r.name, &secret.namespace().unwrap_or_default()),
+    })
+}
+
+/// Where the Secret's owner lets its credentials go ([`OAUTH_SERVERS_ANNOTATION`]).
+fn owner_of(r: &ClientSecretRef, secret: &Secret) -> Result<CredentialOwner, ClientSecretProblem> {
+    let servers = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OAUTH_SERVERS_ANNOTATION))
+        .map(|v| parse_servers(v))
+        .transpose()
+        .map_err(|problem| ClientSecretProblem::ServersInvalid {
+            name: r.name.clone(),
+            problem,
+        })?;
+    Ok(CredentialOwner {
+        secret: r.name.clone(),
+        namespace: secret.namespace().unwrap_or_default(),
+        servers,
     })
 }
 
@@ -130,10 +172,9 @@ pub fn delegation_allows(allowed: Option<&str>, mailbox: &str) -> bool {
 }
 
 /// What to do about a missing key, per field of the spec.
-const CLIENT_ID_FIX: &str =
-    "add it, or set spec.oauth.clientSecretRef.clientIdKey to the key that holds the client ID";
-const CLIENT_SECRET_FIX: &str = "add it, or set spec.oauth.clientSecretRef.clientSecretKey to the key that holds the client secret";
-const SERVICE_ACCOUNT_FIX: &str = "add it, or set spec.oauth.clientSecretRef.serviceAccountKey to the key that holds the service account's key file";
+const CLIENT_ID_FIX: &str = "add it, or declare the key that holds the client ID on the Secret with the annotation mailintegration.dev/client-id-key";
+const CLIENT_SECRET_FIX: &str = "add it, or declare the key that holds the client secret on the Secret with the annotation mailintegration.dev/client-secret-key";
+const SERVICE_ACCOUNT_FIX: &str = "add it, or declare the key that holds the service account's key file on the Secret with the annotation mailintegration.dev/service-account-key";
 const CERTIFICATE_FIX: &str = "a kubernetes.io/tls Secret holds tls.crt and tls.key (spec.oauth.clientCertificateRef): create it with kubectl create secret tls";
 
 /// The client as `spec` wants it authenticated: [`client_credentials`]; with
@@ -160,7 +201,8 @@ pub fn client(
                 mailbox: crate::web::signin::failure::clean(mailbox),
             });
         }
-        let key = r.service_account_key();
+        let keys = keys_of(r, secret)?;
+        let key = keys.service_account.as_str();
         let json = raw_key(secret, &r.name, key, SERVICE_ACCOUNT_FIX)?;
         let account =
             ServiceAccountKey::from_json(json).map_err(|p| key_invalid(&r.name, key, &p))?;
@@ -168,13 +210,16 @@ pub fn client(
             client_id: account.client_id.clone(),
             client_secret: SecretValue::new(String::new()),
             signing_key: Some(Arc::new(SigningKey::ServiceAccount(account))),
+            owner: owner_of(r, secret)?,
         });
     }
     let Some(cert_ref) = &spec.oauth.client_certificate_ref else {
         return client_credentials(r, client_secret);
     };
     let secret = marked_client_secret(r, client_secret)?;
-    let client_id = read_key(secret, &r.name, r.client_id_key(), CLIENT_ID_FIX)?;
+    let keys = keys_of(r, secret)?;
+    let client_id = read_key(secret, &r.name, &keys.client_id, CLIENT_ID_FIX)?;
+    let owner = owner_of(r, secret)?;
     let name = &cert_ref.name;
     let tls = certificate
         .ok_or_else(|| ClientSecretProblem::CertificateNotFound { name: name.clone() })?;
@@ -207,6 +252,7 @@ pub fn client(
         client_id: client_id.expose().trim().to_owned(),
         client_secret: SecretValue::new(String::new()),
         signing_key: Some(Arc::new(SigningKey::Certificate(cert))),
+        owner,
     })
 }
 
@@ -409,7 +455,7 @@ mod tests {
         let mut missing = secret("client", true, &[("client_id", b"x")]);
         missing.metadata.annotations = good.metadata.annotations.clone();
         let err = client(&s, Some(&missing), None).unwrap_err();
-        assert!(err.to_string().contains("serviceAccountKey"), "{err}");
+        assert!(err.to_string().contains("service-account-key"), "{err}");
         let unmarked = secret(
             "client",
             false,

@@ -5,8 +5,8 @@
 use super::{RefreshResult, failure_outcome, publish, template_refused};
 use crate::{
     api::{GrantType, MailIntegration, MailIntegrationSpec},
-    oauth::{ClientCredentials, SigningKey},
-    provider::FailureClass,
+    oauth::{Carrying, ClientCredentials, SigningKey},
+    provider::{FailureClass, TokenOperation},
     reason::Reason,
     reconcile::{
         controller::Context,
@@ -46,21 +46,38 @@ pub(super) async fn app_only(
     if ctx.fence.check().is_err() {
         return Outcome::Requeue(Duration::from_secs(5)).into();
     }
+    let op = match mi.spec.grant_type() {
+        GrantType::ServiceAccount => TokenOperation::JwtBearer,
+        _ => TokenOperation::ClientCredentials,
+    };
+    let bound = match ctx
+        .providers
+        .bind(op, &endpoints.token, &endpoints, creds, Carrying::Client)
+    {
+        Ok(b) => b,
+        Err(refusal) => {
+            tracing::warn!(reason = refusal.reason.as_str(), message = %refusal.message, "the client credential may not go there; not sending it");
+            return failure_outcome(
+                mi,
+                FailureClass::Permanent {
+                    reason: refusal.reason,
+                    message: refusal.message,
+                },
+                o.now,
+                ctx,
+            )
+            .into();
+        }
+    };
     let started = Instant::now();
     let scopes = crate::provider::requested_scopes(&mi.spec);
     ctx.note_call(&mi.uid().unwrap_or_default(), o.now);
-    let result = match mi.spec.grant_type() {
-        GrantType::ServiceAccount => {
+    let result = match op {
+        TokenOperation::JwtBearer => {
             let mailbox = mi.spec.mailbox.address.trim();
-            ctx.oauth
-                .jwt_bearer(&endpoints, creds, mailbox, &scopes, o.now)
-                .await
+            ctx.oauth.jwt_bearer(&bound, mailbox, &scopes, o.now).await
         }
-        _ => {
-            ctx.oauth
-                .client_credentials(&endpoints, creds, &scopes, o.now)
-                .await
-        }
+        _ => ctx.oauth.client_credentials(&bound, &scopes, o.now).await,
     };
     drop(permit);
     ctx.metrics
@@ -143,6 +160,8 @@ mod tests {
             client_id: "app-1".into(),
             client_secret: SecretValue::new("s"),
             signing_key: None,
+
+            owner: Default::default(),
         };
         let class = FailureClass::Permanent {
             reason: Reason::AdminConsentRequired,

@@ -27,6 +27,7 @@
 pub mod backend;
 pub mod failure;
 pub mod key;
+pub mod limit;
 pub mod page;
 pub mod store;
 pub mod token;
@@ -39,7 +40,8 @@ pub use failure::{Failure, Subject};
 pub use token::{Signer, StateClaims, Ticket};
 
 use crate::api::{MailIntegration, ProviderKind, SignInStatus};
-use crate::oauth::{self, AuthorizationRequest, OAuthClient, TokenGrant};
+use crate::oauth::binding::Refusal;
+use crate::oauth::{self, AuthorizationRequest, Bound, Carrying, OAuthClient, TokenGrant};
 use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
 use crate::reason::Reason;
 use crate::reconcile::controller::SignInLinks;
@@ -88,6 +90,8 @@ pub struct SignInConfig {
     pub link_ttl: Duration,
     pub state_ttl: Duration,
     pub store_capacity: usize,
+    /// Requests per source address ([`limit`]).
+    pub per_source: limit::SourceLimit,
 }
 
 impl SignInConfig {
@@ -97,6 +101,7 @@ impl SignInConfig {
             link_ttl: DEFAULT_LINK_TTL,
             state_ttl: DEFAULT_STATE_TTL,
             store_capacity: store::DEFAULT_CAPACITY,
+            per_source: limit::SourceLimit::default(),
         }
     }
 }
@@ -199,6 +204,10 @@ impl SignIn {
         app.layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_REQUEST_BODY,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            self.inner.config.per_source.clone(),
+            limit::limit,
+        ))
         .layer(axum::middleware::map_response(security_headers))
     }
 
@@ -227,6 +236,7 @@ impl SignIn {
                 name: name.to_owned(),
                 uid: uid.to_owned(),
                 exp: unix(expires),
+                iat: unix(now),
             },
         );
         SignInStatus {
@@ -265,21 +275,8 @@ impl SignIn {
         let ticket: Ticket = self.inner.signer.verify(TICKET, raw).map_err(|_| {
             invalid("The link's ticket is damaged, or was not made by this operator (or its sign-in key was replaced since).")
         })?;
-        let mi = self.find(&ticket.ns, &ticket.name).await?;
-        let subject = subject_of(&mi);
-        if mi.uid().as_deref() != Some(ticket.uid.as_str()) {
-            return Err(Failure::new(
-                Reason::SignInLinkInvalid,
-                StatusCode::GONE,
-                "This sign-in link is for another MailIntegration",
-                format!(
-                    "The link was made for an earlier MailIntegration named {}/{}, which was deleted since; the one that exists now has another UID.",
-                    ticket.ns, ticket.name
-                ),
-                "Open the current link from the resource: kubectl get mailint NAME -n NAMESPACE -o jsonpath='{.status.signIn.url}'",
-            )
-            .on(Some(subject)));
-        }
+        // Signature and expiry before any API call: an expired link (even a genuine one) costs
+        // nothing but this page, and is not reported on the resource.
         if ticket.exp <= unix(now) {
             return Err(Failure::new(
                 Reason::SignInLinkExpired,
@@ -296,10 +293,61 @@ impl SignIn {
                     "Open the current link: kubectl get mailint {} -n {} -o jsonpath='{{.status.signIn.url}}' (the operator renews it before it expires)",
                     ticket.name, ticket.ns
                 ),
+            ));
+        }
+        let mi = self.find(&ticket.ns, &ticket.name).await?;
+        let subject = subject_of(&mi);
+        if mi.uid().as_deref() != Some(ticket.uid.as_str()) {
+            return Err(Failure::new(
+                Reason::SignInLinkInvalid,
+                StatusCode::GONE,
+                "This sign-in link is for another MailIntegration",
+                format!(
+                    "The link was made for an earlier MailIntegration named {}/{}, which was deleted since; the one that exists now has another UID.",
+                    ticket.ns, ticket.name
+                ),
+                "Open the current link from the resource: kubectl get mailint NAME -n NAMESPACE -o jsonpath='{.status.signIn.url}'",
             )
             .on(Some(subject)));
         }
+        self.check_one_time(&ticket, &mi).await?;
         Ok((ticket, mi))
+    }
+
+    /// A link is one-time: a sign-in that succeeded since it was made (the grant's `issued_at`)
+    /// ends it.
+    async fn check_one_time(&self, ticket: &Ticket, mi: &MailIntegration) -> Result<(), Failure> {
+        let ns = mi.namespace().unwrap_or_default();
+        let secret = self
+            .inner
+            .backend
+            .secret(&ns, &mi.grant_secret_name())
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "reading the grant Secret failed");
+                api_unavailable()
+            })?;
+        let signed_in = secret
+            .filter(|s| observed::grant_belongs_to(s, mi))
+            .and_then(|s| observed::grant(Some(&s)))
+            .and_then(|g| g.issued_at)
+            .filter(|at| at.as_second() >= ticket.iat);
+        let Some(at) = signed_in else {
+            return Ok(());
+        };
+        Err(Failure::new(
+            Reason::SignInLinkExpired,
+            StatusCode::GONE,
+            "This sign-in link was used already",
+            format!(
+                "A sign-in with this link succeeded at {}; a link works for one sign-in.",
+                fmt_time(at)
+            ),
+            format!(
+                "Nothing needs to be done if the mailbox is connected. To sign in again, open the current link: kubectl get mailint {} -n {} -o jsonpath='{{.status.signIn.url}}'",
+                ticket.name, ticket.ns
+            ),
+        ))
     }
 
     async fn find(&self, ns: &str, name: &str) -> Result<MailIntegration, Failure> {
@@ -345,6 +393,23 @@ impl SignIn {
             )
             .on(Some(subject_of(mi)))
         })
+    }
+
+    /// The binding check of a code exchange at `dest` ([`crate::oauth::binding`]).
+    fn bind<'a>(
+        &self,
+        endpoints: &'a ProviderEndpoints,
+        creds: &'a ClientCredentials,
+        carrying: Carrying<'_>,
+        dest: &Url,
+    ) -> Result<Bound<'a>, Refusal> {
+        self.inner.providers.bind(
+            provider::TokenOperation::CodeExchange,
+            dest,
+            endpoints,
+            creds,
+            carrying,
+        )
     }
 
     async fn endpoints(&self, mi: &MailIntegration) -> Result<ProviderEndpoints, Failure> {
@@ -423,6 +488,17 @@ fn api_unavailable() -> Failure {
     )
 }
 
+/// The page of a call the binding check refused.
+fn refused(r: Refusal) -> Failure {
+    Failure::new(
+        r.reason,
+        StatusCode::CONFLICT,
+        "The sign-in cannot go on",
+        r.message,
+        r.reason.hint(),
+    )
+}
+
 fn provider_failure(class: &FailureClass) -> Failure {
     let reason = match class.reason() {
         // "Sign in again" is what the user is doing: call it a failed sign-in.
@@ -484,10 +560,12 @@ async fn security_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
+    if !h.contains_key(header::REFERRER_POLICY) {
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -555,7 +633,14 @@ async fn sign_in_page(
     });
     // The form posts here; the 303 that follows goes to the provider, which form-action must allow.
     let provider_origin = endpoints.authorization.origin().ascii_serialization();
-    html(StatusCode::OK, body, &["'self'", &provider_origin])
+    let mut r = html(StatusCode::OK, body, &["'self'", &provider_origin]);
+    // The form's POST carries the operator's own origin (under no-referrer, browsers send
+    // `Origin: null`, which /oauth2/start refuses); nothing leaves for another site.
+    r.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,8 +682,12 @@ async fn start(
 ) -> Response {
     let now = Timestamp::now();
     // A form posted from another site is refused (login CSRF): browsers send Origin on POST.
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
-        && origin != "null"
+    // `Origin: null` (a sandboxed frame, a data: URL, a privacy-stripped request) is refused too:
+    // the sign-in page's own form sends the operator's origin (its Referrer-Policy is
+    // same-origin).
+    if let Some(origin) = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("(not text)"))
         && origin != s.public_origin()
     {
         let f = Failure::new(
@@ -631,6 +720,17 @@ async fn start(
         Ok(e) => e,
         Err(f) => return s.fail(f, Some(&mi)).await,
     };
+    // The callback exchanges the code at this token endpoint with this client, or nowhere: checked
+    // now, before the browser is sent to the provider, and bound into the signed state.
+    let carrying = Carrying::Code {
+        token_endpoint: endpoints.token.as_str(),
+        client_id: &creds.client_id,
+    };
+    if let Err(refusal) = s.bind(&endpoints, &creds, carrying, &endpoints.token) {
+        return s
+            .fail(refused(refusal).on(Some(subject_of(&mi))), Some(&mi))
+            .await;
+    }
     // One nonce per browser, kept while sign-ins go on, so that two tabs do not undo each other.
     let nonce = browser_nonce(&headers)
         .map(str::to_owned)
@@ -664,6 +764,8 @@ async fn start(
             exp: unix(expires),
             b: token::browser_binding(&nonce),
             p: page::prompt_value(prompt).to_owned(),
+            t: endpoints.token.to_string(),
+            c: creds.client_id.clone(),
         },
     );
     let verifier = SecretValue::new(s.inner.signer.derive(PKCE, &id));
@@ -982,10 +1084,51 @@ pub fn account_from_id_token(
             "Verify the address at the provider, or sign in with the mailbox's own account.",
         ));
     }
-    let upn = claims
-        .preferred_username
-        .filter(|u| endpoints.kind == ProviderKind::Microsoft && u.contains('@'));
-    Ok(claims.email.or(upn).map(|e| e.trim().to_owned()))
+    // Microsoft's `email` claim is whatever the account's mail attribute says (mutable, not
+    // verified, set by the account's own directory): its user principal name is in a domain that
+    // directory verified, so it comes first.
+    let account = if endpoints.kind == ProviderKind::Microsoft {
+        claims
+            .preferred_username
+            .filter(|u| u.contains('@'))
+            .or(claims.email)
+    } else {
+        claims.email
+    };
+    Ok(account.map(|e| e.trim().to_owned()))
+}
+
+/// Microsoft's immutable identity of the signed-in account, `<tid>/<oid>`, when the ID token has
+/// both.
+pub fn account_id(grant: &TokenGrant, endpoints: &ProviderEndpoints) -> Option<String> {
+    if endpoints.kind != ProviderKind::Microsoft {
+        return None;
+    }
+    let claims = grant.id_token_claims()?.ok()?;
+    let (tid, oid) = (claims.tid?, claims.oid?);
+    let ok = |s: &str| {
+        !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    (ok(&tid) && ok(&oid))
+        .then(|| format!("{}/{}", tid.to_ascii_lowercase(), oid.to_ascii_lowercase()))
+}
+
+/// A new sign-in must be of the account that the stored grant recorded (`account_id`), when both
+/// are known: an address claim can be given to another account, the object ID cannot.
+pub fn check_account_id(stored: Option<&str>, signed_in: Option<&str>) -> Result<(), Failure> {
+    match (stored, signed_in) {
+        (Some(stored), Some(now)) if stored != now => Err(Failure::new(
+            Reason::AccountMismatch,
+            StatusCode::FORBIDDEN,
+            "Another account signed in",
+            format!(
+                "The mailbox was connected by the account {stored} (directory/object ID); this sign-in is of the account {}, even though it names the same address. Nothing was stored.",
+                failure::clean(now)
+            ),
+            "Sign in with the mailbox's own account. If the account was really replaced, delete the grant Secret (<name>-oauth-grant) first.",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The grant Secret's keys besides the refresh token: the account, the granted scopes, where the
@@ -1132,11 +1275,20 @@ async fn callback(
         Ok(c) => c,
         Err(f) => return s.fail(f, Some(&mi)).await,
     };
+    // Exactly the token endpoint and client that /oauth2/start bound (signed into the state).
+    let carrying = Carrying::Code {
+        token_endpoint: &claims.t,
+        client_id: &claims.c,
+    };
+    let bound = match s.bind(&endpoints, &creds, carrying, &endpoints.token) {
+        Ok(b) => b,
+        Err(refusal) => return s.fail(refused(refusal).on(subject), Some(&mi)).await,
+    };
     let verifier = SecretValue::new(s.inner.signer.derive(PKCE, &claims.id));
     let grant = match s
         .inner
         .oauth
-        .exchange_code(&endpoints, &creds, &code, &verifier, &redirect_url, now)
+        .exchange_code(&bound, &code, &verifier, &redirect_url, now)
         .await
     {
         Ok(g) => g,
@@ -1191,7 +1343,28 @@ async fn callback(
         .clone()
         .unwrap_or_else(|| provider::sign_in_scopes(&mi.spec))
         .join(" ");
-    let extra = grant_record(
+    // The account's immutable identity (Microsoft): a grant of one account is not replaced by a
+    // sign-in of another that claims the same address.
+    let signed_in_id = account_id(&grant, &endpoints);
+    let ns = mi.namespace().unwrap_or_default();
+    let stored_id = match s.inner.backend.secret(&ns, &mi.grant_secret_name()).await {
+        Ok(secret) => secret
+            .filter(|g| observed::grant_belongs_to(g, &mi))
+            .and_then(|g| {
+                g.data
+                    .as_ref()
+                    .and_then(|d| d.get(grant_keys::ACCOUNT_ID))
+                    .and_then(|b| std::str::from_utf8(&b.0).ok().map(|v| v.trim().to_owned()))
+            }),
+        Err(e) => {
+            warn!(error = %e, "reading the grant Secret failed");
+            return s.fail(api_unavailable().on(subject), Some(&mi)).await;
+        }
+    };
+    if let Err(f) = check_account_id(stored_id.as_deref(), signed_in_id.as_deref()) {
+        return s.fail(f.on(subject), Some(&mi)).await;
+    }
+    let mut extra = grant_record(
         &account,
         scopes,
         endpoints.token.as_str(),
@@ -1199,6 +1372,12 @@ async fn callback(
         now,
         grant.refresh_token_expires_at,
     );
+    if let Some(r) = &endpoints.revocation {
+        extra.push((grant_keys::REVOCATION_ENDPOINT, r.to_string()));
+    }
+    if let Some(id) = signed_in_id {
+        extra.push((grant_keys::ACCOUNT_ID, id));
+    }
     if let Err(e) = s.inner.backend.store_grant(&mi, refresh_token, extra).await {
         warn!(error = %e, "storing the grant Secret failed");
         let f = Failure::new(

@@ -114,6 +114,10 @@ pub struct Ticket {
     pub uid: String,
     /// Expiry, Unix seconds.
     pub exp: i64,
+    /// When the link was made, Unix seconds: a sign-in that succeeded at or after it ends the
+    /// link (one-time).
+    #[serde(default)]
+    pub iat: i64,
 }
 
 /// The OAuth `state` of one sign-in attempt.
@@ -130,6 +134,13 @@ pub struct StateClaims {
     pub b: String,
     /// The prompt chosen on the sign-in page (`None`, `Consent`, `SelectAccount`).
     pub p: String,
+    /// The token endpoint `/oauth2/start` bound this sign-in to (the one that belongs to the
+    /// authorization endpoint the browser was sent to): the code is exchanged there or nowhere.
+    #[serde(default)]
+    pub t: String,
+    /// The OAuth client the sign-in was started for.
+    #[serde(default)]
+    pub c: String,
 }
 
 /// The browser binding of a cookie nonce: `BASE64URL(SHA-256("mio-browser\n" nonce))`.
