@@ -14,6 +14,9 @@ mod memory;
 #[path = "trust_boundaries/templates.rs"]
 mod templates;
 
+#[path = "trust_boundaries/credentials.rs"]
+mod credentials;
+
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;
 use std::time::Duration;

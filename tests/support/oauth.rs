@@ -972,7 +972,7 @@ pub async fn post_form_with_timeout(
 }
 
 /// The `action` of the first `<form>` of an HTML page, unescaped.
-fn form_action(html: &str) -> Option<String> {
+pub fn form_action(html: &str) -> Option<String> {
     let form = &html[html.find("<form")?..];
     let form = &form[..form.find('>')?];
     let start = form.find("action=\"")? + "action=\"".len();
