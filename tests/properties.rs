@@ -2169,3 +2169,123 @@ fn only_an_oauth_error_answer_is_permanent() {
         },
     );
 }
+
+/// Keys a client Secret may hold, of every kind: the defaults, an external-secrets style layout,
+/// and the keys Kubernetes Secret types reserve for secret material or hold beside it.
+const KEY_POOL: &[&str] = &[
+    "client_id",
+    "client_secret",
+    "id",
+    "secret",
+    "service-account.json",
+    "tls.crt",
+    "tls.key",
+    "username",
+    "password",
+    "token",
+    "ca.crt",
+    "ssh-privatekey",
+    ".dockerconfigjson",
+];
+
+const SECRET_TYPES: &[&str] = &[
+    "Opaque",
+    "kubernetes.io/tls",
+    "kubernetes.io/basic-auth",
+    "kubernetes.io/ssh-auth",
+    "kubernetes.io/service-account-token",
+    "kubernetes.io/dockerconfigjson",
+    "bootstrap.kubernetes.io/token",
+];
+
+/// Issue 21, point 1: whatever key names a spec asks for and whatever the Secret's annotations and
+/// type say, a client ID is only ever the value of the key its owner declared for it (or the
+/// default `client_id`), never of the client secret's key, the service account's key or a key a
+/// Secret type reserves for secret material; and a key named in the spec is used only when the
+/// Secret declares it.
+#[test]
+fn the_client_id_is_never_a_secret_keys_value() {
+    let key = || prop::sample::select(KEY_POOL.to_vec()).prop_map(str::to_owned);
+    let maybe_key = move || prop::option::of(key());
+    check(
+        "client_keys",
+        (
+            prop::collection::btree_set(key(), 0..KEY_POOL.len()),
+            prop::option::of(prop::sample::select(SECRET_TYPES.to_vec())),
+            (maybe_key(), maybe_key(), maybe_key()),
+            (maybe_key(), maybe_key()),
+        ),
+        |(present, type_, (ann_id, ann_secret, ann_sa), (spec_id, spec_secret))| {
+            // Each key holds a value that names it, so that the key a value came from is known.
+            let data: BTreeMap<String, Vec<u8>> = present
+                .iter()
+                .map(|k| (k.clone(), format!("value-of:{k}").into_bytes()))
+                .collect();
+            let mut secret = secret_of(data, Some("1".into()));
+            secret.type_ = type_.map(str::to_owned);
+            secret.metadata.labels = Some(
+                [(
+                    mail_integration_operator::api::OAUTH_CLIENT_LABEL.to_owned(),
+                    "true".to_owned(),
+                )]
+                .into(),
+            );
+            let annotations: BTreeMap<String, String> = [
+                (observed::CLIENT_ID_KEY_ANNOTATION, &ann_id),
+                (observed::CLIENT_SECRET_KEY_ANNOTATION, &ann_secret),
+                (observed::SERVICE_ACCOUNT_KEY_ANNOTATION, &ann_sa),
+            ]
+            .into_iter()
+            .filter_map(|(a, v)| v.clone().map(|v| (a.to_owned(), v)))
+            .collect();
+            secret.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
+            let r = ClientSecretRef {
+                name: "client".into(),
+                client_id_key: spec_id.clone(),
+                client_secret_key: spec_secret.clone(),
+                service_account_key: None,
+            };
+            let Ok(creds) = observed::client_credentials(&r, Some(&secret)) else {
+                return Ok(());
+            };
+            let id_key = creds
+                .client_id
+                .strip_prefix("value-of:")
+                .expect("a client ID is a value of the Secret")
+                .to_owned();
+            let secret_key = creds
+                .client_secret
+                .expose()
+                .strip_prefix("value-of:")
+                .expect("a client secret is a value of the Secret")
+                .to_owned();
+            let declared_id = ann_id.unwrap_or_else(|| "client_id".into());
+            let declared_secret = ann_secret.unwrap_or_else(|| "client_secret".into());
+            let declared_sa = ann_sa.unwrap_or_else(|| "service-account.json".into());
+            prop_assert_eq!(
+                &id_key,
+                &declared_id,
+                "the ID from a key the owner did not declare"
+            );
+            prop_assert_eq!(&secret_key, &declared_secret);
+            prop_assert_ne!(
+                &id_key,
+                &secret_key,
+                "the client secret used as the client ID"
+            );
+            prop_assert_ne!(&id_key, &declared_sa);
+            prop_assert!(
+                !observed::RESERVED_SECRET_KEYS.contains(&id_key.as_str()),
+                "the client ID read from {}, a key of secret material",
+                id_key
+            );
+            if let Some(k) = &spec_id {
+                prop_assert_eq!(k, &id_key);
+            }
+            if let Some(k) = &spec_secret {
+                prop_assert_eq!(k, &secret_key);
+            }
+            Ok(())
+        },
+    );
+}

@@ -1204,3 +1204,48 @@ fn an_announced_grant_end_is_recorded_and_read_back() {
             .all(|(k, _)| *k != "refresh_token_expires_at")
     );
 }
+
+#[test]
+fn a_microsoft_account_is_its_upn_and_its_object_id_is_kept() {
+    let endpoints = provider::microsoft_endpoints("common").unwrap();
+    // The mail attribute claims the mailbox; the user principal name says who it is.
+    let g = grant(
+        Some("rt"),
+        None,
+        Some(jwt(serde_json::json!({
+            "email": "ceo@contoso.example",
+            "preferred_username": "mallory@fabrikam.example",
+            "tid": "11111111-1111-1111-1111-111111111111",
+            "oid": "AAAAAAAA-0000-0000-0000-000000000001",
+        }))),
+    );
+    assert_eq!(
+        account_from_id_token(&g, &endpoints, "Microsoft")
+            .unwrap()
+            .as_deref(),
+        Some("mallory@fabrikam.example")
+    );
+    let id = account_id(&g, &endpoints).unwrap();
+    assert_eq!(
+        id,
+        "11111111-1111-1111-1111-111111111111/aaaaaaaa-0000-0000-0000-000000000001"
+    );
+    assert!(check_account_id(Some(&id), Some(&id)).is_ok());
+    assert!(check_account_id(None, Some(&id)).is_ok());
+    let err = check_account_id(Some("t/other"), Some(&id)).unwrap_err();
+    assert_eq!(err.reason, Reason::AccountMismatch);
+    // Without a UPN, the address claim; other providers keep theirs; no oid: nothing recorded.
+    let no_upn = grant(
+        Some("rt"),
+        None,
+        Some(jwt(serde_json::json!({"email": "a@contoso.example"}))),
+    );
+    assert_eq!(
+        account_from_id_token(&no_upn, &endpoints, "Microsoft")
+            .unwrap()
+            .as_deref(),
+        Some("a@contoso.example")
+    );
+    assert_eq!(account_id(&no_upn, &endpoints), None);
+    assert_eq!(account_id(&g, &provider::google_endpoints()), None);
+}
