@@ -147,7 +147,8 @@ impl Env {
             "metadata": {
                 "name": name,
                 "labels": {"mailintegration.dev/oauth-client": "true"},
-                "annotations": {"mailintegration.dev/oauth-servers": self.oauth.issuer()},
+                // The issuer, and the server itself (the Microsoft-shaped issuer is not its URL).
+                "annotations": {"mailintegration.dev/oauth-servers": format!("{},{}", self.oauth.issuer(), self.oauth.base_url)},
             },
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
@@ -729,7 +730,16 @@ async fn every_failure_gets_its_page_and_condition_and_stores_no_grant() {
         .await;
     b.wait_text("This sign-in link has expired", Duration::from_secs(10))
         .await;
-    env.wait_failure("inbox", "SignInLinkExpired").await;
+    // An expired link costs a page only: no API read, no report on the resource (issue 21).
+    let after = env.integrations().get("inbox").await.unwrap();
+    assert_eq!(
+        after
+            .status
+            .as_ref()
+            .and_then(|s| s.last_sign_in_failure.as_ref())
+            .map(|f| f.reason.as_str()),
+        Some("SignInStateExpired")
+    );
 
     // A link of a resource that was deleted and created again under the same name.
     env.integration("again", ALICE, "client", None).await;
@@ -1136,7 +1146,7 @@ async fn a_sign_in_during_a_refresh_of_the_old_grant_wins() {
             name: "inbox".into(),
             uid: mi.uid().unwrap(),
             exp: jiff::Timestamp::now().as_second() + 600,
-            iat: 0,
+            iat: jiff::Timestamp::now().as_second(),
         },
     );
     b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))

@@ -5,10 +5,10 @@
 //! - **The client credential** (client secret, certificate assertion, service-account assertion)
 //!   goes only where the client Secret's owner meant: the servers listed in its annotation
 //!   `mailintegration.dev/oauth-servers` (URLs; a destination at or below one, or named by the
-//!   discovery document of an issuer listed there); without the annotation, Google's and
-//!   Microsoft's credentials go only to their own endpoints (any, with `--allow-endpoint-overrides`)
-//!   and an OIDC client's nowhere: whoever may edit a MailIntegration is not who decides where a
-//!   client secret may be sent.
+//!   discovery document of an issuer listed there); besides those, Google's and Microsoft's
+//!   credentials go to their own endpoints (any, with `--allow-endpoint-overrides`), and an OIDC
+//!   client's nowhere: whoever may edit a MailIntegration is not who decides where a client secret
+//!   may be sent.
 //! - **The grant** goes back only to where it was issued: a refresh to the token endpoint, client
 //!   and account recorded with the grant; a revocation to the revocation endpoint recorded with it
 //!   (or, for a grant recorded before that key existed, one on the same server as its token
@@ -223,22 +223,25 @@ fn credential_allows(
         })
     };
     let (name, ns) = (&owner.secret, &owner.namespace);
-    let Some(servers) = &owner.servers else {
-        if endpoints.kind != ProviderKind::Oidc
-            && (allow_overrides || providers_own(endpoints.kind, dest))
-        {
-            return Ok(());
-        }
-        return refuse(format!(
-            "the OAuth client's credentials in Secret {name:?} would be sent to {dest}, but the Secret does not say which servers they may go to (an OIDC client's credentials go only to servers its owner lists on the Secret). If {dest} belongs to this client's OAuth server, whoever may write the Secret runs: kubectl annotate secret {name} -n {ns} {OAUTH_SERVERS_ANNOTATION}={}",
-            suggestion(dest, endpoints)
-        ));
-    };
+    let servers = owner.servers.as_deref().unwrap_or_default();
     let listed_issuer = endpoints.discovered.as_ref().is_some_and(|d| {
         d.urls.contains(dest) && servers.iter().any(|s| same(s.as_str(), &d.issuer_url))
     });
     if listed_issuer || servers.iter().any(|s| under(dest, s)) {
         return Ok(());
+    }
+    // Google's and Microsoft's own endpoints need no list (nor, with --allow-endpoint-overrides,
+    // the admin's choice of others); an OIDC client's credentials go only where its owner says.
+    if endpoints.kind != ProviderKind::Oidc
+        && (allow_overrides || providers_own(endpoints.kind, dest))
+    {
+        return Ok(());
+    }
+    if owner.servers.is_none() {
+        return refuse(format!(
+            "the OAuth client's credentials in Secret {name:?} would be sent to {dest}, but the Secret does not say which servers they may go to (an OIDC client's credentials go only to servers its owner lists on the Secret). If {dest} belongs to this client's OAuth server, whoever may write the Secret runs: kubectl annotate secret {name} -n {ns} {OAUTH_SERVERS_ANNOTATION}={}",
+            suggestion(dest, endpoints)
+        ));
     }
     let list = servers
         .iter()
@@ -330,10 +333,14 @@ fn revocation_allowed(
         }
         return refuse(format!("the grant's issuer revokes at {bound}"));
     }
-    let token = origin
-        .token_endpoint
-        .and_then(|t| Url::parse(t).ok())
-        .unwrap_or_else(|| endpoints.token.clone());
+    // A grant not bound yet (brought by hand, never refreshed) belongs to the spec's token endpoint.
+    let token = match origin.token_endpoint {
+        Some(t) => match Url::parse(t) {
+            Ok(u) => u,
+            Err(_) => return refuse(format!("its recorded token endpoint {t:?} is not a URL")),
+        },
+        None => endpoints.token.clone(),
+    };
     if same_server(dest, &token) {
         return Ok(());
     }

@@ -133,9 +133,11 @@ fn google_credentials_go_to_google_unless_the_admin_allows_overrides() {
     assert!(check(r, g.token.as_str(), &g, &c, grant).is_ok());
     assert!(check(r, "https://evil.example/token", &g, &c, grant).is_err());
     assert!(bind(r, &url("https://evil.example/token"), &g, &c, grant, true).is_ok());
-    // The Secret's own list, when it has one, is the whole list.
+    // The Secret's list adds servers; Google's own stay allowed.
     let listed = creds(Some("https://other.example"));
-    assert!(check(r, g.token.as_str(), &g, &listed, grant).is_err());
+    assert!(check(r, g.token.as_str(), &g, &listed, grant).is_ok());
+    assert!(check(r, "https://other.example/token", &g, &listed, grant).is_ok());
+    assert!(check(r, "https://evil.example/token", &g, &listed, grant).is_err());
 }
 
 #[test]

@@ -72,6 +72,9 @@ pub enum ClientSecretProblem {
         "Secret {name:?} has an annotation {OAUTH_SERVERS_ANNOTATION} that cannot be used ({problem}): list the OAuth servers its credentials may be sent to as comma-separated https URLs"
     )]
     ServersInvalid { name: String, problem: String },
+    /// An OIDC client's Secret does not name the servers its credentials may go to.
+    #[error("{message}")]
+    ServersNotNamed { message: String },
 }
 
 impl ClientSecretProblem {
@@ -91,7 +94,8 @@ impl ClientSecretProblem {
             ClientSecretProblem::DelegationNotAllowed { .. } => Reason::DelegationNotAllowed,
             ClientSecretProblem::TooLarge { .. } => Reason::ClientSecretTooLarge,
             ClientSecretProblem::KeyNotDeclared { .. } => Reason::ClientSecretKeyNotDeclared,
-            ClientSecretProblem::ServersInvalid { .. } => Reason::OAuthServerNotAllowed,
+            ClientSecretProblem::ServersInvalid { .. }
+            | ClientSecretProblem::ServersNotNamed { .. } => Reason::OAuthServerNotAllowed,
         }
     }
 }
@@ -182,6 +186,61 @@ const CERTIFICATE_FIX: &str = "a kubernetes.io/tls Secret holds tls.crt and tls.
 /// `kubernetes.io/tls` Secret it names); with grantType ServiceAccount the key file from the client
 /// Secret.
 pub fn client(
+    spec: &MailIntegrationSpec,
+    client_secret: Option<&Secret>,
+    certificate: Option<&Secret>,
+) -> Result<ClientCredentials, ClientSecretProblem> {
+    let creds = client_as_read(spec, client_secret, certificate)?;
+    if spec.provider == crate::api::ProviderKind::Oidc && creds.owner.servers.is_none() {
+        return Err(ClientSecretProblem::ServersNotNamed {
+            message: servers_not_named(spec, &creds.owner),
+        });
+    }
+    Ok(creds)
+}
+
+/// An OIDC client's Secret must name the servers its credentials may go to (see
+/// [`crate::oauth::binding`]): said before any sign-in link is offered, with the command that lists
+/// what this spec needs (its issuer, whose discovery names the endpoints, and the servers of the
+/// endpoints it names itself).
+fn servers_not_named(spec: &MailIntegrationSpec, owner: &CredentialOwner) -> String {
+    let mut entries: Vec<String> = Vec::new();
+    let issuer = spec
+        .oauth
+        .issuer_url
+        .as_deref()
+        .map(|i| i.trim().trim_end_matches('/').to_owned());
+    entries.extend(issuer.clone());
+    let named = spec
+        .oauth
+        .endpoints
+        .as_ref()
+        .map(|e| [e.token.as_deref(), e.revocation.as_deref()])
+        .unwrap_or_default();
+    for url in named.into_iter().flatten() {
+        let Ok(u) = url::Url::parse(url.trim()) else {
+            continue;
+        };
+        let covered = issuer
+            .as_deref()
+            .and_then(|i| url::Url::parse(i).ok())
+            .is_some_and(|i| crate::oauth::binding::under(&u, &i));
+        let origin = u.origin().ascii_serialization();
+        if !covered && !entries.contains(&origin) {
+            entries.push(origin);
+        }
+    }
+    let name = &owner.secret;
+    format!(
+        "Secret {name:?} holds an OIDC client's credentials but does not say which servers they may be sent to: the operator sends a client secret only to servers its owner lists on the Secret (the MailIntegration's author may not be who decides that). If {} belongs to this client's OAuth server, whoever may write the Secret runs: kubectl annotate secret {name} -n {} {OAUTH_SERVERS_ANNOTATION}={}",
+        crate::web::signin::failure::clean(&entries.join(" and ")),
+        owner.namespace,
+        crate::web::signin::failure::clean(&entries.join(","))
+    )
+}
+
+/// [`client`] before the check that an OIDC client's Secret names its servers.
+fn client_as_read(
     spec: &MailIntegrationSpec,
     client_secret: Option<&Secret>,
     certificate: Option<&Secret>,

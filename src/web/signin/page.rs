@@ -67,11 +67,14 @@ pub fn csp(form_action: &[&str]) -> String {
     )
 }
 
+/// Every page's referrer policy: `same-origin`, so that the sign-in form is posted with the
+/// operator's origin (under `no-referrer` browsers send `Origin: null`, which `/oauth2/start`
+/// refuses) while nothing is sent to another site.
 fn document(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-<meta name=\"referrer\" content=\"no-referrer\">\n<title>{} · Mail Integration</title>\n\
+<meta name=\"referrer\" content=\"same-origin\">\n<title>{} · Mail Integration</title>\n\
 <style>{STYLE}</style>\n</head>\n<body>\n<main>\n{body}</main>\n</body>\n</html>\n",
         escape(title)
     )
