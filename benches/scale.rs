@@ -604,15 +604,24 @@ async fn run(n: usize, raw_limit_writes_per_s: f64) {
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mis: Api<MailIntegration> = Api::namespaced(client.clone(), &ns);
+    let mut client_secret = secret(
+        "client",
+        serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
+        serde_json::json!({"client_id": "bench", "client_secret": "bench-secret"}),
+    );
+    // Where the client's secret may be sent (docs/security.md): the bench's token endpoint.
+    client_secret.metadata.annotations = Some(
+        [(
+            "mailintegration.dev/oauth-servers".to_owned(),
+            url::Url::parse(&endpoint.url)
+                .unwrap()
+                .origin()
+                .ascii_serialization(),
+        )]
+        .into(),
+    );
     secrets
-        .create(
-            &PostParams::default(),
-            &secret(
-                "client",
-                serde_json::json!({"mailintegration.dev/oauth-client": "true"}),
-                serde_json::json!({"client_id": "bench", "client_secret": "bench-secret"}),
-            ),
-        )
+        .create(&PostParams::default(), &client_secret)
         .await
         .unwrap();
     let created = Instant::now();

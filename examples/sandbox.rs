@@ -65,9 +65,14 @@ async fn main() {
     let client = cp.client().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     // Marked for the operator, which reads no other Secret of a namespace (docs/security.md).
+    // The client Secret also names the server its secret may be sent to (the issuer).
     let secret = |name: &str, data: serde_json::Value| -> Secret {
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"mailintegration.dev/oauth-client": "true"}},
+            "metadata": {
+                "name": name,
+                "labels": {"mailintegration.dev/oauth-client": "true"},
+                "annotations": {"mailintegration.dev/oauth-servers": oauth.issuer()},
+            },
             "stringData": data,
         }))
         .unwrap()

@@ -380,7 +380,10 @@ async fn a_client_secret_expiring_within_30_days_warns_and_is_exported() {
             "metadata": {
                 "name": "client",
                 "labels": {"mailintegration.dev/oauth-client": "true"},
-                "annotations": {"mailintegration.dev/client-secret-expires": expires.to_string()},
+                "annotations": {
+                    "mailintegration.dev/client-secret-expires": expires.to_string(),
+                    "mailintegration.dev/oauth-servers": env.oauth_servers(),
+                },
             },
             "stringData": {"client_id": env.server.client_id(), "client_secret": env.server.client_secret()},
         }),
