@@ -622,6 +622,21 @@ async fn revoke_on_delete_revokes_the_grant_and_gives_up_after_a_bounded_time() 
     // A revocation endpoint that never answers delays the deletion only for --revoke-timeout.
     env.grant("stuck", "bob").await;
     let closed = format!("http://127.0.0.1:{}/revoke", support::process::CLOSED_PORT);
+    // The client Secret's owner lists that server (else the binding check refuses it at once).
+    let servers = format!(
+        "{},http://127.0.0.1:{}",
+        env.oauth_servers(),
+        support::process::CLOSED_PORT
+    );
+    let patch = serde_json::json!({"metadata": {"annotations": {"mailintegration.dev/oauth-servers": servers}}});
+    env.secrets()
+        .patch(
+            "client",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
     env.integration_with(
         "stuck",
         "bob@example.test",
