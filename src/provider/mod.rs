@@ -442,6 +442,18 @@ impl ProviderResolver {
         creds: &'a crate::oauth::ClientCredentials,
         carrying: crate::oauth::Carrying<'_>,
     ) -> Result<crate::oauth::Bound<'a>, crate::oauth::binding::Refusal> {
+        // A destination that did not come from `resolve` (a revocation endpoint recorded with a
+        // grant) is held to the same loopback rule.
+        let what = match op {
+            TokenOperation::Revocation => "revocation",
+            TokenOperation::UserInfo => "userinfo",
+            _ => "token",
+        };
+        self.check_loopback(what, dest)
+            .map_err(|class| crate::oauth::binding::Refusal {
+                reason: class.reason(),
+                message: class.message().to_owned(),
+            })?;
         crate::oauth::bind(op, dest, endpoints, creds, carrying, self.allow_overrides)
     }
 
