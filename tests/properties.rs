@@ -1838,6 +1838,7 @@ fn check_pace(
             signing_key: None,
             client_id: "id".into(),
             client_secret: SecretValue::new("client-secret"),
+            owner: Default::default(),
         }),
         client_version: Some("3".into()),
         grant: parse_grant(&grant_data),
