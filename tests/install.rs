@@ -32,6 +32,7 @@ use support::{
     control_plane::{ControlPlane, bin_dir},
     ensure_crd,
     helm::{self, ChartRelease, chart_dir, client_for, helm_output, kubectl_as},
+    operator::Operator,
     unique_namespace,
 };
 
@@ -528,6 +529,168 @@ fn notes_tell_the_callback_url_to_register() {
             && !out.contains("every Secret in the cluster"),
         "{out}"
     );
+}
+
+/// The shell commands of a NOTES text, in order: each line that starts with `kubectl ` (after its
+/// indentation), and a `kubectl ... <<'EOF'` line together with the here-document up to `EOF`.
+fn notes_commands(notes: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut lines = notes.lines();
+    while let Some(line) = lines.next() {
+        let cmd = line.trim_start();
+        if !cmd.starts_with("kubectl ") {
+            continue;
+        }
+        let mut cmd = cmd.to_owned();
+        if let Some((_, word)) = cmd.rsplit_once("<<") {
+            let end = word.trim().trim_matches('\'').to_owned();
+            for body in lines.by_ref() {
+                cmd.push('\n');
+                cmd.push_str(body);
+                if body == end {
+                    break;
+                }
+            }
+            assert!(cmd.ends_with(&format!("\n{end}")), "unterminated: {cmd}");
+        }
+        out.push(cmd);
+    }
+    out
+}
+
+/// A new user follows what `helm install` printed: the NOTES of an installed release (`helm get
+/// notes`, the text `helm install` shows) are read for their commands, and each runs as written, in
+/// a shell, against the API server, in the user's namespace (a kubectl context whose namespace is a
+/// watched one, as the text asks). The only words replaced are the two the text tells the user to
+/// replace (CLIENT_ID and CLIENT_SECRET); the port-forward is not run (no kubelet here: no pod to
+/// forward to). The operator runs as the chart's ServiceAccount with the chart's flags. The
+/// integration must end waiting for its first sign-in (SignInRequired, with a sign-in link the
+/// printed command shows), not refused for an unmarked client Secret (main's NOTES left the label
+/// out: ClientSecretNotMarked).
+#[test]
+fn notes_commands_run_as_written_reach_a_sign_in_link() {
+    let cp = ensure_crd();
+    let user_ns = unique_namespace("notes-user");
+    let rel = ChartRelease::install_in_new_namespace(
+        cp,
+        "notes",
+        &[&format!("watchNamespaces={{{user_ns}}}")],
+    );
+    let notes = helm::helm(cp, &["get", "notes", &rel.release, "-n", &rel.namespace]);
+    let commands = notes_commands(&notes);
+    for want in [
+        "kubectl create secret generic",
+        "kubectl apply -f -",
+        "kubectl get mailintegration",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.starts_with(want)),
+            "the NOTES have no `{want}` command:\n{notes}"
+        );
+    }
+
+    // The user's kubectl: the cluster, with the watched namespace as the context's.
+    let kubeconfig = cp.dir.path().join(format!("kubeconfig-user-{user_ns}"));
+    std::fs::copy(&cp.kubeconfig, &kubeconfig).unwrap();
+    let set_ns = kubectl_as(
+        cp,
+        &kubeconfig,
+        &[
+            "config",
+            "set-context",
+            "--current",
+            &format!("--namespace={user_ns}"),
+        ],
+    );
+    assert!(set_ns.status.success(), "{set_ns:?}");
+
+    // The operator as the chart runs it.
+    let sa_kubeconfig = rel.service_account_kubeconfig();
+    let args: Vec<String> = rel
+        .deployment_args()
+        .into_iter()
+        .filter(|a| {
+            a != "run"
+                && !["--health-addr", "--sign-in-addr", "--public-url"]
+                    .iter()
+                    .any(|f| a.starts_with(f))
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _op = Operator::start_with_env(
+        "notes-operator",
+        &sa_kubeconfig,
+        &args,
+        &rel.operator_env(),
+        cp.dir.path(),
+    );
+
+    let path = format!(
+        "{}:{}",
+        cp.bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sh = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", cmd])
+            .env("PATH", &path)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("sh")
+    };
+    let mut link = String::new();
+    for cmd in &commands {
+        if cmd.contains(" port-forward ") {
+            continue;
+        }
+        let cmd = cmd
+            .replace("CLIENT_ID", "1234567890-notes.apps.googleusercontent.com")
+            .replace("CLIENT_SECRET", "notes-client-secret");
+        // A read is asked again until it answers: the CRD's schema reaches `kubectl explain` a
+        // moment after the CRD, and the sign-in link once the operator has reconciled.
+        let read = cmd.starts_with("kubectl get ") || cmd.starts_with("kubectl explain ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = sh(&cmd);
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let answered = out.status.success() && !stdout.is_empty();
+            if !read || answered || std::time::Instant::now() > deadline {
+                assert!(
+                    out.status.success(),
+                    "`{cmd}` as the NOTES print it failed:\n{stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if cmd.contains("signIn.url") {
+                    link = stdout;
+                }
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    let ready = |field: &str| {
+        cp.kubectl(&[
+            "get",
+            "mailintegration",
+            "support-inbox",
+            "-n",
+            &user_ns,
+            "-o",
+            &format!("jsonpath={{.status.conditions[?(@.type==\"Ready\")].{field}}}"),
+        ])
+    };
+    let reason = ready("reason");
+    assert_eq!(
+        reason,
+        "SignInRequired",
+        "after the NOTES' steps the integration waits for its first sign-in; it says: {}",
+        ready("message")
+    );
+    assert!(
+        link.starts_with("http://127.0.0.1:") && link.contains("/sign-in?"),
+        "the NOTES' command shows the sign-in link: {link:?}"
+    );
+    rel.uninstall();
 }
 
 #[test]
