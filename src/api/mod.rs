@@ -334,16 +334,19 @@ pub struct ClientSecretRef {
     #[x_kube(validation = Rule::new("self != ''").message("clientSecretRef.name must name a Secret in the same namespace"))]
     #[schemars(length(max = 253))]
     pub name: String,
-    /// Key of the client ID (default client_id).
+    /// Key of the client ID (default client_id). Another key is used only when the Secret declares
+    /// it with the annotation mailintegration.dev/client-id-key (set by whoever may write it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub client_id_key: Option<String>,
-    /// Key of the client secret (default client_secret).
+    /// Key of the client secret (default client_secret). Another key is used only when the Secret
+    /// declares it with the annotation mailintegration.dev/client-secret-key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub client_secret_key: Option<String>,
     /// grantType ServiceAccount: key of the service account's JSON key file (default
-    /// service-account.json); the client ID is read from the file.
+    /// service-account.json; another key only when the Secret declares it with the annotation
+    /// mailintegration.dev/service-account-key); the client ID is read from the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub service_account_key: Option<String>,
