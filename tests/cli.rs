@@ -632,15 +632,18 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
     );
     let dir = tempfile::tempdir().unwrap();
     // The chart's alert rules, evaluated by this Prometheus on the real scrape: without the
-    // NotReady delay (15m by default), and with a token-expiry threshold above the tokens' 10
-    // minutes, so that both alerts are due at once for the integrations they concern.
+    // NotReady and SignInRequired delays (15m and 1h by default), and with TokenExpiring due while
+    // a token has less than 100 refresh margins left (its refresh margin is refreshBefore 1m plus
+    // the spread, the tokens live 10 minutes), so that every alert is due at once for the
+    // integrations it concerns.
     let rendered = support::helm::template(
         "mio",
         "ops",
         &[
             "prometheusRule.enabled=true",
             "prometheusRule.notReadyFor=0s",
-            "prometheusRule.tokenExpiryThresholdSeconds=900",
+            "prometheusRule.signInRequiredFor=0s",
+            "prometheusRule.tokenExpiringShare=100",
         ],
     );
     let rule = serde_saphyr::from_multiple::<serde_json::Value>(&rendered)
@@ -789,8 +792,10 @@ async fn the_dashboard_queries_evaluate_against_a_running_operator() {
 
 /// The chart's alerts as Prometheus evaluates them on the running operator's scrape name exactly
 /// the integrations the API server's objects say they should: NotReady those with Ready=False (with
-/// their reason), TokenExpiring those with a token (the threshold is above the tokens' lifetime
-/// here), MailboxCheckFailing those with MailboxConnected=False, ClientSecretExpiringSoon those whose client
+/// their reason) but SignInRequired, SignInRequired those waiting for their first sign-in,
+/// TokenExpiring those with a token and an announced refresh that are not suspended (the share is
+/// above the tokens' lifetime here), MailboxCheckFailing those with MailboxConnected=False,
+/// ClientSecretExpiringSoon those whose client
 /// Secret is annotated to expire within 30 days; OperatorDown stays silent while the
 /// target is up, and every rule evaluates without error. And the series the promtool test of the
 /// alerts feeds (tests/install.rs) carry the label sets this scrape shows.
@@ -837,15 +842,25 @@ where
             "MailIntegrationNotReady",
             names(&|mi| {
                 condition(mi, "Ready")
-                    .filter(|c| c.0 == "False")
+                    .filter(|c| c.0 == "False" && c.1 != "SignInRequired")
                     .map(|c| c.1.to_owned())
+            }),
+        ),
+        (
+            "MailIntegrationSignInRequired",
+            names(&|mi| {
+                condition(mi, "Ready")
+                    .filter(|c| c.0 == "False" && c.1 == "SignInRequired")
+                    .map(|_| String::new())
             }),
         ),
         (
             "MailIntegrationTokenExpiring",
             names(&|mi| {
-                mi.status.as_ref()?.access_token_expires_at.as_ref()?;
-                Some(String::new())
+                let status = mi.status.as_ref()?;
+                status.access_token_expires_at.as_ref()?;
+                status.next_refresh_time.as_ref()?;
+                (mi.spec.suspend != Some(true)).then(String::new)
             }),
         ),
         (
@@ -866,7 +881,7 @@ where
         ("MailIntegrationOperatorDown", vec![]),
     ];
     assert!(
-        expected.iter().take(4).all(|(_, v)| !v.is_empty()),
+        expected.iter().take(5).all(|(_, v)| !v.is_empty()),
         "the test's integrations give every per-object alert something to name: {expected:?}"
     );
 
@@ -925,8 +940,8 @@ where
         .collect();
     assert_eq!(
         evaluated.len(),
-        5,
-        "the chart's five alerts are loaded: {rules}"
+        6,
+        "the chart's six alerts are loaded: {rules}"
     );
     assert!(
         evaluated.iter().all(|(_, health)| health == "ok"),

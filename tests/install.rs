@@ -523,6 +523,13 @@ fn notes_tell_the_callback_url_to_register() {
         out.contains("every Secret in the cluster") && out.contains("watchNamespaces={"),
         "{out}"
     );
+    // A value the chart no longer uses is accepted (helm upgrade --reuse-values) and named.
+    let out = notes(&["prometheusRule.tokenExpiryThresholdSeconds=300"]);
+    assert!(
+        out.contains("WARNING: prometheusRule.tokenExpiryThresholdSeconds is no longer used"),
+        "{out}"
+    );
+    assert!(!notes(&[]).contains("WARNING"));
     let out = notes(&["watchNamespaces={team-a}"]);
     assert!(
         out.contains("It watches MailIntegrations in: team-a")
@@ -2186,6 +2193,7 @@ fn prometheus_alerts_fire_as_documented() {
         &[
             "prometheusRule.enabled=true",
             "prometheusRule.additionalAlertLabels.team=mail",
+            "prometheusRule.signInRequiredFor=20m",
         ],
     ));
     let rule = find(&docs, "PrometheusRule", "mio-mail-integration-operator");
@@ -2209,8 +2217,16 @@ fn prometheus_alerts_fire_as_documented() {
     // second one (b) also serves them from minute 20, as in a leader hand-over.
     // - mail/ok refreshes: its expiry keeps moving ahead of the clock; its mailbox check fails
     //   from minute 11 -> MailboxCheckFailing from 21 m (for: 10m);
-    // - mail/stuck: expiry fixed at 1200 s, never refreshed -> TokenExpiring from 900 s (+1m for:
-    //   16m); Ready=False with reason GrantRevoked all along -> NotReady from 15 m, once, by name;
+    //   Its next refresh is announced 600 s before each expiry.
+    // - mail/stuck: expiry fixed at 1200 s, its refresh due at 600 s and never done -> half of its
+    //   600 s margin is gone at 900 s -> TokenExpiring from 900 s (+1m for: 16m); Ready=False with
+    //   reason GrantRevoked all along -> NotReady (critical) from 15 m, once, by name;
+    // - mail/short: refreshBefore 1m, 10-minute tokens, refreshed on time every 9 minutes: never
+    //   TokenExpiring (a fixed 300 s threshold fired from minute 6 of every cycle);
+    // - mail/paused: suspended, its token long expired and its last announced refresh still
+    //   exported, Ready=False with reason Suspended -> neither TokenExpiring nor NotReady;
+    // - mail/fresh: waits for its first sign-in (SignInRequired) -> not NotReady, but
+    //   SignInRequired (warning) after signInRequiredFor (20m here);
     // - the operator's target is down from minute 10;
     // - mail/ok's client secret expires at 30 days + 600 s: inside the 30-day window after minute
     //   10 -> ClientSecretExpiringSoon from 21 m (for: 10m).
@@ -2226,6 +2242,36 @@ tests:
         values: '3600+60x40'
       - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="stuck",instance="a"}}'
         values: '1200x40'
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="short",instance="a"}}'
+        values: '600x8 1140x8 1680x8 2220x8 2760x4'
+      - series: 'mailintegration_access_token_expiry_timestamp_seconds{{namespace="mail",name="paused",instance="a"}}'
+        values: '100x40'
+      - series: 'mailintegration_next_refresh_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
+        values: '3000+60x40'
+      - series: 'mailintegration_next_refresh_timestamp_seconds{{namespace="mail",name="stuck",instance="a"}}'
+        values: '600x40'
+      - series: 'mailintegration_next_refresh_timestamp_seconds{{namespace="mail",name="short",instance="a"}}'
+        values: '540x8 1080x8 1620x8 2160x8 2700x4'
+      - series: 'mailintegration_next_refresh_timestamp_seconds{{namespace="mail",name="paused",instance="a"}}'
+        values: '40x40'
+      - series: 'mailintegration_suspended{{namespace="mail",name="ok",instance="a"}}'
+        values: '0x40'
+      - series: 'mailintegration_suspended{{namespace="mail",name="stuck",instance="a"}}'
+        values: '0x40'
+      - series: 'mailintegration_suspended{{namespace="mail",name="short",instance="a"}}'
+        values: '0x40'
+      - series: 'mailintegration_suspended{{namespace="mail",name="fresh",instance="a"}}'
+        values: '0x40'
+      - series: 'mailintegration_suspended{{namespace="mail",name="paused",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_status{{namespace="mail",name="paused",condition="False",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_reason_info{{namespace="mail",name="paused",reason="Suspended",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_status{{namespace="mail",name="fresh",condition="False",instance="a"}}'
+        values: '1x40'
+      - series: 'mailintegration_ready_reason_info{{namespace="mail",name="fresh",reason="SignInRequired",instance="a"}}'
+        values: '1x40'
       - series: 'mailintegration_ready_status{{namespace="mail",name="ok",condition="False",instance="a"}}'
         values: '0x40'
       - series: 'mailintegration_ready_reason_info{{namespace="mail",name="ok",reason="Ready",instance="a"}}'
@@ -2245,6 +2291,9 @@ tests:
       - series: 'mailintegration_client_secret_expiry_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
         values: '2592600x40'
     alert_rule_test:
+      - eval_time: 8m
+        alertname: MailIntegrationTokenExpiring
+        exp_alerts: []
       - eval_time: 10m
         alertname: MailIntegrationTokenExpiring
         exp_alerts: []
@@ -2262,7 +2311,7 @@ tests:
       - eval_time: 16m
         alertname: MailIntegrationNotReady
         exp_alerts: &not_ready
-          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: stuck, reason: GrantRevoked}}
+          - exp_labels: {{severity: critical, team: mail, namespace: mail, name: stuck, reason: GrantRevoked}}
             exp_annotations:
               summary: "MailIntegration mail/stuck is not Ready: GrantRevoked"
               description: "Ready=False with reason GrantRevoked. What happened and what to do: kubectl mailint explain GrantRevoked; the full picture: kubectl mailint status -n mail stuck"
@@ -2270,6 +2319,25 @@ tests:
       - eval_time: 30m
         alertname: MailIntegrationNotReady
         exp_alerts: *not_ready
+      - eval_time: 35m
+        alertname: MailIntegrationTokenExpiring
+        exp_alerts:
+          - exp_labels: {{severity: critical, team: mail, namespace: mail, name: stuck}}
+            exp_annotations:
+              summary: "Access token of MailIntegration mail/stuck expires without a successful refresh"
+              description: "The published access token expires in -15m 0s (negative: already expired). Mail workloads using it will fail to authenticate. See: kubectl mailint status -n mail stuck"
+              runbook_url: "{runbooks}/reasons.md#tokenexpired"
+      - eval_time: 19m
+        alertname: MailIntegrationSignInRequired
+        exp_alerts: []
+      - eval_time: 21m
+        alertname: MailIntegrationSignInRequired
+        exp_alerts:
+          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: fresh}}
+            exp_annotations:
+              summary: "MailIntegration mail/fresh waits for its first sign-in"
+              description: "Nobody has signed in yet. Open the link it offers and sign in as the mailbox: kubectl mailint sign-in -n mail fresh"
+              runbook_url: "{runbooks}/reasons.md#signinrequired"
       - eval_time: 20m
         alertname: MailIntegrationMailboxCheckFailing
         exp_alerts: []

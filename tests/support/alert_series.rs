@@ -10,6 +10,11 @@ pub const ALERT_INPUTS: &[(&str, &[&str])] = &[
         &["name", "namespace"],
     ),
     (
+        "mailintegration_next_refresh_timestamp_seconds",
+        &["name", "namespace"],
+    ),
+    ("mailintegration_suspended", &["name", "namespace"]),
+    (
         "mailintegration_ready_status",
         &["condition", "name", "namespace"],
     ),
