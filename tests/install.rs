@@ -700,6 +700,150 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
     rel.uninstall();
 }
 
+/// The conventions of the charts this one is measured against, each rendered: global and chart
+/// imagePullSecrets (names or {name}, each once, the helm test Pod too), commonLabels on every
+/// object the chart makes, deploymentAnnotations and revisionHistoryLimit on the Deployment, a
+/// PodDisruptionBudget by maxUnavailable instead of minAvailable, extraObjects (maps and strings
+/// through tpl), no fixed runAsUser (OpenShift assigns its own), a helm test Pod that no selector
+/// of the chart matches, and `enabled=false` (a parent chart's condition) rendering nothing.
+#[test]
+fn chart_follows_its_anchors_conventions() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        r#"global:
+  imagePullSecrets: [a, {name: b}]
+imagePullSecrets: [{name: a}]
+commonLabels: {team: mail}
+deploymentAnnotations: {reloader.stakater.com/auto: "true"}
+revisionHistoryLimit: 3
+replicaCount: 2
+podDisruptionBudget: {enabled: true, maxUnavailable: 1}
+networkPolicy: {enabled: true}
+extraObjects:
+  - apiVersion: v1
+    kind: ConfigMap
+    metadata: {name: "{{ .Release.Name }}-extra"}
+  - |
+    apiVersion: v1
+    kind: ConfigMap
+    metadata:
+      name: {{ include "mio.fullname" . }}-string
+"#,
+    )
+    .unwrap();
+    let chart = chart_dir();
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "mio",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "ops",
+        ];
+        args.extend_from_slice(extra);
+        helm::helm_offline(&args)
+    };
+    let docs = yaml_docs(&render(&["-f", values.to_str().unwrap()]));
+    let n = "mio-mail-integration-operator";
+    let deploy = find(&docs, "Deployment", n);
+    let pod = find(&docs, "Pod", &format!("{n}-test-readiness"));
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        names(&deploy["spec"]["template"]["spec"]["imagePullSecrets"]),
+        ["a", "b"]
+    );
+    assert_eq!(names(&pod["spec"]["imagePullSecrets"]), ["a", "b"]);
+    for d in &docs {
+        let k = key(d);
+        if k.0 == "CustomResourceDefinition" || k.2.ends_with("-extra") || k.2.ends_with("-string")
+        {
+            continue;
+        }
+        assert_eq!(
+            str_at(d, &["metadata", "labels", "team"]),
+            Some("mail"),
+            "commonLabels on {k:?}"
+        );
+    }
+    assert_eq!(
+        str_at(&deploy["spec"]["template"], &["metadata", "labels", "team"]),
+        Some("mail")
+    );
+    assert_eq!(
+        str_at(
+            deploy,
+            &["metadata", "annotations", "reloader.stakater.com/auto"]
+        ),
+        Some("true")
+    );
+    assert_eq!(deploy["spec"]["revisionHistoryLimit"].as_i64(), Some(3));
+    let pdb = find(&docs, "PodDisruptionBudget", n);
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert!(pdb["spec"].get("minAvailable").is_none(), "{pdb:?}");
+    find(&docs, "ConfigMap", "mio-extra");
+    find(&docs, "ConfigMap", &format!("{n}-string"));
+
+    // No selector of the chart's picks the helm test Pod.
+    let pod_labels = pod["metadata"]["labels"].as_object().unwrap();
+    let selects = |sel: &Value| {
+        sel.as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    let mut selectors = vec![
+        &deploy["spec"]["selector"]["matchLabels"],
+        &pdb["spec"]["selector"]["matchLabels"],
+        &find(&docs, "NetworkPolicy", n)["spec"]["podSelector"]["matchLabels"],
+    ];
+    for d in docs
+        .iter()
+        .filter(|d| str_at(d, &["kind"]) == Some("Service"))
+    {
+        selectors.push(&d["spec"]["selector"]);
+    }
+    assert_eq!(selectors.len(), 5);
+    for sel in selectors {
+        assert!(
+            !selects(sel),
+            "the helm test Pod's labels {pod_labels:?} match the selector {sel:?}"
+        );
+    }
+    // The operator's pods themselves are selected.
+    let op_labels = deploy["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .unwrap();
+    assert!(
+        deploy["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| op_labels.get(k) == Some(v))
+    );
+
+    // Defaults: no fixed uid (the image's user is 65532; OpenShift assigns the namespace's).
+    let defaults = yaml_docs(&render(&[]));
+    let sc = &find(&defaults, "Deployment", n)["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert!(
+        sc.get("runAsUser").is_none() && sc.get("runAsGroup").is_none(),
+        "{sc:?}"
+    );
+    // A parent chart's condition turns the whole chart off.
+    let off = render(&["--set", "enabled=false"]);
+    assert!(yaml_docs(&off).is_empty(), "enabled=false renders:\n{off}");
+}
+
 #[test]
 fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
     let chart = chart_dir();

@@ -31,6 +31,40 @@ app.kubernetes.io/component: operator
 app.kubernetes.io/part-of: mail-integration-operator
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the `helm test` Pod: the chart's, but never the operator pods' selector labels (the
+Services, the PodDisruptionBudget and the NetworkPolicy must not select it). */}}
+{{- define "mio.testLabels" -}}
+app.kubernetes.io/name: {{ include "mio.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: test
+app.kubernetes.io/part-of: mail-integration-operator
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* imagePullSecrets: global.imagePullSecrets (names or {name: ...}, as umbrella charts pass them)
+and imagePullSecrets, each name once. */}}
+{{- define "mio.imagePullSecrets" -}}
+{{- $names := list }}
+{{- range concat ((.Values.global).imagePullSecrets | default list) (.Values.imagePullSecrets | default list) }}
+{{- if kindIs "string" . }}
+{{- $names = append $names . }}
+{{- else }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- end }}
+{{- range $names | uniq }}
+- name: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "mio.serviceAccountName" -}}
