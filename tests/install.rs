@@ -844,6 +844,72 @@ extraObjects:
     assert!(yaml_docs(&off).is_empty(), "enabled=false renders:\n{off}");
 }
 
+/// Every value of values.yaml is in values.schema.json, every object the schema models is closed
+/// (a misspelt key fails `helm install` instead of being ignored; `global` stays open: an umbrella
+/// chart passes its own globals), and every value is in docs/install.md's table: the top-level
+/// keys, and the keys of each object the schema models field by field (Kubernetes types such as
+/// `resources` are documented as a whole).
+#[test]
+fn every_value_is_in_the_schema_and_documented() {
+    let values: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    fn resolve<'a>(root: &'a Value, mut n: &'a Value) -> &'a Value {
+        while let Some(r) = n.get("$ref").and_then(Value::as_str) {
+            n = &root["definitions"][r.rsplit('/').next().unwrap()];
+        }
+        n
+    }
+    fn walk(value: &Value, root: &Value, node: &Value, path: &str, problems: &mut Vec<String>) {
+        let node = resolve(root, node);
+        let Some(props) = node.get("properties").and_then(Value::as_object) else {
+            return;
+        };
+        if path != "global." && node.get("additionalProperties") != Some(&Value::Bool(false)) {
+            problems.push(format!(
+                "{path}: the schema object is open (additionalProperties)"
+            ));
+        }
+        for (k, v) in value.as_object().into_iter().flatten() {
+            match props.get(k) {
+                Some(n) => walk(v, root, n, &format!("{path}{k}."), problems),
+                None => problems.push(format!("{path}{k}: not in values.schema.json")),
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    walk(&values, &schema, &schema, "", &mut problems);
+
+    let doc = std::fs::read_to_string(repo().join("docs/install.md")).unwrap();
+    let table = &doc[doc.find("### Values").unwrap()..doc.find("### One replica").unwrap()];
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| `")).collect();
+    for (k, v) in values.as_object().unwrap() {
+        // The key column of each row that names the value.
+        let keys: String = rows
+            .iter()
+            .map(|r| r.split('|').nth(1).unwrap_or(""))
+            .filter(|key| key.contains(&format!("`{k}`")) || key.contains(&format!("`{k}.")))
+            .collect();
+        if keys.is_empty() {
+            problems.push(format!("{k}: not in docs/install.md's Values table"));
+            continue;
+        }
+        let inline = schema["properties"][k].get("properties").is_some();
+        if inline && k != "global" {
+            for sub in v.as_object().into_iter().flatten().map(|(s, _)| s) {
+                if !keys.contains(&format!("`{k}.{sub}`")) && !keys.contains(&format!("`.{sub}`")) {
+                    problems.push(format!("{k}.{sub}: not in its docs/install.md row"));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
     let chart = chart_dir();
