@@ -839,6 +839,33 @@ extraObjects:
         sc.get("runAsUser").is_none() && sc.get("runAsGroup").is_none(),
         "{sc:?}"
     );
+    // A ServiceMonitor where Prometheus reads them, still scraping the release namespace.
+    let sm_docs = yaml_docs(&render(&[
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "serviceMonitor.namespace=monitoring",
+        "--set",
+        "serviceMonitor.metricRelabelings[0].action=drop",
+        "--set",
+        "serviceMonitor.metricRelabelings[0].regex=mailintegration_api_reads_total",
+        "--set",
+        "serviceMonitor.relabelings[0].targetLabel=cluster",
+        "--set",
+        "serviceMonitor.relabelings[0].replacement=prod",
+    ]));
+    let sm = find(&sm_docs, "ServiceMonitor", n);
+    assert_eq!(str_at(sm, &["metadata", "namespace"]), Some("monitoring"));
+    assert_eq!(
+        sm["spec"]["namespaceSelector"]["matchNames"][0].as_str(),
+        Some("ops")
+    );
+    let ep = &sm["spec"]["endpoints"][0];
+    assert_eq!(ep["metricRelabelings"][0]["action"].as_str(), Some("drop"));
+    assert_eq!(
+        ep["relabelings"][0]["targetLabel"].as_str(),
+        Some("cluster")
+    );
     // A parent chart's condition turns the whole chart off.
     let off = render(&["--set", "enabled=false"]);
     assert!(yaml_docs(&off).is_empty(), "enabled=false renders:\n{off}");
