@@ -62,7 +62,7 @@ fn every_runbook_link_of_the_alerts_lands_on_a_heading() {
         .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
         .map(|l| l.trim_matches('"'))
         .collect();
-    assert_eq!(links.len(), 6, "every alert has a runbook link: {links:?}");
+    assert_eq!(links.len(), 7, "every alert has a runbook link: {links:?}");
     for link in links {
         let rest = link
             .strip_prefix(base)

@@ -2464,6 +2464,8 @@ fn prometheus_alerts_fire_as_documented() {
     //   exported, Ready=False with reason Suspended -> neither TokenExpiring nor NotReady;
     // - mail/fresh: waits for its first sign-in (SignInRequired) -> not NotReady, but
     //   SignInRequired (warning) after signInRequiredFor (20m here);
+    // - mail/ok's grant ends (as Google announced) at 2 days + 600 s: inside the 2-day window
+    //   after minute 10 -> GrantEnding from 21 m (for: 10m); mail/paused's (suspended) never;
     // - the operator's target is down from minute 10;
     // - mail/ok's client secret expires at 30 days + 600 s: inside the 30-day window after minute
     //   10 -> ClientSecretExpiringSoon from 21 m (for: 10m).
@@ -2527,6 +2529,10 @@ tests:
         values: '1x10 0x30'
       - series: 'mailintegration_client_secret_expiry_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
         values: '2592600x40'
+      - series: 'mailintegration_grant_expiry_timestamp_seconds{{namespace="mail",name="ok",instance="a"}}'
+        values: '173400x40'
+      - series: 'mailintegration_grant_expiry_timestamp_seconds{{namespace="mail",name="paused",instance="a"}}'
+        values: '1000x40'
     alert_rule_test:
       - eval_time: 8m
         alertname: MailIntegrationTokenExpiring
@@ -2597,6 +2603,17 @@ tests:
               summary: "The client secret of MailIntegration mail/ok expires soon"
               description: "The client secret expires in 29d 23h 48m 0s (negative: already expired). Create a new one at the provider, put it into the client Secret and update the annotation mailintegration.dev/client-secret-expires."
               runbook_url: "{runbooks}/reasons.md#clientsecretexpiringsoon"
+      - eval_time: 20m
+        alertname: MailIntegrationGrantEnding
+        exp_alerts: []
+      - eval_time: 22m
+        alertname: MailIntegrationGrantEnding
+        exp_alerts:
+          - exp_labels: {{severity: warning, team: mail, namespace: mail, name: ok}}
+            exp_annotations:
+              summary: "The grant of MailIntegration mail/ok ends soon"
+              description: "The provider ends this grant in 1d 23h 48m 0s (negative: already ended): sign in again (kubectl mailint sign-in -n mail ok), or publish a Google app in Testing status and sign in once more."
+              runbook_url: "{runbooks}/reasons.md#testingappgrantexpired"
       - eval_time: 12m
         alertname: MailIntegrationOperatorDown
         exp_alerts: []
@@ -2629,6 +2646,7 @@ tests:
             .collect();
         let served = support::alert_series::ALERT_INPUTS
             .iter()
+            .chain(support::alert_series::ALERT_INPUTS_NOT_SCRAPED)
             .find(|(n, _)| *n == name)
             .unwrap_or_else(|| panic!("{name} is not among the series the operator serves"));
         assert_eq!(
@@ -2639,7 +2657,8 @@ tests:
     }
     assert_eq!(
         used.len(),
-        support::alert_series::ALERT_INPUTS.len(),
+        support::alert_series::ALERT_INPUTS.len()
+            + support::alert_series::ALERT_INPUTS_NOT_SCRAPED.len(),
         "every served series the alerts read has input: {used:?}"
     );
     let test_file = dir.path().join("test.yaml");

@@ -271,7 +271,8 @@ mod tests {
             mi.status = Some(serde_json::from_value(serde_json::json!({
                 "conditions": [{"type": "Ready", "status": status, "reason": reason, "message": "",
                     "lastTransitionTime": "2026-12-01T00:00:00Z"}],
-                "accessTokenExpiresAt": "2026-12-01T01:00:00Z"
+                "accessTokenExpiresAt": "2026-12-01T01:00:00Z",
+                "grantExpiresAt": "2026-12-08T00:00:00Z"
             }))
             .unwrap());
         }
@@ -301,6 +302,7 @@ mod tests {
             r#"mailintegration_ready_status{namespace="team",name="new",condition="Unknown"} 1"#,
             r#"mailintegration_ready_reason_info{namespace="team",name="ok",reason="Refreshed"} 1"#,
             r#"mailintegration_access_token_expiry_timestamp_seconds{namespace="team",name="ok"} 1796086800.0"#,
+            r#"mailintegration_grant_expiry_timestamp_seconds{namespace="team",name="ok"} 1796688000.0"#,
             r#"mailintegration_suspended{namespace="team",name="odd"} 1"#,
             r#"mailintegration_suspended{namespace="team",name="ok"} 0"#,
             r#"mailintegration_integrations{status="True"} 1"#,

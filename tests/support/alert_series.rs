@@ -32,6 +32,15 @@ pub const ALERT_INPUTS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Series the alerts read that the scrape of tests/cli.rs cannot show: the grant's announced end
+/// exists only for Google apps in Testing status. Served by the same loop as
+/// `mailintegration_access_token_expiry_timestamp_seconds` (TIME_GAUGES in src/metrics/objects.rs,
+/// whose unit test shows its series), so with its labels.
+pub const ALERT_INPUTS_NOT_SCRAPED: &[(&str, &[&str])] = &[(
+    "mailintegration_grant_expiry_timestamp_seconds",
+    &["name", "namespace"],
+)];
+
 /// The metric name and sorted label names of one series in the exposition (or promtool) format,
 /// e.g. `up{job="a",namespace="b"} 1` gives `("up", ["job", "namespace"])`. Label values may hold
 /// escaped quotes; `None` for comments and blank lines.
