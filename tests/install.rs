@@ -6,6 +6,8 @@
 //! and the Dockerfile lint. Against the real test control plane; the Deployment is stored but never
 //! runs (no kubelet), so nothing here waits for pods.
 
+#[path = "install/chart_readme.rs"]
+mod chart_readme;
 #[path = "install/docker_context.rs"]
 mod docker_context;
 mod support;
