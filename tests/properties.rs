@@ -2025,7 +2025,7 @@ fn generated_templates_render_with_bounded_memory() {
                 ..Default::default()
             };
             let started = Instant::now();
-            let result = runtime.block_on(renderer.render(&t, &fields));
+            let result = runtime.block_on(renderer.render("properties", &t, &fields));
             let took = started.elapsed();
             prop_assert!(
                 took < sandbox::DEADLINE + Duration::from_secs(2),
@@ -2086,14 +2086,16 @@ fn the_known_memory_bombs_are_refused_naming_the_key_and_the_limit() {
         };
         let started = Instant::now();
         let e = runtime
-            .block_on(renderer.render(&t, &TokenFields::placeholders()))
+            .block_on(renderer.render("properties", &t, &TokenFields::placeholders()))
             .expect_err(bomb);
         assert!(
             e.starts_with("spec.tokenSecret.template.data[\"bomb\"]") && e.contains(&limit()),
             "{bomb}: {e}"
         );
         assert!(started.elapsed() < Duration::from_secs(3), "{bomb}");
-        let e = runtime.block_on(renderer.check(&t)).expect_err(bomb);
+        let e = runtime
+            .block_on(renderer.check("properties", &t))
+            .expect_err(bomb);
         assert!(e.contains("data[\"bomb\"]"), "{bomb}: {e}");
     }
     let fine = api::TokenSecretTemplate {
@@ -2105,7 +2107,7 @@ fn the_known_memory_bombs_are_refused_naming_the_key_and_the_limit() {
         ..Default::default()
     };
     let out = runtime
-        .block_on(renderer.render(&fine, &TokenFields::placeholders()))
+        .block_on(renderer.render("properties", &fine, &TokenFields::placeholders()))
         .unwrap();
     assert_eq!(out["user"].expose(), "mailbox@example.com:993");
 }

@@ -396,7 +396,10 @@ async fn template_refused(
             if super::template::digest::template_known_good(t, recorded) {
                 return None;
             }
-            ctx.renderer.check(t).await.err()?
+            ctx.renderer
+                .check(&mi.namespace().unwrap_or_default(), t)
+                .await
+                .err()?
         }
     };
     ctx.set_backoff(&mi.uid().unwrap_or_default(), None);

@@ -132,7 +132,13 @@ pub async fn render_template(
         return Err(refused);
     }
     let (_, fields) = standard(mi, token);
-    renderer.render(t, &fields).await
+    renderer
+        .render(
+            mi.metadata.namespace.as_deref().unwrap_or_default(),
+            t,
+            &fields,
+        )
+        .await
 }
 
 /// Write the token Secret. `current` is the token Secret as read, which must be this integration's

@@ -12,16 +12,20 @@
 //!
 //! The child: address space [`MEMORY_LIMIT`] (`RLIMIT_AS`), CPU time [`CPU_SECONDS`], no core
 //! dump, an empty environment, stdin/stdout pipes only (stderr discarded: a message could quote a
-//! value). The parent: at most [`CONCURRENT`] children at once, each killed after [`DEADLINE`],
-//! its output read up to [`MAX_OUTPUT`].
+//! value). The parent: at most [`CONCURRENT`] children at once, of which one namespace's
+//! integrations hold at most [`PER_NAMESPACE`] (a namespace whose templates run into the deadline
+//! does not make the others' renders wait: see [`crate::reconcile::share::NamespaceQueue`]), each
+//! killed after [`DEADLINE`], its output read up to [`MAX_OUTPUT`].
 //!
 //! Protocol: the parent writes one JSON [`Request`]; the child answers JSON lines: a
 //! [`Line::Key`] before each key it renders (so that a child killed at a limit is reported with
 //! the key it was rendering), then one [`Line::Done`] or [`Line::Failed`].
 
 use super::{Rendered, TokenFields, render_in_process};
+use crate::reconcile::share::NamespaceQueue;
 use crate::{api::TokenSecretTemplate, secret::SecretValue};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -30,10 +34,7 @@ use std::{
     process::{ExitStatus, Stdio},
     time::Duration,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    sync::Semaphore,
-};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The hidden first argument that makes the binary a renderer child.
 pub const SUBCOMMAND: &str = "__render-template";
@@ -49,6 +50,8 @@ pub const DEADLINE: Duration = Duration::from_secs(3);
 /// Children at once: a render takes a few milliseconds, and each child counts towards the pod's
 /// memory (its start, about 20 MiB, plus at most [`MEMORY_LIMIT`]).
 pub const CONCURRENT: usize = 2;
+/// Children one namespace's integrations may run at once (half of [`CONCURRENT`]).
+pub const PER_NAMESPACE: usize = 1;
 /// The most the child reads: the CRD allows 32 templates of 16 KiB, plus the fields.
 const MAX_INPUT: u64 = 2 * 1024 * 1024;
 /// The most the parent reads: the rendered keys (at most 512 KiB) JSON-escaped, and the key lines.
@@ -75,7 +78,7 @@ enum Line {
 #[derive(Debug)]
 pub struct Renderer {
     exe: PathBuf,
-    permits: Semaphore,
+    permits: Arc<NamespaceQueue>,
 }
 
 impl Renderer {
@@ -83,7 +86,7 @@ impl Renderer {
     pub fn new(exe: impl Into<PathBuf>) -> Self {
         Renderer {
             exe: exe.into(),
-            permits: Semaphore::new(CONCURRENT),
+            permits: NamespaceQueue::new(CONCURRENT, PER_NAMESPACE),
         }
     }
 
@@ -93,24 +96,26 @@ impl Renderer {
         Self::new("/proc/self/exe")
     }
 
-    /// Whether `t` renders with placeholder values: `Err` says which key and why (a detailed
-    /// message is safe: no real value is involved).
-    pub async fn check(&self, t: &TokenSecretTemplate) -> Result<(), String> {
-        self.run(&t.data, None).await.map(|_| ())
+    /// Whether `t` (of an integration in `namespace`) renders with placeholder values: `Err` says
+    /// which key and why (a detailed message is safe: no real value is involved).
+    pub async fn check(&self, namespace: &str, t: &TokenSecretTemplate) -> Result<(), String> {
+        self.run(namespace, &t.data, None).await.map(|_| ())
     }
 
     /// The rendered keys of the token Secret: `t` is checked with placeholders first (for a
     /// detailed message), then rendered with `fields` (a failure said by kind and line only).
     pub async fn render(
         &self,
+        namespace: &str,
         t: &TokenSecretTemplate,
         fields: &TokenFields,
     ) -> Result<Rendered, String> {
-        self.run(&t.data, Some(fields)).await
+        self.run(namespace, &t.data, Some(fields)).await
     }
 
     async fn run(
         &self,
+        namespace: &str,
         data: &BTreeMap<String, String>,
         fields: Option<&TokenFields>,
     ) -> Result<Rendered, String> {
@@ -122,7 +127,7 @@ impl Renderer {
             "rendering spec.tokenSecret.template in a child process"
         );
         let _permit =
-            self.permits.acquire().await.map_err(|_| {
+            self.permits.acquire(namespace).await.ok_or_else(|| {
                 "spec.tokenSecret.template: the renderer is shutting down".to_owned()
             })?;
         let input = serde_json::to_vec(&Request {
@@ -357,6 +362,50 @@ mod tests {
             e.starts_with("spec.tokenSecret.template: the renderer failed"),
             "{e}"
         );
+    }
+
+    /// A namespace whose templates run until the deadline holds one child at a time: another
+    /// namespace's render does not wait for them (on main both children were the slow namespace's,
+    /// and the other's render waited the deadline out).
+    #[tokio::test]
+    async fn a_namespace_of_slow_templates_leaves_a_child_for_the_others() {
+        let dir = std::env::temp_dir().join(format!("mio-renderer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("renderer.sh");
+        // A stand-in renderer: a request naming "slow" never answers; any other is rendered empty.
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nif grep -q slow; then exec sleep 30; fi\necho '{\"Done\":{}}'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let renderer = Arc::new(Renderer::new(&exe));
+        let template = |v: &str| TokenSecretTemplate {
+            data: [("k".to_owned(), v.to_owned())].into(),
+            ..Default::default()
+        };
+        let slow: Vec<_> = (0..CONCURRENT)
+            .map(|_| {
+                let renderer = renderer.clone();
+                let t = template("slow");
+                tokio::spawn(async move { renderer.check("hog", &t).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let other = renderer.check("other", &template("fast")).await;
+        let took = started.elapsed();
+        assert_eq!(other, Ok(()));
+        assert!(
+            took < DEADLINE.saturating_sub(Duration::from_secs(1)),
+            "another namespace's render waited {took:?} behind the slow namespace's"
+        );
+        for s in slow {
+            let e = s.await.unwrap().unwrap_err();
+            assert!(e.contains("longer than"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
