@@ -157,7 +157,19 @@ pub async fn write_token_secret(
     let rendered = render_template(mi, token, renderer)
         .await
         .map_err(TokenSecretError::Template)?;
-    let mut secret = token_secret(mi, token, rendered).map_err(TokenSecretError::Template)?;
+    let secret = token_secret(mi, token, rendered).map_err(TokenSecretError::Template)?;
+    write_rendered(mi, api, current, secret, metrics).await
+}
+
+/// Write `secret`, the token Secret as [`token_secret`] built it, over `current` (see
+/// [`write_token_secret`]).
+async fn write_rendered(
+    mi: &MailIntegration,
+    api: &Api<Secret>,
+    current: Option<&Secret>,
+    mut secret: Secret,
+    metrics: &Metrics,
+) -> Result<Option<String>, TokenSecretError> {
     let written = match current {
         None => {
             api.create(
@@ -249,7 +261,8 @@ pub async fn sync_template(
     {
         return Ok(None);
     }
-    let version = write_token_secret(mi, api, Some(current), &token, metrics, renderer).await?;
+    // What was rendered is written: the template is not rendered a second time for the write.
+    let version = write_rendered(mi, api, Some(current), desired, metrics).await?;
     Ok(Some(version))
 }
 
