@@ -18,7 +18,9 @@ use support::{
     dovecot::{Dovecot, DovecotConfig},
     keys::TestKey,
     provider_standin::{Flavour, ProviderStandIn},
-    world::{Env, assert_no_secrets_in_logs_or_events, condition, is_ready, tail},
+    world::{
+        Env, assert_no_secrets_in_logs_or_events, condition, condition_message, is_ready, tail,
+    },
 };
 
 const SERVICE_ACCOUNT: &str = "mailer@mio-test.iam.gserviceaccount.com";
@@ -97,14 +99,6 @@ fn delegated(
             "caSecretRef": {"name": "mail-ca"},
         },
     })
-}
-
-fn message(mi: &mail_integration_operator::api::MailIntegration, t: &str) -> String {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
 }
 
 async fn world(prefix: &str, ca_pem: &[u8]) -> (Env, support::operator::Operator) {
@@ -310,7 +304,7 @@ async fn delegation_setup_failures_are_refused_and_explained() {
             "{name}"
         );
         assert!(mi.status.as_ref().unwrap().sign_in.is_none(), "{name}");
-        let m = message(&mi, "Ready");
+        let m = condition_message(&mi, "Ready");
         for w in *words {
             assert!(m.contains(w), "{name}: {w:?} missing from: {m}");
         }

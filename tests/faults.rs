@@ -21,7 +21,7 @@ use support::{
     fault_proxy::Fault,
     oauth::OAuthServer,
     operator::Operator,
-    world::{Env, condition, is_ready, tail},
+    world::{Env, condition, condition_message, is_ready, tail},
 };
 
 /// Access tokens that live 10 minutes: refreshes happen when a test asks for one.
@@ -369,15 +369,7 @@ async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() 
             |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "GrantSecretImmutable"),
         )
         .await;
-    let message = &mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let message = condition_message(&mi, "Ready");
     assert!(
         message.contains("immutable") && message.contains("sign in again"),
         "{message}"
@@ -508,14 +500,6 @@ fn twenty_second_server() -> &'static OAuthServer {
     support::oauth::with_token_ttl(20)
 }
 
-fn ready_message(mi: &MailIntegration) -> String {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
 /// Hold the provider's answer to the next token request back from the operator (the provider
 /// has answered: the refresh token is rotated), run `trigger` (what makes the operator refresh, if
 /// anything) and, once an answer is held, `then` (an API fault); then let the answer through.
@@ -598,7 +582,7 @@ async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not
         )
         .await;
     let reported_after = killed_at.elapsed();
-    let message = ready_message(&mi);
+    let message = condition_message(&mi, "Ready");
     let holder_process = holder.split(' ').next().unwrap();
     assert!(
         message.contains(holder_process) && message.contains("sign in again"),
@@ -696,7 +680,7 @@ async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
             |mi| condition(mi, "Ready") == Some(("False", "GrantNotStored")),
         )
         .await;
-    let message = ready_message(&mi);
+    let message = condition_message(&mi, "Ready");
     assert!(
         message.contains("held only in this operator's memory") && message.contains("etcdserver"),
         "{message}"

@@ -28,7 +28,8 @@ use support::{
     keys::TestKey,
     oauth::{ClientConfig, OAuthServer, OAuthServerConfig},
     world::{
-        Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, is_ready, tail,
+        Env, annotate_refresh, assert_no_secrets_in_logs_or_events, condition, condition_message,
+        is_ready, tail,
     },
 };
 
@@ -354,12 +355,7 @@ async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
             |mi| condition(mi, "Ready") == Some(("False", "AccountMismatch")),
         )
         .await;
-    let message = mi
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let message = condition_message(&mi, "Ready");
     assert!(
         message.contains("alice@example.test") && message.contains("bob@example.test"),
         "{message}"

@@ -21,7 +21,7 @@ use support::{
     fault_proxy::{Fault, FaultProxy},
     operator::Operator,
     provider_standin::{Flavour, ProviderStandIn},
-    world::{Env, condition, mail_integration, tail},
+    world::{Env, condition, condition_message, mail_integration, tail},
 };
 
 const CLIENT_SECRET: &str = "provider-test-client-secret-5b7c1e";
@@ -344,14 +344,6 @@ async fn put_grant(env: &Env, name: &str, refresh_token: &str, issued_days_ago: 
     env.put_secret(&format!("{name}-oauth-grant"), &pairs).await;
 }
 
-fn message(mi: &MailIntegration, t: &str) -> String {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
 /// Drive every case through one operator; check conditions, fix text, sign-in link and calls.
 async fn drive(flavour: Flavour, cases: Vec<Case>) {
     let env = Env::new(
@@ -426,7 +418,7 @@ async fn drive(flavour: Flavour, cases: Vec<Case>) {
             case.name,
             mi.status
         );
-        let msg = message(&mi, t);
+        let msg = condition_message(&mi, t);
         for words in case.fix {
             assert!(
                 msg.contains(words),

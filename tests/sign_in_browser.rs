@@ -24,6 +24,7 @@ use support::{
     operator::Operator,
     process::reserve_port,
     unique_namespace,
+    world::{condition, condition_message},
 };
 
 const CONNECTED: &str = "Your Mail Integration is connected to the mailbox";
@@ -401,15 +402,6 @@ fn start_operator_with(
     Operator::start(name, &cp.kubeconfig, &args, log_dir)
 }
 
-fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a str)> {
-    mi.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.as_str(), c.reason.as_str()))
-}
-
 fn param(url: &url::Url, name: &str) -> Option<String> {
     url.query_pairs()
         .find(|(k, _)| k == name)
@@ -486,18 +478,8 @@ async fn each_prompt_choice_signs_in_and_the_resource_goes_ready() {
     let mi = env
         .wait_failure("silent-new-client", "ConsentRequired")
         .await;
-    let authorized = mi
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Authorized")
-        .unwrap();
-    assert!(
-        authorized.message.contains("Consent"),
-        "{}",
-        authorized.message
-    );
+    let authorized = condition_message(&mi, "Authorized");
+    assert!(authorized.contains("Consent"), "{authorized}");
     env.no_grant("silent-new-client").await;
 
     // 3. "Select account": the provider asks which account (its login form), then back.

@@ -17,7 +17,7 @@ use support::{
     operator::Operator,
     world::{
         Env, annotate_refresh, assert_no_forbidden_calls, assert_no_secrets_in_logs_or_events,
-        condition, is_ready, tail,
+        condition, condition_message, is_ready, tail,
     },
 };
 
@@ -374,15 +374,7 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
             |m| condition(m, "Ready") == Some(("False", "ClientSecretNotFound")),
         )
         .await;
-    let msg = &mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let msg = condition_message(&mi, "Ready");
     assert!(
         msg.contains("\"client\"") && msg.contains("does not exist"),
         "{msg}"
@@ -399,15 +391,7 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
             |m| condition(m, "Ready") == Some(("False", "ClientSecretKeyMissing")),
         )
         .await;
-    let msg = &mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let msg = condition_message(&mi, "Ready");
     assert!(msg.contains("has no key \"client_secret\""), "{msg}");
 
     env.put_secret(
@@ -893,15 +877,7 @@ async fn a_refresh_token_of_another_account_is_refused_with_account_mismatch() {
         .await;
     assert_eq!(condition(&mi, "Ready").map(|c| c.0), Some("False"));
     assert_eq!(condition(&mi, "Stalled"), Some(("True", "AccountMismatch")));
-    let message = &mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Authorized")
-        .unwrap()
-        .message;
+    let message = condition_message(&mi, "Authorized");
     assert!(
         message.contains("bob@example.test") && message.contains("alice@example.test"),
         "{message}"
@@ -988,16 +964,7 @@ async fn the_token_secret_template_renders_config_files_and_refuses_broken_ones(
             |mi| condition(mi, "Ready").is_some_and(|c| c.1 == "TokenTemplateInvalid"),
         )
         .await;
-    let message = mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message
-        .clone();
+    let message = condition_message(&mi, "Ready");
     assert!(
         message.contains("leak") && message.contains("undefined"),
         "{message}"

@@ -18,7 +18,6 @@ mod templates;
 mod credentials;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use mail_integration_operator::api::MailIntegration;
 use std::time::Duration;
 use support::{
     fault_proxy::Fault,
@@ -33,13 +32,8 @@ fn server() -> &'static OAuthServer {
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn message<'a>(mi: &'a MailIntegration, t: &str) -> &'a str {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-        .map(|c| c.message.as_str())
-        .unwrap_or_default()
-}
+/// (The modules of this binary import it under this name.)
+use support::world::condition_message as message;
 
 /// The API server refuses to create `spec` (CEL), with a message containing `expect`.
 async fn assert_refused(env: &Env, name: &str, spec: serde_json::Value, expect: &str) {

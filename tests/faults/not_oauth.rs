@@ -22,14 +22,6 @@ fn page(status: u16, body: &str, headers: &[(&str, &str)]) -> Fault {
     }
 }
 
-fn message_of(mi: &MailIntegration, t: &str) -> String {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
 /// Wait until the token endpoint has answered `n` requests with the fault in all.
 async fn wait_faulted(env: &Env, n: u64, timeout: Duration, op: &Operator, what: &str) {
     let deadline = Instant::now() + timeout;
@@ -98,11 +90,11 @@ async fn pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant() {
             &op,
             |mi| {
                 condition(mi, "Ready") == Some(("False", "NotAnOAuthAnswer"))
-                    && message_of(mi, "Ready").contains("HTTP 404")
+                    && condition_message(mi, "Ready").contains("HTTP 404")
             },
         )
         .await;
-    let said = message_of(&mi, "Ready");
+    let said = condition_message(&mi, "Ready");
     assert!(
         said.contains("HTTP 404 with an HTML body")
             && said.contains("an ingress or proxy answered, not the OAuth server"),
@@ -193,7 +185,7 @@ async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
             |mi| condition(mi, "Reconciling") == Some(("True", "GrantMarkConflict")),
         )
         .await;
-    let said = message_of(&mi, "Reconciling");
+    let said = condition_message(&mi, "Reconciling");
     assert!(
         said.contains("409") && said.contains("nothing was sent to the provider"),
         "{said}"
@@ -260,7 +252,7 @@ async fn a_mark_write_slower_than_its_budget_presents_nothing() {
             |mi| condition(mi, "Reconciling") == Some(("True", "GrantWriteFailed")),
         )
         .await;
-    let said = message_of(&mi, "Reconciling");
+    let said = condition_message(&mi, "Reconciling");
     assert!(said.contains("longer than the 10s"), "{said}");
     // The held write lands late: nothing is presented under it.
     held.release();

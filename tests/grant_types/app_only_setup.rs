@@ -69,15 +69,6 @@ async fn tls_secret(env: &Env, name: &str, key: &TestKey) {
     .await;
 }
 
-/// The message of condition `t`.
-fn message(mi: &kube_mi::MailIntegration, t: &str) -> String {
-    mi.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mailbox_only() {
     let dovecot = dovecot();
@@ -148,7 +139,7 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
             |mi| condition(mi, "MailboxConnected") == Some(("False", "AppMailboxAccessMissing")),
         )
         .await;
-    let m = message(&mi, "MailboxConnected");
+    let m = condition_message(&mi, "MailboxConnected");
     for words in [
         "New-ServicePrincipal -AppId",
         "Enterprise Application",
@@ -356,7 +347,7 @@ async fn microsoft_app_only_setup_steps_that_are_missing_are_named() {
             })
             .await;
         assert_eq!(condition(&mi, "Stalled"), Some(("True", reason)));
-        let m = message(&mi, "Ready");
+        let m = condition_message(&mi, "Ready");
         for w in words {
             assert!(m.contains(w), "{reason}: {w:?} missing from: {m}");
         }
@@ -403,7 +394,7 @@ async fn a_client_secret_expiring_within_30_days_warns_and_is_exported() {
         condition(&mi, "ClientSecretExpiringSoon"),
         Some(("True", "ClientSecretExpiringSoon"))
     );
-    let m = message(&mi, "ClientSecretExpiringSoon");
+    let m = condition_message(&mi, "ClientSecretExpiringSoon");
     assert!(m.contains("in 9 days") || m.contains("in 10 days"), "{m}");
     assert_eq!(
         mi.status

@@ -368,6 +368,14 @@ pub fn condition<'a>(mi: &'a MailIntegration, t: &str) -> Option<(&'a str, &'a s
         .map(|c| (c.status.as_str(), c.reason.as_str()))
 }
 
+/// The message of condition `t` of `mi` ("" when it has none).
+pub fn condition_message<'a>(mi: &'a MailIntegration, t: &str) -> &'a str {
+    mi.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+        .map_or("", |c| c.message.as_str())
+}
+
 pub fn is_ready(mi: &MailIntegration) -> bool {
     condition(mi, "Ready").is_some_and(|c| c.0 == "True")
 }

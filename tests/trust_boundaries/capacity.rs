@@ -7,7 +7,7 @@ use super::support::{
     control_plane::ControlPlane,
     fault_proxy::Fault,
     operator::Operator,
-    world::{Env, annotate_refresh, condition, is_ready},
+    world::{Env, annotate_refresh, condition, condition_message, is_ready},
 };
 use std::{
     sync::OnceLock,
@@ -76,15 +76,7 @@ async fn a_zero_token_lifetime_gets_one_request_per_interval_and_others_refresh_
         Some("zero-lifetime-token"),
         "the token is published all the same"
     );
-    let msg = &mi
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let msg = condition_message(&mi, "Ready");
     assert!(msg.contains("every 30s"), "{msg}");
 
     // 35 s from the first request: the first one and the one 30 s later, no more.
