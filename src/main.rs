@@ -123,8 +123,10 @@ struct RunArgs {
     #[arg(long, env = "MIO_SIGN_IN_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
     sign_in_link_ttl: std::time::Duration,
     /// Mail hosts the mailbox check may connect to, besides the providers' own (imap.gmail.com,
-    /// outlook.office365.com, ...) and loopback: host names, `*.example.com` patterns or IP
-    /// addresses, comma-separated. The check sends a live access token: it goes nowhere else.
+    /// outlook.office365.com, ...): host names, `*.example.com` patterns, IP addresses or networks
+    /// (`10.20.0.0/16`), comma-separated. A listed name that resolves to a loopback, link-local,
+    /// private or other special address is refused unless that address or its network is listed
+    /// too. The check sends a live access token: it goes nowhere else.
     #[arg(long, env = "MIO_MAILBOX_ALLOWED_HOSTS", value_delimiter = ',')]
     mailbox_allowed_hosts: Vec<String>,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
