@@ -39,7 +39,10 @@ pub struct AllowedHosts {
 /// Whether `ip` is an address a name on the list may not lead to unless the list names it:
 /// loopback, unspecified, link-local (169.254.0.0/16 holds the cloud metadata address), private
 /// (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10), multicast, broadcast, documentation
-/// and reserved ranges.
+/// and reserved ranges; an IPv6 address that carries such an IPv4 address for a translator or a
+/// tunnel to reach (NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, IPv4-compatible `::/96`), and the
+/// prefixes whose IPv4 address is local or hidden (NAT64 local-use `64:ff9b:1::/48`, Teredo
+/// `2001::/32`).
 pub fn is_special(ip: IpAddr) -> bool {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
@@ -57,14 +60,30 @@ pub fn is_special(ip: IpAddr) -> bool {
                 || a >= 240
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_loopback()
+            let s = v6.segments();
+            let first = s[0];
+            embedded_v4(v6).is_some_and(|v4| is_special(IpAddr::V4(v4)))
+                || (first == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                || (first == 0x2001 && s[1] == 0)
+                || v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
                 || first == 0x2001 && v6.segments()[1] == 0x0db8
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address hands to a NAT64 translator (`64:ff9b::/96`), a 6to4 relay
+/// (`2002::/16`) or the deprecated IPv4-compatible form (`::/96`).
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    use std::net::Ipv4Addr;
+    match v6.octets() {
+        [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d]
+        | [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d] => Some(Ipv4Addr::new(a, b, c, d)),
+        [0x20, 0x02, a, b, c, d, ..] => Some(Ipv4Addr::new(a, b, c, d)),
+        _ => None,
     }
 }
 
@@ -214,7 +233,12 @@ mod tests {
     #[test]
     fn resolved_addresses_must_be_public_unless_the_list_names_them() {
         let a = AllowedHosts::with_defaults(["mail.example.com", "10.20.0.0/16", "192.168.1.5"]);
-        for public in ["142.250.1.108", "2a00:1450:4001:c02::6c"] {
+        for public in [
+            "142.250.1.108",
+            "2a00:1450:4001:c02::6c",
+            "64:ff9b::8efa:16c",
+            "2002:8efa:16c::1",
+        ] {
             assert!(a.allows_address(public.parse().unwrap()), "{public}");
         }
         for special in [
@@ -232,6 +256,16 @@ mod tests {
             "fd00::1",
             "::",
             "224.0.0.1",
+            // IPv4 addresses that a translator or tunnel would reach for the name.
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::a00:1",
+            "64:ff9b::7f00:1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::1",
+            "::a9fe:a9fe",
+            "::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(!a.allows_address(special.parse().unwrap()), "{special}");
         }
