@@ -868,6 +868,70 @@ extraObjects:
         ep["relabelings"][0]["targetLabel"].as_str(),
         Some("cluster")
     );
+    // Egress rules make the NetworkPolicy an egress one too; an HTTPRoute through a Gateway
+    // exposes the sign-in Service and sets the public URL.
+    let more = yaml_docs(&render(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.egress[0].ports[0].port=443",
+        "--set",
+        "httpRoute.enabled=true",
+        "--set",
+        "httpRoute.parentRefs[0].name=public",
+        "--set",
+        "httpRoute.hostnames[0]=mail.example.org",
+    ]));
+    let np = find(&more, "NetworkPolicy", n);
+    assert_eq!(
+        np["spec"]["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    assert_eq!(
+        np["spec"]["egress"][0]["ports"][0]["port"].as_i64(),
+        Some(443)
+    );
+    let np_default = find(
+        &yaml_docs(&render(&["--set", "networkPolicy.enabled=true"])),
+        "NetworkPolicy",
+        n,
+    )
+    .clone();
+    assert_eq!(
+        np_default["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let route = find(&more, "HTTPRoute", n);
+    assert_eq!(
+        route["spec"]["hostnames"][0].as_str(),
+        Some("mail.example.org")
+    );
+    assert_eq!(
+        route["spec"]["parentRefs"][0]["name"].as_str(),
+        Some("public")
+    );
+    assert_eq!(
+        route["spec"]["rules"][0]["backendRefs"][0]["name"].as_str(),
+        Some(n)
+    );
+    assert!(
+        container_args(find(&more, "Deployment", n))
+            .iter()
+            .any(|a| a == "--public-url=https://mail.example.org"),
+    );
+    let refused = helm::helm_offline_output(&[
+        "template",
+        "mio",
+        chart.to_str().unwrap(),
+        "--set",
+        "httpRoute.enabled=true",
+        "--set",
+        "httpRoute.hostnames[0]=mail.example.org",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("httpRoute.parentRefs is required"),
+        "{refused:?}"
+    );
     // A parent chart's condition turns the whole chart off.
     let off = render(&["--set", "enabled=false"]);
     assert!(yaml_docs(&off).is_empty(), "enabled=false renders:\n{off}");

@@ -102,6 +102,8 @@ and imagePullSecrets, each name once. */}}
 {{- .Values.publicURL | trimSuffix "/" }}
 {{- else if and .Values.ingress.enabled .Values.ingress.host }}
 {{- printf "%s://%s" (ternary "https" "http" (ne .Values.ingress.tlsSecretName "")) .Values.ingress.host }}
+{{- else if and .Values.httpRoute.enabled .Values.httpRoute.hostnames }}
+{{- printf "https://%s" (first .Values.httpRoute.hostnames) }}
 {{- end }}
 {{- end }}
 
