@@ -2856,7 +2856,7 @@ fn dockerfile_passes_hadolint() {
 /// build stage COPYs from the context (after `.dockerignore`) are copied into a temp dir as the
 /// image lays them out, and there cargo must read the manifest, find every target it declares
 /// (`cargo fetch`: `cargo metadata` does not look for target files, so a missing `benches/` passes
-/// it) and resolve the lock offline for the image's two platforms; every file the library and
+/// it) and resolve the lock offline (`--locked`); every file the library and
 /// binaries read at compile time (`include_str!`, `include_bytes!`, `#[path]`) must be among the
 /// copied files. A new top-level file the manifest needs then fails this test, not a user's
 /// `docker build`. Not a release build: compiling the binary from scratch in that dir takes longer
@@ -2891,17 +2891,22 @@ fn dockerfile_context_holds_what_cargo_needs() {
         );
         out.stdout
     };
-    for target in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"] {
-        run(&["fetch", "--locked", "--offline", "--target", target]);
-    }
+    // Offline, and for this machine's platform only: the crates a build here has downloaded (a
+    // clean CI machine has no others; the image's musl targets use the same crates).
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = Command::new(&rustc).arg("-vV").output().expect("rustc -vV");
+    let host = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host");
+    run(&["fetch", "--locked", "--offline", "--target", &host]);
+    // The targets as cargo reads them from the manifest (no dependency needed).
     let meta: Value = serde_json::from_slice(&run(&[
         "metadata",
-        "--locked",
+        "--no-deps",
         "--offline",
         "--format-version",
         "1",
-        "--filter-platform",
-        "x86_64-unknown-linux-musl",
     ]))
     .unwrap();
     // The sources of the library and the binaries: what `cargo build --bin` compiles.
