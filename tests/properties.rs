@@ -1618,7 +1618,7 @@ fn written_secrets_read_back() {
                 &token_grant(access.clone(), expires_at),
                 Default::default(),
             )
-            .map_err(TestCaseError::fail)?;
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
             let t = observed::published_token(Some(&written), expires_at).ok_or_else(|| {
                 TestCaseError::fail("the written token Secret does not read back")
             })?;

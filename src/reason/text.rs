@@ -117,7 +117,7 @@ impl Reason {
                 "A client Secret, certificate or CA bundle marked for the operator is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): nothing of it is used."
             }
             Reason::SecretTooLarge => {
-                "The grant or token Secret (labelled `mailintegration.dev/integration`) is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data): it is neither used nor written."
+                "The grant or token Secret (labelled `mailintegration.dev/integration`) is larger than the operator keeps of a Secret (64 KiB of labels, annotations and data), or the token Secret would be with the provider's access token: it is neither used nor written."
             }
             Reason::GrantBoundElsewhere => {
                 "The stored grant was issued for another provider, token endpoint, client or account than the spec now names."
@@ -396,7 +396,7 @@ impl Reason {
                 "Keep only what the integration needs in the Secret the message names (a client ID and secret, a certificate and key, a CA bundle), or move the rest to another Secret; the operator reads it again when it changes."
             }
             Reason::SecretTooLarge => {
-                "Delete the Secret the message names (the operator recreates its own), or bring a grant with only its refresh token; make spec.tokenSecret.template smaller if it fills the token Secret."
+                "Delete the Secret the message names (the operator recreates its own), or bring a grant with only its refresh token; make spec.tokenSecret.template smaller if it fills the token Secret; when the message names the provider's access token, configure smaller access tokens at the provider (fewer roles, groups or claims) and request a refresh (kubectl mailint refresh)."
             }
             Reason::GrantBoundElsewhere => {
                 "Sign in again at status.signIn.url: a grant is only ever sent back to where it was issued."

@@ -499,10 +499,8 @@ async fn reconcile_inner(
                                 }
                                 Outcome::Idle
                             }
-                            Err(secrets::TokenSecretError::Template(message)) => {
-                                refresh::template_invalid(&message)
-                            }
                             Err(secrets::TokenSecretError::Kube(e)) => return Err(e.into()),
+                            Err(e) => refresh::not_publishable(&e).unwrap_or(Outcome::Idle),
                         }
                     }
                     _ => Outcome::Idle,

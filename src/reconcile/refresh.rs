@@ -406,6 +406,19 @@ async fn template_refused(
     Some(template_invalid(&message))
 }
 
+/// The token Secret cannot be written as it is (a template that does not render, a Secret over the
+/// bound): retrying the write would not help. `None` for a failed write.
+pub(super) fn not_publishable(e: &secrets::TokenSecretError) -> Option<Outcome> {
+    match e {
+        secrets::TokenSecretError::Template(message) => Some(template_invalid(message)),
+        secrets::TokenSecretError::TooLarge(message) => Some(Outcome::PermanentFailure {
+            reason: Reason::SecretTooLarge.as_str().into(),
+            message: message.clone(),
+        }),
+        secrets::TokenSecretError::Kube(_) => None,
+    }
+}
+
 pub(super) fn template_invalid(message: &str) -> Outcome {
     Outcome::PermanentFailure {
         reason: Reason::TokenTemplateInvalid.as_str().into(),
@@ -457,9 +470,9 @@ async fn publish(
         &ctx.renderer,
     )
     .await;
-    if let Err(secrets::TokenSecretError::Template(message)) = &written {
+    if let Some(outcome) = written.as_ref().err().and_then(not_publishable) {
         ctx.set_backoff(&uid, None);
-        return template_invalid(message);
+        return outcome;
     }
     if let Ok(version) = &written {
         ctx.written

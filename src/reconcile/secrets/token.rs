@@ -66,13 +66,27 @@ fn standard(
 /// The token Secret's content: never the refresh token or the client secret. With
 /// `spec.tokenSecret.template`, its labels, annotations and `rendered` keys (see
 /// [`render_template`]) are added, and the annotation saying what they were rendered from. `Err`:
-/// the Secret would be larger than the operator keeps of one.
+/// the Secret would be larger than the operator keeps of one ([`TokenSecretError::TooLarge`] when
+/// the provider's access token alone makes it so, else [`TokenSecretError::Template`]).
 pub fn token_secret(
     mi: &MailIntegration,
     token: &TokenGrant,
     rendered: Rendered,
-) -> Result<Secret, String> {
+) -> Result<Secret, TokenSecretError> {
+    let max = crate::reconcile::cached_secret::MAX_HELD_BYTES;
     let (mut data, fields) = standard(mi, token);
+    // The standard keys alone (the access token three times: as it is, in xoauth2, in
+    // oauthbearer): over the bound, no template is to blame.
+    let standard_held = crate::reconcile::cached_secret::held_size(
+        &owned_meta(mi, &mi.spec.token_secret.name),
+        Some(&data),
+    );
+    if standard_held > max {
+        return Err(TokenSecretError::TooLarge(format!(
+            "the provider issued an access token of {} bytes: the token Secret, which holds it with its xoauth2 and oauthbearer forms, would hold {standard_held} bytes, more than the {max} the operator keeps of a Secret, so it was not published (the grant is stored). Configure smaller access tokens at the provider (fewer roles, groups or claims in them), then request a refresh (kubectl mailint refresh)",
+            token.access_token.expose().len()
+        )));
+    }
     for (k, v) in rendered {
         data.insert(k, bytes(v.expose()));
     }
@@ -94,11 +108,10 @@ pub fn token_secret(
     }
     // The watch keeps no more of a Secret than this: a larger token Secret would not be used.
     let held = crate::reconcile::cached_secret::held_size(&metadata, Some(&data));
-    if held > crate::reconcile::cached_secret::MAX_HELD_BYTES {
-        return Err(format!(
-            "the token Secret would hold {held} bytes of labels, annotations and data, more than the {} the operator keeps of a Secret: make spec.tokenSecret.template smaller",
-            crate::reconcile::cached_secret::MAX_HELD_BYTES
-        ));
+    if held > max {
+        return Err(TokenSecretError::Template(format!(
+            "the token Secret would hold {held} bytes of labels, annotations and data, more than the {max} the operator keeps of a Secret: make spec.tokenSecret.template smaller"
+        )));
     }
     Ok(Secret {
         metadata,
@@ -157,7 +170,7 @@ pub async fn write_token_secret(
     let rendered = render_template(mi, token, renderer)
         .await
         .map_err(TokenSecretError::Template)?;
-    let secret = token_secret(mi, token, rendered).map_err(TokenSecretError::Template)?;
+    let secret = token_secret(mi, token, rendered)?;
     write_rendered(mi, api, current, secret, metrics).await
 }
 
@@ -243,8 +256,7 @@ pub async fn sync_template(
         recorded,
     ) {
         // Rendered from these inputs already: only labels or annotations put back by hand.
-        let desired =
-            token_secret(mi, &token, Rendered::new()).map_err(TokenSecretError::Template)?;
+        let desired = token_secret(mi, &token, Rendered::new())?;
         if contains(&current.metadata.labels, &desired.metadata.labels)
             && contains(&current.metadata.annotations, &applied_annotations(t))
         {
@@ -254,7 +266,7 @@ pub async fn sync_template(
     let rendered = render_template(mi, &token, renderer)
         .await
         .map_err(TokenSecretError::Template)?;
-    let desired = token_secret(mi, &token, rendered).map_err(TokenSecretError::Template)?;
+    let desired = token_secret(mi, &token, rendered)?;
     if desired.data == current.data
         && contains(&current.metadata.labels, &desired.metadata.labels)
         && contains(&current.metadata.annotations, &desired.metadata.annotations)
@@ -280,6 +292,10 @@ pub enum TokenSecretError {
     /// `spec.tokenSecret.template` does not render (the message names the key, never a value).
     #[error("{0}")]
     Template(String),
+    /// The provider's access token alone makes the token Secret larger than the operator keeps of
+    /// one (`cached_secret::MAX_HELD_BYTES`).
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Kube(#[from] kube::Error),
 }
@@ -362,5 +378,39 @@ mod tests {
             secret.data.as_ref().unwrap(),
             recorded
         ));
+    }
+
+    /// A provider's access token that makes the token Secret too large (it is held three times: as
+    /// it is, in xoauth2 and in oauthbearer) is said as the provider's, not as a template's (main:
+    /// "make spec.tokenSecret.template smaller", reason TokenTemplateInvalid, with no template).
+    #[test]
+    fn an_access_token_too_large_to_publish_is_the_providers_not_a_templates() {
+        let token = |n: usize| {
+            TokenGrant::access_only(
+                SecretValue::new("a".repeat(n)),
+                "Bearer".into(),
+                Timestamp::from_second(1_900_000_000).unwrap(),
+            )
+        };
+        let mut plain = templated(serde_json::json!({}));
+        plain.spec.token_secret.template = None;
+        let small = templated(serde_json::json!({"data": {"k": "{{ access_token }}"}}));
+        for mi in [&plain, &small] {
+            let e = token_secret(mi, &token(30_000), Rendered::new()).unwrap_err();
+            let text = e.to_string();
+            assert!(!text.contains("spec.tokenSecret.template"), "{text}");
+            assert!(text.contains("access token of 30000 bytes"), "{text}");
+            assert!(!text.contains(&"a".repeat(100)), "the token is not quoted");
+            let outcome = crate::reconcile::refresh::not_publishable(&e);
+            assert!(
+                matches!(&outcome, Some(crate::reconcile::decide::Outcome::PermanentFailure { reason, .. }) if reason.as_str() == "SecretTooLarge"),
+                "{outcome:?}"
+            );
+        }
+        // A template that adds what goes over the bound is the template's.
+        let rendered: Rendered = [("k".to_owned(), SecretValue::new("b".repeat(40_000)))].into();
+        let e = token_secret(&small, &token(10_000), rendered).unwrap_err();
+        assert!(matches!(e, TokenSecretError::Template(_)), "{e}");
+        assert!(token_secret(&plain, &token(10_000), Rendered::new()).is_ok());
     }
 }
