@@ -17,6 +17,9 @@ mod templates;
 #[path = "trust_boundaries/credentials.rs"]
 mod credentials;
 
+#[path = "trust_boundaries/events.rs"]
+mod events;
+
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use std::time::Duration;
 use support::{

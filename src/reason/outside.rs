@@ -6,8 +6,9 @@
 /// The most of any one piece of outside text a message quotes, in characters.
 pub const MAX_QUOTED: usize = 300;
 
-/// The most of a condition message or an event note, in characters: the operator's own words
-/// around what it quotes, which are bounded by [`MAX_QUOTED`] each.
+/// The most of a condition message, in characters: the operator's own words around what it quotes,
+/// which are bounded by [`MAX_QUOTED`] each. (An event note is held to fewer bytes still:
+/// `reconcile::events::MAX_NOTE_BYTES`.)
 pub const MAX_MESSAGE: usize = 2048;
 
 /// `text` made safe to show: every control character (newlines, escapes, NUL) becomes a space, the

@@ -15,6 +15,29 @@ use kube::{
     runtime::events::{Event, EventType, Reporter},
 };
 
+/// The longest note events.k8s.io/v1 takes, in bytes: the API server refuses a whole Event whose
+/// note is longer (422, "can have at most 1024 characters", counted in bytes).
+pub const MAX_NOTE_BYTES: usize = 1024;
+
+/// `text` as an Event's note: [`crate::reason::outside_text`], then cut on a character boundary to
+/// [`MAX_NOTE_BYTES`] (ending in `…` when cut).
+pub fn note(text: &str) -> String {
+    let mut note = crate::reason::outside_text(text, MAX_NOTE_BYTES);
+    if note.len() > MAX_NOTE_BYTES {
+        let room = MAX_NOTE_BYTES.saturating_sub('…'.len_utf8());
+        let end = note
+            .char_indices()
+            .map(|(i, c)| i.saturating_add(c.len_utf8()))
+            .take_while(|end| *end <= room)
+            .last()
+            .unwrap_or(0);
+        note.truncate(end);
+        note.truncate(note.trim_end().len());
+        note.push('…');
+    }
+    note
+}
+
 /// Publishes events.k8s.io/v1 Events as kube's Recorder does, without keeping them.
 #[derive(Clone)]
 pub struct EventPublisher {
@@ -43,10 +66,7 @@ impl EventPublisher {
             event_time: Some(MicroTime(now)),
             regarding: Some(reference.clone()),
             // Every event note passes here: bounded, whatever outside text it quotes.
-            note: ev
-                .note
-                .as_deref()
-                .map(|n| crate::reason::outside_text(n, crate::reason::MAX_MESSAGE)),
+            note: ev.note.as_deref().map(note),
             metadata: ObjectMeta {
                 namespace: Some(namespace.clone()),
                 name: Some(format!(
@@ -77,5 +97,21 @@ impl EventPublisher {
             .create(&PostParams::default(), &event)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_fits_what_the_api_server_takes_in_bytes() {
+        let long = format!("said: {}", "é".repeat(1500));
+        let n = note(&long);
+        assert!(n.len() <= MAX_NOTE_BYTES, "{} bytes", n.len());
+        assert!(n.starts_with("said: é") && n.ends_with('…'), "{n}");
+        let ascii = "x".repeat(5000);
+        assert_eq!(note(&ascii).len(), MAX_NOTE_BYTES);
+        assert_eq!(note("short\nnote"), "short note");
     }
 }
