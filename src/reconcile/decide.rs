@@ -311,6 +311,17 @@ fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Cond
     }
 }
 
+/// Ready as the published token's validity says: True (reason Ready) while it is valid, else
+/// False with `otherwise`.
+fn ready_while_valid(token_valid: bool, otherwise: &str, message: impl Into<String>) -> Condition {
+    let reason = if token_valid {
+        reasons::READY
+    } else {
+        otherwise
+    };
+    cond(condition::READY, token_valid, reason, message)
+}
+
 fn fmt_time(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
@@ -495,16 +506,7 @@ pub fn status_after_paced(
                 };
                 (
                     a,
-                    cond(
-                        condition::READY,
-                        token_valid,
-                        if token_valid {
-                            reasons::READY
-                        } else {
-                            reasons::TOKEN_EXPIRED
-                        },
-                        msg,
-                    ),
+                    ready_while_valid(token_valid, reasons::TOKEN_EXPIRED, msg),
                 )
             }
         }
@@ -544,16 +546,7 @@ pub fn status_after_paced(
             };
             (
                 a,
-                cond(
-                    condition::READY,
-                    token_valid,
-                    if token_valid {
-                        reasons::READY
-                    } else {
-                        reason.as_str()
-                    },
-                    ready_msg,
-                ),
+                ready_while_valid(token_valid, reason.as_str(), ready_msg),
             )
         }
         Outcome::GrantNotStored { message, retry_in } => {

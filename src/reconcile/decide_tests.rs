@@ -96,6 +96,17 @@ impl World {
         self.mi.status = Some(s.clone());
         s
     }
+    /// [`Self::store`] of a refresh that published a token expiring at `expires_at`, announcing
+    /// the latest second of its window.
+    fn refreshed(&mut self, expires_at: Timestamp) -> MailIntegrationStatus {
+        let next_refresh_at = latest(self, expires_at);
+        self.store(&Outcome::Refreshed {
+            expires_at,
+            next_refresh_at,
+            account: None,
+            scopes: vec![],
+        })
+    }
 }
 
 #[test]
@@ -418,12 +429,7 @@ fn requested_refresh_runs_once_per_annotation_value() {
         .into(),
     );
     assert_eq!(w.decide(), Action::Refresh(RefreshCause::Requested));
-    w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T11:00:00Z"),
-        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
-        account: None,
-        scopes: vec![],
-    });
+    w.refreshed(t("2026-11-28T11:00:00Z"));
     assert_eq!(w.decide(), Action::Hold(Outcome::Idle));
     // A new request within the lowest refresh interval waits for it (deferred, not dropped).
     w.mi.metadata.annotations =
@@ -521,12 +527,7 @@ fn a_token_of_zero_lifetime_is_published_and_refreshed_once_per_interval() {
     let mut w = World::new();
     // expires_in: 0 — the token expires the moment it is issued.
     let expiry = w.now;
-    let s = w.store(&Outcome::Refreshed {
-        expires_at: expiry,
-        next_refresh_at: latest(&w, expiry),
-        account: None,
-        scopes: vec![],
-    });
+    let s = w.refreshed(expiry);
     w.token_expiry = Some(expiry);
     assert_eq!(
         s.next_refresh_time.as_ref().unwrap().0,
@@ -585,12 +586,7 @@ fn the_pace_saturates_instead_of_overflowing() {
 #[test]
 fn transient_failure_keeps_ready_while_the_token_is_valid() {
     let mut w = World::new();
-    w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T11:00:00Z"),
-        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
-        account: None,
-        scopes: vec![],
-    });
+    w.refreshed(t("2026-11-28T11:00:00Z"));
     w.token_expiry = Some(t("2026-11-28T11:00:00Z"));
     w.now = t("2026-11-28T10:55:00Z");
     let failure = Outcome::TransientFailure {
@@ -665,23 +661,13 @@ fn suspended_does_not_refresh() {
 #[test]
 fn transition_times_move_only_when_status_flips() {
     let mut w = World::new();
-    let s1 = w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T11:00:00Z"),
-        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
-        account: None,
-        scopes: vec![],
-    });
+    let s1 = w.refreshed(t("2026-11-28T11:00:00Z"));
     let ready1 = find_condition(&s1, condition::READY)
         .unwrap()
         .last_transition_time
         .clone();
     w.now = t("2026-11-28T10:50:00Z");
-    let s2 = w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T11:50:00Z"),
-        next_refresh_at: latest(&w, t("2026-11-28T11:50:00Z")),
-        account: None,
-        scopes: vec![],
-    });
+    let s2 = w.refreshed(t("2026-11-28T11:50:00Z"));
     assert_eq!(
         find_condition(&s2, condition::READY)
             .unwrap()
@@ -705,12 +691,7 @@ fn transition_times_move_only_when_status_flips() {
 #[test]
 fn requeue_is_exactly_the_next_due_time() {
     let mut w = World::new();
-    let s = w.store(&Outcome::Refreshed {
-        expires_at: t("2026-11-28T11:00:00Z"),
-        next_refresh_at: latest(&w, t("2026-11-28T11:00:00Z")),
-        account: None,
-        scopes: vec![],
-    });
+    let s = w.refreshed(t("2026-11-28T11:00:00Z"));
     let o = w.observed();
     let after = requeue_after(&o, &s, &Outcome::Idle, Backoff::default()).unwrap();
     let due = s.next_refresh_time.clone().unwrap().0;
