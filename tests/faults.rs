@@ -672,12 +672,11 @@ async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
     );
     let failing = failing.unwrap();
     let mi = env
-        .wait_for(
+        .wait_condition(
             "inbox",
-            "GrantNotStored",
+            ("Ready", "False", "GrantNotStored"),
             Duration::from_secs(60),
             &op,
-            |mi| condition(mi, "Ready") == Some(("False", "GrantNotStored")),
         )
         .await;
     let message = condition_message(&mi, "Ready");

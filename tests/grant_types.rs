@@ -347,12 +347,11 @@ async fn a_shared_mailbox_is_opened_with_the_grant_of_its_delegate() {
     );
 
     let mi = env
-        .wait_for(
+        .wait_condition(
             "wrong-delegate",
-            "AccountMismatch",
+            ("Ready", "False", "AccountMismatch"),
             Duration::from_secs(30),
             &op,
-            |mi| condition(mi, "Ready") == Some(("False", "AccountMismatch")),
         )
         .await;
     let message = condition_message(&mi, "Ready");

@@ -366,12 +366,11 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
     env.grant("inbox", "alice").await;
     env.integration("inbox", "alice@example.test").await;
     let mi = env
-        .wait_for(
+        .wait_condition(
             "inbox",
-            "ClientSecretNotFound",
+            ("Ready", "False", "ClientSecretNotFound"),
             Duration::from_secs(20),
             &op,
-            |m| condition(m, "Ready") == Some(("False", "ClientSecretNotFound")),
         )
         .await;
     let msg = condition_message(&mi, "Ready");
@@ -383,12 +382,11 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
     env.put_secret("client", &[("client_id", env.server.client_id())])
         .await;
     let mi = env
-        .wait_for(
+        .wait_condition(
             "inbox",
-            "ClientSecretKeyMissing",
+            ("Ready", "False", "ClientSecretKeyMissing"),
             Duration::from_secs(20),
             &op,
-            |m| condition(m, "Ready") == Some(("False", "ClientSecretKeyMissing")),
         )
         .await;
     let msg = condition_message(&mi, "Ready");
@@ -424,12 +422,11 @@ async fn missing_client_secret_keys_and_values_are_reported_without_crashing() {
         .await
         .unwrap();
     env.client_secret(env.server.client_secret()).await;
-    env.wait_for(
+    env.wait_condition(
         "inbox",
-        "SignInRequired",
+        ("Authorized", "False", "SignInRequired"),
         Duration::from_secs(20),
         &op,
-        |m| condition(m, "Authorized") == Some(("False", "SignInRequired")),
     )
     .await;
     let mut op = op;

@@ -177,12 +177,11 @@ async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
     );
     let reads = api.count("GET", "/secrets/inbox-oauth-grant");
     let mi = env
-        .wait_for(
+        .wait_condition(
             "inbox",
-            "Reconciling=True GrantMarkConflict",
+            ("Reconciling", "True", "GrantMarkConflict"),
             Duration::from_secs(40),
             &op,
-            |mi| condition(mi, "Reconciling") == Some(("True", "GrantMarkConflict")),
         )
         .await;
     let said = condition_message(&mi, "Reconciling");
@@ -201,12 +200,11 @@ async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
     );
     // Nothing presented while the grant cannot be marked.
     let presented = env.proxy.refresh_requests();
-    env.wait_for(
+    env.wait_condition(
         "inbox",
-        "Ready=False GrantMarkConflict once the token expired",
+        ("Ready", "False", "GrantMarkConflict"),
         Duration::from_secs(30),
         &op,
-        |mi| condition(mi, "Ready") == Some(("False", "GrantMarkConflict")),
     )
     .await;
     assert_eq!(env.proxy.refresh_requests(), presented);
@@ -244,12 +242,11 @@ async fn a_mark_write_slower_than_its_budget_presents_nothing() {
     force_refresh(&env, "inbox").await;
     held.wait_held(1, Duration::from_secs(20));
     let mi = env
-        .wait_for(
+        .wait_condition(
             "inbox",
-            "Reconciling=True GrantWriteFailed",
+            ("Reconciling", "True", "GrantWriteFailed"),
             Duration::from_secs(30),
             &op,
-            |mi| condition(mi, "Reconciling") == Some(("True", "GrantWriteFailed")),
         )
         .await;
     let said = condition_message(&mi, "Reconciling");

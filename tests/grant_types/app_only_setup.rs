@@ -131,12 +131,11 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
     env.integration_with("other", "sales@example.test", direct("sales@example.test"))
         .await;
     let mi = env
-        .wait_for(
+        .wait_condition(
             "other",
-            "MailboxConnected=False AppMailboxAccessMissing",
+            ("MailboxConnected", "False", "AppMailboxAccessMissing"),
             Duration::from_secs(60),
             &op,
-            |mi| condition(mi, "MailboxConnected") == Some(("False", "AppMailboxAccessMissing")),
         )
         .await;
     let m = condition_message(&mi, "MailboxConnected");
@@ -161,12 +160,11 @@ async fn a_certificate_app_goes_ready_and_dovecot_accepts_its_token_for_its_mail
     stranger["oauth"]["clientCertificateRef"] = serde_json::json!({"name": "stranger-cert"});
     env.integration_with("stranger", APP_MAILBOX, stranger)
         .await;
-    env.wait_for(
+    env.wait_condition(
         "stranger",
-        "Ready=False InvalidClient",
+        ("Ready", "False", "InvalidClient"),
         Duration::from_secs(60),
         &op,
-        |mi| condition(mi, "Ready") == Some(("False", "InvalidClient")),
     )
     .await;
     let key_lines: Vec<&str> = app_key()

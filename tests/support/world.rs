@@ -312,6 +312,20 @@ impl Env {
         }
     }
 
+    /// [`Self::wait_for`] a condition: `(type, status, reason)`.
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        (t, status, reason): (&str, &str, &str),
+        timeout: Duration,
+        op: &Operator,
+    ) -> MailIntegration {
+        self.wait_for(name, &format!("{t}={status} {reason}"), timeout, op, |mi| {
+            condition(mi, t) == Some((status, reason))
+        })
+        .await
+    }
+
     pub async fn token_secret(&self, name: &str) -> Option<Secret> {
         self.secrets()
             .get_opt(&format!("{name}-token"))

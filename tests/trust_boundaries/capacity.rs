@@ -63,12 +63,11 @@ async fn a_zero_token_lifetime_gets_one_request_per_interval_and_others_refresh_
     let started = Instant::now();
     env.integration("zero", "alice@example.test").await;
     let mi = env
-        .wait_for(
+        .wait_condition(
             "zero",
-            "Ready=False TokenLifetimeTooShort",
+            ("Ready", "False", "TokenLifetimeTooShort"),
             Duration::from_secs(20),
             &op,
-            |mi| condition(mi, "Ready") == Some(("False", "TokenLifetimeTooShort")),
         )
         .await;
     assert_eq!(
@@ -175,12 +174,11 @@ async fn a_refresh_request_waits_out_the_providers_retry_after() {
     env.proxy.reset_counts();
     tokio::time::sleep(Duration::from_secs(2)).await;
     annotate_refresh(&env, "inbox", "first").await;
-    env.wait_for(
+    env.wait_condition(
         "inbox",
-        "Reconciling=True RateLimited",
+        ("Reconciling", "True", "RateLimited"),
         Duration::from_secs(20),
         &op,
-        |mi| condition(mi, "Reconciling") == Some(("True", "RateLimited")),
     )
     .await;
     assert_eq!(env.proxy.refresh_requests(), 1);
