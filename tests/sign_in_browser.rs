@@ -917,12 +917,18 @@ async fn a_grant_without_a_refresh_token_or_a_requested_scope_is_refused() {
 async fn microsoft_sign_ins_check_the_account_and_the_directory() {
     const TENANT: &str = "8f6c1e2a-3b4d-4e5f-9a0b-1c2d3e4f5a6b";
     const OTHER_TENANT: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    const IMPOSTOR: &str = "successor";
     let _turn = ONE_AT_A_TIME.lock().await;
     let env = Env::with_config(
         "sign-in-microsoft",
         |c| {
             c.microsoft_tenant = Some(TENANT.into());
             c.issuer = Some(format!("https://login.microsoftonline.com/{TENANT}/v2.0"));
+            // Another account of the directory that was given alice's address (another `oid`).
+            c.accounts.push(Account {
+                sub: IMPOSTOR.into(),
+                email: ALICE.into(),
+            });
         },
         &["--allow-endpoint-overrides"],
     )
@@ -994,7 +1000,6 @@ async fn microsoft_sign_ins_check_the_account_and_the_directory() {
         env.data("inbox-oauth-grant", "account").await.as_deref(),
         Some(ALICE)
     );
-
     // alice again, for an integration of another directory: refused by tid.
     env.open_sign_in(&b, "elsewhere").await;
     b.click("label[for=prompt-consent]").await;
@@ -1012,6 +1017,67 @@ async fn microsoft_sign_ins_check_the_account_and_the_directory() {
     );
     env.refused("elsewhere", "AccountMismatch", OTHER_TENANT)
         .await;
+
+    // The grant records alice's immutable identity, <tid>/<oid>.
+    let alice_id = env.data("inbox-oauth-grant", "account_id").await.unwrap();
+    let oid = alice_id
+        .strip_prefix(&format!("{TENANT}/"))
+        .unwrap_or_else(|| panic!("account_id {alice_id:?} is not <tid>/<oid>"));
+    assert_eq!(oid.len(), 36, "{alice_id}");
+    let grant_before = env.data("inbox-oauth-grant", "refresh_token").await;
+    assert!(grant_before.is_some());
+
+    // Another account of the same directory whose preferred_username is alice's address signs in
+    // for alice's mailbox: refused by its object ID, the grant unchanged. (A link made the way
+    // the operator makes them, as an administrator's `kubectl mailint sign-in` does: the status
+    // offers none while the integration is authorized.)
+    let signer = env.signer().await;
+    let ticket = signer.sign(
+        TICKET,
+        &Ticket {
+            ns: env.ns.clone(),
+            name: "inbox".into(),
+            uid: env.get("inbox").await.uid().unwrap(),
+            exp: jiff::Timestamp::now().as_second() + 600,
+            iat: jiff::Timestamp::now().as_second(),
+        },
+    );
+    b.goto(&format!("{}/sign-in?ticket={ticket}", env.op.sign_in_url()))
+        .await;
+    b.wait_text("Sign in with", Duration::from_secs(10)).await;
+    b.click("label[for=prompt-selectaccount]").await;
+    b.click("button[type=submit]").await;
+    env.provider_sign_in(&b, Some(IMPOSTOR)).await;
+    let text = b
+        .wait_text("Another account signed in", Duration::from_secs(20))
+        .await;
+    assert!(
+        text.contains(&alice_id) && text.contains("even though it names the same address"),
+        "{text}"
+    );
+    // alice's grant is still usable, so the integration stays authorized as alice.
+    let mi = env
+        .wait_for("inbox", "Authorized=True as alice", |mi| {
+            condition(mi, "Authorized") == Some(("True", "Authorized"))
+        })
+        .await;
+    assert_eq!(
+        mi.status.as_ref().and_then(|s| s.account.as_deref()),
+        Some(ALICE)
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "refresh_token").await,
+        grant_before,
+        "the grant of alice was replaced by another account's"
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "account_id").await.as_deref(),
+        Some(alice_id.as_str())
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "account").await.as_deref(),
+        Some(ALICE)
+    );
     b.close().await;
 }
 

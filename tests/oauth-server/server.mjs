@@ -18,7 +18,7 @@
 //     "select_account_prompt": false,             // accept prompt=select_account (see below)
 //     "refresh_token_without_consent": false,     // refresh tokens whatever the prompt (see below)
 //     "client_credentials": false,                // every client may also use the client-credentials grant
-//     "microsoft_tenant": "GUID",                 // ID tokens as Entra ID issues them (see below)
+//     "microsoft_tenant": "GUID",                 // ID tokens as Entra ID issues them, with `tid`/`oid` (see below)
 //     "app_mailbox": "helpdesk@example.test",     // the `email` claim of every client-credentials token
 //     "full_access": {"alice": "helpdesk@example.test"}  // the `full_access` claim of an account's tokens
 //                                                 // (default: its own email), see extraTokenClaims
@@ -31,7 +31,7 @@
 
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { createPublicKey, generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createHash, createPublicKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 
 import Provider, { interactionPolicy } from 'oidc-provider';
 
@@ -175,15 +175,22 @@ if (config.introspection_client) {
   });
 }
 
-// ID tokens as Microsoft Entra ID issues them: the directory's ID in `tid`, the sign-in name in
-// `preferred_username`, and no `email` claim (Entra adds it only as an optional claim).
+// ID tokens as Microsoft Entra ID issues them: the directory's ID in `tid`, the account's immutable
+// object ID in `oid`, the sign-in name in `preferred_username`, and no `email` claim (Entra adds it
+// only as an optional claim). Accounts are told apart by `sub` (the login): two of them may have the
+// same address, as a directory may give a departed user's address to another account.
 const microsoftTenant = config.microsoft_tenant;
 const idTokenClaims = microsoftTenant
-  ? { openid: ['sub', 'tid'], email: ['preferred_username'] }
+  ? { openid: ['sub', 'tid', 'oid'], email: ['preferred_username'] }
   : { openid: ['sub'], email: ['email', 'email_verified'] };
+// A stable GUID-shaped object ID per account: the first 16 bytes of SHA-256 of its `sub`.
+function objectId(sub) {
+  const h = createHash('sha256').update(`oid:${sub}`).digest('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`;
+}
 function accountClaims(account) {
   return microsoftTenant
-    ? { sub: account.sub, tid: microsoftTenant, preferred_username: account.email }
+    ? { sub: account.sub, tid: microsoftTenant, oid: objectId(account.sub), preferred_username: account.email }
     : { sub: account.sub, email: account.email, email_verified: true };
 }
 

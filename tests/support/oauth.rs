@@ -112,8 +112,9 @@ pub struct OAuthServerConfig {
     /// Let every client also use the client-credentials grant (app-only tokens, no refresh token),
     /// oidc-provider's `clientCredentials` feature.
     pub client_credentials: bool,
-    /// Issue ID tokens as Microsoft Entra ID does: this directory ID in `tid`, the address in
-    /// `preferred_username`, no `email` claim.
+    /// Issue ID tokens as Microsoft Entra ID does: this directory ID in `tid`, a stable GUID-shaped
+    /// object ID per account (`sub`) in `oid`, the address in `preferred_username`, no `email`
+    /// claim.
     pub microsoft_tenant: Option<String>,
     /// The mailbox app-only tokens are good for: put into every client-credentials token as its
     /// `email` (introspection answers carry it), as an Exchange admin gives an app access to one
