@@ -352,3 +352,223 @@ async fn an_allowed_mail_host_name_that_resolves_to_loopback_is_not_connected_to
         "the check connected to loopback"
     );
 }
+
+/// What an issuer on loopback was asked: discovery documents per issuer path, and anything else.
+#[derive(Default)]
+struct Fetches {
+    per_issuer: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    other: std::sync::atomic::AtomicUsize,
+}
+
+impl Fetches {
+    fn of(&self, path: &str) -> usize {
+        self.per_issuer
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.per_issuer.lock().unwrap().values().sum()
+    }
+}
+
+/// Bytes of padding in every discovery document: near the operator's read limit (1 MiB).
+const DOC_PADDING: usize = 1000 * 1024;
+
+/// Many issuers on one loopback server: `<base><path>/.well-known/openid-configuration` answers a
+/// discovery document of issuer `<base><path>`, padded to near the read limit, whose endpoint URLs
+/// are each just under [`MAX_URL_LEN`] (the most a cache entry can hold); the issuer `/long` names
+/// a token endpoint over it. Nothing else is answered (404), only counted.
+async fn many_issuers() -> (String, std::sync::Arc<Fetches>) {
+    use axum::response::IntoResponse as _;
+    use mail_integration_operator::provider::MAX_URL_LEN;
+    let fetches = std::sync::Arc::new(Fetches::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let padding = std::sync::Arc::new("p".repeat(DOC_PADDING));
+    let (b, f) = (base.clone(), fetches.clone());
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (base, fetches, padding) = (b.clone(), f.clone(), padding.clone());
+        async move {
+            let path = uri.path();
+            let Some(issuer) = path.strip_suffix("/.well-known/openid-configuration") else {
+                fetches
+                    .other
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return axum::http::StatusCode::NOT_FOUND.into_response();
+            };
+            *fetches
+                .per_issuer
+                .lock()
+                .unwrap()
+                .entry(issuer.to_owned())
+                .or_default() += 1;
+            let long = |endpoint: &str, len: usize| {
+                let url = format!("{base}/{endpoint}?");
+                let fill = len.saturating_sub(url.len());
+                format!("{url}{}", "u".repeat(fill))
+            };
+            let token_len = if issuer == "/long" {
+                MAX_URL_LEN + 1000
+            } else {
+                MAX_URL_LEN - 8
+            };
+            axum::Json(serde_json::json!({
+                "issuer": format!("{base}{issuer}"),
+                "authorization_endpoint": long("auth", MAX_URL_LEN - 8),
+                "token_endpoint": long("token", token_len),
+                "revocation_endpoint": long("revoke", MAX_URL_LEN - 8),
+                "userinfo_endpoint": long("userinfo", MAX_URL_LEN - 8),
+                "padding": padding.as_str(),
+            }))
+            .into_response()
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, fetches)
+}
+
+/// Issue 21, point 4 (discovery cache) and point 6 (provider text): the operator keeps the
+/// endpoints of at most `MAX_DISCOVERY_ENTRIES` (256) issuers, not the documents, and uses no URL
+/// over `MAX_URL_LEN` (2048 bytes), whatever issuers the specs name. One integration's
+/// `spec.oauth.issuerURL` is edited through 300 issuers of near-2048-byte URLs whose documents are
+/// near the 1 MiB read limit: each is fetched once, the last ones come from the cache, the first
+/// one is fetched again (evicted), and the operator's peak RSS stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_cache_is_bounded_whatever_issuers_the_specs_name() {
+    use mail_integration_operator::provider::{MAX_DISCOVERY_ENTRIES, MAX_URL_LEN};
+    const ISSUERS: usize = 300;
+    let env = Env::new("discoverycache", server()).await;
+    let (base, fetches) = many_issuers().await;
+    let mut op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    // A grant brought by hand: each refresh resolves the endpoints; the client Secret does not
+    // name these issuers' servers, so nothing is ever sent to their token endpoints.
+    env.put_secret(
+        "roamer-oauth-grant",
+        &[("refresh_token", "rt-never-sent-0c5e")],
+    )
+    .await;
+
+    // An issuer URL over the limit: the API server refuses it.
+    let too_long = format!("{base}/{}", "i".repeat(MAX_URL_LEN));
+    assert_refused(
+        &env,
+        "too-long",
+        serde_json::json!({
+            "provider": "OIDC",
+            "mailbox": {"address": "alice@example.test"},
+            "oauth": {"clientSecretRef": {"name": "client"}, "issuerURL": too_long},
+            "tokenSecret": {"name": "too-long-token"},
+        }),
+        "2048",
+    )
+    .await;
+
+    // A discovery document naming a token endpoint over the limit: refused, said in a bounded
+    // message, and nothing sent there.
+    let spec = |issuer: &str| {
+        serde_json::json!({
+            "provider": "OIDC",
+            "mailbox": {"address": "alice@example.test"},
+            "oauth": {"clientSecretRef": {"name": "client"}, "issuerURL": issuer},
+            "tokenSecret": {"name": "roamer-token"},
+        })
+    };
+    env.integrations()
+        .create(
+            &PostParams::default(),
+            &support::world::mail_integration("roamer", spec(&format!("{base}/long"))),
+        )
+        .await
+        .unwrap();
+    let mi = env
+        .wait_for("roamer", "DiscoveryFailed", WAIT, &op, |mi| {
+            condition(mi, "Ready").is_some_and(|c| c.1 == "DiscoveryFailed")
+        })
+        .await;
+    let text = message(&mi, "Ready");
+    assert!(
+        text.contains(&format!("more than the {MAX_URL_LEN}")),
+        "{text}"
+    );
+    assert!(
+        text.chars().count() <= mail_integration_operator::reason::MAX_MESSAGE,
+        "{} characters",
+        text.chars().count()
+    );
+    assert_eq!(fetches.of("/long"), 1);
+
+    // 300 issuers, each URL near the limit: one edit each, waiting for its fetch.
+    let issuer = |i: usize| {
+        let path = format!("/t/{i}/");
+        let fill = (MAX_URL_LEN - 16).saturating_sub(base.len() + path.len());
+        format!("{path}{}", "a".repeat(fill))
+    };
+    let edit = |path: String| {
+        let (api, url) = (env.integrations(), format!("{base}{path}"));
+        async move {
+            let patch = serde_json::json!({"spec": {"oauth": {"issuerURL": url}}});
+            api.patch("roamer", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap()
+                .metadata
+                .generation
+        }
+    };
+    let fetched = |path: String, n: usize| {
+        let fetches = fetches.clone();
+        async move {
+            let deadline = std::time::Instant::now() + WAIT;
+            while fetches.of(&path) < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}…: not fetched {n} times within {WAIT:?}",
+                    &path[..path.len().min(12)]
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    for i in 0..ISSUERS {
+        edit(issuer(i)).await;
+        fetched(issuer(i), 1).await;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(fetches.total(), ISSUERS + 1, "each issuer fetched once");
+    assert!(ISSUERS > MAX_DISCOVERY_ENTRIES);
+
+    // A recent issuer comes from the cache: the edit is reconciled without a fetch.
+    let recent = issuer(ISSUERS - 2);
+    let generation = edit(recent.clone()).await;
+    env.wait_for("roamer", "the edit observed", WAIT, &op, |mi| {
+        mi.status.as_ref().and_then(|s| s.observed_generation) == generation
+            && condition(mi, "Ready").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(fetches.of(&recent), 1, "a recent issuer was fetched again");
+    // The first issuer was forgotten (300 others since): fetched again.
+    edit(issuer(0)).await;
+    fetched(issuer(0), 2).await;
+    assert_eq!(fetches.total(), ISSUERS + 2);
+    assert_eq!(
+        fetches.other.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "something but discovery was asked of these issuers"
+    );
+
+    let pid = op.process.child_pid().expect("the operator runs");
+    let (peak, now) = memory_mib(pid);
+    eprintln!(
+        "{ISSUERS} issuers of {MAX_URL_LEN}-byte URLs and {DOC_PADDING}-byte documents in {elapsed:?}: VmHWM {peak:.1} MiB, VmRSS {now:.1} MiB"
+    );
+    assert!(
+        peak < PEAK_BOUND_MIB,
+        "the operator's peak RSS was {peak:.1} MiB (bound {PEAK_BOUND_MIB} MiB)"
+    );
+    assert!(op.process.is_running());
+    assert_no_secrets_in_logs_or_events(&env, &op, &["rt-never-sent-0c5e"]).await;
+}
