@@ -99,9 +99,10 @@ struct RunArgs {
     #[arg(long, env = "MIO_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_min_refresh_interval)]
     min_refresh_interval: std::time::Duration,
     /// The percentage of the reconciles (--concurrency) that one namespace may have waiting for
-    /// providers (token, discovery and revocation requests) at once, and of the mailbox checks
-    /// that run at once (8): a namespace whose servers are slow keeps the rest free for the
-    /// others. Calls over it are deferred by a few seconds. 100: no per-namespace limit.
+    /// providers (token, discovery and revocation requests) at once, of the mailbox checks that
+    /// run at once (8) and of the template renderers that run at once (2): a namespace whose
+    /// servers or templates are slow keeps the rest free for the others. Calls over it are
+    /// deferred by a few seconds. 100: no per-namespace limit.
     #[arg(long, env = "MIO_MAX_NAMESPACE_SHARE", default_value_t = mail_integration_operator::reconcile::share::DEFAULT_MAX_NAMESPACE_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
     max_namespace_share: u8,
     /// Log format.
@@ -309,6 +310,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             usize::from(args.concurrency),
             args.max_namespace_share,
         ),
+    );
+    ctx.renderer = Arc::new(
+        mail_integration_operator::reconcile::template::Renderer::of_this_binary()
+            .with_namespace_share(args.max_namespace_share),
     );
     if args.leader_election {
         ctx.fence = Arc::new(Fence::leased());

@@ -13,7 +13,8 @@
 //! The child: address space [`MEMORY_LIMIT`] (`RLIMIT_AS`), CPU time [`CPU_SECONDS`], no core
 //! dump, an empty environment, stdin/stdout pipes only (stderr discarded: a message could quote a
 //! value). The parent: at most [`CONCURRENT`] children at once, of which one namespace's
-//! integrations hold at most [`PER_NAMESPACE`] (a namespace whose templates run into the deadline
+//! integrations hold at most [`PER_NAMESPACE`] (`--max-namespace-share` of them: see
+//! [`Renderer::with_namespace_share`]; a namespace whose templates run into the deadline
 //! does not make the others' renders wait: see [`crate::reconcile::share::NamespaceQueue`]), each
 //! killed after [`DEADLINE`], its output read up to [`MAX_OUTPUT`].
 //!
@@ -50,7 +51,8 @@ pub const DEADLINE: Duration = Duration::from_secs(3);
 /// Children at once: a render takes a few milliseconds, and each child counts towards the pod's
 /// memory (its start, about 20 MiB, plus at most [`MEMORY_LIMIT`]).
 pub const CONCURRENT: usize = 2;
-/// Children one namespace's integrations may run at once (half of [`CONCURRENT`]).
+/// Children one namespace's integrations may run at once by default (the default
+/// `--max-namespace-share`, half, of [`CONCURRENT`]).
 pub const PER_NAMESPACE: usize = 1;
 /// The most the child reads: the CRD allows 32 templates of 16 KiB, plus the fields.
 const MAX_INPUT: u64 = 2 * 1024 * 1024;
@@ -94,6 +96,21 @@ impl Renderer {
     /// replaced on disk).
     pub fn of_this_binary() -> Self {
         Self::new("/proc/self/exe")
+    }
+
+    /// Let one namespace's integrations run at most `percent` % of the [`CONCURRENT`] children
+    /// (`--max-namespace-share`; at least one).
+    pub fn with_namespace_share(mut self, percent: u8) -> Self {
+        self.permits = NamespaceQueue::new(
+            CONCURRENT,
+            crate::reconcile::share::share_of(CONCURRENT, percent),
+        );
+        self
+    }
+
+    /// How many children one namespace's integrations may run at once.
+    pub fn per_namespace(&self) -> usize {
+        self.permits.per_namespace()
     }
 
     /// Whether `t` (of an integration in `namespace`) renders with placeholder values: `Err` says
@@ -406,6 +423,30 @@ mod tests {
             assert!(e.contains("longer than"), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_namespace_share_follows_the_flag() {
+        let r = Renderer::new("/bin/false");
+        assert_eq!(r.per_namespace(), PER_NAMESPACE);
+        assert_eq!(
+            Renderer::new("/bin/false")
+                .with_namespace_share(crate::reconcile::share::DEFAULT_MAX_NAMESPACE_SHARE)
+                .per_namespace(),
+            PER_NAMESPACE
+        );
+        assert_eq!(
+            Renderer::new("/bin/false")
+                .with_namespace_share(100)
+                .per_namespace(),
+            CONCURRENT
+        );
+        assert_eq!(
+            Renderer::new("/bin/false")
+                .with_namespace_share(1)
+                .per_namespace(),
+            1
+        );
     }
 
     #[test]
