@@ -26,10 +26,21 @@ fn run(how: &str, interrupt: bool) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    // The probe's first line is its child's PID; read on a thread of its own, so that a probe that
+    // never prints fails the test after 30 s instead of holding the run.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("the probe ({how}) printed no PID within 30 s")
+        });
     let pid: u32 = line
         .trim()
         .parse()
@@ -44,7 +55,14 @@ fn run(how: &str, interrupt: bool) {
             .status()
             .unwrap();
     }
-    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the probe ({how}) did not end within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) {
         assert!(

@@ -14,11 +14,21 @@ fn the_sandbox_signs_in_and_goes_ready() {
         "the operator binary is missing: {}",
         operator.display()
     );
-    let out = Command::new(&sandbox)
+    // A deadline (coreutils' timeout: TERM after 300 s, KILL 10 s later), so that a sandbox that
+    // never gets Ready fails this test instead of holding the run.
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", "300"])
+        .arg(&sandbox)
         .args(["--auto-sign-in", "--exit-when-ready"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "the sandbox was not Ready within 300 s:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         out.status.success(),
         "the sandbox failed:\n{stdout}\n{}",

@@ -365,6 +365,10 @@ impl Env {
                 continue;
             }
             if b.exists("input[name=prompt][value=consent]").await {
+                assert!(
+                    Instant::now() < deadline,
+                    "the consent page did not go away within 30 s: {url}"
+                );
                 // A click that lands while the page is still settling can be lost: click, then
                 // look again until the browser has left the provider.
                 b.click("button[type=submit]").await;
