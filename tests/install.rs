@@ -615,16 +615,7 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
 
     // The operator as the chart runs it.
     let sa_kubeconfig = rel.service_account_kubeconfig();
-    let args: Vec<String> = rel
-        .deployment_args()
-        .into_iter()
-        .filter(|a| {
-            a != "run"
-                && !["--health-addr", "--sign-in-addr", "--public-url"]
-                    .iter()
-                    .any(|f| a.starts_with(f))
-        })
-        .collect();
+    let args: Vec<String> = rel.operator_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _op = Operator::start_with_env(
         "notes-operator",

@@ -237,6 +237,20 @@ impl<'a> ChartRelease<'a> {
         ]);
         serde_json::from_str(&json).unwrap_or_else(|e| panic!("args {json:?}: {e}"))
     }
+
+    /// The Deployment's args for running the operator here as the chart runs it: without the
+    /// `run` subcommand and the listen addresses and public URL, which a test chooses itself.
+    pub fn operator_args(&self) -> Vec<String> {
+        self.deployment_args()
+            .into_iter()
+            .filter(|a| {
+                a != "run"
+                    && !["--health-addr", "--sign-in-addr", "--public-url"]
+                        .iter()
+                        .any(|f| a.starts_with(f))
+            })
+            .collect()
+    }
 }
 
 /// `kubectl --kubeconfig KUBECONFIG ARGS` (e.g. acting as a ServiceAccount).

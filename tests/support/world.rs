@@ -100,16 +100,7 @@ impl Env {
         values.extend_from_slice(set);
         let release = ChartRelease::install(self.cp, &op_ns, &op_ns, &values, &["--skip-crds"]);
         let kubeconfig = release.service_account_kubeconfig();
-        let args: Vec<String> = release
-            .deployment_args()
-            .into_iter()
-            .filter(|a| {
-                a != "run"
-                    && !["--health-addr", "--sign-in-addr", "--public-url"]
-                        .iter()
-                        .any(|f| a.starts_with(f))
-            })
-            .collect();
+        let args: Vec<String> = release.operator_args();
         assert!(
             args.iter().any(|a| a.contains(&self.ns)),
             "the chart passes the watched namespace: {args:?}"
