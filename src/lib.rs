@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod gateway;
 pub(crate) mod http_limit;
 pub mod lease;
 pub mod mailbox;
