@@ -6,3 +6,5 @@
 //! the gateway reads only those Secrets.
 
 pub mod config;
+pub mod session;
+pub mod upstream;

@@ -15,7 +15,7 @@ mod imap;
 mod pop3;
 mod sasl;
 mod smtp;
-mod tls;
+pub(crate) mod tls;
 
 use std::{
     net::IpAddr,

@@ -1,0 +1,301 @@
+//! The gateway's connection to an integration's mail server: the same rules as the mailbox check
+//! (`src/mailbox`): only hosts on the operator's allow-list ([`AllowedHosts`], the name and every
+//! address it resolves to), TLS always verified against the public roots plus the integration's own
+//! CA (`caPem`), plain TCP only to loopback.
+//!
+//! [`open_stream`] gives the TCP (+ implicit TLS) stream; a protocol whose server uses STARTTLS
+//! sends its own STARTTLS command on the plain stream and then calls [`TlsUpgrade::upgrade`].
+
+use std::{
+    io,
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use super::{config::UpstreamServer, session::Protocol};
+use crate::{
+    api::TlsMode,
+    mailbox::{MailboxError, allowed::AllowedHosts, tls},
+};
+
+/// How long connecting (TCP and the TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the gateway could not get an upstream session. No variant holds a token or a SASL string.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The integration has no server for the protocol (gateway.json's `imap`/`pop3`/`smtp` null).
+    #[error("the integration has no {0} server")]
+    NoServer(Protocol),
+    /// The host or an address it resolves to is not one the gateway may connect to.
+    #[error("{0}")]
+    HostNotAllowed(String),
+    /// DNS, connection refused or reset, timeout.
+    #[error("the mail server is unreachable: {0}")]
+    Unreachable(String),
+    /// Certificate not trusted, wrong name, handshake failure, STARTTLS refused.
+    #[error("TLS error: {0}")]
+    Tls(String),
+    /// The server refused the access token.
+    #[error("the mail server rejected the access token: {0}")]
+    AuthFailed(String),
+    /// The server said something the gateway cannot work with.
+    #[error("mail protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// The metrics label (`upstream errors by reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoServer(_) => "no_server",
+            Self::HostNotAllowed(_) => "host_not_allowed",
+            Self::Unreachable(_) => "unreachable",
+            Self::Tls(_) => "tls",
+            Self::AuthFailed(_) => "auth_failed",
+            Self::Protocol(_) => "protocol",
+        }
+    }
+}
+
+impl From<MailboxError> for UpstreamError {
+    fn from(e: MailboxError) -> Self {
+        match e {
+            MailboxError::AuthFailed { detail } => Self::AuthFailed(detail),
+            MailboxError::Unreachable { detail } => Self::Unreachable(detail),
+            MailboxError::Tls { detail } => Self::Tls(detail),
+            MailboxError::Protocol { detail } => Self::Protocol(detail),
+            MailboxError::AddressNotAllowed { detail } => Self::HostNotAllowed(detail),
+        }
+    }
+}
+
+/// A connection to a mail server: plain TCP (before STARTTLS, or loopback) or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_tls() {
+            "Stream::Tls"
+        } else {
+            "Stream::Plain"
+        })
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// What it takes to start TLS on a plain stream to the server later (STARTTLS).
+#[derive(Clone)]
+pub struct TlsUpgrade {
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
+}
+
+impl std::fmt::Debug for TlsUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsUpgrade({}:{})", self.host, self.port)
+    }
+}
+
+impl TlsUpgrade {
+    /// Run the TLS handshake on a plain stream (after the server's go-ahead to STARTTLS/STLS),
+    /// verifying the server's certificate. Bytes the caller buffered from the plain stream must be
+    /// none (they would be injected into the TLS session): check before calling.
+    pub async fn upgrade(&self, stream: Stream) -> Result<Stream, UpstreamError> {
+        let Stream::Plain(tcp) = stream else {
+            return Err(UpstreamError::Protocol(
+                "STARTTLS on a stream that is TLS already".into(),
+            ));
+        };
+        let handshake = tls::handshake(self.config.clone(), &self.host, self.port, tcp);
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(UpstreamError::Unreachable(format!(
+                "{}:{}: no TLS handshake within {} s",
+                self.host,
+                self.port,
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// Whether `host` names loopback (the only place plain TCP may carry a token).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Open a connection to `server`: check the host against `allowed`, resolve it once and check
+/// every address, connect, and for implicit TLS run the handshake (certificate verified against
+/// the public roots plus `ca_pem`). For `StartTls` the stream is plain: the caller speaks the
+/// protocol's STARTTLS and then calls [`TlsUpgrade::upgrade`]. `None` only for loopback.
+pub async fn open_stream(
+    server: &UpstreamServer,
+    ca_pem: Option<&str>,
+    allowed: &AllowedHosts,
+) -> Result<(Stream, TlsUpgrade), UpstreamError> {
+    let host = server.host.as_str();
+    if !allowed.allows(host) {
+        return Err(UpstreamError::HostNotAllowed(format!(
+            "the mail server {} is not one the gateway may connect to (allowed: {})",
+            crate::reason::outside_text(host, 256),
+            allowed.describe()
+        )));
+    }
+    if server.tls == TlsMode::None && !is_loopback(host) {
+        return Err(UpstreamError::Tls(format!(
+            "refusing to send the token to {host} without TLS: tls: None is only for loopback"
+        )));
+    }
+    if server.port == 0 {
+        return Err(UpstreamError::Protocol("port 0 is not a TCP port".into()));
+    }
+    let extra_cas = match ca_pem {
+        Some(pem) if !pem.trim().is_empty() => tls::parse_ca_pem(pem.as_bytes())?,
+        _ => Vec::new(),
+    };
+    let upgrade = TlsUpgrade {
+        config: tls::client_config(&extra_cas)?,
+        host: host.to_owned(),
+        port: server.port,
+    };
+    let tcp = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tls::connect(host, server.port, Some(allowed)),
+    )
+    .await
+    {
+        Ok(tcp) => tcp?,
+        Err(_) => {
+            return Err(UpstreamError::Unreachable(format!(
+                "{host}:{}: no connection within {} s",
+                server.port,
+                CONNECT_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = match server.tls {
+        TlsMode::Implicit => upgrade.upgrade(Stream::Plain(tcp)).await?,
+        TlsMode::StartTls | TlsMode::None => Stream::Plain(tcp),
+    };
+    Ok((stream, upgrade))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(host: &str, tls: TlsMode) -> UpstreamServer {
+        UpstreamServer {
+            host: host.into(),
+            port: 993,
+            tls,
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_off_the_list_and_plain_tcp_off_loopback_are_refused_before_connecting() {
+        let allowed = AllowedHosts::default();
+        let e = open_stream(
+            &server("evil.example.com", TlsMode::Implicit),
+            None,
+            &allowed,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason(), "host_not_allowed", "{e}");
+        let e = open_stream(&server("imap.gmail.com", TlsMode::None), None, &allowed)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "tls", "{e}");
+        let e = open_stream(
+            &server("127.0.0.1", TlsMode::Implicit),
+            None,
+            &AllowedHosts::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason(), "host_not_allowed", "{e}");
+    }
+}
