@@ -471,3 +471,126 @@ fn app_only_grants_need_a_specific_microsoft_tenant_and_service_accounts_are_goo
         );
     }
 }
+
+/// `spec.gateway` (docs/gateway.md): the API server keeps its lists and values within the bounds
+/// the operator and the gateway count on, and says what to fix.
+#[test]
+fn the_gateway_spec_is_bounded() {
+    let cp = ensure_crd();
+    let ns = unique_namespace("cel-gateway");
+    let with_gateway = |name: &str, gateway: &str| {
+        resource(
+            name,
+            "Google",
+            "redirectURL: https://mail-operator.example.com/oauth2/callback",
+            "",
+            &format!("  gateway:\n{gateway}"),
+        )
+    };
+    let app = |name: &str| format!("    - name: {name}\n      protocols: [SMTP]\n");
+    let ok = with_gateway(
+        "gw-ok",
+        &format!(
+            "    apps:\n{}    - name: grafana\n      protocols: [IMAP, POP3, SMTP]\n      sendAs: [alerts@example.com]\n    rotationGracePeriod: 720h\n    maxMessageBytes: 36700160\n",
+            app(&"a".repeat(40))
+        ),
+    );
+    let out = cp.kubectl_stdin(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], &ok);
+    assert!(
+        out.status.success(),
+        "a valid gateway rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let apps: String = (0..33).map(|i| app(&format!("app{i}"))).collect();
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-many", &format!("    apps:\n{apps}")),
+        "must have at most 32 items",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-dup", &format!("    apps:\n{}{}", app("a"), app("a"))),
+        "Duplicate value",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-long", &format!("    apps:\n{}", app(&"a".repeat(41)))),
+        "may not be more than 40",
+    );
+    for bad in ["Grafana", "-x", "x-", "a.b", "a_b"] {
+        assert_rejected(
+            &ns,
+            &with_gateway("gw-name", &format!("    apps:\n{}", app(bad))),
+            "a gateway app's name must be a DNS label",
+        );
+    }
+    assert_rejected(
+        &ns,
+        &with_gateway(
+            "gw-noproto",
+            "    apps:\n    - name: a\n      protocols: []\n",
+        ),
+        "should have at least 1 items",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway(
+            "gw-dupproto",
+            "    apps:\n    - name: a\n      protocols: [SMTP, SMTP]\n",
+        ),
+        "Duplicate value",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway(
+            "gw-proto",
+            "    apps:\n    - name: a\n      protocols: [HTTP]\n",
+        ),
+        "Unsupported value",
+    );
+    let send_as: Vec<String> = (0..33).map(|i| format!("a{i}@example.com")).collect();
+    assert_rejected(
+        &ns,
+        &with_gateway(
+            "gw-sendas",
+            &format!(
+                "    apps:\n    - name: a\n      protocols: [SMTP]\n      sendAs: [{}]\n",
+                send_as.join(", ")
+            ),
+        ),
+        "must have at most 32 items",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway(
+            "gw-sendas-bad",
+            "    apps:\n    - name: a\n      protocols: [SMTP]\n      sendAs: [not-an-address]\n",
+        ),
+        "sendAs must list email addresses",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-grace", "    rotationGracePeriod: 721h\n"),
+        "rotationGracePeriod must be a duration of at most 720h",
+    );
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-grace-text", "    rotationGracePeriod: 1d\n"),
+        "rotationGracePeriod must be a duration of at most 720h",
+    );
+    for bytes in ["1023", "157286401"] {
+        assert_rejected(
+            &ns,
+            &with_gateway("gw-size", &format!("    maxMessageBytes: {bytes}\n")),
+            "maxMessageBytes",
+        );
+    }
+    assert_rejected(
+        &ns,
+        &with_gateway("gw-token", "    apps: []\n").replace(
+            "tokenSecret: {name: token}",
+            "tokenSecret: {name: gw-token-gateway-x}",
+        ),
+        "spec.tokenSecret.name must not start with <name>-gateway",
+    );
+}

@@ -2,9 +2,11 @@
 //! defaults the operator applies in code (never in the CRD, so a GitOps tool sees no drift).
 
 mod defaults;
+pub mod gateway;
 pub mod status;
 
 pub use defaults::*;
+pub use gateway::*;
 pub use status::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -92,6 +94,8 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
         .message("spec.oauth.clientCertificateRef.name must not be the token Secret"),
     validation = Rule::new("!has(self.spec.oauth.clientCertificateRef) || !self.spec.oauth.clientCertificateRef.name.endsWith('-oauth-grant')")
         .message("spec.oauth.clientCertificateRef.name must not name a grant Secret (-oauth-grant): name the kubernetes.io/tls Secret holding the client's certificate and key"),
+    validation = Rule::new("!has(self.spec.gateway) || !self.spec.tokenSecret.name.startsWith(self.metadata.name + '-gateway')")
+        .message("with spec.gateway, spec.tokenSecret.name must not start with <name>-gateway: those names are kept for the gateway's Secrets"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailIntegrationSpec {
@@ -117,6 +121,10 @@ pub struct MailIntegrationSpec {
     /// Revoke the grant at the provider (RFC 7009) when this resource is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_on_delete: Option<bool>,
+    /// Apps that may use this mailbox through the mail gateway with a password of their own
+    /// (IMAP, POP3, SMTP; docs/gateway.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
 }
 
 /// The OAuth provider.

@@ -58,6 +58,10 @@ pub struct MailIntegrationStatus {
     /// lifetime; after a restart, the operator checks again only once a check is due from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mailbox_checked_at: Option<Time>,
+    /// The mail gateway's use of this mailbox (spec.gateway): written by the gateway (apps) and by
+    /// the operator's gateway credentials (rotationHandled), never by the main status write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<super::GatewayStatus>,
 }
 
 /// Where to sign in.

@@ -23,16 +23,8 @@ pub const GATEWAY_APP_LABEL: &str = "mailintegration.dev/gateway-app";
 /// The suffix of the gateway Secret's name: `<integration>-gateway`.
 pub const GATEWAY_SECRET_SUFFIX: &str = "-gateway";
 
-/// A protocol an app may use through the gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum GatewayProtocol {
-    #[serde(rename = "IMAP")]
-    Imap,
-    #[serde(rename = "POP3")]
-    Pop3,
-    #[serde(rename = "SMTP")]
-    Smtp,
-}
+/// A protocol an app may use through the gateway (the spec's type: IMAP, POP3, SMTP).
+pub use crate::api::GatewayProtocol;
 
 /// A mail server the gateway connects to on behalf of an app.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

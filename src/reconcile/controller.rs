@@ -669,6 +669,9 @@ async fn reconcile_inner(
         // removed with a merge patch once it no longer matters.
         let mut applied = status.clone();
         applied.last_sign_in_failure = None;
+        // status.gateway belongs to the gateway (apps, its own field manager) and to the gateway
+        // credentials (rotationHandled): never applied here, so never taken over or removed.
+        applied.gateway = None;
         let patch = serde_json::json!({
             "apiVersion": "mailintegration.dev/v1alpha1",
             "kind": "MailIntegration",
