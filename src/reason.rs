@@ -240,6 +240,8 @@ pub enum Reason {
     ClientSecretNotExpiring,
     /// The client Secret's annotation mailintegration.dev/client-secret-expires is not a date (YYYY-MM-DD) or an RFC 3339 time, so no warning can be given (condition `ClientSecretExpiringSoon=Unknown`).
     ClientSecretExpiryInvalid,
+    /// Microsoft refused SMTP AUTH for the mailbox (`535 5.7.139 ... SmtpClientAuthentication is disabled`): the gateway cannot send mail for it (`status.gateway.apps[].lastError`, Warning event).
+    SmtpClientAuthenticationDisabled,
 }
 
 impl Reason {
@@ -332,6 +334,7 @@ impl Reason {
         Reason::ClientSecretExpiringSoon,
         Reason::ClientSecretNotExpiring,
         Reason::ClientSecretExpiryInvalid,
+        Reason::SmtpClientAuthenticationDisabled,
     ];
 
     /// The CamelCase string written into conditions and events.
@@ -424,6 +427,7 @@ impl Reason {
             Reason::ClientSecretExpiringSoon => "ClientSecretExpiringSoon",
             Reason::ClientSecretNotExpiring => "ClientSecretNotExpiring",
             Reason::ClientSecretExpiryInvalid => "ClientSecretExpiryInvalid",
+            Reason::SmtpClientAuthenticationDisabled => "SmtpClientAuthenticationDisabled",
         }
     }
 
@@ -450,6 +454,7 @@ impl Reason {
             }
             Reason::ServiceAccountKeyRejected => Category::NeedsHuman,
             Reason::AppMailboxAccessMissing => Category::Mailbox,
+            Reason::SmtpClientAuthenticationDisabled => Category::Mailbox,
             Reason::ClientSecretExpiringSoon => Category::Warning,
             Reason::ClientSecretNotExpiring => Category::Healthy,
             Reason::ClientSecretExpiryInvalid => Category::Warning,

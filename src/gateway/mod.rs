@@ -7,4 +7,5 @@
 
 pub mod config;
 pub mod session;
+pub mod smtp;
 pub mod upstream;

@@ -226,6 +226,9 @@ impl Reason {
                 "A new access token was obtained, but writing the token Secret failed; the operator retries with backoff."
             }
             Reason::MailboxAuthFailed => "The mail server rejected the access token.",
+            Reason::SmtpClientAuthenticationDisabled => {
+                "Microsoft 365 refused SMTP AUTH for the mailbox (535 5.7.139 SmtpClientAuthentication is disabled), so the gateway cannot send mail for it; the token itself is fine."
+            }
             Reason::MailboxUnreachable => "The mail server could not be reached.",
             Reason::TLSError => {
                 "The TLS handshake with the mail server failed (certificate, protocol)."
@@ -448,6 +451,9 @@ impl Reason {
             }
             Reason::MailboxAuthFailed => {
                 "The mail server rejected the token: check that IMAP/POP/SMTP access is enabled for the mailbox and that the scopes cover it."
+            }
+            Reason::SmtpClientAuthenticationDisabled => {
+                "An Exchange admin enables SMTP AUTH for the mailbox: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false (Exchange Online PowerShell), or in the Microsoft 365 admin center under Users → the user → Mail → Manage email apps → Authenticated SMTP; if the tenant switches it off for all (Set-TransportConfig -SmtpClientAuthenticationDisabled $true), the mailbox setting must say $false explicitly."
             }
             Reason::MailboxUnreachable => {
                 "Check the mail server host and port, and network policies between the operator and the server."
