@@ -84,22 +84,7 @@ pub enum GatewayProtocol {
     Smtp,
 }
 
-impl GatewayProtocol {
-    /// The name as in the spec: IMAP, POP3, SMTP.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Imap => "IMAP",
-            Self::Pop3 => "POP3",
-            Self::Smtp => "SMTP",
-        }
-    }
-}
-
-impl std::fmt::Display for GatewayProtocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+// Its name and `Display` are in `crate::gateway::session` (as `Protocol`).
 
 impl GatewaySpec {
     /// `rotationGracePeriod` or its default; an unparseable value (an object stored before the CEL
