@@ -59,12 +59,26 @@ where
     S: Strategy,
     S::Value: Debug,
 {
+    check_cases(name, DEFAULT_CASES, strategy, property)
+}
+
+/// [`check`] with `default_cases` cases when neither `PROPTEST_CASES` nor `MIO_FUZZ_SECONDS` says
+/// otherwise (for cheap properties with many branches to reach).
+fn check_cases<S>(
+    name: &str,
+    default_cases: u32,
+    strategy: S,
+    property: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
+    S: Strategy,
+    S::Value: Debug,
+{
     let budget = env_number("MIO_FUZZ_SECONDS").map(Duration::from_secs);
     let cases = match budget {
         Some(_) => FUZZ_BATCH,
         None => env_number("PROPTEST_CASES")
             .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(DEFAULT_CASES),
+            .unwrap_or(default_cases),
     };
     let config = Config {
         cases,
@@ -134,6 +148,20 @@ fn check_branches<S>(
     S: Strategy,
     S::Value: Debug,
 {
+    check_branches_cases(name, DEFAULT_CASES, strategy, branches, property)
+}
+
+/// [`check_branches`] with `default_cases` cases in a normal run (see [`check_cases`]).
+fn check_branches_cases<S>(
+    name: &str,
+    default_cases: u32,
+    strategy: S,
+    branches: &'static [&'static str],
+    property: impl Fn(S::Value, &Branches) -> Result<(), TestCaseError>,
+) where
+    S: Strategy,
+    S::Value: Debug,
+{
     let counted = Branches {
         names: branches,
         hits: branches
@@ -141,7 +169,7 @@ fn check_branches<S>(
             .map(|_| std::sync::atomic::AtomicU64::new(0))
             .collect(),
     };
-    check(name, strategy, |v| property(v, &counted));
+    check_cases(name, default_cases, strategy, |v| property(v, &counted));
     let counts = counted.counts();
     if env_number("MIO_FUZZ_SECONDS").is_some() {
         eprintln!("property {name}: branches {counts:?}");
@@ -486,11 +514,38 @@ fn token_endpoint_case() -> impl Strategy<Value = (ProviderKind, String, String,
                 },
             )
             .boxed();
+        // A token endpoint's ordinary answer: what a refresh makes a grant of.
+        let granted = (
+            credential(),
+            1u64..200_000,
+            prop::option::of(credential()),
+            prop::option::of("[a-z.:/ ]{1,80}"),
+        )
+            .prop_map(|(access, expires_in, rt, scope)| {
+                let mut v = serde_json::json!({
+                    "access_token": access,
+                    "token_type": "Bearer",
+                    "expires_in": expires_in,
+                });
+                if let Some(rt) = rt {
+                    v["refresh_token"] = rt.into();
+                }
+                if let Some(scope) = scope {
+                    v["scope"] = scope.into();
+                }
+                Answer {
+                    status: 200,
+                    content_type: Some(b"application/json".to_vec()),
+                    retry_after: None,
+                    www_authenticate: None,
+                    body: serde_json::to_vec(&v).unwrap(),
+                }
+            });
         (
             provider_kind(),
             Just(client_secret),
             Just(refresh_token),
-            answer,
+            prop_oneof![4 => answer, 1 => granted],
             timestamp(),
         )
     })
@@ -546,13 +601,15 @@ const MAX_MESSAGE_CHARS: usize = 1500;
 
 #[test]
 fn token_endpoint_answers_are_classified_without_leaks() {
-    check(
+    check_branches(
         "token_endpoint_answers",
         token_endpoint_case(),
-        |(kind, client_secret, refresh_token, answer, now)| {
+        &["a grant", "transient", "permanent"],
+        |(kind, client_secret, refresh_token, answer, now), branches| {
             let result = refresh_answered(kind, &client_secret, &refresh_token, &answer, now);
             let e = match result {
                 Ok(grant) => {
+                    branches.hit("a grant");
                     prop_assert_eq!(answer.status, 200, "only a 200 answer is a grant");
                     let horizon = now
                         .checked_add(SignedDuration::from_hours(366 * 24))
@@ -565,6 +622,11 @@ fn token_endpoint_answers_are_classified_without_leaks() {
                 }
                 Err(e) => e,
             };
+            branches.hit(if e.is_permanent() {
+                "permanent"
+            } else {
+                "transient"
+            });
             let message = e.class.message();
             for secret in [&client_secret, &refresh_token] {
                 if let Some(piece) = leaked(message, secret) {
@@ -1416,10 +1478,21 @@ fn secret_data(
     keys: &'static [&'static str],
     times: BoxedStrategy<String>,
 ) -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
+    secret_data_weighted(keys, times, 2, 1)
+}
+
+/// [`secret_data`], `random` of `random + well_formed` of them with random keys and values, the
+/// others with every key the operator reads.
+fn secret_data_weighted(
+    keys: &'static [&'static str],
+    times: BoxedStrategy<String>,
+    random: u32,
+    well_formed: u32,
+) -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
     let known = prop::sample::select(keys.to_vec()).prop_map(str::to_owned);
     let key = prop_oneof![3 => known, 1 => any::<String>()];
     let value = prop_oneof![3 => secret_value(), 2 => times.clone().prop_map(String::into_bytes)];
-    let random = proptest::collection::btree_map(key, value, 0..8);
+    let random_data = proptest::collection::btree_map(key, value, 0..8);
     // Every key the operator reads, with a value of its kind (a timestamp for `*_at` and `expiry`,
     // a credential-like text otherwise), and other keys beside: what an operator-written Secret
     // looks like, so that the parsing succeeds often enough to check what it returns.
@@ -1432,6 +1505,16 @@ fn secret_data(
                     .clone()
                     .prop_map(move |t| (k.clone(), t.into_bytes()))
                     .boxed()
+            } else if let Some((accepted, others)) = binding_values(&k) {
+                // Where a grant was issued: the value the binding check accepts half of the time,
+                // near misses and anything else the other half.
+                prop_oneof![
+                    2 => Just(accepted.to_owned()),
+                    1 => prop::sample::select(others).prop_map(str::to_owned),
+                    1 => credential(),
+                ]
+                .prop_map(move |v| (k.clone(), v.into_bytes()))
+                .boxed()
             } else {
                 credential()
                     .prop_map(move |c| (k.clone(), c.into_bytes()))
@@ -1439,7 +1522,7 @@ fn secret_data(
             }
         })
         .collect();
-    let well_formed = (
+    let well_formed_data = (
         typed,
         proptest::collection::btree_map(any::<String>(), secret_value(), 0..3),
     )
@@ -1447,7 +1530,7 @@ fn secret_data(
             data.extend(pairs);
             data
         });
-    prop_oneof![2 => random, 1 => well_formed]
+    prop_oneof![random => random_data, well_formed => well_formed_data]
 }
 
 const GRANT_KEYS: &[&str] = &[
@@ -1456,7 +1539,57 @@ const GRANT_KEYS: &[&str] = &[
     grant_keys::SCOPES,
     grant_keys::ISSUED_AT,
     grant_keys::ROTATED_AT,
+    grant_keys::REFRESH_TOKEN_EXPIRES_AT,
+    grant_keys::TOKEN_ENDPOINT,
+    grant_keys::CLIENT_ID,
+    grant_keys::REVOCATION_ENDPOINT,
+    grant_keys::ACCOUNT_ID,
 ];
+
+/// The mailbox of the integrations these properties build (see [`spec`]).
+const MAILBOX: &str = "support@example.com";
+/// The client ID of the client credentials these properties build.
+const CLIENT_ID: &str = "id";
+
+/// Values of the keys that say where a grant was issued (and of a client Secret's `client_id`):
+/// the one the binding check accepts for Google's endpoints, client [`CLIENT_ID`] and mailbox
+/// [`MAILBOX`], and near misses.
+fn binding_values(key: &str) -> Option<(&'static str, Vec<&'static str>)> {
+    Some(match key {
+        grant_keys::TOKEN_ENDPOINT => (
+            "https://oauth2.googleapis.com/token",
+            vec![
+                "https://oauth2.googleapis.com/token/",
+                "https://oauth2.googleapis.com/token2",
+                "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+                "http://127.0.0.1:8080/token",
+            ],
+        ),
+        grant_keys::REVOCATION_ENDPOINT => (
+            "https://oauth2.googleapis.com/revoke",
+            vec![
+                "https://oauth2.googleapis.com/revoke/",
+                "https://oauth2.googleapis.com/revoke/x",
+                "https://attacker.example/revoke",
+            ],
+        ),
+        grant_keys::CLIENT_ID => (CLIENT_ID, vec!["other-client", "ID", "id "]),
+        grant_keys::ACCOUNT => (
+            MAILBOX,
+            vec![
+                "SUPPORT@example.com",
+                "other@example.com",
+                "support@example.com.evil",
+            ],
+        ),
+        grant_keys::ACCOUNT_ID => (
+            "72f988bf-86f1-41af-91ab-2d7cd011db47/00000000-1111-2222-3333-444444444444",
+            vec!["x/y"],
+        ),
+        _ => return None,
+    })
+}
+
 const TOKEN_KEYS: &[&str] = &[
     token_keys::ACCESS_TOKEN,
     token_keys::EXPIRY,
@@ -1473,18 +1606,147 @@ fn parse_token(data: &BTreeMap<String, Vec<u8>>) -> Option<PublishedToken> {
     observed::published_token(Some(&secret_of(data.clone(), None)), Timestamp::MAX)
 }
 
+/// Cases of a normal run of [`grant_secrets_are_parsed_or_ignored`]: enough for each of its
+/// branches (a third of the cases carry a grant's every key, and a refusal needs the others to be
+/// accepted).
+const GRANT_CASES: u32 = 512;
+
+/// The branches of [`grant_secrets_are_parsed_or_ignored`]: parsed or not, and what the binding
+/// check does with a parsed grant's record of where it was issued.
+const GRANT_BRANCHES: &[&str] = &[
+    "a grant",
+    "ignored",
+    "refresh bound",
+    "refresh refused: token endpoint",
+    "refresh refused: client",
+    "refresh refused: account",
+    "revocation bound",
+    "revocation refused",
+];
+
+/// A parsed grant's refresh and revocation at Google's endpoints with client [`CLIENT_ID`] for
+/// mailbox [`MAILBOX`]: allowed exactly when the grant's record (token endpoint, client, account;
+/// the revocation endpoint) names them, and a refusal never shows the refresh token.
+fn check_grant_binding(g: &Grant, branches: &Branches) -> Result<(), TestCaseError> {
+    use mail_integration_operator::oauth::binding::Refusal;
+    use mail_integration_operator::provider::TokenOperation;
+    let endpoints = provider::google_endpoints();
+    let creds = ClientCredentials {
+        signing_key: None,
+        client_id: CLIENT_ID.into(),
+        client_secret: SecretValue::new("client-secret"),
+        owner: Default::default(),
+    };
+    let same = |a: &str, b: &url::Url| a.trim_end_matches('/') == b.as_str().trim_end_matches('/');
+    let origin = g.origin();
+    // A refusal quotes the grant's record; the refresh token must not appear otherwise.
+    let recorded = [
+        origin.token_endpoint,
+        origin.revocation_endpoint,
+        origin.client_id,
+        origin.account,
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ");
+    let shows_token = |r: &Refusal| {
+        let token = g.refresh_token.expose();
+        leaked(&recorded, token).is_none() && leaked(&r.message, token).is_some()
+    };
+    let refresh = oauth::bind(
+        TokenOperation::Refresh,
+        &endpoints.token,
+        &endpoints,
+        &creds,
+        oauth::Carrying::Grant {
+            origin,
+            mailbox: MAILBOX,
+        },
+        false,
+    );
+    let endpoint_ok = origin
+        .token_endpoint
+        .is_none_or(|t| same(t, &endpoints.token));
+    let client_ok = origin.client_id.is_none_or(|c| c == CLIENT_ID);
+    let account_ok = origin
+        .account
+        .is_none_or(|a| a.eq_ignore_ascii_case(MAILBOX));
+    match &refresh {
+        Ok(_) => branches.hit("refresh bound"),
+        Err(r) => {
+            prop_assert!(!shows_token(r), "{}", r.message);
+            branches.hit(if !client_ok {
+                "refresh refused: client"
+            } else if !endpoint_ok {
+                "refresh refused: token endpoint"
+            } else {
+                "refresh refused: account"
+            });
+        }
+    }
+    prop_assert_eq!(
+        refresh.is_ok(),
+        endpoint_ok && client_ok && account_ok,
+        "refresh of a grant recorded as {:?}: {:?}",
+        origin,
+        refresh.err()
+    );
+    let revoke_at = endpoints.revocation.clone().expect("Google revokes");
+    let revocation = oauth::bind(
+        TokenOperation::Revocation,
+        &revoke_at,
+        &endpoints,
+        &creds,
+        oauth::Carrying::Grant {
+            origin,
+            mailbox: MAILBOX,
+        },
+        false,
+    );
+    let revocation_ok = client_ok
+        && match (origin.revocation_endpoint, origin.token_endpoint) {
+            (Some(r), _) => same(r, &revoke_at),
+            // A grant recorded without a revocation endpoint is revoked on its token endpoint's
+            // server only.
+            (None, Some(t)) => url::Url::parse(t).is_ok_and(|t| {
+                t.scheme() == revoke_at.scheme()
+                    && t.host_str() == revoke_at.host_str()
+                    && t.port_or_known_default() == revoke_at.port_or_known_default()
+            }),
+            (None, None) => true,
+        };
+    match &revocation {
+        Ok(_) => branches.hit("revocation bound"),
+        Err(r) => {
+            prop_assert!(!shows_token(r), "{}", r.message);
+            branches.hit("revocation refused");
+        }
+    }
+    prop_assert_eq!(
+        revocation.is_ok(),
+        revocation_ok,
+        "revocation of a grant recorded as {:?}: {:?}",
+        origin,
+        revocation.err()
+    );
+    Ok(())
+}
+
 #[test]
 fn grant_secrets_are_parsed_or_ignored() {
-    check_branches(
+    check_branches_cases(
         "grant_secret",
+        GRANT_CASES,
         secret_data(GRANT_KEYS, any_timestamp_text()),
-        &["a grant", "ignored"],
+        GRANT_BRANCHES,
         |data, branches| {
             let Some(g) = parse_grant(&data) else {
                 branches.hit("ignored");
                 return Ok(());
             };
             branches.hit("a grant");
+            check_grant_binding(&g, branches)?;
             let raw = &data[grant_keys::REFRESH_TOKEN];
             prop_assert!(std::str::from_utf8(raw).is_ok());
             prop_assert!(!g.refresh_token.is_empty());
@@ -1667,43 +1929,131 @@ fn previous_status(
     )
 }
 
-/// Decide on what the Secrets hold, then compute the status and the requeue, as a reconcile does
-/// (without the provider call: a `Refresh` is followed by `after_refresh`).
-fn decide_and_report(
-    mi: &MailIntegration,
-    grant: Option<Grant>,
-    token: Option<PublishedToken>,
-    now: Timestamp,
-    backoff: Backoff,
-    after_refresh: &Outcome,
-) -> (Action, Outcome, MailIntegrationStatus) {
-    let o = Observed {
-        integration: mi,
-        client: Ok(ClientCredentials {
-            signing_key: None,
-            client_id: "id".into(),
-            client_secret: SecretValue::new("client-secret"),
+/// What a reconcile sees besides the Secrets' data, chosen so that every branch of `decide` is
+/// reached: the client Secret (usable or with a problem), a conflicting Secret, the name's length,
+/// spec.suspend, the grant type, a refresh request (new or already honoured), a recorded permanent
+/// failure (of these inputs or of others, with its grant lost in flight or not), and a last refresh
+/// just before the clock (so that the pace defers a refresh).
+#[derive(Clone, Debug)]
+struct Situation {
+    client: Result<(), observed::ClientSecretProblem>,
+    conflict: bool,
+    long_name: bool,
+    suspend: Option<bool>,
+    app_only: bool,
+    /// The refresh-requested-at annotation, and whether the status says it was honoured.
+    request: Option<(String, bool)>,
+    /// status.failedInputs: `Some(true)` the fingerprint of these inputs, `Some(false)` another.
+    failed: Option<bool>,
+    grant_lost_in_flight: bool,
+    /// The last refresh this many seconds before the clock (within the 30 s pace, or not).
+    last_refresh_ago: Option<u32>,
+}
 
-            owner: Default::default(),
+fn situation() -> impl Strategy<Value = Situation> {
+    let problem = prop_oneof![
+        Just(observed::ClientSecretProblem::NotFound {
+            name: "client".into()
         }),
-        client_version: Some("3".into()),
-        grant,
-        token,
-        conflict: None,
-        now,
+        Just(observed::ClientSecretProblem::NotMarked {
+            name: "client".into(),
+            namespace: "mail".into()
+        }),
+        "\\PC{0,80}".prop_map(|message| observed::ClientSecretProblem::KeyNotDeclared { message }),
+    ];
+    let plain = Situation {
+        client: Ok(()),
+        conflict: false,
+        long_name: false,
+        suspend: None,
+        app_only: false,
+        request: None,
+        failed: None,
+        grant_lost_in_flight: false,
+        last_refresh_ago: None,
     };
-    let action = decide::decide(&o, backoff);
-    let outcome = match &action {
-        Action::Hold(outcome) => outcome.clone(),
-        Action::Refresh(_) => after_refresh.clone(),
-    };
-    let status = decide::status_after(&o, &outcome, None);
-    let _ = decide::requeue_after(&o, &status, &outcome, backoff);
-    (action, outcome, status)
+    let varied = (
+        (
+            prop_oneof![6 => Just(Ok(())), 1 => problem.prop_map(Err)],
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.05),
+            prop::option::of(prop::bool::weighted(0.2)),
+            prop::bool::weighted(0.1),
+        ),
+        (
+            prop::option::of(("[a-z0-9:-]{1,30}", any::<bool>())),
+            prop::option::of(any::<bool>()),
+            prop::bool::weighted(0.2),
+            prop::option::of(prop_oneof![0u32..40, 0u32..100_000]),
+        ),
+    )
+        .prop_map(
+            |(
+                (client, conflict, long_name, suspend, app_only),
+                (request, failed, grant_lost_in_flight, last_refresh_ago),
+            )| Situation {
+                client,
+                conflict,
+                long_name,
+                suspend,
+                app_only,
+                request,
+                failed,
+                grant_lost_in_flight,
+                last_refresh_ago,
+            },
+        );
+    // Half of the cases see nothing but the Secrets, so that the idle and due branches, which
+    // need everything else quiet, are reached as often as the others.
+    prop_oneof![Just(plain), varied]
+}
+
+/// Cases of a normal run of the decision properties (cheap: no I/O), enough for each of their 14
+/// branches to be reached (see docs/fuzzing.md).
+const DECISION_CASES: u32 = 1024;
+
+/// The branches of `decide`: its nine kinds of holding off, and a refresh by each of its five causes.
+const DECISION_BRANCHES: &[&str] = &[
+    "hold: name too long",
+    "hold: client Secret",
+    "hold: conflict",
+    "hold: sign-in required",
+    "hold: suspended",
+    "hold: still failed",
+    "hold: backing off",
+    "hold: paced",
+    "hold: idle",
+    "refresh: no token",
+    "refresh: due",
+    "refresh: requested",
+    "refresh: inputs changed",
+    "refresh: retry",
+];
+
+fn decision_branch(action: &Action) -> &'static str {
+    use decide::RefreshCause as C;
+    match action {
+        Action::Hold(Outcome::PermanentFailure { .. }) => "hold: name too long",
+        Action::Hold(Outcome::ClientSecret(_)) => "hold: client Secret",
+        Action::Hold(Outcome::Conflict(_)) => "hold: conflict",
+        Action::Hold(Outcome::SignInRequired) => "hold: sign-in required",
+        Action::Hold(Outcome::Suspended) => "hold: suspended",
+        Action::Hold(Outcome::StillFailed) => "hold: still failed",
+        Action::Hold(Outcome::BackingOff) => "hold: backing off",
+        Action::Hold(Outcome::Requeue(_)) => "hold: paced",
+        Action::Hold(Outcome::Idle) => "hold: idle",
+        Action::Hold(other) => panic!("decide held with {other:?}, not one of its branches"),
+        Action::Refresh(C::NoToken) => "refresh: no token",
+        Action::Refresh(C::Due) => "refresh: due",
+        Action::Refresh(C::Requested) => "refresh: requested",
+        Action::Refresh(C::InputsChanged) => "refresh: inputs changed",
+        Action::Refresh(C::Retry) => "refresh: retry",
+    }
 }
 
 /// One reconcile's inputs: the grant and token Secrets' data, the previous status,
-/// spec.refreshBefore, the clock, the backoff's end and what a refresh would give.
+/// spec.refreshBefore, the clock, the backoff's end, what a refresh would give and the rest of
+/// what the reconcile sees.
 type DecisionCase = (
     BTreeMap<String, Vec<u8>>,
     BTreeMap<String, Vec<u8>>,
@@ -1712,6 +2062,7 @@ type DecisionCase = (
     Timestamp,
     Option<Timestamp>,
     Outcome,
+    Situation,
 );
 
 /// spec.refreshBefore as the CRD's rule allows it: 1m to 50m.
@@ -1730,24 +2081,72 @@ fn decision_case(
     refresh_before: BoxedStrategy<String>,
 ) -> impl Strategy<Value = DecisionCase> {
     (
-        secret_data(GRANT_KEYS, timestamp_text(times.clone())),
-        secret_data(TOKEN_KEYS, timestamp_text(times.clone())),
+        secret_data_weighted(GRANT_KEYS, timestamp_text(times.clone()), 1, 2),
+        secret_data_weighted(TOKEN_KEYS, timestamp_text(times.clone()), 1, 2),
         previous_status(times.clone()),
         refresh_before,
         times.clone(),
         prop::option::of(times.clone()),
         outcome(times),
+        situation(),
     )
 }
 
-/// The invariants of a decision on the parsed Secrets.
+/// The MailIntegration of a decision case: the spec, the status and the annotation of `sit`.
+fn decision_integration(
+    refresh_before: &str,
+    status: Option<MailIntegrationStatus>,
+    now: Timestamp,
+    sit: &Situation,
+) -> MailIntegration {
+    let mut extra = serde_json::json!({ "refreshBefore": refresh_before });
+    if let Some(s) = sit.suspend {
+        extra["suspend"] = s.into();
+    }
+    let mut spec = spec(extra);
+    if sit.app_only {
+        spec.oauth.grant_type = Some(api::GrantType::ClientCredentials);
+    }
+    let mut status = status;
+    if let Some((value, honoured)) = &sit.request {
+        status.get_or_insert_default().last_refresh_request = honoured.then(|| value.clone());
+    }
+    if sit.grant_lost_in_flight {
+        status.get_or_insert_default().conditions.push(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: api::condition::STALLED.into(),
+                status: "True".into(),
+                reason: mail_integration_operator::reason::Reason::GrantLostInFlight
+                    .as_str()
+                    .into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            },
+        );
+    }
+    if let Some(ago) = sit.last_refresh_ago
+        && let Ok(t) = now.checked_sub(SignedDuration::from_secs(i64::from(ago)))
+    {
+        status.get_or_insert_default().last_refresh_time = Some(Time(t));
+    }
+    let mut mi = integration(spec, status);
+    if sit.long_name {
+        mi.metadata.name = Some("i".repeat(decide::MAX_NAME + 1));
+    }
+    if let Some((value, _)) = &sit.request {
+        mi.metadata.annotations =
+            Some([(api::REFRESH_REQUESTED_ANNOTATION.to_owned(), value.clone())].into());
+    }
+    mi
+}
+
+/// The invariants of a decision on the parsed Secrets; the branch it took is counted.
 fn check_decision(
-    (grant_data, token_data, status, refresh_before, now, not_before, after): DecisionCase,
+    (grant_data, token_data, status, refresh_before, now, not_before, after, sit): DecisionCase,
+    branches: &Branches,
 ) -> Result<(), TestCaseError> {
-    let mi = integration(
-        spec(serde_json::json!({ "refreshBefore": refresh_before })),
-        status,
-    );
+    let mut mi = decision_integration(&refresh_before, status, now, &sit);
     let grant = parse_grant(&grant_data);
     let token = parse_token(&token_data);
     let backoff = Backoff {
@@ -1756,9 +2155,75 @@ fn check_decision(
     };
     let had_grant = grant.is_some();
     let expiry = token.as_ref().map(|t| t.expires_at);
-    let (action, outcome, status) = decide_and_report(&mi, grant, token, now, backoff, &after);
-    if !had_grant {
-        prop_assert_eq!(action, Action::Hold(Outcome::SignInRequired));
+    let client = sit.client.clone().map(|()| ClientCredentials {
+        signing_key: None,
+        client_id: "id".into(),
+        client_secret: SecretValue::new("client-secret"),
+        owner: Default::default(),
+    });
+    let conflict = sit.conflict.then(|| observed::Conflict {
+        reason: mail_integration_operator::reason::Reason::TokenSecretConflict,
+        message: "Secret \"token\" already exists and the operator did not create it".into(),
+    });
+    // status.failedInputs: the fingerprint of exactly these inputs, or of others.
+    if let Some(same) = sit.failed {
+        let fingerprint = {
+            let o = Observed {
+                integration: &mi,
+                client: client.clone(),
+                client_version: Some("3".into()),
+                grant: grant.clone(),
+                token: None,
+                conflict: None,
+                now,
+            };
+            decide::inputs_fingerprint(&o)
+        };
+        mi.status.get_or_insert_default().failed_inputs = Some(if same {
+            fingerprint
+        } else {
+            format!("{fingerprint};before")
+        });
+    }
+    let o = Observed {
+        integration: &mi,
+        client,
+        client_version: Some("3".into()),
+        grant,
+        token,
+        conflict,
+        now,
+    };
+    let action = decide::decide(&o, backoff);
+    branches.hit(decision_branch(&action));
+    let outcome = match &action {
+        Action::Hold(outcome) => outcome.clone(),
+        Action::Refresh(_) => after.clone(),
+    };
+    let status = decide::status_after(&o, &outcome, None);
+    let _ = decide::requeue_after(&o, &status, &outcome, backoff);
+    if let Action::Refresh(_) = action {
+        prop_assert!(
+            had_grant || sit.app_only,
+            "a refresh without a grant to refresh"
+        );
+        prop_assert!(sit.client.is_ok() && !sit.conflict && !sit.long_name);
+        prop_assert!(sit.suspend != Some(true), "a refresh while suspended");
+        prop_assert!(
+            backoff.not_before.is_none_or(|t| t <= now),
+            "a refresh before the backoff's end"
+        );
+    }
+    if sit.client.is_err() && !sit.long_name {
+        prop_assert!(
+            matches!(action, Action::Hold(Outcome::ClientSecret(_))),
+            "{:?} with an unusable client Secret",
+            action
+        );
+    }
+    if let Outcome::Requeue(_) = outcome {
+        // Nothing to report yet: the status is left as it was.
+        return Ok(());
     }
     let want_expiry = match &outcome {
         Outcome::Refreshed { expires_at, .. } => Some(*expires_at),
@@ -1779,19 +2244,23 @@ fn check_decision(
 
 #[test]
 fn decisions_on_parsed_secrets_hold_their_invariants() {
-    check(
+    check_branches_cases(
         "decide_recent",
+        DECISION_CASES,
         decision_case(recent_timestamp().boxed(), crd_refresh_before()),
+        DECISION_BRANCHES,
         check_decision,
     );
 }
 
 #[test]
 fn decisions_survive_any_clock_and_expiry() {
-    check(
+    check_branches_cases(
         "decide_any_time",
+        DECISION_CASES,
         // Also any refreshBefore, as an object from before the CRD's rule may have (105400000h).
         decision_case(timestamp().boxed(), duration_text().boxed()),
+        DECISION_BRANCHES,
         check_decision,
     );
 }
@@ -1823,7 +2292,7 @@ fn outside_text_is_bounded_printable_and_idempotent() {
 fn check_pace(
     (case, interval_s, last_call): (DecisionCase, u64, Option<Timestamp>),
 ) -> Result<(), TestCaseError> {
-    let (grant_data, token_data, status, refresh_before, now, not_before, _) = case;
+    let (grant_data, token_data, status, refresh_before, now, not_before, _, _) = case;
     let mi = integration(
         spec(serde_json::json!({ "refreshBefore": refresh_before })),
         status,
@@ -2141,17 +2610,21 @@ fn only_an_oauth_error_answer_is_permanent() {
         "temporarily_unavailable",
         "slow_down",
     ];
-    check(
+    check_branches(
         "only_oauth_is_permanent",
         token_endpoint_case(),
-        |(kind, client_secret, refresh_token, answer, now)| {
+        &["a grant", "transient", "permanent"],
+        |(kind, client_secret, refresh_token, answer, now), branches| {
             let Err(e) = refresh_answered(kind, &client_secret, &refresh_token, &answer, now)
             else {
+                branches.hit("a grant");
                 return Ok(());
             };
             if !e.is_permanent() {
+                branches.hit("transient");
                 return Ok(());
             }
+            branches.hit("permanent");
             let code = serde_json::from_slice::<serde_json::Value>(&answer.body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|c| c.as_str()).map(str::to_owned))
@@ -2210,7 +2683,7 @@ const SECRET_TYPES: &[&str] = &[
 fn the_client_id_is_never_a_secret_keys_value() {
     let key = || prop::sample::select(KEY_POOL.to_vec()).prop_map(str::to_owned);
     let maybe_key = move || prop::option::of(key());
-    check(
+    check_branches(
         "client_keys",
         (
             prop::collection::btree_set(key(), 0..KEY_POOL.len()),
@@ -2218,7 +2691,8 @@ fn the_client_id_is_never_a_secret_keys_value() {
             (maybe_key(), maybe_key(), maybe_key()),
             (maybe_key(), maybe_key()),
         ),
-        |(present, type_, (ann_id, ann_secret, ann_sa), (spec_id, spec_secret))| {
+        &["credentials", "refused"],
+        |(present, type_, (ann_id, ann_secret, ann_sa), (spec_id, spec_secret)), branches| {
             // Each key holds a value that names it, so that the key a value came from is known.
             let data: BTreeMap<String, Vec<u8>> = present
                 .iter()
@@ -2249,8 +2723,10 @@ fn the_client_id_is_never_a_secret_keys_value() {
                 service_account_key: None,
             };
             let Ok(creds) = observed::client_credentials(&r, Some(&secret)) else {
+                branches.hit("refused");
                 return Ok(());
             };
+            branches.hit("credentials");
             let id_key = creds
                 .client_id
                 .strip_prefix("value-of:")
