@@ -975,11 +975,23 @@ fn callback_errors_become_bounded_one_line_failures() {
     );
 }
 
-/// The cluster the sign-in server sees: one MailIntegration `mail/inbox`, no client Secret (so
-/// that no answer leads to a call to the provider), and the reports it receives.
+/// How the client Secret of a sign-in case stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientSetup {
+    Missing,
+    /// Present, but not labelled for the operator.
+    NotMarked,
+    /// Present, marked, with the client ID and secret.
+    Ready,
+}
+
+/// The cluster the sign-in server sees: one MailIntegration `mail/inbox`, the client Secret of the
+/// case (no grant Secret, and storing a grant fails, so that no sign-in succeeds), and the
+/// reports it receives.
 #[derive(Default)]
 struct Cluster {
     integration: Option<MailIntegration>,
+    client: Mutex<Option<Secret>>,
     reports: Mutex<Vec<Report>>,
 }
 
@@ -998,10 +1010,13 @@ impl Backend for Cluster {
 
     fn secret<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
+        ns: &'a str,
+        name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Secret>, String>> {
-        Box::pin(async { Ok(None) })
+        let found = (ns == "mail" && name == "client")
+            .then(|| self.client.lock().unwrap().clone())
+            .flatten();
+        Box::pin(async move { Ok(found) })
     }
 
     fn store_grant<'a>(
@@ -1024,36 +1039,151 @@ const SIGN_IN_KEY: &[u8] = b"0123456789abcdef0123456789abcdef-property-key";
 /// Put into hostile text: it must never reach a page unescaped.
 const INJECTED: &str = "<mio-injected>";
 
+/// What the stand-in token (and userinfo) endpoint answers: a status and a JSON or other body.
+#[derive(Clone, Debug)]
+struct TokenAnswer {
+    status: u16,
+    body: String,
+}
+
+/// The provider's token and userinfo endpoints, on loopback: they answer what the case says
+/// and count the requests they get (the witness of a code exchange).
+#[derive(Default)]
+struct StandIn {
+    answer: Mutex<Option<TokenAnswer>>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
 struct SignInServer {
     cluster: Arc<Cluster>,
+    standin: Arc<StandIn>,
     router: axum::Router,
     signer: Signer,
+    /// The token endpoint the integration names, as `/oauth2/start` binds it into the state.
+    token_endpoint: String,
     runtime: tokio::runtime::Runtime,
 }
 
 impl SignInServer {
     fn new() -> Self {
-        let mut mi = integration(spec(serde_json::json!({})), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let standin = Arc::new(StandIn::default());
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer = {
+            let standin = standin.clone();
+            move || {
+                let standin = standin.clone();
+                async move {
+                    standin
+                        .requests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let a = standin
+                        .answer
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or(TokenAnswer {
+                            status: 500,
+                            body: String::new(),
+                        });
+                    let status = http::StatusCode::from_u16(a.status)
+                        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                    (
+                        status,
+                        [(http::header::CONTENT_TYPE, "application/json")],
+                        a.body,
+                    )
+                }
+            }
+        };
+        let endpoints = axum::Router::new()
+            .route("/token", axum::routing::post(answer.clone()))
+            .route("/userinfo", axum::routing::get(answer));
+        runtime.spawn(async move { axum::serve(listener, endpoints).await });
+        let token_endpoint = format!("http://127.0.0.1:{port}/token");
+        // Google, with its token and userinfo endpoints replaced by the stand-in (the operator's
+        // --allow-endpoint-overrides and --allow-loopback), so that the issuer and the ID token
+        // are checked as Google's.
+        let mut mi = integration(
+            spec(serde_json::json!({
+                "oauth": {
+                    "clientSecretRef": {"name": "client"},
+                    "endpoints": {
+                        "token": token_endpoint,
+                        "userinfo": format!("http://127.0.0.1:{port}/userinfo"),
+                    },
+                },
+            })),
+            None,
+        );
         mi.metadata.uid = Some(SIGN_IN_UID.into());
         let cluster = Arc::new(Cluster {
             integration: Some(mi),
             ..Default::default()
         });
         let signer = Signer::new(SIGN_IN_KEY.to_vec()).unwrap();
-        let oauth = oauth::OAuthClient::new().unwrap();
-        let providers = provider::ProviderResolver::new(oauth.http_client().clone());
-        let config =
+        let oauth =
+            oauth::OAuthClient::with_timeouts(Duration::from_secs(5), Duration::from_secs(10))
+                .unwrap();
+        let providers = provider::ProviderResolver::new(oauth.http_client().clone())
+            .with_loopback(true)
+            .with_endpoint_overrides(true);
+        let mut config =
             SignInConfig::new(signin::parse_public_url("https://mail.example.com").unwrap());
+        // Every case comes from the same (absent) source address: with the default limit of 30
+        // requests at once, all but the first cases would only see the 429 page.
+        config.per_source = signin::limit::SourceLimit::new(u32::MAX, Duration::from_nanos(1));
         let server = SignIn::new(config, signer.clone(), cluster.clone(), oauth, providers);
         Self {
             cluster,
+            standin,
             router: server.router(),
             signer,
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
+            token_endpoint,
+            runtime,
         }
+    }
+
+    /// Set the client Secret and the stand-in's answer for the next request.
+    fn prepare(&self, client: ClientSetup, answer: Option<TokenAnswer>) {
+        let secret = match client {
+            ClientSetup::Missing => None,
+            ClientSetup::NotMarked | ClientSetup::Ready => {
+                let mut s = secret_of(
+                    [
+                        ("client_id".to_owned(), CLIENT_ID.as_bytes().to_vec()),
+                        ("client_secret".to_owned(), b"client-secret".to_vec()),
+                    ]
+                    .into(),
+                    Some("3".into()),
+                );
+                if client == ClientSetup::Ready {
+                    s.metadata.labels = Some(
+                        [(
+                            mail_integration_operator::api::OAUTH_CLIENT_LABEL.to_owned(),
+                            "true".to_owned(),
+                        )]
+                        .into(),
+                    );
+                }
+                Some(s)
+            }
+        };
+        *self.cluster.client.lock().unwrap() = secret;
+        *self.standin.answer.lock().unwrap() = answer;
+    }
+
+    /// Requests the stand-in endpoints got so far.
+    fn provider_requests(&self) -> u64 {
+        self.standin
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Send a request; the status, the body and the reports it caused.
@@ -1082,13 +1212,93 @@ enum SignInRequest {
         path: &'static str,
         query: String,
         cookie: Option<String>,
+        client: ClientSetup,
     },
     /// The provider's answer to a genuine state of this browser, with any other parameters.
     Answer {
         params: Vec<(&'static str, String)>,
         prompt: String,
         state_id: String,
+        /// Whether the state binds the integration's token endpoint and client (as
+        /// `/oauth2/start` does), or others (a spec or client Secret changed since).
+        bound_here: bool,
+        client: ClientSetup,
+        /// What the token endpoint answers the code exchange (and userinfo, if asked).
+        token_answer: TokenAnswer,
     },
+}
+
+/// The token endpoint's answers to a code exchange: a grant whose ID token names the mailbox or
+/// another account (verified or not, for this client or another, with or without a refresh token),
+/// an OAuth error, or anything.
+fn token_answer() -> impl Strategy<Value = TokenAnswer> {
+    let account = prop_oneof![
+        4 => Just(MAILBOX.to_owned()),
+        1 => Just("other@example.com".to_owned()),
+        1 => "[ -~]{0,20}".prop_map(|s| format!("{s}{INJECTED}@example.com")),
+    ];
+    let grant = (
+        account,
+        prop::option::weighted(0.9, credential()),
+        prop::bool::weighted(0.9),
+        prop::bool::weighted(0.9),
+        prop::bool::weighted(0.8),
+    )
+        .prop_map(|(email, refresh_token, verified, ours, with_id_token)| {
+            let claims = serde_json::json!({
+                "iss": "https://accounts.google.com",
+                "aud": if ours { CLIENT_ID } else { "another-client" },
+                "email": email,
+                "email_verified": verified,
+                "exp": Timestamp::now().as_second() + 3600,
+            });
+            let mut v = serde_json::json!({
+                "access_token": "ya29.access-token-of-the-property",
+                "token_type": "Bearer",
+                "expires_in": 3599,
+            });
+            if with_id_token {
+                v["id_token"] = jwt(claims.to_string().as_bytes()).into();
+            } else {
+                // Then the account comes from userinfo, which the stand-in answers with this.
+                v["email"] = email.into();
+            }
+            if let Some(rt) = refresh_token {
+                v["refresh_token"] = rt.into();
+            }
+            TokenAnswer {
+                status: 200,
+                body: v.to_string(),
+            }
+        });
+    let error = (
+        oauth_error_code(),
+        prop::option::of(hostile_text()),
+        prop::sample::select(vec![400u16, 401, 500, 503]),
+    )
+        .prop_map(|(error, description, status)| {
+            let mut v = serde_json::json!({ "error": error });
+            if let Some(d) = description {
+                v["error_description"] = format!("{d}{INJECTED}").into();
+            }
+            TokenAnswer {
+                status,
+                body: v.to_string(),
+            }
+        });
+    let anything = (100u16..=599, hostile_text()).prop_map(|(status, body)| TokenAnswer {
+        status,
+        body: format!("{body}{INJECTED}"),
+    });
+    prop_oneof![3 => grant, 1 => error, 1 => anything]
+}
+
+fn client_setup() -> impl Strategy<Value = ClientSetup> {
+    prop_oneof![
+        1 => Just(ClientSetup::Missing),
+        1 => Just(ClientSetup::NotMarked),
+        4 => Just(ClientSetup::Ready),
+    ]
 }
 
 fn sign_in_request() -> impl Strategy<Value = SignInRequest> {
@@ -1117,22 +1327,51 @@ fn sign_in_request() -> impl Strategy<Value = SignInRequest> {
             }),
         ],
         prop::option::of(prop_oneof!["mio_signin=[A-Za-z0-9_-]{43}", "[ -~]{0,80}",]),
+        client_setup(),
     )
-        .prop_map(|(path, query, cookie)| SignInRequest::Raw {
+        .prop_map(|(path, query, cookie, client)| SignInRequest::Raw {
             path,
             query,
             cookie,
+            client,
         });
+    // The answer of a provider that signed the account in: a code, perhaps the issuer (RFC 9207).
+    let signed_in = (
+        credential(),
+        prop::option::of(prop_oneof![
+            Just("https://accounts.google.com".to_owned()),
+            text.clone()
+        ]),
+    )
+        .prop_map(|(code, iss)| {
+            let mut params = vec![("code", code)];
+            if let Some(iss) = iss {
+                params.push(("iss", iss));
+            }
+            params
+        });
+    let params = prop_oneof![
+        1 => proptest::collection::vec((param, text.clone()), 0..5),
+        2 => signed_in,
+    ];
     let answer = (
-        proptest::collection::vec((param, text.clone()), 0..5),
+        params,
         prop_oneof![Just("None".to_owned()), Just("Consent".to_owned()), text],
         "[A-Za-z0-9_-]{1,43}",
+        prop::bool::weighted(0.8),
+        client_setup(),
+        token_answer(),
     )
-        .prop_map(|(params, prompt, state_id)| SignInRequest::Answer {
-            params: params.into_iter().filter(|(k, _)| *k != "state").collect(),
-            prompt,
-            state_id,
-        });
+        .prop_map(
+            |(params, prompt, state_id, bound_here, client, token_answer)| SignInRequest::Answer {
+                params: params.into_iter().filter(|(k, _)| *k != "state").collect(),
+                prompt,
+                state_id,
+                bound_here,
+                client,
+                token_answer,
+            },
+        );
     prop_oneof![raw, answer].boxed()
 }
 
@@ -1142,7 +1381,9 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
             path,
             query,
             cookie,
+            client,
         } => {
+            server.prepare(*client, None);
             let post = *path == "/oauth2/start";
             let uri = if post {
                 path.to_string()
@@ -1156,8 +1397,20 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
             params,
             prompt,
             state_id,
+            bound_here,
+            client,
+            token_answer,
         } => {
+            server.prepare(*client, Some(token_answer.clone()));
             let nonce = token::random_b64(32);
+            let (t, c) = if *bound_here {
+                (server.token_endpoint.clone(), CLIENT_ID.to_owned())
+            } else {
+                (
+                    "https://oauth2.googleapis.com/token".to_owned(),
+                    "another-client".to_owned(),
+                )
+            };
             let state = server.signer.sign(
                 signin::STATE,
                 &StateClaims {
@@ -1168,8 +1421,8 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
                     exp: Timestamp::now().as_second() + 600,
                     b: token::browser_binding(&nonce),
                     p: prompt.clone(),
-                    t: String::new(),
-                    c: String::new(),
+                    t,
+                    c,
                 },
             );
             let query = url::form_urlencoded::Serializer::new(String::new())
@@ -1200,21 +1453,49 @@ fn request_of(server: &SignInServer, r: &SignInRequest) -> Option<http::Request<
     b.body(axum::body::Body::from(body)).ok()
 }
 
+/// Cases of a normal run of the sign-in property: enough for each of its branches (a code exchange
+/// needs a genuine state, a code, a usable client Secret and the right binding).
+const SIGN_IN_CASES: u32 = 384;
+
+/// The branches of the sign-in property: whether a request was sent, and how far an answer got:
+/// stopped at the client Secret (missing, not marked), at the binding of the code, at the token
+/// endpoint (called: the stand-in's counter), or past every check of the grant to its storing.
+const SIGN_IN_BRANCHES: &[&str] = &[
+    "sent",
+    "no HTTP request",
+    "no client Secret",
+    "client Secret not marked",
+    "code bound elsewhere",
+    "token endpoint called",
+    "grant refused",
+    "grant not stored",
+];
+
 #[test]
 fn the_sign_in_server_answers_any_request_with_a_safe_page() {
+    use mail_integration_operator::reason::Reason;
     let server = SignInServer::new();
-    check_branches(
+    check_branches_cases(
         "sign_in_requests",
+        SIGN_IN_CASES,
         sign_in_request(),
-        &["sent", "no HTTP request"],
+        SIGN_IN_BRANCHES,
         |r, branches| {
             let Some(req) = request_of(&server, &r) else {
                 branches.hit("no HTTP request");
                 return Ok(());
             };
             branches.hit("sent");
+            let before = server.provider_requests();
             let (status, body, reports) = server.send(req);
-            // Without a client Secret nothing can succeed; only a genuine ticket could start a sign-in.
+            prop_assert_ne!(
+                status,
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "the limit, not the page"
+            );
+            let called = server.provider_requests() > before;
+            // No grant can be stored, so nothing succeeds; only a genuine ticket could start a
+            // sign-in (a redirect).
             prop_assert!(
                 status.is_client_error() || status.is_server_error(),
                 "{} for {:?}",
@@ -1222,10 +1503,42 @@ fn the_sign_in_server_answers_any_request_with_a_safe_page() {
                 r
             );
             prop_assert!(!body.contains(INJECTED), "unescaped input in the page");
+            if called {
+                branches.hit("token endpoint called");
+                // The code goes to the token endpoint only with a usable client Secret and the
+                // token endpoint and client that the state bound.
+                prop_assert!(
+                    matches!(
+                        &r,
+                        SignInRequest::Answer {
+                            bound_here: true,
+                            client: ClientSetup::Ready,
+                            ..
+                        }
+                    ),
+                    "the provider was called for {:?}",
+                    r
+                );
+            }
             for report in reports {
-                let Report::Failed { message, .. } = report else {
+                let Report::Failed { message, reason } = report else {
                     return Err(TestCaseError::fail("a sign-in succeeded"));
                 };
+                match reason {
+                    Reason::ClientSecretNotFound => branches.hit("no client Secret"),
+                    Reason::ClientSecretNotMarked => branches.hit("client Secret not marked"),
+                    Reason::GrantBoundElsewhere => branches.hit("code bound elsewhere"),
+                    Reason::GrantWriteFailed => branches.hit("grant not stored"),
+                    Reason::AccountMismatch
+                    | Reason::AccountUnknown
+                    | Reason::NoRefreshToken
+                    | Reason::IssuerMismatch
+                        if called =>
+                    {
+                        branches.hit("grant refused")
+                    }
+                    _ => {}
+                }
                 prop_assert_eq!(control_char(&message), None, "{}", message);
                 prop_assert!(
                     message.chars().count() <= MAX_MESSAGE_CHARS,
@@ -2010,7 +2323,7 @@ fn situation() -> impl Strategy<Value = Situation> {
 
 /// Cases of a normal run of the decision properties (cheap: no I/O), enough for each of their 14
 /// branches to be reached (see docs/fuzzing.md).
-const DECISION_CASES: u32 = 1024;
+const DECISION_CASES: u32 = 512;
 
 /// The branches of `decide`: its nine kinds of holding off, and a refresh by each of its five causes.
 const DECISION_BRANCHES: &[&str] = &[
@@ -2683,8 +2996,10 @@ const SECRET_TYPES: &[&str] = &[
 fn the_client_id_is_never_a_secret_keys_value() {
     let key = || prop::sample::select(KEY_POOL.to_vec()).prop_map(str::to_owned);
     let maybe_key = move || prop::option::of(key());
-    check_branches(
+    check_branches_cases(
         "client_keys",
+        // Three in a hundred cases make usable credentials: 512 reach them every time.
+        512,
         (
             prop::collection::btree_set(key(), 0..KEY_POOL.len()),
             prop::option::of(prop::sample::select(SECRET_TYPES.to_vec())),
