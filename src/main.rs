@@ -48,6 +48,18 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the MailIntegration CustomResourceDefinition as YAML (the file under crds/).
     Crd,
+    /// Run the mail gateway: IMAP, POP3 and SMTP for apps with gateway credentials
+    /// (spec.gateway), with the integrations' access tokens upstream (docs/gateway.md).
+    Gateway(Box<GatewayCommand>),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayCommand {
+    /// Log format.
+    #[arg(long, env = "MIO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(flatten)]
+    gateway: mail_integration_operator::gateway::GatewayArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -537,6 +549,13 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(run(*args))?,
         Command::Crd => print!("{}", mail_integration_operator::api::crd_yaml()),
+        Command::Gateway(args) => {
+            init_tracing(args.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(mail_integration_operator::gateway::run(args.gateway))?
+        }
     }
     Ok(())
 }

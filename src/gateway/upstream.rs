@@ -20,14 +20,25 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{config::UpstreamServer, session::Protocol};
+mod imap;
+mod lines;
+mod pop3;
+
+use lines::Lines;
+
+use super::{
+    config::{UpstreamMechanism, UpstreamServer},
+    session::{Entry, Protocol},
+};
 use crate::{
     api::TlsMode,
-    mailbox::{MailboxError, allowed::AllowedHosts, tls},
+    mailbox::{MailboxError, SaslMechanism, allowed::AllowedHosts, tls},
 };
 
 /// How long connecting (TCP and the TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole upstream set-up (connect, STARTTLS, authentication) may take.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the gateway could not get an upstream session. No variant holds a token or a SASL string.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +204,139 @@ impl TlsUpgrade {
                 CONNECT_TIMEOUT.as_secs()
             ))),
         }
+    }
+}
+
+/// A stream the relay can use: any async byte stream.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// An authenticated upstream session, ready to relay.
+pub struct Upstream {
+    pub stream: Box<dyn AsyncStream>,
+    /// What the server sent after its authentication reply: delivered to the app first.
+    pub pending: Vec<u8>,
+    /// The server's success reply: IMAP without its tag (`OK [CAPABILITY ...] Logged in`), POP3
+    /// the whole line (`+OK ...`).
+    pub reply: String,
+    /// IMAP: the untagged lines the server sent before its reply (CRLF-terminated).
+    pub untagged: Vec<u8>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("reply", &self.reply)
+            .finish_non_exhaustive()
+    }
+}
+
+fn mechanism(m: UpstreamMechanism) -> SaslMechanism {
+    match m {
+        UpstreamMechanism::XOAuth2 => SaslMechanism::XOAuth2,
+        UpstreamMechanism::OAuthBearer => SaslMechanism::OAuthBearer,
+    }
+}
+
+/// What the client answers to an error challenge, base64-encoded.
+pub(crate) fn failure_ack(m: SaslMechanism) -> String {
+    crate::mailbox::encode_sasl(m.failure_ack())
+}
+
+pub(crate) fn decode_challenge(data: &str) -> String {
+    crate::mailbox::decode_challenge(data.trim())
+}
+
+/// Connect to the integration's server for `protocol` and authenticate with the entry's current
+/// access token (XOAUTH2 or OAUTHBEARER as `gateway.json` says), within [`SETUP_TIMEOUT`]. IMAP
+/// and POP3 only: SMTP has its own client (`smtp/upstream.rs`, over [`open_stream`]).
+pub async fn connect(
+    entry: &Entry,
+    protocol: Protocol,
+    allowed: &AllowedHosts,
+) -> Result<Upstream, UpstreamError> {
+    let config = &entry.config;
+    let server = config
+        .server(protocol)
+        .ok_or(UpstreamError::NoServer(protocol))?;
+    let mechanism = mechanism(config.mechanism);
+    let sasl = mechanism.initial_response(
+        &config.mailbox,
+        &server.host,
+        server.port,
+        &entry.access_token,
+    );
+    let setup = async {
+        let (stream, upgrade) = open_stream(server, config.ca_pem.as_deref(), allowed).await?;
+        let starttls = (server.tls == TlsMode::StartTls).then_some(&upgrade);
+        match protocol {
+            Protocol::Imap => {
+                let done =
+                    imap::authenticate(stream, starttls, &server.host, mechanism, &sasl).await?;
+                let (stream, pending) = done.lines.into_parts();
+                Ok(Upstream {
+                    stream: Box::new(stream),
+                    pending,
+                    reply: done.reply,
+                    untagged: done.untagged,
+                })
+            }
+            Protocol::Pop3 => {
+                let (lines, reply) =
+                    pop3::authenticate(stream, starttls, &server.host, mechanism, &sasl).await?;
+                let (stream, pending) = lines.into_parts();
+                Ok(Upstream {
+                    stream: Box::new(stream),
+                    pending,
+                    reply,
+                    untagged: Vec::new(),
+                })
+            }
+            Protocol::Smtp => Err(UpstreamError::Protocol(
+                "SMTP sessions use the gateway's SMTP client".into(),
+            )),
+        }
+    };
+    let result = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Unreachable(format!(
+            "{}:{}: no authenticated session within {} s",
+            server.host,
+            server.port,
+            SETUP_TIMEOUT.as_secs()
+        ))),
+    };
+    result.map_err(|e| {
+        e.scrub(&[
+            entry.access_token.expose(),
+            sasl.expose(),
+            &crate::mailbox::encode_sasl(sasl.expose().as_bytes()),
+        ])
+    })
+}
+
+impl UpstreamError {
+    fn detail_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Self::NoServer(_) => None,
+            Self::HostNotAllowed(d)
+            | Self::Unreachable(d)
+            | Self::Tls(d)
+            | Self::AuthFailed(d)
+            | Self::Protocol(d) => Some(d),
+        }
+    }
+
+    /// Remove any of `secrets` from the detail (defence in depth: a server could echo them).
+    fn scrub(mut self, secrets: &[&str]) -> Self {
+        if let Some(detail) = self.detail_mut() {
+            for secret in secrets {
+                if secret.len() >= 8 && detail.contains(secret) {
+                    *detail = detail.replace(secret, "[redacted]");
+                }
+            }
+        }
+        self
     }
 }
 

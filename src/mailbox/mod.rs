@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub(crate) use sasl::encode as encode_sasl;
 pub use sasl::{SaslMechanism, decode_challenge, oauthbearer, printable, xoauth2};
 
 use crate::{

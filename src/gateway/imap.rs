@@ -1,0 +1,619 @@
+//! IMAP towards apps: the not-authenticated state (greeting, CAPABILITY, NOOP, LOGOUT, STARTTLS,
+//! ID, LOGIN, AUTHENTICATE PLAIN with SASL-IR or a continuation), then the relay to the
+//! integration's server.
+//!
+//! Commands are parsed with `imap-codec` (the maintained IMAP codec; `CommandCodec` for commands,
+//! `AuthenticateDataCodec` for the continuation line). Hand-written here: the framing around it
+//! ([`super::wire`]: lines of at most `--max-line` bytes, synchronizing literals of at most
+//! `--max-literal` answered with a continuation only when they fit, so nothing unbounded is ever
+//! buffered) and the replies, which are a few fixed lines. The capabilities shown before login
+//! are only what the gateway itself does before login; after login the app talks to the server,
+//! whose own capabilities come with its login reply.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use imap_codec::{
+    AuthenticateDataCodec, CommandCodec,
+    decode::{CommandDecodeError, Decoder},
+    imap_types::{
+        auth::{AuthMechanism, AuthenticateData},
+        command::{Command, CommandBody},
+        core::LiteralMode,
+    },
+};
+
+use super::{
+    Ctx,
+    listen::{ClientStream, TlsState},
+    login::retry_secs,
+    relay::{self, OpenSession},
+    session::{Login, LoginRefused, Protocol},
+    upstream,
+    wire::{ReadError, Wire, parse_plain},
+};
+use crate::secret::SecretValue;
+
+/// A pre-login command as the gateway acts on it. Pure parsing result, for the property tests.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreLogin {
+    Capability {
+        tag: String,
+    },
+    Noop {
+        tag: String,
+    },
+    Logout {
+        tag: String,
+    },
+    StartTls {
+        tag: String,
+    },
+    Id {
+        tag: String,
+    },
+    Login {
+        tag: String,
+        username: String,
+        password: SecretValue,
+    },
+    /// `initial` is the decoded SASL-IR, if any (`Some(empty)` for `=`).
+    Authenticate {
+        tag: String,
+        plain: bool,
+        initial: Option<Vec<u8>>,
+    },
+    /// Any other command: not before login.
+    Other {
+        tag: String,
+    },
+}
+
+/// What parsing a (partial) command message said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Command(PreLogin),
+    /// A synchronizing literal of `length` bytes follows the message so far.
+    Literal {
+        tag: String,
+        length: u32,
+        sync: bool,
+    },
+    /// More bytes are needed (the line is not complete).
+    Incomplete,
+    /// Not a command: BAD with the tag if one can be read.
+    Bad {
+        tag: Option<String>,
+    },
+}
+
+fn rough_tag(message: &[u8]) -> Option<String> {
+    let end = message.iter().position(|b| *b == b' ')?;
+    let tag = std::str::from_utf8(message.get(..end)?).ok()?;
+    (!tag.is_empty()
+        && tag.len() <= 64
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+]".contains(&b)))
+    .then(|| tag.to_owned())
+}
+
+/// Parse a command message (a line, or lines with their literals). Pure; never panics.
+pub fn parse(message: &[u8]) -> Parsed {
+    let command: Command<'_> = match CommandCodec::default().decode(message) {
+        Ok((_, command)) => command,
+        Err(CommandDecodeError::Incomplete) => return Parsed::Incomplete,
+        Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
+            return Parsed::Literal {
+                tag: tag.as_ref().to_owned(),
+                length,
+                sync: matches!(mode, LiteralMode::Sync),
+            };
+        }
+        Err(CommandDecodeError::Failed) => {
+            return Parsed::Bad {
+                tag: rough_tag(message),
+            };
+        }
+    };
+    let tag = command.tag.as_ref().to_owned();
+    Parsed::Command(match command.body {
+        CommandBody::Capability => PreLogin::Capability { tag },
+        CommandBody::Noop => PreLogin::Noop { tag },
+        CommandBody::Logout => PreLogin::Logout { tag },
+        CommandBody::StartTLS => PreLogin::StartTls { tag },
+        CommandBody::Id { .. } => PreLogin::Id { tag },
+        CommandBody::Login { username, password } => {
+            match (
+                std::str::from_utf8(username.as_ref()),
+                std::str::from_utf8(password.declassify().as_ref()),
+            ) {
+                (Ok(u), Ok(p)) => PreLogin::Login {
+                    tag,
+                    username: u.to_owned(),
+                    password: SecretValue::new(p),
+                },
+                _ => return Parsed::Bad { tag: Some(tag) },
+            }
+        }
+        CommandBody::Authenticate {
+            mechanism,
+            initial_response,
+        } => PreLogin::Authenticate {
+            tag,
+            plain: matches!(mechanism, AuthMechanism::Plain),
+            initial: initial_response.map(|r| r.declassify().to_vec()),
+        },
+        _ => PreLogin::Other { tag },
+    })
+}
+
+/// The continuation line of AUTHENTICATE: `Some(data)`, or `None` for `*` (cancel) or garbage.
+pub fn parse_authenticate_line(line: &[u8]) -> Option<Vec<u8>> {
+    match AuthenticateDataCodec::default().decode(line) {
+        Ok((_, AuthenticateData::Continue(data))) => Some(data.declassify().to_vec()),
+        _ => None,
+    }
+}
+
+/// The capabilities before login.
+pub fn capabilities(tls: &TlsState) -> String {
+    let mut caps = vec!["IMAP4rev1", "SASL-IR"];
+    if tls.starttls.is_some() && !tls.tls {
+        caps.push("STARTTLS");
+    }
+    if tls.login_allowed() {
+        caps.push("AUTH=PLAIN");
+    } else {
+        caps.push("LOGINDISABLED");
+    }
+    caps.join(" ")
+}
+
+enum Next {
+    /// Read the next command.
+    Continue,
+    /// Close the connection.
+    Close,
+}
+
+struct Conn {
+    wire: Wire<ClientStream>,
+    tls: TlsState,
+    source: SocketAddr,
+    ctx: Arc<Ctx>,
+}
+
+impl Conn {
+    async fn send(&mut self, text: &str) -> bool {
+        self.wire.send(text.as_bytes()).await
+    }
+
+    /// Read one command message (with its literals), within the pre-login bounds.
+    async fn read_command(&mut self) -> Result<Parsed, ReadError> {
+        let max_literal = self.ctx.bounds.max_literal;
+        let limit = self.ctx.bounds.max_line.saturating_add(max_literal);
+        let mut message = Vec::new();
+        loop {
+            let line = self.wire.line().await?;
+            message.extend_from_slice(&line);
+            if message.len() > limit {
+                return Err(ReadError::TooLong);
+            }
+            match parse(&message) {
+                Parsed::Literal { tag, length, sync } => {
+                    let length = usize::try_from(length).unwrap_or(usize::MAX);
+                    if length > max_literal || message.len().saturating_add(length) > limit {
+                        if !sync {
+                            // The app sends the data anyway: no resynchronizing after it.
+                            return Err(ReadError::TooLong);
+                        }
+                        return Ok(Parsed::Bad { tag: Some(tag) });
+                    }
+                    if sync && !self.send("+ Ready for literal data\r\n").await {
+                        return Err(ReadError::Closed);
+                    }
+                    let data = self.wire.exact(length).await?;
+                    message.extend_from_slice(&data);
+                }
+                Parsed::Incomplete => {
+                    if message.ends_with(b"\n") {
+                        return Ok(Parsed::Bad {
+                            tag: rough_tag(&message),
+                        });
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+}
+
+/// Serve one IMAP connection (the listener table's entry point).
+pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) {
+    let mut conn = Conn {
+        wire: Wire::new(stream, ctx.bounds.max_line),
+        tls,
+        source,
+        ctx: ctx.clone(),
+    };
+    let greeting = format!(
+        "* OK [CAPABILITY {}] {} ready\r\n",
+        capabilities(&conn.tls),
+        ctx.hostname
+    );
+    if !conn.send(&greeting).await {
+        return;
+    }
+    let mut commands = 0usize;
+    loop {
+        if commands >= ctx.bounds.max_commands_before_login {
+            ctx.metrics.closed(Protocol::Imap, "pre_login_limit");
+            let _ = conn.send("* BYE Too many commands before login\r\n").await;
+            return;
+        }
+        commands = commands.saturating_add(1);
+        let read = tokio::time::timeout(ctx.bounds.pre_login_idle, conn.read_command()).await;
+        let parsed = match read {
+            Err(_) => {
+                ctx.metrics.closed(Protocol::Imap, "idle");
+                let _ = conn.send("* BYE Idle for too long\r\n").await;
+                return;
+            }
+            Ok(Err(ReadError::TooLong)) => {
+                ctx.metrics.closed(Protocol::Imap, "pre_login_limit");
+                let _ = conn.send("* BYE Command too long\r\n").await;
+                return;
+            }
+            Ok(Err(ReadError::Closed)) => return,
+            Ok(Ok(parsed)) => parsed,
+        };
+        let next = match parsed {
+            Parsed::Command(PreLogin::StartTls { tag }) => match starttls(conn, &tag).await {
+                Some(upgraded) => {
+                    conn = upgraded;
+                    Next::Continue
+                }
+                None => return,
+            },
+            Parsed::Command(command) => match command_step(&mut conn, command).await {
+                Step::Next(next) => next,
+                Step::LoggedIn(session) => {
+                    session.run(conn).await;
+                    return;
+                }
+            },
+            Parsed::Bad { tag } => {
+                let tag = tag.unwrap_or_else(|| "*".into());
+                bad(&mut conn, &tag, "Command not understood").await
+            }
+            Parsed::Literal { .. } | Parsed::Incomplete => Next::Continue,
+        };
+        if let Next::Close = next {
+            return;
+        }
+    }
+}
+
+async fn bad(conn: &mut Conn, tag: &str, text: &str) -> Next {
+    if conn.send(&format!("{tag} BAD {text}\r\n")).await {
+        Next::Continue
+    } else {
+        Next::Close
+    }
+}
+
+enum Step {
+    Next(Next),
+    LoggedIn(Box<LoggedIn>),
+}
+
+async fn command_step(conn: &mut Conn, command: PreLogin) -> Step {
+    let next = match command {
+        PreLogin::Capability { tag } => {
+            let text = format!(
+                "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                capabilities(&conn.tls)
+            );
+            ok_or_close(conn.send(&text).await)
+        }
+        PreLogin::Noop { tag } => {
+            ok_or_close(conn.send(&format!("{tag} OK NOOP completed\r\n")).await)
+        }
+        PreLogin::Id { tag } => ok_or_close(
+            conn.send(&format!(
+                "* ID (\"name\" \"mail-integration-operator gateway\")\r\n{tag} OK ID completed\r\n"
+            ))
+            .await,
+        ),
+        PreLogin::Logout { tag } => {
+            let _ = conn
+                .send(&format!(
+                    "* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"
+                ))
+                .await;
+            Next::Close
+        }
+        // Handled by the loop (it replaces the connection).
+        PreLogin::StartTls { tag } => bad(conn, &tag, "STARTTLS is not available now").await,
+        PreLogin::Other { tag } => bad(conn, &tag, "Log in first").await,
+        PreLogin::Login {
+            tag,
+            username,
+            password,
+        } => return login(conn, &tag, &username, &password).await,
+        PreLogin::Authenticate {
+            tag,
+            plain,
+            initial,
+        } => {
+            if !plain {
+                return Step::Next(ok_or_close(
+                    conn.send(&format!(
+                        "{tag} NO [CANNOT] Only AUTHENTICATE PLAIN is offered\r\n"
+                    ))
+                    .await,
+                ));
+            }
+            if !conn.tls.login_allowed() {
+                return Step::Next(privacy_required(conn, &tag).await);
+            }
+            let message = match initial {
+                Some(message) => message,
+                None => {
+                    if !conn.send("+ \r\n").await {
+                        return Step::Next(Next::Close);
+                    }
+                    let line =
+                        tokio::time::timeout(conn.ctx.bounds.pre_login_idle, conn.wire.line())
+                            .await;
+                    match line {
+                        Ok(Ok(line)) => match parse_authenticate_line(&line) {
+                            Some(message) => message,
+                            None => {
+                                return Step::Next(
+                                    bad(conn, &tag, "AUTHENTICATE cancelled or malformed").await,
+                                );
+                            }
+                        },
+                        _ => return Step::Next(Next::Close),
+                    }
+                }
+            };
+            match parse_plain(&message) {
+                Some((username, password)) => {
+                    return login(conn, &tag, &username, &password).await;
+                }
+                None => bad(conn, &tag, "Malformed PLAIN message").await,
+            }
+        }
+    };
+    Step::Next(next)
+}
+
+fn ok_or_close(sent: bool) -> Next {
+    if sent { Next::Continue } else { Next::Close }
+}
+
+async fn privacy_required(conn: &mut Conn, tag: &str) -> Next {
+    conn.ctx.metrics.login(Protocol::Imap, "plaintext_refused");
+    tracing::info!(source = %conn.source, protocol = "IMAP", result = "plaintext_refused",
+        "gateway login refused before TLS");
+    ok_or_close(
+        conn.send(&format!(
+            "{tag} NO [PRIVACYREQUIRED] Logins need TLS: use STARTTLS or the IMAPS port\r\n"
+        ))
+        .await,
+    )
+}
+
+/// STARTTLS: the connection back under TLS, or `None` when it is to be closed.
+async fn starttls(mut conn: Conn, tag: &str) -> Option<Conn> {
+    let Some(acceptor) = conn.tls.starttls.clone().filter(|_| !conn.tls.tls) else {
+        return match bad(&mut conn, tag, "STARTTLS is not available now").await {
+            Next::Continue => Some(conn),
+            Next::Close => None,
+        };
+    };
+    if conn.wire.has_buffered() {
+        // Commands pipelined after STARTTLS would be taken as sent under TLS.
+        let _ = conn
+            .send("* BYE Data after STARTTLS before the TLS handshake\r\n")
+            .await;
+        return None;
+    }
+    if !conn
+        .send(&format!("{tag} OK Begin TLS negotiation now\r\n"))
+        .await
+    {
+        return None;
+    }
+    let max_line = conn.ctx.bounds.max_line;
+    let (stream, _) = conn.wire.into_parts();
+    let handshake = stream.start_tls(&acceptor);
+    match tokio::time::timeout(conn.ctx.bounds.pre_login_idle, handshake).await {
+        Ok(Ok(stream)) => Some(Conn {
+            wire: Wire::new(stream, max_line),
+            tls: conn.tls.after_starttls(),
+            source: conn.source,
+            ctx: conn.ctx,
+        }),
+        _ => {
+            conn.ctx.metrics.closed(Protocol::Imap, "tls");
+            None
+        }
+    }
+}
+
+/// A logged-in session, its upstream connected, to relay.
+struct LoggedIn {
+    who: super::session::Authorized,
+    upstream: upstream::Upstream,
+}
+
+async fn login(conn: &mut Conn, tag: &str, username: &str, password: &SecretValue) -> Step {
+    if !conn.tls.login_allowed() {
+        return Step::Next(privacy_required(conn, tag).await);
+    }
+    let ctx = conn.ctx.clone();
+    let who = match ctx
+        .login
+        .login(Protocol::Imap, username, password, conn.source)
+        .await
+    {
+        Ok(who) => who,
+        Err(refused) => {
+            let text = match refused {
+                LoginRefused::BadCredential => {
+                    "NO [AUTHENTICATIONFAILED] Invalid credentials".to_owned()
+                }
+                LoginRefused::Throttled { retry_after } => format!(
+                    "NO [UNAVAILABLE] Too many failed logins, try again in {} s",
+                    retry_secs(retry_after)
+                ),
+                LoginRefused::ProtocolNotAllowed => {
+                    "NO [AUTHORIZATIONFAILED] This credential may not use IMAP".to_owned()
+                }
+                LoginRefused::TooManySessions => {
+                    "NO [LIMIT] Too many sessions for this credential".to_owned()
+                }
+                LoginRefused::Unavailable => {
+                    "NO [UNAVAILABLE] The mailbox is not connected now (no valid access token)"
+                        .to_owned()
+                }
+            };
+            return Step::Next(ok_or_close(conn.send(&format!("{tag} {text}\r\n")).await));
+        }
+    };
+    match upstream::connect(&who.entry, Protocol::Imap, &ctx.allowed).await {
+        Ok(upstream) => Step::LoggedIn(Box::new(LoggedIn {
+            who,
+            upstream: upstream_with_tag(upstream, tag),
+        })),
+        Err(e) => {
+            ctx.metrics.upstream_error(Protocol::Imap, e.reason());
+            tracing::warn!(app = %who.app, source = %conn.source, protocol = "IMAP",
+                reason = e.reason(), error = %e, "upstream session failed");
+            Step::Next(ok_or_close(
+                conn.send(&format!(
+                    "{tag} NO [UNAVAILABLE] The mail server did not accept the gateway ({}); see the gateway's log and the MailIntegration's status\r\n",
+                    e.reason()
+                ))
+                .await,
+            ))
+        }
+    }
+}
+
+/// The server's reply, retagged with the app's tag.
+fn upstream_with_tag(mut upstream: upstream::Upstream, tag: &str) -> upstream::Upstream {
+    upstream.reply = format!("{tag} {}\r\n", upstream.reply);
+    upstream
+}
+
+impl LoggedIn {
+    async fn run(self, conn: Conn) {
+        let Conn {
+            wire, ctx, source, ..
+        } = conn;
+        let (mut client, read_ahead) = wire.into_parts();
+        let mut first = self.upstream.untagged;
+        first.extend_from_slice(self.upstream.reply.as_bytes());
+        first.extend_from_slice(&self.upstream.pending);
+        let _open = OpenSession::new(ctx.metrics.clone(), Protocol::Imap, &self.who);
+        let end = relay::relay(
+            &mut client,
+            self.upstream.stream,
+            &read_ahead,
+            &first,
+            Protocol::Imap,
+            ctx.bounds.imap_idle,
+            &self.who.lease,
+            &ctx.metrics,
+        )
+        .await;
+        if end == relay::End::Revoked {
+            use tokio::io::AsyncWriteExt;
+            let _ = client
+                .write_all(b"* BYE [UNAVAILABLE] This credential was revoked\r\n")
+                .await;
+        }
+        tracing::info!(app = %self.who.app, source = %source, protocol = "IMAP",
+            end = end.as_str(), "gateway session ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pre_login_commands() {
+        assert_eq!(
+            parse(b"a1 LOGIN \"ns/mi/app\" \"p\\\"w\"\r\n"),
+            Parsed::Command(PreLogin::Login {
+                tag: "a1".into(),
+                username: "ns/mi/app".into(),
+                password: SecretValue::new("p\"w"),
+            })
+        );
+        assert_eq!(
+            parse(b"a2 LOGIN {9}\r\n"),
+            Parsed::Literal {
+                tag: "a2".into(),
+                length: 9,
+                sync: true
+            }
+        );
+        assert!(matches!(
+            parse(b"a2 LOGIN {9}\r\nns/mi/app pw\r\n"),
+            Parsed::Command(PreLogin::Login { .. })
+        ));
+        assert_eq!(
+            parse(b"a3 AUTHENTICATE PLAIN AG5zL21pL2FwcABwdw==\r\n"),
+            Parsed::Command(PreLogin::Authenticate {
+                tag: "a3".into(),
+                plain: true,
+                initial: Some(b"\0ns/mi/app\0pw".to_vec()),
+            })
+        );
+        assert!(matches!(
+            parse(b"a4 AUTHENTICATE XOAUTH2\r\n"),
+            Parsed::Command(PreLogin::Authenticate { plain: false, .. })
+        ));
+        assert_eq!(
+            parse(b"a5 starttls\r\n"),
+            Parsed::Command(PreLogin::StartTls { tag: "a5".into() })
+        );
+        assert_eq!(
+            parse(b"a6 SELECT INBOX\r\n"),
+            Parsed::Command(PreLogin::Other { tag: "a6".into() })
+        );
+        assert_eq!(
+            parse(b"a7 FROBNICATE\r\n"),
+            Parsed::Bad {
+                tag: Some("a7".into())
+            }
+        );
+        assert_eq!(parse(b"a8 NOOP"), Parsed::Incomplete);
+        assert_eq!(
+            parse_authenticate_line(b"AG5zL21pL2FwcABwdw==\r\n"),
+            Some(b"\0ns/mi/app\0pw".to_vec())
+        );
+        assert_eq!(parse_authenticate_line(b"*\r\n"), None);
+    }
+
+    #[test]
+    fn capabilities_before_login_say_only_what_the_gateway_does() {
+        let plain = TlsState {
+            tls: false,
+            starttls: None,
+            plaintext_login: false,
+        };
+        assert_eq!(capabilities(&plain), "IMAP4rev1 SASL-IR LOGINDISABLED");
+        let tls = TlsState {
+            tls: true,
+            ..plain.clone()
+        };
+        assert_eq!(capabilities(&tls), "IMAP4rev1 SASL-IR AUTH=PLAIN");
+    }
+}

@@ -1,0 +1,94 @@
+//! A bounded line reader over the upstream stream, for the few lines of an authentication: each
+//! line at most [`MAX_LINE`] bytes, at most [`MAX_LINES`] lines per session set-up. What was read
+//! past the last line is handed back with the stream, so that the relay delivers it to the app.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Stream, UpstreamError};
+
+/// The longest line read from a server before the relay starts.
+pub const MAX_LINE: usize = 64 * 1024;
+/// The most lines read from a server before the relay starts.
+pub const MAX_LINES: usize = 200;
+
+pub struct Lines {
+    pub stream: Stream,
+    buf: Vec<u8>,
+    lines: usize,
+    host: String,
+}
+
+impl Lines {
+    pub fn new(stream: Stream, host: &str) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+            lines: 0,
+            host: host.to_owned(),
+        }
+    }
+
+    /// The next line, without its CRLF, lossily decoded.
+    pub async fn line(&mut self, when: &str) -> Result<String, UpstreamError> {
+        self.lines = self.lines.saturating_add(1);
+        if self.lines > MAX_LINES {
+            return Err(UpstreamError::Protocol(format!(
+                "{} sent more than {MAX_LINES} lines {when}",
+                self.host
+            )));
+        }
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(end.saturating_add(1));
+                let line = std::mem::replace(&mut self.buf, rest);
+                let text = String::from_utf8_lossy(&line);
+                return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+            }
+            if self.buf.len() >= MAX_LINE {
+                return Err(UpstreamError::Protocol(format!(
+                    "{} sent a line longer than {MAX_LINE} bytes {when}",
+                    self.host
+                )));
+            }
+            let room = MAX_LINE.saturating_sub(self.buf.len()).min(4096);
+            let n = (&mut self.stream)
+                .take(room as u64)
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| UpstreamError::Unreachable(format!("{}: {e} {when}", self.host)))?;
+            if n == 0 {
+                return Err(UpstreamError::Unreachable(format!(
+                    "{} closed the connection {when}",
+                    self.host
+                )));
+            }
+        }
+    }
+
+    /// Send one line (CRLF added). Lines may carry the token: they are never logged.
+    pub async fn send(&mut self, line: &[u8], when: &str) -> Result<(), UpstreamError> {
+        let mut out = Vec::with_capacity(line.len().saturating_add(2));
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+        let io =
+            |e: std::io::Error| UpstreamError::Unreachable(format!("{}: {e} {when}", self.host));
+        self.stream.write_all(&out).await.map_err(io)?;
+        self.stream.flush().await.map_err(io)
+    }
+
+    /// The stream back, for STARTTLS: nothing may have been read past the server's go-ahead.
+    pub fn into_stream_for_tls(self) -> Result<Stream, UpstreamError> {
+        if !self.buf.is_empty() {
+            return Err(UpstreamError::Tls(format!(
+                "{} sent data before the TLS handshake",
+                self.host
+            )));
+        }
+        Ok(self.stream)
+    }
+
+    /// The stream and what was read past the last line.
+    pub fn into_parts(self) -> (Stream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+}
