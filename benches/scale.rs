@@ -22,7 +22,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
-use mail_integration_operator::{api::MailIntegration, reconcile::controller::FIELD_MANAGER};
+use mail_integration_operator::{api::MailIntegration, reconcile::context::FIELD_MANAGER};
 use std::{
     collections::HashMap,
     sync::{

@@ -11,7 +11,7 @@ use mail_integration_operator::{
     oauth::OAuthClient,
     provider::ProviderResolver,
     reconcile::{
-        controller::{self, Context},
+        context::{self, Context},
         template::sandbox,
         watches,
     },
@@ -102,7 +102,7 @@ struct RunArgs {
     /// Reconciles that run at once: bounds memory and the requests in flight when thousands of
     /// integrations come due together (a refresh waits for the token endpoint, so more than the
     /// API server's own concurrency helps when the provider is slow).
-    #[arg(long, env = "MIO_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "MIO_CONCURRENCY", default_value_t = context::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// The lowest interval between two token requests of one integration, whatever the provider's
     /// `expires_in` or a refresh request (the refresh-requested-at annotation) asks for: a token
@@ -285,7 +285,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config,
         signer,
         Arc::new(
-            mail_integration_operator::metrics::sign_ins::CountingBackend::new(
+            mail_integration_operator::web::signin::counting::CountingBackend::new(
                 KubeBackend::new(client.clone())
                     .with_grant_locks(grant_locks.clone(), written.clone()),
                 metrics.clone(),

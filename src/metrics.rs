@@ -162,7 +162,7 @@ impl Default for Metrics {
             "success",
             crate::reason::Reason::SignedIn.as_str(),
         );
-        // The labels of `reconcile::controller::Error::metric_label`.
+        // The labels of `reconcile::error::Error::metric_label`.
         for error in ["kube", "no_namespace", "panic"] {
             let _ = reconcile_errors.get_or_create(&ErrorLabels {
                 error: error.into(),

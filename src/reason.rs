@@ -10,7 +10,7 @@ use std::fmt;
 mod outside;
 mod text;
 
-pub use outside::{MAX_MESSAGE, MAX_QUOTED, outside_text, quoted};
+pub use outside::{MAX_MESSAGE, MAX_QUOTED, clean, outside_text, quoted};
 
 /// Where a reason belongs, for the docs' sections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

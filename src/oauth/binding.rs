@@ -43,11 +43,11 @@ pub fn parse_servers(value: &str) -> Result<Vec<Url>, String> {
     let mut out = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let url = crate::provider::check_endpoint_url("listed", entry)
-            .map_err(|e| crate::web::signin::failure::clean(e.message()))?;
+            .map_err(|e| crate::reason::clean(e.message()))?;
         if url.query().is_some() || url.fragment().is_some() {
             return Err(format!(
                 "the entry {} has a query or fragment: list server URLs only",
-                crate::web::signin::failure::clean(entry)
+                crate::reason::clean(entry)
             ));
         }
         out.push(url);

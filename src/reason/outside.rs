@@ -39,6 +39,12 @@ pub fn quoted(text: &str) -> String {
     format!("\"{}\"", outside_text(text, MAX_QUOTED).replace('"', "'"))
 }
 
+/// Provider-sent text made safe to show and store: [`outside_text`], at most [`MAX_QUOTED`]
+/// characters.
+pub fn clean(s: &str) -> String {
+    outside_text(s, MAX_QUOTED)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

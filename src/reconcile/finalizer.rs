@@ -2,12 +2,7 @@
 //! resource goes. A provider that keeps failing delays the deletion only for a bounded time; then an
 //! event says what was not revoked, and the resource goes anyway.
 
-use super::{
-    controller::{Context, Error},
-    decide::Outcome,
-    observed,
-    refresh::next_backoff,
-};
+use super::{context::Context, decide::Outcome, error::Error, observed, refresh::next_backoff};
 use crate::{
     api::MailIntegration,
     oauth::{Carrying, RevokeOutcome, TokenTypeHint},

@@ -109,7 +109,7 @@ impl MailboxChecker {
                 reason: crate::reason::Reason::MailboxHostNotAllowed.as_str().into(),
                 message: format!(
                     "the mail server {} is not one the operator may connect to (allowed: {}): use the provider's own mail host, or ask the operator's admin to add it to --mailbox-allowed-hosts",
-                    crate::web::signin::failure::clean(&t.host),
+                    crate::reason::clean(&t.host),
                     self.allowed.describe()
                 ),
             });

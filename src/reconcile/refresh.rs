@@ -3,7 +3,7 @@
 //! failures.
 
 use super::{
-    controller::Context,
+    context::Context,
     decide::{Backoff, Outcome, RefreshCause},
     inflight,
     observed::{Observed, PublishedToken, grant_keys},

@@ -1,7 +1,7 @@
 //! Writes of the Secrets the operator owns: the grant (refresh token) and the token Secret that
 //! workloads mount. Both carry an ownerReference to their MailIntegration and the managed-by label.
 
-use super::controller::FIELD_MANAGER;
+use super::context::FIELD_MANAGER;
 use super::observed::grant_keys;
 use crate::{
     api::{INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration},

@@ -4,7 +4,8 @@
 use super::{
     cache::{self, Caches},
     cached_secret,
-    controller::{Context, Scoped, error_policy, reconcile},
+    context::{Context, Scoped},
+    controller::{error_policy, reconcile},
 };
 use crate::api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL};
 use futures::{StreamExt, TryStreamExt as _};

@@ -233,9 +233,9 @@ fn servers_not_named(spec: &MailIntegrationSpec, owner: &CredentialOwner) -> Str
     let name = &owner.secret;
     format!(
         "Secret {name:?} holds an OIDC client's credentials but does not say which servers they may be sent to: the operator sends a client secret only to servers its owner lists on the Secret (the MailIntegration's author may not be who decides that). If {} belongs to this client's OAuth server, whoever may write the Secret runs: kubectl annotate secret {name} -n {} {OAUTH_SERVERS_ANNOTATION}={}",
-        crate::web::signin::failure::clean(&entries.join(" and ")),
+        crate::reason::clean(&entries.join(" and ")),
         owner.namespace,
-        crate::web::signin::failure::clean(&entries.join(","))
+        crate::reason::clean(&entries.join(","))
     )
 }
 
@@ -257,7 +257,7 @@ fn client_as_read(
         if !delegation_allows(allowed.map(String::as_str), mailbox) {
             return Err(ClientSecretProblem::DelegationNotAllowed {
                 name: r.name.clone(),
-                mailbox: crate::web::signin::failure::clean(mailbox),
+                mailbox: crate::reason::clean(mailbox),
             });
         }
         let keys = keys_of(r, secret)?;

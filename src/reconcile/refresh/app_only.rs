@@ -9,7 +9,7 @@ use crate::{
     provider::{FailureClass, TokenOperation},
     reason::Reason,
     reconcile::{
-        controller::Context,
+        context::Context,
         decide::{Outcome, RefreshCause},
         observed::{Observed, PublishedToken},
     },

@@ -8,7 +8,7 @@ use crate::{
     reason::Reason,
     reconcile::{
         cache::Kind,
-        controller::Context,
+        context::Context,
         decide::Outcome,
         inflight::{self, Mark, MarkState},
         observed::{self, Grant, Observed},

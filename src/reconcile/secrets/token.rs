@@ -3,7 +3,7 @@
 //! writes.
 
 use super::{bytes, owned_meta, rfc3339};
-use crate::reconcile::controller::FIELD_MANAGER;
+use crate::reconcile::context::FIELD_MANAGER;
 use crate::reconcile::observed::token_keys;
 use crate::reconcile::template::{Rendered, Renderer, TokenFields, digest, keys};
 use crate::{

@@ -3,7 +3,7 @@
 
 use crate::api::{MailIntegration, SignInFailure};
 use crate::reason::Reason;
-use crate::reconcile::{controller::FIELD_MANAGER, secrets};
+use crate::reconcile::{context::FIELD_MANAGER, secrets};
 use crate::secret::SecretValue;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
@@ -98,7 +98,7 @@ impl KubeBackend {
     }
 
     /// Share the controller's per-grant locks and its record of this process's writes
-    /// ([`crate::reconcile::controller::Context::grant_locks`] and `written`).
+    /// ([`crate::reconcile::context::Context::grant_locks`] and `written`).
     pub fn with_grant_locks(
         mut self,
         locks: std::sync::Arc<crate::sync::GrantLocks>,

@@ -79,11 +79,7 @@ fn sentence(s: &str) -> String {
     }
 }
 
-/// Provider-sent text made safe to show and store: [`crate::reason::outside_text`], at most 300
-/// characters.
-pub fn clean(s: &str) -> String {
-    crate::reason::outside_text(s, crate::reason::MAX_QUOTED)
-}
+pub use crate::reason::clean;
 
 const RETRY: &str = "Open the sign-in link from status.signIn.url again";
 

@@ -4,7 +4,7 @@
 
 use super::token::{MIN_KEY_LEN, random_b64};
 use crate::api::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use crate::reconcile::controller::FIELD_MANAGER;
+use crate::reconcile::context::FIELD_MANAGER;
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use k8s_openapi::{

@@ -25,6 +25,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backend;
+pub mod counting;
 pub mod failure;
 pub mod key;
 pub mod limit;
@@ -44,7 +45,7 @@ use crate::oauth::binding::Refusal;
 use crate::oauth::{self, AuthorizationRequest, Bound, Carrying, OAuthClient, TokenGrant};
 use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
 use crate::reason::Reason;
-use crate::reconcile::controller::SignInLinks;
+use crate::reconcile::context::SignInLinks;
 use crate::reconcile::observed::{self, ClientCredentials, grant_keys};
 use crate::secret::SecretValue;
 use axum::{
