@@ -17,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod gateway;
 pub(crate) mod http_limit;
+pub mod kube_client;
 pub mod lease;
 pub mod mailbox;
 pub mod metrics;

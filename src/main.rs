@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use mail_integration_operator::{
+    kube_client,
     lease::{self, Fence, LeaseConfig},
     sync::GrantLocks,
 };
@@ -95,10 +96,16 @@ struct RunArgs {
     /// before the process exits. Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "40s", value_parser = parse_any_duration)]
     shutdown_timeout: std::time::Duration,
-    /// Requests per second to the Kubernetes API at most (a token bucket of this size per second),
-    /// so that a brownout of the API server does not become a storm of retries. 0: no limit.
-    #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 100)]
+    /// Requests per second to the Kubernetes API at most, whatever the API server's signals: a
+    /// hard cap over the adaptive limit (or the fixed limit with --kube-api-adaptive=false). 0: no
+    /// cap.
+    #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 0)]
     kube_api_qps: u64,
+    /// Adapt the request rate to the Kubernetes API server: start at 100 requests/s, grow while it
+    /// answers promptly, halve on a 429 (API Priority and Fairness) or slow answers. false: a fixed
+    /// limit of --kube-api-qps (none when 0). Either way a 429 is retried after its Retry-After.
+    #[arg(long, env = "MIO_KUBE_API_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    kube_api_adaptive: bool,
     /// Reconciles that run at once: bounds memory and the requests in flight when thousands of
     /// integrations come due together (a refresh waits for the token endpoint, so more than the
     /// API server's own concurrency helps when the provider is slow).
@@ -186,26 +193,6 @@ fn parse_any_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(d.into())
 }
 
-/// The client of everything but the Lease: responses bounded in time (a watch ends by itself
-/// within 290 s, so a read timeout above that never cuts a healthy one) and a client-side rate
-/// limit.
-fn api_client(config: &kube::Config, qps: u64) -> anyhow::Result<kube::Client> {
-    let mut config = config.clone();
-    config.read_timeout = Some(std::time::Duration::from_secs(295));
-    let builder =
-        kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
-    Ok(if qps == 0 {
-        builder.build()
-    } else {
-        builder
-            .with_layer(&tower::limit::RateLimitLayer::new(
-                qps,
-                std::time::Duration::from_secs(1),
-            ))
-            .build()
-    })
-}
-
 /// `[NAMESPACE/]NAME` of the key Secret.
 fn key_secret_ref(s: &str) -> anyhow::Result<(String, String)> {
     let (ns, name) = match s.split_once('/') {
@@ -246,8 +233,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let kube_config = kube::Config::infer()
         .await
         .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?;
-    let client = api_client(&kube_config, args.kube_api_qps)?;
-    let metrics = Arc::new(Metrics::default());
+    let mut metrics = Metrics::default();
+    let api_metrics = kube_client::ApiMetrics::default();
+    api_metrics.register(&mut metrics.registry);
+    let client = kube_client::client(
+        &kube_config,
+        kube_client::Settings::from_flags(args.kube_api_qps, args.kube_api_adaptive),
+        api_metrics,
+    )
+    .context("building the Kubernetes client")?;
+    let metrics = Arc::new(metrics);
     let ready = Arc::new(AtomicBool::new(false));
 
     let health = health::router(HealthState {

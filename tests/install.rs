@@ -6,6 +6,8 @@
 //! and the Dockerfile lint. Against the real test control plane; the Deployment is stored but never
 //! runs (no kubelet), so nothing here waits for pods.
 
+#[path = "install/api_priority.rs"]
+mod api_priority;
 #[path = "install/chart_readme.rs"]
 mod chart_readme;
 #[path = "install/docker_context.rs"]
@@ -248,6 +250,7 @@ const ALL_ON: &[&str] = &[
     "serviceMonitor.enabled=true",
     "prometheusRule.enabled=true",
     "podDisruptionBudget.enabled=true",
+    "apiPriority.enabled=true",
     "logLevel=info",
 ];
 
@@ -311,7 +314,8 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             &format!("--leader-election-lease={n}-leader"),
             "--leader-election-lease-seconds=15",
             "--shutdown-timeout=40s",
-            "--kube-api-qps=100",
+            "--kube-api-qps=0",
+            "--kube-api-adaptive=true",
             "--concurrency=32",
         ]
     );

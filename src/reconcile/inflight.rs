@@ -41,8 +41,8 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(14);
 /// The longest a mark's own write may take, from the time written into the mark to the API
 /// server's acknowledgement, for its refresh to go ahead: what [`IN_FLIGHT_WINDOW`] leaves after the
 /// rest of a refresh's worst case (the provider request, the store) and [`CLOCK_SKEW_ALLOWANCE`].
-/// The write is abandoned at this bound (kube's client retries 429/503/504 by itself, without a
-/// deadline), and a write acknowledged later than it is not followed by a presentation: another
+/// The write is abandoned at this bound (the client, `crate::kube_client`, retries 429/503/504 for up to
+/// a minute), and a write acknowledged later than it is not followed by a presentation: another
 /// process may take the mark for stale before this one's refresh could end.
 pub const MARK_WRITE_BUDGET: Duration = Duration::from_secs(10);
 

@@ -29,6 +29,8 @@ pub struct ApiRequest {
     pub code: u16,
     pub user_agent: String,
     pub uri: String,
+    /// When the API server received it (RFC 3339, microseconds).
+    pub received: String,
 }
 
 impl ApiRequest {
@@ -139,6 +141,7 @@ fn read(path: &Path, user: &str, barrier: &str) -> (Vec<ApiRequest>, bool) {
             code: ev["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
             user_agent: s(&ev["userAgent"]).unwrap_or_default(),
             uri: s(&ev["requestURI"]).unwrap_or_default(),
+            received: s(&ev["requestReceivedTimestamp"]).unwrap_or_default(),
         });
     }
     (out, seen)
