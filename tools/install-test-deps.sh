@@ -10,7 +10,11 @@ step() { echo "==> $*"; }
 # Debian packages the tests use. policy-rc.d keeps package installs from starting system services
 # (the tests start their own Dovecot on free loopback ports).
 # lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test.
-debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus)
+# The gateway's SMTP tests (tests/gateway/smtp.rs): msmtp-mta's msmtpd delivers what Dovecot's
+# submission relays (tests/support/dovecot.rs); swaks (with libnet-ssleay-perl for its TLS), msmtp,
+# curl, python3 (smtplib, imaplib) and prometheus-alertmanager are the mail clients.
+debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus
+  msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -45,6 +45,11 @@ pub struct DovecotConfig {
     /// token whose introspection field of this name is the login user, i.e. a delegate's token for
     /// the shared mailbox it may open (see [`super::oauth::OAuthServerConfig::full_access`]).
     pub delegation_attribute: Option<String>,
+    /// Deliver what the submission service accepts: Dovecot relays it to `msmtpd` (Debian's
+    /// `msmtp-mta`), which pipes each message to Dovecot's own LDA (`dovecot-lda -d <recipient>`),
+    /// so a message sent through submission lands in the recipient's INBOX. Without it, the relay
+    /// is a stand-in that refuses every transaction (the mailbox checks never send mail).
+    pub deliver: bool,
 }
 
 impl DovecotConfig {
@@ -53,6 +58,7 @@ impl DovecotConfig {
             introspection_url: introspection_url.into(),
             username_attribute: "sub".into(),
             delegation_attribute: None,
+            deliver: false,
         }
     }
 }
@@ -198,6 +204,8 @@ pub struct Dovecot {
     binary: PathBuf,
     mail_owner: Option<String>,
     process: Option<Supervised>,
+    /// `msmtpd`, when [`DovecotConfig::deliver`] is set (stopped with Dovecot's drop).
+    _relay: Option<Supervised>,
 }
 
 /// The dovecot binary, or a panic that says how to install it.
@@ -251,7 +259,12 @@ impl Dovecot {
         let ca = TestCa::generate(&root.join("ca"), "dovecot-ca");
         let (cert, key) = ca.issue_server_cert(&root.join("ca"), "server");
 
-        let relay_port = start_relay_stand_in();
+        let (relay_port, relay) = if config.deliver {
+            let (port, process) = start_msmtpd(root);
+            (port, Some(process))
+        } else {
+            (start_relay_stand_in(), None)
+        };
         let ports: Vec<u16> = reserve_ports(6);
         let (imaps_port, imap_port, pop3s_port, pop3_port, submissions_port, submission_port) =
             (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
@@ -335,7 +348,7 @@ passdb {{
 }}
 {delegation_passdb}userdb {{
   driver = static
-  args = uid={mail_user} gid={mail_group} home={r}/home/%u
+  args = uid={mail_user} gid={mail_group} home={r}/home/%u{allow_all_users}
 }}
 
 service imap-login {{
@@ -382,6 +395,12 @@ service anvil {{
             cert = cert.display(),
             key = key.display(),
             oauth2_args = oauth2_args.display(),
+            // The LDA looks users up in the userdb alone (the oauth2 passdb cannot list users).
+            allow_all_users = if config.deliver {
+                " allow_all_users=yes"
+            } else {
+                ""
+            },
         );
         let conf_path = root.join("dovecot.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -398,6 +417,7 @@ service anvil {{
             binary,
             mail_owner,
             process: None,
+            _relay: relay,
             dir,
         };
         dovecot.start_again();
@@ -452,6 +472,35 @@ service anvil {{
         let text = std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default();
         let needle = format!("Login: user=<{user}>");
         text.lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// The messages `msmtpd` has delivered ([`DovecotConfig::deliver`]): one `<from> <recipients>`
+    /// line each, in order. What the mail server really accepted, counted where it was delivered.
+    pub fn deliveries(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("deliveries.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The relay's (`msmtpd`'s) log: its sessions and what it piped, for failure messages.
+    pub fn relay_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("msmtpd.log")).unwrap_or_default()
+    }
+
+    /// The messages in `user`'s INBOX on disk (new/ and cur/), as delivered.
+    pub fn inbox_files(&self, user: &str) -> Vec<String> {
+        let maildir = self.dir.path().join("home").join(user).join("Maildir");
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(entries) = std::fs::read_dir(maildir.join(sub)) {
+                for entry in entries.flatten() {
+                    out.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
     }
 
     /// The last lines of Dovecot's log, for failure messages.
@@ -522,6 +571,63 @@ fn chown(owner: &str, path: &Path) {
         "chown -R {owner} {} failed",
         path.display()
     );
+}
+
+/// `msmtpd` on a reserved port, piping every message to `deliver.sh` (written beside Dovecot's
+/// configuration): Dovecot's LDA once per recipient, then one line in `deliveries.log`. An LDA
+/// failure is a temporary failure (exit 75), which msmtpd reports to Dovecot as such.
+fn start_msmtpd(root: &Path) -> (u16, Supervised) {
+    let msmtpd = PathBuf::from("/usr/bin/msmtpd");
+    assert!(
+        msmtpd.is_file(),
+        "/usr/bin/msmtpd not found: install Debian's msmtp-mta (apt-get install -y --no-install-recommends msmtp msmtp-mta)"
+    );
+    let lda = Path::new("/usr/lib/dovecot/dovecot-lda");
+    assert!(lda.is_file(), "{} not found. {INSTALL_HINT}", lda.display());
+    let r = root.display();
+    let script = root.join("deliver.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+# Written by tests/support/dovecot.rs: msmtpd runs `deliver.sh <envelope-from> -- <recipient>...`.
+from="$1"; shift; [ "$1" = "--" ] && shift
+tmp=$(mktemp {r}/tmp-mail.XXXXXX) || exit 75
+cat > "$tmp" || exit 75
+for rcpt in "$@"; do
+  {lda} -c {r}/dovecot.conf -f "$from" -d "$rcpt" < "$tmp" || {{ rm -f "$tmp"; exit 75; }}
+done
+rm -f "$tmp"
+echo "$from $*" >> {r}/deliveries.log
+"#,
+            lda = lda.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = reserve_ports(1)[0];
+    let process = Supervised::spawn(
+        "msmtpd",
+        &msmtpd,
+        &[
+            "--interface=127.0.0.1".into(),
+            format!("--port={port}"),
+            format!("--command={} %F --", script.display()),
+            format!("--log={r}/msmtpd.log"),
+        ],
+        &[],
+        root.join("msmtpd.out"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "msmtpd did not listen on {port} within 10 s: {}",
+            std::fs::read_to_string(root.join("msmtpd.out")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (port, process)
 }
 
 /// Dovecot's submission service connects to its relay right after a successful AUTH and answers 421
