@@ -8,3 +8,6 @@ mod support;
 
 #[path = "gateway/credentials.rs"]
 mod credentials;
+
+#[path = "gateway/smtp.rs"]
+mod smtp;

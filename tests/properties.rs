@@ -3083,3 +3083,232 @@ fn the_client_id_is_never_a_secret_keys_value() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's SMTP handler (src/gateway/smtp): command lines, SASL lines, header blocks and
+// message lines from a hostile app
+// ---------------------------------------------------------------------------------------------
+
+use mail_integration_operator::gateway::config::GatewayAppConfig;
+use mail_integration_operator::gateway::smtp::{data, rules, state};
+
+fn smtp_app() -> GatewayAppConfig {
+    GatewayAppConfig {
+        name: "app".into(),
+        username: "ns/mi/app".into(),
+        protocols: vec![],
+        send_as: vec!["alerts@example.test".into()],
+        verifiers: vec![],
+    }
+}
+
+/// Lines an SMTP client might send: known verbs with arbitrary arguments, and arbitrary bytes.
+fn smtp_line() -> impl Strategy<Value = Vec<u8>> {
+    let verb = prop::sample::select(vec![
+        "EHLO ",
+        "HELO ",
+        "AUTH PLAIN ",
+        "AUTH LOGIN ",
+        "AUTH ",
+        "MAIL FROM:",
+        "MAIL FROM:<",
+        "RCPT TO:<",
+        "DATA",
+        "RSET",
+        "NOOP ",
+        "QUIT",
+        "STARTTLS",
+        "BDAT ",
+        "VRFY ",
+        "",
+    ]);
+    (verb, prop::collection::vec(any::<u8>(), 0..700)).prop_map(|(v, rest)| {
+        let mut line = v.as_bytes().to_vec();
+        line.extend(rest.into_iter().filter(|b| *b != b'\n'));
+        line
+    })
+}
+
+/// Every reply is CRLF-ended lines of a 3-digit code, each under RFC 5321's 512 octets.
+fn check_reply(reply: &str) -> Result<(), TestCaseError> {
+    prop_assert!(reply.ends_with("\r\n"), "{:?}", reply);
+    for line in reply.trim_end_matches("\r\n").split("\r\n") {
+        prop_assert!(line.len() <= 512, "a reply line of {} bytes", line.len());
+        prop_assert!(
+            line.len() >= 4 && line.as_bytes()[..3].iter().all(u8::is_ascii_digit),
+            "{:?}",
+            line
+        );
+        prop_assert!(!line.contains(['\r', '\n']), "{:?}", line);
+    }
+    Ok(())
+}
+
+#[test]
+fn smtp_sessions_never_panic_and_answer_in_bounded_lines() {
+    check(
+        "smtp_sessions_never_panic_and_answer_in_bounded_lines",
+        (any::<bool>(), prop::collection::vec(smtp_line(), 1..24)),
+        |(logged_in, lines)| {
+            let mut m = state::Machine::new(
+                state::Listener {
+                    hostname: "gw.test".into(),
+                    tls: true,
+                    starttls: false,
+                    plaintext_auth: false,
+                },
+                state::Limits::default(),
+            );
+            if logged_in {
+                m.logged_in(state::LoggedIn {
+                    app: smtp_app(),
+                    mailbox: "box@example.test".into(),
+                    limit: 1000,
+                    eight_bit: false,
+                });
+            }
+            let mut before_login = 0u32;
+            for line in lines {
+                if !m.is_logged_in() {
+                    before_login += 1;
+                }
+                match m.line(&line) {
+                    state::Step::Reply(r) => check_reply(&r)?,
+                    state::Step::Close(r) => {
+                        check_reply(&r)?;
+                        break;
+                    }
+                    state::Step::Login(_) => {
+                        m.login_failed(String::new());
+                    }
+                    state::Step::Mail { from, .. } => {
+                        // Only an allowed sender ever goes upstream.
+                        prop_assert!(
+                            smtp_app().may_send_as("box@example.test", &from),
+                            "{}",
+                            from
+                        );
+                        m.mail_answered(from, true);
+                    }
+                    state::Step::Rcpt { .. } => m.rcpt_answered(true),
+                    state::Step::Data => m.data_done(),
+                    state::Step::StartTls | state::Step::Rset | state::Step::Quit => {}
+                }
+                prop_assert!(
+                    m.is_logged_in() || before_login <= 11,
+                    "{} lines before login were taken",
+                    before_login
+                );
+            }
+            Ok(())
+        },
+    );
+}
+
+/// Header blocks: a few field names (From, Sender and others, odd spellings) with arbitrary values.
+fn header_block() -> impl Strategy<Value = Vec<u8>> {
+    let name = prop::sample::select(vec![
+        "From", "from", "FROM ", "Sender", "Subject", "To", " ", "\t", "X-Y", "",
+    ]);
+    let value = prop::sample::select(vec![
+        "box@example.test",
+        "alerts@example.test",
+        "ceo@example.test",
+        "\"box@example.test\" <ceo@example.test>",
+        "g: box@example.test, ceo@example.test;",
+        "=?utf-8?b?Ym94QGV4YW1wbGUudGVzdA==?= <box@example.test>",
+        "<box@example.test> (c) ceo@example.test",
+        "",
+    ]);
+    prop::collection::vec(
+        (name, value, prop::collection::vec(any::<u8>(), 0..8)),
+        0..8,
+    )
+    .prop_map(|fields| {
+        let mut out = Vec::new();
+        for (n, v, noise) in fields {
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend(noise.into_iter().filter(|b| *b != b'\n'));
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    })
+}
+
+#[test]
+fn smtp_header_checks_never_panic_and_never_pass_a_foreign_address() {
+    check(
+        "smtp_header_checks_never_panic_and_never_pass_a_foreign_address",
+        header_block(),
+        |block| {
+            match rules::check_headers(&smtp_app(), "box@example.test", &block) {
+                Ok(()) => {
+                    // Whatever the parser made of it: a passed block names no foreign address in
+                    // a From:/Sender: field.
+                    let text = String::from_utf8_lossy(&block).to_ascii_lowercase();
+                    for line in text.split("\r\n") {
+                        let name = line.split(':').next().unwrap_or("").trim();
+                        if name == "from" || name == "sender" {
+                            prop_assert!(!line.contains("ceo@"), "passed: {:?}", text);
+                        }
+                    }
+                }
+                Err(reply) => {
+                    prop_assert!(reply.starts_with('5'), "{}", reply);
+                    prop_assert!(reply.len() <= 512, "{}", reply);
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn smtp_data_phases_never_forward_more_than_the_limit() {
+    check(
+        "smtp_data_phases_never_forward_more_than_the_limit",
+        (
+            1u64..5000,
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..60),
+        ),
+        |(limit, lines)| {
+            let mut phase = data::DataPhase::new(smtp_app(), "box@example.test".into(), limit);
+            let mut forwarded = 0u64;
+            let mut body = vec![b"From: box@example.test".to_vec(), Vec::new()];
+            body.extend(
+                lines
+                    .into_iter()
+                    .map(|l| l.into_iter().filter(|b| *b != b'\n').collect::<Vec<u8>>()),
+            );
+            for line in body {
+                match phase.line(line) {
+                    data::Action::Open { head } => {
+                        forwarded += head.len() as u64;
+                        phase.opened(Ok(()));
+                    }
+                    data::Action::Forward(l) => forwarded += l.len() as u64 + 2,
+                    data::Action::Close(reply) => {
+                        check_reply(&reply)?;
+                        return Ok(());
+                    }
+                    data::Action::End => break,
+                    data::Action::Abort | data::Action::Nothing => {}
+                }
+            }
+            match phase.end() {
+                data::End::Finish | data::End::OpenAndFinish { .. } => {
+                    prop_assert!(
+                        forwarded <= limit,
+                        "{} bytes forwarded over a limit of {}",
+                        forwarded,
+                        limit
+                    )
+                }
+                data::End::Refuse(reply) => check_reply(&reply)?,
+            }
+            Ok(())
+        },
+    );
+}

@@ -117,7 +117,7 @@ impl<L: Login> SmtpServer<L> {
             };
             let step = match line {
                 Line::Closed => break Ended::ClientClosed,
-                Line::TooLong => Step::Reply("500 5.5.6 Line too long\r\n".into()),
+                Line::TooLong => machine.line_too_long(),
                 Line::Complete { bytes, .. } => machine.line(&bytes),
             };
             let outcome = match step {

@@ -4,8 +4,10 @@
 //! apply, field manager `mail-integration-gateway`) and a Warning Event, at most once an hour per app.
 //!
 //! Written here rather than through the gateway's usage writer (src/gateway/usage.rs, which writes
-//! `lastUsedTime` the same way): the two share the field manager and the list key, so that neither
-//! removes the other's fields.
+//! `lastUsedTime`) and under a field manager of its own: a server-side apply removes the fields its
+//! manager applied before and leaves out now, so one manager writing `lastUsedTime` at one time and
+//! `lastError` at another would remove each with the other. The list is keyed by name, so both
+//! managers' entries for one app are one entry.
 
 use std::{
     collections::HashMap,
@@ -27,8 +29,8 @@ use crate::{
     reconcile::events::EventPublisher,
 };
 
-/// The field manager of the gateway's status writes.
-pub const FIELD_MANAGER: &str = "mail-integration-gateway";
+/// The field manager of the gateway's `lastError` writes.
+pub const FIELD_MANAGER: &str = "mail-integration-gateway-errors";
 /// How often one app's error is written at most.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -69,7 +71,7 @@ pub fn status_patch(
         "kind": "MailIntegration",
         "status": { "gateway": { "apps": [ {
             "name": app,
-            "lastError": { "reason": reason.as_str(), "message": message, "time": now.to_string() }
+            "lastError": { "reason": reason.as_str(), "message": message, "time": now.round(jiff::Unit::Second).unwrap_or(now).to_string() }
         } ] } }
     })
 }

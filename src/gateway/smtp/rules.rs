@@ -117,10 +117,26 @@ pub fn check_headers(
             if addresses.is_empty() {
                 return Err(unreadable(name));
             }
-            for address in addresses {
+            for (address, display) in addresses {
                 let address = address.ok_or_else(|| unreadable(name))?;
                 if !plausible(address) {
                     return Err(unreadable(name));
+                }
+                // A display name (or group name, or comment) that reads like an address is what a
+                // reader sees: it must be allowed too ("ceo@example.com" <box@example.com>).
+                let shown = display
+                    .iter()
+                    .flat_map(|d| address_like(d))
+                    .find(|a| !app.may_send_as(mailbox, a));
+                if let Some(shown) = shown {
+                    return Err(refusal(
+                        app,
+                        mailbox,
+                        &format!(
+                            "{name}: the display name shows {}, which is not allowed",
+                            crate::reason::outside_text(shown, 254)
+                        ),
+                    ));
                 }
                 if !app.may_send_as(mailbox, address) {
                     return Err(refusal(
@@ -138,20 +154,49 @@ pub fn check_headers(
     Ok(())
 }
 
-/// Every address of a header value (`None` for a member without one).
-fn addresses<'a>(value: &'a HeaderValue<'_>) -> Option<Vec<Option<&'a str>>> {
+/// Every address of a header value (`None` for a member without one), with the texts shown beside
+/// it (its display name, its group's name).
+type Member<'a> = (Option<&'a str>, Vec<&'a str>);
+
+fn addresses<'a>(value: &'a HeaderValue<'_>) -> Option<Vec<Member<'a>>> {
     match value {
-        HeaderValue::Address(Address::List(list)) => {
-            Some(list.iter().map(|a| a.address.as_deref()).collect())
-        }
+        HeaderValue::Address(Address::List(list)) => Some(
+            list.iter()
+                .map(|a| {
+                    (
+                        a.address.as_deref(),
+                        a.name.as_deref().into_iter().collect(),
+                    )
+                })
+                .collect(),
+        ),
         HeaderValue::Address(Address::Group(groups)) => Some(
             groups
                 .iter()
-                .flat_map(|g| g.addresses.iter().map(|a| a.address.as_deref()))
+                .flat_map(|g| {
+                    // An empty group is a member without an address: refused as unreadable.
+                    let empty = g
+                        .addresses
+                        .is_empty()
+                        .then(|| (None, g.name.as_deref().into_iter().collect()));
+                    g.addresses
+                        .iter()
+                        .map(move |a| {
+                            let shown = a.name.as_deref().into_iter().chain(g.name.as_deref());
+                            (a.address.as_deref(), shown.collect())
+                        })
+                        .chain(empty)
+                })
                 .collect(),
         ),
         _ => None,
     }
+}
+
+/// The words of a display text that read like an address (`x@y`), without the punctuation around.
+fn address_like(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || "<>\"'(),;:[]".contains(c))
+        .filter(|w| w.contains('@'))
 }
 
 /// One `@`, something on each side, no space or control character.
@@ -250,6 +295,10 @@ mod tests {
         );
         assert_eq!(headers("FROM : alerts@example.com\n"), Ok(()));
         assert_eq!(
+            headers("From: \"Alerts (alerts@example.com)\" <box@example.com>\n"),
+            Ok(())
+        );
+        assert_eq!(
             headers("From: =?utf-8?q?Grafana?= <alerts@example.com>\n"),
             Ok(())
         );
@@ -261,6 +310,10 @@ mod tests {
             "From: box@example.com\nSender: ceo@example.com\n",
             "From: \"box@example.com\" <ceo@example.com>\n",
             "From: box@example.com\n (folded)\nSender:\n ceo@example.com\n",
+            "From: \"ceo@example.com\" <box@example.com>\n",
+            "From: ceo@example.com: box@example.com;\n",
+            "From: box@example.com (ceo@example.com)\n",
+            "From: =?utf-8?q?ceo=40example.com?= <box@example.com>\n",
         ] {
             let e = headers(bad).unwrap_err();
             assert!(e.starts_with("550 5.7.1 "), "{bad}: {e}");
@@ -274,6 +327,8 @@ mod tests {
             "From: \n",
             "From: not an address\n",
             "garbage line\nFrom: box@example.com\n",
+            "From: box@example.com\nSender: ceo@example.com: ;\n",
+            "From: box@example.com\nSender: x: ; box@example.com\n",
             " continuation first\nFrom: box@example.com\n",
         ] {
             let e = headers(bad).unwrap_err();

@@ -153,16 +153,36 @@ impl Machine {
         }
     }
 
+    /// A line longer than [`Machine::line_limit`] was skipped; it counts as a command.
+    pub fn line_too_long(&mut self) -> Step {
+        if let Some(close) = self.count_before_login() {
+            return close;
+        }
+        self.auth = match std::mem::replace(&mut self.auth, Auth::None) {
+            done @ Auth::Done(_) => done,
+            // A SASL exchange in progress is over.
+            _ => Auth::None,
+        };
+        Step::Reply(line("500", "5.5.6 Line too long"))
+    }
+
+    fn count_before_login(&mut self) -> Option<Step> {
+        if self.is_logged_in() {
+            return None;
+        }
+        self.commands = self.commands.saturating_add(1);
+        (self.commands > self.limits.commands_before_login).then(|| {
+            Step::Close(line(
+                "421",
+                "4.7.0 Too many commands before authentication, closing",
+            ))
+        })
+    }
+
     /// One line from the client.
     pub fn line(&mut self, bytes: &[u8]) -> Step {
-        if !self.is_logged_in() {
-            self.commands = self.commands.saturating_add(1);
-            if self.commands > self.limits.commands_before_login {
-                return Step::Close(line(
-                    "421",
-                    "4.7.0 Too many commands before authentication, closing",
-                ));
-            }
+        if let Some(close) = self.count_before_login() {
+            return close;
         }
         match std::mem::replace(&mut self.auth, Auth::None) {
             Auth::Plain => return self.sasl_plain(bytes),

@@ -102,6 +102,12 @@ fn commands_before_login_are_bounded() {
         assert!(matches!(m.line(b"NOOP"), Step::Reply(_)));
     }
     assert!(reply(m.line(b"NOOP")).starts_with("421 4.7.0"));
+    // Lines too long to read count too.
+    let mut m = machine(true);
+    for _ in 0..10 {
+        assert!(reply(m.line_too_long()).starts_with("500 5.5.6"));
+    }
+    assert!(reply(m.line_too_long()).starts_with("421 4.7.0"));
     // After a login there is no such bound.
     let mut m = machine(true);
     logged_in(&mut m);

@@ -1,0 +1,720 @@
+//! SMTP through the gateway (issue 22 points 3 and 4; docs/gateway.md "SMTP rules"): real mail
+//! clients (swaks, msmtp, curl, Python's smtplib, Prometheus Alertmanager) log in to the gateway's
+//! SMTP handler with an app's password; the gateway logs in to Dovecot's submission service with the
+//! integration's access token (XOAUTH2, validated by introspection at oidc-provider); Dovecot relays
+//! to msmtpd, which delivers with Dovecot's LDA into the mailbox, where each message is read back
+//! over IMAP. The refusals are counted where mail is delivered: nothing arrives.
+//!
+//! The handler ([`SmtpServer`]) runs in the test process behind a login layer of the test's own
+//! (one app, one password): the gateway process's login layer and directory have tests of their own.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mail_integration_operator::{
+    api::TlsMode,
+    gateway::{
+        config::{GatewayAppConfig, GatewayConfig, UpstreamMechanism, UpstreamServer},
+        session::{AppId, Authorized, Entry, Login, LoginRefused, Protocol, SessionLease},
+        smtp::{Connection, Limits, SmtpServer, report::NoReport},
+    },
+    mailbox::allowed::AllowedHosts,
+    secret::SecretValue,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::support::{
+    self,
+    dovecot::{Dovecot, DovecotConfig, TestCa},
+    oauth::OAuthServer,
+};
+
+const MAILBOX: &str = "alice@example.test";
+const SEND_AS: &str = "alerts@example.test";
+const USERNAME: &str = "team/inbox/mailer";
+const PASSWORD: &str = "Zm9vYmFyLWdhdGV3YXktdGVzdC1wYXNzd29yZC0xMjM";
+/// The integration's maxMessageBytes in these tests.
+const LIMIT: u64 = 200_000;
+
+fn server() -> &'static OAuthServer {
+    support::oauth::with_token_ttl(600)
+}
+
+/// The one app the test's login layer knows.
+struct TestLogin {
+    entry: Arc<Entry>,
+}
+
+impl Login for TestLogin {
+    async fn login(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        password: &SecretValue,
+        source: SocketAddr,
+    ) -> Result<Authorized, LoginRefused> {
+        if username != USERNAME || password.expose() != PASSWORD {
+            return Err(LoginRefused::BadCredential);
+        }
+        if protocol != Protocol::Smtp {
+            return Err(LoginRefused::ProtocolNotAllowed);
+        }
+        Ok(Authorized {
+            app: AppId::new("team", "inbox", "mailer"),
+            entry: self.entry.clone(),
+            source,
+            lease: SessionLease::detached(),
+        })
+    }
+}
+
+/// Dovecot with delivery, the gateway's SMTP handler in front of it on a STARTTLS port (like 587)
+/// and an implicit-TLS port (like 465), and what a client needs to trust it.
+struct World {
+    dovecot: Dovecot,
+    token: String,
+    /// STARTTLS (the submission port).
+    submission: u16,
+    /// Implicit TLS.
+    submissions: u16,
+    /// The CA of the gateway's certificate (and, in another file, Dovecot's).
+    gateway_ca: PathBuf,
+    dovecot_ca: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let (id, secret) = server().introspection_client();
+    let url =
+        server()
+            .introspection_url()
+            .replacen("http://", &format!("http://{id}:{secret}@"), 1);
+    let dovecot = Dovecot::start(DovecotConfig {
+        username_attribute: "email".into(),
+        deliver: true,
+        ..DovecotConfig::new(url)
+    });
+    let token = server().obtain_grant("alice").await.access_token;
+    let dir = tempfile::Builder::new()
+        .prefix("mio-gw-smtp-")
+        .tempdir()
+        .unwrap();
+    let ca = TestCa::generate(&dir.path().join("ca"), "gateway-ca");
+    let (cert, key) = ca.issue_server_cert(&dir.path().join("ca"), "gateway");
+    let gateway_ca = dir.path().join("gateway-ca.pem");
+    std::fs::write(&gateway_ca, &ca.cert_pem).unwrap();
+    let dovecot_ca = dir.path().join("dovecot-ca.pem");
+    std::fs::write(&dovecot_ca, &dovecot.ca_pem).unwrap();
+
+    let entry = Arc::new(Entry {
+        config: Arc::new(GatewayConfig {
+            namespace: "team".into(),
+            integration: "inbox".into(),
+            uid: "uid-1".into(),
+            mailbox: MAILBOX.into(),
+            mechanism: UpstreamMechanism::XOAuth2,
+            imap: None,
+            pop3: None,
+            smtp: Some(UpstreamServer {
+                host: "127.0.0.1".into(),
+                port: dovecot.submission_port,
+                tls: TlsMode::StartTls,
+            }),
+            ca_pem: Some(String::from_utf8(dovecot.ca_pem.clone()).unwrap()),
+            max_message_bytes: LIMIT,
+            apps: vec![GatewayAppConfig {
+                name: "mailer".into(),
+                username: USERNAME.into(),
+                protocols: vec![Protocol::Smtp],
+                send_as: vec![SEND_AS.into()],
+                verifiers: vec![],
+            }],
+        }),
+        access_token: SecretValue::new(token.clone()),
+        expiry: None,
+    });
+    let smtp = Arc::new(SmtpServer {
+        login: Arc::new(TestLogin { entry }),
+        allowed: Arc::new(AllowedHosts::new([]).with_loopback()),
+        hostname: "gateway.test".into(),
+        limits: Limits::default(),
+        idle_before_login: Duration::from_secs(30),
+        idle_after_login: Duration::from_secs(300),
+        report: Arc::new(NoReport),
+    });
+    let acceptor = acceptor(&cert, &key);
+    let submission = listen(smtp.clone(), acceptor.clone(), false).await;
+    let submissions = listen(smtp, acceptor, true).await;
+    World {
+        dovecot,
+        token,
+        submission,
+        submissions,
+        gateway_ca,
+        dovecot_ca,
+        dir,
+    }
+}
+
+fn acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// Serve SMTP on a free loopback port: STARTTLS offered, or implicit TLS.
+async fn listen(smtp: Arc<SmtpServer<TestLogin>>, acceptor: TlsAcceptor, implicit: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, source)) = listener.accept().await else {
+                return;
+            };
+            let smtp = smtp.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let conn = if implicit {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    Connection {
+                        stream: Box::new(tls),
+                        source,
+                        tls: true,
+                        starttls: None,
+                        plaintext_auth: false,
+                    }
+                } else {
+                    Connection {
+                        stream: Box::new(tcp),
+                        source,
+                        tls: false,
+                        starttls: Some(acceptor),
+                        plaintext_auth: false,
+                    }
+                };
+                smtp.serve(conn).await;
+            });
+        }
+    });
+    port
+}
+
+/// Run a program with a deadline; its exit status and output.
+async fn run(program: &str, args: &[&str], envs: &[(&str, &str)], stdin: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut cmd = tokio::process::Command::new("timeout");
+    cmd.arg("60")
+        .arg(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot run {program}: {e} (tools/install-test-deps.sh installs it)")
+    });
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The Subject and From of every message in the mailbox's INBOX, read over IMAPS from Dovecot with
+/// Python's imaplib (XOAUTH2 with the integration's token).
+async fn inbox(w: &World) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import imaplib, os, ssl, sys
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["PORT"]), ssl_context=ctx)
+m.authenticate("XOAUTH2", lambda _: ("user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["USER_NAME"], os.environ["TOKEN"])).encode())
+m.select("INBOX", readonly=True)
+typ, data = m.search(None, "ALL")
+for num in data[0].split():
+    typ, d = m.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")
+    print(" ".join(d[0][1].decode().split()))
+m.logout()
+"#;
+    let port = w.dovecot.imaps_port.to_string();
+    let ca = w.dovecot_ca.display().to_string();
+    let (ok, out) = run(
+        "python3",
+        &["-c", SCRIPT],
+        &[
+            ("CA", ca.as_str()),
+            ("PORT", port.as_str()),
+            ("USER_NAME", MAILBOX),
+            ("TOKEN", w.token.as_str()),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "reading the INBOX over IMAP failed: {out}");
+    out.lines().map(str::to_owned).collect()
+}
+
+/// Wait until a message with `subject` is in the INBOX (read over IMAP); its header line.
+async fn arrived(w: &World, subject: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(line) = inbox(w).await.into_iter().find(|l| l.contains(subject)) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message {subject:?} in the INBOX after 30 s; deliveries: {:?}\nDovecot: {}\nmsmtpd: {}",
+            w.dovecot.deliveries(),
+            w.dovecot.log_tail(30),
+            w.dovecot.relay_log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn message(from: &str, subject: &str) -> String {
+    format!(
+        "From: {from}\r\nTo: {MAILBOX}\r\nSubject: {subject}\r\nDate: Sun, 06 Dec 2026 21:00:00 +0000\r\n\r\nSent through the gateway.\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_send_through_the_gateway_and_the_mail_arrives() {
+    let w = world().await;
+    let submission = w.submission.to_string();
+    let submissions = w.submissions.to_string();
+    let ca = w.gateway_ca.display().to_string();
+    let started = Instant::now();
+
+    // swaks: STARTTLS, AUTH PLAIN, then again with AUTH LOGIN, sending as the send-as address.
+    for (auth, from, subject) in [
+        ("PLAIN", MAILBOX, "via swaks PLAIN"),
+        ("LOGIN", SEND_AS, "via swaks LOGIN"),
+    ] {
+        let (ok, out) = run(
+            "swaks",
+            &[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &submission,
+                "--tls",
+                "--tls-verify",
+                "--tls-ca-path",
+                &ca,
+                "--tls-sni",
+                "localhost",
+                "--auth",
+                auth,
+                "--auth-user",
+                USERNAME,
+                "--auth-password",
+                PASSWORD,
+                "--from",
+                from,
+                "--to",
+                MAILBOX,
+                "--h-Subject",
+                subject,
+                "--body",
+                "Sent by swaks.",
+            ],
+            &[],
+            "",
+        )
+        .await;
+        assert!(ok, "swaks {auth} failed:\n{out}");
+        assert!(out.contains("235 2.7.0 Authentication successful"), "{out}");
+    }
+
+    // msmtp: implicit TLS (like port 465), AUTH PLAIN.
+    let msmtprc = w.dir.path().join("msmtprc");
+    std::fs::write(
+        &msmtprc,
+        format!(
+            "account gw\nhost 127.0.0.1\nport {submissions}\ntls on\ntls_starttls off\ntls_trust_file {ca}\ntls_host_override localhost\nauth plain\nuser {USERNAME}\npassword {PASSWORD}\nfrom {MAILBOX}\naccount default : gw\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &msmtprc,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let rc = msmtprc.display().to_string();
+    let (ok, out) = run(
+        "msmtp",
+        &["-C", &rc, "--read-envelope-from", MAILBOX],
+        &[],
+        &message(MAILBOX, "via msmtp"),
+    )
+    .await;
+    assert!(ok, "msmtp failed:\n{out}");
+
+    // curl smtp:// with STARTTLS required.
+    let mail_file = w.dir.path().join("curl-mail.txt");
+    std::fs::write(&mail_file, message(SEND_AS, "via curl")).unwrap();
+    let (ok, out) = run(
+        "curl",
+        &[
+            "--silent",
+            "--show-error",
+            "--ssl-reqd",
+            "--cacert",
+            &ca,
+            "--connect-to",
+            &format!("localhost:{submission}:127.0.0.1:{submission}"),
+            &format!("smtp://localhost:{submission}"),
+            "--user",
+            &format!("{USERNAME}:{PASSWORD}"),
+            "--mail-from",
+            SEND_AS,
+            "--mail-rcpt",
+            MAILBOX,
+            "--upload-file",
+            &mail_file.display().to_string(),
+        ],
+        &[],
+        "",
+    )
+    .await;
+    assert!(ok, "curl failed:\n{out}");
+
+    // Python's smtplib over implicit TLS.
+    let script = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
+    s.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
+    s.sendmail(os.environ["FROM"], [os.environ["TO"]], os.environ["MESSAGE"])
+"#;
+    let (ok, out) = run(
+        "python3",
+        &["-c", script],
+        &[
+            ("CA", ca.as_str()),
+            ("PORT", submissions.as_str()),
+            ("GW_USER", USERNAME),
+            ("GW_PASSWORD", PASSWORD),
+            ("FROM", MAILBOX),
+            ("TO", MAILBOX),
+            ("MESSAGE", message(MAILBOX, "via smtplib").as_str()),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "smtplib failed:\n{out}");
+
+    for subject in [
+        "via swaks PLAIN",
+        "via swaks LOGIN",
+        "via msmtp",
+        "via curl",
+        "via smtplib",
+    ] {
+        let line = arrived(&w, subject).await;
+        println!("arrived over IMAP: {line}");
+    }
+    assert_eq!(
+        w.dovecot.deliveries().len(),
+        5,
+        "{:?}",
+        w.dovecot.deliveries()
+    );
+    println!(
+        "5 messages from 4 clients sent and read back in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_alertmanager_delivers_an_alert_through_the_gateway() {
+    let binary = Path::new("/usr/bin/prometheus-alertmanager");
+    assert!(
+        binary.is_file(),
+        "{} not found: apt-get install -y --no-install-recommends prometheus-alertmanager (tools/install-test-deps.sh)",
+        binary.display()
+    );
+    let w = world().await;
+    let web = support::process::reserve_port();
+    let config = w.dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"global:
+  smtp_smarthost: "127.0.0.1:{port}"
+  smtp_from: "{SEND_AS}"
+  smtp_hello: "alertmanager.test"
+  smtp_auth_username: "{USERNAME}"
+  smtp_auth_password: "{PASSWORD}"
+  smtp_require_tls: true
+route:
+  receiver: mail
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: mail
+    email_configs:
+      - to: "{MAILBOX}"
+        send_resolved: false
+        tls_config:
+          ca_file: "{ca}"
+          server_name: localhost
+"#,
+            port = w.submission,
+            ca = w.gateway_ca.display()
+        ),
+    )
+    .unwrap();
+    let storage = w.dir.path().join("alertmanager-data");
+    std::fs::create_dir_all(&storage).unwrap();
+    let _alertmanager = support::process::Supervised::spawn(
+        "alertmanager",
+        binary,
+        &[
+            format!("--config.file={}", config.display()),
+            format!("--storage.path={}", storage.display()),
+            format!("--web.listen-address=127.0.0.1:{web}"),
+            "--cluster.listen-address=".into(),
+        ],
+        &[],
+        w.dir.path().join("alertmanager.log"),
+    );
+    let alerts = format!("http://127.0.0.1:{web}/api/v2/alerts");
+    let body = r#"[{"labels":{"alertname":"GatewaySmtpTest","severity":"page"},"annotations":{"summary":"sent through the mail gateway"}}]"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = run(
+            "curl",
+            &[
+                "--silent",
+                "--show-error",
+                "--fail",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+                body,
+                &alerts,
+            ],
+            &[],
+            "",
+        )
+        .await;
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Alertmanager took no alert within 30 s: {out}\n{}",
+            std::fs::read_to_string(w.dir.path().join("alertmanager.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let line = arrived(&w, "GatewaySmtpTest").await;
+    assert!(line.contains(SEND_AS), "{line}");
+    println!("Alertmanager's alert arrived over IMAP: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_senders_and_oversized_messages_are_refused_with_nothing_delivered() {
+    let w = world().await;
+    // smtplib speaking command by command, printing each answer: a foreign envelope sender, a
+    // foreign From: header, SIZE= over the limit, a body over the limit without SIZE=, then a good
+    // message in the same session.
+    let script = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+limit = int(os.environ["LIMIT"])
+def msg(frm, subject, body="hello\r\n"):
+    return ("From: %s\r\nTo: %s\r\nSubject: %s\r\n\r\n%s" % (frm, os.environ["TO"], subject, body)).encode()
+s = smtplib.SMTP("localhost", int(os.environ["PORT"]))
+s.starttls(context=ctx)
+s.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
+print("MAIL-FOREIGN", *s.mail("ceo@example.test"))
+s.rset()
+print("MAIL-OK", *s.mail(os.environ["FROM"]))
+print("RCPT", *s.rcpt(os.environ["TO"]))
+print("DATA-FOREIGN-FROM", *s.data(msg("CEO <ceo@example.test>", "forged")))
+print("MAIL-SIZE", *s.mail(os.environ["FROM"], ["SIZE=%d" % (limit + 1)]))
+s.rset()
+s.mail(os.environ["FROM"]); s.rcpt(os.environ["TO"])
+print("DATA-TOO-BIG", *s.data(msg(os.environ["FROM"], "too big", ("x" * 998 + "\r\n") * (limit // 1000 + 10))))
+s.mail(os.environ["FROM"]); s.rcpt(os.environ["TO"])
+print("DATA-OK", *s.data(msg(os.environ["FROM"], "after the refusals")))
+s.quit()
+"#;
+    let port = w.submission.to_string();
+    let ca = w.gateway_ca.display().to_string();
+    let limit = LIMIT.to_string();
+    let (ok, out) = run(
+        "python3",
+        &["-c", script],
+        &[
+            ("CA", ca.as_str()),
+            ("PORT", port.as_str()),
+            ("GW_USER", USERNAME),
+            ("GW_PASSWORD", PASSWORD),
+            ("FROM", MAILBOX),
+            ("TO", MAILBOX),
+            ("LIMIT", limit.as_str()),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "the smtplib session failed:\n{out}");
+    let answer = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} answer in:\n{out}"))
+            .to_owned()
+    };
+    let foreign = answer("MAIL-FOREIGN");
+    assert!(
+        foreign.starts_with("MAIL-FOREIGN 550 b'5.7.1 Sender <ceo@example.test> is not allowed"),
+        "{foreign}"
+    );
+    assert!(
+        foreign.contains("alice@example.test, alerts@example.test"),
+        "{foreign}"
+    );
+    let forged = answer("DATA-FOREIGN-FROM");
+    assert!(
+        forged.starts_with("DATA-FOREIGN-FROM 550 b'5.7.1 From: ceo@example.test is not allowed"),
+        "{forged}"
+    );
+    assert!(
+        answer("MAIL-SIZE").starts_with("MAIL-SIZE 552 b'5.3.4"),
+        "{out}"
+    );
+    assert!(
+        answer("DATA-TOO-BIG").starts_with("DATA-TOO-BIG 552 b'5.3.4"),
+        "{out}"
+    );
+    assert!(answer("DATA-OK").starts_with("DATA-OK 250 "), "{out}");
+
+    arrived(&w, "after the refusals").await;
+    // Only the last message was delivered: the refused ones never reached the MTA.
+    let deliveries = w.dovecot.deliveries();
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    let subjects = inbox(&w).await;
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert!(
+        !subjects
+            .iter()
+            .any(|s| s.contains("forged") || s.contains("too big"))
+    );
+    // Dovecot saw no MAIL FROM of the foreign sender: the gateway refused it before relaying.
+    let log = std::fs::read_to_string(w.dovecot.dir.path().join("dovecot.log")).unwrap_or_default();
+    assert!(
+        !log.contains("ceo@example.test"),
+        "Dovecot heard of the foreign sender:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_are_answered_in_order_and_none_ride_behind_starttls() {
+    let w = world().await;
+    // A raw client: after the login, MAIL, RCPT and DATA in one write (RFC 2920), then the message;
+    // and on the STARTTLS port, a command written behind STARTTLS before the handshake.
+    let script = r#"
+import base64, os, socket, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+def lines(f, n):
+    out = []
+    while len(out) < n:
+        l = f.readline().decode().rstrip("\r\n")
+        if not l:
+            break
+        if l[3:4] != "-":
+            out.append(l)
+    return out
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(os.environ["TLS_PORT"]))), server_hostname="localhost")
+f = s.makefile("rb")
+lines(f, 1)
+auth = base64.b64encode(("\0%s\0%s" % (os.environ["GW_USER"], os.environ["GW_PASSWORD"])).encode()).decode()
+s.sendall(("EHLO raw\r\nAUTH PLAIN %s\r\n" % auth).encode())
+print("LOGIN", lines(f, 2))
+s.sendall(("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (os.environ["FROM"], os.environ["TO"])).encode())
+print("PIPELINED", lines(f, 3))
+s.sendall(("From: %s\r\nSubject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n" % os.environ["FROM"]).encode())
+print("END", lines(f, 2))
+p = socket.create_connection(("127.0.0.1", int(os.environ["PORT"])))
+g = p.makefile("rb")
+lines(g, 1)
+p.sendall(b"EHLO raw\r\nSTARTTLS\r\nMAIL FROM:<x@example.test>\r\n")
+print("STARTTLS", lines(g, 3))
+"#;
+    let port = w.submission.to_string();
+    let tls_port = w.submissions.to_string();
+    let ca = w.gateway_ca.display().to_string();
+    let (ok, out) = run(
+        "python3",
+        &["-c", script],
+        &[
+            ("CA", ca.as_str()),
+            ("PORT", port.as_str()),
+            ("TLS_PORT", tls_port.as_str()),
+            ("GW_USER", USERNAME),
+            ("GW_PASSWORD", PASSWORD),
+            ("FROM", MAILBOX),
+            ("TO", MAILBOX),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "the raw session failed:\n{out}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+            .to_owned()
+    };
+    assert!(line("LOGIN").contains("'235 2.7.0"), "{out}");
+    let pipelined = line("PIPELINED");
+    assert!(
+        pipelined.contains("['250 2.1.0")
+            && pipelined.contains("'250 2.")
+            && pipelined.contains("'354 "),
+        "{pipelined}"
+    );
+    let end = line("END");
+    assert!(
+        end.contains("['250 ") && end.contains("'221 2.0.0"),
+        "{end}"
+    );
+    // Behind STARTTLS: no 220 go-ahead, the session is closed.
+    let starttls = line("STARTTLS");
+    assert!(
+        starttls.contains("'421 4.7.0 Commands sent after STARTTLS"),
+        "{starttls}"
+    );
+    assert!(!starttls.contains("'220 2.0.0"), "{starttls}");
+    arrived(&w, "pipelined").await;
+}
