@@ -20,7 +20,10 @@ use mail_integration_operator::{
     gateway::{
         config::{GatewayAppConfig, GatewayConfig, UpstreamMechanism, UpstreamServer},
         session::{AppId, Authorized, Entry, Login, LoginRefused, Protocol, SessionLease},
-        smtp::{Connection, Limits, SmtpServer, report::NoReport},
+        smtp::{
+            Connection, Limits, SmtpServer,
+            report::{KubeReport, NoReport, Report},
+        },
     },
     mailbox::allowed::AllowedHosts,
     secret::SecretValue,
@@ -32,6 +35,7 @@ use crate::support::{
     self,
     dovecot::{Dovecot, DovecotConfig, TestCa},
     oauth::OAuthServer,
+    world::Env,
 };
 
 const MAILBOX: &str = "alice@example.test";
@@ -48,6 +52,7 @@ fn server() -> &'static OAuthServer {
 /// The one app the test's login layer knows.
 struct TestLogin {
     entry: Arc<Entry>,
+    app: AppId,
 }
 
 impl Login for TestLogin {
@@ -65,7 +70,7 @@ impl Login for TestLogin {
             return Err(LoginRefused::ProtocolNotAllowed);
         }
         Ok(Authorized {
-            app: AppId::new("team", "inbox", "mailer"),
+            app: self.app.clone(),
             entry: self.entry.clone(),
             source,
             lease: SessionLease::detached(),
@@ -100,63 +105,96 @@ async fn world() -> World {
         ..DovecotConfig::new(url)
     });
     let token = server().obtain_grant("alice").await.access_token;
+    let upstream = UpstreamServer {
+        host: "127.0.0.1".into(),
+        port: dovecot.submission_port,
+        tls: TlsMode::StartTls,
+    };
+    let ca_pem = String::from_utf8(dovecot.ca_pem.clone()).unwrap();
+    let gw = gateway(
+        upstream,
+        Some(ca_pem),
+        &token,
+        AppId::new("team", "inbox", "mailer"),
+        Arc::new(NoReport),
+    )
+    .await;
+    let dovecot_ca = gw.dir.path().join("dovecot-ca.pem");
+    std::fs::write(&dovecot_ca, &dovecot.ca_pem).unwrap();
+    World {
+        dovecot,
+        token,
+        submission: gw.submission,
+        submissions: gw.submissions,
+        gateway_ca: gw.ca,
+        dovecot_ca,
+        dir: gw.dir,
+    }
+}
+
+/// The gateway's SMTP handler on two ports, for one app of one integration whose mail server is
+/// `upstream`.
+struct Gateway {
+    submission: u16,
+    submissions: u16,
+    ca: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn gateway(
+    upstream: UpstreamServer,
+    ca_pem: Option<String>,
+    token: &str,
+    app: AppId,
+    report: Arc<dyn Report>,
+) -> Gateway {
     let dir = tempfile::Builder::new()
         .prefix("mio-gw-smtp-")
         .tempdir()
         .unwrap();
     let ca = TestCa::generate(&dir.path().join("ca"), "gateway-ca");
     let (cert, key) = ca.issue_server_cert(&dir.path().join("ca"), "gateway");
-    let gateway_ca = dir.path().join("gateway-ca.pem");
-    std::fs::write(&gateway_ca, &ca.cert_pem).unwrap();
-    let dovecot_ca = dir.path().join("dovecot-ca.pem");
-    std::fs::write(&dovecot_ca, &dovecot.ca_pem).unwrap();
-
+    let ca_path = dir.path().join("gateway-ca.pem");
+    std::fs::write(&ca_path, &ca.cert_pem).unwrap();
     let entry = Arc::new(Entry {
         config: Arc::new(GatewayConfig {
-            namespace: "team".into(),
-            integration: "inbox".into(),
+            namespace: app.namespace.clone(),
+            integration: app.integration.clone(),
             uid: "uid-1".into(),
             mailbox: MAILBOX.into(),
             mechanism: UpstreamMechanism::XOAuth2,
             imap: None,
             pop3: None,
-            smtp: Some(UpstreamServer {
-                host: "127.0.0.1".into(),
-                port: dovecot.submission_port,
-                tls: TlsMode::StartTls,
-            }),
-            ca_pem: Some(String::from_utf8(dovecot.ca_pem.clone()).unwrap()),
+            smtp: Some(upstream),
+            ca_pem,
             max_message_bytes: LIMIT,
             apps: vec![GatewayAppConfig {
-                name: "mailer".into(),
+                name: app.app.clone(),
                 username: USERNAME.into(),
                 protocols: vec![Protocol::Smtp],
                 send_as: vec![SEND_AS.into()],
                 verifiers: vec![],
             }],
         }),
-        access_token: SecretValue::new(token.clone()),
+        access_token: SecretValue::new(token),
         expiry: None,
     });
     let smtp = Arc::new(SmtpServer {
-        login: Arc::new(TestLogin { entry }),
+        login: Arc::new(TestLogin { entry, app }),
         allowed: Arc::new(AllowedHosts::new([]).with_loopback()),
         hostname: "gateway.test".into(),
         limits: Limits::default(),
         idle_before_login: Duration::from_secs(30),
         idle_after_login: Duration::from_secs(300),
-        report: Arc::new(NoReport),
+        report,
     });
     let acceptor = acceptor(&cert, &key);
     let submission = listen(smtp.clone(), acceptor.clone(), false).await;
     let submissions = listen(smtp, acceptor, true).await;
-    World {
-        dovecot,
-        token,
+    Gateway {
         submission,
         submissions,
-        gateway_ca,
-        dovecot_ca,
+        ca: ca_path,
         dir,
     }
 }
@@ -717,4 +755,162 @@ print("STARTTLS", lines(g, 3))
     );
     assert!(!starttls.contains("'220 2.0.0"), "{starttls}");
     arrived(&w, "pipelined").await;
+}
+
+/// A mail server that answers AUTH as Exchange Online does for a mailbox or tenant with SMTP AUTH
+/// switched off; counts the MAIL commands it is sent (none may come).
+async fn fake_exchange() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mails = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = mails.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = tcp.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                let _ = write
+                    .write_all(b"220 fake.outlook.test Microsoft ESMTP MAIL Service ready\r\n")
+                    .await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-fake.outlook.test Hello\r\n250-SIZE 157286400\r\n250-8BITMIME\r\n250 AUTH LOGIN XOAUTH2\r\n",
+                        "AUTH" => b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [AM0PR01CA0001.test]\r\n",
+                        "MAIL" => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            b"530 5.7.57 Client not authenticated\r\n"
+                        }
+                        "QUIT" => b"221 2.0.0 Bye\r\n",
+                        _ => b"500 5.3.3 Unrecognized command\r\n",
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, mails)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsofts_smtp_auth_switch_is_reported_on_the_mail_integration() {
+    use k8s_openapi::api::events::v1::Event;
+    let env = Env::new("gw-smtp-disabled", server()).await;
+    env.integration("inbox", MAILBOX).await;
+    let (port, mails) = fake_exchange().await;
+    let report = KubeReport::new(
+        env.client.clone(),
+        mail_integration_operator::reconcile::events::EventPublisher::new(
+            env.client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "mail-integration-gateway".into(),
+                instance: None,
+            },
+        ),
+    );
+    let gw = gateway(
+        UpstreamServer {
+            host: "127.0.0.1".into(),
+            port,
+            tls: TlsMode::None,
+        },
+        None,
+        "a-valid-token-that-microsoft-will-not-look-at",
+        AppId::new(env.ns.clone(), "inbox", "mailer"),
+        Arc::new(report),
+    )
+    .await;
+    let script = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
+    try:
+        s.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
+        print("LOGIN-OK")
+    except smtplib.SMTPAuthenticationError as e:
+        print("LOGIN", e.smtp_code, e.smtp_error.decode())
+"#;
+    let port = gw.submissions.to_string();
+    let ca = gw.ca.display().to_string();
+    let (ok, out) = run(
+        "python3",
+        &["-c", script],
+        &[
+            ("CA", ca.as_str()),
+            ("PORT", port.as_str()),
+            ("GW_USER", USERNAME),
+            ("GW_PASSWORD", PASSWORD),
+        ],
+        "",
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("LOGIN 535 5.7.139 The mailbox's provider has SMTP AUTH switched off for alice@example.test"),
+        "{out}"
+    );
+    assert_eq!(mails.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // status.gateway.apps[mailer].lastError and a Warning event, written by the gateway.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let mi = env.get("inbox").await;
+        let error = mi
+            .status
+            .as_ref()
+            .and_then(|s| s.gateway.as_ref())
+            .and_then(|g| g.apps.iter().find(|a| a.name == "mailer"))
+            .and_then(|a| a.last_error.clone());
+        if let Some(error) = error {
+            break error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lastError after 20 s: {:?}",
+            mi.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(error.reason, "SmtpClientAuthenticationDisabled");
+    assert!(
+        error.message.contains(
+            "Set-CASMailbox -Identity alice@example.test -SmtpClientAuthenticationDisabled $false"
+        ),
+        "{}",
+        error.message
+    );
+    assert!(
+        !error.message.contains("a-valid-token"),
+        "{}",
+        error.message
+    );
+    let events: kube::Api<Event> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        let found: Vec<&Event> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("SmtpClientAuthenticationDisabled"))
+            .collect();
+        if let Some(e) = found.first() {
+            assert_eq!(e.type_.as_deref(), Some("Warning"));
+            // smtplib tried PLAIN and then LOGIN: two refusals, one report an hour.
+            assert_eq!(found.len(), 1, "{found:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SmtpClientAuthenticationDisabled event after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
