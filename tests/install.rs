@@ -12,6 +12,8 @@ mod api_priority;
 mod chart_readme;
 #[path = "install/docker_context.rs"]
 mod docker_context;
+#[path = "install/gateway_chart.rs"]
+mod gateway_chart;
 mod support;
 
 use k8s_openapi::api::{

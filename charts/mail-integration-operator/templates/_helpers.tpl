@@ -143,3 +143,55 @@ and imagePullSecrets, each name once. */}}
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/* The mail gateway's selector labels. Its app.kubernetes.io/name differs from the operator's, so
+that the operator's Services, PodDisruptionBudget and NetworkPolicy (which select name + instance)
+never select a gateway pod. */}}
+{{- define "mio.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "mio.name" . }}-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of the gateway's objects. */}}
+{{- define "mio.gatewayLabels" -}}
+{{ include "mio.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: mail-integration-operator
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway's TLS Secret: cert-manager's (named by the chart) or the one the user names. */}}
+{{- define "mio.gatewayTLSSecret" -}}
+{{- if .Values.gateway.tls.certManager.enabled }}
+{{- if not .Values.gateway.tls.certManager.issuerRef.name }}
+{{- fail "gateway.tls.certManager.enabled needs gateway.tls.certManager.issuerRef.name (an Issuer or ClusterIssuer of cert-manager)" }}
+{{- end }}
+{{- printf "%s-gateway-tls" (include "mio.fullname" .) }}
+{{- else }}
+{{- .Values.gateway.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{/* What the gateway does in the cluster. */}}
+{{- define "mio.gatewayRules" -}}
+# The gateway Secrets (label mailintegration.dev/gateway=true), label-selected by the gateway.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "watch"]
+# status.gateway.apps[].lastUsedTime / lastError (server-side apply under its own field manager,
+# at most once an hour per app).
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations/status"]
+  verbs: ["patch"]
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations"]
+  verbs: ["get"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
