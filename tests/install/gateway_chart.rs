@@ -73,11 +73,11 @@ fn the_gateway_renders_its_own_deployment_service_and_disruption_budget() {
     for want in [
         "--tls-cert=/tls/tls.crt",
         "--tls-key=/tls/tls.key",
-        "--imaps-addr=0.0.0.0:10993",
-        "--imap-addr=0.0.0.0:10143",
-        "--pop3s-addr=0.0.0.0:10995",
-        "--submission-addr=0.0.0.0:10587",
-        "--smtps-addr=0.0.0.0:10465",
+        "--imaps-port=10993",
+        "--imap-port=10143",
+        "--pop3s-port=10995",
+        "--submission-port=10587",
+        "--submissions-port=10465",
     ] {
         assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
     }
@@ -118,6 +118,16 @@ fn the_gateway_renders_its_own_deployment_service_and_disruption_budget() {
     }
     let pdb = find(&docs, "PodDisruptionBudget", GW);
     assert_eq!(pdb["spec"]["minAvailable"].as_i64(), Some(1));
+    // A port set to 0 is not served: no Service port, and the process gets 0 (its own default is not 0).
+    let no_imap = yaml_docs(&helm::template(
+        "mio",
+        "ops",
+        &[ON[0], ON[1], "gateway.ports.imap=0"],
+    ));
+    let args = container_args(find(&no_imap, "Deployment", GW));
+    assert!(args.iter().any(|a| a == "--imap-port=0"), "{args:?}");
+    let svc_ports = serde_json::to_string(&find(&no_imap, "Service", GW)["spec"]["ports"]).unwrap();
+    assert!(!svc_ports.contains("143"), "{svc_ports}");
 
     // The operator's selectors never select a gateway pod, and the gateway's never an operator pod.
     let gw_pod = labels(&pod["metadata"]["labels"]);
