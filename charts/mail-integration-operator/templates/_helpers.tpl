@@ -188,9 +188,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["mailintegration.dev"]
   resources: ["mailintegrations/status"]
   verbs: ["patch"]
-- apiGroups: ["mailintegration.dev"]
-  resources: ["mailintegrations"]
-  verbs: ["get"]
+# Events on the MailIntegration (e.g. the provider refusing SMTP AUTH for the mailbox).
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
