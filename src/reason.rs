@@ -240,7 +240,7 @@ pub enum Reason {
     ClientSecretNotExpiring,
     /// The client Secret's annotation mailintegration.dev/client-secret-expires is not a date (YYYY-MM-DD) or an RFC 3339 time, so no warning can be given (condition `ClientSecretExpiringSoon=Unknown`).
     ClientSecretExpiryInvalid,
-    /// Microsoft refused SMTP AUTH for the mailbox (`535 5.7.139 ... SmtpClientAuthentication is disabled`): the gateway cannot send mail for it (`status.gateway.apps[].lastError`, Warning event).
+    /// Microsoft refused SMTP AUTH for the mailbox (`535 5.7.139 ... SmtpClientAuthentication is disabled`): the SMTP mailbox check (condition `MailboxConnected`) and the gateway (`status.gateway.apps[].lastError`, Warning event) report it.
     SmtpClientAuthenticationDisabled,
 }
 

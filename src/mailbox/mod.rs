@@ -261,6 +261,16 @@ impl MailboxError {
     }
 }
 
+/// Microsoft's answer to SMTP AUTH when SMTP AUTH is switched off for the mailbox or the tenant:
+/// `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.`
+/// The token is fine; only an Exchange admin can fix it (reason `SmtpClientAuthenticationDisabled`).
+pub fn is_smtp_auth_disabled(detail: &str) -> bool {
+    detail.contains("5.7.139")
+        && detail
+            .to_ascii_lowercase()
+            .contains("smtpclientauthentication")
+}
+
 /// Where a check is, for the timeout message ("no answer … while authenticating").
 pub(crate) struct Progress(Mutex<&'static str>);
 

@@ -227,7 +227,7 @@ impl Reason {
             }
             Reason::MailboxAuthFailed => "The mail server rejected the access token.",
             Reason::SmtpClientAuthenticationDisabled => {
-                "Microsoft 365 refused SMTP AUTH for the mailbox (535 5.7.139 SmtpClientAuthentication is disabled), so the gateway cannot send mail for it; the token itself is fine."
+                "Microsoft 365 refused SMTP AUTH for the mailbox (535 5.7.139 SmtpClientAuthentication is disabled): the SMTP mailbox check fails (condition MailboxConnected) and the gateway cannot send mail for it (status.gateway.apps[].lastError, Warning event); the token itself is fine."
             }
             Reason::MailboxUnreachable => "The mail server could not be reached.",
             Reason::TLSError => {

@@ -380,6 +380,25 @@ fn protocol_name(p: CheckProtocol) -> &'static str {
 }
 
 fn failed(t: &CheckTarget, e: &MailboxError) -> MailboxState {
+    if t.protocol == CheckProtocol::Smtp
+        && matches!(e, MailboxError::AuthFailed { .. })
+        && crate::mailbox::is_smtp_auth_disabled(e.detail())
+    {
+        // Not the token: Exchange Online has SMTP AUTH switched off for the mailbox or tenant.
+        let reason = crate::reason::Reason::SmtpClientAuthenticationDisabled;
+        return MailboxState::Failed {
+            reason: reason.as_str().to_owned(),
+            message: format!(
+                "SMTP {}:{}: {}. {}",
+                t.host,
+                t.port,
+                e.detail(),
+                reason
+                    .hint()
+                    .replace("<mailbox>", &crate::reason::outside_text(&t.username, 254))
+            ),
+        };
+    }
     let hint = match e.reason() {
         "MailboxAuthFailed" => {
             " The mail server refused the access token (it cannot say why: see Authorized for the grant). If the grant is fine, check the granted scopes and that the account may use this protocol (IMAP, POP or SMTP AUTH can be disabled per account)."

@@ -80,14 +80,8 @@ impl Reply {
     }
 }
 
-/// Microsoft's answer when SMTP AUTH is switched off for the mailbox or the tenant:
-/// `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.`
-pub fn is_smtp_auth_disabled(detail: &str) -> bool {
-    detail.contains("5.7.139")
-        && detail
-            .to_ascii_lowercase()
-            .contains("smtpclientauthentication")
-}
+/// Microsoft's answer when SMTP AUTH is switched off (the mailbox check knows it too).
+pub use crate::mailbox::is_smtp_auth_disabled;
 
 /// An authenticated SMTP session with the integration's mail server.
 pub struct SmtpUpstream {

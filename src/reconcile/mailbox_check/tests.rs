@@ -226,3 +226,44 @@ fn targets_follow_the_spec_and_provider_defaults() {
     .unwrap();
     assert!(targets(&MailIntegration::new("y", oidc)).is_empty());
 }
+
+#[test]
+fn microsofts_smtp_auth_switch_is_its_own_reason_with_the_fix() {
+    let t = CheckTarget::new(
+        "smtp.office365.com",
+        587,
+        CheckProtocol::Smtp,
+        "box@contoso.com",
+    );
+    let e = MailboxError::AuthFailed {
+        detail: "permanent error (535): 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into(),
+    };
+    let MailboxState::Failed { reason, message } = failed(&t, &e) else {
+        panic!("not a failure")
+    };
+    assert_eq!(reason, "SmtpClientAuthenticationDisabled");
+    assert!(
+        message.contains(
+            "Set-CASMailbox -Identity box@contoso.com -SmtpClientAuthenticationDisabled $false"
+        ),
+        "{message}"
+    );
+    // Another 535, or the same words from IMAP, stay MailboxAuthFailed.
+    let other = MailboxError::AuthFailed {
+        detail: "535 5.7.3 Authentication unsuccessful".into(),
+    };
+    let MailboxState::Failed { reason, .. } = failed(&t, &other) else {
+        panic!()
+    };
+    assert_eq!(reason, "MailboxAuthFailed");
+    let imap = CheckTarget::new(
+        "outlook.office365.com",
+        993,
+        CheckProtocol::Imap,
+        "box@contoso.com",
+    );
+    let MailboxState::Failed { reason, .. } = failed(&imap, &e) else {
+        panic!()
+    };
+    assert_eq!(reason, "MailboxAuthFailed");
+}
