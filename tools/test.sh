@@ -7,6 +7,8 @@
 #     ~/.cache/mail-integration-operator;
 # then cargo fmt --check, cargo clippy -D warnings and cargo test. With FUZZ=1, then also the property
 # tests of tests/properties.rs for MIO_FUZZ_SECONDS (default 60) seconds each (docs/fuzzing.md).
+# With SOAK=1 (nightly-style, hours), then tools/soak.sh: the property tests for 10 minutes each and a
+# one-hour soak of 1,000 integrations with faults injected (benches/soak.rs), printing what they found.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$SECONDS
@@ -34,5 +36,9 @@ if [[ "${FUZZ:-}" == 1 ]]; then
   step "property tests for ${MIO_FUZZ_SECONDS:-60} s each (FUZZ=1, release build; docs/fuzzing.md)"
   MIO_FUZZ_SECONDS="${MIO_FUZZ_SECONDS:-60}" \
     cargo test --locked --release --test properties -- --nocapture --test-threads="${FUZZ_THREADS:-2}"
+fi
+if [[ "${SOAK:-}" == 1 ]]; then
+  step "soak (SOAK=1): tools/soak.sh"
+  tools/soak.sh
 fi
 step "done"
