@@ -11,3 +11,6 @@ mod credentials;
 
 #[path = "gateway/smtp.rs"]
 mod smtp;
+
+#[path = "gateway/imap_pop3.rs"]
+mod imap_pop3;

@@ -3312,3 +3312,148 @@ fn smtp_data_phases_never_forward_more_than_the_limit() {
         },
     );
 }
+
+/// A line an app might send the gateway before login: IMAP and POP3 commands with hostile
+/// arguments, literals announced of any size, and raw bytes.
+fn gateway_line() -> BoxedStrategy<Vec<u8>> {
+    let command = prop::sample::select(vec![
+        "LOGIN",
+        "AUTHENTICATE PLAIN",
+        "AUTHENTICATE XOAUTH2",
+        "CAPABILITY",
+        "STARTTLS",
+        "ID",
+        "NOOP",
+        "LOGOUT",
+        "SELECT",
+        "USER",
+        "PASS",
+        "AUTH PLAIN",
+        "STLS",
+        "CAPA",
+    ]);
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        (
+            "[A-Za-z0-9.*+]{0,6}",
+            command,
+            ".{0,60}",
+            prop::option::of(0u64..u64::MAX),
+            prop::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(tag, command, args, literal, tail)| {
+                let mut line = format!("{tag} {command} {args}").into_bytes();
+                if let Some(n) = literal {
+                    line.extend(format!(" {{{n}}}\r\n").into_bytes());
+                }
+                line.extend(tail);
+                line.extend(b"\r\n");
+                line
+            }),
+    ]
+    .boxed()
+}
+
+/// The gateway's pre-login parsers (IMAP through imap-codec, POP3, SASL PLAIN, the AUTHENTICATE
+/// continuation) take any bytes without panicking, and nothing they return is longer than what
+/// they were given; the username a log line shows is bounded and free of control characters.
+#[test]
+fn gateway_pre_login_parsers_take_any_input() {
+    use mail_integration_operator::gateway::{
+        imap::{self, Parsed, PreLogin},
+        login::loggable,
+        pop3, wire,
+    };
+    check("gateway pre-login parsers", gateway_line(), |bytes| {
+        let n = bytes.len();
+        match imap::parse(&bytes) {
+            Parsed::Command(PreLogin::Login {
+                tag,
+                username,
+                password,
+            }) => {
+                prop_assert!(tag.len() + username.len() + password.expose().len() <= n);
+            }
+            Parsed::Command(PreLogin::Authenticate { initial, .. }) => {
+                prop_assert!(initial.map_or(0, |i| i.len()) <= n);
+            }
+            Parsed::Literal { tag, .. } => prop_assert!(tag.len() <= n),
+            _ => {}
+        }
+        if let Some(data) = imap::parse_authenticate_line(&bytes) {
+            prop_assert!(data.len() <= n);
+        }
+        match pop3::parse(&bytes) {
+            pop3::Command::User(u) => prop_assert!(u.len() <= n.saturating_mul(3)),
+            pop3::Command::Pass(p) => prop_assert!(p.expose().len() <= n.saturating_mul(3)),
+            _ => {}
+        }
+        if let Some(decoded) = pop3::decode_response(&String::from_utf8_lossy(&bytes)) {
+            prop_assert!(decoded.len() <= n.saturating_mul(3));
+        }
+        if let Some((user, password)) = wire::parse_plain(&bytes) {
+            prop_assert!(!user.is_empty() && user.len() + password.expose().len() < n);
+        }
+        let shown = loggable(&String::from_utf8_lossy(&bytes));
+        prop_assert!(shown.chars().count() <= 256 * 10);
+        prop_assert!(!shown.chars().any(char::is_control), "{:?}", shown);
+        Ok(())
+    });
+}
+
+/// The gateway's credential check: a password matches only its own live verifiers, whatever the
+/// other verifiers, salts and retirement times; a malformed verifier matches nothing.
+#[test]
+fn gateway_credentials_match_only_their_own_live_verifiers() {
+    use mail_integration_operator::gateway::{
+        config::{GatewayAppConfig, Verifier},
+        login::matching_verifier,
+    };
+    let verifier = (
+        "[A-Za-z0-9_-]{0,50}",
+        prop::collection::vec(any::<u8>(), 0..20),
+        prop::option::of(-100i64..100),
+        any::<bool>(),
+    );
+    check(
+        "gateway credential check",
+        ("[A-Za-z0-9_-]{0,50}", prop::collection::vec(verifier, 0..5)),
+        |(password, verifiers)| {
+            let now: Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
+            let password = SecretValue::new(password);
+            let mut expected = None;
+            let verifiers: Vec<Verifier> = verifiers
+                .into_iter()
+                .enumerate()
+                .map(|(i, (pw, salt, retires, malformed))| {
+                    let mut v = Verifier::new(&salt, &SecretValue::new(pw.clone()));
+                    v.retires_at = retires.map(|s| now + SignedDuration::from_secs(s));
+                    if malformed {
+                        v.sha256 = format!("{}!", v.sha256);
+                    }
+                    let live = v.retires_at.is_none_or(|at| at > now);
+                    if expected.is_none() && pw == password.expose() && live && !malformed {
+                        expected = Some(i);
+                    }
+                    v
+                })
+                .collect();
+            let app = GatewayAppConfig {
+                name: "app".into(),
+                username: "ns/mi/app".into(),
+                protocols: vec![],
+                send_as: vec![],
+                verifiers,
+            };
+            let found = matching_verifier(&app, &password, now).map(|v| {
+                app.verifiers
+                    .iter()
+                    .position(|w| std::ptr::eq(w, v))
+                    .unwrap()
+            });
+            prop_assert_eq!(found, expected);
+            prop_assert_eq!(app.verify(&password, now), expected.is_some());
+            Ok(())
+        },
+    );
+}

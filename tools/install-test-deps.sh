@@ -12,9 +12,10 @@ step() { echo "==> $*"; }
 # lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test.
 # The gateway's SMTP tests (tests/gateway/smtp.rs): msmtp-mta's msmtpd delivers what Dovecot's
 # submission relays (tests/support/dovecot.rs); swaks (with libnet-ssleay-perl for its TLS), msmtp,
-# curl, python3 (smtplib, imaplib) and prometheus-alertmanager are the mail clients.
+# curl, python3 (smtplib, imaplib) and prometheus-alertmanager are the mail clients; fetchmail reads
+# POP3 through the gateway (tests/gateway/imap_pop3.rs).
 debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus
-  msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl)
+  msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl fetchmail)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -267,6 +267,8 @@ impl Directory {
         let Some((key, entry)) = self.parse(secret) else {
             return;
         };
+        tracing::debug!(namespace = %key.0, secret = %key.1, usable = entry.is_some(),
+            "gateway Secret changed");
         let mut inner = self.write();
         match entry {
             Some(entry) => inner.insert(key, entry),

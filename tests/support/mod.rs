@@ -8,6 +8,7 @@ pub mod browser;
 pub mod control_plane;
 pub mod dovecot;
 pub mod fault_proxy;
+pub mod gateway;
 pub mod helm;
 pub mod keys;
 pub mod oauth;
