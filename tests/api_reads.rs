@@ -5,6 +5,8 @@
 //! watches stream their initial objects where the API server allows it, and list them in pages
 //! where not. Structural, not timing-based: the counts are exact whatever the machine's speed.
 
+#[path = "api_reads/first_refresh.rs"]
+mod first_refresh;
 #[path = "api_reads/flow_control.rs"]
 mod flow_control;
 mod support;

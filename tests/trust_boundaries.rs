@@ -271,10 +271,14 @@ async fn secrets_it_does_not_own_are_never_written() {
             .as_deref(),
         Some("not-for-the-operator")
     );
+    // The owner's refresh and the squatter's one: its token Secret is created without a read, so
+    // the unlabelled app-config is found only by the 409 of that create, after the token request
+    // (once: the status then says TokenSecretConflict, and app-config is read before any other).
+    // The copycat names a Secret in the operator's cache: held before any provider call.
     assert_eq!(
         env.proxy.token_requests(),
-        1,
-        "only the owner refreshed; squatter and copycat were held before any provider call"
+        2,
+        "only the owner and the squatter (once) refreshed"
     );
 
     // Deleting the squatter leaves the user's Secret alone (no ownerReference for the garbage

@@ -142,6 +142,7 @@ async fn refresh_locked(
             Kind::Grant,
             written_now.grant.clone(),
             written_now.recent(),
+            true,
         )
         .await
         .map_err(|e| e.unwrap_or_else(|| lagging("grant Secret (under the lock)")))?

@@ -95,15 +95,26 @@ pub(super) async fn observe<'a>(
     };
     let recent = written.recent();
     let grant_secret = reader
-        .owned(mi.grant_secret_name(), Kind::Grant, written.grant, recent)
+        .owned(
+            mi.grant_secret_name(),
+            Kind::Grant,
+            written.grant,
+            recent,
+            true,
+        )
         .await
         .map_err(|e| e.unwrap_or_else(|| lagging("grant Secret")))?;
+    // A token Secret the cache does not hold is not read: it is created without a read, and a
+    // Secret someone else made under its name fails that create (409), is read then and reported
+    // (TokenSecretConflict); from then on, while the status says so, it is read each time, to see
+    // whether it went.
     let token_secret = reader
         .owned(
             mi.spec.token_secret.name.clone(),
             Kind::Token,
             written.token,
             recent,
+            reports_token_conflict(mi),
         )
         .await
         .map_err(|e| e.unwrap_or_else(|| lagging("token Secret")))?;
@@ -143,6 +154,16 @@ pub(super) async fn observe<'a>(
     Ok((read, observed))
 }
 
+/// The status reports that a Secret not this integration's holds its token Secret's name.
+fn reports_token_conflict(mi: &MailIntegration) -> bool {
+    mi.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == crate::api::condition::READY
+                && c.reason == crate::reason::Reason::TokenSecretConflict.as_str()
+        })
+    })
+}
+
 impl Reader<'_> {
     /// A grant or token Secret from the cache of the operator's own; one that is not there is
     /// read, because a Secret without the operator's label may hold the name (a conflict to
@@ -154,6 +175,7 @@ impl Reader<'_> {
         kind: Kind,
         version: Option<String>,
         recent: bool,
+        read_if_absent: bool,
     ) -> Result<Option<Held>, Option<Stop>> {
         let cached = self.caches.owned_secret(&self.ns, &name);
         match cache::freshness(
@@ -163,6 +185,7 @@ impl Reader<'_> {
         ) {
             Freshness::Lagging => Err(None),
             Freshness::Fresh if cached.is_some() => Ok(cached),
+            _ if cached.is_none() && !read_if_absent => Ok(None),
             Freshness::Fresh | Freshness::Unknown => {
                 self.ctx.metrics.count_read(match kind {
                     Kind::Grant => "grant_secret",

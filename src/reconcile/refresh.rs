@@ -415,6 +415,7 @@ pub(super) fn not_publishable(e: &secrets::TokenSecretError) -> Option<Outcome> 
             reason: Reason::SecretTooLarge.as_str().into(),
             message: message.clone(),
         }),
+        secrets::TokenSecretError::Conflict(c) => Some(Outcome::Conflict(c.clone())),
         secrets::TokenSecretError::Kube(_) => None,
     }
 }

@@ -219,16 +219,33 @@ async fn write_if_changed(
     Ok(())
 }
 
-/// Events for changes a human cares about (first success, failure, recovery) — compared on the
-/// (status, reason) of Ready, Authorized and Reconciling, so a routine refresh emits nothing.
+/// One event for the changes a human cares about (first success, failure, recovery), compared on
+/// the (status, reason) of Ready, Authorized and Reconciling, so a routine refresh emits nothing;
+/// several transitions of one reconcile (a first refresh: Ready and Authorized) are one event.
 async fn publish_events(
     mi: &MailIntegration,
     old: Option<&MailIntegrationStatus>,
     new: &MailIntegrationStatus,
     ctx: &Context,
 ) {
-    let recorder = &ctx.recorder;
-    let reference = mi.object_ref(&());
+    let Some(event) = transition_event(old, new) else {
+        return;
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &mi.object_ref(&())).await {
+        warn!(error = %e, "could not publish an event");
+    } else {
+        ctx.metrics.count_write("event");
+    }
+}
+
+/// The event of a status change: every transition of Ready, Authorized and Reconciling worth
+/// telling, in one note (`Ready=True: …; Authorized=True: …`); a Warning with the first failing
+/// transition's reason if any fails, else Normal with the first one's (Ready's when it changed).
+pub(super) fn transition_event(
+    old: Option<&MailIntegrationStatus>,
+    new: &MailIntegrationStatus,
+) -> Option<Event> {
+    let mut told: Vec<(bool, String, String)> = Vec::new();
     for t in [
         condition::READY,
         condition::AUTHORIZED,
@@ -258,7 +275,7 @@ async fn publish_events(
             && decide::find_condition(new, condition::READY)
                 .is_some_and(|r| r.reason == after.reason)
         {
-            // The same failure is already told by the Ready event.
+            // The same failure is already told by Ready's transition.
             continue;
         }
         let reason = if t == condition::RECONCILING && healthy {
@@ -266,26 +283,103 @@ async fn publish_events(
         } else {
             after.reason.clone()
         };
-        let event = Event {
-            type_: if healthy {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
+        told.push((
+            healthy,
             reason,
-            note: Some(
-                format!("{t}={}: {}", after.status, after.message)
-                    .chars()
-                    .take(1000)
-                    .collect(),
-            ),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            warn!(error = %e, "could not publish an event");
+            format!("{t}={}: {}", after.status, after.message),
+        ));
+    }
+    let (healthy, reason) = told
+        .iter()
+        .find(|(healthy, _, _)| !healthy)
+        .or(told.first())
+        .map(|(h, r, _)| (*h, r.clone()))?;
+    let note = told
+        .iter()
+        .map(|(_, _, n)| n.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Event {
+        type_: if healthy {
+            EventType::Normal
         } else {
-            ctx.metrics.count_write("event");
+            EventType::Warning
+        },
+        reason,
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    fn status(conds: &[(&str, &str, &str)]) -> MailIntegrationStatus {
+        MailIntegrationStatus {
+            conditions: conds
+                .iter()
+                .map(|(t, s, r)| Condition {
+                    type_: (*t).into(),
+                    status: (*s).into(),
+                    reason: (*r).into(),
+                    message: format!("{r} said"),
+                    last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                    observed_generation: None,
+                })
+                .collect(),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_first_refresh_is_one_event_telling_every_transition() {
+        let new = status(&[
+            ("Ready", "True", "TokenRefreshed"),
+            ("Authorized", "True", "Authorized"),
+            ("Reconciling", "False", "Idle"),
+        ]);
+        let ev = transition_event(None, &new).unwrap();
+        assert_eq!(ev.reason, "TokenRefreshed");
+        assert!(matches!(ev.type_, EventType::Normal));
+        assert_eq!(
+            ev.note.as_deref(),
+            Some("Ready=True: TokenRefreshed said; Authorized=True: Authorized said")
+        );
+        // A routine refresh after it: nothing.
+        assert!(transition_event(Some(&new), &new).is_none());
+    }
+
+    #[test]
+    fn a_failure_among_the_transitions_makes_a_warning_with_its_reason() {
+        let old = status(&[
+            ("Ready", "True", "TokenRefreshed"),
+            ("Authorized", "True", "Authorized"),
+            ("Reconciling", "True", "ProviderUnavailable"),
+        ]);
+        // Authorized fails with the reason Ready tells: one Warning, Ready's.
+        let new = status(&[
+            ("Ready", "False", "GrantRevoked"),
+            ("Authorized", "False", "GrantRevoked"),
+            ("Reconciling", "False", "Idle"),
+        ]);
+        let ev = transition_event(Some(&old), &new).unwrap();
+        assert!(matches!(ev.type_, EventType::Warning));
+        assert_eq!(ev.reason, "GrantRevoked");
+        assert_eq!(
+            ev.note.as_deref(),
+            Some("Ready=False: GrantRevoked said; Reconciling=False: Idle said")
+        );
+        // Only the recovery of Reconciling: Normal, Recovered.
+        let recovered = status(&[
+            ("Ready", "True", "TokenRefreshed"),
+            ("Authorized", "True", "Authorized"),
+            ("Reconciling", "False", "Idle"),
+        ]);
+        let ev = transition_event(Some(&old), &recovered).unwrap();
+        assert!(matches!(ev.type_, EventType::Normal));
+        assert_eq!(ev.reason, "Recovered");
     }
 }

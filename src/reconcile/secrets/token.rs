@@ -4,7 +4,7 @@
 
 use super::{bytes, owned_meta, rfc3339};
 use crate::reconcile::context::FIELD_MANAGER;
-use crate::reconcile::observed::token_keys;
+use crate::reconcile::observed::{self, token_keys};
 use crate::reconcile::template::{Rendered, Renderer, TokenFields, digest, keys};
 use crate::{
     api::{MailIntegration, TokenSecretTemplate},
@@ -154,11 +154,13 @@ pub async fn render_template(
         .await
 }
 
-/// Write the token Secret. `current` is the token Secret as read, which must be this integration's
-/// own (see [`crate::reconcile::observed::owned_by`]): when there was none it is created, so that a Secret
-/// someone made meanwhile under that name fails the write (409) instead of being taken over; else a
-/// server-side apply with the resourceVersion read as its precondition. Returns the written
-/// resourceVersion.
+/// Write the token Secret. `current` is the token Secret as cached, which must be this
+/// integration's own (see [`crate::reconcile::observed::owned_by`]): when there is none it is
+/// created without a read first (a first refresh costs one request, not two), so that a Secret
+/// someone else made under that name fails the write (409) instead of being taken over; only then
+/// is it read: this integration's own (a cache behind) is applied over, anyone else's is
+/// [`TokenSecretError::Conflict`]. Else a server-side apply with the resourceVersion read as its
+/// precondition. Returns the written resourceVersion.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
@@ -185,14 +187,35 @@ async fn write_rendered(
 ) -> Result<Option<String>, TokenSecretError> {
     let written = match current {
         None => {
-            api.create(
-                &PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &secret,
-            )
-            .await?
+            let created = api
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &secret,
+                )
+                .await;
+            match created {
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    metrics.count_read("token_secret");
+                    let Some(found) = api.get_opt(&mi.spec.token_secret.name).await? else {
+                        // Gone again in between: the next reconcile creates it.
+                        return Err(kube::Error::Api(e).into());
+                    };
+                    if let Some(c) = observed::conflicts(mi, None, Some(&found)) {
+                        return Err(TokenSecretError::Conflict(c));
+                    }
+                    secret.metadata.resource_version = found.metadata.resource_version;
+                    api.patch(
+                        &mi.spec.token_secret.name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&secret),
+                    )
+                    .await?
+                }
+                other => other?,
+            }
         }
         Some(current) => {
             secret.metadata.resource_version = current.metadata.resource_version.clone();
@@ -296,6 +319,10 @@ pub enum TokenSecretError {
     /// one (`cached_secret::MAX_HELD_BYTES`).
     #[error("{0}")]
     TooLarge(String),
+    /// A Secret that is not this integration's holds `spec.tokenSecret.name` (found when creating
+    /// it met 409): nothing is written.
+    #[error("{}", .0.message)]
+    Conflict(observed::Conflict),
     #[error(transparent)]
     Kube(#[from] kube::Error),
 }
