@@ -316,6 +316,16 @@ async fn real_clients_read_the_mailbox_through_the_gateway() {
         "curl pop3s: {out}\n{}",
         gw.log()
     );
+    // And POP3 with STLS on the plain port (curl --ssl-reqd).
+    let url = format!("pop3://localhost:{}/1", gw.pop3_port);
+    let mut args = curl_args(&gw, &user_pass, &url);
+    args.push("--ssl-reqd");
+    let (ok, out) = run("curl", &args).await;
+    assert!(
+        ok && out.contains("Subject: hello-gateway"),
+        "curl pop3 STLS: {out}\n{}",
+        gw.log()
+    );
 
     // Python's imaplib with LOGIN, over IMAPS and over STARTTLS on the plain port.
     for (port, mode) in [(gw.imaps_port, "ssl"), (gw.imap_port, "starttls")] {
@@ -363,10 +373,10 @@ async fn real_clients_read_the_mailbox_through_the_gateway() {
         gw.log()
     );
 
-    // Every session reached Dovecot with the token (5 clients), and the metrics say so.
+    // Every session reached Dovecot with the token (6 clients), and the metrics say so.
     assert_eq!(
         w.dovecot.logins(MAILBOX) - logins_before,
-        5,
+        6,
         "{}",
         w.dovecot.log_tail(20)
     );
@@ -375,7 +385,7 @@ async fn real_clients_read_the_mailbox_through_the_gateway() {
             "mailintegration_gateway_logins_total{{protocol=\"{p}\",result=\"success\"}}"
         ))
     };
-    assert_eq!((success("IMAP"), success("POP3")), (3.0, 2.0));
+    assert_eq!((success("IMAP"), success("POP3")), (3.0, 3.0));
     assert!(
         gw.metric(
             r#"mailintegration_gateway_relayed_bytes_total{protocol="IMAP",direction="to_app"}"#
@@ -409,7 +419,7 @@ async fn real_clients_read_the_mailbox_through_the_gateway() {
     assert_eq!(
         gw.metric(r#"mailintegration_gateway_usage_writes_total{kind="written"}"#),
         1.0,
-        "one write for five logins"
+        "one write for six logins"
     );
 }
 
