@@ -762,3 +762,31 @@ async fn two_gateway_replicas_serve_at_once() {
     let seen = idle_b.wait_for("EXISTS", Duration::from_secs(40)).await;
     assert!(seen.iter().any(|l| l.contains("EXISTS")), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_credential_holds_at_most_its_sessions() {
+    let w = world("gw-imap-cap").await;
+    let gw = w.gateway("gateway", &["--max-sessions-per-credential=2"]);
+    let helpdesk = w.user("inbox", "helpdesk");
+    let first = Idler::start(&gw, &helpdesk).await;
+    let _second = Idler::start(&gw, &helpdesk).await;
+    let (ok, out) = imaplib(&gw, gw.imaps_port, &helpdesk, PASSWORD, "ssl").await;
+    assert!(!ok && out.contains("[LIMIT]"), "{out}");
+    assert_eq!(
+        gw.metric(
+            r#"mailintegration_gateway_logins_total{protocol="IMAP",result="too_many_sessions"}"#
+        ),
+        1.0
+    );
+    // A session ends: its place is free again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = imaplib(&gw, gw.imaps_port, &helpdesk, PASSWORD, "ssl").await;
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
