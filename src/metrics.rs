@@ -56,11 +56,11 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
-    pub api_writes: Family<ErrorLabels, Counter>,
+    /// Writes to the Kubernetes API, by object written (status, grant_secret, token_secret, event, finalizer).
+    pub api_writes: Family<ObjectLabels, Counter>,
     /// Reads (GETs) a reconcile made of the Kubernetes API, by object; the watch caches serve the rest.
     pub api_reads: Family<ObjectLabels, Counter>,
     pub mailbox_checks: Family<RefreshLabels, Counter>,
-    pub mailbox_check_failures: Family<ErrorLabels, Counter>,
     pub sign_ins: Family<RefreshLabels, Counter>,
     /// Provider calls deferred by a limit (docs/security.md, "Shared capacity").
     pub deferred: Family<LimitLabels, Counter>,
@@ -112,10 +112,10 @@ impl Default for Metrics {
             "Reconcile errors by kind",
             reconcile_errors.clone(),
         );
-        let api_writes = Family::<ErrorLabels, Counter>::default();
+        let api_writes = Family::<ObjectLabels, Counter>::default();
         registry.register(
             "api_writes",
-            "Writes to the Kubernetes API by kind of object",
+            "Writes to the Kubernetes API, by object written",
             api_writes.clone(),
         );
         let api_reads = Family::<ObjectLabels, Counter>::default();
@@ -135,12 +135,6 @@ impl Default for Metrics {
             "mailbox_checks",
             "Mailbox connection checks by result and reason",
             mailbox_checks.clone(),
-        );
-        let mailbox_check_failures = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "mailbox_check_failures",
-            "Failed mailbox connection checks by reason",
-            mailbox_check_failures.clone(),
         );
         let sign_ins = Family::<RefreshLabels, Counter>::default();
         registry.register(
@@ -172,7 +166,6 @@ impl Default for Metrics {
             sign_ins,
             objects,
             mailbox_checks,
-            mailbox_check_failures,
             registry,
             refreshes,
             refresh_duration,
@@ -215,8 +208,8 @@ impl Metrics {
 
     pub fn count_write(&self, what: &str) {
         self.api_writes
-            .get_or_create(&ErrorLabels {
-                error: what.to_owned(),
+            .get_or_create(&ObjectLabels {
+                object: what.to_owned(),
             })
             .inc();
     }

@@ -136,3 +136,189 @@ fn every_dashboard_query_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every metric family the operator serves, as a query names it (counters with `_total`), with its
+/// type and label names: the exposition of [`Metrics`] with one integration in the controller's
+/// cache that has every status field, and each pushed family counted once (the label structs are
+/// written out, so a new label fails to compile here until it is counted).
+fn served_metrics()
+-> std::collections::BTreeMap<String, (String, std::collections::BTreeSet<String>)> {
+    use kube::runtime::{reflector::store, watcher::Event};
+    use mail_integration_operator::{
+        api::MailIntegration,
+        metrics::{Metrics, ReconcileLabels, RefreshLabels},
+    };
+    let metrics = Metrics::default();
+    let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+        "metadata": {"name": "inbox", "namespace": "team", "uid": "u1"},
+        "spec": {"provider": "Google", "mailbox": {"address": "a@example.test"},
+            "oauth": {"clientSecretRef": {"name": "c"}}, "tokenSecret": {"name": "t"}},
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Refreshed", "message": "",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z"},
+                {"type": "MailboxConnected", "status": "True", "reason": "Connected", "message": "",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z"}],
+            "accessTokenExpiresAt": "2026-12-01T01:00:00Z",
+            "lastRefreshTime": "2026-12-01T00:00:00Z",
+            "nextRefreshTime": "2026-12-01T00:50:00Z",
+            "clientSecretExpiresAt": "2027-06-01T00:00:00Z",
+            "grantExpiresAt": "2026-12-08T00:00:00Z"
+        }
+    }))
+    .unwrap();
+    let (reader, mut writer) = store::<MailIntegration>();
+    writer.apply_watcher_event(&Event::Apply(mi));
+    let _registered = metrics.objects.register(reader);
+    metrics
+        .refreshes
+        .get_or_create(&RefreshLabels {
+            result: "success".into(),
+            reason: "Refreshed".into(),
+        })
+        .inc();
+    metrics
+        .reconciles
+        .get_or_create(&ReconcileLabels {
+            result: "ok".into(),
+        })
+        .inc();
+    metrics.count_write("status");
+    metrics.count_read("secret");
+    metrics.count_deferred("namespace_share");
+    metrics.refresh_duration.observe(0.1);
+    metrics.reconcile_duration.observe(0.1);
+
+    let text = metrics.encode();
+    let mut families = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let name = match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            };
+            families.insert(name, (kind.to_owned(), std::collections::BTreeSet::new()));
+        }
+    }
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = line.split_once(' ').unwrap().0;
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let family = families
+            .keys()
+            .filter(|f| {
+                name == f.as_str()
+                    || ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name.strip_suffix(s) == Some(f.as_str()))
+            })
+            .max_by_key(|f| f.len())
+            .unwrap_or_else(|| panic!("a series of no family: {line}"))
+            .clone();
+        let labels = labels.trim_end_matches('}');
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            let key = pair.split_once('=').unwrap().0;
+            if key != "le" {
+                families.get_mut(&family).unwrap().1.insert(key.to_owned());
+            }
+        }
+    }
+    families
+}
+
+/// The metrics table of docs/operations.md (`## Metrics`): name, type and labels of each row.
+fn documented_metrics()
+-> std::collections::BTreeMap<String, (String, std::collections::BTreeSet<String>)> {
+    let text = std::fs::read_to_string(docs_dir().join("operations.md")).unwrap();
+    let section = text
+        .split_once("\n## Metrics\n")
+        .expect("docs/operations.md has a ## Metrics section")
+        .1;
+    let section = section.split("\n## ").next().unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for row in section
+        .lines()
+        .filter(|l| l.starts_with("| `mailintegration_"))
+    {
+        let cells: Vec<&str> = row
+            .split(" | ")
+            .map(|c| c.trim_matches(['|', ' ']))
+            .collect();
+        let name = cells[0].trim_matches('`').to_owned();
+        let labels = cells[2]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_owned())
+            .filter(|l| !l.is_empty() && l != "none")
+            .collect();
+        assert!(
+            out.insert(name.clone(), (cells[1].to_owned(), labels))
+                .is_none(),
+            "{name} is in the table twice"
+        );
+    }
+    out
+}
+
+#[test]
+fn every_metric_served_is_documented_with_its_labels_and_no_other() {
+    let served = served_metrics();
+    assert!(served.len() >= 20, "{served:?}");
+    let documented = documented_metrics();
+    let mut problems = Vec::new();
+    for (name, (kind, labels)) in &served {
+        match documented.get(name) {
+            None => problems.push(format!(
+                "{name} ({kind}, labels {labels:?}) is served but not in docs/operations.md#metrics"
+            )),
+            Some(d) if d != &(kind.clone(), labels.clone()) => problems.push(format!(
+                "{name}: served as {kind} with labels {labels:?}, documented as {} with {:?}",
+                d.0, d.1
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in documented.keys().filter(|n| !served.contains_key(*n)) {
+        problems.push(format!(
+            "docs/operations.md#metrics documents {name}, which the operator does not serve"
+        ));
+    }
+    // No other text names a metric that does not exist (histograms by their series' suffixes).
+    // CHANGELOG.md is left out: it names the metrics a version removed.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for dir in ["docs", "charts/mail-integration-operator/templates"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    files.push(
+        root.join("charts/mail-integration-operator/dashboards/mail-integration-operator.json"),
+    );
+    let known = |m: &str| {
+        served.contains_key(m)
+            || ["_bucket", "_sum", "_count"].iter().any(|s| {
+                m.strip_suffix(s)
+                    .is_some_and(|f| served.get(f).is_some_and(|(k, _)| k == "histogram"))
+            })
+    };
+    for file in files.iter().filter(|f| f.is_file()) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (at, _) in text.match_indices("mailintegration_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if !known(&name) {
+                problems.push(format!(
+                    "{} names {name}, which the operator does not serve",
+                    file.strip_prefix(root).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

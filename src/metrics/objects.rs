@@ -250,6 +250,17 @@ impl Collector for ObjectCollector {
                 .encode_family(&[("status", status)])?
                 .encode_gauge(&i64::try_from(count).unwrap_or(i64::MAX))?;
         }
+        // The replica that runs the controllers has their stores: the Lease holder, or the only
+        // replica without leader election. A standby serves 0 (and none of the series above).
+        let leads = !self.stores.stores.locked().is_empty();
+        encoder
+            .encode_descriptor(
+                "leader",
+                "Whether this replica runs the controllers (1: it holds the Lease, or leader election is off) or waits as a standby (0)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&i64::from(leads))?;
         Ok(())
     }
 }

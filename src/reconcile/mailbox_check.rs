@@ -14,7 +14,7 @@ use crate::{
         ProviderKind, SaslMechanismName, condition,
     },
     mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
-    metrics::{ErrorLabels, Metrics, RefreshLabels},
+    metrics::{Metrics, RefreshLabels},
     secret::SecretValue,
 };
 use jiff::{SignedDuration, Timestamp};
@@ -293,15 +293,7 @@ impl MailboxChecker {
 
     fn count(&self, state: &MailboxState) {
         let (result, reason) = match state {
-            MailboxState::Failed { reason, .. } => {
-                self.metrics
-                    .mailbox_check_failures
-                    .get_or_create(&ErrorLabels {
-                        error: reason.clone(),
-                    })
-                    .inc();
-                ("failure", reason.clone())
-            }
+            MailboxState::Failed { reason, .. } => ("failure", reason.clone()),
             _ => ("success", "Connected".to_owned()),
         };
         self.metrics

@@ -187,7 +187,7 @@ impl Operator {
         .iter()
         .map(|k| {
             self.metric(&format!(
-                "mailintegration_api_writes_total{{error=\"{k}\"}}"
+                "mailintegration_api_writes_total{{object=\"{k}\"}}"
             ))
             .unwrap_or(0.0)
         })
