@@ -14,6 +14,8 @@ mod chart_readme;
 mod docker_context;
 #[path = "install/gateway_chart.rs"]
 mod gateway_chart;
+#[path = "install/release.rs"]
+mod release;
 mod support;
 
 use k8s_openapi::api::{

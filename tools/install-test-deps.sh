@@ -9,13 +9,14 @@ step() { echo "==> $*"; }
 
 # Debian packages the tests use. policy-rc.d keeps package installs from starting system services
 # (the tests start their own Dovecot on free loopback ports).
-# lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test.
+# lua5.1: the Argo CD health check's test; prometheus: promtool for the alert rules' test;
+# shellcheck: actionlint's check of the workflows' run: scripts.
 # The gateway's SMTP tests (tests/gateway/smtp.rs): msmtp-mta's msmtpd delivers what Dovecot's
 # submission relays (tests/support/dovecot.rs); swaks (with libnet-ssleay-perl for its TLS), msmtp,
 # curl, python3 (smtplib, imaplib) and prometheus-alertmanager are the mail clients; fetchmail reads
 # POP3 through the gateway (tests/gateway/imap_pop3.rs).
 debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus
-  msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl fetchmail)
+  shellcheck msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl fetchmail)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -29,6 +30,13 @@ fi
 # never downloads (it runs tools/hadolint.sh with MIO_NO_INSTALL=1).
 step "hadolint (tools/hadolint.sh --path)"
 tools/hadolint.sh --path >/dev/null
+
+# actionlint (built with go) and zizmor (PyPI wheel) for the workflows' lint test, cargo-cyclonedx
+# (cargo install) for the SBOM test: cached by version, the tests never install them.
+step "actionlint, zizmor (tools/workflow-lint.sh --paths)"
+tools/workflow-lint.sh --paths >/dev/null
+step "cargo-cyclonedx (tools/release.sh sbom --path)"
+tools/release.sh sbom --path >/dev/null
 
 if [ -f tests/oauth-server/package-lock.json ]; then
   stamp=tests/oauth-server/node_modules/.installed-lock
