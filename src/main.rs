@@ -74,6 +74,11 @@ struct RunArgs {
     /// How long a failing revocation (spec.revokeOnDelete) may delay a deletion, e.g. 5m.
     #[arg(long, env = "MIO_REVOKE_TIMEOUT", default_value = "5m")]
     revoke_timeout: kube::core::Duration,
+    /// What deleting a MailIntegration does to its grant Secret when its spec.grantDeletionPolicy is
+    /// unset: Delete (it goes with it) or Retain (it stays for a re-created integration of the same
+    /// name, client and mailbox; never for one with spec.revokeOnDelete).
+    #[arg(long, env = "MIO_GRANT_DELETION_POLICY", default_value = "Delete", value_parser = ["Delete", "Retain"])]
+    grant_deletion_policy: String,
     /// Elect a leader among replicas through a Lease: only the leader reconciles and refreshes;
     /// every replica serves the sign-in pages and health endpoints.
     #[arg(long, env = "MIO_LEADER_ELECTION")]
@@ -229,6 +234,12 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    mail_integration_operator::api::set_default_grant_deletion_policy(
+        match args.grant_deletion_policy.as_str() {
+            "Retain" => mail_integration_operator::api::GrantDeletionPolicy::Retain,
+            _ => mail_integration_operator::api::GrantDeletionPolicy::Delete,
+        },
+    );
     init_tracing(args.log_format);
     let kube_config = kube::Config::infer()
         .await

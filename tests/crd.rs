@@ -173,6 +173,43 @@ fn cel_rules_reject_bad_resources_with_clear_messages() {
         &resource("ms-no-tenant", "Microsoft", redirect, "", ""),
         "provider Microsoft needs spec.oauth.tenant",
     );
+    // spec.grantDeletionPolicy: Delete or Retain; Retain keeps what revokeOnDelete would revoke.
+    assert_rejected(
+        &ns,
+        &resource(
+            "retain-revoke",
+            "Google",
+            redirect,
+            "",
+            "  grantDeletionPolicy: Retain\n  revokeOnDelete: true",
+        ),
+        "spec.grantDeletionPolicy Retain keeps the grant for a re-created integration, spec.revokeOnDelete revokes it: choose one",
+    );
+    assert_rejected(
+        &ns,
+        &resource(
+            "keep",
+            "Google",
+            redirect,
+            "",
+            "  grantDeletionPolicy: Keep",
+        ),
+        "supported values: \"Delete\", \"Retain\"",
+    );
+    for ok in [
+        "  grantDeletionPolicy: Retain",
+        "  grantDeletionPolicy: Delete\n  revokeOnDelete: true",
+    ] {
+        let out = cp.kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+            &resource("policy", "Google", redirect, "", ok),
+        );
+        assert!(
+            out.status.success(),
+            "{ok:?} rejected: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert_rejected(
         &ns,
         &resource(

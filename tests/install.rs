@@ -321,6 +321,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--kube-api-qps=0",
             "--kube-api-adaptive=true",
             "--concurrency=32",
+            "--grant-deletion-policy=Delete",
         ]
     );
     // Room for the drain: the grace period is longer than --shutdown-timeout.

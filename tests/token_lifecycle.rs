@@ -5,6 +5,8 @@
 //! Each test has its own namespace, its own operator process (watching only that namespace) and its
 //! own fault proxy, so counts of token requests and API writes belong to that test alone.
 
+#[path = "token_lifecycle/grant_deletion.rs"]
+mod grant_deletion;
 mod support;
 
 use base64::Engine as _;

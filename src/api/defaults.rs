@@ -148,6 +148,31 @@ impl ClientCertificateRef {
     }
 }
 
+/// The operator's `--grant-deletion-policy`: set once at start-up, before any integration is read.
+static DEFAULT_GRANT_DELETION_POLICY: std::sync::OnceLock<super::GrantDeletionPolicy> =
+    std::sync::OnceLock::new();
+
+/// Set the policy of integrations without `spec.grantDeletionPolicy` (once; later calls are
+/// ignored). Without a call it is Delete.
+pub fn set_default_grant_deletion_policy(policy: super::GrantDeletionPolicy) {
+    let _ = DEFAULT_GRANT_DELETION_POLICY.set(policy);
+}
+
+impl MailIntegrationSpec {
+    /// `spec.grantDeletionPolicy`, or the operator's default. An integration that revokes its grant
+    /// on deletion (`spec.revokeOnDelete`) does not keep it, whatever the default.
+    pub fn grant_deletion_policy(&self) -> super::GrantDeletionPolicy {
+        match (self.grant_deletion_policy, self.revoke_on_delete) {
+            (Some(p), _) => p,
+            (None, Some(true)) => super::GrantDeletionPolicy::Delete,
+            (None, _) => DEFAULT_GRANT_DELETION_POLICY
+                .get()
+                .copied()
+                .unwrap_or_default(),
+        }
+    }
+}
+
 impl MailIntegration {
     /// Name of the operator-owned grant Secret of this integration.
     pub fn grant_secret_name(&self) -> String {

@@ -70,6 +70,8 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
     // must stay deletable, and its finalizer removable (the operator reports NameTooLong on it).
     validation = Rule::new("oldSelf.hasValue() || size(self.metadata.name) <= 63").optional_old_self(true)
         .message("a MailIntegration's name may be at most 63 characters: the operator labels its Secrets with it (mailintegration.dev/integration), and a label value is at most 63 characters"),
+    validation = Rule::new("!has(self.spec.grantDeletionPolicy) || self.spec.grantDeletionPolicy != 'Retain' || !has(self.spec.revokeOnDelete) || !self.spec.revokeOnDelete")
+        .message("spec.grantDeletionPolicy Retain keeps the grant for a re-created integration, spec.revokeOnDelete revokes it: choose one"),
     validation = Rule::new("self.spec.tokenSecret.name != self.spec.oauth.clientSecretRef.name")
         .message("spec.tokenSecret.name must not be the client Secret: the operator writes the token Secret, and would overwrite the client's ID and secret"),
     validation = Rule::new("!self.spec.tokenSecret.name.endsWith('-oauth-grant')")
@@ -125,6 +127,25 @@ pub struct MailIntegrationSpec {
     /// (IMAP, POP3, SMTP; docs/gateway.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySpec>,
+    /// What deleting this resource does to its grant Secret: Delete or Retain (see
+    /// [`GrantDeletionPolicy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_deletion_policy: Option<GrantDeletionPolicy>,
+}
+
+/// What deleting this resource does to its grant Secret (`<name>-oauth-grant`, the refresh token).
+/// Delete: the grant Secret carries this resource's ownerReference and goes with it. Retain: it
+/// carries none and stays; a MailIntegration of the same name in this namespace uses it again
+/// without a sign-in, but only for the same token endpoint, client and mailbox (else
+/// GrantBoundElsewhere). Default: the operator's --grant-deletion-policy (Delete unless set). The
+/// token Secret always goes with the resource. Retain cannot be combined with revokeOnDelete.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum GrantDeletionPolicy {
+    /// The grant Secret is owned by the MailIntegration and deleted with it.
+    #[default]
+    Delete,
+    /// The grant Secret is not owned by the MailIntegration and stays after it.
+    Retain,
 }
 
 /// The OAuth provider.

@@ -94,6 +94,12 @@ async fn reconcile_inner(
         return Ok(Action::await_change());
     }
     let (read, mut observed) = observe::observe(mi, written, &reader).await?;
+    // spec.grantDeletionPolicy: the grant goes with the integration (Delete) or stays (Retain).
+    if let Some(grant) = read.grant_secret.as_ref()
+        && super::secrets::owner::sync(mi, grant, &reader.secrets, ctx).await?
+    {
+        return Ok(Action::await_change());
+    }
     // 2 and 3. Decide and act: store a grant held in memory, refresh, render, or hold.
     let acted = act::act(mi, &read, &mut observed, &reader).await?;
     // 4 and 5. Report the outcome (written only when it changed) and say when to come back.

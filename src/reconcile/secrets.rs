@@ -4,7 +4,9 @@
 use super::context::FIELD_MANAGER;
 use super::observed::grant_keys;
 use crate::{
-    api::{INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration},
+    api::{
+        GrantDeletionPolicy, INTEGRATION_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailIntegration,
+    },
     metrics::Metrics,
     secret::SecretValue,
 };
@@ -16,6 +18,7 @@ use kube::{Api, Resource, ResourceExt, api::PostParams};
 use std::{collections::BTreeMap, time::Duration};
 use tracing::{debug, info, warn};
 
+pub mod owner;
 mod token;
 pub use token::{
     TokenSecretError, render_template, sync_template, token_secret, write_token_secret,
@@ -47,8 +50,41 @@ fn rfc3339(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// `spec.grantDeletionPolicy` on a grant Secret's ownerReferences: Delete adds `ours` (the
+/// integration's controller reference), Retain takes any reference to the integration away; other
+/// owners stay. Returns whether it changed anything.
+pub fn set_grant_owner(
+    s: &mut Secret,
+    mi: &MailIntegration,
+    ours: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+) -> bool {
+    let owners = s.metadata.owner_references.get_or_insert_with(Vec::new);
+    let before = owners.len();
+    let mut changed = false;
+    match mi.spec.grant_deletion_policy() {
+        GrantDeletionPolicy::Delete => {
+            for o in ours {
+                if !owners.iter().any(|x| x.uid == o.uid) {
+                    owners.push(o);
+                    changed = true;
+                }
+            }
+        }
+        GrantDeletionPolicy::Retain => {
+            let uid = mi.uid();
+            owners.retain(|o| Some(&o.uid) != uid.as_ref());
+            changed = owners.len() != before;
+        }
+    }
+    if owners.is_empty() {
+        s.metadata.owner_references = None;
+    }
+    changed
+}
+
 /// The grant Secret after a sign-in or a rotation: `base` (the current Secret, possibly brought by
-/// hand) with the new values, our label and ownerReference added and everything else kept.
+/// hand) with the new values, our label added, our ownerReference as `spec.grantDeletionPolicy`
+/// says, and everything else kept.
 pub fn grant_secret(
     mi: &MailIntegration,
     base: Option<&Secret>,
@@ -66,12 +102,7 @@ pub fn grant_secret(
         .labels
         .get_or_insert_with(Default::default)
         .extend(labels(mi));
-    let owners = s.metadata.owner_references.get_or_insert_with(Vec::new);
-    for o in meta.owner_references.unwrap_or_default() {
-        if !owners.iter().any(|x| x.uid == o.uid) {
-            owners.push(o);
-        }
-    }
+    set_grant_owner(&mut s, mi, meta.owner_references.unwrap_or_default());
     let data = s.data.get_or_insert_with(Default::default);
     data.insert(
         grant_keys::REFRESH_TOKEN.into(),
