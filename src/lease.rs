@@ -13,37 +13,65 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use std::{
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 /// Why a fenced action is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("this operator does not hold a valid Lease (leadership lapsed or not confirmed yet)")]
+#[error(
+    "this operator does not hold a valid Lease (leadership lapsed or not confirmed yet), or is stopping"
+)]
 pub struct NotLeader;
 
-/// Whether this process may act as the leader now.
+/// Whether this process may act as the leader now: whether it may start a provider call or a
+/// write-ahead mark. (The store of a refresh token already received is never fenced: its write is
+/// conditional on the mark's resourceVersion, not on the Lease.)
 #[derive(Debug, Default)]
 pub struct Fence {
     /// `None`: no leader election, never fenced. `Some(None)`: leader election, not (yet) confirmed.
     valid_until: Option<Mutex<Option<Instant>>>,
+    /// Closed for good ([`Fence::close`]): stopping, or the Lease was lost. No read of the Lease
+    /// opens it again, with or without leader election.
+    closed: AtomicBool,
 }
 
 impl Fence {
-    /// No leader election: every action is allowed.
+    /// No leader election: every action is allowed (until [`Fence::close`]).
     pub fn unfenced() -> Self {
-        Self { valid_until: None }
+        Self::default()
     }
 
     /// Leader election: nothing is allowed until a read of the Lease confirms this holder.
     pub fn leased() -> Self {
         Self {
             valid_until: Some(Mutex::new(None)),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// `Ok` while the Lease is known to be held, with the margin for clock skew.
+    /// Refuse every new fenced action from now on, for good: on SIGTERM (with or without leader
+    /// election) and when the Lease is lost, so that a confirmation read during the drain cannot
+    /// make this process the leader again.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.revoke();
+    }
+
+    /// Whether [`Fence::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// `Ok` while the Lease is known to be held, with the margin for clock skew, and the fence is
+    /// not closed.
     pub fn check(&self) -> Result<(), NotLeader> {
+        if self.is_closed() {
+            return Err(NotLeader);
+        }
         match &self.valid_until {
             None => Ok(()),
             Some(v) => match *v.locked() {
@@ -239,6 +267,25 @@ mod tests {
         assert_eq!(f.check(), Err(NotLeader));
         f.confirm_until(Instant::now());
         assert_eq!(f.check(), Err(NotLeader), "a deadline now is already past");
+    }
+
+    #[test]
+    fn a_closed_fence_stays_closed() {
+        let f = Fence::leased();
+        f.confirm_until(Instant::now() + Duration::from_secs(60));
+        f.close();
+        assert_eq!(f.check(), Err(NotLeader));
+        // A confirmation read finishing during the drain does not open it again.
+        f.confirm_until(Instant::now() + Duration::from_secs(60));
+        assert_eq!(f.check(), Err(NotLeader));
+        let u = Fence::unfenced();
+        assert_eq!(u.check(), Ok(()));
+        u.close();
+        assert_eq!(
+            u.check(),
+            Err(NotLeader),
+            "closed without leader election too"
+        );
     }
 
     #[test]

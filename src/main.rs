@@ -13,6 +13,7 @@ use mail_integration_operator::{
     provider::ProviderResolver,
     reconcile::{
         context::{self, Context},
+        held,
         template::sandbox,
         watches,
     },
@@ -97,9 +98,12 @@ struct RunArgs {
     /// leader renews it every half of this and stops refreshing a fifth of it before it expires.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     leader_election_lease_seconds: u64,
-    /// On SIGTERM or a lost Lease, how long running refreshes may take to store their result
-    /// before the process exits. Keep it below the pod's terminationGracePeriodSeconds.
-    #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "40s", value_parser = parse_any_duration)]
+    /// On SIGTERM, how long running refreshes may take to store their result before the process
+    /// exits (a grant the API server did not take is retried until then); on a lost Lease, how long
+    /// running refreshes may take. The default covers one refresh's worst case (write-ahead mark
+    /// 10 s + provider 30 s + grant store 20 s). Keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "70s", value_parser = parse_any_duration)]
     shutdown_timeout: std::time::Duration,
     /// Requests per second to the Kubernetes API at most, whatever the API server's signals: a
     /// hard cap over the adaptive limit (or the fixed limit with --kube-api-adaptive=false). 0: no
@@ -355,10 +359,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_allowed_hosts(allowed),
     );
     let ctx = Arc::new(ctx);
-    // SIGTERM / SIGINT: the controller stops taking reconciles and lets the running ones finish.
+    // SIGTERM / SIGINT: no new provider call from now on (the fence closes at once, with or without
+    // leader election); the controller stops taking reconciles and lets the running ones finish.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let fence = ctx.fence.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
+        fence.close();
         let _ = stop_tx.send(true);
     });
     info!(
@@ -390,26 +397,48 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await?;
     } else {
-        let mut running = tokio::spawn(watches::run(ctx, args.namespace, ready, stop.clone()));
+        let mut running = tokio::spawn(watches::run(
+            ctx.clone(),
+            args.namespace,
+            ready,
+            stop.clone(),
+        ));
         let mut stopping = stop;
         tokio::select! {
             _ = &mut running => {}
-            _ = stopping.wait_for(|s| *s) => drain(running, args.shutdown_timeout).await,
+            _ = stopping.wait_for(|s| *s) => {
+                let deadline = deadline_after(args.shutdown_timeout);
+                drain(running, deadline).await;
+                held::store_held(&ctx, deadline).await;
+            }
         }
     }
     info!("stopped");
     Ok(())
 }
 
-/// Let the running reconciles finish (the controller takes no new ones once told to stop), for at
-/// most `deadline`; a refresh that has the provider's answer stores it within
-/// `secrets::STORE_DEADLINE`, which is shorter.
-async fn drain(mut running: tokio::task::JoinHandle<()>, deadline: std::time::Duration) {
+/// `timeout` from now (far in the future if that overflows).
+fn deadline_after(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365))
+}
+
+/// Let the running reconciles finish (the controller takes no new ones once told to stop), until
+/// `deadline`: a refresh that has the provider's answer stores it within `secrets::STORE_DEADLINE`,
+/// or holds it in memory for [`held::store_held`]. The default `--shutdown-timeout` covers a refresh's
+/// worst case (docs/operations.md), so no refresh holding a token is aborted.
+async fn drain(mut running: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant) {
     info!(
-        deadline_s = deadline.as_secs(),
-        "stopping: letting running refreshes store their results"
+        deadline_s = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_secs(),
+        "stopping: no new provider calls; letting running refreshes store their results"
     );
-    if tokio::time::timeout(deadline, &mut running).await.is_err() {
+    if tokio::time::timeout_at(deadline, &mut running)
+        .await
+        .is_err()
+    {
         tracing::warn!("running reconciles did not finish in time; stopping them");
         running.abort();
     }
@@ -494,33 +523,63 @@ async fn run_as_leader(
             }
         }
     };
-    let outcome = tokio::select! {
+    let outcome: Result<std::convert::Infallible, Stopped> = tokio::select! {
         // The controller ends only when told to; ending otherwise must not leave a pod that holds
         // the Lease and reports healthy while nothing refreshes.
-        ended = &mut running => Err(anyhow::anyhow!("the controller stopped while leading ({}): restarting", match ended {
+        ended = &mut running => Err(Stopped::Ended(anyhow::anyhow!("the controller stopped while leading ({}): restarting", match ended {
             Ok(()) => "it returned".to_owned(),
             Err(e) => e.to_string(),
-        })),
+        }))),
         _ = lost => {
-            // Refuse new provider calls at once; refreshes that have an answer still store it
-            // (their writes are conditional on the write-ahead mark, not on the Lease).
-            fence.revoke();
+            // Refuse new provider calls at once and for good (a confirmation read during the drain
+            // cannot open the fence again); refreshes that have an answer still store it (their
+            // writes are conditional on the write-ahead mark, not on the Lease).
+            fence.close();
             tracing::warn!(identity = %lease.identity, "lost the Lease (not renewed in time, or taken over): stopping reconciles");
             let _ = term_tx.send(true);
-            drain(running, shutdown_timeout).await;
-            Err(anyhow::anyhow!("lost leadership of Lease {}/{}: exiting to restart as a standby", lease.namespace, lease.name))
+            drain(running, deadline_after(shutdown_timeout)).await;
+            Err(Stopped::LostLease)
         }
         _ = &mut shutdown => {
+            // The fence was closed when the signal came.
+            let deadline = deadline_after(shutdown_timeout);
             let _ = term_tx.send(true);
-            drain(running, shutdown_timeout).await;
-            Ok(())
+            drain(running, deadline).await;
+            Err(Stopped::Signal(deadline))
         }
     };
-    fence.revoke();
+    fence.close();
     confirming.abort();
     drop(leader);
     release(task).await;
-    outcome
+    // The grants still held in memory are stored before the exit, the Lease already released (a
+    // new leader waits for this process's write-ahead marks meanwhile).
+    match outcome {
+        Ok(never) => match never {},
+        Err(Stopped::Ended(e)) => Err(e),
+        Err(Stopped::Signal(deadline)) => {
+            held::store_held(&ctx, deadline).await;
+            Ok(())
+        }
+        Err(Stopped::LostLease) => {
+            held::store_held(&ctx, deadline_after(held::HELD_GRANT_BOUND)).await;
+            Err(anyhow::anyhow!(
+                "lost leadership of Lease {}/{}: exiting to restart as a standby",
+                lease.namespace,
+                lease.name
+            ))
+        }
+    }
+}
+
+/// Why a leader stops leading.
+enum Stopped {
+    /// The controller ended by itself.
+    Ended(anyhow::Error),
+    /// The Lease was lost.
+    LostLease,
+    /// SIGTERM / SIGINT, with the drain's deadline.
+    Signal(tokio::time::Instant),
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).

@@ -10,6 +10,9 @@ mod support;
 #[path = "faults/not_oauth.rs"]
 mod not_oauth;
 
+#[path = "faults/leader.rs"]
+mod leader;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;

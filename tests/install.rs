@@ -317,7 +317,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--leader-election",
             &format!("--leader-election-lease={n}-leader"),
             "--leader-election-lease-seconds=15",
-            "--shutdown-timeout=40s",
+            "--shutdown-timeout=70s",
             "--kube-api-qps=0",
             "--kube-api-adaptive=true",
             "--concurrency=32",
@@ -327,7 +327,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
     // Room for the drain: the grace period is longer than --shutdown-timeout.
     assert_eq!(
         deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_i64(),
-        Some(60)
+        Some(90)
     );
     // Leader election is on by default: a rolling update, never two refreshers.
     assert_eq!(

@@ -64,6 +64,9 @@ pub struct Context {
     pending: Mutex<HashMap<String, PendingGrant>>,
     /// The mark of each UID's last attempt when the provider answered it without rotating.
     resolved_marks: Mutex<HashMap<String, Mark>>,
+    /// Another holder's mark on each UID's grant, and when this process first saw it (see
+    /// [`crate::reconcile::inflight::HOLDER_GRACE`]).
+    seen_marks: Mutex<HashMap<String, (Mark, std::time::Instant)>>,
     /// Failed reconciles in a row, per resource UID (the error policy's backoff).
     errors: Mutex<HashMap<String, u32>>,
     /// The resourceVersions of this process's last writes, per UID (see [`cache::freshness`]);
@@ -118,6 +121,7 @@ impl Context {
             backoff: Mutex::default(),
             pending: Mutex::default(),
             resolved_marks: Mutex::default(),
+            seen_marks: Mutex::default(),
             errors: Mutex::default(),
             written: Arc::default(),
             slots: RefreshSlots::default(),
@@ -207,6 +211,28 @@ impl Context {
         };
     }
 
+    /// The grants held in memory now (refreshed, not stored yet), by UID.
+    pub fn held_grants(&self) -> Vec<(String, PendingGrant)> {
+        self.pending
+            .locked()
+            .iter()
+            .map(|(uid, p)| (uid.clone(), p.clone()))
+            .collect()
+    }
+
+    /// When this process first saw `mark` on `uid`'s grant (now, if it is new to it).
+    pub(super) fn first_seen(&self, uid: &str, mark: &Mark) -> std::time::Instant {
+        let mut map = self.seen_marks.locked();
+        match map.get(uid) {
+            Some((m, at)) if m == mark => *at,
+            _ => {
+                let now = std::time::Instant::now();
+                map.insert(uid.to_owned(), (mark.clone(), now));
+                now
+            }
+        }
+    }
+
     pub(crate) fn forget(&self, mi: &MailIntegration) {
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);
@@ -214,6 +240,7 @@ impl Context {
             self.grant_locks.remove(&uid);
             self.set_pending(&uid, None);
             self.set_resolved_mark(&uid, None);
+            self.seen_marks.locked().remove(&uid);
             self.errors.locked().remove(&uid);
             self.written.forget(&uid);
             self.slots.hold(&uid, None);

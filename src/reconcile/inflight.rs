@@ -46,6 +46,15 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(14);
 /// process may take the mark for stale before this one's refresh could end.
 pub const MARK_WRITE_BUDGET: Duration = Duration::from_secs(10);
 
+/// How long this process must have seen another holder's stale mark, unchanged, before it takes
+/// the mark's refresh for cut off and presents the stored refresh token. An old leader that was cut
+/// off from the API server together with this process (an API server outage) may hold the rotated
+/// refresh token in memory and be retrying its store (every second, see
+/// [`super::held::store_held`]); it stores within seconds of the API server's return, before this
+/// grace ends, so the stored token it spent is never presented again. A mark left by a process
+/// that is gone costs this much longer to recover from.
+pub const HOLDER_GRACE: Duration = Duration::from_secs(20);
+
 /// The mark's time is written in whole seconds, cut down: up to this much older than it is.
 const MARK_TIME_RESOLUTION: Duration = Duration::from_secs(1);
 

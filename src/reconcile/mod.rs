@@ -10,6 +10,7 @@ pub mod decide;
 pub mod error;
 pub mod events;
 pub mod finalizer;
+pub mod held;
 pub mod inflight;
 pub mod lifetime;
 pub mod mailbox_check;

@@ -86,6 +86,8 @@ impl From<Outcome> for RefreshResult {
 /// kept in memory and written before anything else is done with the integration.
 #[derive(Clone, Debug)]
 pub struct PendingGrant {
+    /// The integration it belongs to (as the refresh saw it): what a store on the way out needs.
+    pub integration: Box<MailIntegration>,
     /// The refresh token the refresh presented (what the grant Secret held).
     pub presented: SecretValue,
     /// The one to store.
@@ -190,10 +192,13 @@ pub(super) async fn refresh(
             }
             Err(result) => return result,
         }
-        // The mark took a round trip: is this still the leader?
+        // The mark took a round trip: is this still the leader (and not stopping)?
         if ctx.fence.check().is_err() {
+            // Nothing presented: take the mark off, so that the next holder need not wait for it.
+            ctx.set_resolved_mark(&uid, mark.clone());
+            let withdrawn = mark::withdraw(&base, secrets_api, ctx).await;
             return RefreshResult {
-                grant_version,
+                grant_version: withdrawn.or(grant_version),
                 ..Outcome::Requeue(Duration::from_secs(5)).into()
             };
         }
@@ -297,6 +302,7 @@ pub(super) async fn refresh(
                 ctx.set_pending(
                     &uid,
                     Some(PendingGrant {
+                        integration: Box::new(mi.clone()),
                         presented: grant.refresh_token.clone(),
                         refresh_token: refresh_token.clone(),
                         rotated: rotated.is_some(),

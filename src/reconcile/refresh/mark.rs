@@ -81,6 +81,17 @@ pub(super) async fn mark(
                 info!(reason = Reason::RefreshInFlightElsewhere.as_str(), holder = %m.holder, since = %m.since, "another operator process is refreshing this grant; waiting");
                 return Err(Outcome::Requeue(inflight::wait_for(&m, o.now)).into());
             }
+            MarkState::Stale(m)
+                if m.holder != ctx.identity
+                    && ctx.first_seen(&uid, &m).elapsed() < inflight::HOLDER_GRACE =>
+            {
+                // Its holder may be back from an outage with the rotated token, storing it.
+                let left = inflight::HOLDER_GRACE
+                    .saturating_sub(ctx.first_seen(&uid, &m).elapsed())
+                    .max(Duration::from_secs(1));
+                info!(holder = %m.holder, since = %m.since, wait_s = left.as_secs(), "another operator process's refresh of this grant did not finish in time; giving it a moment to store its result");
+                return Err(Outcome::Requeue(left).into());
+            }
             MarkState::Stale(m) => {
                 warn!(holder = %m.holder, since = %m.since, "an earlier refresh of this grant got no answer from the OAuth server, or was cut off, before it stored its result; trying the stored refresh token");
                 Some(m)
@@ -201,6 +212,45 @@ fn write_failed(mi: &MailIntegration, ctx: &Context, message: String) -> Refresh
         retry_in,
     }
     .into()
+}
+
+/// Take this refresh's own mark off the grant (`base`: the Secret as the mark write returned it)
+/// when it presents nothing after all (the fence closed while the mark was written), so that the
+/// next holder need not wait for the mark to turn stale. Conditional on the mark's
+/// resourceVersion (it removes nothing another writer put since) and bounded: a mark left turns
+/// stale by itself. Returns the grant Secret's new resourceVersion.
+pub(super) async fn withdraw(
+    base: &Secret,
+    secrets_api: &Api<Secret>,
+    ctx: &Context,
+) -> Option<String> {
+    let mut clean = base.clone();
+    clean
+        .metadata
+        .annotations
+        .as_mut()?
+        .remove(inflight::REFRESH_IN_FLIGHT_ANNOTATION)?;
+    clean.metadata.managed_fields = None;
+    let pp = kube::api::PostParams {
+        field_manager: Some(crate::reconcile::context::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let name = base.name_any();
+    let write = secrets_api.replace(&name, &pp, &clean);
+    match tokio::time::timeout(inflight::MARK_WRITE_BUDGET, write).await {
+        Ok(Ok(written)) => {
+            ctx.metrics.count_write("grant_secret");
+            info!(
+                "no refresh token presented (stopping, or no longer the leader): took the mark off the grant"
+            );
+            written.metadata.resource_version
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not take the mark off the grant; it turns stale by itself");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 #[cfg(test)]
