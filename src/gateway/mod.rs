@@ -298,6 +298,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             client.clone(),
             crate::reconcile::events::EventPublisher::new(client.clone(), reporter),
         )),
+        metrics: metrics.clone(),
     };
     let ctx = Arc::new(Ctx {
         login: gate,

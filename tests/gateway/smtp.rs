@@ -187,6 +187,7 @@ async fn gateway(
         idle_before_login: Duration::from_secs(30),
         idle_after_login: Duration::from_secs(300),
         report,
+        metrics: Arc::new(Default::default()),
     });
     let acceptor = acceptor(&cert, &key);
     let submission = listen(smtp.clone(), acceptor.clone(), false).await;
@@ -1262,6 +1263,20 @@ receivers:
     let line = w.arrived_through(&gw, "GatewayProcessTest").await;
     assert!(line.contains(SEND_AS), "{line}");
     println!("through the gateway process: {line}");
+    let sessions = format!(
+        r#"mailintegration_gateway_sessions_opened_total{{protocol="SMTP",app="{}"}}"#,
+        w.user("alertmanager")
+    );
+    assert_eq!(
+        gw.metric(&sessions),
+        1.0,
+        "{}",
+        gw.get("/metrics").unwrap_or_default()
+    );
+    let bytes = gw.metric(
+        r#"mailintegration_gateway_relayed_bytes_total{protocol="SMTP",direction="to_upstream"}"#,
+    );
+    assert!(bytes > 100.0, "{bytes} message bytes counted");
     assert_eq!(
         gw.metric(r#"mailintegration_gateway_logins_total{protocol="SMTP",result="success"}"#),
         1.0,

@@ -20,6 +20,8 @@ use super::{
 };
 use crate::{
     gateway::{
+        metrics::GatewayMetrics,
+        relay::OpenSession,
         session::{Authorized, Login, LoginRefused, Protocol},
         upstream::UpstreamError,
     },
@@ -44,6 +46,9 @@ pub struct SmtpServer<L> {
     pub idle_after_login: Duration,
     /// Where refusals the mailbox's owner must act on are reported.
     pub report: Arc<dyn Report>,
+    /// The gateway's metrics: SMTP sessions by app and their duration, message bytes relayed,
+    /// upstream errors by reason, connections closed by reason.
+    pub metrics: Arc<GatewayMetrics>,
 }
 
 /// One accepted connection.
@@ -72,6 +77,8 @@ pub enum Ended {
 struct Session {
     authorized: Option<Authorized>,
     upstream: Option<SmtpUpstream>,
+    /// In the sessions gauge from the login to the end.
+    open: Option<OpenSession>,
 }
 
 impl<L: Login> SmtpServer<L> {
@@ -91,6 +98,7 @@ impl<L: Login> SmtpServer<L> {
         let mut session = Session {
             authorized: None,
             upstream: None,
+            open: None,
         };
         if write(&mut reader, &machine.greeting()).await.is_err() {
             return Ended::Io;
@@ -209,6 +217,18 @@ impl<L: Login> SmtpServer<L> {
         {
             up.quit().await;
         }
+        let reason = match ended {
+            Ended::Quit | Ended::ClientClosed => None,
+            Ended::Idle => Some("idle"),
+            Ended::Closed if !machine.is_logged_in() => Some("pre_login_limit"),
+            Ended::Closed => Some("refused"),
+            Ended::Revoked => Some("revoked"),
+            Ended::Io => Some("io"),
+        };
+        if let Some(reason) = reason {
+            self.metrics.closed(Protocol::Smtp, reason);
+        }
+        drop(session.open.take());
         ended
     }
 
@@ -242,6 +262,7 @@ impl<L: Login> SmtpServer<L> {
         {
             Ok(up) => up,
             Err(e) => {
+                self.metrics.upstream_error(Protocol::Smtp, e.reason());
                 tracing::warn!(app = %authorized.app, source = %source, reason = e.reason(), error = %e,
                     "SMTP: the mail server did not take the integration's token");
                 return machine.login_failed(self.upstream_refusal(&authorized, &e));
@@ -258,6 +279,11 @@ impl<L: Login> SmtpServer<L> {
             eight_bit: upstream.eight_bit,
         };
         session.upstream = Some(upstream);
+        session.open = Some(OpenSession::new(
+            self.metrics.clone(),
+            Protocol::Smtp,
+            &authorized,
+        ));
         session.authorized = Some(authorized);
         machine.logged_in(logged_in)
     }
@@ -307,6 +333,7 @@ impl<L: Login> SmtpServer<L> {
                 {
                     Ok(up) => session.upstream = Some(up),
                     Err(e) => {
+                        self.metrics.upstream_error(Protocol::Smtp, e.reason());
                         tracing::warn!(app = %authorized.app, reason = e.reason(), error = %e,
                             "SMTP: cannot reconnect to the mail server");
                         return Reply::local(
@@ -340,6 +367,7 @@ impl<L: Login> SmtpServer<L> {
         logged_in: LoggedIn,
     ) -> std::io::Result<Option<Ended>> {
         let mut phase = DataPhase::new(logged_in.app, logged_in.mailbox, logged_in.limit);
+        let to_upstream = self.metrics.bytes_counter(Protocol::Smtp, "to_upstream");
         write(reader, "354 End data with <CR><LF>.<CR><LF>\r\n").await?;
         loop {
             let line =
@@ -356,10 +384,12 @@ impl<L: Login> SmtpServer<L> {
             match action {
                 Action::Nothing => {}
                 Action::Open { head } => {
+                    to_upstream.inc_by(head.len() as u64);
                     let opened = open_data(session, &head).await;
                     phase.opened(opened);
                 }
                 Action::Forward(line) => {
+                    to_upstream.inc_by((line.len() as u64).saturating_add(2));
                     let sent = match session.upstream.as_mut() {
                         Some(up) => up.data_line(&line).await.is_ok(),
                         None => false,
@@ -381,10 +411,13 @@ impl<L: Login> SmtpServer<L> {
                 Action::End => {
                     let reply = match phase.end() {
                         End::Finish => finish(session).await,
-                        End::OpenAndFinish { head } => match open_data(session, &head).await {
-                            Ok(()) => finish(session).await,
-                            Err(reply) => reply,
-                        },
+                        End::OpenAndFinish { head } => {
+                            to_upstream.inc_by(head.len() as u64);
+                            match open_data(session, &head).await {
+                                Ok(()) => finish(session).await,
+                                Err(reply) => reply,
+                            }
+                        }
                         End::Refuse(reply) => {
                             // MAIL and RCPT were given upstream; DATA never was.
                             if let Some(up) = session.upstream.as_mut()
