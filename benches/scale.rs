@@ -9,7 +9,8 @@
 //! (600: the access-token lifetime of the lateness phase, refreshBefore is 1m),
 //! MIO_BENCH_MAILBOX_SHARE (0.1: share of integrations whose mailbox is checked),
 //! MIO_BENCH_SATURATION_S (20: the saturation window), MIO_BENCH_CONCURRENCY (the operator's
-//! --concurrency, default its own), MIO_BENCH_LATENESS_CYCLES (2; 0 skips the lateness phase).
+//! --concurrency, default its own), MIO_BENCH_LATENESS_CYCLES (2; 0 skips the lateness phase),
+//! MIO_BENCH_MODES (`defaults,unlimited`: the chart's adaptive request limit, and none).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -189,6 +190,37 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let start = line.find(&format!("{name}=\""))? + name.len() + 2;
     let rest = line.get(start..)?;
     rest.get(..rest.find('"')?)
+}
+
+/// The same counter by (verb, resource[/subresource]), for the first refresh's breakdown.
+async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<String, f64> {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let resource = label(line, "resource").unwrap_or("");
+        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
+            continue;
+        }
+        let verb = label(line, "verb").unwrap_or("");
+        if verb == "WATCH" {
+            continue;
+        }
+        let kind = match label(line, "subresource").filter(|s| !s.is_empty()) {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_owned(),
+        };
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(format!("{verb} {kind}")).or_insert(0.0) += value;
+    }
+    out
 }
 
 async fn api_counts(client: &Client) -> ApiCounts {
@@ -546,31 +578,66 @@ fn mailbox_checks(op: &Operator) -> f64 {
         .unwrap_or(0.0)
 }
 
-struct Out(usize);
+struct Out(usize, Mode);
 
 impl Out {
     fn fig(&self, name: &str, value: f64) {
-        println!("n={} {name} {value:.3}", self.0);
+        println!("n={} mode={} {name} {value:.3}", self.0, self.1.name());
+    }
+}
+
+/// How the operator limits its requests to the API server.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// The chart's defaults: the adaptive limit (`--kube-api-adaptive`, no `--kube-api-qps` cap).
+    Defaults,
+    /// No limit at all (`--kube-api-adaptive=false --kube-api-qps 0`): the runs before 2026-12-06.
+    Unlimited,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Defaults => "defaults",
+            Mode::Unlimited => "unlimited",
+        }
+    }
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Defaults => &["--kube-api-qps=0", "--kube-api-adaptive=true"],
+            Mode::Unlimited => &["--kube-api-qps=0", "--kube-api-adaptive=false"],
+        }
+    }
+    /// MIO_BENCH_MODES: a comma-separated list (default `defaults,unlimited`).
+    fn from_env() -> Vec<Mode> {
+        std::env::var("MIO_BENCH_MODES")
+            .unwrap_or_else(|_| "defaults,unlimited".into())
+            .split(',')
+            .filter_map(|m| match m.trim() {
+                "defaults" => Some(Mode::Defaults),
+                "unlimited" => Some(Mode::Unlimited),
+                "" => None,
+                other => panic!("MIO_BENCH_MODES: unknown mode {other:?}"),
+            })
+            .collect()
     }
 }
 
 fn start_operator(
     cp: &support::control_plane::ControlPlane,
     log_dir: &std::path::Path,
+    mode: Mode,
 ) -> Operator {
     let concurrency = std::env::var("MIO_BENCH_CONCURRENCY").ok();
-    let mut args = vec![
-        "--log-format",
-        "json",
-        "--allow-endpoint-overrides",
-        "--kube-api-qps",
-        "0",
+    let mut args = vec!["--log-format", "json", "--allow-endpoint-overrides"];
+    args.extend_from_slice(mode.args());
+    args.extend_from_slice(&[
         // All N integrations are one namespace (one tenant): the figures are the throughput of
         // the whole operator, not of a namespace's share of it.
         "--max-namespace-share=100",
         // The saturation phase's tokens of 3 s are due every 2 s, below the production floor.
         "--min-refresh-interval=1s",
-    ];
+    ]);
     let c;
     if let Some(v) = &concurrency {
         c = format!("--concurrency={v}");
@@ -585,11 +652,11 @@ fn start_operator(
     )
 }
 
-async fn run(n: usize, raw_limit_writes_per_s: f64) {
-    let out = Out(n);
+async fn run(n: usize, raw_limit_writes_per_s: f64, mode: Mode) {
+    let out = Out(n, mode);
     out.fig("raw_limit_writes_per_s", raw_limit_writes_per_s);
     let cp = ensure_crd();
-    let ns = format!("bench-n{n}");
+    let ns = format!("bench-n{n}-{}", mode.name());
     let client = cp.client().await;
     ensure_namespace(&client, &ns).await;
     let endpoint = token_endpoint().await;
@@ -676,9 +743,10 @@ async fn run(n: usize, raw_limit_writes_per_s: f64) {
     let late_ttl: u64 = env_or("MIO_BENCH_LATENESS_TTL_S", 600);
     endpoint.ttl_s.store(late_ttl, Ordering::Relaxed);
     let api0 = api_counts(&client).await;
+    let kinds0 = api_counts_by_kind(&client).await;
     let t0 = endpoint.requests.load(Ordering::Relaxed);
     let started = Instant::now();
-    let op = start_operator(cp, log_dir.path());
+    let op = start_operator(cp, log_dir.path(), mode);
     let pid = op.process.child_pid().expect("operator pid");
     wait_until("first refresh", Duration::from_secs(3600), || {
         let ready = seen.lock().unwrap().ever_ready.len();
@@ -686,7 +754,20 @@ async fn run(n: usize, raw_limit_writes_per_s: f64) {
     })
     .await;
     out.fig("first_refresh_s", started.elapsed().as_secs_f64());
+    out.fig("first_refresh_rss_mib", mib(rss_kib(pid, "VmRSS:")));
     let first = api_counts(&client).await - api0;
+    for (kind, v) in api_counts_by_kind(&client).await {
+        let d = v - kinds0.get(&kind).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            out.fig(
+                &format!(
+                    "first_refresh_requests_per_integration{{{}}}",
+                    kind.replace(' ', ",")
+                ),
+                d / n as f64,
+            );
+        }
+    }
     let first_tokens = (endpoint.requests.load(Ordering::Relaxed) - t0) as f64;
     out.fig(
         "first_refresh_reads_per_integration",
@@ -772,6 +853,12 @@ async fn run(n: usize, raw_limit_writes_per_s: f64) {
     let refreshed = (r1 - r0).max(1.0);
     let api = a1 - a0;
     out.fig("operator_refreshes_per_s", refreshed / secs);
+    // Refreshes per second against what the API server takes of a refresh's two essential
+    // writes (token Secret, status), measured in the same run on real-size objects.
+    out.fig(
+        "refresh_ratio",
+        refreshed / secs / (raw_limit_writes_per_s.max(1.0) / 2.0),
+    );
     out.fig("operator_writes_per_s", api.writes / secs);
     out.fig(
         "ratio_to_limit",
@@ -821,7 +908,7 @@ async fn run(n: usize, raw_limit_writes_per_s: f64) {
         endpoint.requests.load(Ordering::Relaxed),
     );
     let started = Instant::now();
-    let op = start_operator(cp, log_dir.path());
+    let op = start_operator(cp, log_dir.path(), mode);
     let pid = op.process.child_pid().expect("operator pid");
     let target = n as f64;
     wait_until("cold start", Duration::from_secs(600), || {
@@ -861,8 +948,10 @@ async fn main() {
     let client = cp.client().await;
     unrelated_secrets(&client).await;
     for n in sizes {
-        // The limit right before each size, on the same API server (etcd grows between sizes).
-        let limit = raw_limit(&client).await;
-        run(n, limit).await;
+        for mode in Mode::from_env() {
+            // The limit right before each run, on the same API server (etcd grows between sizes).
+            let limit = raw_limit(&client).await;
+            run(n, limit, mode).await;
+        }
     }
 }
