@@ -168,6 +168,41 @@ struct RunArgs {
     /// sidecars (an Envoy admin API on 127.0.0.1:15000, say), which no spec may reach.
     #[arg(long, env = "MIO_ALLOW_LOOPBACK")]
     allow_loopback: bool,
+    /// The host name apps reach the mail gateway at, written into every gateway credential Secret
+    /// (`<integration>-gateway-<app>`; default: mail-integration-operator-gateway.$POD_NAMESPACE.svc).
+    #[arg(long, env = "MIO_GATEWAY_HOST", value_parser = parse_gateway_host)]
+    gateway_host: Option<String>,
+    /// The gateway Service's IMAP port with STARTTLS, as written into the credential Secrets.
+    #[arg(long, env = "MIO_GATEWAY_IMAP_PORT", default_value_t = 143)]
+    gateway_imap_port: u16,
+    /// The gateway Service's IMAPS (implicit TLS) port, as written into the credential Secrets.
+    #[arg(long, env = "MIO_GATEWAY_IMAPS_PORT", default_value_t = 993)]
+    gateway_imaps_port: u16,
+    /// The gateway Service's POP3S (implicit TLS) port, as written into the credential Secrets.
+    #[arg(long, env = "MIO_GATEWAY_POP3S_PORT", default_value_t = 995)]
+    gateway_pop3s_port: u16,
+    /// The gateway Service's SMTP submission port with STARTTLS, as written into the credential Secrets.
+    #[arg(long, env = "MIO_GATEWAY_SMTP_PORT", default_value_t = 587)]
+    gateway_smtp_port: u16,
+    /// The gateway Service's SMTPS (implicit TLS) port, as written into the credential Secrets.
+    #[arg(long, env = "MIO_GATEWAY_SMTPS_PORT", default_value_t = 465)]
+    gateway_smtps_port: u16,
+}
+
+/// A host name or IP address for the gateway credentials' URLs: nothing that would change a URL's
+/// meaning (`/`, `@`, `?`, `#`, spaces) or be empty.
+fn parse_gateway_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a host name or IP address (letters, digits, '.', '-'; an IPv6 address in [ ])"
+        ))
+    }
 }
 
 fn parse_public_url(s: &str) -> Result<url::Url, String> {
@@ -359,6 +394,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_allowed_hosts(allowed),
     );
     let ctx = Arc::new(ctx);
+    let credentials = Arc::new(
+        mail_integration_operator::gateway::credentials::Credentials {
+            client: ctx.client.clone(),
+            settings: mail_integration_operator::gateway::credentials::GatewaySettings {
+                host: args.gateway_host.clone().unwrap_or_else(|| {
+                    mail_integration_operator::gateway::credentials::default_host(
+                        std::env::var("POD_NAMESPACE").ok().as_deref(),
+                    )
+                }),
+                ports: mail_integration_operator::gateway::credentials::GatewayPorts {
+                    imap: args.gateway_imap_port,
+                    imaps: args.gateway_imaps_port,
+                    pop3s: args.gateway_pop3s_port,
+                    smtp: args.gateway_smtp_port,
+                    smtps: args.gateway_smtps_port,
+                },
+            },
+            metrics: ctx.metrics.clone(),
+        },
+    );
     // SIGTERM / SIGINT: no new provider call from now on (the fence closes at once, with or without
     // leader election); the controller stops taking reconciles and lets the running ones finish.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -387,9 +442,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let lease_client =
             lease::lease_client(&kube_config).context("building the Lease client")?;
         run_as_leader(
-            ctx,
-            args.namespace,
-            ready,
+            Controllers {
+                ctx,
+                credentials,
+                namespace: args.namespace,
+                ready,
+            },
             stop,
             lease_client,
             &lease,
@@ -397,12 +455,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await?;
     } else {
-        let mut running = tokio::spawn(watches::run(
-            ctx.clone(),
-            args.namespace,
+        let mut running = Controllers {
+            ctx: ctx.clone(),
+            credentials,
+            namespace: args.namespace,
             ready,
-            stop.clone(),
-        ));
+        }
+        .spawn(stop.clone());
         let mut stopping = stop;
         tokio::select! {
             _ = &mut running => {}
@@ -415,6 +474,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The controllers of a leader: the main one (tokens, status) and the gateway credentials.
+struct Controllers {
+    ctx: Arc<Context>,
+    credentials: Arc<mail_integration_operator::gateway::credentials::Credentials>,
+    namespace: Vec<String>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Controllers {
+    /// Run both until `stop`.
+    fn spawn(self, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            tokio::join!(
+                watches::run(self.ctx, self.namespace.clone(), self.ready, stop.clone()),
+                mail_integration_operator::gateway::credentials::run(
+                    self.credentials,
+                    self.namespace,
+                    stop
+                ),
+            );
+        })
+    }
 }
 
 /// `timeout` from now (far in the future if that overflows).
@@ -449,9 +532,7 @@ async fn drain(mut running: tokio::task::JoinHandle<()>, deadline: tokio::time::
 /// Losing leadership drains the running reconciles and ends the process with an error, so that
 /// Kubernetes restarts it as a standby with nothing left over from its time as the leader.
 async fn run_as_leader(
-    ctx: Arc<Context>,
-    namespace: Vec<String>,
-    ready: Arc<AtomicBool>,
+    controllers: Controllers,
     stop: tokio::sync::watch::Receiver<bool>,
     lease_client: kube::Client,
     lease: &LeaseConfig,
@@ -466,13 +547,16 @@ async fn run_as_leader(
         .await
         .context("setting up leader election")?;
     let (mut leader, task) = manager.watch().await;
+    let ctx = controllers.ctx.clone();
     let fence = ctx.fence.clone();
     let confirming = tokio::spawn(lease::keep_confirming(
         lease_client,
         lease.clone(),
         fence.clone(),
     ));
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    controllers
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for leadership");
     let mut stopping = stop.clone();
     let mut shutdown = std::pin::pin!(async move {
@@ -511,7 +595,7 @@ async fn run_as_leader(
     }
     info!(identity = %lease.identity, "became the leader: reconciling");
     let (term_tx, term) = tokio::sync::watch::channel(false);
-    let mut running = tokio::spawn(watches::run(ctx.clone(), namespace, ready, term));
+    let mut running = controllers.spawn(term);
     let lost = async {
         loop {
             if !*leader.borrow_and_update() || fence.check().is_err() {

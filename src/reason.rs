@@ -242,6 +242,12 @@ pub enum Reason {
     ClientSecretExpiryInvalid,
     /// Microsoft refused SMTP AUTH for the mailbox (`535 5.7.139 ... SmtpClientAuthentication is disabled`): the SMTP mailbox check (condition `MailboxConnected`) and the gateway (`status.gateway.apps[].lastError`, Warning event) report it.
     SmtpClientAuthenticationDisabled,
+    /// Every app of `spec.gateway` has its gateway credential: its Secret `<name>-gateway-<app>` and its verifier in the gateway Secret (condition `GatewayCredentials=True`).
+    GatewayCredentialsIssued,
+    /// A Secret named like a gateway Secret of this integration (`<name>-gateway` or `<name>-gateway-<app>`) exists and the operator did not create it for this integration: it is not written, and the app (or, for `<name>-gateway`, every app) has no gateway credential (condition `GatewayCredentials=False`).
+    GatewaySecretConflict,
+    /// The annotation `mailintegration.dev/rotate-gateway-credentials` is not `<RFC 3339 time>` or `<RFC 3339 time>/<app>` naming an app of `spec.gateway.apps`: nothing was rotated (condition `GatewayCredentials=False`).
+    GatewayRotationInvalid,
 }
 
 impl Reason {
@@ -335,6 +341,9 @@ impl Reason {
         Reason::ClientSecretNotExpiring,
         Reason::ClientSecretExpiryInvalid,
         Reason::SmtpClientAuthenticationDisabled,
+        Reason::GatewayCredentialsIssued,
+        Reason::GatewaySecretConflict,
+        Reason::GatewayRotationInvalid,
     ];
 
     /// The CamelCase string written into conditions and events.
@@ -428,6 +437,9 @@ impl Reason {
             Reason::ClientSecretNotExpiring => "ClientSecretNotExpiring",
             Reason::ClientSecretExpiryInvalid => "ClientSecretExpiryInvalid",
             Reason::SmtpClientAuthenticationDisabled => "SmtpClientAuthenticationDisabled",
+            Reason::GatewayCredentialsIssued => "GatewayCredentialsIssued",
+            Reason::GatewaySecretConflict => "GatewaySecretConflict",
+            Reason::GatewayRotationInvalid => "GatewayRotationInvalid",
         }
     }
 
@@ -455,6 +467,8 @@ impl Reason {
             Reason::ServiceAccountKeyRejected => Category::NeedsHuman,
             Reason::AppMailboxAccessMissing => Category::Mailbox,
             Reason::SmtpClientAuthenticationDisabled => Category::Mailbox,
+            Reason::GatewayCredentialsIssued => Category::Healthy,
+            Reason::GatewaySecretConflict | Reason::GatewayRotationInvalid => Category::NeedsHuman,
             Reason::ClientSecretExpiringSoon => Category::Warning,
             Reason::ClientSecretNotExpiring => Category::Healthy,
             Reason::ClientSecretExpiryInvalid => Category::Warning,

@@ -99,4 +99,8 @@ pub mod condition {
     pub const STALLED: &str = "Stalled";
     /// A warning: the client secret expires within 30 days (never makes Ready False).
     pub const CLIENT_SECRET_EXPIRING_SOON: &str = "ClientSecretExpiringSoon";
+    /// Whether every app of spec.gateway has its gateway credential (written by the gateway
+    /// credentials under their own field manager, never by the main status write; never makes
+    /// Ready False).
+    pub const GATEWAY_CREDENTIALS: &str = "GatewayCredentials";
 }

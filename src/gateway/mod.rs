@@ -12,6 +12,7 @@
 //! [`relay`].
 
 pub mod config;
+pub mod credentials;
 pub mod directory;
 pub mod imap;
 pub mod listen;

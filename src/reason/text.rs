@@ -226,6 +226,15 @@ impl Reason {
                 "A new access token was obtained, but writing the token Secret failed; the operator retries with backoff."
             }
             Reason::MailboxAuthFailed => "The mail server rejected the access token.",
+            Reason::GatewayCredentialsIssued => {
+                "Every app of spec.gateway has its gateway credential: a Secret <name>-gateway-<app> with its username and password, and the password's verifier in the gateway Secret <name>-gateway."
+            }
+            Reason::GatewaySecretConflict => {
+                "A Secret named like one of this integration's gateway Secrets exists and the operator did not create it for this integration; the operator writes only Secrets it owns, so that credential was not issued."
+            }
+            Reason::GatewayRotationInvalid => {
+                "The annotation mailintegration.dev/rotate-gateway-credentials is not an RFC 3339 time, or names an app that spec.gateway.apps does not list; nothing was rotated."
+            }
             Reason::SmtpClientAuthenticationDisabled => {
                 "Microsoft 365 refused SMTP AUTH for the mailbox (535 5.7.139 SmtpClientAuthentication is disabled): the SMTP mailbox check fails (condition MailboxConnected) and the gateway cannot send mail for it (status.gateway.apps[].lastError, Warning event); the token itself is fine."
             }
@@ -451,6 +460,15 @@ impl Reason {
             }
             Reason::MailboxAuthFailed => {
                 "The mail server rejected the token: check that IMAP/POP/SMTP access is enabled for the mailbox and that the scopes cover it."
+            }
+            Reason::GatewayCredentialsIssued => {
+                "Nothing to do: give each app its Secret (docs/gateway.md)."
+            }
+            Reason::GatewaySecretConflict => {
+                "Delete or rename that Secret if it is left over, or rename the app in spec.gateway.apps; the operator never writes into a Secret it does not own."
+            }
+            Reason::GatewayRotationInvalid => {
+                "Set the annotation with kubectl mailint rotate-gateway NAME [--app APP], which writes the current time (and the app)."
             }
             Reason::SmtpClientAuthenticationDisabled => {
                 "An Exchange admin enables SMTP AUTH for the mailbox: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false (Exchange Online PowerShell), or in the Microsoft 365 admin center under Users → the user → Mail → Manage email apps → Authenticated SMTP; if the tenant switches it off for all (Set-TransportConfig -SmtpClientAuthenticationDisabled $true), the mailbox setting must say $false explicitly."

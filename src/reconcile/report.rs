@@ -181,8 +181,12 @@ async fn write_if_changed(
     let mut applied = status.clone();
     applied.last_sign_in_failure = None;
     // status.gateway belongs to the gateway (apps, its own field manager) and to the gateway
-    // credentials (rotationHandled): never applied here, so never taken over or removed.
+    // credentials (rotationHandled, and the GatewayCredentials condition): never applied here,
+    // so never taken over or removed.
     applied.gateway = None;
+    applied
+        .conditions
+        .retain(|c| c.type_ != crate::api::condition::GATEWAY_CREDENTIALS);
     let patch = serde_json::json!({
         "apiVersion": "mailintegration.dev/v1alpha1",
         "kind": "MailIntegration",

@@ -28,13 +28,13 @@ use tracing::info;
 /// API server must allow it (the WatchList feature, on by default in Kubernetes 1.32 and from 1.34),
 /// so one watch request asks first, and paged lists remain for a server that refuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum InitialList {
+pub enum InitialList {
     Streaming,
     Paged,
 }
 
 impl InitialList {
-    async fn of(integrations: &Api<MailIntegration>) -> Self {
+    pub async fn of(integrations: &Api<MailIntegration>) -> Self {
         // A selector no object has: the answer is the end-of-initial-events bookmark alone.
         let probe = WatchParams::streaming_lists()
             .labels("mailintegration.dev/initial-list-probe")
@@ -59,7 +59,14 @@ impl InitialList {
         chosen
     }
 
-    fn config(self) -> WatcherConfig {
+    /// [`Self::of`], asked once per process (one API server): the gateway credentials' watches
+    /// use the main controller's answer.
+    pub async fn once(integrations: &Api<MailIntegration>) -> Self {
+        static CHOSEN: tokio::sync::OnceCell<InitialList> = tokio::sync::OnceCell::const_new();
+        *CHOSEN.get_or_init(|| Self::of(integrations)).await
+    }
+
+    pub fn config(self) -> WatcherConfig {
         match self {
             Self::Streaming => WatcherConfig::default().streaming_lists(),
             Self::Paged => WatcherConfig::default().any_semantic(),
@@ -100,7 +107,7 @@ fn integrations_using(
 /// with jitter, up to 10 s between tries, reset by the next event. kube's default (client-go's:
 /// up to 30 s, jitter doubling it) left the caches up to a minute behind an API server that was
 /// back; three watches trying every 10 s are no load for one.
-fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(800))
         .with_max_delay(Duration::from_secs(10))
@@ -123,7 +130,7 @@ pub async fn run(
         Some(ns) => Api::<MailIntegration>::namespaced(ctx.client.clone(), ns),
         None => Api::<MailIntegration>::all(ctx.client.clone()),
     };
-    let initial = InitialList::of(&probed).await;
+    let initial = InitialList::once(&probed).await;
     if namespaces.is_empty() {
         run_one(ctx, None, initial, ready, stop).await;
     } else {

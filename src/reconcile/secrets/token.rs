@@ -173,7 +173,18 @@ pub async fn write_token_secret(
         .await
         .map_err(TokenSecretError::Template)?;
     let secret = token_secret(mi, token, rendered)?;
-    write_rendered(mi, api, current, secret, metrics).await
+    let written = write_rendered(mi, api, current, secret, metrics).await?;
+    // With spec.gateway, the gateway Secret gets the same token (the gateway never reads this
+    // Secret, whose keys a template may replace).
+    crate::gateway::credentials::token::publish(
+        mi,
+        api,
+        &token.access_token,
+        token.expires_at,
+        metrics,
+    )
+    .await;
+    Ok(written)
 }
 
 /// Write `secret`, the token Secret as [`token_secret`] built it, over `current` (see
