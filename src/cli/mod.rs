@@ -2,6 +2,7 @@
 //! as `cmctl` is for cert-manager. It talks to the API server only, with the user's kubeconfig and
 //! the user's permissions; it reads the metadata of Secrets, never their data.
 
+pub mod gateway;
 pub mod report;
 
 use crate::api::{MailIntegration, REFRESH_REQUESTED_ANNOTATION};
@@ -70,6 +71,14 @@ pub enum Command {
     Resume { names: Vec<String> },
     /// What a reason means and what to do about it. Without REASON: every reason.
     Explain { reason: Option<String> },
+    /// Issue new gateway passwords (sets the rotate-gateway-credentials annotation): the apps'
+    /// Secrets get new passwords, the old ones work for spec.gateway.rotationGracePeriod more.
+    RotateGateway {
+        name: String,
+        /// Only this app of spec.gateway.apps (default: every app).
+        #[arg(long)]
+        app: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,6 +180,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Suspend { names } => set_suspend(&api, &ns, names, true).await?,
         Command::Resume { names } => set_suspend(&api, &ns, names, false).await?,
+        Command::RotateGateway { name, app } => {
+            let mi = get(&api, &ns, &name).await?;
+            let value = gateway::rotation_value(&mi, app.as_deref(), Timestamp::now())?;
+            api.patch(
+                &name,
+                &patch_params(),
+                &Patch::Merge(&gateway::rotation_patch(&value)),
+            )
+            .await
+            .with_context(|| format!("annotating {ns}/{name}"))?;
+            let grace = mi
+                .spec
+                .gateway
+                .as_ref()
+                .map(|g| g.rotation_grace_period())
+                .unwrap_or_default();
+            println!(
+                "Gateway credentials of {ns}/{name} rotated ({}): new passwords in {}; the old ones work for {} more",
+                app.as_deref().unwrap_or("every app"),
+                gateway::credentials(&mi)
+                    .iter()
+                    .filter(|c| app.as_deref().is_none_or(|a| a == c.app))
+                    .map(|c| format!("Secret {}", c.secret))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                jiff::SignedDuration::try_from(grace)
+                    .map(|d| format!("{d:#}"))
+                    .unwrap_or_default()
+            );
+        }
         Command::Explain { .. } => {}
     }
     Ok(())

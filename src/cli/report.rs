@@ -37,6 +37,9 @@ pub struct StatusReport {
     pub sign_in: Option<SignInReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_sign_in_failure: Option<ConditionReport>,
+    /// The apps' gateway credentials (spec.gateway).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateway: Vec<super::gateway::GatewayCredentialReport>,
     pub events: Vec<EventReport>,
 }
 
@@ -70,7 +73,7 @@ pub struct MailboxCheckReport {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretReport {
-    /// client | grant | token | ca
+    /// client | grant | token | ca | gateway | app
     pub role: String,
     pub name: String,
     pub exists: bool,
@@ -119,6 +122,19 @@ pub fn involved_secrets(mi: &MailIntegration) -> Vec<(&'static str, String)> {
     if let Some(ca) = &mi.spec.mailbox.ca_secret_ref {
         v.push(("ca", ca.name.clone()));
     }
+    if let Some(gateway) = &mi.spec.gateway {
+        let name = mi.name_any();
+        v.push((
+            "gateway",
+            crate::gateway::credentials::secrets::gateway_secret_name(&name),
+        ));
+        for app in &gateway.apps {
+            v.push((
+                "app",
+                crate::gateway::credentials::secrets::app_secret_name(&name, &app.name),
+            ));
+        }
+    }
     v
 }
 
@@ -139,6 +155,11 @@ fn secret_report(
         }
         ("grant", None) => Some("none yet: sign in, or bring a refresh token".into()),
         ("token", None) => Some("not written yet: no access token so far".into()),
+        ("gateway" | "app", None) => Some("not written yet".into()),
+        ("gateway" | "app", Some(m)) if !m.owners.contains(&uid) => Some(format!(
+            "not created by the operator for this integration ({})",
+            Reason::GatewaySecretConflict
+        )),
         ("client" | "ca", Some(m))
             if m.labels.get(OAUTH_CLIENT_LABEL).map(String::as_str) != Some("true") =>
         {
@@ -275,6 +296,7 @@ impl StatusReport {
                     what_to_do: Reason::parse(&f.reason).map(|r| r.hint().to_owned()),
                     since: Some(f.time.0),
                 }),
+            gateway: super::gateway::credentials(mi),
             events,
         }
     }
@@ -478,6 +500,9 @@ pub fn render(r: &StatusReport, now: Timestamp, style: Style) -> String {
             .map(|t| style.dim(&format!(" (created {})", relative(t, now))))
             .unwrap_or_default();
         line(format!("  {:<6} {:<32} {state}{created}", s.role, s.name));
+    }
+    for l in super::gateway::render(&r.gateway, now, style, relative) {
+        line(l);
     }
     if let Some(f) = &r.last_sign_in_failure {
         line(String::new());
