@@ -371,18 +371,25 @@ pub fn app_secret_data(
     let user = username(ns, integration, &app.name);
     let host = settings.host.as_str();
     let p = &settings.ports;
-    let mut data: BTreeMap<String, SecretValue> = [
-        ("username", user.clone()),
-        ("host", host.to_owned()),
-        ("imap-port", p.imap.to_string()),
-        ("imaps-port", p.imaps.to_string()),
-        ("pop3s-port", p.pop3s.to_string()),
-        ("smtp-port", p.smtp.to_string()),
-        ("smtps-port", p.smtps.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), SecretValue::new(v)))
-    .collect();
+    // A port of 0 is a service the gateway does not serve (the chart's `gateway.ports.X: 0`): no
+    // key and no URL for it.
+    let mut data: BTreeMap<String, SecretValue> =
+        [("username", user.clone()), ("host", host.to_owned())]
+            .into_iter()
+            .chain(
+                [
+                    ("imap-port", p.imap),
+                    ("imaps-port", p.imaps),
+                    ("pop3s-port", p.pop3s),
+                    ("smtp-port", p.smtp),
+                    ("smtps-port", p.smtps),
+                ]
+                .into_iter()
+                .filter(|(_, port)| *port != 0)
+                .map(|(k, port)| (k, port.to_string())),
+            )
+            .map(|(k, v)| (k.to_owned(), SecretValue::new(v)))
+            .collect();
     data.insert("password".into(), password.clone());
     let enc = |s: &str| {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
@@ -395,17 +402,16 @@ pub fn app_secret_data(
         ))
     };
     for protocol in &app.protocols {
-        match protocol {
-            GatewayProtocol::Smtp => {
-                data.insert("smtp-url".into(), url("smtp", p.smtp));
-                data.insert("smtps-url".into(), url("smtps", p.smtps));
-            }
-            GatewayProtocol::Imap => {
-                data.insert("imaps-url".into(), url("imaps", p.imaps));
-            }
-            GatewayProtocol::Pop3 => {
-                data.insert("pop3s-url".into(), url("pop3s", p.pop3s));
-            }
+        let urls: &[(&str, &str, u16)] = match protocol {
+            GatewayProtocol::Smtp => &[
+                ("smtp-url", "smtp", p.smtp),
+                ("smtps-url", "smtps", p.smtps),
+            ],
+            GatewayProtocol::Imap => &[("imaps-url", "imaps", p.imaps)],
+            GatewayProtocol::Pop3 => &[("pop3s-url", "pop3s", p.pop3s)],
+        };
+        for (key, scheme, port) in urls.iter().filter(|(_, _, port)| *port != 0) {
+            data.insert((*key).into(), url(scheme, *port));
         }
     }
     data

@@ -499,3 +499,26 @@ fn upstream_servers_come_from_the_mailbox_and_the_providers_defaults() {
         "a port out of range is no server"
     );
 }
+
+#[test]
+fn a_port_the_gateway_does_not_serve_gets_no_key_and_no_url() {
+    let mi = two_apps();
+    let settings = GatewaySettings {
+        host: "gw.ops.svc".into(),
+        ports: GatewayPorts {
+            smtps: 0,
+            ..GatewayPorts::default()
+        },
+    };
+    let app = &mi.spec.gateway.as_ref().unwrap().apps[0];
+    let data = app_secret_data("team", "inbox", app, &SecretValue::new("pw"), &settings);
+    assert!(!data.contains_key("smtps-port"), "{:?}", data.keys());
+    assert!(!data.contains_key("smtps-url"), "{:?}", data.keys());
+    assert_eq!(
+        data.get("smtp-port")
+            .map(|v| v.expose().to_owned())
+            .as_deref(),
+        Some("587")
+    );
+    assert!(data.contains_key("smtp-url"));
+}
