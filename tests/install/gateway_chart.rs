@@ -175,7 +175,14 @@ fn the_gateway_reads_only_secrets_by_list_and_writes_only_status() {
     }
     assert!(grants.contains("/secrets:list") && grants.contains("/secrets:watch"));
     assert!(grants.contains("mailintegration.dev/mailintegrations/status:patch"));
-    assert!(!grants.contains("mailintegration.dev/mailintegrations:patch"));
+    // It reads an integration before recording an app's use; it never writes one's spec.
+    assert!(grants.contains("mailintegration.dev/mailintegrations:get"));
+    for verb in ["patch", "update", "create", "delete", "list"] {
+        assert!(
+            !grants.contains(&format!("mailintegration.dev/mailintegrations:{verb}")),
+            "the gateway may {verb} MailIntegrations: {grants:?}"
+        );
+    }
     // Its ServiceAccount is bound to it; the operator's is not, and vice versa.
     let binding = find(&docs, "ClusterRoleBinding", GW);
     assert_eq!(binding["subjects"][0]["name"].as_str(), Some(GW));

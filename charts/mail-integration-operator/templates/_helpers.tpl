@@ -188,6 +188,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["mailintegration.dev"]
   resources: ["mailintegrations/status"]
   verbs: ["patch"]
+# Read the MailIntegration before recording an app's use (its stored lastUsedTime: at most one
+# write an hour per app).
+- apiGroups: ["mailintegration.dev"]
+  resources: ["mailintegrations"]
+  verbs: ["get"]
 # Events on the MailIntegration (e.g. the provider refusing SMTP AUTH for the mailbox).
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
