@@ -790,3 +790,102 @@ async fn one_credential_holds_at_most_its_sessions() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// The whole path with the operator's own Secrets: the operator signs the integration in, writes
+/// the app's credential and the gateway Secret; the app's `username` and `password` from its Secret
+/// open the mailbox through the gateway; removing the app from `spec.gateway` closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_credentials_open_the_mailbox_through_the_gateway() {
+    let dovecot = dovecot(server());
+    let env = Env::new("gw-imap-operator", server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    let ca: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
+        "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
+    }))
+    .unwrap();
+    env.secrets()
+        .create(&Default::default(), &ca)
+        .await
+        .unwrap();
+    env.grant("inbox", "alice").await;
+    env.integration_with(
+        "inbox",
+        MAILBOX,
+        serde_json::json!({
+            "mailbox": {
+                "protocol": "IMAP",
+                "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
+                "caSecretRef": {"name": "mail-ca"},
+            },
+            "gateway": {"apps": [{"name": "helpdesk", "protocols": ["IMAP"]}]},
+        }),
+    )
+    .await;
+    env.wait_for(
+        "inbox",
+        "Ready",
+        Duration::from_secs(60),
+        &op,
+        support::world::is_ready,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (user, password) = loop {
+        let user = env.data("inbox-gateway-helpdesk", "username").await;
+        let password = env.data("inbox-gateway-helpdesk", "password").await;
+        let gateway_secret = env.secrets().get_opt("inbox-gateway").await.unwrap();
+        if let (Some(u), Some(p), Some(_)) = (user, password, gateway_secret) {
+            break (u, p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator wrote no gateway credential:\n{}",
+            op.process.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(user, config::username(&env.ns, "inbox", "helpdesk"));
+    dovecot.deliver(MAILBOX, &message("from-the-operator"));
+    let cert = gw::certificate(env.log_dir.path());
+    let gw = Gateway::start(
+        "gateway",
+        &env.cp.kubeconfig,
+        &env.ns,
+        &cert,
+        &[],
+        env.log_dir.path(),
+    );
+    let url = format!("imaps://localhost:{}/INBOX;UID=1", gw.imaps_port);
+    let user_pass = format!("{user}:{password}");
+    let (ok, out) = run("curl", &curl_args(&gw, &user_pass, &url)).await;
+    assert!(
+        ok && out.contains("Subject: from-the-operator"),
+        "curl imaps: {out}\n{}",
+        gw.log()
+    );
+
+    // The app removed: its credential stops working at the gateway.
+    env.integrations()
+        .patch(
+            "inbox",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"gateway": {"apps": [
+                {"name": "other", "protocols": ["SMTP"]}]}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = imaplib(&gw, gw.imaps_port, &user, &password, "ssl").await;
+        if !ok && out.contains("AUTHENTICATIONFAILED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed app still logs in: {out}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
