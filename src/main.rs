@@ -26,7 +26,7 @@ use std::{
     net::SocketAddr,
     sync::{Arc, atomic::AtomicBool},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 // See Cargo.toml: jemalloc with background purging instead of the platform's allocator.
 #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
@@ -105,6 +105,12 @@ struct RunArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "70s", value_parser = parse_any_duration)]
     shutdown_timeout: std::time::Duration,
+    /// Test only, hidden, never set by the chart or the kustomize base: divide the protocol's
+    /// windows (write-ahead mark window, mark-write budget, holder grace, provider request
+    /// timeout, store deadline, mailbox check interval) by this (1-10). docs/operations.md,
+    /// "Settings for tests only".
+    #[arg(long, env = "MIO_TEST_PROTOCOL_SCALE", hide = true, value_parser = clap::value_parser!(u32).range(1..=10))]
+    test_protocol_scale: Option<u32>,
     /// Requests per second to the Kubernetes API at most, whatever the API server's signals: a
     /// hard cap over the adaptive limit (or the fixed limit with --kube-api-adaptive=false). 0: no
     /// cap.
@@ -280,6 +286,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     );
     init_tracing(args.log_format);
+    if let Some(n) = args.test_protocol_scale {
+        mail_integration_operator::time::set_test_scale(n);
+        warn!(
+            scale = n,
+            "--test-protocol-scale is set: the refresh protocol's windows are divided for tests; never use it in production"
+        );
+    }
     let kube_config = kube::Config::infer()
         .await
         .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?;

@@ -5,6 +5,26 @@
 use jiff::{SignedDuration, Timestamp};
 use std::time::Duration;
 
+static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Test only (docs/operations.md, "Settings for tests only"): divide the protocol's windows by
+/// `n` (1-10) so that a test of a fault longer than a window need not wait minutes — the
+/// write-ahead mark's window (`reconcile::inflight::in_flight_window`, less the mark's 1 s
+/// resolution), the mark-write budget, the holder grace, the provider request timeout, the grant
+/// store deadline, the held-grant store attempt, and `spec.mailbox.checkInterval` (whose CRD minimum
+/// is 1m). The parts of the mark's window are divided alike, so the window still covers a
+/// refresh's worst case. Unset (production: the chart and the kustomize base never set it), the
+/// scale is 1. Set once, at start; a second call changes nothing.
+pub fn set_test_scale(n: u32) {
+    let _ = SCALE.set(n.clamp(1, 10));
+}
+
+/// `d` divided by the test-only protocol scale (1 unless [`set_test_scale`] was called).
+pub fn scaled(d: Duration) -> Duration {
+    d.checked_div(SCALE.get().copied().unwrap_or(1))
+        .unwrap_or(d)
+}
+
 /// `t + d`, saturating at [`Timestamp::MAX`].
 pub fn after(t: Timestamp, d: Duration) -> Timestamp {
     t.saturating_add(d).unwrap_or(Timestamp::MAX)

@@ -39,6 +39,36 @@ fn short_lived_server() -> &'static OAuthServer {
 
 const IN_FLIGHT: &str = "mailintegration.dev/refresh-in-flight";
 
+/// The test-only protocol scale every operator of this binary runs with
+/// (`MIO_TEST_PROTOCOL_SCALE`, docs/operations.md "Settings for tests only"): the refresh
+/// protocol's windows are divided by it (the write-ahead mark's window 75 s -> 38 s, the holder
+/// grace 20 s -> 10 s, the mark-write budget 10 s -> 5 s, the provider timeout 30 s -> 15 s, the
+/// store deadline 20 s -> 10 s). The outages, delays, Lease durations and drain limits of the tests
+/// are divided alike ([`scaled`]), so each keeps its place among the windows: a fault shorter than
+/// a window stays shorter, a longer one stays longer.
+const SCALE: u32 = 2;
+
+/// `d` at the protocol scale of this binary.
+fn scaled(d: Duration) -> Duration {
+    d / SCALE
+}
+
+/// The write-ahead mark's in-flight window at [`SCALE`]: 74 s divided, plus the mark's 1 s resolution.
+fn in_flight_window() -> Duration {
+    scaled(Duration::from_secs(74)) + Duration::from_secs(1)
+}
+
+/// [`Env::new`] whose operators run at the protocol scale [`SCALE`].
+async fn faults_env(prefix: &str, server: &'static OAuthServer) -> Env {
+    scale(Env::new(prefix, server).await)
+}
+
+fn scale(mut env: Env) -> Env {
+    env.operator_env
+        .push(("MIO_TEST_PROTOCOL_SCALE", SCALE.to_string()));
+    env
+}
+
 async fn force_refresh(env: &Env, name: &str) {
     let value = format!("{:?}", std::time::SystemTime::now());
     support::world::annotate_refresh(env, name, &value).await;
@@ -111,7 +141,7 @@ fn signal(op: &Operator, sig: &str) {
 /// operator refreshes with the stored token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token() {
-    let env = Env::new("drain", long_lived_server()).await;
+    let env = faults_env("drain", long_lived_server()).await;
     let mut op = env.operator("operator");
     env.ready_integration(&op, "inbox").await;
     let before = grant_secret(&env, "inbox").await;
@@ -183,7 +213,7 @@ fn settled(mi: &MailIntegration) -> bool {
 /// standby). The next leader refreshes with the stored token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_lease_during_a_refresh_drains_it_and_exits_non_zero() {
-    let env = Env::new("lease-loss", long_lived_server()).await;
+    let env = faults_env("lease-loss", long_lived_server()).await;
     let args = [
         "--leader-election",
         "--leader-election-namespace",
@@ -257,7 +287,7 @@ async fn losing_the_lease_during_a_refresh_drains_it_and_exits_non_zero() {
 /// overwritten blindly and no token is lost or reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_conflicting_writes_on_the_grant_loses_nothing() {
-    let env = Env::new("conflicts", short_lived_server()).await;
+    let env = faults_env("conflicts", short_lived_server()).await;
     let op = env.operator("operator");
     env.ready_integration(&op, "inbox").await;
     // The provider answers after 300 ms, so a bump lands between the mark and the store.
@@ -347,7 +377,7 @@ async fn a_storm_of_conflicting_writes_on_the_grant_loses_nothing() {
 /// the refresh with a reason instead of a retry loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() {
-    let env = Env::new("unwritable", long_lived_server()).await;
+    let env = faults_env("unwritable", long_lived_server()).await;
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
     let grant = env.server.obtain_grant("alice").await;
@@ -451,7 +481,7 @@ async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() 
 /// lets only one present a rotating grant's refresh token at a time; the other waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_without_leader_election_never_present_a_token_twice() {
-    let env = Env::new("two-unlocked", short_lived_server()).await;
+    let env = faults_env("two-unlocked", short_lived_server()).await;
     let a = env.operator("operator-a");
     let b = env.operator("operator-b");
     env.ready_integration(&a, "inbox").await;
@@ -539,7 +569,7 @@ fn force_refresh_blocking(env: &Env, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not_retried() {
     use support::api_proxy::{ApiProxy, Match};
-    let env = Env::new("kill-9", long_lived_server()).await;
+    let env = faults_env("kill-9", long_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
@@ -638,7 +668,9 @@ async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not
     .await;
     assert_eq!(presented(&fresh), 1);
     eprintln!(
-        "kill -9: GrantLostInFlight reported {reported_after:?} after the kill (the mark's in-flight window is 75 s); the spent token presented 2 times (the cut-off request and the single try), every other token once; {} refreshes",
+        "kill -9: GrantLostInFlight reported {reported_after:?} after the kill (the mark's in-flight window is {:?} here, 75 s in production, and the holder grace {:?}); the spent token presented 2 times (the cut-off request and the single try), every other token once; {} refreshes",
+        in_flight_window(),
+        scaled(Duration::from_secs(20)),
         env.proxy.refresh_requests()
     );
 }
@@ -649,7 +681,7 @@ async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
     use support::api_proxy::{ApiProxy, Match};
-    let env = Env::new("persist", long_lived_server()).await;
+    let env = faults_env("persist", long_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
@@ -728,7 +760,7 @@ async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
     use support::api_proxy::ApiProxy;
-    let env = Env::new("partition", twenty_second_server()).await;
+    let env = faults_env("partition", twenty_second_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
@@ -796,13 +828,13 @@ fn restartable_control_plane() -> &'static support::control_plane::ControlPlane 
     })
 }
 
-/// 3. kube-apiserver stopped for 60 s while refreshes are due (one of them between the provider's
+/// 3. kube-apiserver stopped for 60 s (at [`SCALE`]: 30 s, shorter than the mark's window) while refreshes are due (one of them between the provider's
 /// answer and the grant write), then started again on the same etcd data: the rotated token held in
 /// memory is stored first, refreshing resumes, nothing is presented twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_down_for_a_minute_loses_nothing() {
     let cp = restartable_control_plane();
-    let env = Env::new_on(cp, "apiserver-down", short_lived_server()).await;
+    let env = scale(Env::new_on(cp, "apiserver-down", short_lived_server()).await);
     let op = env.operator("operator");
     env.ready_integration(&op, "inbox").await;
     let start = env.proxy.refresh_requests();
@@ -812,7 +844,7 @@ async fn the_api_server_down_for_a_minute_loses_nothing() {
     // can store the new refresh token.
     after_the_provider_answers(&env, || {}, || cp.stop_apiserver());
     let stopped_at = Instant::now();
-    std::thread::sleep(Duration::from_secs(60));
+    std::thread::sleep(scaled(Duration::from_secs(60)));
     let during = env.proxy.refresh_requests();
     cp.start_apiserver();
     let started_at = Instant::now();

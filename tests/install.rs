@@ -1062,6 +1062,28 @@ fn values_schema_and_checks_reject_bad_values_with_clear_messages() {
     }
 }
 
+/// The test-only protocol scale (docs/operations.md, "Settings for tests only") is set by no
+/// install: not the chart with every option on, not the kustomize base; and `run --help` hides it.
+#[test]
+fn no_install_sets_a_test_only_setting() {
+    let chart = helm::template("mio", "ops", ALL_ON);
+    let base = kustomize(&repo().join("deploy"));
+    for (what, text) in [("the chart", &chart), ("the kustomize base", &base)] {
+        for setting in ["test-protocol-scale", "MIO_TEST_"] {
+            assert!(!text.contains(setting), "{what} sets {setting}");
+        }
+    }
+    let bin = env!("CARGO_BIN_EXE_mail-integration-operator");
+    let help = Command::new(bin).args(["run", "--help"]).output().unwrap();
+    assert!(help.status.success());
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("test-protocol-scale"));
+    let refused = Command::new(bin)
+        .args(["run", "--test-protocol-scale=0", "--help"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a scale of 0 is refused");
+}
+
 #[test]
 fn flags_the_chart_passes_exist_in_the_binary() {
     // Flags the chart already passes but this branch's binary does not have yet. When one lands,

@@ -53,8 +53,15 @@ fn mailbox_condition(mi: &MailIntegration) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// The test-only protocol scale of this binary's operators (`MIO_TEST_PROTOCOL_SCALE`,
+/// docs/operations.md "Settings for tests only"): `spec.mailbox.checkInterval` is divided by it, so
+/// that the CRD's smallest interval, 1m, is a periodic check every 15 s here.
+const SCALE: u32 = 4;
+
 async fn ready_world(prefix: &str) -> (Env, support::operator::Operator) {
-    let env = Env::new(prefix, server()).await;
+    let mut env = Env::new(prefix, server()).await;
+    env.operator_env
+        .push(("MIO_TEST_PROTOCOL_SCALE", SCALE.to_string()));
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
     (env, op)
@@ -314,13 +321,14 @@ async fn failures_have_exact_reasons_and_recover_when_fixed() {
         |m| mailbox_condition(m).is_some_and(|c| c.1 == "MailboxUnreachable"),
     )
     .await;
-    // It comes back: the periodic check (checkInterval 1m, no refresh in between) sees it.
+    // It comes back: the periodic check (checkInterval 1m: 15 s at the binary's SCALE, no refresh
+    // in between) sees it.
     dovecot.start_again();
     let refreshes = env.proxy.token_requests();
     env.wait_for(
         "inbox",
         "Connected on the periodic check",
-        Duration::from_secs(90),
+        Duration::from_secs(60) / SCALE + Duration::from_secs(30),
         &op,
         |m| mailbox_condition(m).is_some_and(|c| c.1 == "Connected"),
     )

@@ -39,13 +39,16 @@ impl MailIntegrationSpec {
     }
 
     /// How often the mailbox is checked (besides after every refresh); like
-    /// [`refresh_before`](Self::refresh_before), an unparseable value gives the default.
+    /// [`refresh_before`](Self::refresh_before), an unparseable value gives the default. Divided
+    /// by the test-only protocol scale ([`crate::time::set_test_scale`]; 1 in production).
     pub fn check_interval(&self) -> Duration {
-        self.mailbox
-            .check_interval
-            .as_deref()
-            .and_then(go_duration)
-            .unwrap_or(DEFAULT_CHECK_INTERVAL)
+        crate::time::scaled(
+            self.mailbox
+                .check_interval
+                .as_deref()
+                .and_then(go_duration)
+                .unwrap_or(DEFAULT_CHECK_INTERVAL),
+        )
     }
 
     /// How tokens are obtained.

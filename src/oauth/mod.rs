@@ -419,6 +419,12 @@ impl reqwest::dns::Resolve for NotOwnHost {
     }
 }
 
+/// [`DEFAULT_REQUEST_TIMEOUT`] at the test-only protocol scale
+/// ([`crate::reconcile::inflight::set_test_scale`]): a part of the write-ahead mark's window.
+fn request_timeout() -> Duration {
+    crate::reconcile::inflight::scaled(DEFAULT_REQUEST_TIMEOUT)
+}
+
 /// Calls the provider's token, revocation and userinfo endpoints. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct OAuthClient {
@@ -428,7 +434,7 @@ pub struct OAuthClient {
 impl OAuthClient {
     /// A client with the default timeouts (10 s connect, 30 s per request).
     pub fn new() -> Result<Self, reqwest::Error> {
-        Self::with_timeouts(DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT)
+        Self::with_timeouts(DEFAULT_CONNECT_TIMEOUT, request_timeout())
     }
 
     /// A client with the given timeouts.
@@ -444,7 +450,7 @@ impl OAuthClient {
         Ok(Self {
             http: reqwest::Client::builder()
                 .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-                .timeout(DEFAULT_REQUEST_TIMEOUT)
+                .timeout(request_timeout())
                 .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!(
                     "mail-integration-operator/",

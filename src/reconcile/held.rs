@@ -62,7 +62,7 @@ pub async fn store_held(ctx: &Context, deadline: Instant) -> usize {
                     })
             };
             let until = Instant::now()
-                .checked_add(ATTEMPT)
+                .checked_add(super::inflight::scaled(ATTEMPT))
                 .unwrap_or(deadline)
                 .min(deadline);
             match tokio::time::timeout_at(until, attempt).await {

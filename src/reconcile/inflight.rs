@@ -55,6 +55,27 @@ pub const MARK_WRITE_BUDGET: Duration = Duration::from_secs(10);
 /// that is gone costs this much longer to recover from.
 pub const HOLDER_GRACE: Duration = Duration::from_secs(20);
 
+/// `d` at the test-only protocol scale ([`crate::time::set_test_scale`]).
+pub fn scaled(d: Duration) -> Duration {
+    crate::time::scaled(d)
+}
+
+/// [`IN_FLIGHT_WINDOW`] at the protocol scale (its parts divided, the mark's resolution not).
+pub fn in_flight_window() -> Duration {
+    scaled(IN_FLIGHT_WINDOW.saturating_sub(MARK_TIME_RESOLUTION))
+        .saturating_add(MARK_TIME_RESOLUTION)
+}
+
+/// [`MARK_WRITE_BUDGET`] at the protocol scale.
+pub fn mark_write_budget() -> Duration {
+    scaled(MARK_WRITE_BUDGET)
+}
+
+/// [`HOLDER_GRACE`] at the protocol scale.
+pub fn holder_grace() -> Duration {
+    scaled(HOLDER_GRACE)
+}
+
 /// The mark's time is written in whole seconds, cut down: up to this much older than it is.
 const MARK_TIME_RESOLUTION: Duration = Duration::from_secs(1);
 
@@ -70,7 +91,7 @@ const _: () = assert!(
 /// Whether a refresh whose mark was acknowledged `since_mark` after the time written into it (its
 /// sub-second part included: the mark is written in whole seconds) may present its refresh token.
 pub fn may_present(since_mark: Duration) -> bool {
-    since_mark <= MARK_WRITE_BUDGET
+    since_mark <= mark_write_budget()
 }
 
 /// Whether refreshes of this integration are marked: providers that may invalidate a refresh
@@ -152,11 +173,9 @@ pub fn state(mark: Option<Mark>, me: &str, resolved: Option<&Mark>, now: Timesta
     if resolved == Some(&mark) {
         return MarkState::Clear;
     }
-    let fresh_until = crate::time::after(mark.since, IN_FLIGHT_WINDOW);
-    if mark.holder != me
-        && now < fresh_until
-        && mark.since <= crate::time::after(now, IN_FLIGHT_WINDOW)
-    {
+    let window = in_flight_window();
+    let fresh_until = crate::time::after(mark.since, window);
+    if mark.holder != me && now < fresh_until && mark.since <= crate::time::after(now, window) {
         return MarkState::Fresh(mark);
     }
     MarkState::Stale(mark)
@@ -164,10 +183,11 @@ pub fn state(mark: Option<Mark>, me: &str, resolved: Option<&Mark>, now: Timesta
 
 /// How long to wait before a fresh mark of another holder turns stale.
 pub fn wait_for(mark: &Mark, now: Timestamp) -> Duration {
-    let until = crate::time::after(mark.since, IN_FLIGHT_WINDOW);
+    let window = in_flight_window();
+    let until = crate::time::after(mark.since, window);
     Duration::try_from(until.duration_since(now))
         .unwrap_or_default()
-        .clamp(Duration::from_secs(1), IN_FLIGHT_WINDOW)
+        .clamp(Duration::from_secs(1), window)
 }
 
 #[cfg(test)]

@@ -243,7 +243,9 @@ pub async fn store_after_refresh(
         keys.push((grant_keys::ROTATED_AT, rfc3339(Timestamp::now())));
     }
     let now = tokio::time::Instant::now();
-    let deadline = now.checked_add(STORE_DEADLINE).unwrap_or(now);
+    let deadline = now
+        .checked_add(super::inflight::scaled(STORE_DEADLINE))
+        .unwrap_or(now);
     let pp = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()

@@ -9,16 +9,30 @@ use super::*;
 use support::api_proxy::{ApiProxy, Match};
 
 /// The chart's leader-election flags (values.yaml: `leaderElection.enabled: true`,
-/// `leaseDurationSeconds: 15`; `shutdownTimeout` is the operator's default), with the Lease in the
-/// test namespace.
-fn chart_flags(ns: &str) -> Vec<&str> {
+/// `leaseDurationSeconds: 15`; `shutdownTimeout` is the operator's default, 70 s), with the Lease
+/// in the test namespace, both durations at the binary's protocol [`SCALE`] (15 s -> 8 s, 70 s ->
+/// 35 s), so that they keep their place among the protocol's windows.
+fn chart_flags(ns: &str) -> Vec<String> {
     vec![
-        "--leader-election",
-        "--leader-election-namespace",
-        ns,
-        "--leader-election-lease-seconds",
-        "15",
+        "--leader-election".into(),
+        "--leader-election-namespace".into(),
+        ns.into(),
+        "--leader-election-lease-seconds".into(),
+        15u32.div_ceil(SCALE).to_string(),
+        scaled_drain(),
     ]
+}
+
+/// The operator's default drain limit (`--shutdown-timeout`, 70 s) at [`SCALE`].
+fn scaled_drain() -> String {
+    format!(
+        "--shutdown-timeout={}ms",
+        scaled(Duration::from_secs(70)).as_millis()
+    )
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 fn refresh_token_of(s: &Secret) -> String {
@@ -41,11 +55,12 @@ async fn another_ready_integration(env: &Env, op: &Operator, name: &str) {
 /// drained, exited non-zero and dropped the token (the grant Secret kept the spent one), and the
 /// next leader presented the spent token: GrantLostInFlight.
 async fn an_api_server_outage_during_a_rotating_refresh(prefix: &str, outage: Duration) {
-    let env = Env::new(prefix, long_lived_server()).await;
+    let env = faults_env(prefix, long_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
     let flags = chart_flags(&env.ns);
+    let flags = strs(&flags);
     let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &flags);
     env.ready_integration(&a, "inbox").await;
     let b = env.operator_with_kubeconfig("operator-b", &kubeconfig, &flags);
@@ -102,12 +117,14 @@ async fn an_api_server_outage_during_a_rotating_refresh(prefix: &str, outage: Du
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_of_30_s_during_a_rotating_refresh_loses_no_grant() {
-    an_api_server_outage_during_a_rotating_refresh("outage-30", Duration::from_secs(30)).await;
+    an_api_server_outage_during_a_rotating_refresh("outage-30", scaled(Duration::from_secs(30)))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_of_90_s_during_a_rotating_refresh_loses_no_grant() {
-    an_api_server_outage_during_a_rotating_refresh("outage-90", Duration::from_secs(90)).await;
+    an_api_server_outage_during_a_rotating_refresh("outage-90", scaled(Duration::from_secs(90)))
+        .await;
 }
 
 /// SIGTERM while one refresh waits 25 s for the provider's answer (the provider has rotated the
@@ -119,15 +136,16 @@ async fn an_api_server_outage_of_90_s_during_a_rotating_refresh_loses_no_grant()
 /// refresh presented its token after SIGTERM, and the 40 s drain aborted the first before its
 /// grant was stored: the rotated token was lost.
 async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_election: bool) {
-    let env = Env::new(prefix, long_lived_server()).await;
+    let env = faults_env(prefix, long_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
     let flags = if leader_election {
         chart_flags(&env.ns)
     } else {
-        vec![]
+        vec![scaled_drain()]
     };
+    let flags = strs(&flags);
     let mut a = env.operator_with_kubeconfig("operator-a", &kubeconfig, &flags);
     env.ready_integration(&a, "inbox").await;
     another_ready_integration(&env, &a, "inbox2").await;
@@ -150,13 +168,15 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
 
     signal(&a, "TERM");
     let term_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(scaled(Duration::from_secs(3))).await;
     // The mark lands within its budget: on main, inbox2's token was presented now.
     held_mark.release();
-    tokio::time::sleep(Duration::from_secs(22)).await;
+    tokio::time::sleep(scaled(Duration::from_secs(22))).await;
     env.proxy.release_token_responses();
-    // The answer reaches the operator 25 s after SIGTERM; its grant write waits 20 s more.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The answer reaches the operator 25 s after SIGTERM (at the binary's scale: 12.5 s, within
+    // the provider timeout of 15 s); its grant write waits 20 s (10 s) more, beyond the store's
+    // own bound.
+    tokio::time::sleep(scaled(Duration::from_secs(20))).await;
     held_store.drop_held();
     held_store.release();
     let exited = wait_exit(&mut a, Duration::from_secs(60));

@@ -21,6 +21,9 @@ pub struct Env {
     pub proxy: FaultProxy,
     pub server: &'static OAuthServer,
     pub log_dir: tempfile::TempDir,
+    /// Environment variables every operator of this world starts with (e.g. a test-only setting
+    /// such as `MIO_TEST_PROTOCOL_SCALE`).
+    pub operator_env: Vec<(&'static str, String)>,
 }
 
 impl Env {
@@ -54,6 +57,7 @@ impl Env {
             proxy,
             server,
             log_dir,
+            operator_env: Vec::new(),
         }
     }
 
@@ -80,7 +84,13 @@ impl Env {
     ) -> Operator {
         let mut args = vec!["--namespace", &self.ns];
         args.extend_from_slice(extra);
-        Operator::start(name, kubeconfig, &args, self.log_dir.path())
+        Operator::start_with_env(
+            name,
+            kubeconfig,
+            &args,
+            &self.operator_env,
+            self.log_dir.path(),
+        )
     }
 
     /// The operator as the chart runs it: a release of the chart in a namespace of its own,
@@ -107,13 +117,9 @@ impl Env {
         );
         let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
-        let op = Operator::start_with_env(
-            name,
-            &kubeconfig,
-            &args,
-            &release.operator_env(),
-            self.log_dir.path(),
-        );
+        let mut env = release.operator_env();
+        env.extend(self.operator_env.iter().cloned());
+        let op = Operator::start_with_env(name, &kubeconfig, &args, &env, self.log_dir.path());
         (release, op)
     }
 

@@ -83,10 +83,10 @@ pub(super) async fn mark(
             }
             MarkState::Stale(m)
                 if m.holder != ctx.identity
-                    && ctx.first_seen(&uid, &m).elapsed() < inflight::HOLDER_GRACE =>
+                    && ctx.first_seen(&uid, &m).elapsed() < inflight::holder_grace() =>
             {
                 // Its holder may be back from an outage with the rotated token, storing it.
-                let left = inflight::HOLDER_GRACE
+                let left = inflight::holder_grace()
                     .saturating_sub(ctx.first_seen(&uid, &m).elapsed())
                     .max(Duration::from_secs(1));
                 info!(holder = %m.holder, since = %m.since, wait_s = left.as_secs(), "another operator process's refresh of this grant did not finish in time; giving it a moment to store its result");
@@ -104,7 +104,7 @@ pub(super) async fn mark(
         let cut = Duration::from_nanos(u64::try_from(now.subsec_nanosecond()).unwrap_or(0));
         let m = Mark::new(&ctx.identity, now);
         let written = tokio::time::timeout(
-            inflight::MARK_WRITE_BUDGET,
+            inflight::mark_write_budget(),
             secrets::write_mark(secrets_api, &current, &m, &ctx.metrics),
         )
         .await;
@@ -193,9 +193,9 @@ pub(super) async fn mark(
 
 fn too_slow(name: &str, took: Duration) -> String {
     format!(
-        "marking the grant Secret {name:?} before refreshing took {:.1}s, longer than the {}s a refresh may spend on it (the API server is slow); the refresh token was not sent",
+        "marking the grant Secret {name:?} before refreshing took {:.1}s, longer than the {:.1}s a refresh may spend on it (the API server is slow); the refresh token was not sent",
         took.as_secs_f64(),
-        inflight::MARK_WRITE_BUDGET.as_secs()
+        inflight::mark_write_budget().as_secs_f64()
     )
 }
 
@@ -237,7 +237,7 @@ pub(super) async fn withdraw(
     };
     let name = base.name_any();
     let write = secrets_api.replace(&name, &pp, &clean);
-    match tokio::time::timeout(inflight::MARK_WRITE_BUDGET, write).await {
+    match tokio::time::timeout(inflight::mark_write_budget(), write).await {
         Ok(Ok(written)) => {
             ctx.metrics.count_write("grant_secret");
             info!(
