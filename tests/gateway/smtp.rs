@@ -916,16 +916,15 @@ with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
     }
 }
 
-/// Messages sent one session each (connect, TLS, AUTH, MAIL, RCPT, DATA, QUIT), timed by the client:
+/// Messages sent one session each (connect, TLS, AUTH, MAIL, RCPT, DATA, QUIT):
 /// directly to Dovecot's submission port as the gateway reaches it (STARTTLS, XOAUTH2), or to the
 /// gateway's implicit-TLS port with the app's password.
-async fn send_many(w: &World, direct: bool, count: usize) -> Duration {
+async fn send_many(w: &World, direct: bool, count: usize) {
     let script = r#"
-import os, smtplib, ssl, time
+import os, smtplib, ssl
 ctx = ssl.create_default_context(cafile=os.environ["CA"])
 n = int(os.environ["COUNT"])
 msg = "From: %s\r\nTo: %s\r\nSubject: %%s %%d\r\n\r\nbody\r\n" % (os.environ["FROM"], os.environ["FROM"])
-start = time.monotonic()
 for i in range(n):
     direct = os.environ["DIRECT"] == "1"
     with (smtplib.SMTP("localhost", int(os.environ["PORT"])) if direct else smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx)) as s:
@@ -938,7 +937,6 @@ for i in range(n):
         else:
             s.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
         s.sendmail(os.environ["FROM"], [os.environ["FROM"]], msg % (os.environ["TAG"], i))
-print("SECONDS", time.monotonic() - start)
 "#;
     let (port, ca, tag) = if direct {
         (w.dovecot.submission_port, &w.dovecot_ca, "bench-direct")
@@ -966,52 +964,30 @@ print("SECONDS", time.monotonic() - start)
     )
     .await;
     assert!(ok, "sending {count} messages ({tag}) failed:\n{out}");
-    let secs: f64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("SECONDS "))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no timing in:\n{out}"));
-    Duration::from_secs_f64(secs)
 }
 
-/// The figure the issue asks for (SMTP messages/s direct and through the gateway, against the same
-/// Dovecot, each message its own session as an Alertmanager or a cron job sends it), and a loose
-/// floor under the ratio: the gateway's share of a message's time must stay small next to the mail
-/// server's. The issue's target is 0.8; this debug build measured 0.61 and 0.74 (two runs alone;
-/// 0.48 beside another test) on a shared 2-core machine: through the gateway a message costs one
-/// more TLS handshake (app to gateway, in unoptimised test-build code) and one more hop for every
-/// command. The floor is 0.3 so that a busy CI machine does not fail it, while a gateway that held
-/// each message (a sleep, a retry loop) would.
+/// Messages sent one session each (as an Alertmanager or a cron job sends them), directly to Dovecot
+/// and through the gateway against the same Dovecot, all arrive. A correctness test, with no
+/// throughput assertion: the rates and their ratio (target >= 0.8) are figures of
+/// `cargo bench --bench gateway` (benches/README.md "Gateway"), printed beside the target in one
+/// release run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtp_messages_per_second_direct_and_through_the_gateway() {
-    const COUNT: usize = 20;
+async fn messages_sent_direct_and_through_the_gateway_are_all_delivered() {
+    const COUNT: usize = 5;
     let w = world().await;
-    // Warm both paths (TLS session set-up in Dovecot, oidc-provider's introspection).
-    send_many(&w, true, 1).await;
-    send_many(&w, false, 1).await;
-    let direct = send_many(&w, true, COUNT).await;
-    let gateway = send_many(&w, false, COUNT).await;
-    let rate = |d: Duration| COUNT as f64 / d.as_secs_f64();
-    let ratio = rate(gateway) / rate(direct);
-    println!(
-        "SMTP messages/s, one session each, {COUNT} messages: direct (XOAUTH2 to Dovecot) {:.1}/s, through the gateway {:.1}/s, ratio {ratio:.2}",
-        rate(direct),
-        rate(gateway)
-    );
+    let before = w.dovecot.deliveries().len();
+    send_many(&w, true, COUNT).await;
+    send_many(&w, false, COUNT).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while w.dovecot.deliveries().len() < 2 * COUNT + 2 {
+    while w.dovecot.deliveries().len() < before + 2 * COUNT {
         assert!(
             Instant::now() < deadline,
             "{} of {} messages delivered",
-            w.dovecot.deliveries().len(),
-            2 * COUNT + 2
+            w.dovecot.deliveries().len() - before,
+            2 * COUNT
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        ratio >= 0.3,
-        "the gateway sends at {ratio:.2} of the direct rate"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ pub struct DovecotConfig {
     /// so a message sent through submission lands in the recipient's INBOX. Without it, the relay
     /// is a stand-in that refuses every transaction (the mailbox checks never send mail).
     pub deliver: bool,
+    /// Appended to the generated dovecot.conf as it is (e.g. benches/gateway.rs's settings for
+    /// 10,000 sessions).
+    pub extra_conf: String,
 }
 
 impl DovecotConfig {
@@ -59,6 +62,7 @@ impl DovecotConfig {
             username_attribute: "sub".into(),
             delegation_attribute: None,
             deliver: false,
+            extra_conf: String::new(),
         }
     }
 }
@@ -391,7 +395,9 @@ service anvil {{
     mode = 0
   }}
 }}
+{extra_conf}
 "#,
+            extra_conf = config.extra_conf,
             cert = cert.display(),
             key = key.display(),
             oauth2_args = oauth2_args.display(),
