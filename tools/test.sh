@@ -5,7 +5,9 @@
 #   - the real Kubernetes control plane (kube-apiserver, kube-controller-manager, etcd, kubectl) and
 #     Helm, built from their Go modules by tools/control-plane.sh and cached by version under
 #     ~/.cache/mail-integration-operator;
-# then cargo fmt --check, cargo clippy -D warnings and cargo test. With FUZZ=1, then also the property
+# then cargo fmt --check, cargo clippy -D warnings and the tests of `cargo test --lib --bins --tests`,
+# each test binary built once and MIO_TEST_JOBS (default 4) of them run at once
+# (tools/run-test-binaries.sh). With FUZZ=1, then also the property
 # tests of tests/properties.rs for MIO_FUZZ_SECONDS (default 60) seconds each (docs/fuzzing.md).
 # With SOAK=1 (nightly-style, hours), then tools/soak.sh: the property tests for 10 minutes each and a
 # one-hour soak of 1,000 integrations with faults injected (benches/soak.rs), printing what they found.
@@ -30,8 +32,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo build --bins --examples (the sandbox and process tests run them)"
 cargo build --locked --bins --examples
-step "cargo test"
-cargo test --locked --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"
+step "cargo test --no-run, then the test binaries in parallel (tools/run-test-binaries.sh)"
+tools/run-test-binaries.sh
 if [[ "${FUZZ:-}" == 1 ]]; then
   step "property tests for ${MIO_FUZZ_SECONDS:-60} s each (FUZZ=1, release build; docs/fuzzing.md)"
   MIO_FUZZ_SECONDS="${MIO_FUZZ_SECONDS:-60}" \
