@@ -6,20 +6,17 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, RwLock},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use ipnet::IpNet;
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+
+use super::stream::MaybeTls;
 
 /// How often the certificate files are read again.
 pub const CERT_RELOAD_PERIOD: Duration = Duration::from_secs(60);
@@ -37,62 +34,15 @@ pub const DEFAULT_PLAINTEXT_NETWORKS: &[&str] = &[
 ];
 
 /// A connection from an app: plain TCP (before STARTTLS) or TLS.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 impl ClientStream {
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Self::Tls(_))
-    }
-
     /// The TLS handshake on a plain stream (implicit TLS, or after STARTTLS). The caller makes sure
     /// that nothing the app sent before is still buffered (it would be taken as sent under TLS).
     pub async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<Self> {
         match self {
             Self::Plain(tcp) => Ok(Self::Tls(Box::new(acceptor.accept(tcp).await?))),
             Self::Tls(_) => Err(io::Error::other("TLS is active already")),
-        }
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod pop3;
 pub mod relay;
 pub mod session;
 pub mod smtp;
+pub mod stream;
 pub mod throttle;
 pub mod upstream;
 pub mod usage;
