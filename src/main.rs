@@ -105,6 +105,11 @@ struct RunArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, env = "MIO_SHUTDOWN_TIMEOUT", default_value = "70s", value_parser = parse_any_duration)]
     shutdown_timeout: std::time::Duration,
+    /// /readyz fails while a watch (of the integrations or the operator's Secrets) has been
+    /// failing for longer than this: the caches are stale (the API server out of reach, RBAC
+    /// taken away). The gauge mailintegration_watch_failing_seconds shows each watch.
+    #[arg(long, env = "MIO_WATCH_FAILURE_LIMIT", default_value = "2m", value_parser = parse_any_duration)]
+    watch_failure_limit: std::time::Duration,
     /// Test only, hidden, never set by the chart or the kustomize base: divide the protocol's
     /// windows (write-ahead mark window, mark-write budget, holder grace, provider request
     /// timeout, store deadline, mailbox check interval) by this (1-10). docs/operations.md,
@@ -311,6 +316,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let health = health::router(HealthState {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        watch_failure_limit: args.watch_failure_limit,
     });
     let listener = tokio::net::TcpListener::bind(args.health_addr)
         .await

@@ -4,6 +4,7 @@
 
 pub mod objects;
 pub mod sign_ins;
+pub mod watches;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -64,6 +65,8 @@ pub struct Metrics {
     pub sign_ins: Family<RefreshLabels, Counter>,
     /// Provider calls deferred by a limit (docs/security.md, "Shared capacity").
     pub deferred: Family<LimitLabels, Counter>,
+    /// The watches' failures (see [`watches`]); `/readyz` reads them.
+    pub watches: std::sync::Arc<watches::WatchHealth>,
 }
 
 impl Default for Metrics {
@@ -162,7 +165,14 @@ impl Default for Metrics {
                 error: error.into(),
             });
         }
+        let watches = std::sync::Arc::new(watches::WatchHealth::default());
+        registry.register(
+            "watch_failing_seconds",
+            "How long each watch has been failing, as of its last attempt (0 while it works)",
+            watches.gauge.clone(),
+        );
         Self {
+            watches,
             sign_ins,
             objects,
             mailbox_checks,

@@ -13,6 +13,9 @@ mod not_oauth;
 #[path = "faults/leader.rs"]
 mod leader;
 
+#[path = "faults/watches.rs"]
+mod watches;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;

@@ -117,6 +117,25 @@ pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
         .into()
 }
 
+/// `stream` with each of its results recorded in the watches' health (see
+/// [`crate::metrics::watches`]) as `watch` of `namespace`.
+fn observed<S, T>(
+    ctx: &Context,
+    namespace: &Option<String>,
+    watch: &str,
+    stream: S,
+) -> impl futures::Stream<Item = Result<T, watcher::Error>> + use<S, T>
+where
+    S: futures::Stream<Item = Result<T, watcher::Error>>,
+{
+    let health = ctx.metrics.watches.clone();
+    let labels = crate::metrics::watches::WatchLabels {
+        namespace: namespace.clone().unwrap_or_default(),
+        watch: watch.to_owned(),
+    };
+    stream.inspect(move |r| health.observe(&labels, r.is_ok(), std::time::Instant::now()))
+}
+
 /// Run the controller until shutdown, over all namespaces (`namespaces` empty) or over each of
 /// `namespaces` (one watch per namespace, so RBAC can be limited to them).
 pub async fn run(
@@ -171,9 +190,13 @@ async fn run_one(
     let (store, writer) = reflector::store();
     let integration_events = reflector(
         writer,
-        watcher(integrations, initial.config())
-            .backoff(watch_backoff())
-            .modify(cache::trim_integration),
+        observed(
+            &ctx,
+            &namespace,
+            "integrations",
+            watcher(integrations, initial.config()).backoff(watch_backoff()),
+        )
+        .modify(cache::trim_integration),
     )
     .applied_objects();
     // Per-object metrics are read from this cache at scrape time, while this controller runs.
@@ -192,8 +215,13 @@ async fn run_one(
     // The stores keep the compact form of each Secret (see `cached_secret`).
     let owned_events = cached_secret::reflector(
         owned_writer,
-        watcher(secrets.clone(), initial.config().labels(INTEGRATION_LABEL))
-            .backoff(watch_backoff()),
+        observed(
+            &ctx,
+            &namespace,
+            "owned_secrets",
+            watcher(secrets.clone(), initial.config().labels(INTEGRATION_LABEL))
+                .backoff(watch_backoff()),
+        ),
     )
     .touched_objects()
     .predicate_filter(
@@ -204,13 +232,18 @@ async fn run_one(
         marked_writer,
         // An Api of PartialObjectMeta makes kube ask for metadata only (a PartialObjectMetadata
         // list and watch): the API server sends no data.
-        watcher(
-            secret_metas,
-            initial
-                .config()
-                .labels(&format!("{OAUTH_CLIENT_LABEL}=true")),
-        )
-        .backoff(watch_backoff()),
+        observed(
+            &ctx,
+            &namespace,
+            "marked_secrets",
+            watcher(
+                secret_metas,
+                initial
+                    .config()
+                    .labels(&format!("{OAUTH_CLIENT_LABEL}=true")),
+            )
+            .backoff(watch_backoff()),
+        ),
     )
     .map_ok(move |event| {
         // Data read for a Secret that is gone (or no longer marked) is forgotten with it.

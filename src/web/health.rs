@@ -13,6 +13,8 @@ pub struct HealthState {
     pub metrics: Arc<Metrics>,
     /// Set once the operator has started its watches (readiness does not depend on leadership).
     pub ready: Arc<AtomicBool>,
+    /// `/readyz` fails while a watch has been failing for longer than this (`--watch-failure-limit`).
+    pub watch_failure_limit: std::time::Duration,
 }
 
 pub fn router(state: HealthState) -> Router {
@@ -24,10 +26,24 @@ pub fn router(state: HealthState) -> Router {
 }
 
 async fn readyz(State(s): State<HealthState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_owned());
+    }
+    match s
+        .metrics
+        .watches
+        .failing_longer_than(s.watch_failure_limit, std::time::Instant::now())
+    {
+        Some((w, d)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the {} watch of namespace {:?} has been failing for {} s (the caches are stale)",
+                w.watch,
+                w.namespace,
+                d.as_secs()
+            ),
+        ),
+        None => (StatusCode::OK, "ready".to_owned()),
     }
 }
 
