@@ -166,11 +166,7 @@ impl Default for Metrics {
             });
         }
         let watches = std::sync::Arc::new(watches::WatchHealth::default());
-        registry.register(
-            "watch_failing_seconds",
-            "How long each watch has been failing, as of its last attempt (0 while it works)",
-            watches.gauge.clone(),
-        );
+        registry.register_collector(Box::new(watches::WatchCollector(watches.clone())));
         Self {
             watches,
             sign_ins,

@@ -192,6 +192,13 @@ fn served_metrics()
             result: "ok".into(),
         })
         .inc();
+    let _watching =
+        metrics
+            .watches
+            .start(mail_integration_operator::metrics::watches::WatchLabels {
+                namespace: "team".into(),
+                watch: "integrations".into(),
+            });
     metrics.count_write("status");
     metrics.count_read("secret");
     metrics.count_deferred("namespace_share");

@@ -7,7 +7,10 @@ use super::{
     context::{Context, Scoped},
     controller::{error_policy, reconcile},
 };
-use crate::api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL};
+use crate::{
+    api::{INTEGRATION_LABEL, MailIntegration, OAUTH_CLIENT_LABEL},
+    metrics::watches::{WatchHealth, WatchLabels, Watching},
+};
 use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -118,22 +121,68 @@ pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
 }
 
 /// `stream` with each of its results recorded in the watches' health (see
-/// [`crate::metrics::watches`]) as `watch` of `namespace`.
+/// [`crate::metrics::watches`]): an event shows the watch working, an error failing.
 fn observed<S, T>(
-    ctx: &Context,
-    namespace: &Option<String>,
-    watch: &str,
+    watching: &Watching,
     stream: S,
 ) -> impl futures::Stream<Item = Result<T, watcher::Error>> + use<S, T>
 where
     S: futures::Stream<Item = Result<T, watcher::Error>>,
 {
-    let health = ctx.metrics.watches.clone();
-    let labels = crate::metrics::watches::WatchLabels {
-        namespace: namespace.clone().unwrap_or_default(),
-        watch: watch.to_owned(),
-    };
+    let health = watching.health().clone();
+    let labels = watching.labels().clone();
     stream.inspect(move |r| health.observe(&labels, r.is_ok(), std::time::Instant::now()))
+}
+
+/// The client of one watch: `client`, with every answer of the API server with a 2xx status to
+/// the watch's requests (its list, its watch) recorded as the watch working. A watch that resumes
+/// after an error (the API server back) sends no event until an object changes: kube's watcher
+/// re-opens the watch from the last resourceVersion and emits nothing, so only the answer to
+/// that request shows that the watch works again.
+fn watch_client(client: &kube::Client, watching: &Watching) -> kube::Client {
+    let default_namespace = client.default_namespace().to_owned();
+    kube::Client::new(
+        Answered {
+            client: client.clone(),
+            health: watching.health().clone(),
+            labels: watching.labels().clone(),
+        },
+        default_namespace,
+    )
+}
+
+/// See [`watch_client`].
+#[derive(Clone)]
+struct Answered {
+    client: kube::Client,
+    health: Arc<WatchHealth>,
+    labels: WatchLabels,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Answered {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // `client` queues the request itself.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let response = this.client.send(request).await?;
+            if response.status().is_success() {
+                this.health
+                    .observe(&this.labels, true, std::time::Instant::now());
+            }
+            Ok(response)
+        })
+    }
 }
 
 /// Run the controller until shutdown, over all namespaces (`namespaces` empty) or over each of
@@ -166,6 +215,18 @@ pub async fn run(
     }
 }
 
+/// `Api` of `namespace`, or of all namespaces.
+fn scoped_api<K>(client: kube::Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
 async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -173,27 +234,32 @@ async fn run_one(
     ready: Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = ctx.client.clone();
-    let integrations = match &namespace {
-        Some(ns) => Api::<MailIntegration>::namespaced(client.clone(), ns),
-        None => Api::<MailIntegration>::all(client.clone()),
+    // Each watch with a client of its own that records its answers (see `watch_client`); the
+    // series of each shows from here (0: working).
+    let watching = |watch: &str| {
+        ctx.metrics.watches.start(WatchLabels {
+            namespace: namespace.clone().unwrap_or_default(),
+            watch: watch.to_owned(),
+        })
     };
-    let secrets: Api<Secret> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let secret_metas: Api<PartialObjectMeta<Secret>> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let (watching_integrations, watching_owned, watching_marked) = (
+        watching("integrations"),
+        watching("owned_secrets"),
+        watching("marked_secrets"),
+    );
+    let integrations: Api<MailIntegration> = scoped_api(
+        watch_client(&ctx.client, &watching_integrations),
+        &namespace,
+    );
+    let secrets: Api<Secret> = scoped_api(watch_client(&ctx.client, &watching_owned), &namespace);
+    let secret_metas: Api<PartialObjectMeta<Secret>> =
+        scoped_api(watch_client(&ctx.client, &watching_marked), &namespace);
     // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
     let (store, writer) = reflector::store();
     let integration_events = reflector(
         writer,
         observed(
-            &ctx,
-            &namespace,
-            "integrations",
+            &watching_integrations,
             watcher(integrations, initial.config()).backoff(watch_backoff()),
         )
         .modify(cache::trim_integration),
@@ -216,9 +282,7 @@ async fn run_one(
     let owned_events = cached_secret::reflector(
         owned_writer,
         observed(
-            &ctx,
-            &namespace,
-            "owned_secrets",
+            &watching_owned,
             watcher(secrets.clone(), initial.config().labels(INTEGRATION_LABEL))
                 .backoff(watch_backoff()),
         ),
@@ -233,9 +297,7 @@ async fn run_one(
         // An Api of PartialObjectMeta makes kube ask for metadata only (a PartialObjectMetadata
         // list and watch): the API server sends no data.
         observed(
-            &ctx,
-            &namespace,
-            "marked_secrets",
+            &watching_marked,
             watcher(
                 secret_metas,
                 initial

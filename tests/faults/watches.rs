@@ -48,7 +48,9 @@ fn failing_seconds(op: &Operator) -> f64 {
 /// refused, at the API proxy) for longer than `--watch-failure-limit` (5 s here; 2 min by
 /// default): `/readyz` fails, saying which watch, and the gauge counts the seconds; once the API
 /// server is back, `/readyz` is ready again and the gauge is 0. On main `/readyz` said "ready"
-/// throughout: a watch that could not reconnect was invisible.
+/// throughout: a watch that could not reconnect was invisible. Counting events alone as "works
+/// again" left `/readyz` failing for good after the heal: a watch resumed from its
+/// resourceVersion sends nothing until an object changes (the answer to its request counts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_a_watch_keeps_failing_and_recovers_with_it() {
     let env = faults_env("watch-fails", long_lived_server()).await;
