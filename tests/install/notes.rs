@@ -291,20 +291,47 @@ fn ready(cp: &ControlPlane, ns: &str, field: &str) -> String {
 /// A new user follows what `helm install` printed: the NOTES of an installed release (`helm get
 /// notes`, the text `helm install` shows) are read for their commands, and each runs as written, in
 /// a shell, against the API server, in the user's namespace (a kubectl context whose namespace is a
-/// watched one, as the text asks). The only words replaced are the two the text tells the user to
-/// replace (CLIENT_ID and CLIENT_SECRET); the port-forward is not run (no kubelet here: no pod to
-/// forward to). The operator runs as the chart's ServiceAccount with the chart's flags. The
-/// integration must end waiting for its first sign-in (SignInRequired, with a sign-in link the
-/// printed command shows), not refused for an unmarked client Secret (main's NOTES left the label
-/// out: ClientSecretNotMarked).
+/// watched one, as the text asks). The only words replaced are those the text tells the user to
+/// replace (CLIENT_ID and CLIENT_SECRET, and Microsoft's TENANT: checked against the text); the
+/// port-forward is not run (no kubelet here: no pod to forward to). The operator runs as the
+/// chart's ServiceAccount with the chart's flags. For Google (the default) and Microsoft, whose
+/// sign-in pages no test server plays, the integration must end waiting for its first sign-in
+/// (SignInRequired, with a sign-in link the printed command shows), not refused for an unmarked
+/// client Secret (the NOTES once left the label out: ClientSecretNotMarked) or by the API server (a
+/// Microsoft integration without its tenant).
 #[test]
 fn notes_commands_run_as_written_reach_a_sign_in_link() {
+    for (provider, replaced) in [
+        (
+            "Google",
+            &[
+                ("CLIENT_ID", "1234567890-notes.apps.googleusercontent.com"),
+                ("CLIENT_SECRET", "notes-client-secret"),
+            ][..],
+        ),
+        (
+            "Microsoft",
+            &[
+                ("CLIENT_ID", "00000000-0000-0000-0000-000000000001"),
+                ("CLIENT_SECRET", "notes-client-secret"),
+                ("TENANT", "contoso.onmicrosoft.com"),
+            ][..],
+        ),
+    ] {
+        follow_notes_to_a_sign_in_link(provider, replaced);
+    }
+}
+
+fn follow_notes_to_a_sign_in_link(provider: &str, replaced: &[(&str, &str)]) {
     let cp = ensure_crd();
     let user_ns = unique_namespace("notes-user");
     let rel = ChartRelease::install_in_new_namespace(
         cp,
         "notes",
-        &[&format!("watchNamespaces={{{user_ns}}}")],
+        &[
+            &format!("watchNamespaces={{{user_ns}}}"),
+            &format!("notes.provider={provider}"),
+        ],
     );
     let notes = helm::helm(cp, &["get", "notes", &rel.release, "-n", &rel.namespace]);
     let commands = notes_commands(&notes);
@@ -315,9 +342,23 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
     ] {
         assert!(
             commands.iter().any(|c| c.starts_with(want)),
-            "the NOTES have no `{want}` command:\n{notes}"
+            "{provider}: the NOTES have no `{want}` command:\n{notes}"
         );
     }
+    for (word, _) in replaced {
+        assert!(
+            told_to_replace(&notes, word),
+            "{provider}: the NOTES do not tell the user to replace {word}:\n{notes}"
+        );
+    }
+    let left: Vec<String> = placeholders(&commands)
+        .into_iter()
+        .filter(|p| !replaced.iter().any(|(w, _)| w == p))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{provider}: the commands hold placeholders this test does not know to fill: {left:?}\n{notes}"
+    );
     let shell = UserShell::new(cp, &user_ns);
 
     // The operator as the chart runs it.
@@ -325,7 +366,7 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
     let args: Vec<String> = rel.operator_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _op = Operator::start_with_env(
-        "notes-operator",
+        &format!("notes-operator-{provider}"),
         &sa_kubeconfig,
         &args,
         &rel.operator_env(),
@@ -337,9 +378,10 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
         if cmd.contains(" port-forward ") {
             continue;
         }
-        let cmd = cmd
-            .replace("CLIENT_ID", "1234567890-notes.apps.googleusercontent.com")
-            .replace("CLIENT_SECRET", "notes-client-secret");
+        let mut cmd = cmd.clone();
+        for (word, value) in replaced {
+            cmd = cmd.replace(word, value);
+        }
         let out = shell.run_as_written(&cmd, |out| !out.is_empty());
         if cmd.contains("signIn.url") {
             link = out;
@@ -349,12 +391,12 @@ fn notes_commands_run_as_written_reach_a_sign_in_link() {
     assert_eq!(
         reason,
         "SignInRequired",
-        "after the NOTES' steps the integration waits for its first sign-in; it says: {}",
+        "{provider}: after the NOTES' steps the integration waits for its first sign-in; it says: {}",
         ready(cp, &user_ns, "message")
     );
     assert!(
         link.starts_with("http://127.0.0.1:") && link.contains("/sign-in?"),
-        "the NOTES' command shows the sign-in link: {link:?}"
+        "{provider}: the NOTES' command shows the sign-in link: {link:?}"
     );
     rel.uninstall();
 }
