@@ -71,6 +71,9 @@ pub struct GatewayMetrics {
     pub integrations: Gauge,
     /// Gateway Secrets ignored (too large, malformed, or naming another namespace).
     pub secrets_ignored: Family<KindLabels, Counter>,
+    /// The Kubernetes client's limit, 429s and retries (`mailintegration_gateway_kube_api_*`: the
+    /// operator's client layer, [`crate::kube_client`]).
+    pub kube_api: crate::kube_client::ApiMetrics,
     /// Writes of status.gateway.apps[].lastUsedTime, by result.
     pub usage_writes: Family<KindLabels, Counter>,
 }
@@ -148,6 +151,8 @@ impl Default for GatewayMetrics {
             "Writes of status.gateway.apps[].lastUsedTime, by result",
             usage_writes.clone(),
         );
+        let kube_api = crate::kube_client::ApiMetrics::default();
+        kube_api.register(&mut registry);
         for protocol in [Protocol::Imap, Protocol::Pop3, Protocol::Smtp] {
             for result in ["success", "bad_credential", "throttled"] {
                 let _ = logins.get_or_create(&LoginLabels {
@@ -168,6 +173,7 @@ impl Default for GatewayMetrics {
             session_duration,
             integrations,
             secrets_ignored,
+            kube_api,
             usage_writes,
         }
     }

@@ -191,9 +191,18 @@ pub struct GatewayArgs {
         default_value = "mail-integration-gateway"
     )]
     pub hostname: String,
-    /// Requests per second to the Kubernetes API at most.
+    /// Requests per second to the Kubernetes API at most, whatever the API server's signals: a
+    /// hard cap over the adaptive limit (or the fixed limit with --kube-api-adaptive=false). 0: no
+    /// cap. The operator's flag; the gateway's default is a cap of 20, as its needs are a few
+    /// watches and at most one status write per app and hour.
     #[arg(long, env = "MIO_KUBE_API_QPS", default_value_t = 20)]
     pub kube_api_qps: u64,
+    /// Adapt the request rate to the Kubernetes API server (the operator's flag): grow while it
+    /// answers promptly, halve on a 429 (API Priority and Fairness) or slow answers, under
+    /// --kube-api-qps. false: a fixed limit of --kube-api-qps (none when 0). Either way a 429,
+    /// 503 or 504 is sent again after its Retry-After.
+    #[arg(long, env = "MIO_KUBE_API_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_api_adaptive: bool,
 }
 
 impl GatewayArgs {
@@ -241,19 +250,15 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let kube_config = kube::Config::infer()
         .await
         .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?;
-    let builder = kube::client::ClientBuilder::try_from(kube_config)
-        .context("building the Kubernetes client")?;
-    let client = if args.kube_api_qps == 0 {
-        builder.build()
-    } else {
-        builder
-            .with_layer(&tower::limit::RateLimitLayer::new(
-                args.kube_api_qps,
-                Duration::from_secs(1),
-            ))
-            .build()
-    };
     let metrics = Arc::new(metrics::GatewayMetrics::default());
+    // The operator's client layer: requests paced under an adaptive limit, 429/503/504 sent
+    // again after their Retry-After, instead of kube's own retry under a fixed limit.
+    let client = crate::kube_client::client(
+        &kube_config,
+        crate::kube_client::Settings::from_flags(args.kube_api_qps, args.kube_api_adaptive),
+        metrics.kube_api.clone(),
+    )
+    .context("building the Kubernetes client")?;
     let directory = Arc::new(directory::Directory::new(metrics.clone()));
     let usage = Arc::new(usage::Usage::new(
         client.clone(),
