@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, PostParams},
+    core::PartialObjectMeta,
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -215,7 +216,7 @@ async fn run_one(
         gateways_writer,
         watcher(
             api::<Secret>(&creds.client, ns),
-            config.labels(&format!("{GATEWAY_LABEL}=true")),
+            config.clone().labels(&format!("{GATEWAY_LABEL}=true")),
         )
         .backoff(watch_backoff()),
     )
@@ -224,6 +225,27 @@ async fn run_one(
         kube::runtime::predicates::resource_version,
         Default::default(),
     );
+    // The CA bundles integrations name (spec.mailbox.caSecretRef): `gateway.json` carries their
+    // PEM, so a change of one reaches the gateway Secret at once rather than at the integration's
+    // next event. Watched as the main controller watches them: the Secrets users marked for the
+    // operator (`mailintegration.dev/oauth-client=true`), metadata only (the data is read by
+    // `read_ca` when a reconcile needs it); the cluster's other Secrets are never listed.
+    let ca_events = watcher(
+        api::<PartialObjectMeta<Secret>>(&creds.client, ns),
+        config.labels(&format!("{OAUTH_CLIENT_LABEL}=true")),
+    )
+    .backoff(watch_backoff())
+    .touched_objects()
+    .predicate_filter(
+        kube::runtime::predicates::resource_version,
+        Default::default(),
+    );
+    let naming_ca = {
+        let store = store.clone();
+        move |s: PartialObjectMeta<Secret>| {
+            integrations_naming_ca(&store, s.metadata.namespace.as_deref(), &s.name_any())
+        }
+    };
     let to_integration = |s: Secret| {
         let ns = s.namespace()?;
         let name = s.labels().get(INTEGRATION_LABEL)?.clone();
@@ -242,12 +264,35 @@ async fn run_one(
     Controller::for_stream(integrations, store)
         .watches_stream(app_events, to_integration)
         .watches_stream(gateway_events, to_integration)
+        .watches_stream(ca_events, naming_ca)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .run(reconcile, error_policy, scope)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// The integrations with `spec.gateway` whose `spec.mailbox.caSecretRef` names the Secret
+/// `name` of `namespace`.
+fn integrations_naming_ca(
+    store: &Store<MailIntegration>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<MailIntegration>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|mi| mi.namespace().as_deref() == namespace && mi.spec.gateway.is_some())
+        .filter(|mi| {
+            mi.spec
+                .mailbox
+                .ca_secret_ref
+                .as_ref()
+                .is_some_and(|c| c.name == name)
+        })
+        .map(|mi| ObjectRef::from_obj(&*mi))
+        .collect()
 }
 
 fn error_policy(mi: Arc<MailIntegration>, e: &Error, _: Arc<Scope>) -> Action {
