@@ -14,3 +14,6 @@ mod smtp;
 
 #[path = "gateway/imap_pop3.rs"]
 mod imap_pop3;
+
+#[path = "gateway/operator_gateway.rs"]
+mod operator_gateway;

@@ -124,7 +124,7 @@ async fn the_operators_status_writes_leave_the_gateways_usage_alone() {
 }
 
 /// An integration `name` of alice's mailbox, Ready, with `gateway` as its spec.gateway.
-async fn integration_with_gateway(
+pub(crate) async fn integration_with_gateway(
     env: &Env,
     op: &Operator,
     name: &str,
@@ -173,7 +173,7 @@ fn key(s: &Secret, k: &str) -> Option<String> {
 }
 
 /// The app Secret of `app` once it holds a password; that password.
-async fn app_password(env: &Env, op: &Operator, mi: &str, app: &str) -> String {
+pub(crate) async fn app_password(env: &Env, op: &Operator, mi: &str, app: &str) -> String {
     let s = wait_secret(env, op, &format!("{mi}-gateway-{app}"), "a password", |s| {
         s.and_then(|s| key(s, "password")).is_some()
     })
@@ -183,7 +183,7 @@ async fn app_password(env: &Env, op: &Operator, mi: &str, app: &str) -> String {
 }
 
 /// The gateway Secret's gateway.json.
-async fn gateway_config(env: &Env, mi: &str) -> Option<GatewayConfig> {
+pub(crate) async fn gateway_config(env: &Env, mi: &str) -> Option<GatewayConfig> {
     let s = env
         .secrets()
         .get_opt(&format!("{mi}-gateway"))

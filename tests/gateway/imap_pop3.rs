@@ -34,15 +34,15 @@ use crate::support::{
     world::Env,
 };
 
-const MAILBOX: &str = "alice@example.test";
+pub(crate) const MAILBOX: &str = "alice@example.test";
 const PASSWORD: &str = "cGFzc3dvcmQtb2YtdGhlLWhlbHBkZXNrLWFwcC0xMjM0";
 const OTHER_PASSWORD: &str = "b3RoZXItaW50ZWdyYXRpb24tcGFzc3dvcmQtOTg3NjU";
 
-fn server() -> &'static OAuthServer {
+pub(crate) fn server() -> &'static OAuthServer {
     support::oauth::with_token_ttl(600)
 }
 
-fn dovecot(server: &OAuthServer) -> Dovecot {
+pub(crate) fn dovecot(server: &OAuthServer) -> Dovecot {
     let (id, secret) = server.introspection_client();
     let url = server
         .introspection_url()
@@ -194,7 +194,7 @@ async fn world_on(prefix: &str, server: &'static OAuthServer) -> World {
 }
 
 /// Run a program to its end (at most 60 s): (success, stdout + stderr).
-async fn run(program: &str, args: &[&str]) -> (bool, String) {
+pub(crate) async fn run(program: &str, args: &[&str]) -> (bool, String) {
     let out = tokio::process::Command::new("timeout")
         .arg("60")
         .arg(program)
@@ -211,7 +211,7 @@ async fn run(program: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn curl_args<'a>(gw: &'a Gateway, user_pass: &'a str, url: &'a str) -> Vec<&'a str> {
+pub(crate) fn curl_args<'a>(gw: &'a Gateway, user_pass: &'a str, url: &'a str) -> Vec<&'a str> {
     vec![
         "-sS",
         "--max-time",
@@ -248,7 +248,7 @@ for num in data[0].split():
 m.logout()
 "#;
 
-async fn imaplib(
+pub(crate) async fn imaplib(
     gw: &Gateway,
     port: u16,
     user: &str,
@@ -272,7 +272,7 @@ async fn imaplib(
     .await
 }
 
-fn message(subject: &str) -> String {
+pub(crate) fn message(subject: &str) -> String {
     format!(
         "From: bob@example.test\nTo: {MAILBOX}\nSubject: {subject}\nMessage-ID: <{subject}@example.test>\n\nHello through the gateway.\n"
     )
@@ -788,104 +788,5 @@ async fn one_credential_holds_at_most_its_sessions() {
         }
         assert!(Instant::now() < deadline, "{out}");
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// The whole path with the operator's own Secrets: the operator signs the integration in, writes
-/// the app's credential and the gateway Secret; the app's `username` and `password` from its Secret
-/// open the mailbox through the gateway; removing the app from `spec.gateway` closes it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_operators_credentials_open_the_mailbox_through_the_gateway() {
-    let dovecot = dovecot(server());
-    let env = Env::new("gw-imap-operator", server()).await;
-    let op = env.operator("operator");
-    env.client_secret(env.server.client_secret()).await;
-    let ca: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "mail-ca", "labels": {"mailintegration.dev/oauth-client": "true"}},
-        "stringData": {"ca.crt": String::from_utf8(dovecot.ca_pem.clone()).unwrap()},
-    }))
-    .unwrap();
-    env.secrets()
-        .create(&Default::default(), &ca)
-        .await
-        .unwrap();
-    env.grant("inbox", "alice").await;
-    env.integration_with(
-        "inbox",
-        MAILBOX,
-        serde_json::json!({
-            "mailbox": {
-                "protocol": "IMAP",
-                "server": {"host": "127.0.0.1", "port": dovecot.imaps_port, "tls": "Implicit"},
-                "caSecretRef": {"name": "mail-ca"},
-            },
-            "gateway": {"apps": [{"name": "helpdesk", "protocols": ["IMAP"]}]},
-        }),
-    )
-    .await;
-    env.wait_for(
-        "inbox",
-        "Ready",
-        Duration::from_secs(60),
-        &op,
-        support::world::is_ready,
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (user, password) = loop {
-        let user = env.data("inbox-gateway-helpdesk", "username").await;
-        let password = env.data("inbox-gateway-helpdesk", "password").await;
-        let gateway_secret = env.secrets().get_opt("inbox-gateway").await.unwrap();
-        if let (Some(u), Some(p), Some(_)) = (user, password, gateway_secret) {
-            break (u, p);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the operator wrote no gateway credential:\n{}",
-            op.process.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(user, config::username(&env.ns, "inbox", "helpdesk"));
-    dovecot.deliver(MAILBOX, &message("from-the-operator"));
-    let cert = gw::certificate(env.log_dir.path());
-    let gw = Gateway::start(
-        "gateway",
-        &env.cp.kubeconfig,
-        &env.ns,
-        &cert,
-        &[],
-        env.log_dir.path(),
-    );
-    let url = format!("imaps://localhost:{}/INBOX;UID=1", gw.imaps_port);
-    let user_pass = format!("{user}:{password}");
-    let (ok, out) = run("curl", &curl_args(&gw, &user_pass, &url)).await;
-    assert!(
-        ok && out.contains("Subject: from-the-operator"),
-        "curl imaps: {out}\n{}",
-        gw.log()
-    );
-
-    // The app removed: its credential stops working at the gateway.
-    env.integrations()
-        .patch(
-            "inbox",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"gateway": {"apps": [
-                {"name": "other", "protocols": ["SMTP"]}]}}})),
-        )
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (ok, out) = imaplib(&gw, gw.imaps_port, &user, &password, "ssl").await;
-        if !ok && out.contains("AUTHENTICATIONFAILED") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the removed app still logs in: {out}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
