@@ -3457,3 +3457,466 @@ fn gateway_credentials_match_only_their_own_live_verifiers() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's POP3 command parser, its credential check (through the login gate and the
+// directory, as a session uses them) and the SMTP sender rules
+// ---------------------------------------------------------------------------------------------
+
+/// `s` with the case of each ASCII letter flipped where `flips` says so.
+fn flip_case(s: &str, flips: &[bool]) -> String {
+    s.chars()
+        .zip(flips.iter().copied().chain(std::iter::repeat(false)))
+        .map(|(c, flip)| {
+            if !flip {
+                c
+            } else if c.is_ascii_lowercase() {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// A POP3 command as an app sends it (keyword in any case, arguments without CR or LF), and the
+/// command the parser must make of it.
+fn pop3_command() -> BoxedStrategy<(String, mail_integration_operator::gateway::pop3::Command)> {
+    use mail_integration_operator::gateway::pop3::Command;
+    let keyword = |k: &'static str| {
+        prop::collection::vec(any::<bool>(), 4).prop_map(move |flips| flip_case(k, &flips))
+    };
+    let arg = "[^\r\n]{0,40}";
+    prop_oneof![
+        keyword("CAPA").prop_map(|k| (k, Command::Capa)),
+        keyword("STLS").prop_map(|k| (k, Command::Stls)),
+        keyword("QUIT").prop_map(|k| (k, Command::Quit)),
+        keyword("NOOP").prop_map(|k| (k, Command::Noop)),
+        (keyword("USER"), arg).prop_map(|(k, user)| {
+            let expected = if user.is_empty() {
+                Command::Other
+            } else {
+                Command::User(user.clone())
+            };
+            (format!("{k} {user}"), expected)
+        }),
+        // USER without a name is no command.
+        (keyword("USER"), " ?").prop_map(|(k, pad)| (format!("{k}{pad}"), Command::Other)),
+        // RFC 1939: the password is the rest of the line, spaces included.
+        (keyword("PASS"), arg)
+            .prop_map(|(k, pw)| { (format!("{k} {pw}"), Command::Pass(SecretValue::new(pw))) }),
+        (keyword("AUTH"), " {0,3}").prop_map(|(k, pad)| (
+            format!("{k}{pad}"),
+            Command::Auth {
+                mechanism: None,
+                initial: None
+            }
+        )),
+        (
+            keyword("AUTH"),
+            "[A-Za-z0-9_-]{1,20}",
+            prop::option::of("[A-Za-z0-9+/=]{1,60}"),
+            " {1,3}",
+        )
+            .prop_map(|(k, mechanism, initial, gap)| {
+                let line = match &initial {
+                    Some(i) => format!("{k} {mechanism}{gap}{i}"),
+                    None => format!("{k} {mechanism}"),
+                };
+                (
+                    line,
+                    Command::Auth {
+                        mechanism: Some(mechanism.to_ascii_uppercase()),
+                        initial,
+                    },
+                )
+            }),
+        // Anything else is not a command before login (RETR, LIST, TOP, ... or junk).
+        ("[A-Za-z]{1,8}", arg)
+            .prop_filter("not a pre-login keyword", |(k, _)| {
+                !["CAPA", "STLS", "QUIT", "NOOP", "USER", "PASS", "AUTH"]
+                    .contains(&k.to_ascii_uppercase().as_str())
+            })
+            .prop_map(|(k, rest)| (format!("{k} {rest}"), Command::Other)),
+    ]
+    .boxed()
+}
+
+/// The POP3 parser makes of each command what was sent (the keyword in any case, the line with or
+/// without CRLF, a password with its spaces), a SASL response decodes to its bytes, and `*` cancels.
+#[test]
+fn gateway_pop3_commands_parse_to_what_was_sent() {
+    use base64::Engine as _;
+    use mail_integration_operator::gateway::pop3::{self, Command};
+    check_branches_cases(
+        "gateway_pop3_commands",
+        256,
+        (
+            pop3_command(),
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 0..80),
+        ),
+        &[
+            "CAPA",
+            "STLS",
+            "QUIT",
+            "NOOP",
+            "USER",
+            "PASS",
+            "AUTH list",
+            "AUTH",
+            "AUTH with an initial response",
+            "other",
+            "empty USER",
+        ],
+        |((line, expected), crlf, sasl), branches| {
+            let sent = if crlf {
+                format!("{line}\r\n")
+            } else {
+                line.clone()
+            };
+            let parsed = pop3::parse(sent.as_bytes());
+            prop_assert_eq!(&parsed, &expected, "{:?}", sent);
+            branches.hit(match &expected {
+                Command::Capa => "CAPA",
+                Command::Stls => "STLS",
+                Command::Quit => "QUIT",
+                Command::Noop => "NOOP",
+                Command::User(_) => "USER",
+                Command::Pass(_) => "PASS",
+                Command::Auth {
+                    mechanism: None, ..
+                } => "AUTH list",
+                Command::Auth { initial: None, .. } => "AUTH",
+                Command::Auth { .. } => "AUTH with an initial response",
+                Command::Other if line.to_ascii_uppercase().starts_with("USER") => "empty USER",
+                Command::Other => "other",
+            });
+            // A SASL response line: base64 of any bytes, `=` for none, `*` cancels.
+            let encoded = if sasl.is_empty() {
+                "=".to_owned()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&sasl)
+            };
+            prop_assert_eq!(pop3::decode_response(&encoded), Some(sasl));
+            prop_assert_eq!(pop3::decode_response("*"), None);
+            Ok(())
+        },
+    );
+}
+
+/// Which password a credential-check case offers for which username.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Offered {
+    /// The credential's own current password.
+    Right,
+    /// Its password before a rotation, retired an hour ago.
+    Retired,
+    /// Another credential's password (another integration or namespace; same length).
+    Others,
+    /// Its own with one byte changed (same length).
+    OneByteChanged,
+    /// Its own cut short or extended.
+    OtherLength,
+    /// Any bytes.
+    Arbitrary,
+}
+
+/// The gateway's credential check as a session meets it: the login gate (throttle lifted) over a
+/// directory holding three integrations' gateway Secrets whose apps have the same name (team-a's
+/// `inbox` and `other`, team-b's `inbox`), each with a current and a retired password. A login
+/// succeeds exactly when the username is one of them and the password is that credential's current
+/// one: never with its retired one, another credential's, one byte changed, a shorter or longer
+/// one, any other bytes, or a username spelt differently (case, spaces, another namespace).
+#[test]
+fn gateway_logins_open_only_their_own_credential() {
+    use base64::Engine as _;
+    use mail_integration_operator::gateway::{
+        config::{self, GatewayConfig, GatewayProtocol, UpstreamMechanism, Verifier},
+        directory::Directory,
+        login::Gate,
+        metrics::GatewayMetrics,
+        session::{Login, LoginRefused, Protocol},
+        throttle::{Throttle, ThrottleConfig},
+    };
+    const CREDENTIALS: [(&str, &str); 3] = [
+        ("team-a", "inbox"),
+        ("team-a", "other"),
+        ("team-b", "inbox"),
+    ];
+    let password = "[A-Za-z0-9_-]{43}";
+    let offered = prop_oneof![
+        Just(Offered::Right),
+        Just(Offered::Retired),
+        Just(Offered::Others),
+        Just(Offered::OneByteChanged),
+        Just(Offered::OtherLength),
+        Just(Offered::Arbitrary),
+    ];
+    // The username as given: exact, with its case changed, or with a character more.
+    let username_noise = prop_oneof![
+        4 => Just((None, vec![])),
+        1 => (Just(None), prop::collection::vec(any::<bool>(), 1..30)),
+        1 => prop::sample::select(vec![" ", "/", "\t", "\0", "x"]).prop_map(|n| (Some(n), vec![])),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    check_branches_cases(
+        "gateway_logins",
+        384,
+        (
+            prop::collection::vec((password, password), 3),
+            0usize..3,
+            offered,
+            (0usize..43, any::<u8>(), 0usize..80),
+            prop::collection::vec(any::<u8>(), 0..80),
+            username_noise,
+        ),
+        &[
+            "accepted",
+            "retired",
+            "another credential's",
+            "one byte changed",
+            "shorter or longer",
+            "any bytes",
+            "username spelt otherwise",
+        ],
+        |(passwords, target, offered, (at, byte, len), arbitrary, (noise, flips)), branches| {
+            let now = Timestamp::now();
+            let metrics = Arc::new(GatewayMetrics::default());
+            let directory = Arc::new(Directory::new(metrics.clone()));
+            for (i, (ns, mi)) in CREDENTIALS.iter().enumerate() {
+                let (current, old) = &passwords[i];
+                let mut retired = Verifier::new(b"salt-of-the-old", &SecretValue::new(old.clone()));
+                retired.retires_at = Some(now - SignedDuration::from_hours(1));
+                let config = GatewayConfig {
+                    namespace: (*ns).into(),
+                    integration: (*mi).into(),
+                    uid: format!("uid-{i}"),
+                    mailbox: "box@example.test".into(),
+                    mechanism: UpstreamMechanism::XOAuth2,
+                    imap: None,
+                    pop3: None,
+                    smtp: None,
+                    ca_pem: None,
+                    max_message_bytes: 1000,
+                    apps: vec![config::GatewayAppConfig {
+                        name: "helpdesk".into(),
+                        username: config::username(ns, mi, "helpdesk"),
+                        protocols: vec![
+                            GatewayProtocol::Imap,
+                            GatewayProtocol::Pop3,
+                            GatewayProtocol::Smtp,
+                        ],
+                        send_as: vec![],
+                        verifiers: vec![
+                            Verifier::new(
+                                format!("salt-{i}").as_bytes(),
+                                &SecretValue::new(current.clone()),
+                            ),
+                            retired,
+                        ],
+                    }],
+                };
+                let secret: Secret = serde_json::from_value(serde_json::json!({
+                    "metadata": {"namespace": ns, "name": format!("{mi}-gateway")},
+                    "data": {
+                        "gateway.json": base64::engine::general_purpose::STANDARD
+                            .encode(serde_json::to_vec(&config).unwrap()),
+                        "access_token": base64::engine::general_purpose::STANDARD.encode("token"),
+                        "expiry": base64::engine::general_purpose::STANDARD.encode("2999-01-01T00:00:00Z"),
+                    },
+                }))
+                .unwrap();
+                directory.apply(&secret);
+            }
+            let gate = Gate {
+                directory,
+                throttle: Throttle::new(ThrottleConfig {
+                    free: u32::MAX,
+                    refuse: u32::MAX,
+                    ..ThrottleConfig::default()
+                }),
+                counts: Arc::default(),
+                metrics,
+                max_sessions_per_credential: usize::MAX,
+                usage: None,
+            };
+            let (ns, mi) = CREDENTIALS[target];
+            let right = config::username(ns, mi, "helpdesk");
+            let username = match noise {
+                None => flip_case(&right, &flips),
+                Some(n) => format!("{right}{n}"),
+            };
+            let (current, old) = &passwords[target];
+            let mut candidate = match offered {
+                Offered::Right => current.as_bytes().to_vec(),
+                Offered::Retired => old.as_bytes().to_vec(),
+                Offered::Others => passwords[(target + 1) % 3].0.as_bytes().to_vec(),
+                Offered::OneByteChanged => {
+                    let mut c = current.as_bytes().to_vec();
+                    c[at] = if c[at] == byte {
+                        byte.wrapping_add(1)
+                    } else {
+                        byte
+                    };
+                    c
+                }
+                Offered::OtherLength => {
+                    let mut c = current.as_bytes().to_vec();
+                    if len < 43 {
+                        c.truncate(len);
+                    } else {
+                        c.extend(std::iter::repeat_n(byte, len - 42));
+                    }
+                    c
+                }
+                Offered::Arbitrary => arbitrary,
+            };
+            if offered == Offered::Right || candidate != current.as_bytes() {
+                // (A candidate that happens to be the password is the "Right" case.)
+            } else {
+                candidate.push(b'!');
+            }
+            let password = SecretValue::new(String::from_utf8_lossy(&candidate).into_owned());
+            let source = "10.0.0.1:1000".parse().unwrap();
+            let result = rt.block_on(gate.login(Protocol::Imap, &username, &password, source));
+            let should = username == right && password.expose() == current.as_str();
+            match &result {
+                Ok(who) => prop_assert!(should, "{:?} opened {}", offered, who.app),
+                Err(LoginRefused::BadCredential) => prop_assert!(!should, "{:?} refused", offered),
+                Err(other) => prop_assert!(false, "refused otherwise: {}", other.reason()),
+            }
+            branches.hit(if username != right {
+                "username spelt otherwise"
+            } else {
+                match offered {
+                    Offered::Right => "accepted",
+                    Offered::Retired => "retired",
+                    Offered::Others => "another credential's",
+                    Offered::OneByteChanged => "one byte changed",
+                    Offered::OtherLength => "shorter or longer",
+                    Offered::Arbitrary => "any bytes",
+                }
+            });
+            Ok(())
+        },
+    );
+}
+
+/// How an address a sender-rule case offers relates to the app's allowed ones.
+#[derive(Clone, Debug)]
+enum SenderCase {
+    /// The mailbox, in any case.
+    Mailbox(Vec<bool>),
+    /// One of the app's sendAs, in any case.
+    SendAs(usize, Vec<bool>),
+    /// An allowed address with a character added in front or at the end, or its domain changed.
+    NearMiss(usize, u8, String),
+    /// Any text.
+    Any(String),
+}
+
+/// The SMTP sender rules: `MAIL FROM` and a `From:` header pass exactly when the address is the
+/// mailbox or one of the app's sendAs (ASCII case aside); a near miss (a character more, another
+/// domain) and the null sender are refused with a `550 5.7.1` line that names the allowed addresses,
+/// bounded and without control characters, whatever the sendAs list holds.
+#[test]
+fn gateway_smtp_senders_are_the_mailbox_or_a_send_as_address() {
+    use mail_integration_operator::gateway::config::GatewayAppConfig;
+    let address = "[a-z0-9._-]{1,12}@[a-z0-9-]{1,12}\\.(test|example|com)";
+    let case = prop_oneof![
+        prop::collection::vec(any::<bool>(), 0..40).prop_map(SenderCase::Mailbox),
+        (0usize..8, prop::collection::vec(any::<bool>(), 0..40))
+            .prop_map(|(i, f)| SenderCase::SendAs(i, f)),
+        (0usize..9, 0u8..3, "[a-z0-9]{1,3}")
+            .prop_map(|(i, how, extra)| SenderCase::NearMiss(i, how, extra)),
+        ".{0,80}".prop_map(SenderCase::Any),
+    ];
+    check_branches_cases(
+        "gateway_smtp_senders",
+        384,
+        (
+            address,
+            prop::collection::vec(address, 0..8),
+            case,
+            any::<bool>(),
+        ),
+        &[
+            "mailbox",
+            "sendAs",
+            "near miss",
+            "any text refused",
+            "null sender",
+        ],
+        |(mailbox, send_as, case, display_name), branches| {
+            let app = GatewayAppConfig {
+                name: "alertmanager".into(),
+                username: "ns/mi/alertmanager".into(),
+                protocols: vec![],
+                send_as: send_as.clone(),
+                verifiers: vec![],
+            };
+            let allowed: Vec<&String> = std::iter::once(&mailbox).chain(&send_as).collect();
+            let is_allowed = |a: &str| allowed.iter().any(|x| x.eq_ignore_ascii_case(a));
+            let (address, branch) = match &case {
+                SenderCase::Mailbox(flips) => (flip_case(&mailbox, flips), "mailbox"),
+                SenderCase::SendAs(i, flips) if !send_as.is_empty() => {
+                    (flip_case(&send_as[i % send_as.len()], flips), "sendAs")
+                }
+                SenderCase::SendAs(..) => (String::new(), "null sender"),
+                SenderCase::NearMiss(i, how, extra) => {
+                    let base = allowed[i % allowed.len()];
+                    let (local, domain) = base.split_once('@').unwrap();
+                    let near = match how {
+                        0 => format!("{extra}{base}"),
+                        1 => format!("{base}{extra}"),
+                        _ => format!("{local}@{extra}{domain}"),
+                    };
+                    (near, "near miss")
+                }
+                SenderCase::Any(text) => (text.clone(), "any text refused"),
+            };
+            let envelope = rules::check_envelope(&app, &mailbox, &address);
+            let expect_ok = !address.is_empty() && is_allowed(&address);
+            match &envelope {
+                Ok(()) => prop_assert!(expect_ok, "MAIL FROM:<{}> passed", address),
+                Err(reply) => {
+                    prop_assert!(!expect_ok, "MAIL FROM:<{}> refused: {}", address, reply);
+                    prop_assert!(reply.starts_with("550 5.7.1 "), "{}", reply);
+                    prop_assert!(reply.len() <= 512, "{} bytes", reply.len());
+                    prop_assert!(!reply.chars().any(char::is_control), "{:?}", reply);
+                    prop_assert!(reply.contains(mailbox.as_str()), "{}", reply);
+                }
+            }
+            match (&case, expect_ok) {
+                (SenderCase::Any(_), true) => {}
+                (SenderCase::Any(_), false) => branches.hit(branch),
+                (_, ok) => {
+                    prop_assert_eq!(
+                        ok,
+                        matches!(case, SenderCase::Mailbox(_) | SenderCase::SendAs(..))
+                            && !address.is_empty(),
+                        "{:?}",
+                        address
+                    );
+                    branches.hit(branch);
+                }
+            }
+            // The same address in the From: header (for the generated address shapes, which
+            // mail-parser reads as one address each).
+            if !matches!(case, SenderCase::Any(_)) && !address.is_empty() {
+                let field = if display_name {
+                    format!("From: \"Alerts\" <{address}>\r\nSubject: x\r\n")
+                } else {
+                    format!("From: {address}\r\nSubject: x\r\n")
+                };
+                let header = rules::check_headers(&app, &mailbox, field.as_bytes());
+                prop_assert_eq!(header.is_ok(), expect_ok, "{} -> {:?}", field, header);
+            }
+            Ok(())
+        },
+    );
+}

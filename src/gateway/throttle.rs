@@ -29,6 +29,11 @@ use governor::{
 
 /// Most keys tracked per kind.
 pub const MAX_KEYS: usize = 65_536;
+/// The largest budget a bucket takes (`--login-budget`, `--login-refuse-after` above it mean "no
+/// limit" in practice), and the longest period (`--login-period`): governor computes period ×
+/// burst in u64 nanoseconds, which larger values overflow (a panic in a debug build).
+const MAX_BURST: u32 = 100_000;
+const MAX_PERIOD: Duration = Duration::from_secs(86_400);
 
 /// The throttle's settings (flags `--login-*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,9 +69,9 @@ struct Buckets<K: std::hash::Hash + Eq + Clone> {
 
 impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
     fn new(burst: u32, period: Duration, clock: &DefaultClock, overflow: K) -> Self {
-        let quota = Quota::with_period(period.max(Duration::from_millis(1)))
+        let quota = Quota::with_period(period.clamp(Duration::from_millis(1), MAX_PERIOD))
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+            .allow_burst(NonZeroU32::new(burst.min(MAX_BURST)).unwrap_or(NonZeroU32::MIN));
         Self {
             limiter: RateLimiter::hashmap_with_clock(quota, clock.clone()),
             overflow,
@@ -237,6 +242,22 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// Found by tests/properties.rs (`gateway_logins_open_only_their_own_credential`, which lifts
+    /// the throttle): a budget of u32::MAX overflowed governor's period × burst.
+    #[test]
+    fn the_largest_budgets_and_periods_are_taken_without_overflow() {
+        let t = Throttle::new(ThrottleConfig {
+            free: u32::MAX,
+            refuse: u32::MAX,
+            period: Duration::MAX,
+            delay: Duration::from_secs(2),
+        });
+        for _ in 0..10 {
+            assert_eq!(t.failed(ip("10.0.0.1"), "ns/mi/app"), Penalty::None);
+        }
+        assert!(t.admit(ip("10.0.0.1")).is_ok());
     }
 
     #[test]
