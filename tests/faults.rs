@@ -16,6 +16,9 @@ mod leader;
 #[path = "faults/watches.rs"]
 mod watches;
 
+#[path = "faults/resolved_mark.rs"]
+mod resolved_mark;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;

@@ -13,10 +13,20 @@
 //!   a strict one refuses, and the integration reports [`Reason::GrantLostInFlight`] instead of
 //!   presenting the spent token again and again.
 //!
-//! What it costs: one more grant write per refresh, paid only for providers that may revoke a
-//! refresh token once it is rotated ([`needs_mark`]). Google never rotates refresh tokens and
-//! Microsoft's old refresh token stays valid after a rotation, so presenting one twice is harmless
-//! there: those refreshes write nothing more than before.
+//! A refresh whose answer carries no new refresh token does not take its mark off: the mark (who
+//! presented, when) stays true, and the token Secret the refresh publishes records it
+//! ([`REFRESHED_UNDER_ANNOTATION`]). A mark that the token Secret records is resolved: its refresh
+//! was answered and nothing was rotated, so the next refresh, by any process, goes ahead at once
+//! (and writes its own mark over it). A mark that the token Secret does not record is in doubt, as
+//! before: fresh, or stale and cut off. Mark values never repeat on a grant (a process never writes
+//! the value that is there or recorded: it waits for the next second), so a record can only ever
+//! resolve the one refresh that published it.
+//!
+//! What it costs: one grant write per refresh (the mark), two when the provider rotates (the mark,
+//! and the store that takes it off), paid only for providers that may revoke a refresh token once
+//! it is rotated ([`needs_mark`]). Google never rotates refresh tokens and Microsoft's old refresh
+//! token stays valid after a rotation, so presenting one twice is harmless there: those refreshes
+//! write no mark. docs/architecture.md "What a refresh costs the API server" has the crash windows.
 //!
 //! [`Reason::GrantLostInFlight`]: crate::reason::Reason::GrantLostInFlight
 
@@ -27,6 +37,11 @@ use std::time::Duration;
 
 /// The annotation on the grant Secret while a refresh is in flight: `HOLDER RFC3339`.
 pub const REFRESH_IN_FLIGHT_ANNOTATION: &str = "mailintegration.dev/refresh-in-flight";
+
+/// The annotation on the token Secret: the mark (its value, as on the grant Secret) of the refresh
+/// that published the token. Written with the token, only after the provider answered and a
+/// rotated refresh token (if any) was stored; a grant mark equal to it is resolved.
+pub const REFRESHED_UNDER_ANNOTATION: &str = "mailintegration.dev/refreshed-under";
 
 /// How long another holder's mark is taken to mean "still in flight": longer than a refresh can
 /// take from the time in its mark to its store — the mark's own write ([`MARK_WRITE_BUDGET`],
@@ -130,15 +145,51 @@ impl Mark {
     /// Parse an annotation value. Anything else (edited by hand, truncated) is a mark of an
     /// unknown holder from the distant past: stale, so treated as cut off.
     pub fn parse(value: &str) -> Mark {
-        value
-            .rsplit_once(' ')
-            .and_then(|(holder, since)| {
-                let since = since.parse::<Timestamp>().ok()?;
-                let holder = holder.trim();
-                (!holder.is_empty()).then(|| Mark::new(holder, since))
-            })
+        Self::parse_strict(value)
             .unwrap_or_else(|| Mark::new("(unreadable mark)", Timestamp::UNIX_EPOCH))
     }
+
+    /// A well-formed annotation value, or `None`.
+    fn parse_strict(value: &str) -> Option<Mark> {
+        let (holder, since) = value.rsplit_once(' ')?;
+        let since = since.parse::<Timestamp>().ok()?;
+        let holder = holder.trim();
+        (!holder.is_empty()).then(|| Mark::new(holder, since))
+    }
+}
+
+/// The raw value of the mark on a grant Secret, if any.
+pub fn mark_value(grant_secret: &Secret) -> Option<&str> {
+    annotation(grant_secret, REFRESH_IN_FLIGHT_ANNOTATION)
+}
+
+/// The mark the token Secret records as the one its token was refreshed under, if any.
+pub fn recorded(token_secret: &Secret) -> Option<&str> {
+    annotation(token_secret, REFRESHED_UNDER_ANNOTATION)
+}
+
+fn annotation<'a>(s: &'a Secret, key: &str) -> Option<&'a str> {
+    s.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// The grant's mark when the token Secret records it: a refresh answered without a rotation
+/// (or after its rotation was stored) left it. Only a well-formed value, equal as written.
+pub fn resolved_by_record(grant_secret: &Secret, token_secret: Option<&Secret>) -> Option<Mark> {
+    let value = mark_value(grant_secret)?;
+    (token_secret.and_then(recorded) == Some(value))
+        .then(|| Mark::parse_strict(value))
+        .flatten()
+}
+
+/// Whether a mark with `value` may be written now: not when the grant already holds that value,
+/// nor the token Secret records it, nor this process resolved it (the same holder in the same
+/// second). A record must only ever match the refresh that wrote it.
+pub fn value_taken(value: &str, taken: &[Option<&str>]) -> bool {
+    taken.iter().flatten().any(|t| *t == value)
 }
 
 /// The mark on a grant Secret, if any.
@@ -164,13 +215,19 @@ pub enum MarkState {
     Stale(Mark),
 }
 
-/// Judge `mark` at `now` for the process `me`. `resolved`: the mark this process wrote for its
-/// last attempt when that attempt ended with an answer from the provider that rotated nothing.
-pub fn state(mark: Option<Mark>, me: &str, resolved: Option<&Mark>, now: Timestamp) -> MarkState {
+/// Judge `mark` at `now` for the process `me`. `resolved`: marks known to be resolved — the one
+/// this process wrote for its last attempt when that attempt ended with an answer from the
+/// provider that rotated nothing, and the one the token Secret records ([`resolved_by_record`]).
+pub fn state(
+    mark: Option<Mark>,
+    me: &str,
+    resolved: &[Option<&Mark>],
+    now: Timestamp,
+) -> MarkState {
     let Some(mark) = mark else {
         return MarkState::Clear;
     };
-    if resolved == Some(&mark) {
+    if resolved.iter().flatten().any(|r| **r == mark) {
         return MarkState::Clear;
     }
     let window = in_flight_window();
@@ -214,7 +271,7 @@ mod tests {
             let g = Mark::parse(garbage);
             assert_eq!(g.since, Timestamp::UNIX_EPOCH, "{garbage:?}");
             assert_eq!(
-                state(Some(g), "me", None, t("2026-12-01T10:00:00Z")),
+                state(Some(g), "me", &[], t("2026-12-01T10:00:00Z")),
                 MarkState::Stale(Mark::parse(garbage))
             );
         }
@@ -226,7 +283,7 @@ mod tests {
         let other = Mark::new("operator-1/ff", since);
         let soon = crate::time::after(since, Duration::from_secs(10));
         assert_eq!(
-            state(Some(other.clone()), "me", None, soon),
+            state(Some(other.clone()), "me", &[], soon),
             MarkState::Fresh(other.clone())
         );
         assert_eq!(
@@ -235,14 +292,14 @@ mod tests {
         );
         let late = crate::time::after(since, IN_FLIGHT_WINDOW);
         assert_eq!(
-            state(Some(other.clone()), "me", None, late),
+            state(Some(other.clone()), "me", &[], late),
             MarkState::Stale(other.clone())
         );
         // A mark dated far in the future (a clock gone wrong, or a hostile edit) does not block
         // the grant forever.
         let future = Mark::new("operator-1/ff", t("2099-01-01T00:00:00Z"));
         assert_eq!(
-            state(Some(future.clone()), "me", None, soon),
+            state(Some(future.clone()), "me", &[], soon),
             MarkState::Stale(future)
         );
     }
@@ -254,15 +311,15 @@ mod tests {
         let now = crate::time::after(since, Duration::from_secs(5));
         // Left by an attempt of this process that was cut (a timeout after sending): in doubt.
         assert_eq!(
-            state(Some(mine.clone()), "me", None, now),
+            state(Some(mine.clone()), "me", &[], now),
             MarkState::Stale(mine.clone())
         );
         // Left by an attempt the provider answered with an error: nothing was rotated.
         assert_eq!(
-            state(Some(mine.clone()), "me", Some(&mine), now),
+            state(Some(mine.clone()), "me", &[Some(&mine)], now),
             MarkState::Clear
         );
-        assert_eq!(state(None, "me", None, now), MarkState::Clear);
+        assert_eq!(state(None, "me", &[], now), MarkState::Clear);
     }
 
     #[test]
@@ -281,9 +338,61 @@ mod tests {
         let other_now = crate::time::after(since, holder_done + CLOCK_SKEW_ALLOWANCE);
         let m = Mark::new("operator-0/aa", since);
         assert_eq!(
-            state(Some(m.clone()), "operator-1/bb", None, other_now),
+            state(Some(m.clone()), "operator-1/bb", &[], other_now),
             MarkState::Fresh(m)
         );
+    }
+
+    fn annotated(key: &str, value: &str) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.annotations = Some([(key.to_owned(), value.to_owned())].into());
+        s
+    }
+
+    #[test]
+    fn a_mark_the_token_secret_records_is_resolved_and_only_that_one() {
+        let since = t("2026-12-01T10:00:00Z");
+        let m = Mark::new("operator-0/aa", since);
+        let grant = annotated(REFRESH_IN_FLIGHT_ANNOTATION, &m.value());
+        let token = annotated(REFRESHED_UNDER_ANNOTATION, &m.value());
+        let resolved = resolved_by_record(&grant, Some(&token));
+        assert_eq!(resolved.as_ref(), Some(&m));
+        // Another holder's resolved mark, within the window: no wait, no cut-off.
+        let soon = crate::time::after(since, Duration::from_secs(5));
+        assert_eq!(
+            state(Some(m.clone()), "operator-1/bb", &[resolved.as_ref()], soon),
+            MarkState::Clear
+        );
+        // A newer mark than the recorded one: in flight (fresh) or cut off (stale), as before.
+        let newer = Mark::new(
+            "operator-0/aa",
+            crate::time::after(since, Duration::from_secs(1)),
+        );
+        let grant2 = annotated(REFRESH_IN_FLIGHT_ANNOTATION, &newer.value());
+        assert_eq!(resolved_by_record(&grant2, Some(&token)), None);
+        assert_eq!(
+            state(Some(newer.clone()), "operator-1/bb", &[None], soon),
+            MarkState::Fresh(newer)
+        );
+        // No token Secret, no record, a grant without a mark: nothing resolved.
+        assert_eq!(resolved_by_record(&grant, None), None);
+        assert_eq!(resolved_by_record(&Secret::default(), Some(&token)), None);
+        // Garbage on both sides is not a record (it would otherwise parse to the same
+        // "unreadable" mark).
+        let g = annotated(REFRESH_IN_FLIGHT_ANNOTATION, "garbage");
+        let r = annotated(REFRESHED_UNDER_ANNOTATION, "garbage");
+        assert_eq!(resolved_by_record(&g, Some(&r)), None);
+        // A value already on the grant or recorded is never written again.
+        assert!(value_taken(&m.value(), &[None, Some(&m.value())]));
+        assert!(!value_taken(&newer_value(&m), &[Some(&m.value()), None]));
+    }
+
+    fn newer_value(m: &Mark) -> String {
+        Mark::new(
+            &m.holder,
+            crate::time::after(m.since, Duration::from_secs(1)),
+        )
+        .value()
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub(super) async fn refresh(
     let mut cut_off = None;
     let mut mark = None;
     if marked {
-        match mark::mark(mi, o, grant, grant_secret, secrets_api, ctx).await {
+        match mark::mark(mi, o, grant, (grant_secret, token_secret), secrets_api, ctx).await {
             Ok(m) => {
                 grant_version = m.base.metadata.resource_version.clone();
                 base = m.base;
@@ -264,12 +264,16 @@ pub(super) async fn refresh(
             };
         }
     };
-    ctx.set_resolved_mark(&uid, None);
     let rotated = token
         .refresh_token
         .as_ref()
         .filter(|rt| **rt != grant.refresh_token);
-    if rotated.is_some() || !extra.is_empty() || mark.is_some() {
+    // Answered without a new refresh token (and nothing to bind): the mark stays on the grant,
+    // resolved — in memory now, and for every process once the token Secret records it below.
+    // No grant write: the mark's removal would cost one per refresh (docs/architecture.md).
+    let store = rotated.is_some() || !extra.is_empty();
+    ctx.set_resolved_mark(&uid, if store { None } else { mark.clone() });
+    if store {
         let refresh_token = rotated.unwrap_or(&grant.refresh_token);
         let stored = secrets::store_after_refresh(
             mi,
@@ -320,7 +324,12 @@ pub(super) async fn refresh(
         }
     }
     let fallback = (grant.account.clone(), grant.scopes.clone());
-    let outcome = publish(mi, &token, fallback, token_secret, secrets_api, o.now, ctx).await;
+    let published_to = (token_secret, mark.as_ref());
+    let outcome = publish(mi, &token, fallback, published_to, secrets_api, o.now, ctx).await;
+    if matches!(outcome, Outcome::Refreshed { .. }) {
+        // The token Secret records the mark now: nothing to keep in memory.
+        ctx.set_resolved_mark(&uid, None);
+    }
     let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
         access_token: token.access_token.clone(),
         expires_at: token.expires_at,
@@ -433,12 +442,13 @@ pub(super) fn template_invalid(message: &str) -> Outcome {
     }
 }
 
-/// After the grant is safe: check whose token it is and write the token Secret.
+/// After the grant is safe: check whose token it is and write the token Secret, with the mark
+/// this refresh presented under (`under`: resolved from then on, see [`inflight`]).
 async fn publish(
     mi: &MailIntegration,
     token: &crate::oauth::TokenGrant,
     (fallback_account, fallback_scopes): (Option<String>, Vec<String>),
-    token_secret: Option<&Secret>,
+    (token_secret, under): (Option<&Secret>, Option<&inflight::Mark>),
     secrets_api: &Api<Secret>,
     now: Timestamp,
     ctx: &Context,
@@ -472,7 +482,7 @@ async fn publish(
         mi,
         secrets_api,
         token_secret,
-        token,
+        (token, under.map(inflight::Mark::value)),
         &ctx.metrics,
         &ctx.renderer,
     )

@@ -1,16 +1,43 @@
-//! What a first refresh costs at the API server, counted in its audit log: an OIDC integration
-//! with a grant and no token Secret yet writes the write-ahead mark and the grant store (2
-//! updates of the grant Secret), creates its token Secret without reading it first, applies its
-//! status once and publishes one event for its transitions (Ready and Authorized together).
+//! What a refresh costs at the API server, counted in its audit log. A first refresh (an OIDC
+//! integration with a grant and no token Secret yet) writes the write-ahead mark, creates its token
+//! Secret without reading it first, applies its status once and publishes one event for its
+//! transitions (Ready and Authorized together): 4 writes. The grant is written a second time only
+//! when the provider rotates the refresh token or a grant brought by hand is bound (the store takes
+//! the mark off); an issuer that does not rotate leaves the mark, resolved, and the token Secret
+//! records it. Every later refresh of such a grant: mark, token Secret, status (3 writes).
 
 use crate::{
     long_lived_server,
     support::{
         api_audit::{self, ApiRequest},
-        world::{Env, is_ready},
+        oauth::{OAuthServer, OAuthServerConfig},
+        world::{Env, annotate_refresh, is_ready},
     },
 };
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::OnceLock, time::Duration};
+
+const IN_FLIGHT: &str = "mailintegration.dev/refresh-in-flight";
+const REFRESHED_UNDER: &str = "mailintegration.dev/refreshed-under";
+
+/// An issuer that never rotates refresh tokens (Keycloak's and most OIDC servers' default), with
+/// access tokens of 10 minutes.
+fn non_rotating_server() -> &'static OAuthServer {
+    static S: OnceLock<OAuthServer> = OnceLock::new();
+    S.get_or_init(|| {
+        OAuthServer::start(OAuthServerConfig {
+            access_token_ttl: Duration::from_secs(600),
+            rotate_refresh_token: false,
+            ..Default::default()
+        })
+    })
+}
+
+fn counts(requests: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    requests
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect()
+}
 
 /// The requests in the test's namespace, by "verb kind".
 fn by_verb_and_kind(requests: &[ApiRequest], ns: &str) -> BTreeMap<String, usize> {
@@ -53,7 +80,8 @@ async fn a_first_refresh_creates_the_token_secret_unread_and_publishes_one_event
         "the token Secret was read before it was created:\n{listing}"
     );
     let expected: BTreeMap<String, usize> = [
-        // The write-ahead mark and the grant store that clears it (OIDC).
+        // The write-ahead mark and the grant store: the issuer rotated the refresh token (and the
+        // grant, brought by hand, is bound to where it worked in the same write).
         ("update secrets", 2),
         ("create secrets", 1),
         ("patch mailintegrations/status", 1),
@@ -67,4 +95,164 @@ async fn a_first_refresh_creates_the_token_secret_unread_and_publishes_one_event
     assert_eq!(counts, expected, "{listing}");
     let writes = requests.iter().filter(|r| r.is_write()).count();
     eprintln!("first refresh: {writes} writes, {counts:?}");
+}
+
+/// Three integrations of one client, their grants as a sign-in stores them (bound to the token
+/// endpoint and client), at an issuer that does not rotate: each first refresh is 4 writes (mark,
+/// token Secret create, status, one event) and the client Secret is read once for all; each later
+/// refresh 3 (mark, token Secret, status), nothing read. The mark stays on the grant and the token
+/// Secret records it. On main before this change: 5 and 4 writes (the store that took the mark
+/// off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
+    const N: usize = 3;
+    let env = Env::new("nonrot-refresh", non_rotating_server()).await;
+    let op = env.operator("operator");
+    env.client_secret(env.server.client_secret()).await;
+    let token_url = env.proxy.token_url();
+    for i in 0..N {
+        let grant = env.server.obtain_grant("alice").await;
+        env.put_secret(
+            &format!("inbox-{i}-oauth-grant"),
+            &[
+                ("refresh_token", grant.refresh_token()),
+                ("token_endpoint", &token_url),
+                ("client_id", env.server.client_id()),
+            ],
+        )
+        .await;
+    }
+    let before = op.api_requests();
+    for i in 0..N {
+        env.integration(&format!("inbox-{i}"), "alice@example.test")
+            .await;
+    }
+    for i in 0..N {
+        env.wait_for(
+            &format!("inbox-{i}"),
+            "Ready=True",
+            Duration::from_secs(30),
+            &op,
+            is_ready,
+        )
+        .await;
+    }
+    // The reconciles that the operator's own writes bring write nothing more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests = api_audit::since(&before, &op.api_requests());
+    let listing = api_audit::describe(&requests);
+    assert_eq!(
+        by_verb_and_kind(&requests, &env.ns),
+        counts(&[
+            ("update secrets", N),
+            ("create secrets", N),
+            ("patch mailintegrations/status", N),
+            ("create events", N),
+            // The client Secret's data, once per version, for all three.
+            ("get secrets", 1),
+        ]),
+        "first refreshes:\n{listing}"
+    );
+    let writes = requests.iter().filter(|r| r.is_write()).count();
+    assert!(writes <= 4 * N, "{writes} writes for {N} first refreshes");
+    // The mark stays, and the token Secret records it: resolved for any process.
+    let mut marks = Vec::new();
+    for i in 0..N {
+        let grant = env
+            .secrets()
+            .get(&format!("inbox-{i}-oauth-grant"))
+            .await
+            .unwrap();
+        let token = env
+            .secrets()
+            .get(&format!("inbox-{i}-token"))
+            .await
+            .unwrap();
+        let mark = grant
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(IN_FLIGHT))
+            .cloned();
+        let recorded = token
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REFRESHED_UNDER))
+            .cloned();
+        assert!(mark.is_some(), "inbox-{i}: no mark on the grant");
+        assert_eq!(
+            mark, recorded,
+            "inbox-{i}: the token Secret records another mark"
+        );
+        marks.push(mark);
+    }
+
+    // Every later refresh: the mark, the token Secret, the status; no event, no read.
+    let before = op.api_requests();
+    let last = |mi: &mail_integration_operator::api::MailIntegration| {
+        mi.status.as_ref().and_then(|s| s.last_refresh_time.clone())
+    };
+    let mut was = Vec::new();
+    for i in 0..N {
+        was.push(last(&env.get(&format!("inbox-{i}")).await));
+        annotate_refresh(&env, &format!("inbox-{i}"), "again").await;
+    }
+    for (i, was) in was.into_iter().enumerate() {
+        env.wait_for(
+            &format!("inbox-{i}"),
+            "refreshed again",
+            Duration::from_secs(30),
+            &op,
+            |mi| last(mi) != was && is_ready(mi),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests = api_audit::since(&before, &op.api_requests());
+    let listing = api_audit::describe(&requests);
+    assert_eq!(
+        by_verb_and_kind(&requests, &env.ns),
+        counts(&[
+            ("update secrets", N),
+            ("patch secrets", N),
+            ("patch mailintegrations/status", N),
+        ]),
+        "second refreshes:\n{listing}"
+    );
+    for (i, old) in marks.into_iter().enumerate() {
+        let grant = env
+            .secrets()
+            .get(&format!("inbox-{i}-oauth-grant"))
+            .await
+            .unwrap();
+        let token = env
+            .secrets()
+            .get(&format!("inbox-{i}-token"))
+            .await
+            .unwrap();
+        let mark = grant
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(IN_FLIGHT))
+            .cloned();
+        let recorded = token
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REFRESHED_UNDER))
+            .cloned();
+        assert_ne!(
+            mark, old,
+            "inbox-{i}: the second refresh wrote no mark of its own"
+        );
+        assert_eq!(mark, recorded, "inbox-{i}");
+    }
+    // One presentation per refresh.
+    assert_eq!(
+        env.proxy.refresh_requests(),
+        2 * N as u64,
+        "refresh requests at the issuer"
+    );
 }

@@ -92,7 +92,16 @@ pub(super) async fn app_only(
     };
     // Nobody signs in: the account is the mailbox the app was given access to.
     let fallback = (Some(mi.spec.mailbox.address.clone()), scopes);
-    let outcome = publish(mi, &token, fallback, token_secret, secrets_api, o.now, ctx).await;
+    let outcome = publish(
+        mi,
+        &token,
+        fallback,
+        (token_secret, None),
+        secrets_api,
+        o.now,
+        ctx,
+    )
+    .await;
     let published = matches!(outcome, Outcome::Refreshed { .. }).then(|| PublishedToken {
         access_token: token.access_token.clone(),
         expires_at: token.expires_at,

@@ -59,7 +59,7 @@ pub(super) async fn mark(
     mi: &MailIntegration,
     o: &Observed<'_>,
     grant: &Grant,
-    grant_secret: &Secret,
+    (grant_secret, token_secret): (&Secret, Option<&Secret>),
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> Result<Marked, RefreshResult> {
@@ -69,10 +69,12 @@ pub(super) async fn mark(
     let mut reread = false;
     loop {
         let resolved = ctx.resolved_mark(&uid);
+        // A mark the token Secret records was answered without a rotation: resolved.
+        let recorded = inflight::resolved_by_record(&current, token_secret);
         let cut_off = match inflight::state(
             inflight::mark_of(&current),
             &ctx.identity,
-            resolved.as_ref(),
+            &[resolved.as_ref(), recorded.as_ref()],
             o.now,
         ) {
             MarkState::Fresh(m) => {
@@ -98,7 +100,16 @@ pub(super) async fn mark(
             }
             MarkState::Clear => None,
         };
-        let now = Timestamp::now();
+        let resolved_value = resolved.as_ref().map(Mark::value);
+        let now = fresh_mark_time(
+            &[
+                inflight::mark_value(&current),
+                token_secret.and_then(inflight::recorded),
+                resolved_value.as_deref(),
+            ],
+            &ctx.identity,
+        )
+        .await;
         let started = Instant::now();
         // The mark says whole seconds, cut down: the window, as others see it, began that much earlier.
         let cut = Duration::from_nanos(u64::try_from(now.subsec_nanosecond()).unwrap_or(0));
@@ -188,6 +199,22 @@ pub(super) async fn mark(
                 ));
             }
         }
+    }
+}
+
+/// Now, or the next second when this process's mark of now would repeat a value that is on the
+/// grant, recorded by the token Secret or resolved in memory (the same holder within one second):
+/// a record must never match a later refresh's mark.
+async fn fresh_mark_time(taken: &[Option<&str>], holder: &str) -> Timestamp {
+    loop {
+        let now = Timestamp::now();
+        if !inflight::value_taken(&Mark::new(holder, now).value(), taken) {
+            return now;
+        }
+        let left =
+            1_000_000_000u64.saturating_sub(u64::try_from(now.subsec_nanosecond()).unwrap_or(0));
+        tokio::time::sleep(Duration::from_nanos(left).saturating_add(Duration::from_millis(1)))
+            .await;
     }
 }
 

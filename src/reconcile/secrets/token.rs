@@ -4,6 +4,7 @@
 
 use super::{bytes, owned_meta, rfc3339};
 use crate::reconcile::context::FIELD_MANAGER;
+use crate::reconcile::inflight;
 use crate::reconcile::observed::{self, token_keys};
 use crate::reconcile::template::{Rendered, Renderer, TokenFields, digest, keys};
 use crate::{
@@ -73,6 +74,17 @@ pub fn token_secret(
     token: &TokenGrant,
     rendered: Rendered,
 ) -> Result<Secret, TokenSecretError> {
+    token_secret_under(mi, token, rendered, None)
+}
+
+/// [`token_secret`] recording `under`, the write-ahead mark the token was refreshed under
+/// ([`inflight::REFRESHED_UNDER_ANNOTATION`]; `None`: no mark, or the one recorded before).
+fn token_secret_under(
+    mi: &MailIntegration,
+    token: &TokenGrant,
+    rendered: Rendered,
+    under: Option<String>,
+) -> Result<Secret, TokenSecretError> {
     let max = crate::reconcile::cached_secret::MAX_HELD_BYTES;
     let (mut data, fields) = standard(mi, token);
     // The standard keys alone (the access token three times: as it is, in xoauth2, in
@@ -106,6 +118,12 @@ pub fn token_secret(
         );
         metadata.annotations = Some(annotations);
     }
+    if let Some(under) = under {
+        metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(inflight::REFRESHED_UNDER_ANNOTATION.to_owned(), under);
+    }
     // The watch keeps no more of a Secret than this: a larger token Secret would not be used.
     let held = crate::reconcile::cached_secret::held_size(&metadata, Some(&data));
     if held > max {
@@ -124,10 +142,13 @@ pub fn token_secret(
 /// The template's labels or annotations that are set: not one asking a Secret-mirroring
 /// controller for a copy (a template with one is refused before; this holds whatever the caller),
 /// nor the operator's own digest annotation (a template setting it would make every idle
-/// reconcile render).
+/// reconcile render), nor its record of the refresh's mark (which must say only what the operator
+/// refreshed under).
 fn applied(map: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
     map.iter().filter(|(k, _)| {
-        keys::mirroring_controller(k).is_none() && k.as_str() != digest::DIGEST_ANNOTATION
+        keys::mirroring_controller(k).is_none()
+            && k.as_str() != digest::DIGEST_ANNOTATION
+            && k.as_str() != inflight::REFRESHED_UNDER_ANNOTATION
     })
 }
 
@@ -160,19 +181,20 @@ pub async fn render_template(
 /// someone else made under that name fails the write (409) instead of being taken over; only then
 /// is it read: this integration's own (a cache behind) is applied over, anyone else's is
 /// [`TokenSecretError::Conflict`]. Else a server-side apply with the resourceVersion read as its
-/// precondition. Returns the written resourceVersion.
+/// precondition. `under`: the write-ahead mark the token was refreshed under, recorded (see
+/// [`inflight`]). Returns the written resourceVersion.
 pub async fn write_token_secret(
     mi: &MailIntegration,
     api: &Api<Secret>,
     current: Option<&Secret>,
-    token: &TokenGrant,
+    (token, under): (&TokenGrant, Option<String>),
     metrics: &Metrics,
     renderer: &Renderer,
 ) -> Result<Option<String>, TokenSecretError> {
     let rendered = render_template(mi, token, renderer)
         .await
         .map_err(TokenSecretError::Template)?;
-    let secret = token_secret(mi, token, rendered)?;
+    let secret = token_secret_under(mi, token, rendered, under)?;
     let written = write_rendered(mi, api, current, secret, metrics).await?;
     // With spec.gateway, the gateway Secret gets the same token (the gateway never reads this
     // Secret, whose keys a template may replace).
@@ -300,7 +322,9 @@ pub async fn sync_template(
     let rendered = render_template(mi, &token, renderer)
         .await
         .map_err(TokenSecretError::Template)?;
-    let desired = token_secret(mi, &token, rendered)?;
+    // The record of the mark stays as the refresh wrote it (an apply without it would remove it).
+    let under = inflight::recorded(current).map(str::to_owned);
+    let desired = token_secret_under(mi, &token, rendered, under)?;
     if desired.data == current.data
         && contains(&current.metadata.labels, &desired.metadata.labels)
         && contains(&current.metadata.annotations, &desired.metadata.annotations)
@@ -367,6 +391,7 @@ mod tests {
                 "example.com/reload": "true",
                 "reflector.v1.k8s.emberstack.com/reflection-allowed": "true",
                 digest::DIGEST_ANNOTATION: "forged",
+                inflight::REFRESHED_UNDER_ANNOTATION: "operator-0/aa 2026-12-01T10:00:00Z",
             },
         }));
         let t = mi.spec.token_secret.template.clone().unwrap();
@@ -387,6 +412,24 @@ mod tests {
             .get(digest::DIGEST_ANNOTATION)
             .map(String::as_str);
         assert_ne!(recorded, Some("forged"));
+        // Nor can it set the record of a refresh's mark: only the operator's refresh does.
+        assert!(!annotations.contains_key(inflight::REFRESHED_UNDER_ANNOTATION));
+        let under = token_secret_under(
+            &mi,
+            &token,
+            [("password".to_owned(), SecretValue::new("tok-1"))].into(),
+            Some("operator-1/bb 2026-12-01T11:00:00Z".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            under
+                .metadata
+                .annotations
+                .unwrap()
+                .get(inflight::REFRESHED_UNDER_ANNOTATION)
+                .map(String::as_str),
+            Some("operator-1/bb 2026-12-01T11:00:00Z")
+        );
         // A template's own digest annotation is not one an idle reconcile looks for either (it
         // would never match, and every idle reconcile would render).
         assert!(
