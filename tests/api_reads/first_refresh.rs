@@ -256,3 +256,133 @@ async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
         "refresh requests at the issuer"
     );
 }
+
+/// A loopback IMAP server that accepts any XOAUTH2 token (greeting, AUTHENTICATE, EXAMINE,
+/// LOGOUT): the mailbox check of a Google integration succeeds without Google.
+async fn accepting_imap() -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                if write.write_all(b"* OK test IMAP ready\r\n").await.is_err() {
+                    return;
+                }
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut words = line.split_whitespace();
+                    let tag = words.next().unwrap_or("*").to_owned();
+                    let command = words.next().unwrap_or("").to_ascii_uppercase();
+                    let answer = match command.as_str() {
+                        "AUTHENTICATE" => {
+                            if words.nth(1).is_none() {
+                                let _ = write.write_all(b"+ \r\n").await;
+                                let _ = lines.next_line().await;
+                            }
+                            format!("{tag} OK authenticated\r\n")
+                        }
+                        "EXAMINE" | "SELECT" => format!(
+                            "* 0 EXISTS\r\n* 0 RECENT\r\n* FLAGS ()\r\n{tag} OK [READ-ONLY] done\r\n"
+                        ),
+                        "LOGOUT" => format!("* BYE bye\r\n{tag} OK done\r\n"),
+                        "CAPABILITY" => format!(
+                            "* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR\r\n{tag} OK done\r\n"
+                        ),
+                        _ => format!("{tag} OK done\r\n"),
+                    };
+                    if write.write_all(answer.as_bytes()).await.is_err() || command == "LOGOUT" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Google (no write-ahead mark: it never rotates), a grant as a sign-in stores it: the first
+/// refresh creates the token Secret, applies the status and publishes one event (3 writes, no
+/// grant write); the mailbox check, which a reconcile never waits for, reports its result in a
+/// status write of its own (a fourth; OIDC integrations with a mail server pay it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_google_first_refresh_writes_no_grant() {
+    use crate::support::{
+        fault_proxy::FaultProxy,
+        provider_standin::{Flavour, ProviderStandIn},
+        world::condition,
+    };
+    let env = Env::new("google-first", long_lived_server()).await;
+    let standin = ProviderStandIn::start(Flavour::Google);
+    let proxy = FaultProxy::start(&standin.url());
+    let imap = accepting_imap().await;
+    env.put_secret(
+        "client",
+        &[
+            ("client_id", "provider-test-client"),
+            ("client_secret", "provider-test-client-secret"),
+        ],
+    )
+    .await;
+    let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
+    let rt = standin.issue_refresh_token();
+    env.put_secret(
+        "inbox-oauth-grant",
+        &[
+            ("refresh_token", &rt),
+            ("token_endpoint", &proxy.token_url()),
+            ("client_id", "provider-test-client"),
+        ],
+    )
+    .await;
+    let before = op.api_requests();
+    let spec = serde_json::json!({
+        "provider": "Google",
+        "mailbox": {
+            "address": "alice@example.test",
+            "server": {"host": "127.0.0.1", "port": imap, "tls": "None"},
+        },
+        "oauth": {
+            "clientSecretRef": {"name": "client"},
+            "redirectURL": "http://127.0.0.1:8080/oauth2/callback",
+            "endpoints": {
+                "authorization": format!("{}/auth", proxy.url()),
+                "token": proxy.token_url(),
+            },
+        },
+        "tokenSecret": {"name": "inbox-token"},
+        "refreshBefore": "1m",
+    });
+    env.integrations()
+        .create(
+            &Default::default(),
+            &crate::support::world::mail_integration("inbox", spec),
+        )
+        .await
+        .unwrap();
+    env.wait_for(
+        "inbox",
+        "Ready=True, MailboxConnected=True",
+        Duration::from_secs(30),
+        &op,
+        |mi| is_ready(mi) && condition(mi, "MailboxConnected").is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests = api_audit::since(&before, &op.api_requests());
+    let listing = api_audit::describe(&requests);
+    let counts = by_verb_and_kind(&requests, &env.ns);
+    eprintln!("google first refresh: {counts:?}");
+    assert_eq!(
+        counts,
+        self::counts(&[
+            ("create secrets", 1),
+            // The refresh's, and the mailbox check's result.
+            ("patch mailintegrations/status", 2),
+            ("create events", 1),
+            ("get secrets", 1),
+        ]),
+        "{listing}"
+    );
+}
