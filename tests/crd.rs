@@ -67,7 +67,9 @@ fn kubectl_get_shows_printer_columns() {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "ACCOUNT", "EXPIRES", "MAILBOX", "AGE"],
+        [
+            "NAME", "READY", "REASON", "ACCOUNT", "EXPIRES", "MAILBOX", "AGE"
+        ],
         "{table}"
     );
     let all = cp.kubectl(&["get", "mail", "-n", &ns, "-o", "name"]);

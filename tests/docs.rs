@@ -5,6 +5,7 @@
 mod support;
 
 use mail_integration_operator::reason::{Reason, markdown};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 fn docs_dir() -> &'static Path {
@@ -349,4 +350,143 @@ fn every_metric_served_is_documented_with_its_labels_and_no_other() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The long flags and environment variables `mail-integration-operator <subcommand> --help`
+/// lists (hidden test-only settings are not listed there, so they are not asked for).
+fn help_flags_and_env(subcommand: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let bin = env!("CARGO_BIN_EXE_mail-integration-operator");
+    let out = std::process::Command::new(bin)
+        .args([subcommand, "--help"])
+        .output()
+        .expect("run the operator binary");
+    assert!(out.status.success(), "{subcommand} --help failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut flags = BTreeSet::new();
+    let mut env = BTreeSet::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        let t = t.strip_prefix("-h, ").unwrap_or(t);
+        if let Some(rest) = t.strip_prefix("--") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if name != "help" {
+                flags.insert(format!("--{name}"));
+            }
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("[env: ") {
+            let tail = &rest[at + 6..];
+            let name: String = tail.chars().take_while(|c| *c != '=').collect();
+            env.insert(name);
+            rest = tail;
+        }
+    }
+    assert!(
+        flags.len() > 5,
+        "{subcommand} --help lists no flags:\n{text}"
+    );
+    (flags, env)
+}
+
+/// The rows of the table under `heading` (up to the next heading of any level) in `doc`.
+fn table_under<'a>(doc: &'a str, heading: &str) -> Vec<&'a str> {
+    let start = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("the docs have no heading {heading:?}"));
+    let after = &doc[start + heading.len()..];
+    let end = after.find("\n#").unwrap_or(after.len());
+    after[..end]
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .collect()
+}
+
+fn missing_from_rows(rows: &[&str], names: &BTreeSet<String>) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| !rows.iter().any(|r| r.contains(&format!("`{n}`"))))
+        .cloned()
+        .collect()
+}
+
+/// Every flag and environment variable of `run --help` has its row in docs/install.md's table, and
+/// every one of `gateway --help` in docs/gateway.md's: a new setting cannot ship undocumented.
+#[test]
+fn every_flag_and_environment_variable_is_documented() {
+    for (subcommand, doc, heading) in [
+        ("run", "install.md", "## Flags and environment variables"),
+        (
+            "gateway",
+            "gateway.md",
+            "### Flags and environment variables",
+        ),
+    ] {
+        let (flags, env) = help_flags_and_env(subcommand);
+        let text = std::fs::read_to_string(docs_dir().join(doc)).unwrap();
+        let rows = table_under(&text, heading);
+        let mut missing = missing_from_rows(&rows, &flags);
+        missing.extend(missing_from_rows(&rows, &env));
+        assert!(
+            missing.is_empty(),
+            "`mail-integration-operator {subcommand} --help` has settings docs/{doc} \
+             ({heading}) lacks: {missing:?}"
+        );
+    }
+}
+
+/// Every printer column of `kubectl get mailint` and every condition type is explained in
+/// docs/troubleshooting.md, "Reading the status".
+#[test]
+fn every_printer_column_and_condition_is_documented() {
+    let crd = serde_json::to_value(mail_integration_operator::api::crd()).unwrap();
+    let columns: BTreeSet<String> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .expect("the CRD has printer columns")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_uppercase())
+        .chain(["NAME".to_owned()])
+        .collect();
+    use mail_integration_operator::api::condition;
+    let conditions: BTreeSet<String> = [
+        condition::READY,
+        condition::AUTHORIZED,
+        condition::TOKEN_VALID,
+        condition::MAILBOX_CONNECTED,
+        condition::RECONCILING,
+        condition::STALLED,
+        condition::CLIENT_SECRET_EXPIRING_SOON,
+        condition::GATEWAY_CREDENTIALS,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    // The list above must be the module's whole list: count its constants in the source.
+    let source =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api/status.rs"))
+            .unwrap();
+    let module = &source[source
+        .find("pub mod condition {")
+        .expect("src/api/status.rs")..];
+    let module = &module[..module.find("\n}").unwrap()];
+    assert_eq!(
+        module.matches("pub const ").count(),
+        conditions.len(),
+        "a condition type was added to src/api/status.rs: add it to this test and the docs"
+    );
+    let text = std::fs::read_to_string(docs_dir().join("troubleshooting.md")).unwrap();
+    let mut missing = missing_from_rows(
+        &table_under(&text, "### Columns of `kubectl get mailint`"),
+        &columns,
+    );
+    missing.extend(missing_from_rows(
+        &table_under(&text, "### Conditions"),
+        &conditions,
+    ));
+    assert!(
+        missing.is_empty(),
+        "docs/troubleshooting.md lacks rows for: {missing:?}"
+    );
 }

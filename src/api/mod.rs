@@ -56,6 +56,7 @@ pub const GRANT_SECRET_SUFFIX: &str = "-oauth-grant";
     status = "MailIntegrationStatus",
     doc = "A mailbox connected through OAuth 2.0: the operator keeps its access token fresh in a Secret.",
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
     printcolumn(name = "Account", type_ = "string", json_path = ".status.account"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.accessTokenExpiresAt"),
     printcolumn(name = "Mailbox", type_ = "string", json_path = r#".status.conditions[?(@.type=="MailboxConnected")].reason"#),

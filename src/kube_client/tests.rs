@@ -13,6 +13,9 @@ use std::{
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
+// Every test runs on virtual time (`start_paused`): the delays they measure are the layer's own,
+// not the machine's load.
+
 /// What the fake server saw: when each request came and its body.
 type Seen = Arc<Mutex<Vec<(Instant, Bytes)>>>;
 
@@ -59,7 +62,7 @@ fn put(body: &'static str) -> Request<Body> {
     req
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_429_is_sent_again_after_its_retry_after_with_the_same_body_and_halves_the_limit() {
     let metrics = ApiMetrics::default();
     let (inner, seen) = server(&[429]);
@@ -90,7 +93,7 @@ async fn a_429_is_sent_again_after_its_retry_after_with_the_same_body_and_halves
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_request_refused_again_and_again_gets_the_answer_within_the_bounds() {
     let metrics = ApiMetrics::default();
     // 503s without Retry-After: the backoff only (200 ms doubling), `retries` of them.
@@ -117,7 +120,7 @@ async fn a_request_refused_again_and_again_gets_the_answer_within_the_bounds() {
     assert_eq!(metrics.limit.get(), 0.0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn answers_other_than_429_503_504_are_not_sent_again() {
     for status in [400u16, 401, 403, 404, 409, 410, 422, 500, 502] {
         let metrics = ApiMetrics::default();
@@ -130,7 +133,7 @@ async fn answers_other_than_429_503_504_are_not_sent_again() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn requests_take_turns_at_the_cap() {
     let metrics = ApiMetrics::default();
     let (inner, seen) = server(&[]);
