@@ -5,7 +5,7 @@
 //! `src/mailbox/pop3.rs`: it is five lines of protocol, and the relay needs the raw stream back
 //! with whatever the server sent past its reply (a client crate keeps both to itself).
 
-use super::{Lines, Stream, TlsUpgrade, UpstreamError, decode_challenge, failure_ack};
+use super::{Lines, Stream, TlsUpgrade, UpstreamError};
 use crate::{mailbox::SaslMechanism, secret::SecretValue};
 
 /// What a successful authentication leaves.
@@ -25,30 +25,12 @@ pub async fn authenticate(
     sasl: &SecretValue,
 ) -> Result<Authenticated, UpstreamError> {
     let mut lines = Lines::new(stream, host);
-    let greeting = lines.line("before the IMAP greeting").await?;
-    if greeting.starts_with("* BYE") {
-        return Err(UpstreamError::Unreachable(format!(
-            "{host} refused the connection: {}",
-            crate::mailbox::printable(&greeting)
-        )));
-    }
-    if !greeting.starts_with("* OK") {
-        return Err(UpstreamError::Protocol(format!(
-            "{host} did not greet like an IMAP server: {}",
-            crate::mailbox::printable(&greeting)
-        )));
-    }
+    lines.greeting("IMAP", "* OK", "* BYE").await?;
     if let Some(upgrade) = starttls {
         lines.send(b"G0 STARTTLS", "after STARTTLS").await?;
         let reply = tagged(&mut lines, "G0 ", "after STARTTLS", &mut Vec::new()).await?;
-        if !reply.starts_with("OK") {
-            return Err(UpstreamError::Tls(format!(
-                "{host} refused STARTTLS ({}); the token is not sent without TLS",
-                crate::mailbox::printable(&reply)
-            )));
-        }
-        let stream = upgrade.upgrade(lines.into_stream_for_tls()?).await?;
-        lines = Lines::new(stream, host);
+        let ok = reply.starts_with("OK");
+        lines = lines.start_tls(upgrade, "STARTTLS", &reply, ok).await?;
     }
     lines
         .send(
@@ -75,18 +57,10 @@ pub async fn authenticate(
         } else if let Some(data) = line.strip_prefix('+') {
             if sent {
                 // An error challenge: keep it, acknowledge, read the tagged NO.
-                challenge = Some(decode_challenge(data));
-                lines
-                    .send(failure_ack(mechanism).as_bytes(), "while authenticating")
-                    .await?;
+                challenge = Some(lines.acknowledge_error(mechanism, data).await?);
             } else {
                 sent = true;
-                lines
-                    .send(
-                        crate::mailbox::encode_sasl(sasl.expose().as_bytes()).as_bytes(),
-                        "while authenticating",
-                    )
-                    .await?;
+                lines.send_sasl(sasl).await?;
             }
         } else if line.starts_with("* ") {
             if untagged.len().saturating_add(line.len()) > super::lines::MAX_LINE {

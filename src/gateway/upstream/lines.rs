@@ -4,7 +4,11 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Stream, UpstreamError};
+use super::{Stream, TlsUpgrade, UpstreamError, decode_challenge, failure_ack};
+use crate::{
+    mailbox::{SaslMechanism, encode_sasl, printable},
+    secret::SecretValue,
+};
 
 /// The longest line read from a server before the relay starts.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -74,6 +78,77 @@ impl Lines {
             |e: std::io::Error| UpstreamError::Unreachable(format!("{}: {e} {when}", self.host));
         self.stream.write_all(&out).await.map_err(io)?;
         self.stream.flush().await.map_err(io)
+    }
+
+    /// The server's greeting: the line when it starts with `ok`; else the server refused the
+    /// connection (a line starting with `refused`) or does not speak `protocol`.
+    pub async fn greeting(
+        &mut self,
+        protocol: &str,
+        ok: &str,
+        refused: &str,
+    ) -> Result<String, UpstreamError> {
+        let line = self
+            .line(&format!("before the {protocol} greeting"))
+            .await?;
+        if line.starts_with(ok) {
+            return Ok(line);
+        }
+        let host = &self.host;
+        Err(if line.starts_with(refused) {
+            UpstreamError::Unreachable(format!(
+                "{host} refused the connection: {}",
+                printable(&line)
+            ))
+        } else {
+            UpstreamError::Protocol(format!(
+                "{host} did not greet like an {protocol} server: {}",
+                printable(&line)
+            ))
+        })
+    }
+
+    /// After the server's `reply` to `command` (STARTTLS, STLS): on its go-ahead (`ok`), the TLS
+    /// handshake and a reader over the TLS stream; else an error: the token is never sent without
+    /// TLS.
+    pub async fn start_tls(
+        self,
+        upgrade: &TlsUpgrade,
+        command: &str,
+        reply: &str,
+        ok: bool,
+    ) -> Result<Lines, UpstreamError> {
+        if !ok {
+            return Err(UpstreamError::Tls(format!(
+                "{} refused {command} ({}); the token is not sent without TLS",
+                self.host,
+                printable(reply)
+            )));
+        }
+        let host = self.host.clone();
+        let stream = upgrade.upgrade(self.into_stream_for_tls()?).await?;
+        Ok(Lines::new(stream, &host))
+    }
+
+    /// Send the SASL response carrying the token (XOAUTH2 or OAUTHBEARER, base64).
+    pub async fn send_sasl(&mut self, sasl: &SecretValue) -> Result<(), UpstreamError> {
+        self.send(
+            encode_sasl(sasl.expose().as_bytes()).as_bytes(),
+            "while authenticating",
+        )
+        .await
+    }
+
+    /// An error challenge (`data`, the base64 after `+`): acknowledged as `mechanism` requires, so
+    /// that the server ends the exchange with its failure reply; its decoded text, for the error.
+    pub async fn acknowledge_error(
+        &mut self,
+        mechanism: SaslMechanism,
+        data: &str,
+    ) -> Result<String, UpstreamError> {
+        self.send(failure_ack(mechanism).as_bytes(), "while authenticating")
+            .await?;
+        Ok(decode_challenge(data))
     }
 
     /// The stream back, for STARTTLS: nothing may have been read past the server's go-ahead.

@@ -3,7 +3,7 @@
 //! the server's empty challenge (the AUTH line is limited to 255 octets). Hand-written as the
 //! mailbox check's POP3 is (no maintained async POP3 crate).
 
-use super::{Lines, Stream, TlsUpgrade, UpstreamError, decode_challenge, failure_ack};
+use super::{Lines, Stream, TlsUpgrade, UpstreamError};
 use crate::{mailbox::SaslMechanism, secret::SecretValue};
 
 pub async fn authenticate(
@@ -14,24 +14,13 @@ pub async fn authenticate(
     sasl: &SecretValue,
 ) -> Result<(Lines, String), UpstreamError> {
     let mut lines = Lines::new(stream, host);
-    let greeting = lines.line("before the POP3 greeting").await?;
-    if !greeting.starts_with("+OK") {
-        return Err(UpstreamError::Unreachable(format!(
-            "{host} refused the connection: {}",
-            crate::mailbox::printable(&greeting)
-        )));
-    }
+    // Anything but +OK is a refusal (POP3 greets with nothing else).
+    lines.greeting("POP3", "+OK", "").await?;
     if let Some(upgrade) = starttls {
         lines.send(b"STLS", "after STLS").await?;
         let reply = lines.line("after STLS").await?;
-        if !reply.starts_with("+OK") {
-            return Err(UpstreamError::Tls(format!(
-                "{host} refused STLS ({}); the token is not sent without TLS",
-                crate::mailbox::printable(&reply)
-            )));
-        }
-        let stream = upgrade.upgrade(lines.into_stream_for_tls()?).await?;
-        lines = Lines::new(stream, host);
+        let ok = reply.starts_with("+OK");
+        lines = lines.start_tls(upgrade, "STLS", &reply, ok).await?;
     }
     lines
         .send(
@@ -46,21 +35,13 @@ pub async fn authenticate(
             crate::mailbox::printable(&reply)
         )));
     }
-    lines
-        .send(
-            crate::mailbox::encode_sasl(sasl.expose().as_bytes()).as_bytes(),
-            "while authenticating",
-        )
-        .await?;
+    lines.send_sasl(sasl).await?;
     let mut reply = lines.line("while authenticating").await?;
     let mut challenge = None;
     if !reply.starts_with("+OK")
         && let Some(data) = reply.strip_prefix('+')
     {
-        challenge = Some(decode_challenge(data));
-        lines
-            .send(failure_ack(mechanism).as_bytes(), "while authenticating")
-            .await?;
+        challenge = Some(lines.acknowledge_error(mechanism, data).await?);
         reply = lines.line("while authenticating").await?;
     }
     if reply.starts_with("+OK") {
