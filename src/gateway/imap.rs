@@ -26,10 +26,10 @@ use super::{
     Ctx,
     listen::{ClientStream, TlsState},
     login::retry_secs,
-    relay::{self, OpenSession},
-    session::{Login, LoginRefused, Protocol},
+    prelogin::{Conn, Ending, Refusal, TlsStart},
+    session::{LoginRefused, Protocol},
     upstream,
-    wire::{ReadError, Wire, parse_plain},
+    wire::{ReadError, parse_plain},
 };
 use crate::secret::SecretValue;
 
@@ -176,66 +176,48 @@ enum Next {
     Close,
 }
 
-struct Conn {
-    wire: Wire<ClientStream>,
-    tls: TlsState,
-    source: SocketAddr,
-    ctx: Arc<Ctx>,
-}
-
-impl Conn {
-    async fn send(&mut self, text: &str) -> bool {
-        self.wire.send(text.as_bytes()).await
-    }
-
-    /// Read one command message (with its literals), within the pre-login bounds.
-    async fn read_command(&mut self) -> Result<Parsed, ReadError> {
-        let max_literal = self.ctx.bounds.max_literal;
-        let limit = self.ctx.bounds.max_line.saturating_add(max_literal);
-        let mut message = Vec::new();
-        loop {
-            let line = self.wire.line().await?;
-            message.extend_from_slice(&line);
-            if message.len() > limit {
-                return Err(ReadError::TooLong);
-            }
-            match parse(&message) {
-                Parsed::Literal { tag, length, sync } => {
-                    let length = usize::try_from(length).unwrap_or(usize::MAX);
-                    if length > max_literal || message.len().saturating_add(length) > limit {
-                        if !sync {
-                            // The app sends the data anyway: no resynchronizing after it.
-                            return Err(ReadError::TooLong);
-                        }
-                        return Ok(Parsed::Bad { tag: Some(tag) });
+/// Read one command message (with its literals), within the pre-login bounds.
+async fn read_command(conn: &mut Conn) -> Result<Parsed, ReadError> {
+    let max_literal = conn.ctx.bounds.max_literal;
+    let limit = conn.ctx.bounds.max_line.saturating_add(max_literal);
+    let mut message = Vec::new();
+    loop {
+        let line = conn.wire.line().await?;
+        message.extend_from_slice(&line);
+        if message.len() > limit {
+            return Err(ReadError::TooLong);
+        }
+        match parse(&message) {
+            Parsed::Literal { tag, length, sync } => {
+                let length = usize::try_from(length).unwrap_or(usize::MAX);
+                if length > max_literal || message.len().saturating_add(length) > limit {
+                    if !sync {
+                        // The app sends the data anyway: no resynchronizing after it.
+                        return Err(ReadError::TooLong);
                     }
-                    if sync && !self.send("+ Ready for literal data\r\n").await {
-                        return Err(ReadError::Closed);
-                    }
-                    let data = self.wire.exact(length).await?;
-                    message.extend_from_slice(&data);
+                    return Ok(Parsed::Bad { tag: Some(tag) });
                 }
-                Parsed::Incomplete => {
-                    if message.ends_with(b"\n") {
-                        return Ok(Parsed::Bad {
-                            tag: rough_tag(&message),
-                        });
-                    }
+                if sync && !conn.send("+ Ready for literal data\r\n").await {
+                    return Err(ReadError::Closed);
                 }
-                other => return Ok(other),
+                let data = conn.wire.exact(length).await?;
+                message.extend_from_slice(&data);
             }
+            Parsed::Incomplete => {
+                if message.ends_with(b"\n") {
+                    return Ok(Parsed::Bad {
+                        tag: rough_tag(&message),
+                    });
+                }
+            }
+            other => return Ok(other),
         }
     }
 }
 
 /// Serve one IMAP connection (the listener table's entry point).
 pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) {
-    let mut conn = Conn {
-        wire: Wire::new(stream, ctx.bounds.max_line),
-        tls,
-        source,
-        ctx: ctx.clone(),
-    };
+    let mut conn = Conn::new(stream, source, tls, ctx.clone());
     let greeting = format!(
         "* OK [CAPABILITY {}] {} ready\r\n",
         capabilities(&conn.tls),
@@ -252,20 +234,17 @@ pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx:
             return;
         }
         commands = commands.saturating_add(1);
-        let read = tokio::time::timeout(ctx.bounds.pre_login_idle, conn.read_command()).await;
-        let parsed = match read {
-            Err(_) => {
-                ctx.metrics.closed(Protocol::Imap, "idle");
-                let _ = conn.send("* BYE Idle for too long\r\n").await;
+        let parsed = match Conn::timed(&ctx, Protocol::Imap, read_command(&mut conn)).await {
+            Ok(parsed) => parsed,
+            Err(ending) => {
+                let farewell = match ending {
+                    Ending::Idle => "* BYE Idle for too long\r\n",
+                    Ending::TooLong => "* BYE Command too long\r\n",
+                    Ending::Closed => return,
+                };
+                let _ = conn.send(farewell).await;
                 return;
             }
-            Ok(Err(ReadError::TooLong)) => {
-                ctx.metrics.closed(Protocol::Imap, "pre_login_limit");
-                let _ = conn.send("* BYE Command too long\r\n").await;
-                return;
-            }
-            Ok(Err(ReadError::Closed)) => return,
-            Ok(Ok(parsed)) => parsed,
         };
         let next = match parsed {
             Parsed::Command(PreLogin::StartTls { tag }) => match starttls(conn, &tag).await {
@@ -395,9 +374,7 @@ fn ok_or_close(sent: bool) -> Next {
 }
 
 async fn privacy_required(conn: &mut Conn, tag: &str) -> Next {
-    conn.ctx.metrics.login(Protocol::Imap, "plaintext_refused");
-    tracing::info!(source = %conn.source, protocol = "IMAP", result = "plaintext_refused",
-        "gateway login refused before TLS");
+    conn.plaintext_refused(Protocol::Imap);
     ok_or_close(
         conn.send(&format!(
             "{tag} NO [PRIVACYREQUIRED] Logins need TLS: use STARTTLS or the IMAPS port\r\n"
@@ -407,40 +384,18 @@ async fn privacy_required(conn: &mut Conn, tag: &str) -> Next {
 }
 
 /// STARTTLS: the connection back under TLS, or `None` when it is to be closed.
-async fn starttls(mut conn: Conn, tag: &str) -> Option<Conn> {
-    let Some(acceptor) = conn.tls.starttls.clone().filter(|_| !conn.tls.tls) else {
-        return match bad(&mut conn, tag, "STARTTLS is not available now").await {
-            Next::Continue => Some(conn),
-            Next::Close => None,
-        };
-    };
-    if conn.wire.has_buffered() {
-        // Commands pipelined after STARTTLS would be taken as sent under TLS.
-        let _ = conn
-            .send("* BYE Data after STARTTLS before the TLS handshake\r\n")
-            .await;
-        return None;
-    }
-    if !conn
-        .send(&format!("{tag} OK Begin TLS negotiation now\r\n"))
-        .await
-    {
-        return None;
-    }
-    let max_line = conn.ctx.bounds.max_line;
-    let (stream, _) = conn.wire.into_parts();
-    let handshake = stream.start_tls(&acceptor);
-    match tokio::time::timeout(conn.ctx.bounds.pre_login_idle, handshake).await {
-        Ok(Ok(stream)) => Some(Conn {
-            wire: Wire::new(stream, max_line),
-            tls: conn.tls.after_starttls(),
-            source: conn.source,
-            ctx: conn.ctx,
-        }),
-        _ => {
-            conn.ctx.metrics.closed(Protocol::Imap, "tls");
-            None
+async fn starttls(conn: Conn, tag: &str) -> Option<Conn> {
+    let go_ahead = format!("{tag} OK Begin TLS negotiation now\r\n");
+    let pipelined = "* BYE Data after STARTTLS before the TLS handshake\r\n";
+    match conn.start_tls(Protocol::Imap, &go_ahead, pipelined).await {
+        TlsStart::Started(conn) => Some(conn),
+        TlsStart::Unavailable(mut conn) => {
+            match bad(&mut conn, tag, "STARTTLS is not available now").await {
+                Next::Continue => Some(conn),
+                Next::Close => None,
+            }
         }
+        TlsStart::Close => None,
     }
 }
 
@@ -454,53 +409,40 @@ async fn login(conn: &mut Conn, tag: &str, username: &str, password: &SecretValu
     if !conn.tls.login_allowed() {
         return Step::Next(privacy_required(conn, tag).await);
     }
-    let ctx = conn.ctx.clone();
-    let who = match ctx
-        .login
-        .login(Protocol::Imap, username, password, conn.source)
-        .await
-    {
-        Ok(who) => who,
-        Err(refused) => {
-            let text = match refused {
-                LoginRefused::BadCredential => {
-                    "NO [AUTHENTICATIONFAILED] Invalid credentials".to_owned()
-                }
-                LoginRefused::Throttled { retry_after } => format!(
-                    "NO [UNAVAILABLE] Too many failed logins, try again in {} s",
-                    retry_secs(retry_after)
-                ),
-                LoginRefused::ProtocolNotAllowed => {
-                    "NO [AUTHORIZATIONFAILED] This credential may not use IMAP".to_owned()
-                }
-                LoginRefused::TooManySessions => {
-                    "NO [LIMIT] Too many sessions for this credential".to_owned()
-                }
-                LoginRefused::Unavailable => {
-                    "NO [UNAVAILABLE] The mailbox is not connected now (no valid access token)"
-                        .to_owned()
-                }
-            };
-            return Step::Next(ok_or_close(conn.send(&format!("{tag} {text}\r\n")).await));
-        }
-    };
-    match upstream::connect(&who.entry, Protocol::Imap, &ctx.allowed).await {
-        Ok(upstream) => Step::LoggedIn(Box::new(LoggedIn {
+    match conn.log_in(Protocol::Imap, username, password).await {
+        Ok((who, upstream)) => Step::LoggedIn(Box::new(LoggedIn {
             who,
             upstream: upstream_with_tag(upstream, tag),
         })),
-        Err(e) => {
-            ctx.metrics.upstream_error(Protocol::Imap, e.reason());
-            tracing::warn!(app = %who.app, source = %conn.source, protocol = "IMAP",
-                reason = e.reason(), error = %e, "upstream session failed");
-            Step::Next(ok_or_close(
-                conn.send(&format!(
-                    "{tag} NO [UNAVAILABLE] The mail server did not accept the gateway ({}); see the gateway's log and the MailIntegration's status\r\n",
-                    e.reason()
-                ))
-                .await,
-            ))
+        Err(refusal) => {
+            let text = refusal_text(refusal);
+            Step::Next(ok_or_close(conn.send(&format!("{tag} {text}\r\n")).await))
         }
+    }
+}
+
+/// The tagged reply (without its tag) to a refused login.
+fn refusal_text(refusal: Refusal) -> String {
+    match refusal {
+        Refusal::Login(LoginRefused::BadCredential) => {
+            "NO [AUTHENTICATIONFAILED] Invalid credentials".to_owned()
+        }
+        Refusal::Login(LoginRefused::Throttled { retry_after }) => format!(
+            "NO [UNAVAILABLE] Too many failed logins, try again in {} s",
+            retry_secs(retry_after)
+        ),
+        Refusal::Login(LoginRefused::ProtocolNotAllowed) => {
+            "NO [AUTHORIZATIONFAILED] This credential may not use IMAP".to_owned()
+        }
+        Refusal::Login(LoginRefused::TooManySessions) => {
+            "NO [LIMIT] Too many sessions for this credential".to_owned()
+        }
+        Refusal::Login(LoginRefused::Unavailable) => {
+            "NO [UNAVAILABLE] The mailbox is not connected now (no valid access token)".to_owned()
+        }
+        Refusal::Upstream(reason) => format!(
+            "NO [UNAVAILABLE] The mail server did not accept the gateway ({reason}); see the gateway's log and the MailIntegration's status"
+        ),
     }
 }
 
@@ -512,33 +454,20 @@ fn upstream_with_tag(mut upstream: upstream::Upstream, tag: &str) -> upstream::U
 
 impl LoggedIn {
     async fn run(self, conn: Conn) {
-        let Conn {
-            wire, ctx, source, ..
-        } = conn;
-        let (mut client, read_ahead) = wire.into_parts();
-        let mut first = self.upstream.untagged;
-        first.extend_from_slice(self.upstream.reply.as_bytes());
-        first.extend_from_slice(&self.upstream.pending);
-        let _open = OpenSession::new(ctx.metrics.clone(), Protocol::Imap, &self.who);
-        let end = relay::relay(
-            &mut client,
-            self.upstream.stream,
-            &read_ahead,
+        let idle = conn.ctx.bounds.imap_idle;
+        let mut upstream = self.upstream;
+        let mut first = std::mem::take(&mut upstream.untagged);
+        first.extend_from_slice(upstream.reply.as_bytes());
+        first.extend_from_slice(&std::mem::take(&mut upstream.pending));
+        conn.relay(
+            self.who,
+            upstream,
             &first,
             Protocol::Imap,
-            ctx.bounds.imap_idle,
-            &self.who.lease,
-            &ctx.metrics,
+            idle,
+            b"* BYE [UNAVAILABLE] This credential was revoked\r\n",
         )
         .await;
-        if end == relay::End::Revoked {
-            use tokio::io::AsyncWriteExt;
-            let _ = client
-                .write_all(b"* BYE [UNAVAILABLE] This credential was revoked\r\n")
-                .await;
-        }
-        tracing::info!(app = %self.who.app, source = %source, protocol = "IMAP",
-            end = end.as_str(), "gateway session ended");
     }
 }
 

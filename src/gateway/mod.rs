@@ -19,6 +19,7 @@ pub mod listen;
 pub mod login;
 pub mod metrics;
 pub mod pop3;
+pub mod prelogin;
 pub mod relay;
 pub mod session;
 pub mod smtp;

@@ -8,19 +8,17 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-use tokio::io::AsyncWriteExt;
-
 use super::{
     Ctx,
     listen::{ClientStream, TlsState},
     login::retry_secs,
-    relay::{self, OpenSession},
-    session::{Login, LoginRefused, Protocol},
+    prelogin::{Conn, Ending, Refusal, TlsStart},
+    session::{LoginRefused, Protocol},
     upstream,
-    wire::{ReadError, Wire, parse_plain},
+    wire::parse_plain,
 };
 use crate::secret::SecretValue;
+use base64::{Engine as _, engine::general_purpose::STANDARD};
 
 /// A command in the AUTHORIZATION state. Pure parsing result, for the property tests.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,20 +89,6 @@ pub fn capabilities(tls: &TlsState) -> String {
     text
 }
 
-struct Conn {
-    wire: Wire<ClientStream>,
-    tls: TlsState,
-    source: SocketAddr,
-    ctx: Arc<Ctx>,
-    user: Option<String>,
-}
-
-impl Conn {
-    async fn send(&mut self, text: &str) -> bool {
-        self.wire.send(text.as_bytes()).await
-    }
-}
-
 enum Outcome {
     Continue(Conn),
     Close,
@@ -113,32 +97,26 @@ enum Outcome {
 
 /// Serve one POP3 connection (the listener table's entry point).
 pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) {
-    let mut conn = Conn {
-        wire: Wire::new(stream, ctx.bounds.max_line),
-        tls,
-        source,
-        ctx: ctx.clone(),
-        user: None,
-    };
+    let mut conn = Conn::new(stream, source, tls, ctx.clone());
     if !conn.send(&format!("+OK {} ready\r\n", ctx.hostname)).await {
         return;
     }
+    // The name of USER, until PASS (RFC 1939), or STLS discards it (RFC 2595).
+    let mut user = None;
     for _ in 0..ctx.bounds.max_commands_before_login {
-        let line = match tokio::time::timeout(ctx.bounds.pre_login_idle, conn.wire.line()).await {
-            Err(_) => {
-                ctx.metrics.closed(Protocol::Pop3, "idle");
-                let _ = conn.send("-ERR Idle for too long\r\n").await;
+        let line = match Conn::timed(&ctx, Protocol::Pop3, conn.wire.line()).await {
+            Ok(line) => line,
+            Err(ending) => {
+                let farewell = match ending {
+                    Ending::Idle => "-ERR Idle for too long\r\n",
+                    Ending::TooLong => "-ERR Line too long\r\n",
+                    Ending::Closed => return,
+                };
+                let _ = conn.send(farewell).await;
                 return;
             }
-            Ok(Err(ReadError::TooLong)) => {
-                ctx.metrics.closed(Protocol::Pop3, "pre_login_limit");
-                let _ = conn.send("-ERR Line too long\r\n").await;
-                return;
-            }
-            Ok(Err(ReadError::Closed)) => return,
-            Ok(Ok(line)) => line,
         };
-        match step(conn, parse(&line)).await {
+        match step(conn, &mut user, parse(&line)).await {
             Outcome::Continue(c) => conn = c,
             Outcome::Close => return,
             Outcome::LoggedIn(logged_in) => {
@@ -160,7 +138,7 @@ async fn reply(mut conn: Conn, text: &str) -> Outcome {
     }
 }
 
-async fn step(mut conn: Conn, command: Command) -> Outcome {
+async fn step(mut conn: Conn, user: &mut Option<String>, command: Command) -> Outcome {
     match command {
         Command::Capa => {
             let text = capabilities(&conn.tls);
@@ -171,17 +149,21 @@ async fn step(mut conn: Conn, command: Command) -> Outcome {
             Outcome::Close
         }
         Command::Noop | Command::Other => reply(conn, "-ERR Log in first\r\n").await,
-        Command::Stls => stls(conn).await,
-        Command::User(user) => {
+        Command::Stls => {
+            // RFC 2595: the state is discarded.
+            *user = None;
+            stls(conn).await
+        }
+        Command::User(name) => {
             if !conn.tls.login_allowed() {
                 return privacy_required(conn).await;
             }
-            conn.user = Some(user);
+            *user = Some(name);
             reply(conn, "+OK\r\n").await
         }
-        Command::Pass(password) => match conn.user.take() {
+        Command::Pass(password) => match user.take() {
             None => reply(conn, "-ERR USER first\r\n").await,
-            Some(user) => login(conn, &user, &password).await,
+            Some(name) => login(conn, &name, &password).await,
         },
         Command::Auth {
             mechanism: None, ..
@@ -219,9 +201,7 @@ async fn step(mut conn: Conn, command: Command) -> Outcome {
 }
 
 async fn privacy_required(conn: Conn) -> Outcome {
-    conn.ctx.metrics.login(Protocol::Pop3, "plaintext_refused");
-    tracing::info!(source = %conn.source, protocol = "POP3", result = "plaintext_refused",
-        "gateway login refused before TLS");
+    conn.plaintext_refused(Protocol::Pop3);
     reply(
         conn,
         "-ERR [AUTH] Logins need TLS: use STLS or the POP3S port\r\n",
@@ -229,34 +209,15 @@ async fn privacy_required(conn: Conn) -> Outcome {
     .await
 }
 
-async fn stls(mut conn: Conn) -> Outcome {
-    let Some(acceptor) = conn.tls.starttls.clone().filter(|_| !conn.tls.tls) else {
-        return reply(conn, "-ERR STLS is not available now\r\n").await;
-    };
-    if conn.wire.has_buffered() {
-        let _ = conn
-            .send("-ERR Data after STLS before the TLS handshake\r\n")
-            .await;
-        return Outcome::Close;
-    }
-    if !conn.send("+OK Begin TLS negotiation\r\n").await {
-        return Outcome::Close;
-    }
-    let max_line = conn.ctx.bounds.max_line;
-    let (stream, _) = conn.wire.into_parts();
-    match tokio::time::timeout(conn.ctx.bounds.pre_login_idle, stream.start_tls(&acceptor)).await {
-        Ok(Ok(stream)) => Outcome::Continue(Conn {
-            wire: Wire::new(stream, max_line),
-            tls: conn.tls.after_starttls(),
-            source: conn.source,
-            ctx: conn.ctx,
-            // RFC 2595: the state is discarded.
-            user: None,
-        }),
-        _ => {
-            conn.ctx.metrics.closed(Protocol::Pop3, "tls");
-            Outcome::Close
-        }
+async fn stls(conn: Conn) -> Outcome {
+    let pipelined = "-ERR Data after STLS before the TLS handshake\r\n";
+    match conn
+        .start_tls(Protocol::Pop3, "+OK Begin TLS negotiation\r\n", pipelined)
+        .await
+    {
+        TlsStart::Started(conn) => Outcome::Continue(conn),
+        TlsStart::Unavailable(conn) => reply(conn, "-ERR STLS is not available now\r\n").await,
+        TlsStart::Close => Outcome::Close,
     }
 }
 
@@ -264,79 +225,56 @@ async fn login(conn: Conn, username: &str, password: &SecretValue) -> Outcome {
     if !conn.tls.login_allowed() {
         return privacy_required(conn).await;
     }
-    let ctx = conn.ctx.clone();
-    let who = match ctx
-        .login
-        .login(Protocol::Pop3, username, password, conn.source)
-        .await
-    {
-        Ok(who) => who,
-        Err(refused) => {
-            let text = match refused {
-                LoginRefused::BadCredential => "-ERR [AUTH] Invalid credentials".to_owned(),
-                LoginRefused::Throttled { retry_after } => format!(
-                    "-ERR [SYS/TEMP] Too many failed logins, try again in {} s",
-                    retry_secs(retry_after)
-                ),
-                LoginRefused::ProtocolNotAllowed => {
-                    "-ERR [AUTH] This credential may not use POP3".to_owned()
-                }
-                LoginRefused::TooManySessions => {
-                    "-ERR [IN-USE] Too many sessions for this credential".to_owned()
-                }
-                LoginRefused::Unavailable => {
-                    "-ERR [SYS/TEMP] The mailbox is not connected now (no valid access token)"
-                        .to_owned()
-                }
-            };
-            return reply(conn, &format!("{text}\r\n")).await;
-        }
-    };
-    match upstream::connect(&who.entry, Protocol::Pop3, &ctx.allowed).await {
-        Ok(upstream) => Outcome::LoggedIn(Box::new((conn, who, upstream))),
-        Err(e) => {
-            ctx.metrics.upstream_error(Protocol::Pop3, e.reason());
-            tracing::warn!(app = %who.app, source = %conn.source, protocol = "POP3",
-                reason = e.reason(), error = %e, "upstream session failed");
-            reply(
-                conn,
-                &format!(
-                    "-ERR [SYS/TEMP] The mail server did not accept the gateway ({})\r\n",
-                    e.reason()
-                ),
-            )
-            .await
+    match conn.log_in(Protocol::Pop3, username, password).await {
+        Ok((who, upstream)) => Outcome::LoggedIn(Box::new((conn, who, upstream))),
+        Err(refusal) => {
+            let text = refusal_text(refusal);
+            reply(conn, &format!("{text}\r\n")).await
         }
     }
 }
 
-async fn relay_session(conn: Conn, who: super::session::Authorized, upstream: upstream::Upstream) {
-    let Conn {
-        wire, ctx, source, ..
-    } = conn;
-    let (mut client, read_ahead) = wire.into_parts();
-    let mut first = upstream.reply.into_bytes();
+/// The reply to a refused login.
+fn refusal_text(refusal: Refusal) -> String {
+    match refusal {
+        Refusal::Login(LoginRefused::BadCredential) => "-ERR [AUTH] Invalid credentials".to_owned(),
+        Refusal::Login(LoginRefused::Throttled { retry_after }) => format!(
+            "-ERR [SYS/TEMP] Too many failed logins, try again in {} s",
+            retry_secs(retry_after)
+        ),
+        Refusal::Login(LoginRefused::ProtocolNotAllowed) => {
+            "-ERR [AUTH] This credential may not use POP3".to_owned()
+        }
+        Refusal::Login(LoginRefused::TooManySessions) => {
+            "-ERR [IN-USE] Too many sessions for this credential".to_owned()
+        }
+        Refusal::Login(LoginRefused::Unavailable) => {
+            "-ERR [SYS/TEMP] The mailbox is not connected now (no valid access token)".to_owned()
+        }
+        Refusal::Upstream(reason) => {
+            format!("-ERR [SYS/TEMP] The mail server did not accept the gateway ({reason})")
+        }
+    }
+}
+
+async fn relay_session(
+    conn: Conn,
+    who: super::session::Authorized,
+    mut upstream: upstream::Upstream,
+) {
+    let idle = conn.ctx.bounds.idle;
+    let mut first = std::mem::take(&mut upstream.reply).into_bytes();
     first.extend_from_slice(b"\r\n");
-    first.extend_from_slice(&upstream.pending);
-    let _open = OpenSession::new(ctx.metrics.clone(), Protocol::Pop3, &who);
-    let end = relay::relay(
-        &mut client,
-        upstream.stream,
-        &read_ahead,
+    first.extend_from_slice(&std::mem::take(&mut upstream.pending));
+    conn.relay(
+        who,
+        upstream,
         &first,
         Protocol::Pop3,
-        ctx.bounds.idle,
-        &who.lease,
-        &ctx.metrics,
+        idle,
+        b"-ERR [SYS/PERM] This credential was revoked\r\n",
     )
     .await;
-    if end == relay::End::Revoked {
-        let _ = client
-            .write_all(b"-ERR [SYS/PERM] This credential was revoked\r\n")
-            .await;
-    }
-    tracing::info!(app = %who.app, source = %source, protocol = "POP3",
-        end = end.as_str(), "gateway session ended");
 }
 
 #[cfg(test)]

@@ -1,0 +1,198 @@
+//! What the IMAP and POP3 handlers ([`super::imap`], [`super::pop3`]) share around their own
+//! commands: the pre-login connection ([`Conn`]) and its bounded, timed reads, STARTTLS/STLS, the
+//! refusal of a login before TLS, the connection to the mail server once an app is authorized, and
+//! the hand-over to [`super::relay`]. Each protocol keeps its own parsing and reply texts.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::io::AsyncWriteExt;
+
+use super::{
+    Ctx,
+    listen::{ClientStream, TlsState},
+    relay::{self, OpenSession},
+    session::{Authorized, Login, LoginRefused, Protocol},
+    upstream::{self, Upstream},
+    wire::{ReadError, Wire},
+};
+use crate::secret::SecretValue;
+
+/// An app's connection before login.
+pub struct Conn {
+    pub wire: Wire<ClientStream>,
+    pub tls: TlsState,
+    pub source: SocketAddr,
+    pub ctx: Arc<Ctx>,
+}
+
+/// Why a read before login ended the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Nothing within `--pre-login-idle`.
+    Idle,
+    /// A line (or command) over its bound.
+    TooLong,
+    /// The app closed the connection.
+    Closed,
+}
+
+impl Conn {
+    pub fn new(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) -> Self {
+        Self {
+            wire: Wire::new(stream, ctx.bounds.max_line),
+            tls,
+            source,
+            ctx,
+        }
+    }
+
+    /// Write and flush; false when the app is gone.
+    pub async fn send(&mut self, text: &str) -> bool {
+        self.wire.send(text.as_bytes()).await
+    }
+
+    /// One pre-login read (`read`, on this connection's wire) within `--pre-login-idle`; an idle or
+    /// overlong one is counted as the connection's end for `protocol`.
+    pub async fn timed<T>(
+        ctx: &Ctx,
+        protocol: Protocol,
+        read: impl Future<Output = Result<T, ReadError>>,
+    ) -> Result<T, Ending> {
+        match tokio::time::timeout(ctx.bounds.pre_login_idle, read).await {
+            Err(_) => {
+                ctx.metrics.closed(protocol, "idle");
+                Err(Ending::Idle)
+            }
+            Ok(Err(ReadError::TooLong)) => {
+                ctx.metrics.closed(protocol, "pre_login_limit");
+                Err(Ending::TooLong)
+            }
+            Ok(Err(ReadError::Closed)) => Err(Ending::Closed),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
+    /// A login before TLS where TLS is required: counted and logged (no credential); the caller
+    /// sends its protocol's refusal.
+    pub fn plaintext_refused(&self, protocol: Protocol) {
+        self.ctx.metrics.login(protocol, "plaintext_refused");
+        tracing::info!(source = %self.source, protocol = %protocol, result = "plaintext_refused",
+            "gateway login refused before TLS");
+    }
+
+    /// STARTTLS (IMAP) or STLS (POP3): `go_ahead` sent, then the handshake within the pre-login
+    /// idle time. Bytes the app pipelined behind the command end the connection with `pipelined`
+    /// (they would be taken as sent under TLS).
+    pub async fn start_tls(
+        mut self,
+        protocol: Protocol,
+        go_ahead: &str,
+        pipelined: &str,
+    ) -> TlsStart {
+        let Some(acceptor) = self.tls.starttls.clone().filter(|_| !self.tls.tls) else {
+            return TlsStart::Unavailable(self);
+        };
+        if self.wire.has_buffered() {
+            let _ = self.send(pipelined).await;
+            return TlsStart::Close;
+        }
+        if !self.send(go_ahead).await {
+            return TlsStart::Close;
+        }
+        let max_line = self.ctx.bounds.max_line;
+        let (stream, _) = self.wire.into_parts();
+        let handshake = stream.start_tls(&acceptor);
+        match tokio::time::timeout(self.ctx.bounds.pre_login_idle, handshake).await {
+            Ok(Ok(stream)) => TlsStart::Started(Conn {
+                wire: Wire::new(stream, max_line),
+                tls: self.tls.after_starttls(),
+                source: self.source,
+                ctx: self.ctx,
+            }),
+            _ => {
+                self.ctx.metrics.closed(protocol, "tls");
+                TlsStart::Close
+            }
+        }
+    }
+
+    /// The app's login (the gate: throttle, credential, protocol, token, session cap), then the
+    /// mail server of its integration, authenticated. A failure of the latter is counted and
+    /// logged; either refusal is the caller's to answer in its protocol.
+    pub async fn log_in(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        password: &SecretValue,
+    ) -> Result<(Authorized, Upstream), Refusal> {
+        let ctx = &self.ctx;
+        let who = ctx
+            .login
+            .login(protocol, username, password, self.source)
+            .await
+            .map_err(Refusal::Login)?;
+        match upstream::connect(&who.entry, protocol, &ctx.allowed).await {
+            Ok(upstream) => Ok((who, upstream)),
+            Err(e) => {
+                ctx.metrics.upstream_error(protocol, e.reason());
+                tracing::warn!(app = %who.app, source = %self.source, protocol = %protocol,
+                    reason = e.reason(), error = %e, "upstream session failed");
+                Err(Refusal::Upstream(e.reason()))
+            }
+        }
+    }
+
+    /// Relay the logged-in session: `first` (the server's login reply and what followed it) to
+    /// the app, then bytes both ways until either side ends, `idle` passes or the credential is
+    /// revoked (then `revoked` to the app).
+    pub async fn relay(
+        self,
+        who: Authorized,
+        upstream: Upstream,
+        first: &[u8],
+        protocol: Protocol,
+        idle: std::time::Duration,
+        revoked: &[u8],
+    ) {
+        let Conn {
+            wire, ctx, source, ..
+        } = self;
+        let (mut client, read_ahead) = wire.into_parts();
+        let _open = OpenSession::new(ctx.metrics.clone(), protocol, &who);
+        let end = relay::relay(
+            &mut client,
+            upstream.stream,
+            &read_ahead,
+            first,
+            protocol,
+            idle,
+            &who.lease,
+            &ctx.metrics,
+        )
+        .await;
+        if end == relay::End::Revoked {
+            let _ = client.write_all(revoked).await;
+        }
+        tracing::info!(app = %who.app, source = %source, protocol = %protocol,
+            end = end.as_str(), "gateway session ended");
+    }
+}
+
+/// Why [`Conn::log_in`] gave no session.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The gate refused the login.
+    Login(LoginRefused),
+    /// The mail server did not accept the gateway (the [`upstream::UpstreamError::reason`]).
+    Upstream(&'static str),
+}
+
+/// What STARTTLS/STLS did.
+pub enum TlsStart {
+    /// Not offered on this connection (no STARTTLS on the port, or TLS already): unchanged.
+    Unavailable(Conn),
+    /// Under TLS now.
+    Started(Conn),
+    /// To be closed.
+    Close,
+}
