@@ -83,25 +83,38 @@ fn integrations_using(
     namespace: Option<&str>,
     name: &str,
 ) -> Vec<ObjectRef<MailIntegration>> {
+    integrations_where(store, namespace, |mi| {
+        mi.spec.oauth.client_secret_ref.name == name
+            || mi
+                .spec
+                .oauth
+                .client_certificate_ref
+                .as_ref()
+                .is_some_and(|c| c.name == name)
+            || names_ca(mi, name)
+    })
+}
+
+/// Whether `spec.mailbox.caSecretRef` of `mi` names the Secret `name`.
+pub fn names_ca(mi: &MailIntegration, name: &str) -> bool {
+    mi.spec
+        .mailbox
+        .ca_secret_ref
+        .as_ref()
+        .is_some_and(|c| c.name == name)
+}
+
+/// The MailIntegrations of `namespace` in `store` for which `pred` holds (e.g. those naming a
+/// Secret that changed), to reconcile.
+pub fn integrations_where(
+    store: &Store<MailIntegration>,
+    namespace: Option<&str>,
+    pred: impl Fn(&MailIntegration) -> bool,
+) -> Vec<ObjectRef<MailIntegration>> {
     store
         .state()
         .into_iter()
-        .filter(|mi| mi.namespace().as_deref() == namespace)
-        .filter(|mi| {
-            mi.spec.oauth.client_secret_ref.name == name
-                || mi
-                    .spec
-                    .oauth
-                    .client_certificate_ref
-                    .as_ref()
-                    .is_some_and(|c| c.name == name)
-                || mi
-                    .spec
-                    .mailbox
-                    .ca_secret_ref
-                    .as_ref()
-                    .is_some_and(|c| c.name == name)
-        })
+        .filter(|mi| mi.namespace().as_deref() == namespace && pred(mi))
         .map(|mi| ObjectRef::from_obj(&*mi))
         .collect()
 }

@@ -15,7 +15,7 @@ use crate::{
     reconcile::{
         cached_secret::{self, CachedSecret, Held},
         observed,
-        watches::{InitialList, watch_backoff},
+        watches::{InitialList, integrations_where, names_ca, watch_backoff},
     },
 };
 use futures::StreamExt;
@@ -243,7 +243,10 @@ async fn run_one(
     let naming_ca = {
         let store = store.clone();
         move |s: PartialObjectMeta<Secret>| {
-            integrations_naming_ca(&store, s.metadata.namespace.as_deref(), &s.name_any())
+            let name = s.name_any();
+            integrations_where(&store, s.metadata.namespace.as_deref(), |mi| {
+                mi.spec.gateway.is_some() && names_ca(mi, &name)
+            })
         }
     };
     let to_integration = |s: Secret| {
@@ -271,28 +274,6 @@ async fn run_one(
         .run(reconcile, error_policy, scope)
         .for_each(|_| futures::future::ready(()))
         .await;
-}
-
-/// The integrations with `spec.gateway` whose `spec.mailbox.caSecretRef` names the Secret
-/// `name` of `namespace`.
-fn integrations_naming_ca(
-    store: &Store<MailIntegration>,
-    namespace: Option<&str>,
-    name: &str,
-) -> Vec<ObjectRef<MailIntegration>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|mi| mi.namespace().as_deref() == namespace && mi.spec.gateway.is_some())
-        .filter(|mi| {
-            mi.spec
-                .mailbox
-                .ca_secret_ref
-                .as_ref()
-                .is_some_and(|c| c.name == name)
-        })
-        .map(|mi| ObjectRef::from_obj(&*mi))
-        .collect()
 }
 
 fn error_policy(mi: Arc<MailIntegration>, e: &Error, _: Arc<Scope>) -> Action {
