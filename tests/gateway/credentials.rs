@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use mail_integration_operator::{
     api::MailIntegration,
-    gateway::config::{GatewayConfig, username},
+    gateway::config::{GatewayAppConfig, GatewayConfig, username},
     secret::SecretValue,
 };
 use std::time::{Duration, Instant};
@@ -142,6 +142,39 @@ pub(crate) async fn integration_with_gateway(
         .await;
 }
 
+/// A namespace of its own, the operator, and the integration `inbox` of alice's mailbox with
+/// `gateway` as spec.gateway, Ready.
+pub(crate) async fn started(prefix: &str, gateway: serde_json::Value) -> (Env, Operator) {
+    let env = Env::new(prefix, server()).await;
+    let op = env.operator("operator");
+    integration_with_gateway(&env, &op, "inbox", gateway).await;
+    (env, op)
+}
+
+/// The apps `grafana` (SMTP) and `helpdesk` (IMAP).
+fn grafana_and_helpdesk() -> serde_json::Value {
+    serde_json::json!({"apps": [
+        {"name": "grafana", "protocols": ["SMTP"]},
+        {"name": "helpdesk", "protocols": ["IMAP"]},
+    ]})
+}
+
+/// Apply a merge patch to the integration `name`.
+pub(crate) async fn merge(env: &Env, name: &str, patch: serde_json::Value) {
+    env.integrations()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// `app` of `mi` in the gateway Secret's gateway.json now.
+pub(crate) async fn app_config(env: &Env, mi: &str, app: &str) -> Option<GatewayAppConfig> {
+    gateway_config(env, mi)
+        .await?
+        .app(&username(&env.ns, mi, app))
+        .cloned()
+}
+
 /// Wait until Secret `secret` satisfies `pred` (`None`: it does not exist); the Secret then.
 async fn wait_secret(
     env: &Env,
@@ -213,12 +246,8 @@ fn resource_version(s: &Secret) -> String {
 /// the sign-in and after every refresh. Nothing is written again when nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_gets_a_password_the_gateway_secret_can_verify_but_does_not_hold() {
-    let env = Env::new("gw-creds", server()).await;
-    let op = env.operator("operator");
-    integration_with_gateway(
-        &env,
-        &op,
-        "inbox",
+    let (env, op) = started(
+        "gw-creds",
         serde_json::json!({"apps": [
             {"name": "grafana", "protocols": ["SMTP"], "sendAs": ["alerts@example.test"]},
             {"name": "helpdesk", "protocols": ["IMAP", "POP3"]},
@@ -321,10 +350,7 @@ async fn an_app_gets_a_password_the_gateway_secret_can_verify_but_does_not_hold(
     // Nothing changed: nothing is written (an unrelated edit of the integration reconciles it).
     let app = env.secrets().get("inbox-gateway-grafana").await.unwrap();
     let patch = serde_json::json!({"metadata": {"annotations": {"example.test/unrelated": "1"}}});
-    env.integrations()
-        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge(&env, "inbox", patch).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let app_after = env.secrets().get("inbox-gateway-grafana").await.unwrap();
     let gw_after = env.secrets().get("inbox-gateway").await.unwrap();
@@ -339,12 +365,8 @@ async fn an_app_gets_a_password_the_gateway_secret_can_verify_but_does_not_hold(
 /// then only the new one. The other app keeps its password. No password in a log, event or status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_issues_a_new_password_and_the_old_one_retires_after_the_grace_period() {
-    let env = Env::new("gw-rotate", server()).await;
-    let op = env.operator("operator");
-    integration_with_gateway(
-        &env,
-        &op,
-        "inbox",
+    let (env, op) = started(
+        "gw-rotate",
         serde_json::json!({
             "apps": [
                 {"name": "grafana", "protocols": ["SMTP"]},
@@ -360,10 +382,7 @@ async fn a_rotation_issues_a_new_password_and_the_old_one_retires_after_the_grac
     let patch = serde_json::json!({"metadata": {"annotations": {
         "mailintegration.dev/rotate-gateway-credentials": value,
     }}});
-    env.integrations()
-        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge(&env, "inbox", patch).await;
     let s = wait_secret(&env, &op, "inbox-gateway-grafana", "a new password", |s| {
         s.and_then(|s| key(s, "password")).is_some_and(|p| p != old)
     })
@@ -379,8 +398,7 @@ async fn a_rotation_issues_a_new_password_and_the_old_one_retires_after_the_grac
             == Some(value.as_str())
     })
     .await;
-    let config = gateway_config(&env, "inbox").await.unwrap();
-    let grafana = config.app(&username(&env.ns, "inbox", "grafana")).unwrap();
+    let grafana = app_config(&env, "inbox", "grafana").await.unwrap();
     assert_eq!(grafana.verifiers.len(), 2, "{grafana:?}");
     let retires_at = grafana.verifiers[1]
         .retires_at
@@ -398,10 +416,8 @@ async fn a_rotation_issues_a_new_password_and_the_old_one_retires_after_the_grac
 
     // After retiresAt the operator drops the old verifier by itself.
     let deadline = Instant::now() + Duration::from_secs(40);
-    while gateway_config(&env, "inbox")
+    while app_config(&env, "inbox", "grafana")
         .await
-        .unwrap()
-        .app(&username(&env.ns, "inbox", "grafana"))
         .unwrap()
         .verifiers
         .len()
@@ -426,48 +442,25 @@ async fn a_rotation_issues_a_new_password_and_the_old_one_retires_after_the_grac
 /// Secret, the other app Secrets and the condition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_app_or_the_gateway_removes_its_credentials() {
-    let env = Env::new("gw-remove", server()).await;
-    let op = env.operator("operator");
-    integration_with_gateway(
-        &env,
-        &op,
-        "inbox",
-        serde_json::json!({"apps": [
-            {"name": "grafana", "protocols": ["SMTP"]},
-            {"name": "helpdesk", "protocols": ["IMAP"]},
-        ]}),
-    )
-    .await;
+    let (env, op) = started("gw-remove", grafana_and_helpdesk()).await;
     let grafana = app_password(&env, &op, "inbox", "grafana").await;
     let helpdesk = app_password(&env, &op, "inbox", "helpdesk").await;
     let patch = serde_json::json!({"spec": {"gateway": {"apps": [
         {"name": "helpdesk", "protocols": ["IMAP"]},
     ]}}});
-    env.integrations()
-        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge(&env, "inbox", patch).await;
     wait_secret(&env, &op, "inbox-gateway-grafana", "deleted", |s| {
         s.is_none()
     })
     .await;
     let now = Timestamp::now();
     assert!(!verifies(&env, "inbox", "grafana", &grafana, now).await);
-    assert!(
-        gateway_config(&env, "inbox")
-            .await
-            .unwrap()
-            .app(&username(&env.ns, "inbox", "grafana"))
-            .is_none()
-    );
+    assert!(app_config(&env, "inbox", "grafana").await.is_none());
     assert!(verifies(&env, "inbox", "helpdesk", &helpdesk, now).await);
     assert_eq!(app_password(&env, &op, "inbox", "helpdesk").await, helpdesk);
 
     let patch = serde_json::json!({"spec": {"gateway": null}});
-    env.integrations()
-        .patch("inbox", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge(&env, "inbox", patch).await;
     wait_secret(&env, &op, "inbox-gateway", "deleted", |s| s.is_none()).await;
     wait_secret(&env, &op, "inbox-gateway-helpdesk", "deleted", |s| {
         s.is_none()
@@ -492,12 +485,8 @@ async fn removing_an_app_or_the_gateway_removes_its_credentials() {
 /// their passwords still verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_keeps_every_password() {
-    let env = Env::new("gw-restart", server()).await;
-    let mut op = env.operator("operator");
-    integration_with_gateway(
-        &env,
-        &op,
-        "inbox",
+    let (env, mut op) = started(
+        "gw-restart",
         serde_json::json!({"apps": [{"name": "grafana", "protocols": ["SMTP", "IMAP"]}]}),
     )
     .await;
@@ -530,16 +519,7 @@ async fn a_secret_the_operator_does_not_own_is_reported_not_overwritten() {
         serde_json::json!({}),
     )
     .await;
-    integration_with_gateway(
-        &env,
-        &op,
-        "inbox",
-        serde_json::json!({"apps": [
-            {"name": "grafana", "protocols": ["SMTP"]},
-            {"name": "helpdesk", "protocols": ["IMAP"]},
-        ]}),
-    )
-    .await;
+    integration_with_gateway(&env, &op, "inbox", grafana_and_helpdesk()).await;
     let mi = env
         .wait_condition(
             "inbox",
@@ -558,11 +538,5 @@ async fn a_secret_the_operator_does_not_own_is_reported_not_overwritten() {
         Some("the-owners-own-value")
     );
     assert!(squatter.metadata.owner_references.is_none());
-    assert!(
-        gateway_config(&env, "inbox")
-            .await
-            .unwrap()
-            .app(&username(&env.ns, "inbox", "grafana"))
-            .is_none()
-    );
+    assert!(app_config(&env, "inbox", "grafana").await.is_none());
 }

@@ -120,7 +120,7 @@ fn gateway_config(w: &World, mi: &str, apps: Vec<GatewayAppConfig>) -> GatewayCo
 }
 
 /// Write the gateway Secret `<mi>-gateway` as the operator does (server-side apply).
-async fn put_gateway_secret(w: &World, config: &GatewayConfig, token: &str) {
+pub(crate) async fn put_gateway_secret(env: &Env, config: &GatewayConfig, token: &str) {
     let name = format!("{}-gateway", config.integration);
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -135,8 +135,7 @@ async fn put_gateway_secret(w: &World, config: &GatewayConfig, token: &str) {
         },
     }))
     .unwrap();
-    w.env
-        .secrets()
+    env.secrets()
         .patch(
             &name,
             &PatchParams::apply("gateway-test").force(),
@@ -189,7 +188,7 @@ async fn world_on(prefix: &str, server: &'static OAuthServer) -> World {
             app(&ns, "inbox", "mailer", PASSWORD, vec![Protocol::Smtp]),
         ],
     );
-    put_gateway_secret(&w, &config, &w.token).await;
+    put_gateway_secret(&w.env, &config, &w.token).await;
     w
 }
 
@@ -457,7 +456,7 @@ async fn refused_logins_send_nothing_upstream() {
             vec![Protocol::Imap],
         )],
     );
-    put_gateway_secret(&w, &other, &w.token).await;
+    put_gateway_secret(&w.env, &other, &w.token).await;
     let gw = w.gateway("gateway", &[]);
     let helpdesk = w.user("inbox", "helpdesk");
     let before = w.dovecot.logins(MAILBOX);
@@ -682,7 +681,7 @@ async fn an_idle_session_survives_a_token_refresh_and_ends_with_its_credential()
         vec![Protocol::Imap, Protocol::Pop3],
     );
     let config = gateway_config(&w, "inbox", vec![helpdesk_app.clone()]);
-    put_gateway_secret(&w, &config, &fresh.access_token).await;
+    put_gateway_secret(&w.env, &config, &fresh.access_token).await;
 
     // A second session appends a message (it can only be with the new token: the old one is
     // expired, and Dovecot asks oidc-provider about every login).
@@ -723,7 +722,7 @@ async fn an_idle_session_survives_a_token_refresh_and_ends_with_its_credential()
 
     // The app is removed from the integration: its session ends.
     let config = gateway_config(&w, "inbox", vec![]);
-    put_gateway_secret(&w, &config, &fresh.access_token).await;
+    put_gateway_secret(&w.env, &config, &fresh.access_token).await;
     let seen = idler.wait_for("CLOSED", Duration::from_secs(20)).await;
     assert!(seen.iter().any(|l| l.contains("revoked")), "{seen:?}");
     assert_eq!(seen.last().map(String::as_str), Some("CLOSED"), "{seen:?}");

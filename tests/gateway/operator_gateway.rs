@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use mail_integration_operator::gateway::config::{GatewayConfig, username};
 
-use crate::credentials::{app_password, gateway_config, integration_with_gateway};
+use crate::credentials::{app_config, app_password, gateway_config, merge, started};
 use crate::imap_pop3::{MAILBOX, curl_args, dovecot, imaplib, message, run, server};
 use crate::support::{
     self,
@@ -107,12 +107,9 @@ impl OperatorWorld {
 
     /// The verifiers' retirement times of `app` in `gateway.json` now.
     async fn retirements(&self, app: &str) -> Vec<Option<Timestamp>> {
-        gateway_config(&self.env, "inbox")
+        app_config(&self.env, "inbox", app)
             .await
-            .and_then(|c| {
-                c.app(&username(&self.env.ns, "inbox", app))
-                    .map(|a| a.verifiers.iter().map(|v| v.retires_at).collect())
-            })
+            .map(|a| a.verifiers.iter().map(|v| v.retires_at).collect())
             .unwrap_or_default()
     }
 }
@@ -148,16 +145,13 @@ async fn the_operators_credentials_open_the_mailbox_through_the_gateway() {
     );
 
     // The app removed: its credential stops working at the gateway.
-    w.env
-        .integrations()
-        .patch(
-            "inbox",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"gateway": {"apps": [
-                {"name": "other", "protocols": ["SMTP"]}]}}})),
-        )
-        .await
-        .unwrap();
+    merge(
+        &w.env,
+        "inbox",
+        serde_json::json!({"spec": {"gateway": {"apps": [
+                {"name": "other", "protocols": ["SMTP"]}]}}}),
+    )
+    .await;
     let deadline = Instant::now() + WAIT;
     loop {
         match imap_login(&gw, &user, &password).await {
@@ -193,17 +187,14 @@ async fn a_retired_password_is_refused_through_the_gateway_after_its_grace() {
         .unwrap_or_else(|out| panic!("the first password: {out}\n{}", gw.log()));
 
     let value = format!("{}/helpdesk", Timestamp::now());
-    w.env
-        .integrations()
-        .patch(
-            "inbox",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                "mailintegration.dev/rotate-gateway-credentials": value,
-            }}})),
-        )
-        .await
-        .unwrap();
+    merge(
+        &w.env,
+        "inbox",
+        serde_json::json!({"metadata": {"annotations": {
+            "mailintegration.dev/rotate-gateway-credentials": value,
+        }}}),
+    )
+    .await;
     let new = {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -300,8 +291,11 @@ async fn a_retired_password_is_refused_through_the_gateway_after_its_grace() {
 /// Secret's mark (the operator may no longer read it) removes it from `gateway.json`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_of_the_ca_secret_reaches_the_gateway_secret() {
-    let env = Env::new("gw-ca", server()).await;
-    let op = env.operator("operator");
+    let (env, op) = started(
+        "gw-ca",
+        serde_json::json!({"apps": [{"name": "helpdesk", "protocols": ["IMAP"]}]}),
+    )
+    .await;
     let first = TestCa::generate(env.log_dir.path(), "first-ca").cert_pem;
     let second = TestCa::generate(env.log_dir.path(), "second-ca").cert_pem;
     let (first, second) = (
@@ -309,23 +303,14 @@ async fn a_change_of_the_ca_secret_reaches_the_gateway_secret() {
         String::from_utf8(second).unwrap(),
     );
     ca_secret(&env, "mail-ca", &first).await;
-    integration_with_gateway(
+    merge(
         &env,
-        &op,
         "inbox",
-        serde_json::json!({"apps": [{"name": "helpdesk", "protocols": ["IMAP"]}]}),
+        serde_json::json!({"spec": {"mailbox": {
+            "caSecretRef": {"name": "mail-ca"},
+        }}}),
     )
     .await;
-    env.integrations()
-        .patch(
-            "inbox",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"mailbox": {
-                "caSecretRef": {"name": "mail-ca"},
-            }}})),
-        )
-        .await
-        .unwrap();
     let ca_of = |c: Option<GatewayConfig>| c.and_then(|c| c.ca_pem);
     let wait_ca = |want: Option<String>, what: &'static str| {
         let env = &env;

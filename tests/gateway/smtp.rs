@@ -93,17 +93,22 @@ struct World {
     dir: tempfile::TempDir,
 }
 
-async fn world() -> World {
+/// Dovecot asking oidc-provider about each token, delivering what its submission service takes.
+fn delivering_dovecot() -> Dovecot {
     let (id, secret) = server().introspection_client();
     let url =
         server()
             .introspection_url()
             .replacen("http://", &format!("http://{id}:{secret}@"), 1);
-    let dovecot = Dovecot::start(DovecotConfig {
+    Dovecot::start(DovecotConfig {
         username_attribute: "email".into(),
         deliver: true,
         ..DovecotConfig::new(url)
-    });
+    })
+}
+
+async fn world() -> World {
+    let dovecot = delivering_dovecot();
     let token = server().obtain_grant("alice").await.access_token;
     let upstream = UpstreamServer {
         host: "127.0.0.1".into(),
@@ -257,6 +262,26 @@ async fn listen(smtp: Arc<SmtpServer<TestLogin>>, acceptor: TlsAcceptor, implici
     port
 }
 
+/// Python 3 running `script` as the app: `CA` (a CA file), `PORT`, `GW_USER` and `GW_PASSWORD`
+/// (its credential), `FROM` and `TO` ([`MAILBOX`]) in its environment, and `extra`.
+async fn python_as_app(
+    ca: &str,
+    port: &str,
+    script: &str,
+    extra: &[(&str, &str)],
+) -> (bool, String) {
+    let mut envs = vec![
+        ("CA", ca),
+        ("PORT", port),
+        ("GW_USER", USERNAME),
+        ("GW_PASSWORD", PASSWORD),
+        ("FROM", MAILBOX),
+        ("TO", MAILBOX),
+    ];
+    envs.extend_from_slice(extra);
+    run("python3", &["-c", script], &envs, "").await
+}
+
 /// Run a program with a deadline; its exit status and output.
 async fn run(program: &str, args: &[&str], envs: &[(&str, &str)], stdin: &str) -> (bool, String) {
     use tokio::io::AsyncWriteExt as _;
@@ -284,14 +309,23 @@ async fn run(program: &str, args: &[&str], envs: &[(&str, &str)], stdin: &str) -
     (out.status.success(), text)
 }
 
-/// The Subject and From of every message in the mailbox's INBOX, read over IMAPS from Dovecot with
-/// Python's imaplib (XOAUTH2 with the integration's token).
-async fn inbox(w: &World) -> Vec<String> {
+/// The Subject and From of every message in the INBOX at `host:port` over IMAPS (trusting the CA
+/// file `ca`), read with Python's imaplib: with XOAUTH2 as the mailbox when `TOKEN` is among
+/// `login`, else with `LOGIN` as `GW_USER` with `GW_PASSWORD`.
+async fn read_inbox(
+    ca: &str,
+    host: &str,
+    port: u16,
+    login: &[(&str, &str)],
+) -> (bool, Vec<String>) {
     const SCRIPT: &str = r#"
 import imaplib, os, ssl, sys
 ctx = ssl.create_default_context(cafile=os.environ["CA"])
-m = imaplib.IMAP4_SSL("127.0.0.1", int(os.environ["PORT"]), ssl_context=ctx)
-m.authenticate("XOAUTH2", lambda _: ("user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["USER_NAME"], os.environ["TOKEN"])).encode())
+m = imaplib.IMAP4_SSL(os.environ["HOST"], int(os.environ["PORT"]), ssl_context=ctx)
+if os.environ.get("TOKEN"):
+    m.authenticate("XOAUTH2", lambda _: ("user=%s\x01auth=Bearer %s\x01\x01" % (os.environ["USER_NAME"], os.environ["TOKEN"])).encode())
+else:
+    m.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
 m.select("INBOX", readonly=True)
 typ, data = m.search(None, "ALL")
 for num in data[0].split():
@@ -299,22 +333,20 @@ for num in data[0].split():
     print(" ".join(d[0][1].decode().split()))
 m.logout()
 "#;
-    let port = w.dovecot.imaps_port.to_string();
+    let port = port.to_string();
+    let mut envs = vec![("CA", ca), ("HOST", host), ("PORT", port.as_str())];
+    envs.extend_from_slice(login);
+    let (ok, out) = run("python3", &["-c", SCRIPT], &envs, "").await;
+    (ok, out.lines().map(str::to_owned).collect())
+}
+
+/// The INBOX read over IMAPS from Dovecot (XOAUTH2 with the integration's token).
+async fn inbox(w: &World) -> Vec<String> {
     let ca = w.dovecot_ca.display().to_string();
-    let (ok, out) = run(
-        "python3",
-        &["-c", SCRIPT],
-        &[
-            ("CA", ca.as_str()),
-            ("PORT", port.as_str()),
-            ("USER_NAME", MAILBOX),
-            ("TOKEN", w.token.as_str()),
-        ],
-        "",
-    )
-    .await;
-    assert!(ok, "reading the INBOX over IMAP failed: {out}");
-    out.lines().map(str::to_owned).collect()
+    let login = [("USER_NAME", MAILBOX), ("TOKEN", w.token.as_str())];
+    let (ok, lines) = read_inbox(&ca, "127.0.0.1", w.dovecot.imaps_port, &login).await;
+    assert!(ok, "reading the INBOX over IMAP failed: {lines:?}");
+    lines
 }
 
 /// Wait until a message with `subject` is in the INBOX (read over IMAP); its header line.
@@ -451,19 +483,11 @@ with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
     s.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
     s.sendmail(os.environ["FROM"], [os.environ["TO"]], os.environ["MESSAGE"])
 "#;
-    let (ok, out) = run(
-        "python3",
-        &["-c", script],
-        &[
-            ("CA", ca.as_str()),
-            ("PORT", submissions.as_str()),
-            ("GW_USER", USERNAME),
-            ("GW_PASSWORD", PASSWORD),
-            ("FROM", MAILBOX),
-            ("TO", MAILBOX),
-            ("MESSAGE", message(MAILBOX, "via smtplib").as_str()),
-        ],
-        "",
+    let (ok, out) = python_as_app(
+        &ca,
+        &submissions,
+        script,
+        &[("MESSAGE", message(MAILBOX, "via smtplib").as_str())],
     )
     .await;
     assert!(ok, "smtplib failed:\n{out}");
@@ -490,17 +514,23 @@ with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_alertmanager_delivers_an_alert_through_the_gateway() {
+/// Prometheus Alertmanager (Debian's package) in `dir`, mailing every alert to [`MAILBOX`] from
+/// [`SEND_AS`] through the gateway's STARTTLS submission port `port` as `user` with [`PASSWORD`],
+/// trusting `ca`: the process (stopped when dropped) and its web port.
+fn alertmanager(
+    dir: &Path,
+    port: u16,
+    user: &str,
+    ca: &Path,
+) -> (support::process::Supervised, u16) {
     let binary = Path::new("/usr/bin/prometheus-alertmanager");
     assert!(
         binary.is_file(),
         "{} not found: apt-get install -y --no-install-recommends prometheus-alertmanager (tools/install-test-deps.sh)",
         binary.display()
     );
-    let w = world().await;
     let web = support::process::reserve_port();
-    let config = w.dir.path().join("alertmanager.yml");
+    let config = dir.join("alertmanager.yml");
     std::fs::write(
         &config,
         format!(
@@ -508,7 +538,7 @@ async fn prometheus_alertmanager_delivers_an_alert_through_the_gateway() {
   smtp_smarthost: "127.0.0.1:{port}"
   smtp_from: "{SEND_AS}"
   smtp_hello: "alertmanager.test"
-  smtp_auth_username: "{USERNAME}"
+  smtp_auth_username: "{user}"
   smtp_auth_password: "{PASSWORD}"
   smtp_require_tls: true
 route:
@@ -525,14 +555,13 @@ receivers:
           ca_file: "{ca}"
           server_name: localhost
 "#,
-            port = w.submission,
-            ca = w.gateway_ca.display()
+            ca = ca.display()
         ),
     )
     .unwrap();
-    let storage = w.dir.path().join("alertmanager-data");
+    let storage = dir.join("alertmanager-data");
     std::fs::create_dir_all(&storage).unwrap();
-    let _alertmanager = support::process::Supervised::spawn(
+    let process = support::process::Supervised::spawn(
         "alertmanager",
         binary,
         &[
@@ -542,10 +571,14 @@ receivers:
             "--cluster.listen-address=".into(),
         ],
         &[],
-        w.dir.path().join("alertmanager.log"),
+        dir.join("alertmanager.log"),
     );
-    let alerts = format!("http://127.0.0.1:{web}/api/v2/alerts");
-    let body = r#"[{"labels":{"alertname":"GatewaySmtpTest","severity":"page"},"annotations":{"summary":"sent through the mail gateway"}}]"#;
+    (process, web)
+}
+
+/// Post `alerts` (JSON) to Alertmanager's API on `web`, retrying for 30 s while it starts.
+async fn post_alert(web: u16, alerts: &str, dir: &Path) {
+    let url = format!("http://127.0.0.1:{web}/api/v2/alerts");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out) = run(
@@ -559,23 +592,35 @@ receivers:
                 "-H",
                 "Content-Type: application/json",
                 "--data",
-                body,
-                &alerts,
+                alerts,
+                &url,
             ],
             &[],
             "",
         )
         .await;
         if ok {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
             "Alertmanager took no alert within 30 s: {out}\n{}",
-            std::fs::read_to_string(w.dir.path().join("alertmanager.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.join("alertmanager.log")).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_alertmanager_delivers_an_alert_through_the_gateway() {
+    let w = world().await;
+    let (_alertmanager, web) = alertmanager(w.dir.path(), w.submission, USERNAME, &w.gateway_ca);
+    post_alert(
+        web,
+        r#"[{"labels":{"alertname":"GatewaySmtpTest","severity":"page"},"annotations":{"summary":"sent through the mail gateway"}}]"#,
+        w.dir.path(),
+    )
+    .await;
     let line = arrived(&w, "GatewaySmtpTest").await;
     assert!(line.contains(SEND_AS), "{line}");
     println!("Alertmanager's alert arrived over IMAP: {line}");
@@ -612,21 +657,7 @@ s.quit()
     let port = w.submission.to_string();
     let ca = w.gateway_ca.display().to_string();
     let limit = LIMIT.to_string();
-    let (ok, out) = run(
-        "python3",
-        &["-c", script],
-        &[
-            ("CA", ca.as_str()),
-            ("PORT", port.as_str()),
-            ("GW_USER", USERNAME),
-            ("GW_PASSWORD", PASSWORD),
-            ("FROM", MAILBOX),
-            ("TO", MAILBOX),
-            ("LIMIT", limit.as_str()),
-        ],
-        "",
-    )
-    .await;
+    let (ok, out) = python_as_app(&ca, &port, script, &[("LIMIT", limit.as_str())]).await;
     assert!(ok, "the smtplib session failed:\n{out}");
     let answer = |key: &str| {
         out.lines()
@@ -713,21 +744,7 @@ print("STARTTLS", lines(g, 3))
     let port = w.submission.to_string();
     let tls_port = w.submissions.to_string();
     let ca = w.gateway_ca.display().to_string();
-    let (ok, out) = run(
-        "python3",
-        &["-c", script],
-        &[
-            ("CA", ca.as_str()),
-            ("PORT", port.as_str()),
-            ("TLS_PORT", tls_port.as_str()),
-            ("GW_USER", USERNAME),
-            ("GW_PASSWORD", PASSWORD),
-            ("FROM", MAILBOX),
-            ("TO", MAILBOX),
-        ],
-        "",
-    )
-    .await;
+    let (ok, out) = python_as_app(&ca, &port, script, &[("TLS_PORT", tls_port.as_str())]).await;
     assert!(ok, "the raw session failed:\n{out}");
     let line = |key: &str| {
         out.lines()
@@ -841,18 +858,7 @@ with smtplib.SMTP_SSL("localhost", int(os.environ["PORT"]), context=ctx) as s:
 "#;
     let port = gw.submissions.to_string();
     let ca = gw.ca.display().to_string();
-    let (ok, out) = run(
-        "python3",
-        &["-c", script],
-        &[
-            ("CA", ca.as_str()),
-            ("PORT", port.as_str()),
-            ("GW_USER", USERNAME),
-            ("GW_PASSWORD", PASSWORD),
-        ],
-        "",
-    )
-    .await;
+    let (ok, out) = python_as_app(&ca, &port, script, &[]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("LOGIN 535 5.7.139 The mailbox's provider has SMTP AUTH switched off for alice@example.test"),
@@ -946,21 +952,16 @@ for i in range(n):
     let port = port.to_string();
     let ca = ca.display().to_string();
     let count_s = count.to_string();
-    let (ok, out) = run(
-        "python3",
-        &["-c", script],
+    let (ok, out) = python_as_app(
+        &ca,
+        &port,
+        script,
         &[
-            ("CA", ca.as_str()),
-            ("PORT", port.as_str()),
             ("COUNT", count_s.as_str()),
             ("DIRECT", if direct { "1" } else { "0" }),
             ("TOKEN", w.token.as_str()),
-            ("GW_USER", USERNAME),
-            ("GW_PASSWORD", PASSWORD),
-            ("FROM", MAILBOX),
             ("TAG", tag),
         ],
-        "",
     )
     .await;
     assert!(ok, "sending {count} messages ({tag}) failed:\n{out}");
@@ -1004,19 +1005,8 @@ struct ProcessWorld {
 }
 
 async fn process_world(prefix: &str) -> ProcessWorld {
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::api::{Patch, PatchParams};
     use mail_integration_operator::gateway::config::{self, Verifier};
-    let (id, secret) = server().introspection_client();
-    let url =
-        server()
-            .introspection_url()
-            .replacen("http://", &format!("http://{id}:{secret}@"), 1);
-    let dovecot = Dovecot::start(DovecotConfig {
-        username_attribute: "email".into(),
-        deliver: true,
-        ..DovecotConfig::new(url)
-    });
+    let dovecot = delivering_dovecot();
     let env = Env::new(prefix, server()).await;
     env.integration_with(
         "inbox",
@@ -1059,27 +1049,7 @@ async fn process_world(prefix: &str) -> ProcessWorld {
             app("reader", vec![Protocol::Imap], vec![]),
         ],
     };
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "inbox-gateway", "labels": {
-            "mailintegration.dev/gateway": "true",
-            "mailintegration.dev/integration": "inbox",
-        }},
-        "stringData": {
-            "gateway.json": serde_json::to_string(&gateway_json).unwrap(),
-            "access_token": token,
-            "expiry": "2999-01-01T00:00:00Z",
-        },
-    }))
-    .unwrap();
-    env.secrets()
-        .patch(
-            "inbox-gateway",
-            &PatchParams::apply("gateway-smtp-test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .unwrap();
+    crate::imap_pop3::put_gateway_secret(&env, &gateway_json, &token).await;
     let cert = support::gateway::certificate(env.log_dir.path());
     ProcessWorld { env, dovecot, cert }
 }
@@ -1102,39 +1072,16 @@ impl ProcessWorld {
 
     /// The subjects in the INBOX, read over IMAPS through the gateway with the reader's password.
     async fn inbox_through(&self, gw: &support::gateway::Gateway) -> Vec<String> {
-        const SCRIPT: &str = r#"
-import imaplib, os, ssl
-ctx = ssl.create_default_context(cafile=os.environ["CA"])
-m = imaplib.IMAP4_SSL("localhost", int(os.environ["PORT"]), ssl_context=ctx)
-m.login(os.environ["GW_USER"], os.environ["GW_PASSWORD"])
-m.select("INBOX", readonly=True)
-typ, data = m.search(None, "ALL")
-for num in data[0].split():
-    typ, d = m.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])")
-    print(" ".join(d[0][1].decode().split()))
-m.logout()
-"#;
-        let port = gw.imaps_port.to_string();
         let ca = gw.ca_path.display().to_string();
         let user = self.user("reader");
-        let (ok, out) = run(
-            "python3",
-            &["-c", SCRIPT],
-            &[
-                ("CA", ca.as_str()),
-                ("PORT", port.as_str()),
-                ("GW_USER", user.as_str()),
-                ("GW_PASSWORD", PASSWORD),
-            ],
-            "",
-        )
-        .await;
+        let login = [("GW_USER", user.as_str()), ("GW_PASSWORD", PASSWORD)];
+        let (ok, lines) = read_inbox(&ca, "localhost", gw.imaps_port, &login).await;
         assert!(
             ok,
-            "reading the INBOX through the gateway failed: {out}\n{}",
+            "reading the INBOX through the gateway failed: {lines:?}\n{}",
             gw.log()
         );
-        out.lines().map(str::to_owned).collect()
+        lines
     }
 
     async fn arrived_through(&self, gw: &support::gateway::Gateway, subject: &str) -> String {
@@ -1161,81 +1108,21 @@ m.logout()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alertmanager_through_the_gateway_process_and_read_back_through_it() {
-    let binary = Path::new("/usr/bin/prometheus-alertmanager");
-    assert!(
-        binary.is_file(),
-        "prometheus-alertmanager is not installed (tools/install-test-deps.sh)"
-    );
     let w = process_world("gw-smtp-process").await;
     let gw = w.gateway("gateway");
-    let web = support::process::reserve_port();
     let dir = w.env.log_dir.path();
-    let config = dir.join("alertmanager.yml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"global:
-  smtp_smarthost: "127.0.0.1:{port}"
-  smtp_from: "{SEND_AS}"
-  smtp_auth_username: "{user}"
-  smtp_auth_password: "{PASSWORD}"
-  smtp_require_tls: true
-route: {{receiver: mail, group_wait: 1s, group_interval: 1s, repeat_interval: 1h}}
-receivers:
-  - name: mail
-    email_configs:
-      - to: "{MAILBOX}"
-        send_resolved: false
-        tls_config: {{ca_file: "{ca}", server_name: localhost}}
-"#,
-            port = gw.submission_port,
-            user = w.user("alertmanager"),
-            ca = gw.ca_path.display()
-        ),
-    )
-    .unwrap();
-    let storage = dir.join("alertmanager-data");
-    std::fs::create_dir_all(&storage).unwrap();
-    let _am = support::process::Supervised::spawn(
-        "alertmanager",
-        binary,
-        &[
-            format!("--config.file={}", config.display()),
-            format!("--storage.path={}", storage.display()),
-            format!("--web.listen-address=127.0.0.1:{web}"),
-            "--cluster.listen-address=".into(),
-        ],
-        &[],
-        dir.join("alertmanager.log"),
+    let (_alertmanager, web) = alertmanager(
+        dir,
+        gw.submission_port,
+        &w.user("alertmanager"),
+        &gw.ca_path,
     );
-    let alerts = format!("http://127.0.0.1:{web}/api/v2/alerts");
-    let body = r#"[{"labels":{"alertname":"GatewayProcessTest"}}]"#;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !run(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            body,
-            &alerts,
-        ],
-        &[],
-        "",
+    post_alert(
+        web,
+        r#"[{"labels":{"alertname":"GatewayProcessTest"}}]"#,
+        dir,
     )
-    .await
-    .0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "Alertmanager took no alert within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    .await;
     let line = w.arrived_through(&gw, "GatewayProcessTest").await;
     assert!(line.contains(SEND_AS), "{line}");
     println!("through the gateway process: {line}");
