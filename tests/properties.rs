@@ -3920,3 +3920,116 @@ fn gateway_smtp_senders_are_the_mailbox_or_a_send_as_address() {
         },
     );
 }
+
+/// How an IMAP string argument is sent.
+#[derive(Clone, Copy, Debug)]
+enum ImapString {
+    Quoted,
+    /// `{n}` CRLF then the bytes (the gateway answers the continuation).
+    Literal,
+    /// `{n+}` (LITERAL+).
+    NonSyncLiteral,
+}
+
+fn imap_string(s: &str, how: ImapString) -> String {
+    match how {
+        ImapString::Quoted => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+        ImapString::Literal => format!("{{{}}}\r\n{s}", s.len()),
+        ImapString::NonSyncLiteral => format!("{{{}+}}\r\n{s}", s.len()),
+    }
+}
+
+/// The IMAP pre-login parser (imap-codec) makes of `LOGIN` and `AUTHENTICATE PLAIN` what was sent:
+/// the tag, and the username and password exactly (quoted with `\"` and `\\` escapes, as a literal or
+/// a LITERAL+), the command word in any case; the SASL-IR of `AUTHENTICATE PLAIN` decoded to its
+/// bytes, which `parse_plain` splits back into the username and password.
+#[test]
+fn gateway_imap_logins_parse_to_what_was_sent() {
+    use base64::Engine as _;
+    use mail_integration_operator::gateway::{
+        imap::{self, Parsed, PreLogin},
+        wire,
+    };
+    let how = prop_oneof![
+        Just(ImapString::Quoted),
+        Just(ImapString::Literal),
+        Just(ImapString::NonSyncLiteral),
+    ];
+    check_branches_cases(
+        "gateway_imap_logins",
+        256,
+        (
+            "[A-Za-z0-9]{1,8}",
+            "[ -~]{1,40}",
+            "[ -~]{1,60}",
+            (how.clone(), how),
+            prop::collection::vec(any::<bool>(), 12),
+            any::<bool>(),
+        ),
+        &[
+            "LOGIN quoted",
+            "LOGIN literal",
+            "LOGIN LITERAL+",
+            "AUTHENTICATE PLAIN",
+        ],
+        |(tag, user, password, (user_how, password_how), flips, authenticate), branches| {
+            if authenticate {
+                let command = flip_case("AUTHENTICATE PLAIN", &flips);
+                let ir = base64::engine::general_purpose::STANDARD
+                    .encode(format!("\0{user}\0{password}"));
+                let parsed = imap::parse(format!("{tag} {command} {ir}\r\n").as_bytes());
+                let Parsed::Command(PreLogin::Authenticate {
+                    tag: t,
+                    plain: true,
+                    initial: Some(initial),
+                }) = parsed
+                else {
+                    return Err(TestCaseError::fail(format!("{parsed:?}")));
+                };
+                prop_assert_eq!(&t, &tag);
+                let (u, p) = wire::parse_plain(&initial).expect("a PLAIN message");
+                prop_assert_eq!(&u, &user);
+                prop_assert_eq!(p.expose(), password.as_str());
+                branches.hit("AUTHENTICATE PLAIN");
+                return Ok(());
+            }
+            let command = flip_case("LOGIN", &flips);
+            let message = format!(
+                "{tag} {command} {} {}\r\n",
+                imap_string(&user, user_how),
+                imap_string(&password, password_how)
+            );
+            match imap::parse(message.as_bytes()) {
+                Parsed::Command(PreLogin::Login {
+                    tag: t,
+                    username,
+                    password: p,
+                }) => {
+                    prop_assert_eq!(&t, &tag);
+                    prop_assert_eq!(&username, &user);
+                    prop_assert_eq!(p.expose(), password.as_str());
+                }
+                other => return Err(TestCaseError::fail(format!("{message:?}: {other:?}"))),
+            }
+            // Cut before a literal's data: the parser asks for it, with its length and mode.
+            if let Some(at) = message.find("}\r\n") {
+                let head = &message[..at + 3];
+                match imap::parse(head.as_bytes()) {
+                    Parsed::Literal { tag: t, sync, .. } => {
+                        prop_assert_eq!(&t, &tag);
+                        prop_assert_eq!(sync, !head.ends_with("+}\r\n"));
+                    }
+                    other => return Err(TestCaseError::fail(format!("{head:?}: {other:?}"))),
+                }
+            }
+            branches.hit(match (user_how, password_how) {
+                (ImapString::NonSyncLiteral, _) | (_, ImapString::NonSyncLiteral) => {
+                    "LOGIN LITERAL+"
+                }
+                (ImapString::Literal, _) | (_, ImapString::Literal) => "LOGIN literal",
+                _ => "LOGIN quoted",
+            });
+            Ok(())
+        },
+    );
+}
