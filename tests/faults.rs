@@ -19,6 +19,9 @@ mod watches;
 #[path = "faults/resolved_mark.rs"]
 mod resolved_mark;
 
+#[path = "faults/state.rs"]
+mod state;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use mail_integration_operator::api::MailIntegration;

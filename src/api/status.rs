@@ -62,6 +62,25 @@ pub struct MailIntegrationStatus {
     /// the operator's gateway credentials (rotationHandled), never by the main status write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<super::GatewayStatus>,
+    /// The backoff after transient failures of the provider (a 429 and its Retry-After, 5xx,
+    /// timeouts): no call of the token endpoint before `until`. Kept here so that a restarted
+    /// operator, or the next leader, waits it out too; written only when it changes, removed by
+    /// the next success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_backoff: Option<ProviderBackoff>,
+}
+
+/// See [`MailIntegrationStatus::provider_backoff`].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderBackoff {
+    /// No call of the token endpoint before this time (the backoff, or the provider's
+    /// Retry-After when longer; believed for at most an hour).
+    pub until: Time,
+    /// Failed attempts in a row: the backoff doubles with each (5 s up to 5 min).
+    pub attempts: u32,
+    /// The reason of the last failure, as in the conditions.
+    pub reason: String,
 }
 
 /// Where to sign in.

@@ -61,6 +61,12 @@ pub(super) async fn act(
             Err(outcome) => Ok(outcome.into()),
         };
     }
+    // A provider's backoff outlives the process that met it (see `super::remembered`).
+    ctx.recall_backoff(
+        uid,
+        mi.status.as_ref().and_then(|s| s.provider_backoff.as_ref()),
+        observed.now,
+    );
     match decide::decide_paced(observed, ctx.backoff(uid), ctx.last_call(uid), ctx.pace) {
         Decision::Hold(Outcome::Idle) if mi.spec.token_secret.template.is_some() => {
             render_again(mi, read, observed, reader)

@@ -164,12 +164,26 @@ impl Context {
         self.backoff.locked().get(uid).copied().unwrap_or_default()
     }
 
+    /// Set (or end: `None`) `uid`'s backoff. An ended one stays known as none, so that
+    /// [`Self::recall_backoff`] does not take it back from a status not updated yet.
     pub(super) fn set_backoff(&self, uid: &str, b: Option<Backoff>) {
-        let mut map = self.backoff.locked();
-        match b {
-            Some(b) => map.insert(uid.to_owned(), b),
-            None => map.remove(uid),
-        };
+        self.backoff
+            .locked()
+            .insert(uid.to_owned(), b.unwrap_or_default());
+    }
+
+    /// The backoff `stored` in `uid`'s status, if this process knows none of its own for it (it
+    /// just started, or just became the leader): see [`super::remembered`].
+    pub(super) fn recall_backoff(
+        &self,
+        uid: &str,
+        stored: Option<&crate::api::ProviderBackoff>,
+        now: Timestamp,
+    ) {
+        self.backoff
+            .locked()
+            .entry(uid.to_owned())
+            .or_insert_with(|| super::remembered::recall(stored, now));
     }
 
     pub(super) fn error_count(&self, mi: &MailIntegration) -> u32 {
@@ -236,7 +250,7 @@ impl Context {
     pub(crate) fn forget(&self, mi: &MailIntegration) {
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);
-            self.set_backoff(&uid, None);
+            self.backoff.locked().remove(&uid);
             self.grant_locks.remove(&uid);
             self.set_pending(&uid, None);
             self.set_resolved_mark(&uid, None);

@@ -18,6 +18,7 @@ pub mod marked;
 mod observe;
 pub mod observed;
 pub mod refresh;
+pub mod remembered;
 mod report;
 pub mod schedule;
 pub mod secrets;

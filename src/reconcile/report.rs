@@ -52,6 +52,11 @@ pub(super) async fn report(
     let now = observed.now;
     let sign_in = sign_in_link(mi, &outcome, ctx, now);
     let mut status = decide::status_after_paced(observed, &outcome, sign_in, ctx.pace);
+    status.provider_backoff = super::remembered::to_status(
+        ctx.backoff(&reader.uid),
+        &outcome,
+        mi.status.as_ref().and_then(|s| s.provider_backoff.as_ref()),
+    );
     let check_token = new_token
         .as_ref()
         .or(observed.token.as_ref())
