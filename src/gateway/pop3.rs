@@ -149,11 +149,7 @@ async fn step(mut conn: Conn, user: &mut Option<String>, command: Command) -> Ou
             Outcome::Close
         }
         Command::Noop | Command::Other => reply(conn, "-ERR Log in first\r\n").await,
-        Command::Stls => {
-            // RFC 2595: the state is discarded.
-            *user = None;
-            stls(conn).await
-        }
+        Command::Stls => stls(conn, user).await,
         Command::User(name) => {
             if !conn.tls.login_allowed() {
                 return privacy_required(conn).await;
@@ -209,13 +205,17 @@ async fn privacy_required(conn: Conn) -> Outcome {
     .await
 }
 
-async fn stls(conn: Conn) -> Outcome {
+async fn stls(conn: Conn, user: &mut Option<String>) -> Outcome {
     let pipelined = "-ERR Data after STLS before the TLS handshake\r\n";
     match conn
         .start_tls(Protocol::Pop3, "+OK Begin TLS negotiation\r\n", pipelined)
         .await
     {
-        TlsStart::Started(conn) => Outcome::Continue(conn),
+        TlsStart::Started(conn) => {
+            // RFC 2595: the state is discarded.
+            *user = None;
+            Outcome::Continue(conn)
+        }
         TlsStart::Unavailable(conn) => reply(conn, "-ERR STLS is not available now\r\n").await,
         TlsStart::Close => Outcome::Close,
     }
