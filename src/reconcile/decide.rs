@@ -30,7 +30,8 @@ pub use super::schedule::{
     refresh_window,
 };
 
-/// Transient-failure memory kept by the operator between reconciles (not persisted: a restart retries).
+/// Transient-failure memory kept by the operator between reconciles, and in the status
+/// (`status.providerBackoff`, see [`super::remembered`]): a restart waits it out too.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backoff {
     pub failures: u32,
@@ -441,14 +442,22 @@ pub fn status_after_paced(
                 // retry.
                 sign_in_failure_conditions(f, s.sign_in.as_ref())
             } else {
+                // An account in the status: there was a grant, and its Secret is gone.
+                let no_grant = match &s.account {
+                    Some(_) => format!(
+                        "the grant Secret {:?} is gone (deleted); the operator does not create a grant from memory",
+                        mi.grant_secret_name()
+                    ),
+                    None => "no grant yet".to_owned(),
+                };
                 let msg = match &s.sign_in {
                     Some(link) => format!(
-                        "no grant yet: open status.signIn.url to sign in as {} (link valid until {})",
+                        "{no_grant}: open status.signIn.url to sign in as {} (link valid until {})",
                         mi.spec.sign_in_account(),
                         fmt_time(link.expires_at.0)
                     ),
                     None => format!(
-                        "no grant yet: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
+                        "{no_grant}: sign in as {} through the operator's sign-in page, or put a refresh_token into Secret {:?}",
                         mi.spec.sign_in_account(),
                         mi.grant_secret_name()
                     ),

@@ -58,6 +58,9 @@ pub async fn store_held(ctx: &Context, deadline: Instant) -> usize {
                     .map_err(|o| match o {
                         Outcome::GrantNotStored { message, .. }
                         | Outcome::PermanentFailure { message, .. } => message,
+                        Outcome::SignInRequired => {
+                            "the grant Secret was deleted: the held token is dropped".to_owned()
+                        }
                         other => format!("{other:?}"),
                     })
             };

@@ -288,7 +288,19 @@ pub(super) async fn refresh(
         .await;
         match stored {
             Ok(Stored::Stored(version)) => grant_version = version,
-            Ok(Stored::Superseded) => {}
+            Ok(Stored::Superseded) => {
+                // A sign-in replaced the grant during this refresh: this answer's access token
+                // belongs to the grant it replaced and is not published. The sign-in's write
+                // brings the next reconcile, which decides with the new grant.
+                info!(
+                    "a sign-in replaced the grant during the refresh; its access token is not published"
+                );
+                return RefreshResult {
+                    outcome: Outcome::Requeue(Duration::from_secs(1)),
+                    published: None,
+                    grant_version: None,
+                };
+            }
             Err(StoreError::GiveUp { reason, message }) => {
                 warn!(reason = reason.as_str(), %message, "the refreshed grant cannot be stored");
                 ctx.set_backoff(&uid, None);
@@ -299,6 +311,14 @@ pub(super) async fn refresh(
                     },
                     published: None,
                     grant_version,
+                };
+            }
+            Err(StoreError::Deleted) => {
+                ctx.set_backoff(&uid, None);
+                return RefreshResult {
+                    outcome: Outcome::SignInRequired,
+                    published: None,
+                    grant_version: None,
                 };
             }
             Err(StoreError::NotStored { message }) => {
@@ -383,6 +403,11 @@ pub(super) async fn store_pending(
                 reason: reason.as_str().into(),
                 message,
             })
+        }
+        Err(StoreError::Deleted) => {
+            ctx.set_pending(&uid, None);
+            ctx.set_backoff(&uid, None);
+            Err(Outcome::SignInRequired)
         }
         Err(StoreError::NotStored { message }) => {
             let (b, retry_in) = next_backoff(ctx.backoff(&uid), None, now);

@@ -180,6 +180,10 @@ pub enum StoreError {
     /// Not now (API server unreachable, refused by RBAC, a webhook or a quota...): keep the token
     /// in memory and try again.
     NotStored { message: String },
+    /// The grant Secret is gone: someone deleted it (to end the grant, or a GitOps prune) while
+    /// the refresh was in flight or its token held in memory. The operator does not create a grant
+    /// Secret from memory: the token is dropped, and the integration asks for a sign-in.
+    Deleted,
 }
 
 fn describe(e: &kube::Error) -> String {
@@ -223,7 +227,7 @@ fn give_up(e: &kube::Error, name: &str) -> Option<StoreError> {
 /// refresh token other than `presented` (the one this refresh sent) and other than `new_token`, a
 /// sign-in replaced the grant meanwhile and wins ([`Stored::Superseded`]); otherwise the new token
 /// goes on top of what is there. Other failures are retried with jittered backoff for
-/// [`STORE_DEADLINE`].
+/// [`STORE_DEADLINE`]. A grant Secret that is gone is not created again ([`StoreError::Deleted`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn store_after_refresh(
     mi: &MailIntegration,
@@ -252,13 +256,13 @@ pub async fn store_after_refresh(
     };
     let mut last = String::from("no attempt finished in time");
     loop {
-        let desired = grant_secret(mi, base.as_ref(), new_token, &keys);
-        let write = async {
-            match &base {
-                Some(_) => api.replace(&name, &pp, &desired).await,
-                None => api.create(&pp, &desired).await,
-            }
+        // Only a grant Secret that exists is written: one that went away is not brought back.
+        let Some(current) = base.as_ref() else {
+            warn!(secret = %name, "the grant Secret was deleted; the refreshed token is dropped, not written into a new one");
+            return Err(StoreError::Deleted);
         };
+        let desired = grant_secret(mi, Some(current), new_token, &keys);
+        let write = api.replace(&name, &pp, &desired);
         let result = tokio::time::timeout_at(deadline, write).await;
         let conflict = match result {
             Err(_elapsed) => {

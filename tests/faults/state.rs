@@ -100,3 +100,131 @@ async fn a_rate_limited_provider_is_not_called_again_after_a_restart() {
         condition(&ready, "Ready")
     );
 }
+
+/// The grant Secret deleted while the provider's answer to a rotating refresh is on its way (a
+/// user ending the grant, a GitOps prune): the operator does not create it again from the token
+/// it holds. The integration asks for a sign-in, saying the grant Secret is gone, and the Secret
+/// stays gone. On main the store after the refresh met 404, read nothing, and created the grant
+/// Secret anew with the rotated token: the deletion was undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_secret_deleted_during_a_refresh_is_not_recreated() {
+    let env = faults_env("grant-deleted", long_lived_server()).await;
+    let op = env.operator("operator");
+    env.ready_integration(&op, "inbox").await;
+    let grant = "inbox-oauth-grant";
+    after_the_provider_answers(
+        &env,
+        || force_refresh_blocking(&env, "inbox"),
+        || {
+            env.cp
+                .kubectl(&["delete", "secret", grant, "-n", &env.ns, "--wait=false"]);
+        },
+    );
+    let mi = env
+        .wait_for(
+            "inbox",
+            "a sign-in asked for, the grant Secret gone",
+            Duration::from_secs(30),
+            &op,
+            |mi| {
+                condition(mi, "Ready") == Some(("False", "SignInRequired"))
+                    && condition_message(mi, "Ready").contains("is gone")
+            },
+        )
+        .await;
+    // Not brought back later either (the next reconciles, the held-token path).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        assert!(
+            env.secrets().get_opt(grant).await.unwrap().is_none(),
+            "the deleted grant Secret was created again:\n{}",
+            tail(&op.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        mi.status.as_ref().unwrap().sign_in.is_some(),
+        "a sign-in link is offered: {:?}",
+        mi.status
+    );
+    eprintln!(
+        "grant deleted during a refresh: {:?}",
+        condition_message(&mi, "Ready")
+    );
+}
+
+/// A sign-in (here: a new grant put into the grant Secret, as a sign-in stores it) lands while the
+/// provider's answer to a refresh of the old grant is on its way: the new grant is kept, and the
+/// access token of that answer (the old grant's) is not published; the next refresh uses the new
+/// grant. On main the refresh found the new grant, kept it, and published the old grant's access
+/// token all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_loses_to_a_sign_in_publishes_nothing() {
+    let env = faults_env("superseded", long_lived_server()).await;
+    let op = env.operator("operator");
+    env.ready_integration(&op, "inbox").await;
+    let published = env.data("inbox-token", "access_token").await.unwrap();
+    let new_grant = env.server.obtain_grant("alice").await;
+    let patch = serde_json::json!({"stringData": {"refresh_token": new_grant.refresh_token()}});
+    after_the_provider_answers(
+        &env,
+        || force_refresh_blocking(&env, "inbox"),
+        || {
+            env.cp.kubectl(&[
+                "patch",
+                "secret",
+                "inbox-oauth-grant",
+                "-n",
+                &env.ns,
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ]);
+            // The refresh with the new grant that follows fails, so that only the superseded
+            // answer could change the published token.
+            env.proxy.set_fault(Fault::ServiceUnavailable);
+        },
+    );
+    let faulted = env.proxy.faulted_requests();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.proxy.faulted_requests() == faulted {
+        assert!(
+            Instant::now() < deadline,
+            "no refresh with the new grant within 30 s:\n{}",
+            tail(&op.log(), 30)
+        );
+        assert_eq!(
+            env.data("inbox-token", "access_token").await.as_deref(),
+            Some(published.as_str()),
+            "the superseded refresh published the old grant's access token:\n{}",
+            tail(&op.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        env.data("inbox-token", "access_token").await.as_deref(),
+        Some(published.as_str())
+    );
+    assert_eq!(
+        env.data("inbox-oauth-grant", "refresh_token")
+            .await
+            .as_deref(),
+        Some(new_grant.refresh_token()),
+        "the new grant is kept"
+    );
+    env.proxy.clear_fault();
+    env.wait_for("inbox", "Ready", Duration::from_secs(60), &op, |mi| {
+        is_ready(mi)
+            && mi
+                .status
+                .as_ref()
+                .and_then(|s| s.provider_backoff.as_ref())
+                .is_none()
+    })
+    .await;
+    assert_eq!(
+        env.proxy.reused_at_upstream(),
+        Vec::<String>::new(),
+        "a refresh token reached the provider twice"
+    );
+}
