@@ -247,6 +247,17 @@ impl Context {
         }
     }
 
+    /// Whether anything of `uid` is remembered in the per-integration maps.
+    #[cfg(test)]
+    pub(super) fn remembers(&self, uid: &str) -> bool {
+        self.backoff.locked().contains_key(uid)
+            || self.pending.locked().contains_key(uid)
+            || self.resolved_marks.locked().contains_key(uid)
+            || self.seen_marks.locked().contains_key(uid)
+            || self.errors.locked().contains_key(uid)
+            || self.last_calls.locked().contains_key(uid)
+    }
+
     pub(crate) fn forget(&self, mi: &MailIntegration) {
         if let Some(uid) = mi.uid() {
             self.mailbox.forget(&uid);

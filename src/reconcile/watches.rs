@@ -228,6 +228,17 @@ pub async fn run(
     }
 }
 
+/// What the process remembers of an integration (backoff, held grants, marks, last calls) goes
+/// with its deletion. An integration without the finalizer (no `revokeOnDelete`) is never
+/// reconciled once deleted, so its watch event is the one place that sees it go. (One deleted
+/// while a watch was down comes back in a re-list as absent, with no event: its memory stays
+/// until the process ends.)
+fn forget_deleted(ctx: &Context, event: &watcher::Event<MailIntegration>) {
+    if let watcher::Event::Delete(mi) = event {
+        ctx.forget(mi);
+    }
+}
+
 /// `Api` of `namespace`, or of all namespaces.
 fn scoped_api<K>(client: kube::Client, namespace: &Option<String>) -> Api<K>
 where
@@ -269,13 +280,18 @@ async fn run_one(
         scoped_api(watch_client(&ctx.client, &watching_marked), &namespace);
     // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
     let (store, writer) = reflector::store();
+    let deleted = ctx.clone();
     let integration_events = reflector(
         writer,
         observed(
             &watching_integrations,
             watcher(integrations, initial.config()).backoff(watch_backoff()),
         )
-        .modify(cache::trim_integration),
+        .modify(cache::trim_integration)
+        .map_ok(move |event| {
+            forget_deleted(&deleted, &event);
+            event
+        }),
     )
     .applied_objects();
     // Per-object metrics are read from this cache at scrape time, while this controller runs.
@@ -358,4 +374,53 @@ async fn run_one(
         .run(reconcile, error_policy, scoped)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::decide::Backoff;
+
+    /// A Context whose Kubernetes client reaches nothing.
+    fn offline_context() -> Context {
+        let client = kube::Client::new(
+            tower::service_fn(|_: http::Request<kube::client::Body>| async {
+                Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("offline"))
+            }),
+            "default",
+        );
+        let oauth = crate::oauth::OAuthClient::new().unwrap();
+        let providers = crate::provider::ProviderResolver::new(oauth.http_client().clone());
+        Context::new(client, oauth, providers, Arc::default())
+    }
+
+    fn integration(uid: &str) -> MailIntegration {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+            "metadata": {"name": "inbox", "namespace": "team", "uid": uid},
+            "spec": {"provider": "Google", "mailbox": {"address": "a@example.test"},
+                "oauth": {"clientSecretRef": {"name": "c"}}, "tokenSecret": {"name": "t"}}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_integration_deleted_without_a_finalizer_is_forgotten() {
+        let ctx = offline_context();
+        let (gone, kept) = (integration("u-gone"), integration("u-kept"));
+        for uid in ["u-gone", "u-kept"] {
+            ctx.set_backoff(
+                uid,
+                Some(Backoff {
+                    failures: 2,
+                    not_before: Some(jiff::Timestamp::now()),
+                }),
+            );
+            ctx.note_call(uid, jiff::Timestamp::now());
+        }
+        forget_deleted(&ctx, &watcher::Event::Apply(kept.clone()));
+        forget_deleted(&ctx, &watcher::Event::Delete(gone));
+        assert!(!ctx.remembers("u-gone"));
+        assert!(ctx.remembers("u-kept"));
+    }
 }
