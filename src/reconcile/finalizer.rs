@@ -7,6 +7,7 @@ use crate::{
     api::MailIntegration,
     oauth::{Carrying, RevokeOutcome, TokenTypeHint},
     provider::TokenOperation,
+    secret::SecretValue,
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
@@ -168,6 +169,19 @@ pub async fn finalize(
     Ok(Action::await_change())
 }
 
+/// The refresh token that is live at the provider: the one `stored` in the grant Secret, unless
+/// a refresh that presented it got a rotated one that is `held` in memory, not stored yet
+/// (`GrantNotStored`): then `stored` is spent, and revoking it would leave the live one working.
+pub fn live_refresh_token<'a>(
+    stored: &'a SecretValue,
+    held: Option<&'a super::refresh::PendingGrant>,
+) -> &'a SecretValue {
+    match held {
+        Some(h) if h.presented == *stored => &h.refresh_token,
+        _ => stored,
+    }
+}
+
 /// Why nothing was revoked.
 enum NotRevoked {
     /// No grant is stored.
@@ -237,13 +251,45 @@ async fn revoke(
             carrying,
         )
         .map_err(NotRevoked::Refused)?;
+    let held = ctx.pending(&mi.uid().unwrap_or_default());
     ctx.oauth
         .revoke(
             &bound,
-            &grant.refresh_token,
+            live_refresh_token(&grant.refresh_token, held.as_ref()),
             TokenTypeHint::RefreshToken,
             Timestamp::now(),
         )
         .await
         .map_err(|e| failed(&e))
+}
+
+#[cfg(test)]
+mod live_token_tests {
+    use super::*;
+    use crate::reconcile::refresh::PendingGrant;
+
+    #[test]
+    fn a_rotation_held_in_memory_is_revoked_not_the_spent_token() {
+        let spent = SecretValue::new("rt-1");
+        let live = SecretValue::new("rt-2");
+        let mi: MailIntegration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
+            "metadata": {"name": "inbox", "namespace": "team", "uid": "u"},
+            "spec": {"provider": "Google", "mailbox": {"address": "a@example.test"},
+                "oauth": {"clientSecretRef": {"name": "c"}}, "tokenSecret": {"name": "t"}}
+        }))
+        .unwrap();
+        let held = PendingGrant {
+            integration: Box::new(mi),
+            presented: spent.clone(),
+            refresh_token: live.clone(),
+            rotated: true,
+            extra: vec![],
+        };
+        assert_eq!(live_refresh_token(&spent, Some(&held)), &live);
+        assert_eq!(live_refresh_token(&spent, None), &spent);
+        // A grant stored since (a sign-in): the held token belongs to the grant it replaced.
+        let signed_in = SecretValue::new("rt-new");
+        assert_eq!(live_refresh_token(&signed_in, Some(&held)), &signed_in);
+    }
 }
