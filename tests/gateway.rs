@@ -17,3 +17,6 @@ mod imap_pop3;
 
 #[path = "gateway/operator_gateway.rs"]
 mod operator_gateway;
+
+#[path = "gateway/upstream_tls.rs"]
+mod upstream_tls;

@@ -16,6 +16,7 @@ use tokio::{
 mod imap;
 mod lines;
 mod pop3;
+pub mod tls_configs;
 
 use lines::Lines;
 
@@ -268,7 +269,8 @@ fn is_loopback(host: &str) -> bool {
 
 /// Open a connection to `server`: check the host against `allowed`, resolve it once and check
 /// every address, connect, and for implicit TLS run the handshake (certificate verified against
-/// the public roots plus `ca_pem`). For `StartTls` the stream is plain: the caller speaks the
+/// the public roots plus `ca_pem`; the TLS configuration and its session cache are shared by
+/// every connection with the same `ca_pem`, [`tls_configs`]). For `StartTls` the stream is plain: the caller speaks the
 /// protocol's STARTTLS and then calls [`TlsUpgrade::upgrade`]. `None` only for loopback.
 pub async fn open_stream(
     server: &UpstreamServer,
@@ -291,12 +293,9 @@ pub async fn open_stream(
     if server.port == 0 {
         return Err(UpstreamError::Protocol("port 0 is not a TCP port".into()));
     }
-    let extra_cas = match ca_pem {
-        Some(pem) if !pem.trim().is_empty() => tls::parse_ca_pem(pem.as_bytes())?,
-        _ => Vec::new(),
-    };
     let upgrade = TlsUpgrade {
-        config: tls::client_config(&extra_cas)?,
+        // Cached per CA bundle: later logins to the same server resume their TLS session.
+        config: tls_configs::client_config(ca_pem)?,
         host: host.to_owned(),
         port: server.port,
     };
