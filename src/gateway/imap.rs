@@ -234,7 +234,11 @@ pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx:
             return;
         }
         commands = commands.saturating_add(1);
-        let parsed = match Conn::timed(&ctx, Protocol::Imap, read_command(&mut conn)).await {
+        // The pre-login steps' futures are boxed: their state (a TLS handshake, the upstream
+        // set-up) is large and short-lived, and would otherwise size this future, which an idle
+        // relayed session keeps for hours (docs/gateway.md "Capacity").
+        let read = Box::pin(Conn::timed(&ctx, Protocol::Imap, read_command(&mut conn)));
+        let parsed = match read.await {
             Ok(parsed) => parsed,
             Err(ending) => {
                 let farewell = match ending {
@@ -247,14 +251,16 @@ pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx:
             }
         };
         let next = match parsed {
-            Parsed::Command(PreLogin::StartTls { tag }) => match starttls(conn, &tag).await {
-                Some(upgraded) => {
-                    conn = upgraded;
-                    Next::Continue
+            Parsed::Command(PreLogin::StartTls { tag }) => {
+                match Box::pin(starttls(conn, &tag)).await {
+                    Some(upgraded) => {
+                        conn = upgraded;
+                        Next::Continue
+                    }
+                    None => return,
                 }
-                None => return,
-            },
-            Parsed::Command(command) => match command_step(&mut conn, command).await {
+            }
+            Parsed::Command(command) => match Box::pin(command_step(&mut conn, command)).await {
                 Step::Next(next) => next,
                 Step::LoggedIn(session) => {
                     session.run(conn).await;

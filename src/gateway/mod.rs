@@ -437,7 +437,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             let (stream, tls) = if port.implicit_tls {
-                let handshake = acceptor.accept(tcp);
+                // Boxed, as each protocol's session below: the task keeps only what the phase it
+                // is in needs (an idle relayed session is small; docs/gateway.md "Capacity").
+                let handshake = Box::pin(acceptor.accept(tcp));
                 match tokio::time::timeout(ctx.bounds.pre_login_idle, handshake).await {
                     Ok(Ok(tls)) => (
                         ClientStream::Tls(Box::new(tls)),
@@ -476,19 +478,17 @@ pub async fn serve(
     ctx: Arc<Ctx>,
 ) {
     match protocol {
-        Protocol::Imap => imap::serve(stream, source, tls, ctx).await,
-        Protocol::Pop3 => pop3::serve(stream, source, tls, ctx).await,
+        Protocol::Imap => Box::pin(imap::serve(stream, source, tls, ctx)).await,
+        Protocol::Pop3 => Box::pin(pop3::serve(stream, source, tls, ctx)).await,
         Protocol::Smtp => {
-            let ended = ctx
-                .smtp
-                .serve(smtp::Connection {
-                    stream: Box::new(stream),
-                    source,
-                    tls: tls.tls,
-                    starttls: tls.starttls,
-                    plaintext_auth: tls.plaintext_login,
-                })
-                .await;
+            let ended = Box::pin(ctx.smtp.serve(smtp::Connection {
+                stream: Box::new(stream),
+                source,
+                tls: tls.tls,
+                starttls: tls.starttls,
+                plaintext_auth: tls.plaintext_login,
+            }))
+            .await;
             tracing::debug!(source = %source, protocol = "SMTP", ended = ?ended, "SMTP connection ended");
         }
     }
