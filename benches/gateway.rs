@@ -263,6 +263,22 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time (user + system, all threads, living and gone) of a process, in seconds. /proc's
+/// clock ticks are USER_HZ, 100 a second on Linux whatever the kernel's HZ.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses, which may hold spaces): state is field 3, utime 14.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -273,14 +289,29 @@ fn load_average() -> String {
 }
 
 /// Raise this process's open-file limit; Dovecot and the gateway, started from it, inherit it.
-fn raise_nofile(want: u64) -> u64 {
+/// Raising the hard limit takes CAP_SYS_RESOURCE (being root is not enough: a container's
+/// capability set may lack it); without it the soft limit goes up to the hard one. The limit
+/// reached and, if short of `want`, why.
+fn raise_nofile(want: u64) -> (u64, Option<String>) {
     use rlimit::Resource;
     let (soft, hard) = Resource::NOFILE.get().expect("getrlimit");
     let target = want.max(soft);
-    if Resource::NOFILE.set(target, hard.max(target)).is_err() {
-        let _ = rlimit::increase_nofile_limit(u64::MAX);
-    }
-    Resource::NOFILE.get().map(|(s, _)| s).unwrap_or(soft)
+    let refused = match Resource::NOFILE.set(target, hard.max(target)) {
+        Ok(()) => None,
+        Err(e) => {
+            let _ = rlimit::increase_nofile_limit(u64::MAX);
+            Some(format!(
+                "raising the hard limit {hard} to {target}: {e} (needs CAP_SYS_RESOURCE)"
+            ))
+        }
+    };
+    let now = Resource::NOFILE.get().map(|(s, _)| s).unwrap_or(soft);
+    (now, refused.filter(|_| now < want))
+}
+
+/// Descriptors a process holds now.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 #[tokio::main]
@@ -290,14 +321,15 @@ async fn main() {
     let wanted: usize = env_or("MIO_BENCH_GATEWAY_SESSIONS", 10_000);
     let per_session: usize = env_or("MIO_BENCH_GATEWAY_PER_SESSION", 5);
     let window = Duration::from_secs(seconds);
-    let nofile = raise_nofile(65_536);
+    // The gateway holds two descriptors a session (the app's and the upstream one) besides its
+    // own; the bench one a session.
+    let want_fds = u64::try_from(wanted).unwrap_or(u64::MAX).saturating_mul(2) + 1000;
+    let (nofile, short) = raise_nofile(want_fds.max(65_536));
     println!("gateway nofile_limit {nofile}");
-    // The gateway holds two descriptors a session (the app's and the upstream one): without the
-    // privilege to raise the hard limit, fewer sessions than wanted fit.
-    let fd_cap = usize::try_from(nofile.saturating_sub(200) / 2).unwrap_or(usize::MAX);
-    let sessions = wanted.min(fd_cap);
+    if let Some(why) = &short {
+        eprintln!("gateway bench: fewer descriptors than {want_fds}: {why}");
+    }
     println!("gateway idle_sessions_wanted {wanted}");
-    println!("gateway idle_sessions_fd_cap {fd_cap}");
     println!("gateway load_average_start {}", load_average());
 
     // oidc-provider (tokens of 1 h), Dovecot validating them by introspection, delivering.
@@ -374,7 +406,7 @@ async fn main() {
         .await
         .expect("gateway Secret");
     let cert = support::gateway::certificate(env.log_dir.path());
-    let max_sessions = (sessions + 100).to_string();
+    let max_sessions = (wanted + 100).to_string();
     let gw = support::gateway::Gateway::start(
         "gateway-bench",
         &env.cp.kubeconfig,
@@ -382,11 +414,24 @@ async fn main() {
         &cert,
         &[
             &format!("--max-sessions-per-credential={max_sessions}"),
-            &format!("--max-connections={}", 2 * sessions + 1000),
+            &format!("--max-connections={}", 2 * wanted + 1000),
+            // The session phase connects every session first and logs them in after: the first
+            // ones wait longer than the default 30 s before their login.
+            "--pre-login-idle=10m",
         ],
         env.log_dir.path(),
     );
     let gw_pid = gw.process.child_pid().expect("gateway pid");
+    // Without the privilege to raise the hard limit, fewer sessions than wanted may fit beside
+    // the gateway's own descriptors (listeners, the API server's connections, logs).
+    let gw_fds = open_fds(gw_pid);
+    let fd_cap = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(gw_fds + 16)
+        / 2;
+    let sessions = wanted.min(fd_cap);
+    println!("gateway gateway_own_fds {gw_fds}");
+    println!("gateway idle_sessions_fd_cap {fd_cap}");
     let gw_ca = std::fs::read(&gw.ca_path).expect("gateway CA");
     let tls = Arc::new(Tls::new(&[&dovecot.ca_pem, &gw_ca]));
 
@@ -423,26 +468,58 @@ async fn main() {
     println!("gateway concurrency {concurrency}");
     println!("gateway window_s {seconds}");
 
-    // IMAP logins/s.
-    let imap = |port: u16, login: Arc<String>| {
-        let tls = tls.clone();
+    let paths = Paths {
+        tls: tls.clone(),
+        gw_pid,
+        imap_direct: (dovecot.imaps_port, imap_direct),
+        imap_gateway: (gw.imaps_port, imap_gateway.clone()),
+        smtp_direct: (dovecot.submissions_port, smtp_direct),
+        smtp_gateway: (gw.submissions_port, smtp_gateway),
+    };
+    if seconds > 0 {
+        rates(&paths, concurrency, window, per_session, &dovecot).await;
+    }
+    if sessions > 0 {
+        idle_sessions(&paths, sessions, wanted, idle_rss).await;
+    }
+    println!("gateway load_average_end {}", load_average());
+    drop(gw);
+    drop(dovecot);
+}
+
+/// Where each path's clients go, and how they log in.
+struct Paths {
+    tls: Arc<Tls>,
+    gw_pid: u32,
+    imap_direct: (u16, Arc<String>),
+    imap_gateway: (u16, Arc<String>),
+    smtp_direct: (u16, Arc<String>),
+    smtp_gateway: (u16, Arc<String>),
+}
+
+/// IMAP logins/s and SMTP messages/s on both paths, with the gateway's CPU per operation.
+async fn rates(
+    paths: &Paths,
+    concurrency: usize,
+    window: Duration,
+    per_session: usize,
+    dovecot: &Dovecot,
+) {
+    let gw_pid = paths.gw_pid;
+    let imap = |(port, login): (u16, Arc<String>)| {
+        let tls = paths.tls.clone();
         move || {
             let (tls, login) = (tls.clone(), login.clone());
             async move { imap_login_logout(&tls, port, &login).await.map(|()| 1) }
         }
     };
-    let (direct, direct_failed) = rate(
-        concurrency,
-        window,
-        imap(dovecot.imaps_port, imap_direct.clone()),
-    )
-    .await;
-    let (through, through_failed) = rate(
-        concurrency,
-        window,
-        imap(gw.imaps_port, imap_gateway.clone()),
-    )
-    .await;
+    let (direct, direct_failed) = rate(concurrency, window, imap(paths.imap_direct.clone())).await;
+    let cpu_before = cpu_s(gw_pid);
+    let started = Instant::now();
+    let (through, through_failed) =
+        rate(concurrency, window, imap(paths.imap_gateway.clone())).await;
+    let logins = through * started.elapsed().as_secs_f64();
+    let cpu = cpu_s(gw_pid) - cpu_before;
     println!("gateway imap_logins_per_s_direct {direct:.1}");
     println!("gateway imap_logins_per_s_gateway {through:.1}");
     println!(
@@ -453,13 +530,17 @@ async fn main() {
         "gateway imap_login_ratio {:.2} target>=0.8",
         through / direct
     );
+    println!(
+        "gateway imap_gateway_cpu_ms_per_login {:.2}",
+        cpu * 1000.0 / logins.max(1.0)
+    );
 
     // SMTP messages/s, one session per message and `per_session` per session.
     let sent = Arc::new(AtomicU64::new(2));
     let mut failures = 0;
     for (label, count) in [("1", 1), ("n", per_session)] {
-        let smtp = |port: u16, auth: Arc<String>, path: &'static str| {
-            let (tls, sent) = (tls.clone(), sent.clone());
+        let smtp = |(port, auth): (u16, Arc<String>), path: &'static str| {
+            let (tls, sent) = (paths.tls.clone(), sent.clone());
             move || {
                 let (tls, auth, sent) = (tls.clone(), auth.clone(), sent.clone());
                 async move {
@@ -472,15 +553,19 @@ async fn main() {
         let (direct, f1) = rate(
             concurrency,
             window,
-            smtp(dovecot.submissions_port, smtp_direct.clone(), "direct"),
+            smtp(paths.smtp_direct.clone(), "direct"),
         )
         .await;
+        let cpu_before = cpu_s(gw_pid);
+        let started = Instant::now();
         let (through, f2) = rate(
             concurrency,
             window,
-            smtp(gw.submissions_port, smtp_gateway.clone(), "gateway"),
+            smtp(paths.smtp_gateway.clone(), "gateway"),
         )
         .await;
+        let messages = through * started.elapsed().as_secs_f64();
+        let cpu = cpu_s(gw_pid) - cpu_before;
         failures += f1 + f2;
         let per = if label == "1" {
             "1".to_owned()
@@ -493,6 +578,10 @@ async fn main() {
         println!(
             "gateway smtp_ratio_{label} {:.2} target>=0.8",
             through / direct
+        );
+        println!(
+            "gateway smtp_gateway_cpu_ms_per_message_{label} {:.2}",
+            cpu * 1000.0 / messages.max(1.0)
         );
     }
     println!("gateway smtp_failures {failures} target=0");
@@ -507,29 +596,33 @@ async fn main() {
     println!("gateway smtp_delivered {delivered} target={accepted}");
     let (rss, _) = rss_mib(gw_pid);
     println!("gateway after_rates_rss_mib {rss:.1}");
+}
 
-    // Idle logged-in IMAP sessions through the gateway.
-    let start = Instant::now();
-    let open = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(sessions)));
+/// Runs `op(i)` for i in 0..n, 64 at a time; the successes, in no particular order.
+async fn in_parallel<T, F, Fut>(n: usize, what: &'static str, op: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<T>> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let (tls, open, next, failed, login) = (
-            tls.clone(),
-            open.clone(),
-            next.clone(),
-            failed.clone(),
-            imap_gateway.clone(),
-        );
-        let port = gw.imaps_port;
+        let (op, done, next, failed) = (op.clone(), done.clone(), next.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < sessions as u64 {
-                match imap_login(&tls, port, &login).await {
-                    Ok(conn) => open.lock().await.push(conn),
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    return;
+                }
+                match op(i).await {
+                    Ok(t) => done.lock().await.push(t),
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                            eprintln!("idle session failed: {e}");
+                            eprintln!("{what} failed: {e}");
                         }
                     }
                 }
@@ -539,10 +632,65 @@ async fn main() {
     for t in tasks {
         t.await.expect("session task");
     }
+    let mut done = done.lock().await;
+    std::mem::take(&mut *done)
+}
+
+/// Idle logged-in IMAP sessions through the gateway: first connected (TLS, greeting; a pre-login
+/// session holds no upstream connection), then logged in, then closed; the gateway's RSS at each
+/// stage.
+async fn idle_sessions(paths: &Paths, sessions: usize, wanted: usize, idle_rss: f64) {
+    let gw_pid = paths.gw_pid;
+    let (port, login) = paths.imap_gateway.clone();
+    let start = Instant::now();
+    let tls = paths.tls.clone();
+    let connected = in_parallel(sessions, "connecting a session", move |_| {
+        let tls = tls.clone();
+        async move {
+            let mut conn = tls.connect(port).await?;
+            let mut greeting = String::new();
+            conn.read_line(&mut greeting).await?;
+            if !greeting.starts_with("* OK") {
+                return Err(io_error(format!("greeting {greeting:?}")));
+            }
+            Ok(conn)
+        }
+    })
+    .await;
+    let connected_s = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (pre_login_rss, _) = rss_mib(gw_pid);
+    let pre = connected.len();
+    println!("gateway pre_login_sessions {pre}");
+    println!("gateway pre_login_sessions_open_s {connected_s:.1}");
+    println!("gateway pre_login_rss_mib {pre_login_rss:.1}");
+    println!(
+        "gateway rss_per_pre_login_session_kib {:.1}",
+        (pre_login_rss - idle_rss) * 1024.0 / pre.max(1) as f64
+    );
+
+    let start = Instant::now();
+    let waiting = Arc::new(std::sync::Mutex::new(connected));
+    let logged_in = in_parallel(pre, "logging a session in", move |_| {
+        let (waiting, login) = (waiting.clone(), login.clone());
+        async move {
+            let conn = waiting.lock().expect("sessions").pop();
+            let mut conn = conn.ok_or_else(|| io_error("no session left".into()))?;
+            conn.get_mut()
+                .write_all(format!("a {login}\r\n").as_bytes())
+                .await?;
+            let answer = imap_tagged(&mut conn, "a").await?;
+            if !answer.starts_with("a OK") {
+                return Err(io_error(format!("login answered {answer:?}")));
+            }
+            Ok(conn)
+        }
+    })
+    .await;
     let opened_s = start.elapsed().as_secs_f64();
     // Settle, then check the sessions are alive: a NOOP on a sample of them.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut open = open.lock().await;
+    let mut open = logged_in;
     let mut alive_sample = 0;
     let sample = open.len().min(100);
     let step = (open.len() / sample.max(1)).max(1);
@@ -558,28 +706,35 @@ async fn main() {
     let (rss, hwm) = rss_mib(gw_pid);
     let n = open.len();
     println!("gateway idle_sessions_open {n} target={wanted}");
-    println!(
-        "gateway idle_sessions_failed {}",
-        failed.load(Ordering::Relaxed)
-    );
+    println!("gateway idle_sessions_failed {}", sessions - n);
     println!("gateway idle_sessions_noop_ok {alive_sample}/{sample}");
-    println!("gateway idle_sessions_open_s {opened_s:.1}");
+    println!("gateway idle_sessions_login_s {opened_s:.1}");
     println!("gateway sessions_rss_mib {rss:.1} target<=256");
     println!("gateway sessions_hwm_mib {hwm:.1}");
     // jemalloc hands freed pages (the TLS handshakes', the logins') back after its 10 s decay.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let (settled, _) = rss_mib(gw_pid);
+    let per_session = (settled - idle_rss) * 1024.0 / n.max(1) as f64;
     println!("gateway sessions_rss_settled_mib {settled:.1} target<=256");
-    println!(
-        "gateway rss_per_session_settled_kib {:.1}",
-        (settled - idle_rss) * 1024.0 / n.max(1) as f64
-    );
+    println!("gateway rss_per_session_settled_kib {per_session:.1}");
     println!(
         "gateway rss_per_session_kib {:.1}",
         (rss - idle_rss) * 1024.0 / n.max(1) as f64
     );
-    println!("gateway load_average_end {}", load_average());
+    println!(
+        "gateway rss_per_session_upstream_side_kib {:.1}",
+        (settled - pre_login_rss) * 1024.0 / n.max(1) as f64
+    );
+    if n < wanted {
+        // Fewer than wanted fitted under the descriptor limit: the same per-session cost at the
+        // wanted number, marked as a projection.
+        println!(
+            "gateway sessions_rss_projected_mib {:.1} sessions={wanted} target<=256",
+            idle_rss + per_session * wanted as f64 / 1024.0
+        );
+    }
     drop(open);
-    drop(gw);
-    drop(dovecot);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (closed, _) = rss_mib(gw_pid);
+    println!("gateway closed_sessions_rss_mib {closed:.1}");
 }
