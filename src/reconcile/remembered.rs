@@ -18,7 +18,9 @@ pub fn to_status(
     outcome: &Outcome,
     stored: Option<&ProviderBackoff>,
 ) -> Option<ProviderBackoff> {
-    let until = backoff.not_before.filter(|_| backoff.failures > 0)?;
+    // The status holds whole seconds (metav1.Time): rounded up, so that a process reading it
+    // back never calls sooner, and compared as stored, so that it is written only when it changes.
+    let until = whole_second_up(backoff.not_before.filter(|_| backoff.failures > 0)?);
     if let Some(s) = stored
         && s.until.0 == until
         && s.attempts == backoff.failures
@@ -35,6 +37,17 @@ pub fn to_status(
         attempts: backoff.failures,
         reason,
     })
+}
+
+/// `t` rounded up to the whole second.
+fn whole_second_up(t: Timestamp) -> Timestamp {
+    if t.subsec_nanosecond() == 0 {
+        return t;
+    }
+    t.as_second()
+        .checked_add(1)
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .unwrap_or(t)
 }
 
 /// The backoff `stored` in the status means at `now`. The status is written by whoever may
@@ -96,6 +109,28 @@ mod tests {
             None
         );
         assert_eq!(recall(None, t(0)), Backoff::default());
+    }
+
+    #[test]
+    fn a_backoff_read_back_from_the_api_server_is_not_written_again() {
+        // The API server keeps whole seconds: what the next reconcile compares with.
+        let b = Backoff {
+            failures: 1,
+            not_before: Some(
+                t(600)
+                    .checked_add(jiff::SignedDuration::from_millis(250))
+                    .unwrap(),
+            ),
+        };
+        let written = to_status(b, &transient("RateLimited"), None).unwrap();
+        assert_eq!(written.until.0, t(601), "rounded up, never sooner");
+        let stored: ProviderBackoff =
+            serde_json::from_value(serde_json::to_value(&written).unwrap()).unwrap();
+        assert_eq!(
+            to_status(b, &Outcome::BackingOff, Some(&stored)),
+            Some(stored.clone())
+        );
+        assert_eq!(recall(Some(&stored), t(0)).not_before, Some(t(601)));
     }
 
     #[test]
