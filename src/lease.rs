@@ -1,17 +1,17 @@
 //! Fencing of the leader: whether this process may still act as the one that refreshes.
 //!
-//! kube-lease-manager elects the leader and renews its Lease, but it reports `leader = true` until
-//! it manages to read the Lease again, however long the API server is out of reach. The [`Fence`]
-//! does not trust that flag: it reads the Lease itself (through a client with short connect and
-//! read timeouts) and is valid only until `renewTime + leaseDuration - margin`, the `margin`
-//! covering clock skew with the standby that will take over once the Lease has expired by its own
-//! clock. Every provider call and every write-ahead mark checks it first; the leader steps down
-//! (and the process exits to restart as a standby) as soon as it lapses.
+//! [`elect`] elects the leader and renews its Lease, one conditional write per renewal; the
+//! [`Fence`] is valid until `leaseDuration - margin` after the last acknowledged renewal was sent,
+//! by this process's monotonic clock, and a standby takes over only after it saw the record
+//! unchanged for `leaseDuration` by its own: the fence lapses first, whatever the two wall clocks
+//! say. Every provider call and every write-ahead mark checks it first. A lapsed fence pauses
+//! provider calls; the leader steps down (and the process exits to restart as a standby) when the
+//! Lease names another holder or no renewal was acknowledged for the whole duration.
+
+pub mod elect;
 
 use crate::sync::LockExt as _;
-use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Client;
 use std::{
     sync::{
         Mutex,
@@ -54,7 +54,7 @@ impl Fence {
     }
 
     /// Refuse every new fenced action from now on, for good: on SIGTERM (with or without leader
-    /// election) and when the Lease is lost, so that a confirmation read during the drain cannot
+    /// election) and when the Lease is lost, so that a renewal finishing during the drain cannot
     /// make this process the leader again.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -117,13 +117,23 @@ impl LeaseConfig {
             .max(Duration::from_secs(1))
     }
 
-    /// How long before expiry kube-lease-manager renews ("grace"): half the duration, so that a
-    /// renewal is seen by the fence well before `duration - margin`.
-    pub fn renew_grace_seconds(&self) -> u64 {
-        (self.duration.as_secs() / 2).max(1)
+    /// How often the leader renews the Lease: every third of the duration.
+    pub fn renew_interval(&self) -> Duration {
+        self.duration.checked_div(3).unwrap_or_default()
     }
 
-    /// How often the fence reads the Lease.
+    /// How long one Lease request may take: what is left of the fence after a renewal was sent
+    /// one interval after the last acknowledged one, `duration - margin - interval` (at least 2 s),
+    /// so that a renewal that slow still keeps the fence valid. Beyond it the request is abandoned
+    /// and retried.
+    pub fn request_timeout(&self) -> Duration {
+        self.duration
+            .saturating_sub(self.skew_margin())
+            .saturating_sub(self.renew_interval())
+            .max(Duration::from_secs(2))
+    }
+
+    /// How often a standby reads the Lease.
     pub fn poll_interval(&self) -> Duration {
         self.duration
             .checked_div(15)
@@ -132,127 +142,21 @@ impl LeaseConfig {
     }
 }
 
-/// How long the Lease, as read at `read_at` (wall clock `now`), is still held by `identity`, minus
-/// the skew margin: `None` when it is not held by `identity`, or expires within the margin.
-pub fn held_for(
-    lease: &Lease,
-    identity: &str,
-    now: Timestamp,
-    margin: Duration,
-) -> Option<Duration> {
-    let spec = lease.spec.as_ref()?;
-    if spec.holder_identity.as_deref() != Some(identity) {
-        return None;
-    }
-    let renewed = spec.renew_time.as_ref()?.0;
-    let duration = spec
-        .lease_duration_seconds
-        .and_then(|s| u64::try_from(s).ok())
-        .map(Duration::from_secs)?;
-    let expires = crate::time::after(renewed, duration);
-    let left = Duration::try_from(expires.duration_since(now)).ok()?;
-    left.checked_sub(margin).filter(|d| !d.is_zero())
-}
-
 /// A client for the Lease alone: short timeouts, so a partition is noticed within seconds, not when
-/// a TCP connection finally gives up.
-pub fn lease_client(config: &kube::Config) -> Result<Client, kube::Error> {
+/// a TCP connection finally gives up; a slow answer within [`LeaseConfig::request_timeout`] is
+/// waited for.
+pub fn lease_client(config: &kube::Config, lease: &LeaseConfig) -> Result<Client, kube::Error> {
     let mut config = config.clone();
     config.connect_timeout = Some(Duration::from_secs(2));
-    config.read_timeout = Some(Duration::from_secs(4));
-    config.write_timeout = Some(Duration::from_secs(4));
+    config.read_timeout = Some(lease.request_timeout());
+    config.write_timeout = Some(lease.request_timeout());
     config.reset_reader_on_write = true;
     Client::try_from(config)
-}
-
-/// Read the Lease once and move the fence: confirmed until the Lease (minus the margin) expires,
-/// revoked when another identity holds it. A failed read changes nothing, so the fence lapses by
-/// itself when reads keep failing.
-pub async fn confirm_once(api: &Api<Lease>, config: &LeaseConfig, fence: &Fence) -> bool {
-    let started = Instant::now();
-    match api.get_opt(&config.name).await {
-        Ok(Some(lease)) => {
-            match held_for(
-                &lease,
-                &config.identity,
-                Timestamp::now(),
-                config.skew_margin(),
-            ) {
-                Some(left) => {
-                    if let Some(until) = started.checked_add(left) {
-                        fence.confirm_until(until);
-                    }
-                    true
-                }
-                None => {
-                    fence.revoke();
-                    false
-                }
-            }
-        }
-        Ok(None) => {
-            fence.revoke();
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, lease = %config.name, "could not read the Lease; the leader's fence lapses unless a read succeeds");
-            fence.check().is_ok()
-        }
-    }
-}
-
-/// Keep the fence current for as long as the future runs.
-pub async fn keep_confirming(client: Client, config: LeaseConfig, fence: std::sync::Arc<Fence>) {
-    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    let mut tick = tokio::time::interval(config.poll_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        confirm_once(&api, &config, &fence).await;
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-
-    fn lease(holder: &str, renewed: &str, seconds: i32) -> Lease {
-        Lease {
-            spec: Some(LeaseSpec {
-                holder_identity: Some(holder.into()),
-                renew_time: Some(MicroTime(renewed.parse().unwrap())),
-                lease_duration_seconds: Some(seconds),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn the_fence_is_valid_until_expiry_minus_the_margin() {
-        let now: Timestamp = "2026-12-01T10:00:05Z".parse().unwrap();
-        let m = Duration::from_secs(3);
-        let l = lease("me", "2026-12-01T10:00:00Z", 15);
-        assert_eq!(held_for(&l, "me", now, m), Some(Duration::from_secs(7)));
-        assert_eq!(held_for(&l, "other", now, m), None);
-        let late: Timestamp = "2026-12-01T10:00:12Z".parse().unwrap();
-        assert_eq!(
-            held_for(&l, "me", late, m),
-            None,
-            "within the margin of expiry"
-        );
-        let expired: Timestamp = "2026-12-01T10:01:00Z".parse().unwrap();
-        assert_eq!(held_for(&l, "me", expired, m), None);
-        // Hostile or broken Leases: no panic, no validity.
-        let negative = lease("me", "2026-12-01T10:00:00Z", -1);
-        assert_eq!(held_for(&negative, "me", now, m), None);
-        let far = lease("me", "9999-12-30T00:00:00Z", i32::MAX);
-        assert!(held_for(&far, "me", now, m).is_some());
-        assert_eq!(held_for(&Lease::default(), "me", now, m), None);
-    }
-
     #[test]
     fn fence_states() {
         assert_eq!(Fence::unfenced().check(), Ok(()));
@@ -275,7 +179,7 @@ mod tests {
         f.confirm_until(Instant::now() + Duration::from_secs(60));
         f.close();
         assert_eq!(f.check(), Err(NotLeader));
-        // A confirmation read finishing during the drain does not open it again.
+        // A renewal finishing during the drain does not open it again.
         f.confirm_until(Instant::now() + Duration::from_secs(60));
         assert_eq!(f.check(), Err(NotLeader));
         let u = Fence::unfenced();
@@ -296,8 +200,16 @@ mod tests {
             identity: "i".into(),
             duration: Duration::from_secs(15),
         };
-        // Renewed every duration - grace; seen within one poll; valid until duration - margin.
-        let renew_every = c.duration - Duration::from_secs(c.renew_grace_seconds());
-        assert!(renew_every + c.poll_interval() * 2 < c.duration - c.skew_margin());
+        // Renewed every 5 s; a renewal that takes 6 s (the request timeout) sent 5 s after the
+        // last acknowledged one is acknowledged before the fence (12 s) lapses.
+        assert_eq!(c.renew_interval(), Duration::from_secs(5));
+        assert_eq!(c.request_timeout(), Duration::from_secs(7));
+        assert!(c.renew_interval() + c.request_timeout() <= c.duration - c.skew_margin());
+        // The chart's 15 s at the test binaries' scale (8 s): every 2.67 s, 3.73 s at most.
+        let t = LeaseConfig {
+            duration: Duration::from_secs(8),
+            ..c.clone()
+        };
+        assert!(t.renew_interval() + t.request_timeout() <= t.duration - t.skew_margin());
     }
 }

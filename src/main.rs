@@ -95,7 +95,9 @@ struct RunArgs {
     #[arg(long, env = "MIO_LEADER_ELECTION_NAMESPACE")]
     leader_election_namespace: Option<String>,
     /// Seconds a leader's Lease stays valid without renewal: a standby takes over after this. The
-    /// leader renews it every half of this and stops refreshing a fifth of it before it expires.
+    /// leader renews it every third of this (one conditional write each); it stops refreshing once
+    /// four fifths of it passed since its last acknowledged renewal was sent, and steps down once
+    /// all of it passed.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     leader_election_lease_seconds: u64,
     /// On SIGTERM, how long running refreshes may take to store their result before the process
@@ -459,7 +461,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             duration: std::time::Duration::from_secs(args.leader_election_lease_seconds),
         };
         let lease_client =
-            lease::lease_client(&kube_config).context("building the Lease client")?;
+            lease::lease_client(&kube_config, &lease).context("building the Lease client")?;
         run_as_leader(
             Controllers {
                 ctx,
@@ -557,21 +559,16 @@ async fn run_as_leader(
     lease: &LeaseConfig,
     shutdown_timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(lease_client.clone(), &lease.name)
-        .with_namespace(&lease.namespace)
-        .with_identity(&lease.identity)
-        .with_duration(lease.duration.as_secs())
-        .with_grace(lease.renew_grace_seconds())
-        .build()
-        .await
-        .context("setting up leader election")?;
-    let (mut leader, task) = manager.watch().await;
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(lease_client, &lease.namespace);
     let ctx = controllers.ctx.clone();
     let fence = ctx.fence.clone();
-    let confirming = tokio::spawn(lease::keep_confirming(
-        lease_client,
+    let (leader_tx, mut leader) = tokio::sync::watch::channel(false);
+    let electing = tokio::spawn(lease::elect::run(
+        api.clone(),
         lease.clone(),
         fence.clone(),
+        leader_tx,
     ));
     controllers
         .ready
@@ -581,21 +578,19 @@ async fn run_as_leader(
     let mut shutdown = std::pin::pin!(async move {
         let _ = stopping.wait_for(|s| *s).await;
     });
-    let release = |task: tokio::task::JoinHandle<
-        kube_lease_manager::Result<kube_lease_manager::LeaseManager>,
-    >| async move {
-        // Hand the Lease over at once instead of letting it expire (a no-op when another holds it).
-        if let Ok(Ok(Ok(manager))) =
-            tokio::time::timeout(std::time::Duration::from_secs(5), task).await
-            && let Err(e) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), manager.release())
-                    .await
-                    .unwrap_or(Ok(()))
-        {
-            tracing::warn!(error = %e, "could not release the Lease");
+    let release = |electing: tokio::task::JoinHandle<()>| {
+        let api = api.clone();
+        async move {
+            // Hand the Lease over at once instead of letting it expire (nothing when another
+            // holds it).
+            electing.abort();
+            let _ = electing.await;
+            if let Err(e) = lease::elect::release(&api, lease).await {
+                tracing::warn!(error = %e, "could not release the Lease");
+            }
         }
     };
-    // Wait until kube-lease-manager says this process leads and a read of the Lease confirms it.
+    // Wait until this process holds the Lease.
     loop {
         let leads = *leader.borrow_and_update();
         if leads && fence.check().is_ok() {
@@ -605,9 +600,7 @@ async fn run_as_leader(
             changed = leader.changed() => changed.context("leader election stopped")?,
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
             _ = &mut shutdown => {
-                confirming.abort();
-                drop(leader);
-                release(task).await;
+                release(electing).await;
                 return Ok(());
             }
         }
@@ -615,9 +608,11 @@ async fn run_as_leader(
     info!(identity = %lease.identity, "became the leader: reconciling");
     let (term_tx, term) = tokio::sync::watch::channel(false);
     let mut running = controllers.spawn(term);
+    // A fence lapsed for a slow renewal only pauses provider calls; leadership ends when the
+    // election gives it up (another holder, or no renewal acknowledged for the whole duration).
     let lost = async {
         loop {
-            if !*leader.borrow_and_update() || fence.check().is_err() {
+            if !*leader.borrow_and_update() {
                 return;
             }
             tokio::select! {
@@ -634,7 +629,7 @@ async fn run_as_leader(
             Err(e) => e.to_string(),
         }))),
         _ = lost => {
-            // Refuse new provider calls at once and for good (a confirmation read during the drain
+            // Refuse new provider calls at once and for good (a renewal finishing during the drain
             // cannot open the fence again); refreshes that have an answer still store it (their
             // writes are conditional on the write-ahead mark, not on the Lease).
             fence.close();
@@ -652,9 +647,7 @@ async fn run_as_leader(
         }
     };
     fence.close();
-    confirming.abort();
-    drop(leader);
-    release(task).await;
+    release(electing).await;
     // The grants still held in memory are stored before the exit, the Lease already released (a
     // new leader waits for this process's write-ahead marks meanwhile).
     match outcome {

@@ -14,9 +14,10 @@ step() { echo "==> $*"; }
 # The gateway's SMTP tests (tests/gateway/smtp.rs): msmtp-mta's msmtpd delivers what Dovecot's
 # submission relays (tests/support/dovecot.rs); swaks (with libnet-ssleay-perl for its TLS), msmtp,
 # curl, python3 (smtplib, imaplib) and prometheus-alertmanager are the mail clients; fetchmail reads
-# POP3 through the gateway (tests/gateway/imap_pop3.rs).
+# POP3 through the gateway (tests/gateway/imap_pop3.rs). faketime: libfaketime sets one operator
+# replica's clock 10 s apart from the other's (tests/faults/lease.rs, clock skew).
 debs=(openssl ca-certificates dovecot-core dovecot-imapd dovecot-pop3d dovecot-submissiond chromium chromium-driver lua5.1 prometheus
-  shellcheck msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl fetchmail)
+  shellcheck msmtp msmtp-mta swaks libnet-ssleay-perl prometheus-alertmanager python3 curl fetchmail faketime)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

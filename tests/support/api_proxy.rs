@@ -105,6 +105,8 @@ struct HoldRule {
 struct FailRule {
     status: u16,
     message: Option<String>,
+    /// The `Retry-After` (seconds) of a 429 or 503 answer.
+    retry_after: Option<u32>,
     /// `None`: forever.
     remaining: Mutex<Option<u32>>,
 }
@@ -112,6 +114,9 @@ struct FailRule {
 enum Action {
     Hold(HoldRule),
     Fail(FailRule),
+    /// Forward after this long (a slow API server for these requests); removed by
+    /// [`DelayHandle::remove`].
+    Delay(Duration, std::sync::atomic::AtomicBool),
 }
 
 struct Rule {
@@ -126,6 +131,7 @@ impl Rule {
         match &self.action {
             Action::Hold(h) => !h.state.borrow().released,
             Action::Fail(f) => f.remaining.lock().unwrap().is_none_or(|n| n > 0),
+            Action::Delay(_, removed) => !removed.load(Ordering::SeqCst),
         }
     }
 }
@@ -164,6 +170,24 @@ pub struct HoldHandle {
 /// A fail rule added by [`ApiProxy::fail`].
 pub struct FailHandle {
     rule: Arc<Rule>,
+}
+
+/// A delay rule added by [`ApiProxy::delay`]; it stays until [`Self::remove`] or [`ApiProxy::clear`].
+pub struct DelayHandle {
+    rule: Arc<Rule>,
+}
+
+impl DelayHandle {
+    /// Requests delayed so far.
+    pub fn hits(&self) -> u64 {
+        self.rule.hits.load(Ordering::SeqCst)
+    }
+    /// End the rule: later requests are forwarded at once (those waiting finish their wait).
+    pub fn remove(&self) {
+        if let Action::Delay(_, removed) = &self.rule.action {
+            removed.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl ApiProxy {
@@ -281,16 +305,51 @@ impl ApiProxy {
         times: Option<u32>,
         message: Option<&str>,
     ) -> FailHandle {
+        self.fail_with(matcher, status, times, message, None)
+    }
+
+    /// [`Self::fail`] with `Retry-After: retry_after` seconds (a 429 of API Priority and
+    /// Fairness, or a 503); a kube-rs client waits that long before each retry.
+    pub fn fail_with_retry_after(
+        &self,
+        matcher: Match,
+        status: u16,
+        times: Option<u32>,
+        retry_after: u32,
+    ) -> FailHandle {
+        self.fail_with(matcher, status, times, None, Some(retry_after))
+    }
+
+    fn fail_with(
+        &self,
+        matcher: Match,
+        status: u16,
+        times: Option<u32>,
+        message: Option<&str>,
+        retry_after: Option<u32>,
+    ) -> FailHandle {
         StatusCode::from_u16(status).unwrap_or_else(|e| panic!("status {status}: {e}"));
         let rule = self.add(
             matcher,
             Action::Fail(FailRule {
                 status,
                 message: message.map(str::to_owned),
+                retry_after,
                 remaining: Mutex::new(times),
             }),
         );
         FailHandle { rule }
+    }
+
+    /// Forward matching requests only after `latency` (an API server slow to answer them), until
+    /// [`DelayHandle::remove`] or [`Self::clear`]. The wait comes before the request reaches the
+    /// API server: a client that gives up meanwhile changes nothing there.
+    pub fn delay(&self, matcher: Match, latency: Duration) -> DelayHandle {
+        let rule = self.add(
+            matcher,
+            Action::Delay(latency, std::sync::atomic::AtomicBool::new(false)),
+        );
+        DelayHandle { rule }
     }
 
     fn add(&self, matcher: Match, action: Action) -> Arc<Rule> {
@@ -391,7 +450,7 @@ impl HoldHandle {
     fn hold(&self) -> &HoldRule {
         match &self.rule.action {
             Action::Hold(h) => h,
-            Action::Fail(_) => unreachable!("a HoldHandle holds a hold rule"),
+            Action::Fail(_) | Action::Delay(..) => unreachable!("a HoldHandle holds a hold rule"),
         }
     }
     /// Requests held right now.
@@ -544,8 +603,17 @@ async fn handle(
                 };
                 if applies {
                     rule.hits.fetch_add(1, Ordering::SeqCst);
-                    return Ok(status_response(f.status, f.message.as_deref(), &path));
+                    return Ok(status_response(
+                        f.status,
+                        f.message.as_deref(),
+                        f.retry_after,
+                        &path,
+                    ));
                 }
+            }
+            Action::Delay(latency, _) => {
+                rule.hits.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(*latency).await;
             }
             Action::Hold(h) => {
                 rule.hits.fetch_add(1, Ordering::SeqCst);
@@ -686,7 +754,12 @@ fn default_message(code: u16, path: &str) -> String {
     }
 }
 
-fn status_response(code: u16, message: Option<&str>, path: &str) -> Response<Body> {
+fn status_response(
+    code: u16,
+    message: Option<&str>,
+    retry_after: Option<u32>,
+    path: &str,
+) -> Response<Body> {
     let message = message.map_or_else(|| default_message(code, path), str::to_owned);
     let body = serde_json::json!({
         "kind": "Status",
@@ -703,9 +776,9 @@ fn status_response(code: u16, message: Option<&str>, path: &str) -> Response<Bod
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if code == 429 {
+    if let Some(seconds) = retry_after.or((code == 429).then_some(1)) {
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     resp
 }
