@@ -18,6 +18,21 @@ use shared::*;
 #[path = "faults/grant.rs"]
 mod grant;
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant() {
+    not_oauth::pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant(Deploy::Single).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
+    not_oauth::a_conflict_storm_on_the_mark_write_shows_and_recovers(Deploy::Single).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_write_slower_than_its_budget_presents_nothing() {
+    not_oauth::a_mark_write_slower_than_its_budget_presents_nothing(Deploy::Single).await;
+}
+
 #[path = "faults/watches.rs"]
 mod watches;
 
@@ -32,25 +47,22 @@ mod state;
 /// `tests/faults_leader.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token() {
-    grant::sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token(grant::Deploy::Single)
-        .await;
+    grant::sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token(Deploy::Single).await;
 }
 
 /// Fault 6: Another writer keeps changing the grant Secret while refreshes run: nothing overwritten, lost
 /// or reused. (`faults/grant.rs`; with leader election in `tests/faults_leader.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_conflicting_writes_on_the_grant_loses_nothing() {
-    grant::a_storm_of_conflicting_writes_on_the_grant_loses_nothing(grant::Deploy::Single).await;
+    grant::a_storm_of_conflicting_writes_on_the_grant_loses_nothing(Deploy::Single).await;
 }
 
 /// Fault 6: Secrets that cannot be written: refused before the provider is called, or given up with a
 /// reason. (`faults/grant.rs`; with leader election in `tests/faults_leader.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() {
-    grant::an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason(
-        grant::Deploy::Single,
-    )
-    .await;
+    grant::an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason(Deploy::Single)
+        .await;
 }
 
 /// Fault 1: kill -9 between the provider's answer and the grant write: GrantLostInFlight after one try,
@@ -58,7 +70,7 @@ async fn an_immutable_grant_and_a_terminating_namespace_give_up_with_a_reason() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not_retried() {
     grant::kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not_retried(
-        grant::Deploy::Single,
+        Deploy::Single,
     )
     .await;
 }
@@ -67,7 +79,7 @@ async fn kill_9_between_the_providers_answer_and_the_grant_write_is_reported_not
 /// works. (`faults/grant.rs`; with leader election in `tests/faults_leader.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_write_that_keeps_failing_says_so_and_lands_later() {
-    grant::a_grant_write_that_keeps_failing_says_so_and_lands_later(grant::Deploy::Single).await;
+    grant::a_grant_write_that_keeps_failing_says_so_and_lands_later(Deploy::Single).await;
 }
 
 /// Fault 2: The Lease taken away while a refresh waits for the provider: the leader stops taking

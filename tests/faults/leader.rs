@@ -167,7 +167,7 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
     let held_store = api.hold(Match::suffix("PUT", "/secrets/inbox-oauth-grant"));
     // With leader election the old leader releases the Lease once its drain ended, before it
     // stores its held grant and exits, and the standby may lead (and refresh) from then on: the
-    // old leader's provider calls are those until the release.
+    // old leader's provider calls and inbox2's grant are read when it released the Lease.
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(env.client.clone(), &env.ns);
     let holder = || async {
@@ -202,10 +202,14 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
     held_store.drop_held();
     held_store.release();
     let waited = Instant::now();
-    let mut until_release = None;
+    // (provider calls, inbox2's grant) when the Lease left operator-a (with leader election).
+    let mut at_release = None;
     while a.process.is_running() {
-        if until_release.is_none() && leader_id.is_some() && holder().await != leader_id {
-            until_release = Some(env.proxy.refresh_requests());
+        if at_release.is_none() && leader_id.is_some() && holder().await != leader_id {
+            at_release = Some((
+                env.proxy.refresh_requests(),
+                grant_secret(&env, "inbox2").await,
+            ));
         }
         assert!(
             waited.elapsed() < Duration::from_secs(60),
@@ -217,8 +221,15 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
     let exited = waited.elapsed();
     let exit_at = Instant::now();
     let log_a = a.log();
+    let (by_a, inbox2) = match at_release {
+        Some(at) => at,
+        None => (
+            env.proxy.refresh_requests(),
+            grant_secret(&env, "inbox2").await,
+        ),
+    };
     assert_eq!(
-        until_release.unwrap_or_else(|| env.proxy.refresh_requests()),
+        by_a,
         presented,
         "no provider call started after SIGTERM:\n{}",
         tail(&log_a, 40)
@@ -236,7 +247,6 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
         tail(&log_a, 40)
     );
     assert_eq!(mark(&grant_secret(&env, "inbox").await), None);
-    let inbox2 = grant_secret(&env, "inbox2").await;
     assert!(
         refresh_token_of(&inbox2) == unspent,
         "inbox2's refresh token was never presented, so it is unchanged"

@@ -2,7 +2,9 @@
 //! ingress's 404 page while the server restarts, a gateway's 502 page, an egress proxy's 407)
 //! are retried, never taken for the provider's verdict on the grant, even
 //! after a cut-off; and the write-ahead mark's own write is bounded and its conflicts show.
-//! docs/operations.md ("What happens on each failure") names each test.
+//! docs/operations.md ("What happens on each failure") names each test. Each scenario runs both
+//! ways ([`Deploy`]): without leader election in `tests/faults.rs`, as the chart deploys the
+//! operator in `tests/faults_leader.rs` (`…_with_leader_election`).
 
 use super::*;
 
@@ -47,11 +49,12 @@ async fn wait_faulted(env: &Env, n: u64, timeout: Duration, op: &Operator, what:
 /// and oidc-provider (strict rotation, reuse detection) never saw a refresh token twice and
 /// refused nothing. (A firewall's 400 page is in the unit table
 /// `oauth::tests::raw_token_endpoint_answers_are_permanent_only_with_an_oauth_error_body`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant() {
+pub async fn pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant(deploy: Deploy) {
     let env = faults_env("not-oauth", short_lived_server()).await;
-    let op = env.operator("operator");
+    let mut ops = deploy.operators(&env, None);
+    let op = ops.first(&env);
     env.ready_integration(&op, "inbox").await;
+    ops.start_standby(&env);
     let faulted = env.proxy.faulted_requests();
 
     // A gateway's 502 page: the operator cannot tell whether the OAuth server saw the token.
@@ -160,15 +163,16 @@ async fn pages_that_are_not_oauth_answers_are_retried_and_lose_no_grant() {
 /// (`Reconciling=True GrantMarkConflict`, and `Ready=False` with it once the token expired —
 /// on main it requeued after 1 s, silently and without end, `Ready` still True). Nothing is sent
 /// to the provider meanwhile; once the writes go through, the integration is Ready again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
+pub async fn a_conflict_storm_on_the_mark_write_shows_and_recovers(deploy: Deploy) {
     use support::api_proxy::{ApiProxy, Match};
     let env = faults_env("mark-409", short_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
-    let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
+    let mut ops = deploy.operators(&env, Some((&api, &kubeconfig)));
+    let op = ops.first(&env);
     env.ready_integration(&op, "inbox").await;
+    ops.start_standby(&env);
 
     let conflicts = api.fail(
         Match::suffix("PUT", "/secrets/inbox-oauth-grant"),
@@ -227,15 +231,16 @@ async fn a_conflict_storm_on_the_mark_write_shows_and_recovers() {
 /// write had no bound: the token was presented once the write came back, however late, while
 /// another process could already take the mark for stale). It says so and refreshes once the API
 /// server answers in time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mark_write_slower_than_its_budget_presents_nothing() {
+pub async fn a_mark_write_slower_than_its_budget_presents_nothing(deploy: Deploy) {
     use support::api_proxy::{ApiProxy, Match};
     let env = faults_env("mark-slow", long_lived_server()).await;
     let api = ApiProxy::start();
     let kubeconfig = env.log_dir.path().join("through-proxy.kubeconfig");
     api.kubeconfig(&kubeconfig);
-    let op = env.operator_with_kubeconfig("operator", &kubeconfig, &[]);
+    let mut ops = deploy.operators(&env, Some((&api, &kubeconfig)));
+    let op = ops.first(&env);
     env.ready_integration(&op, "inbox").await;
+    ops.start_standby(&env);
 
     let held = api.hold(Match::suffix("PUT", "/secrets/inbox-oauth-grant"));
     let presented = env.proxy.refresh_requests();

@@ -286,3 +286,67 @@ impl ChartReplicas {
         (!h.is_empty()).then(|| h.to_owned())
     }
 }
+
+/// How a scenario runs the operator (each binary builds one of the two).
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug)]
+pub enum Deploy {
+    /// One process without leader election.
+    Single,
+    /// The chart's two replicas ([`ChartReplicas`]): the first leads, the standby takes over.
+    Chart,
+}
+
+/// The operators of one scenario.
+pub struct Operators {
+    /// The chart's release (with [`Deploy::Chart`]).
+    chart: Option<ChartReplicas>,
+    /// The kubeconfig of the test's API proxy, if the first operator goes through one.
+    proxied: Option<std::path::PathBuf>,
+    standby: Option<Operator>,
+}
+
+impl Deploy {
+    /// Set the scenario's operators up: with `api`, the first one talks to the API server through
+    /// that proxy (whose admin kubeconfig is given; with the chart, the ServiceAccount's token goes
+    /// through it instead).
+    pub fn operators(
+        self,
+        env: &Env,
+        api: Option<(&support::api_proxy::ApiProxy, &std::path::Path)>,
+    ) -> Operators {
+        Operators {
+            chart: matches!(self, Deploy::Chart)
+                .then(|| ChartReplicas::install(env, api.map(|(api, _)| api))),
+            proxied: api.map(|(_, kubeconfig)| kubeconfig.to_owned()),
+            standby: None,
+        }
+    }
+}
+
+impl Operators {
+    /// The first operator (the leader, with the chart).
+    pub fn first(&mut self, env: &Env) -> Operator {
+        match (&self.chart, &self.proxied) {
+            (Some(chart), _) => chart.replica(env, "operator-a", &[]),
+            (None, Some(kubeconfig)) => env.operator_with_kubeconfig("operator", kubeconfig, &[]),
+            (None, None) => env.operator("operator"),
+        }
+    }
+
+    /// With the chart, start the standby (straight to the API server) once the leader leads.
+    pub fn start_standby(&mut self, env: &Env) {
+        if let Some(chart) = &self.chart {
+            self.standby = Some(chart.replica_direct(env, "operator-b"));
+        }
+    }
+
+    /// The operator that carries on once the first one stopped: the standby, or without leader
+    /// election a new process `name` (straight to the API server).
+    pub fn next(&mut self, env: &Env, name: &str) -> Operator {
+        match self.standby.take() {
+            Some(standby) => standby,
+            None => env.operator(name),
+        }
+    }
+}
