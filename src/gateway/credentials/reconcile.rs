@@ -192,7 +192,7 @@ async fn run_one(
         writer,
         watcher(api::<MailIntegration>(&creds.client, ns), config.clone())
             .backoff(watch_backoff())
-            .modify(crate::reconcile::cache::trim_integration),
+            .modify(status::trim_for_cache),
     )
     .applied_objects();
     // Only Secrets with the credentials' own labels, kept compact and bounded like the main
