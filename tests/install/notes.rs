@@ -176,6 +176,25 @@ fn placeholders(commands: &[String]) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The NOTES tell the user to replace each of `words`, and their commands hold no other
+/// placeholder: every step the text leaves to the user is one it names.
+fn assert_only_named_placeholders(what: &str, notes: &str, commands: &[String], words: &[&str]) {
+    for word in words {
+        assert!(
+            told_to_replace(notes, word),
+            "{what}: the NOTES do not tell the user to replace {word}:\n{notes}"
+        );
+    }
+    let left: Vec<String> = placeholders(commands)
+        .into_iter()
+        .filter(|p| !words.contains(&p.as_str()))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{what}: the commands hold placeholders this test does not know to fill: {left:?}\n{notes}"
+    );
+}
+
 /// Whether the prose of `notes` (all but its commands) tells the user to replace
 /// `word`: a sentence with "replace" that names it.
 fn told_to_replace(notes: &str, word: &str) -> bool {
@@ -345,20 +364,8 @@ fn follow_notes_to_a_sign_in_link(provider: &str, replaced: &[(&str, &str)]) {
             "{provider}: the NOTES have no `{want}` command:\n{notes}"
         );
     }
-    for (word, _) in replaced {
-        assert!(
-            told_to_replace(&notes, word),
-            "{provider}: the NOTES do not tell the user to replace {word}:\n{notes}"
-        );
-    }
-    let left: Vec<String> = placeholders(&commands)
-        .into_iter()
-        .filter(|p| !replaced.iter().any(|(w, _)| w == p))
-        .collect();
-    assert!(
-        left.is_empty(),
-        "{provider}: the commands hold placeholders this test does not know to fill: {left:?}\n{notes}"
-    );
+    let words: Vec<&str> = replaced.iter().map(|(w, _)| *w).collect();
+    assert_only_named_placeholders(provider, &notes, &commands, &words);
     let shell = UserShell::new(cp, &user_ns);
 
     // The operator as the chart runs it.
@@ -489,20 +496,8 @@ async fn notes_commands_run_as_written_reach_ready_with_an_oidc_provider() {
         ("CLIENT_SECRET", client_secret),
         ("ISSUER_URL", oauth.issuer().to_owned()),
     ];
-    for (word, _) in &replaced {
-        assert!(
-            told_to_replace(&notes, word),
-            "the NOTES do not tell the user to replace {word}:\n{notes}"
-        );
-    }
-    let left: Vec<String> = placeholders(&commands)
-        .into_iter()
-        .filter(|p| !replaced.iter().any(|(w, _)| w == p))
-        .collect();
-    assert!(
-        left.is_empty(),
-        "the commands hold placeholders this test does not know to fill: {left:?}\n{notes}"
-    );
+    let words: Vec<&str> = replaced.iter().map(|(w, _)| *w).collect();
+    assert_only_named_placeholders("OIDC", &notes, &commands, &words);
     let shell = UserShell::new(cp, &user_ns);
     let mut signed_in = false;
     for cmd in &commands {
