@@ -9,6 +9,8 @@
 mod first_refresh;
 #[path = "api_reads/flow_control.rs"]
 mod flow_control;
+#[path = "api_reads/other_writers.rs"]
+mod other_writers;
 mod support;
 
 use kube::api::{Patch, PatchParams};

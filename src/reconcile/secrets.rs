@@ -14,7 +14,10 @@ use jiff::Timestamp;
 use k8s_openapi::{
     ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{Api, Resource, ResourceExt, api::PostParams};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
 use std::{collections::BTreeMap, time::Duration};
 use tracing::{debug, info, warn};
 
@@ -135,24 +138,25 @@ pub async fn write_mark(
     mark: &super::inflight::Mark,
     metrics: &Metrics,
 ) -> Result<Secret, kube::Error> {
-    let mut marked = current.clone();
-    marked
-        .metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(
-            super::inflight::REFRESH_IN_FLIGHT_ANNOTATION.to_owned(),
-            mark.value(),
-        );
-    marked.metadata.managed_fields = None;
+    // A JSON merge patch of the mark alone, not a copy of the cached Secret put back: the cache
+    // holds neither finalizers nor kubectl's last-applied annotation, and other writers' fields
+    // stay as they are. The resourceVersion in the patch is the precondition (409 on a change).
+    let patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": current.metadata.resource_version,
+            "annotations": {
+                super::inflight::REFRESH_IN_FLIGHT_ANNOTATION: mark.value(),
+            },
+        },
+    });
     let written = api
-        .replace(
+        .patch(
             &current.name_any(),
-            &PostParams {
+            &PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..Default::default()
             },
-            &marked,
+            &Patch::Merge(&patch),
         )
         .await?;
     metrics.count_write("grant_secret");

@@ -80,9 +80,11 @@ async fn a_first_refresh_creates_the_token_secret_unread_and_publishes_one_event
         "the token Secret was read before it was created:\n{listing}"
     );
     let expected: BTreeMap<String, usize> = [
-        // The write-ahead mark and the grant store: the issuer rotated the refresh token (and the
-        // grant, brought by hand, is bound to where it worked in the same write).
-        ("update secrets", 2),
+        // The write-ahead mark (a merge patch of its annotation) and the grant store (a PUT): the
+        // issuer rotated the refresh token (and the grant, brought by hand, is bound to where it
+        // worked in the same write).
+        ("patch secrets", 1),
+        ("update secrets", 1),
         ("create secrets", 1),
         ("patch mailintegrations/status", 1),
         ("create events", 1),
@@ -144,7 +146,8 @@ async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
     assert_eq!(
         by_verb_and_kind(&requests, &env.ns),
         counts(&[
-            ("update secrets", N),
+            // The marks (merge patches of the annotation).
+            ("patch secrets", N),
             ("create secrets", N),
             ("patch mailintegrations/status", N),
             ("create events", N),
@@ -214,8 +217,8 @@ async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
     assert_eq!(
         by_verb_and_kind(&requests, &env.ns),
         counts(&[
-            ("update secrets", N),
-            ("patch secrets", N),
+            // The marks and the token Secrets.
+            ("patch secrets", 2 * N),
             ("patch mailintegrations/status", N),
         ]),
         "second refreshes:\n{listing}"

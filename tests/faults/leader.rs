@@ -155,7 +155,7 @@ async fn sigterm_with_the_provider_answering_after_25_s(prefix: &str, leader_ele
     let unspent = refresh_token_of(&grant_secret(&env, "inbox2").await);
 
     // inbox: the provider answers (rotating), the answer is held back from the operator.
-    let held_mark = api.hold(Match::suffix("PUT", "/secrets/inbox2-oauth-grant"));
+    let held_mark = api.hold(Match::suffix("PATCH", "/secrets/inbox2-oauth-grant"));
     env.proxy.hold_token_responses(1);
     force_refresh(&env, "inbox").await;
     env.proxy

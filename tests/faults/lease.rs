@@ -146,7 +146,7 @@ async fn api_429_with_retry_after_on_grant_writes_during_rotating_refreshes_lose
     );
     let store = store.unwrap();
     let marks = api.fail_with_retry_after(
-        Match::suffix("PUT", "/secrets/inbox2-oauth-grant"),
+        Match::suffix("PATCH", "/secrets/inbox2-oauth-grant"),
         429,
         Some(3),
         3,

@@ -175,7 +175,7 @@ pub async fn a_conflict_storm_on_the_mark_write_shows_and_recovers(deploy: Deplo
     ops.start_standby(&env);
 
     let conflicts = api.fail(
-        Match::suffix("PUT", "/secrets/inbox-oauth-grant"),
+        Match::suffix("PATCH", "/secrets/inbox-oauth-grant"),
         409,
         None,
     );
@@ -242,7 +242,7 @@ pub async fn a_mark_write_slower_than_its_budget_presents_nothing(deploy: Deploy
     env.ready_integration(&op, "inbox").await;
     ops.start_standby(&env);
 
-    let held = api.hold(Match::suffix("PUT", "/secrets/inbox-oauth-grant"));
+    let held = api.hold(Match::suffix("PATCH", "/secrets/inbox-oauth-grant"));
     let presented = env.proxy.refresh_requests();
     force_refresh(&env, "inbox").await;
     held.wait_held(1, Duration::from_secs(20));
