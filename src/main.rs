@@ -345,6 +345,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let signer = Signer::new(key).map_err(anyhow::Error::msg)?;
     let mut config = SignInConfig::new(args.public_url.clone());
     config.link_ttl = args.sign_in_link_ttl;
+    // Scaled for tests only (--test-protocol-scale), like the provider request timeout.
+    let sign_in_limits = mail_integration_operator::web::serve::Limits {
+        request_timeout: mail_integration_operator::time::scaled(
+            mail_integration_operator::web::serve::Limits::default().request_timeout,
+        ),
+        ..Default::default()
+    };
+    config.request_timeout = sign_in_limits.request_timeout;
     let grant_locks = Arc::new(GrantLocks::default());
     let written = Arc::new(mail_integration_operator::reconcile::cache::WrittenVersions::default());
     let sign_in = SignIn::new(
@@ -373,7 +381,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(mail_integration_operator::web::serve::serve(
         listener,
         router,
-        Default::default(),
+        sign_in_limits,
     ));
 
     let mut ctx = Context::new(client, oauth, providers, metrics);

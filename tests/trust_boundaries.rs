@@ -20,6 +20,9 @@ mod credentials;
 #[path = "trust_boundaries/events.rs"]
 mod events;
 
+#[path = "trust_boundaries/sign_in_timeout.rs"]
+mod sign_in_timeout;
+
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use std::time::Duration;
 use support::{

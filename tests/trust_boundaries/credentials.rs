@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// An HTTP client for the sign-in port: no redirects followed, no cookie jar (the tests carry the
 /// cookie by hand).
-fn http() -> reqwest::Client {
+pub(super) fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
@@ -23,7 +23,7 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-fn ticket_of(mi: &MailIntegration) -> String {
+pub(super) fn ticket_of(mi: &MailIntegration) -> String {
     let url = &mi.status.as_ref().unwrap().sign_in.as_ref().unwrap().url;
     url::Url::parse(url)
         .unwrap()
@@ -34,7 +34,7 @@ fn ticket_of(mi: &MailIntegration) -> String {
 }
 
 /// `POST /oauth2/start` with `ticket` and `origin`: status, Location, the cookie `name=value`.
-async fn start(
+pub(super) async fn start(
     op_url: &str,
     ticket: &str,
     origin: Option<&str>,
@@ -58,7 +58,7 @@ async fn start(
 
 /// Drive the OAuth server's login and consent forms from the authorization URL until it sends the
 /// browser to `redirect`; the query of that redirect.
-async fn authorize(authorization_url: &str, login: &str, redirect: &str) -> String {
+pub(super) async fn authorize(authorization_url: &str, login: &str, redirect: &str) -> String {
     let client = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())

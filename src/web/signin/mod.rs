@@ -27,6 +27,7 @@
 pub mod backend;
 pub mod counting;
 pub mod failure;
+mod finish;
 pub mod key;
 pub mod limit;
 pub mod page;
@@ -93,6 +94,9 @@ pub struct SignInConfig {
     pub store_capacity: usize,
     /// Requests per source address ([`limit`]).
     pub per_source: limit::SourceLimit,
+    /// The sign-in server's request timeout ([`crate::web::serve::Limits::request_timeout`]): the
+    /// callback answers before it, and finishes storing a grant past it.
+    pub request_timeout: Duration,
 }
 
 impl SignInConfig {
@@ -103,6 +107,7 @@ impl SignInConfig {
             state_ttl: DEFAULT_STATE_TTL,
             store_capacity: store::DEFAULT_CAPACITY,
             per_source: limit::SourceLimit::default(),
+            request_timeout: crate::web::serve::Limits::default().request_timeout,
         }
     }
 }
@@ -1233,6 +1238,7 @@ async fn callback(
     headers: HeaderMap,
     query: Result<Query<CallbackQuery>, QueryRejection>,
 ) -> Response {
+    let started = tokio::time::Instant::now();
     let now = Timestamp::now();
     let q = query.map(|Query(q)| q).unwrap_or_default();
     let (claims, mi) = match check_state(&s, q.state.as_deref(), &headers, now).await {
@@ -1306,113 +1312,17 @@ async fn callback(
             return s.fail(f.on(subject), Some(&mi)).await;
         }
     };
-    if let Err(f) = check_id_token(
-        &grant,
-        &endpoints,
-        &creds.client_id,
-        mi.spec.oauth.tenant.as_deref(),
+    // The provider has issued a grant: from here on, whatever happens to this request (the
+    // request timeout, the browser going away), the grant is checked and stored to the end.
+    let exchanged = finish::Exchanged {
+        mi,
+        prompt,
+        endpoints,
+        provider,
+        client_id: creds.client_id,
+        grant,
+        subject,
         now,
-    ) {
-        return s.fail(f.on(subject), Some(&mi)).await;
-    }
-    let mut account = match account_from_id_token(&grant, &endpoints, &provider) {
-        Ok(a) => a,
-        Err(f) => return s.fail(f.on(subject), Some(&mi)).await,
     };
-    if account.is_none() && endpoints.userinfo.is_some() {
-        match s
-            .inner
-            .oauth
-            .userinfo(&endpoints, &grant.access_token, now)
-            .await
-        {
-            Ok(v) => account = v.get("email").and_then(|e| e.as_str()).map(str::to_owned),
-            Err(e) => {
-                return s
-                    .fail(provider_failure(&e.class).on(subject), Some(&mi))
-                    .await;
-            }
-        }
-    }
-    let (refresh_token, account) =
-        match check_grant(&mi, &grant, account.as_deref(), prompt, &provider) {
-            Ok(v) => v,
-            Err(f) => return s.fail(f.on(subject), Some(&mi)).await,
-        };
-    let scopes = grant
-        .scopes
-        .clone()
-        .unwrap_or_else(|| provider::sign_in_scopes(&mi.spec))
-        .join(" ");
-    // The account's immutable identity (Microsoft): a grant of one account is not replaced by a
-    // sign-in of another that claims the same address.
-    let signed_in_id = account_id(&grant, &endpoints);
-    let ns = mi.namespace().unwrap_or_default();
-    let stored_id = match s.inner.backend.secret(&ns, &mi.grant_secret_name()).await {
-        Ok(secret) => secret
-            .filter(|g| observed::grant_belongs_to(g, &mi))
-            .and_then(|g| {
-                g.data
-                    .as_ref()
-                    .and_then(|d| d.get(grant_keys::ACCOUNT_ID))
-                    .and_then(|b| std::str::from_utf8(&b.0).ok().map(|v| v.trim().to_owned()))
-            }),
-        Err(e) => {
-            warn!(error = %e, "reading the grant Secret failed");
-            return s.fail(api_unavailable().on(subject), Some(&mi)).await;
-        }
-    };
-    if let Err(f) = check_account_id(stored_id.as_deref(), signed_in_id.as_deref()) {
-        return s.fail(f.on(subject), Some(&mi)).await;
-    }
-    let mut extra = grant_record(
-        &account,
-        scopes,
-        endpoints.token.as_str(),
-        &creds.client_id,
-        now,
-        grant.refresh_token_expires_at,
-    );
-    if let Some(r) = &endpoints.revocation {
-        extra.push((grant_keys::REVOCATION_ENDPOINT, r.to_string()));
-    }
-    if let Some(id) = signed_in_id {
-        extra.push((grant_keys::ACCOUNT_ID, id));
-    }
-    if let Err(e) = s.inner.backend.store_grant(&mi, refresh_token, extra).await {
-        warn!(error = %e, "storing the grant Secret failed");
-        let f = Failure::new(
-            Reason::GrantWriteFailed,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The grant could not be stored",
-            format!(
-                "{account} signed in, but the operator could not write the Secret {:?}: {e}.",
-                mi.grant_secret_name()
-            ),
-            Reason::GrantWriteFailed.hint(),
-        )
-        .on(subject);
-        return s.fail(f, Some(&mi)).await;
-    }
-    info!(
-        integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()),
-        %account,
-        "sign-in succeeded; grant stored"
-    );
-    s.inner
-        .backend
-        .report(
-            &mi,
-            Report::SignedIn {
-                account: account.clone(),
-            },
-        )
-        .await;
-    let body = page::connected_page(
-        &mi.namespace().unwrap_or_default(),
-        &mi.name_any(),
-        &account,
-        &mi.grant_secret_name(),
-    );
-    html(StatusCode::OK, body, &[])
+    finish::answer(&s, started, exchanged).await
 }

@@ -183,6 +183,22 @@ pub fn connected_page(namespace: &str, name: &str, account: &str, grant_secret: 
     document("Connected", &body)
 }
 
+/// The page of a sign-in whose grant is still being stored when the request's time ran out (the
+/// API server is slow): the operator goes on storing it, the resource shows the outcome.
+pub fn storing_page(namespace: &str, name: &str, grant_secret: &str) -> String {
+    let body = format!(
+        "<div class=\"card\">\n<h1>Your sign-in is still being stored</h1>\n\
+<dl>\n<dt>Integration</dt><dd>{ns}/{name}</dd>\n</dl>\n\
+<p>The provider issued the grant; the operator is still writing it into the Secret <code>{secret}</code> (the Kubernetes API is slow to answer) and goes on doing so. \
+<code>kubectl get mailint {name} -n {ns}</code> shows when it is Ready; <code>kubectl describe mailint {name} -n {ns}</code> shows a failure.</p>\n\
+<p class=\"muted\">You can close this page. Do not reload it: the answer from the provider can be used only once.</p>\n</div>\n",
+        ns = escape(namespace),
+        name = escape(name),
+        secret = escape(grant_secret),
+    );
+    document("Still storing", &body)
+}
+
 /// The page of a failure.
 pub fn failure_page(f: &Failure) -> String {
     let mut body = format!(
