@@ -139,6 +139,26 @@ impl Lines {
         .await
     }
 
+    /// Send `command`, a space and the SASL response carrying the token as its initial response
+    /// (SASL-IR), in one line.
+    pub async fn send_sasl_ir(
+        &mut self,
+        command: &[u8],
+        sasl: &SecretValue,
+    ) -> Result<(), UpstreamError> {
+        let encoded = encode_sasl(sasl.expose().as_bytes());
+        let mut line = Vec::with_capacity(
+            command
+                .len()
+                .saturating_add(encoded.len())
+                .saturating_add(1),
+        );
+        line.extend_from_slice(command);
+        line.push(b' ');
+        line.extend_from_slice(encoded.as_bytes());
+        self.send(&line, "after AUTHENTICATE").await
+    }
+
     /// An error challenge (`data`, the base64 after `+`): acknowledged as `mechanism` requires, so
     /// that the server ends the exchange with its failure reply; its decoded text, for the error.
     pub async fn acknowledge_error(
