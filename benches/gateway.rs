@@ -51,6 +51,11 @@ const PASSWORD: &str = "Zm9vYmFyLWdhdGV3YXktYmVuY2gtcGFzc3dvcmQtMTIzNDU2";
 
 /// Dovecot's "high-performance mode" for many sessions: login processes that each serve many
 /// clients, IMAP processes that each serve many sessions, and no per-user-and-address cap.
+/// `process_min_avail = 1`: one login process serves until its `client_limit` is full (then more
+/// start). Each login process encrypts its TLS session tickets with a key of its own, so with two
+/// a ticket resumed only when the next connection landed on the same process; one process lets
+/// every later connection resume, on both paths alike (the bench's direct clients and the
+/// gateway's upstream connections reach the same IMAPS listener and process).
 const DOVECOT_MANY_SESSIONS: &str = r#"
 default_client_limit = 20000
 default_vsz_limit = 1G
@@ -58,7 +63,7 @@ service imap-login {
   service_count = 0
   client_limit = 2000
   process_limit = 10
-  process_min_avail = 2
+  process_min_avail = 1
 }
 service imap {
   service_count = 0
