@@ -14,6 +14,7 @@ use crate::{
         world::{Env, annotate_refresh, is_ready},
     },
 };
+use k8s_openapi::api::core::v1::Secret;
 use std::{collections::BTreeMap, sync::OnceLock, time::Duration};
 
 const IN_FLIGHT: &str = "mailintegration.dev/refresh-in-flight";
@@ -161,28 +162,7 @@ async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
     // The mark stays, and the token Secret records it: resolved for any process.
     let mut marks = Vec::new();
     for i in 0..N {
-        let grant = env
-            .secrets()
-            .get(&format!("inbox-{i}-oauth-grant"))
-            .await
-            .unwrap();
-        let token = env
-            .secrets()
-            .get(&format!("inbox-{i}-token"))
-            .await
-            .unwrap();
-        let mark = grant
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(IN_FLIGHT))
-            .cloned();
-        let recorded = token
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REFRESHED_UNDER))
-            .cloned();
+        let (mark, recorded) = mark_and_record(&env, i).await;
         assert!(mark.is_some(), "inbox-{i}: no mark on the grant");
         assert_eq!(
             mark, recorded,
@@ -224,28 +204,7 @@ async fn a_non_rotating_refresh_writes_the_mark_once_and_leaves_it_resolved() {
         "second refreshes:\n{listing}"
     );
     for (i, old) in marks.into_iter().enumerate() {
-        let grant = env
-            .secrets()
-            .get(&format!("inbox-{i}-oauth-grant"))
-            .await
-            .unwrap();
-        let token = env
-            .secrets()
-            .get(&format!("inbox-{i}-token"))
-            .await
-            .unwrap();
-        let mark = grant
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(IN_FLIGHT))
-            .cloned();
-        let recorded = token
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REFRESHED_UNDER))
-            .cloned();
+        let (mark, recorded) = mark_and_record(&env, i).await;
         assert_ne!(
             mark, old,
             "inbox-{i}: the second refresh wrote no mark of its own"
@@ -388,4 +347,24 @@ async fn a_google_first_refresh_writes_no_grant() {
         ]),
         "{listing}"
     );
+}
+
+/// The write-ahead mark on `inbox-{i}`'s grant Secret and the mark its token Secret records as
+/// resolved.
+async fn mark_and_record(env: &Env, i: usize) -> (Option<String>, Option<String>) {
+    let annotation = |s: Secret, key: &str| s.metadata.annotations.and_then(|mut a| a.remove(key));
+    let grant = env
+        .secrets()
+        .get(&format!("inbox-{i}-oauth-grant"))
+        .await
+        .unwrap();
+    let token = env
+        .secrets()
+        .get(&format!("inbox-{i}-token"))
+        .await
+        .unwrap();
+    (
+        annotation(grant, IN_FLIGHT),
+        annotation(token, REFRESHED_UNDER),
+    )
 }

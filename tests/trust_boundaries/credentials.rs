@@ -6,6 +6,7 @@ use super::{WAIT, message, server};
 use crate::support::{
     self,
     fault_proxy::FaultProxy,
+    operator::Operator,
     world::{Env, assert_no_secrets_in_logs_or_events, condition, is_ready, tail},
 };
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -31,6 +32,29 @@ pub(super) fn ticket_of(mi: &MailIntegration) -> String {
         .find(|(k, _)| k == "ticket")
         .map(|(_, v)| v.into_owned())
         .unwrap()
+}
+
+/// The integration's status once the operator put a sign-in link on it.
+pub(super) async fn with_sign_in_link(env: &Env, op: &Operator, name: &str) -> MailIntegration {
+    env.wait_for(name, "a sign-in link", WAIT, op, |mi| {
+        mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
+    })
+    .await
+}
+
+/// Alice signs in at the provider from `ticket`'s start page: the callback's query and the
+/// state cookie it must carry.
+pub(super) async fn alice_at_the_provider(op: &Operator, ticket: &str) -> (String, String) {
+    let (status, location, cookie) =
+        start(&op.sign_in_url(), ticket, Some(&op.sign_in_url())).await;
+    assert_eq!(status, 303);
+    let query = authorize(
+        &location.unwrap(),
+        "alice",
+        "http://127.0.0.1:8080/oauth2/callback",
+    )
+    .await;
+    (query, cookie.unwrap())
 }
 
 /// `POST /oauth2/start` with `ticket` and `origin`: status, Location, the cookie `name=value`.
@@ -354,20 +378,8 @@ async fn the_code_is_exchanged_only_where_the_sign_in_started() {
     )
     .await;
     env.integration("inbox", "alice@example.test").await;
-    let mi = env
-        .wait_for("inbox", "a sign-in link", WAIT, &op, |mi| {
-            mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
-        })
-        .await;
-    let (status, location, cookie) =
-        start(&op.sign_in_url(), &ticket_of(&mi), Some(&op.sign_in_url())).await;
-    assert_eq!(status, 303);
-    let query = authorize(
-        &location.unwrap(),
-        "alice",
-        "http://127.0.0.1:8080/oauth2/callback",
-    )
-    .await;
+    let mi = with_sign_in_link(&env, &op, "inbox").await;
+    let (query, cookie) = alice_at_the_provider(&op, &ticket_of(&mi)).await;
     // Between the start and the callback, the spec's token endpoint moves.
     let patch = serde_json::json!({"spec": {"oauth": {"endpoints": {"token": evil.token_url()}}}});
     env.integrations()
@@ -377,7 +389,7 @@ async fn the_code_is_exchanged_only_where_the_sign_in_started() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = http()
         .get(format!("{}/oauth2/callback?{query}", op.sign_in_url()))
-        .header("Cookie", cookie.unwrap())
+        .header("Cookie", cookie)
         .send()
         .await
         .unwrap();
@@ -405,11 +417,7 @@ async fn anonymous_sign_in_requests_cost_no_api_reads_past_a_small_budget() {
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
     env.integration("inbox", "alice@example.test").await;
-    let mi = env
-        .wait_for("inbox", "a sign-in link", WAIT, &op, |mi| {
-            mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
-        })
-        .await;
+    let mi = with_sign_in_link(&env, &op, "inbox").await;
     // A genuine ticket that expired (signed with the operator's own key).
     let expired = signer(&env).await.sign(
         TICKET,
@@ -458,11 +466,7 @@ async fn a_sign_in_link_is_one_time_and_origin_null_is_refused() {
     let op = env.operator("operator");
     env.client_secret(env.server.client_secret()).await;
     env.integration("inbox", "alice@example.test").await;
-    let mi = env
-        .wait_for("inbox", "a sign-in link", WAIT, &op, |mi| {
-            mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
-        })
-        .await;
+    let mi = with_sign_in_link(&env, &op, "inbox").await;
     let ticket = ticket_of(&mi);
     let (status, location, _) = start(&op.sign_in_url(), &ticket, Some("null")).await;
     assert_eq!(status, 403, "Origin: null was accepted: {location:?}");
@@ -476,18 +480,10 @@ async fn a_sign_in_link_is_one_time_and_origin_null_is_refused() {
         .unwrap();
     assert_eq!(page.headers()["referrer-policy"], "same-origin");
 
-    let (status, location, cookie) =
-        start(&op.sign_in_url(), &ticket, Some(&op.sign_in_url())).await;
-    assert_eq!(status, 303);
-    let query = authorize(
-        &location.unwrap(),
-        "alice",
-        "http://127.0.0.1:8080/oauth2/callback",
-    )
-    .await;
+    let (query, cookie) = alice_at_the_provider(&op, &ticket).await;
     let r = http()
         .get(format!("{}/oauth2/callback?{query}", op.sign_in_url()))
-        .header("Cookie", cookie.unwrap())
+        .header("Cookie", cookie)
         .send()
         .await
         .unwrap();

@@ -4,7 +4,7 @@
 
 use super::{
     WAIT,
-    credentials::{authorize, http, start, ticket_of},
+    credentials::{alice_at_the_provider, http, ticket_of, with_sign_in_link},
     server,
 };
 use crate::support::{
@@ -27,20 +27,8 @@ async fn a_grant_whose_store_outlasts_the_request_timeout_is_still_stored() {
     let op = env.operator_with_kubeconfig("operator", &kubeconfig, &["--test-protocol-scale=10"]);
     env.client_secret(env.server.client_secret()).await;
     env.integration("inbox", "alice@example.test").await;
-    let mi = env
-        .wait_for("inbox", "a sign-in link", WAIT, &op, |mi| {
-            mi.status.as_ref().is_some_and(|s| s.sign_in.is_some())
-        })
-        .await;
-    let (status, location, cookie) =
-        start(&op.sign_in_url(), &ticket_of(&mi), Some(&op.sign_in_url())).await;
-    assert_eq!(status, 303);
-    let query = authorize(
-        &location.unwrap(),
-        "alice",
-        "http://127.0.0.1:8080/oauth2/callback",
-    )
-    .await;
+    let mi = with_sign_in_link(&env, &op, "inbox").await;
+    let (query, cookie) = alice_at_the_provider(&op, &ticket_of(&mi)).await;
 
     let held = api.hold(Match::suffix(
         "POST",
@@ -49,7 +37,7 @@ async fn a_grant_whose_store_outlasts_the_request_timeout_is_still_stored() {
     let asked = Instant::now();
     let r = http()
         .get(format!("{}/oauth2/callback?{query}", op.sign_in_url()))
-        .header("Cookie", cookie.unwrap())
+        .header("Cookie", cookie)
         .send()
         .await
         .unwrap();
