@@ -43,6 +43,7 @@ use super::{
     metrics::{GatewayMetrics, KindLabels},
     session::{Entry, Protocol},
 };
+use crate::reconcile::watches::{scoped_api, watch_backoff};
 use crate::secret::SecretValue;
 
 /// The largest gateway Secret read (keys and values together); larger ones are ignored.
@@ -343,10 +344,7 @@ impl Directory {
         }
         let selector = format!("{GATEWAY_LABEL}=true");
         let streams = scopes.iter().map(|scope| {
-            let api: Api<Secret> = match scope {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            };
+            let api: Api<Secret> = scoped_api(client.clone(), scope.as_deref());
             let scope = scope.clone();
             watcher(api, watcher::Config::default().labels(&selector))
                 .backoff(watch_backoff())
@@ -398,17 +396,6 @@ impl Directory {
         }
         sweep.abort();
     }
-}
-
-/// As the operator's watches: exponential from 0.8 s with jitter, at most 10 s between tries.
-fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(800))
-        .with_max_delay(Duration::from_secs(10))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .into()
 }
 
 #[cfg(test)]

@@ -207,10 +207,8 @@ pub async fn run(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     // One API server: asked once, in a namespace this process may watch.
-    let probed = match namespaces.first() {
-        Some(ns) => Api::<MailIntegration>::namespaced(ctx.client.clone(), ns),
-        None => Api::<MailIntegration>::all(ctx.client.clone()),
-    };
+    let probed: Api<MailIntegration> =
+        scoped_api(ctx.client.clone(), namespaces.first().map(String::as_str));
     let initial = InitialList::once(&probed).await;
     if namespaces.is_empty() {
         run_one(ctx, None, initial, ready, stop).await;
@@ -240,7 +238,7 @@ fn forget_deleted(ctx: &Context, event: &watcher::Event<MailIntegration>) {
 }
 
 /// `Api` of `namespace`, or of all namespaces.
-fn scoped_api<K>(client: kube::Client, namespace: &Option<String>) -> Api<K>
+pub fn scoped_api<K>(client: kube::Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     K::DynamicType: Default,
@@ -273,11 +271,16 @@ async fn run_one(
     );
     let integrations: Api<MailIntegration> = scoped_api(
         watch_client(&ctx.client, &watching_integrations),
-        &namespace,
+        namespace.as_deref(),
     );
-    let secrets: Api<Secret> = scoped_api(watch_client(&ctx.client, &watching_owned), &namespace);
-    let secret_metas: Api<PartialObjectMeta<Secret>> =
-        scoped_api(watch_client(&ctx.client, &watching_marked), &namespace);
+    let secrets: Api<Secret> = scoped_api(
+        watch_client(&ctx.client, &watching_owned),
+        namespace.as_deref(),
+    );
+    let secret_metas: Api<PartialObjectMeta<Secret>> = scoped_api(
+        watch_client(&ctx.client, &watching_marked),
+        namespace.as_deref(),
+    );
     // The integrations' cache, trimmed of what is never read (see `cache::trim_integration`).
     let (store, writer) = reflector::store();
     let deleted = ctx.clone();

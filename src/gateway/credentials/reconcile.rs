@@ -15,7 +15,7 @@ use crate::{
     reconcile::{
         cached_secret::{self, CachedSecret, Held},
         observed,
-        watches::{InitialList, integrations_where, names_ca, watch_backoff},
+        watches::{InitialList, integrations_where, names_ca, scoped_api, watch_backoff},
     },
 };
 use futures::StreamExt;
@@ -148,10 +148,8 @@ pub async fn run(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     // Streaming lists where the API server allows them, as the main controller's watches.
-    let probed = match namespaces.first() {
-        Some(ns) => Api::<MailIntegration>::namespaced(creds.client.clone(), ns),
-        None => Api::<MailIntegration>::all(creds.client.clone()),
-    };
+    let probed: Api<MailIntegration> =
+        scoped_api(creds.client.clone(), namespaces.first().map(String::as_str));
     let initial = InitialList::once(&probed).await;
     if namespaces.is_empty() {
         run_one(creds, None, initial, stop).await;
@@ -168,17 +166,6 @@ pub async fn run(
     }
 }
 
-fn api<K>(client: &kube::Client, ns: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 async fn run_one(
     creds: Arc<Credentials>,
     namespace: Option<String>,
@@ -190,9 +177,12 @@ async fn run_one(
     let (store, writer) = reflector::store();
     let integrations = reflector(
         writer,
-        watcher(api::<MailIntegration>(&creds.client, ns), config.clone())
-            .backoff(watch_backoff())
-            .modify(status::trim_for_cache),
+        watcher(
+            scoped_api::<MailIntegration>(creds.client.clone(), ns),
+            config.clone(),
+        )
+        .backoff(watch_backoff())
+        .modify(status::trim_for_cache),
     )
     .applied_objects();
     // Only Secrets with the credentials' own labels, kept compact and bounded like the main
@@ -201,7 +191,7 @@ async fn run_one(
     let app_events = cached_secret::reflector(
         apps_writer,
         watcher(
-            api::<Secret>(&creds.client, ns),
+            scoped_api::<Secret>(creds.client.clone(), ns),
             config.clone().labels(GATEWAY_APP_LABEL),
         )
         .backoff(watch_backoff()),
@@ -215,7 +205,7 @@ async fn run_one(
     let gateway_events = cached_secret::reflector(
         gateways_writer,
         watcher(
-            api::<Secret>(&creds.client, ns),
+            scoped_api::<Secret>(creds.client.clone(), ns),
             config.clone().labels(&format!("{GATEWAY_LABEL}=true")),
         )
         .backoff(watch_backoff()),
@@ -231,7 +221,7 @@ async fn run_one(
     // operator (`mailintegration.dev/oauth-client=true`), metadata only (the data is read by
     // `read_ca` when a reconcile needs it); the cluster's other Secrets are never listed.
     let ca_events = watcher(
-        api::<PartialObjectMeta<Secret>>(&creds.client, ns),
+        scoped_api::<PartialObjectMeta<Secret>>(creds.client.clone(), ns),
         config.labels(&format!("{OAUTH_CLIENT_LABEL}=true")),
     )
     .backoff(watch_backoff())
