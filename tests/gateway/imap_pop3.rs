@@ -241,9 +241,14 @@ except imaplib.IMAP4.error as e:
     sys.exit(3)
 m.select('INBOX')
 typ, data = m.search(None, 'ALL')
+# PEEK: reading sets no \Seen flag, and the parts are taken by shape: another session on the
+# same mailbox (tests run two at once) can bring an unsolicited `* n FETCH (FLAGS ...)` into the
+# answer as a plain bytes item.
 for num in data[0].split():
-    typ, msg = m.fetch(num, '(BODY[HEADER.FIELDS (SUBJECT)])')
-    print('MSG', msg[0][1].decode().strip())
+    typ, msg = m.fetch(num, '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
+    for part in msg:
+        if isinstance(part, tuple):
+            print('MSG', part[1].decode().strip())
 m.logout()
 "#;
 
