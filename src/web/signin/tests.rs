@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::api::{MailIntegrationSpec, Prompt};
+use crate::oauth::TokenGrant;
 use axum::body::Body;
 use axum::http::Request;
 use k8s_openapi::ByteString;
