@@ -171,6 +171,12 @@ struct RunArgs {
     /// too. The check sends a live access token: it goes nowhere else.
     #[arg(long, env = "MIO_MAILBOX_ALLOWED_HOSTS", value_delimiter = ',')]
     mailbox_allowed_hosts: Vec<String>,
+    /// How long a refresh's status write waits for the mailbox check the new token makes due (Go
+    /// duration, at most 10s; 0s: never), so that a first refresh writes Ready and
+    /// MailboxConnected in one status write. Only a check that starts at once is waited for; a
+    /// slower one reports in a status write of its own, so Ready is late by at most this.
+    #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
+    mailbox_check_wait: std::time::Duration,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
     /// or a proxy). Off: such an integration is refused with EndpointOverrideNotAllowed.
     #[arg(long, env = "MIO_ALLOW_ENDPOINT_OVERRIDES")]
@@ -239,6 +245,14 @@ fn parse_min_refresh_interval(s: &str) -> Result<std::time::Duration, String> {
     let d = parse_any_duration(s)?;
     if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
         return Err(format!("{s:?} is not between 1s and 1h"));
+    }
+    Ok(d)
+}
+
+fn parse_mailbox_check_wait(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_any_duration(s)?;
+    if d > std::time::Duration::from_secs(10) {
+        return Err(format!("{s:?} is longer than 10s"));
     }
     Ok(d)
 }
@@ -420,7 +434,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ctx.metrics.clone(),
         )
         .with_namespace_share(8, args.max_namespace_share)
-        .with_allowed_hosts(allowed),
+        .with_allowed_hosts(allowed)
+        .with_join_wait(args.mailbox_check_wait),
     );
     let ctx = Arc::new(ctx);
     let credentials = Arc::new(

@@ -4,21 +4,25 @@
 //! are kept in memory per integration (with the token they were made with), so a storm of
 //! reconciles does not become a storm of logins, and a check that did not change its result writes
 //! nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
-//! ([`MailboxChecker::state_in_background`]): a reconcile never waits for a mail server; it reports
-//! the last finished check, and a finished check brings a reconcile of its own.
+//! ([`MailboxChecker::state_in_background`]): a reconcile does not wait for a mail server; it
+//! reports the last finished check, and a finished check brings a reconcile of its own.
+//!
+//! One exception keeps a refresh at one status write ([`MailboxChecker::state_joined`]): the
+//! check a refresh makes due (a new token) is waited for up to `--mailbox-check-wait` (3 s) when
+//! it can start at once on a free permit, and its result goes out in the refresh's status apply
+//! (Ready and MailboxConnected together) instead of a write of its own. Never longer: a slower
+//! mail server reports in its own write as before, so Ready is late by at most the wait. Never a
+//! queued check: a check that waits for a permit is not waited for, so at most the permits (8)
+//! reconcile workers wait at once, each at most the wait, whatever the mail servers do.
 
 use crate::sync::LockExt as _;
 use crate::{
-    api::{
-        DEFAULT_CA_KEY, GrantType, MailIntegration, MailIntegrationSpec, MailIntegrationStatus,
-        ProviderKind, SaslMechanismName, condition,
-    },
-    mailbox::{self, CheckProtocol, CheckTarget, MailboxError, SaslMechanism},
+    api::{DEFAULT_CA_KEY, MailIntegration, SaslMechanismName},
+    mailbox::{self, CheckProtocol, CheckTarget, SaslMechanism},
     metrics::{Metrics, RefreshLabels},
     secret::SecretValue,
 };
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use sha2::Digest;
 use std::{collections::HashMap, sync::Mutex, time::Duration};
@@ -67,9 +71,25 @@ pub struct MailboxChecker {
     /// UIDs whose check runs in the background now (one at a time per integration).
     running: Mutex<std::collections::HashSet<String>>,
     timeout: Duration,
+    /// How long a refresh's status apply waits for the check the refresh made due (see the
+    /// module doc); zero: never.
+    join_wait: Duration,
     metrics: std::sync::Arc<Metrics>,
     allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
+
+/// The default of `--mailbox-check-wait`: long enough for a mail server that answers (a check is
+/// a TLS connection and three commands), short enough that a slow one delays Ready by little.
+pub const DEFAULT_JOIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether a reconcile waits for the check it starts: only one that refreshed (its status is
+/// written anyway, and the check is due because of the new token), and only with a wait set.
+pub fn joins(refreshed: bool, wait: Duration) -> bool {
+    refreshed && !wait.is_zero()
+}
+
+/// A check started in the background, and its result when the caller may wait for it.
+type Started = Option<tokio::sync::oneshot::Receiver<MailboxState>>;
 
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
@@ -81,6 +101,7 @@ impl MailboxChecker {
             cache: Mutex::default(),
             running: Mutex::default(),
             timeout,
+            join_wait: DEFAULT_JOIN_WAIT,
             metrics,
             allowed: Default::default(),
         }
@@ -92,6 +113,12 @@ impl MailboxChecker {
             concurrency,
             super::share::share_of(concurrency.max(1), percent),
         );
+        self
+    }
+
+    /// How long a refresh's status apply waits for the check the refresh made due (zero: never).
+    pub fn with_join_wait(mut self, wait: Duration) -> Self {
+        self.join_wait = wait;
         self
     }
 
@@ -231,64 +258,143 @@ impl MailboxChecker {
         now: Timestamp,
         done: impl FnOnce() + Send + 'static,
     ) -> Option<MailboxState> {
+        self.in_background(mi, token, extra_ca_pem, now, false, done)
+            .0
+    }
+
+    /// Like [`Self::state_in_background`]; when `refreshed` (see [`joins`]) and the check it
+    /// starts gets a permit at once, its result is waited for up to the join wait and returned
+    /// instead of the last one (`done` is still called, its reconcile then writes nothing).
+    pub async fn state_joined(
+        self: &std::sync::Arc<Self>,
+        mi: &MailIntegration,
+        token: Option<(&SecretValue, Timestamp)>,
+        extra_ca_pem: Option<Vec<u8>>,
+        now: Timestamp,
+        refreshed: bool,
+        done: impl FnOnce() + Send + 'static,
+    ) -> Option<MailboxState> {
+        let join = joins(refreshed, self.join_wait);
+        let (last, started) = self.in_background(mi, token, extra_ca_pem, now, join, done);
+        let Some(result) = started else {
+            return last;
+        };
+        match tokio::time::timeout(self.join_wait, result).await {
+            Ok(Ok(state)) => Some(state),
+            // Slower than the wait: the check reports in a write of its own.
+            _ => last,
+        }
+    }
+
+    /// The state to report now and, when `join` and a permit is free now, the result of the check
+    /// started for it.
+    fn in_background(
+        self: &std::sync::Arc<Self>,
+        mi: &MailIntegration,
+        token: Option<(&SecretValue, Timestamp)>,
+        extra_ca_pem: Option<Vec<u8>>,
+        now: Timestamp,
+        join: bool,
+        done: impl FnOnce() + Send + 'static,
+    ) -> (Option<MailboxState>, Started) {
+        let check = match self.start(mi, token, now) {
+            Ok(check) => check,
+            Err(report) => return (report, None),
+        };
+        let reported = reported_state(mi.status.as_ref());
+        let last = self.last_or_resumed(mi, &check, reported.clone(), now);
+        if let Some(c) = &last
+            && c.answers(&check.fingerprint, mi, now)
+        {
+            return (Some(c.state.clone()), None);
+        }
+        let started = self.spawn_check(mi, check, extra_ca_pem, join, done);
+        (last.map(|c| c.state).or(reported), started)
+    }
+
+    /// The last finished check of this integration; on the first look since the process started,
+    /// the one the status reports (its result and time), so the check is due from then.
+    fn last_or_resumed(
+        &self,
+        mi: &MailIntegration,
+        check: &Check<'_>,
+        reported: Option<MailboxState>,
+        now: Timestamp,
+    ) -> Option<Cached> {
+        let mut cache = self.cache.locked();
+        if !cache.contains_key(&check.key)
+            && let Some(state) = reported
+            && let Some(at) = resumed_check_time(mi, now)
+        {
+            cache.insert(
+                check.key.clone(),
+                Cached {
+                    token: check.fingerprint.clone(),
+                    at,
+                    state,
+                },
+            );
+        }
+        cache.get(&check.key).cloned()
+    }
+
+    /// Run `check` in the background unless one of this integration runs already; with `join`,
+    /// only a check that takes a free permit now hands its result back as well.
+    fn spawn_check(
+        self: &std::sync::Arc<Self>,
+        mi: &MailIntegration,
+        check: Check<'_>,
+        extra_ca_pem: Option<Vec<u8>>,
+        join: bool,
+        done: impl FnOnce() + Send + 'static,
+    ) -> Started {
         let Check {
             targets,
             token,
             key,
             fingerprint,
-        } = match self.start(mi, token, now) {
-            Ok(check) => check,
-            Err(report) => return report,
+        } = check;
+        if !self.running.locked().insert(key.clone()) {
+            return None;
+        }
+        let namespace = mi.namespace().unwrap_or_default();
+        let ready = join.then(|| self.permits.try_acquire(&namespace)).flatten();
+        let (tx, rx) = match ready {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
         };
-        let reported = reported_state(mi.status.as_ref());
-        let last = {
-            let mut cache = self.cache.locked();
-            if !cache.contains_key(&key)
-                && let Some(state) = reported.clone()
-                && let Some(at) = resumed_check_time(mi, now)
-            {
-                // First look at this integration since the process started: the status says when
-                // it was last checked and with what result, so the check is due from then.
-                cache.insert(
+        let this = self.clone();
+        let token = token.clone();
+        let spec = mi.spec.clone();
+        tokio::spawn(async move {
+            let permit = match ready {
+                Some(p) => Some(p),
+                None => this.permits.acquire(&namespace).await,
+            };
+            if let Some(_permit) = permit {
+                let state = this.check_all(&targets, &token, extra_ca_pem).await;
+                let state = explain_app_only(&spec, state);
+                this.count(&state);
+                this.cache.locked().insert(
                     key.clone(),
                     Cached {
-                        token: fingerprint.clone(),
-                        at,
-                        state,
+                        token: fingerprint,
+                        at: Timestamp::now(),
+                        state: state.clone(),
                     },
                 );
-            }
-            cache.get(&key).cloned()
-        };
-        if let Some(c) = &last
-            && c.answers(&fingerprint, mi, now)
-        {
-            return Some(c.state.clone());
-        }
-        if self.running.locked().insert(key.clone()) {
-            let this = self.clone();
-            let token = token.clone();
-            let spec = mi.spec.clone();
-            let namespace = mi.namespace().unwrap_or_default();
-            tokio::spawn(async move {
-                if let Some(_permit) = this.permits.acquire(&namespace).await {
-                    let state = this.check_all(&targets, &token, extra_ca_pem).await;
-                    let state = explain_app_only(&spec, state);
-                    this.count(&state);
-                    this.cache.locked().insert(
-                        key.clone(),
-                        Cached {
-                            token: fingerprint,
-                            at: Timestamp::now(),
-                            state,
-                        },
-                    );
+                if let Some(tx) = tx {
+                    // The waiter may have given up: the result is in the cache for `done`'s.
+                    let _ = tx.send(state);
                 }
-                this.running.locked().remove(&key);
-                done();
-            });
-        }
-        last.map(|c| c.state).or(reported)
+            }
+            this.running.locked().remove(&key);
+            done();
+        });
+        rx
     }
 
     fn count(&self, state: &MailboxState) {
@@ -363,95 +469,6 @@ impl MailboxChecker {
     }
 }
 
-fn protocol_name(p: CheckProtocol) -> &'static str {
-    match p {
-        CheckProtocol::Imap => "IMAP",
-        CheckProtocol::Pop3 => "POP3",
-        CheckProtocol::Smtp => "SMTP",
-    }
-}
-
-fn failed(t: &CheckTarget, e: &MailboxError) -> MailboxState {
-    if t.protocol == CheckProtocol::Smtp
-        && matches!(e, MailboxError::AuthFailed { .. })
-        && crate::mailbox::is_smtp_auth_disabled(e.detail())
-    {
-        // Not the token: Exchange Online has SMTP AUTH switched off for the mailbox or tenant.
-        let reason = crate::reason::Reason::SmtpClientAuthenticationDisabled;
-        return MailboxState::Failed {
-            reason: reason.as_str().to_owned(),
-            message: format!(
-                "SMTP {}:{}: {}. {}",
-                t.host,
-                t.port,
-                e.detail(),
-                reason
-                    .hint()
-                    .replace("<mailbox>", &crate::reason::outside_text(&t.username, 254))
-            ),
-        };
-    }
-    let hint = match e.reason() {
-        "MailboxAuthFailed" => {
-            " The mail server refused the access token (it cannot say why: see Authorized for the grant). If the grant is fine, check the granted scopes and that the account may use this protocol (IMAP, POP or SMTP AUTH can be disabled per account)."
-        }
-        "MailboxUnreachable" => {
-            " Check spec.mailbox host and port, and that the operator may reach the server."
-        }
-        "TLSError" => {
-            " Check the server's certificate, or put the CA that signed it into spec.mailbox.caSecretRef."
-        }
-        _ => "",
-    };
-    MailboxState::Failed {
-        reason: e.reason().to_owned(),
-        message: format!(
-            "{} {}:{}: {}.{hint}",
-            protocol_name(t.protocol),
-            t.host,
-            t.port,
-            e.detail()
-        ),
-    }
-}
-
-/// A mail server that refuses an app-only token the provider has just issued (the token is valid:
-/// the token endpoint gave it out for this client) is not refusing the token but the app: for
-/// Exchange Online, the app's service principal is not registered in Exchange, or has no
-/// permission on the mailbox. Say which commands are likely missing.
-pub fn explain_app_only(spec: &MailIntegrationSpec, state: MailboxState) -> MailboxState {
-    let MailboxState::Failed { reason, message } = state else {
-        return state;
-    };
-    use crate::reason::Reason;
-    if reason != Reason::MailboxAuthFailed.as_str()
-        || spec.grant_type() != GrantType::ClientCredentials
-    {
-        return MailboxState::Failed { reason, message };
-    }
-    // The mail server's own words come first; the generic hint about scopes does not apply.
-    let said = message
-        .split(". The mail server refused the access token")
-        .next()
-        .unwrap_or_default();
-    let mailbox = spec.mailbox.address.trim();
-    let secret = &spec.oauth.client_secret_ref.name;
-    let fix = match spec.provider {
-        ProviderKind::Microsoft => format!(
-            "the app is likely not registered in Exchange Online or has no access to this mailbox. In Exchange Online PowerShell run New-ServicePrincipal -AppId <client ID in Secret {secret:?}> -ObjectId <object ID of the Enterprise Application> (Entra ID → Enterprise applications; not the App registration's object ID), then Add-MailboxPermission -Identity {mailbox} -User <the service principal's ID> -AccessRights FullAccess (or assign an RBAC for Applications role scoped to the mailbox). Changes can take up to an hour to apply."
-        ),
-        ProviderKind::Google | ProviderKind::Oidc => format!(
-            "the mail server does not let this app open {mailbox}: give the app (client ID in Secret {secret:?}) access to the mailbox at the mail server."
-        ),
-    };
-    MailboxState::Failed {
-        reason: Reason::AppMailboxAccessMissing.as_str().to_owned(),
-        message: format!(
-            "{said}. The provider issued a valid app-only token, but the mail server refused it for {mailbox}: {fix}"
-        ),
-    }
-}
-
 /// The servers to check: the read protocol's server and, when set, SMTP submission.
 pub fn targets(mi: &MailIntegration) -> Vec<CheckTarget> {
     let spec = &mi.spec;
@@ -475,50 +492,6 @@ pub fn targets(mi: &MailIntegration) -> Vec<CheckTarget> {
     out
 }
 
-/// The mailbox state as the status last reported it (its MailboxConnected condition).
-pub fn reported_state(status: Option<&MailIntegrationStatus>) -> Option<MailboxState> {
-    let c = status?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)?;
-    Some(match c.status.as_str() {
-        "True" => MailboxState::Connected(c.message.clone()),
-        _ => MailboxState::Failed {
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        },
-    })
-}
-
-/// When to count the last check as made, for an integration this process has not checked yet: the
-/// status's `mailboxCheckedAt` when it describes the current spec (MailboxConnected of this
-/// generation) and is less than an interval old. One older than that (or after the status was
-/// written by an operator that did not record it) is due, but not all at once: a restart with
-/// thousands of overdue integrations spreads their checks over one interval, as they would run
-/// anyway, instead of queueing them all behind each other. `None`: check now.
-pub fn resumed_check_time(mi: &MailIntegration, now: Timestamp) -> Option<Timestamp> {
-    let status = mi.status.as_ref()?;
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
-        .filter(|c| {
-            c.observed_generation.is_some() && c.observed_generation == mi.metadata.generation
-        })?;
-    let checked = status.mailbox_checked_at.as_ref()?.0;
-    let interval = mi.spec.check_interval();
-    // A time in the future (a clock step, or a hand edit) counts as now.
-    let checked = checked.min(now);
-    if crate::time::after(checked, interval) > now {
-        return Some(checked);
-    }
-    let spread = interval.mul_f64(rand::random_range(0.0..1.0));
-    Some(crate::time::after(
-        crate::time::before(now, interval),
-        spread,
-    ))
-}
-
 /// Key of the CA bundle in the CA Secret.
 pub fn ca_key(mi: &MailIntegration) -> Option<(&str, &str)> {
     mi.spec
@@ -528,69 +501,11 @@ pub fn ca_key(mi: &MailIntegration) -> Option<(&str, &str)> {
         .map(|r| (r.name.as_str(), r.key.as_deref().unwrap_or(DEFAULT_CA_KEY)))
 }
 
-/// Put the mailbox state into the status: the MailboxConnected condition, and Ready, which is only
-/// True when the mailbox accepts the token too. `None` (no check possible now) keeps what was there.
-pub fn apply(
-    status: &mut MailIntegrationStatus,
-    state: Option<&MailboxState>,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let Some(state) = state else { return };
-    let (ok, reason, message) = match state {
-        MailboxState::NotConfigured => {
-            status
-                .conditions
-                .retain(|c| c.type_ != condition::MAILBOX_CONNECTED);
-            return;
-        }
-        MailboxState::Connected(m) => (true, "Connected", m.clone()),
-        MailboxState::Failed { reason, message } => (false, reason.as_str(), message.clone()),
-    };
-    let transition = match status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
-    {
-        Some(p) if p.status == if ok { "True" } else { "False" } => p.last_transition_time.clone(),
-        _ => Time(now),
-    };
-    let new = Condition {
-        type_: condition::MAILBOX_CONNECTED.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: crate::reason::outside_text(&message, crate::reason::MAX_MESSAGE),
-        observed_generation: generation,
-        last_transition_time: transition,
-    };
-    match status
-        .conditions
-        .iter_mut()
-        .find(|c| c.type_ == condition::MAILBOX_CONNECTED)
-    {
-        Some(c) => *c = new,
-        None => {
-            let at = status
-                .conditions
-                .iter()
-                .position(|c| c.type_ == condition::RECONCILING)
-                .unwrap_or(status.conditions.len());
-            status.conditions.insert(at, new);
-        }
-    }
-    if !ok
-        && let Some(ready) = status
-            .conditions
-            .iter_mut()
-            .find(|c| c.type_ == condition::READY && c.status == "True")
-    {
-        ready.status = "False".into();
-        ready.reason = reason.into();
-        ready.message =
-            format!("the token is valid, but the mailbox refuses the connection: {message}");
-        ready.last_transition_time = Time(now);
-    }
-}
+mod failure;
+mod status;
+pub use failure::explain_app_only;
+use failure::{failed, protocol_name};
+pub use status::{apply, reported_state, resumed_check_time};
 
 #[cfg(test)]
 mod tests;

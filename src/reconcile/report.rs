@@ -73,12 +73,16 @@ pub(super) async fn report(
         match reader.ca(mi).await {
             Ok(ca) => {
                 // Off the refresh path: the status reports the last finished check, and a check
-                // that finishes brings the next reconcile.
+                // that finishes brings the next reconcile. The check a refresh makes due joins
+                // this status apply when it is done within the short join wait (one write for
+                // Ready and MailboxConnected; see `mailbox_check`'s module doc).
                 let (wake, target) = (wake.clone(), ObjectRef::from_obj(mi));
+                let refreshed = new_token.is_some();
                 ctx.mailbox
-                    .state_in_background(mi, check_token, ca, now, move || {
+                    .state_joined(mi, check_token, ca, now, refreshed, move || {
                         let _ = wake.unbounded_send(target);
                     })
+                    .await
             }
             Err(state) => Some(state),
         }

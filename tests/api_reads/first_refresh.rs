@@ -264,10 +264,13 @@ async fn accepting_imap() -> u16 {
     port
 }
 
-/// Google (no write-ahead mark: it never rotates), a grant as a sign-in stores it: the first
-/// refresh creates the token Secret, applies the status and publishes one event (3 writes, no
-/// grant write); the mailbox check, which a reconcile never waits for, reports its result in a
-/// status write of its own (a fourth; OIDC integrations with a mail server pay it too).
+/// Google (no write-ahead mark: it never rotates), two integrations of one client, their grants as
+/// a sign-in stores them: each first refresh creates the token Secret, applies the status once
+/// and publishes one event (3 writes, no grant write). The mailbox check the new token makes due
+/// answers within the join wait (`--mailbox-check-wait`), so its result (MailboxConnected) goes
+/// out in the refresh's status apply, not in a status write of its own (2 status writes each on
+/// main before). The client Secret's data is read once for both (its watch is metadata-only, see
+/// `src/reconcile/marked.rs`): 3 requests per first refresh plus one read per client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_google_first_refresh_writes_no_grant() {
     use crate::support::{
@@ -275,6 +278,7 @@ async fn a_google_first_refresh_writes_no_grant() {
         provider_standin::{Flavour, ProviderStandIn},
         world::condition,
     };
+    const N: usize = 2;
     let env = Env::new("google-first", long_lived_server()).await;
     let standin = ProviderStandIn::start(Flavour::Google);
     let proxy = FaultProxy::start(&standin.url());
@@ -288,61 +292,68 @@ async fn a_google_first_refresh_writes_no_grant() {
     )
     .await;
     let op = env.operator_with("operator", &["--allow-endpoint-overrides"]);
-    let rt = standin.issue_refresh_token();
-    env.put_secret(
-        "inbox-oauth-grant",
-        &[
-            ("refresh_token", &rt),
-            ("token_endpoint", &proxy.token_url()),
-            ("client_id", "provider-test-client"),
-        ],
-    )
-    .await;
-    let before = op.api_requests();
-    let spec = serde_json::json!({
-        "provider": "Google",
-        "mailbox": {
-            "address": "alice@example.test",
-            "server": {"host": "127.0.0.1", "port": imap, "tls": "None"},
-        },
-        "oauth": {
-            "clientSecretRef": {"name": "client"},
-            "redirectURL": "http://127.0.0.1:8080/oauth2/callback",
-            "endpoints": {
-                "authorization": format!("{}/auth", proxy.url()),
-                "token": proxy.token_url(),
-            },
-        },
-        "tokenSecret": {"name": "inbox-token"},
-        "refreshBefore": "1m",
-    });
-    env.integrations()
-        .create(
-            &Default::default(),
-            &crate::support::world::mail_integration("inbox", spec),
+    for i in 0..N {
+        let rt = standin.issue_refresh_token();
+        env.put_secret(
+            &format!("inbox-{i}-oauth-grant"),
+            &[
+                ("refresh_token", &rt),
+                ("token_endpoint", &proxy.token_url()),
+                ("client_id", "provider-test-client"),
+            ],
         )
-        .await
-        .unwrap();
-    env.wait_for(
-        "inbox",
-        "Ready=True, MailboxConnected=True",
-        Duration::from_secs(30),
-        &op,
-        |mi| is_ready(mi) && condition(mi, "MailboxConnected").is_some_and(|c| c.0 == "True"),
-    )
-    .await;
+        .await;
+    }
+    let before = op.api_requests();
+    for i in 0..N {
+        let spec = serde_json::json!({
+            "provider": "Google",
+            "mailbox": {
+                "address": "alice@example.test",
+                "server": {"host": "127.0.0.1", "port": imap, "tls": "None"},
+            },
+            "oauth": {
+                "clientSecretRef": {"name": "client"},
+                "redirectURL": "http://127.0.0.1:8080/oauth2/callback",
+                "endpoints": {
+                    "authorization": format!("{}/auth", proxy.url()),
+                    "token": proxy.token_url(),
+                },
+            },
+            "tokenSecret": {"name": format!("inbox-{i}-token")},
+            "refreshBefore": "1m",
+        });
+        env.integrations()
+            .create(
+                &Default::default(),
+                &crate::support::world::mail_integration(&format!("inbox-{i}"), spec),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..N {
+        env.wait_for(
+            &format!("inbox-{i}"),
+            "Ready=True, MailboxConnected=True",
+            Duration::from_secs(30),
+            &op,
+            |mi| is_ready(mi) && condition(mi, "MailboxConnected").is_some_and(|c| c.0 == "True"),
+        )
+        .await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let requests = api_audit::since(&before, &op.api_requests());
     let listing = api_audit::describe(&requests);
     let counts = by_verb_and_kind(&requests, &env.ns);
-    eprintln!("google first refresh: {counts:?}");
+    eprintln!("google first refreshes: {counts:?}");
     assert_eq!(
         counts,
         self::counts(&[
-            ("create secrets", 1),
-            // The refresh's, and the mailbox check's result.
-            ("patch mailintegrations/status", 2),
-            ("create events", 1),
+            ("create secrets", N),
+            // The refresh's, with the mailbox check's result in it.
+            ("patch mailintegrations/status", N),
+            ("create events", N),
+            // The client Secret's data, once for both.
             ("get secrets", 1),
         ]),
         "{listing}"

@@ -1,5 +1,7 @@
 use super::*;
-use crate::api::MailIntegrationSpec;
+use crate::api::{MailIntegrationSpec, MailIntegrationStatus};
+use crate::mailbox::MailboxError;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 fn status_ready() -> MailIntegrationStatus {
     let ready = |t: &str| Condition {
@@ -266,4 +268,113 @@ fn microsofts_smtp_auth_switch_is_its_own_reason_with_the_fix() {
         panic!()
     };
     assert_eq!(reason, "MailboxAuthFailed");
+}
+
+/// A loopback IMAP server that greets after `delay` and accepts any XOAUTH2 token.
+async fn imap_after(delay: Duration) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"* OK ready\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut words = line.split_whitespace();
+                    let tag = words.next().unwrap_or("*").to_owned();
+                    let command = words.next().unwrap_or("").to_ascii_uppercase();
+                    let answer = match command.as_str() {
+                        "CAPABILITY" => {
+                            format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR\r\n{tag} OK\r\n")
+                        }
+                        "EXAMINE" | "SELECT" => format!("* 0 EXISTS\r\n{tag} OK [READ-ONLY]\r\n"),
+                        "LOGOUT" => format!("* BYE\r\n{tag} OK\r\n"),
+                        _ => format!("{tag} OK done\r\n"),
+                    };
+                    if write.write_all(answer.as_bytes()).await.is_err() || command == "LOGOUT" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn on_loopback(port: u16) -> MailIntegration {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailintegration.dev/v1alpha1",
+        "kind": "MailIntegration",
+        "metadata": {"name": "inbox", "namespace": "ns", "uid": format!("u{port}"), "generation": 1},
+        "spec": {
+            "provider": "Google",
+            "mailbox": {
+                "address": "a@example.com",
+                "server": {"host": "127.0.0.1", "port": port, "tls": "None"},
+            },
+            "oauth": {"clientSecretRef": {"name": "c"}},
+            "tokenSecret": {"name": "t"},
+        },
+    }))
+    .unwrap()
+}
+
+fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
+    let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
+    std::sync::Arc::new(
+        MailboxChecker::new(permits, Duration::from_secs(5), Default::default())
+            .with_allowed_hosts(allowed)
+            .with_join_wait(wait),
+    )
+}
+
+/// The check a refresh makes due joins its status write when it is done within the wait; a slower
+/// one, a reconcile that did not refresh and a check queued behind the permits are not waited for.
+#[tokio::test]
+async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queued_one() {
+    let token = SecretValue::new("access");
+    let now = Timestamp::now();
+    let valid = Some((&token, now + SignedDuration::from_hours(1)));
+    let fast = on_loopback(imap_after(Duration::ZERO).await);
+    let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
+    let joined = |c: &std::sync::Arc<MailboxChecker>, mi: &MailIntegration, refreshed: bool| {
+        let (c, mi) = (c.clone(), mi.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let state = c
+                .state_joined(&mi, valid, None, now, refreshed, || {})
+                .await;
+            (state, started.elapsed())
+        }
+    };
+    let c = checker(8, Duration::from_millis(1500));
+    // Fast: its result, in the refresh's own write.
+    let (state, _) = joined(&c, &fast, true).await;
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?}"
+    );
+    // Slow: the last result (none yet) once the wait is over, not the check's 3 s.
+    let (state, took) = joined(&c, &slow, true).await;
+    assert_eq!(state, None);
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    // Without a refresh, nothing is waited for.
+    let c = checker(8, Duration::from_millis(1500));
+    let (state, took) = joined(&c, &fast, false).await;
+    assert_eq!(state, None);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // A check that would queue (the one permit is the slow check's) is not waited for.
+    let c = checker(1, Duration::from_millis(1500));
+    let _ = c.state_in_background(&slow, valid, None, now, || {});
+    // The slow check's task takes the permit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (state, took) = joined(&c, &fast, true).await;
+    assert_eq!(state, None);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // A zero wait: never.
+    assert!(!joins(true, Duration::ZERO));
+    assert!(joins(true, DEFAULT_JOIN_WAIT) && !joins(false, DEFAULT_JOIN_WAIT));
 }
