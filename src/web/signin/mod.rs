@@ -32,6 +32,7 @@ mod grant_checks;
 pub mod key;
 pub mod limit;
 pub mod page;
+mod start;
 pub mod store;
 pub mod token;
 
@@ -48,7 +49,7 @@ pub use token::{Signer, StateClaims, Ticket};
 
 use crate::api::{MailIntegration, ProviderKind, SignInStatus};
 use crate::oauth::binding::Refusal;
-use crate::oauth::{self, AuthorizationRequest, Bound, Carrying, OAuthClient};
+use crate::oauth::{Bound, Carrying, OAuthClient};
 use crate::provider::{self, FailureClass, ProviderEndpoints, ProviderResolver};
 use crate::reason::Reason;
 use crate::reconcile::context::SignInLinks;
@@ -56,7 +57,7 @@ use crate::reconcile::observed::{self, ClientCredentials};
 use crate::secret::SecretValue;
 use axum::{
     Router,
-    extract::{Form, Query, State, rejection::QueryRejection},
+    extract::{Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -68,7 +69,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Consumed, StateRecord, StateStore};
-use tracing::{info, warn};
+use tracing::warn;
 use url::Url;
 
 /// The cookie that binds a sign-in to the browser.
@@ -201,7 +202,7 @@ impl SignIn {
     pub fn router(&self) -> Router {
         let routes = Router::new()
             .route("/sign-in", get(sign_in_page))
-            .route("/oauth2/start", post(start))
+            .route("/oauth2/start", post(start::start))
             .route("/oauth2/callback", get(callback))
             .fallback(not_found)
             .with_state(self.clone());
@@ -658,14 +659,6 @@ async fn sign_in_page(
 // POST /oauth2/start
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
-struct StartForm {
-    #[serde(default)]
-    ticket: Option<String>,
-    #[serde(default)]
-    prompt: Option<String>,
-}
-
 fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
@@ -684,151 +677,6 @@ fn browser_nonce(headers: &HeaderMap) -> Option<&str> {
             && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
-}
-
-async fn start(
-    State(s): State<SignIn>,
-    headers: HeaderMap,
-    form: Result<Form<StartForm>, axum::extract::rejection::FormRejection>,
-) -> Response {
-    let now = Timestamp::now();
-    // A form posted from another site is refused (login CSRF): browsers send Origin on POST.
-    // `Origin: null` (a sandboxed frame, a data: URL, a privacy-stripped request) is refused too:
-    // the sign-in page's own form sends the operator's origin (its Referrer-Policy is
-    // same-origin).
-    if let Some(origin) = headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("(not text)"))
-        && origin != s.public_origin()
-    {
-        let f = Failure::new(
-            Reason::SignInLinkInvalid,
-            StatusCode::FORBIDDEN,
-            "This sign-in did not start on the operator's page",
-            format!(
-                "The sign-in form was sent from {origin}, not from the operator's address {}.",
-                s.public_origin()
-            ),
-            "Open the sign-in link from status.signIn.url (it points to the operator's public URL, --public-url) and start there.",
-        );
-        return s.fail(f, None).await;
-    }
-    let form = form.map(|Form(f)| f).unwrap_or_default();
-    let (ticket, mi) = match s.check_ticket(form.ticket.as_deref(), now).await {
-        Ok(v) => v,
-        Err(f) => return s.fail(f, None).await,
-    };
-    let prompt = form
-        .prompt
-        .as_deref()
-        .and_then(page::parse_prompt)
-        .unwrap_or_else(|| mi.spec.prompt());
-    let creds = match s.client_credentials(&mi).await {
-        Ok(c) => c,
-        Err(f) => return s.fail(f, Some(&mi)).await,
-    };
-    let endpoints = match s.endpoints(&mi).await {
-        Ok(e) => e,
-        Err(f) => return s.fail(f, Some(&mi)).await,
-    };
-    // The callback exchanges the code at this token endpoint with this client, or nowhere: checked
-    // now, before the browser is sent to the provider, and bound into the signed state.
-    let carrying = Carrying::Code {
-        token_endpoint: endpoints.token.as_str(),
-        client_id: &creds.client_id,
-    };
-    if let Err(refusal) = s.bind(&endpoints, &creds, carrying, &endpoints.token) {
-        return s
-            .fail(refused(refusal).on(Some(subject_of(&mi))), Some(&mi))
-            .await;
-    }
-    // One nonce per browser, kept while sign-ins go on, so that two tabs do not undo each other.
-    let nonce = browser_nonce(&headers)
-        .map(str::to_owned)
-        .unwrap_or_else(|| token::random_b64(32));
-    let id = token::random_b64(18);
-    let expires = add(now, s.inner.config.state_ttl);
-    let record = StateRecord {
-        ns: ticket.ns.clone(),
-        name: ticket.name.clone(),
-        uid: ticket.uid.clone(),
-        expires,
-        used: false,
-    };
-    if s.inner.store.insert(&id, record, now).is_err() {
-        let f = Failure::new(
-            Reason::SignInFailed,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Too many sign-ins in progress",
-            "The operator is waiting for the answers of too many sign-ins at once.",
-            "Wait a few minutes, then open the sign-in link again.",
-        );
-        return s.fail(f, None).await;
-    }
-    let state = s.inner.signer.sign(
-        STATE,
-        &StateClaims {
-            id: id.clone(),
-            ns: ticket.ns,
-            name: ticket.name,
-            uid: ticket.uid,
-            exp: unix(expires),
-            b: token::browser_binding(&nonce),
-            p: page::prompt_value(prompt).to_owned(),
-            t: endpoints.token.to_string(),
-            c: creds.client_id.clone(),
-        },
-    );
-    let verifier = SecretValue::new(s.inner.signer.derive(PKCE, &id));
-    let redirect_url = s.redirect_url(&mi);
-    let scopes = provider::sign_in_scopes(&mi.spec);
-    let url = oauth::authorization_url(&AuthorizationRequest {
-        endpoints: &endpoints,
-        client_id: &creds.client_id,
-        redirect_url: &redirect_url,
-        scopes: &scopes,
-        prompt,
-        state: &state,
-        pkce_verifier: &verifier,
-        login_hint: Some(mi.spec.sign_in_account()),
-    });
-    let url = match url {
-        Ok(u) => u,
-        Err(e) => {
-            let f = Failure::new(
-                Reason::InvalidEndpoint,
-                StatusCode::BAD_REQUEST,
-                "The redirect URL is not valid",
-                format!("The redirect URL {redirect_url:?} is not a URL ({e})."),
-                "Fix spec.oauth.redirectURL (or the operator's --public-url).",
-            )
-            .on(Some(subject_of(&mi)));
-            return s.fail(f, Some(&mi)).await;
-        }
-    };
-    info!(
-        integration = %format!("{}/{}", mi.namespace().unwrap_or_default(), mi.name_any()),
-        prompt = page::prompt_value(prompt),
-        "sign-in started; sending the browser to the provider"
-    );
-    let mut cookie = format!(
-        "{COOKIE}={nonce}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax",
-        s.cookie_path(),
-        s.inner.config.state_ttl.as_secs()
-    );
-    if s.inner.secure {
-        cookie.push_str("; Secure");
-    }
-    let mut r = StatusCode::SEE_OTHER.into_response();
-    let h = r.headers_mut();
-    if let (Ok(loc), Ok(c)) = (
-        HeaderValue::from_str(url.as_str()),
-        HeaderValue::from_str(&cookie),
-    ) {
-        h.insert(header::LOCATION, loc);
-        h.insert(header::SET_COOKIE, c);
-    }
-    r
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::api::{MailIntegrationSpec, Prompt};
-use crate::oauth::TokenGrant;
+use crate::oauth::{self, TokenGrant};
 use axum::body::Body;
 use axum::http::Request;
 use k8s_openapi::ByteString;
