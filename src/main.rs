@@ -171,10 +171,10 @@ struct RunArgs {
     /// too. The check sends a live access token: it goes nowhere else.
     #[arg(long, env = "MIO_MAILBOX_ALLOWED_HOSTS", value_delimiter = ',')]
     mailbox_allowed_hosts: Vec<String>,
-    /// How long a refresh's status write waits for the mailbox check the new token makes due (Go
-    /// duration, at most 10s; 0s: never), so that a first refresh writes Ready and
-    /// MailboxConnected in one status write. Only a check that starts at once is waited for; a
-    /// slower one reports in a status write of its own, so Ready is late by at most this.
+    /// How long a first refresh's status write waits for the mailbox check the new token makes due
+    /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
+    /// status write. Only a check that starts at once is waited for, and only while no result is
+    /// known; a slower one reports in a status write of its own, so Ready is late by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double

@@ -7,8 +7,8 @@
 //! ([`MailboxChecker::state_in_background`]): a reconcile does not wait for a mail server; it
 //! reports the last finished check, and a finished check brings a reconcile of its own.
 //!
-//! One exception keeps a refresh at one status write ([`MailboxChecker::state_joined`]): the
-//! check a refresh makes due (a new token) is waited for up to `--mailbox-check-wait` (3 s) when
+//! One exception keeps a first refresh at one status write ([`MailboxChecker::state_joined`]):
+//! the check a refresh makes due (a new token), when no result is known yet, is waited for up to `--mailbox-check-wait` (3 s) when
 //! it can start at once on a free permit, and its result goes out in the refresh's status apply
 //! (Ready and MailboxConnected together) instead of a write of its own. Never longer: a slower
 //! mail server reports in its own write as before, so Ready is late by at most the wait. Never a
@@ -83,9 +83,12 @@ pub struct MailboxChecker {
 pub const DEFAULT_JOIN_WAIT: Duration = Duration::from_secs(3);
 
 /// Whether a reconcile waits for the check it starts: only one that refreshed (its status is
-/// written anyway, and the check is due because of the new token), and only with a wait set.
-pub fn joins(refreshed: bool, wait: Duration) -> bool {
-    refreshed && !wait.is_zero()
+/// written anyway, and the check is due because of the new token), only when no result is known
+/// yet (no MailboxConnected: a first refresh), and only with a wait set. With a result known, the
+/// check's own reconcile writes nothing unless the result changed (its time goes out with the
+/// next write), so waiting would save nothing but hold a worker.
+pub fn joins(refreshed: bool, known: bool, wait: Duration) -> bool {
+    refreshed && !known && !wait.is_zero()
 }
 
 /// A check started in the background, and its result when the caller may wait for it.
@@ -262,8 +265,8 @@ impl MailboxChecker {
             .0
     }
 
-    /// Like [`Self::state_in_background`]; when `refreshed` (see [`joins`]) and the check it
-    /// starts gets a permit at once, its result is waited for up to the join wait and returned
+    /// Like [`Self::state_in_background`]; when `refreshed` with no result known yet (see
+    /// [`joins`]) and the check it starts gets a permit at once, its result is waited for up to the join wait and returned
     /// instead of the last one (`done` is still called, its reconcile then writes nothing).
     pub async fn state_joined(
         self: &std::sync::Arc<Self>,
@@ -274,8 +277,7 @@ impl MailboxChecker {
         refreshed: bool,
         done: impl FnOnce() + Send + 'static,
     ) -> Option<MailboxState> {
-        let join = joins(refreshed, self.join_wait);
-        let (last, started) = self.in_background(mi, token, extra_ca_pem, now, join, done);
+        let (last, started) = self.in_background(mi, token, extra_ca_pem, now, refreshed, done);
         let Some(result) = started else {
             return last;
         };
@@ -286,15 +288,15 @@ impl MailboxChecker {
         }
     }
 
-    /// The state to report now and, when `join` and a permit is free now, the result of the check
-    /// started for it.
+    /// The state to report now and, when the caller `refreshed` and may wait (see [`joins`]) and
+    /// a permit is free now, the result of the check started for it.
     fn in_background(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
         token: Option<(&SecretValue, Timestamp)>,
         extra_ca_pem: Option<Vec<u8>>,
         now: Timestamp,
-        join: bool,
+        refreshed: bool,
         done: impl FnOnce() + Send + 'static,
     ) -> (Option<MailboxState>, Started) {
         let check = match self.start(mi, token, now) {
@@ -308,8 +310,10 @@ impl MailboxChecker {
         {
             return (Some(c.state.clone()), None);
         }
+        let known = last.map(|c| c.state).or(reported);
+        let join = joins(refreshed, known.is_some(), self.join_wait);
         let started = self.spawn_check(mi, check, extra_ca_pem, join, done);
-        (last.map(|c| c.state).or(reported), started)
+        (known, started)
     }
 
     /// The last finished check of this integration; on the first look since the process started,

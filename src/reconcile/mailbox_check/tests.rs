@@ -331,8 +331,9 @@ fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
     )
 }
 
-/// The check a refresh makes due joins its status write when it is done within the wait; a slower
-/// one, a reconcile that did not refresh and a check queued behind the permits are not waited for.
+/// The check a first refresh makes due joins its status write when it is done within the wait; a
+/// slower one, a later refresh's (a result known), a reconcile that did not refresh and a check
+/// queued behind the permits are not waited for.
 #[tokio::test]
 async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queued_one() {
     let token = SecretValue::new("access");
@@ -357,6 +358,18 @@ async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queu
         matches!(state, Some(MailboxState::Connected(_))),
         "{state:?}"
     );
+    // A later refresh with a result known (here the one its status reports): its check is not
+    // waited for, even against a slow server; the known result is reported (the check's own
+    // reconcile writes only a change).
+    let mut known = slow.clone();
+    known.metadata.uid = Some("known".into());
+    known.status = Some(status_connected(now));
+    let (state, took) = joined(&c, &known, true).await;
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?}"
+    );
+    assert!(took < Duration::from_millis(500), "{took:?}");
     // Slow: the last result (none yet) once the wait is over, not the check's 3 s.
     let (state, took) = joined(&c, &slow, true).await;
     assert_eq!(state, None);
@@ -375,6 +388,7 @@ async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queu
     assert_eq!(state, None);
     assert!(took < Duration::from_millis(500), "{took:?}");
     // A zero wait: never.
-    assert!(!joins(true, Duration::ZERO));
-    assert!(joins(true, DEFAULT_JOIN_WAIT) && !joins(false, DEFAULT_JOIN_WAIT));
+    assert!(!joins(true, false, Duration::ZERO));
+    assert!(joins(true, false, DEFAULT_JOIN_WAIT));
+    assert!(!joins(false, false, DEFAULT_JOIN_WAIT) && !joins(true, true, DEFAULT_JOIN_WAIT));
 }
