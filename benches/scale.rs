@@ -10,7 +10,10 @@
 //! MIO_BENCH_MAILBOX_SHARE (0.1: share of integrations whose mailbox is checked),
 //! MIO_BENCH_SATURATION_S (20: the saturation window), MIO_BENCH_CONCURRENCY (the operator's
 //! --concurrency, default its own), MIO_BENCH_LATENESS_CYCLES (2; 0 skips the lateness phase),
-//! MIO_BENCH_MODES (`defaults,unlimited`: the chart's adaptive request limit, and none).
+//! MIO_BENCH_MODES (`defaults,unlimited`: the chart's adaptive request limit, and none),
+//! MIO_BENCH_PROVIDERS (`OIDC,Google`: OIDC integrations, whose refreshes carry the write-ahead
+//! mark, then Google ones, which have none and whose mailbox is always checked; Google's figures
+//! print as `mode=M/google`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -43,7 +46,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// The stand-in token endpoint: answers refresh_token grants at once, with access tokens that live
-/// `ttl_s` (changed between phases), without rotation (like Google).
+/// `ttl_s` (changed between phases), without rotation (like Google), with `scope` when given (what
+/// Google answers: the scope granted).
 struct TokenEndpoint {
     url: String,
     requests: Arc<AtomicU64>,
@@ -67,7 +71,7 @@ impl TokenEndpoint {
     }
 }
 
-async fn token_endpoint() -> TokenEndpoint {
+async fn token_endpoint(scope: Option<&'static str>) -> TokenEndpoint {
     let requests = Arc::new(AtomicU64::new(0));
     let ttl_s = Arc::new(AtomicU64::new(3));
     let per_grant = Arc::new(Mutex::new(HashMap::new()));
@@ -85,11 +89,15 @@ async fn token_endpoint() -> TokenEndpoint {
                     form.get("grant_type").map(String::as_str),
                     Some("refresh_token")
                 );
-                Json(serde_json::json!({
+                let mut answer = serde_json::json!({
                     "access_token": format!("at-{}", rand::random::<u64>()),
                     "token_type": "Bearer",
                     "expires_in": t.load(Ordering::Relaxed),
-                }))
+                });
+                if let Some(scope) = scope {
+                    answer["scope"] = scope.into();
+                }
+                Json(answer)
             }
         }),
     );
@@ -597,11 +605,73 @@ fn mailbox_checks(op: &Operator) -> f64 {
         .unwrap_or(0.0)
 }
 
-struct Out(usize, Mode);
+struct Out(usize, Mode, Provider);
 
 impl Out {
     fn fig(&self, name: &str, value: f64) {
-        println!("n={} mode={} {name} {value:.3}", self.0, self.1.name());
+        println!(
+            "n={} mode={}{} {name} {value:.3}",
+            self.0,
+            self.1.name(),
+            self.2.suffix()
+        );
+    }
+}
+
+/// The integrations' provider: OIDC (the write-ahead mark on every refresh, a tenth of the
+/// mailboxes checked by default) or Google (no mark, every mailbox checked, as Google's always are).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Provider {
+    Oidc,
+    Google,
+}
+
+impl Provider {
+    fn spec_name(self) -> &'static str {
+        match self {
+            Provider::Oidc => "OIDC",
+            Provider::Google => "Google",
+        }
+    }
+    /// Appended to the mode in the output (OIDC's lines keep their format of earlier runs).
+    fn suffix(self) -> &'static str {
+        match self {
+            Provider::Oidc => "",
+            Provider::Google => "/google",
+        }
+    }
+    /// MIO_BENCH_PROVIDERS: a comma-separated list (default `OIDC,Google`).
+    fn from_env() -> Vec<Provider> {
+        std::env::var("MIO_BENCH_PROVIDERS")
+            .unwrap_or_else(|_| "OIDC,Google".into())
+            .split(',')
+            .filter_map(|p| match p.trim().to_ascii_lowercase().as_str() {
+                "oidc" => Some(Provider::Oidc),
+                "google" => Some(Provider::Google),
+                "" => None,
+                other => panic!("MIO_BENCH_PROVIDERS: unknown provider {other:?}"),
+            })
+            .collect()
+    }
+    /// The spec of integration `i`: its provider, mailbox (checked on `imap_port` when `checked`)
+    /// and the stand-in's endpoints.
+    fn spec(self, i: usize, token_url: &str, imap_port: Option<u16>) -> serde_json::Value {
+        let mut mailbox = serde_json::json!({"address": format!("user{i}@example.test")});
+        if let Some(port) = imap_port {
+            mailbox["server"] =
+                serde_json::json!({"host": "127.0.0.1", "port": port, "tls": "None"});
+        }
+        let mut oauth = serde_json::json!({"clientSecretRef": {"name": "client"}, "endpoints": {"authorization": "http://127.0.0.1:1/auth", "token": token_url}});
+        if self == Provider::Google {
+            oauth["redirectURL"] = "http://127.0.0.1:8080/oauth2/callback".into();
+        }
+        serde_json::json!({
+            "provider": self.spec_name(),
+            "mailbox": mailbox,
+            "oauth": oauth,
+            "tokenSecret": {"name": format!("inbox-{i}-token")},
+            "refreshBefore": "1m",
+        })
     }
 }
 
@@ -671,17 +741,26 @@ fn start_operator(
     )
 }
 
-async fn run(n: usize, raw_limit_writes_per_s: f64, mode: Mode) {
-    let out = Out(n, mode);
+async fn run(n: usize, raw_limit_writes_per_s: f64, mode: Mode, provider: Provider) {
+    let out = Out(n, mode, provider);
     out.fig("raw_limit_writes_per_s", raw_limit_writes_per_s);
     out.fig("raw_limit_load1", load1());
     let cp = ensure_crd();
-    let ns = format!("bench-n{n}-{}", mode.name());
+    let ns = format!(
+        "bench-n{n}-{}{}",
+        mode.name(),
+        provider.suffix().replace('/', "-")
+    );
     let client = cp.client().await;
     ensure_namespace(&client, &ns).await;
-    let endpoint = token_endpoint().await;
+    let endpoint =
+        token_endpoint((provider == Provider::Google).then_some("https://mail.google.com/")).await;
     let (imap_port, imap_logins) = imap_server().await;
-    let share: f64 = env_or("MIO_BENCH_MAILBOX_SHARE", 0.1);
+    // Google's mailboxes are always checked.
+    let share: f64 = match provider {
+        Provider::Oidc => env_or("MIO_BENCH_MAILBOX_SHARE", 0.1),
+        Provider::Google => 1.0,
+    };
     let checked_every = if share > 0.0 {
         (1.0 / share).round().max(1.0) as usize
     } else {
@@ -735,21 +814,11 @@ async fn run(n: usize, raw_limit_writes_per_s: f64, mode: Mode) {
                     )
                     .await
                     .unwrap();
-                let mut mailbox = serde_json::json!({"address": format!("user{i}@example.test")});
-                if i % checked_every == 0 {
-                    mailbox["server"] =
-                        serde_json::json!({"host": "127.0.0.1", "port": imap_port, "tls": "None"});
-                }
+                let checked = (i % checked_every == 0).then_some(imap_port);
                 let mi: MailIntegration = serde_json::from_value(serde_json::json!({
                     "apiVersion": "mailintegration.dev/v1alpha1", "kind": "MailIntegration",
                     "metadata": {"name": name},
-                    "spec": {
-                        "provider": "OIDC",
-                        "mailbox": mailbox,
-                        "oauth": {"clientSecretRef": {"name": "client"}, "endpoints": {"authorization": "http://127.0.0.1:1/auth", "token": token_url}},
-                        "tokenSecret": {"name": format!("{name}-token")},
-                        "refreshBefore": "1m",
-                    }
+                    "spec": provider.spec(i, &token_url, checked),
                 }))
                 .unwrap();
                 mis.create(&PostParams::default(), &mi).await.unwrap();
@@ -983,9 +1052,12 @@ async fn main() {
     unrelated_secrets(&client).await;
     for n in sizes {
         for mode in Mode::from_env() {
-            // The limit right before each run, on the same API server (etcd grows between sizes).
-            let limit = raw_limit(&client).await;
-            run(n, limit, mode).await;
+            for provider in Provider::from_env() {
+                // The limit right before each run, on the same API server (etcd grows between
+                // sizes).
+                let limit = raw_limit(&client).await;
+                run(n, limit, mode, provider).await;
+            }
         }
     }
 }

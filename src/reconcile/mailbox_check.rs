@@ -8,12 +8,13 @@
 //! reports the last finished check, and a finished check brings a reconcile of its own.
 //!
 //! One exception keeps a first refresh at one status write ([`MailboxChecker::state_joined`]):
-//! the check a refresh makes due (a new token), when no result is known yet, is waited for up to `--mailbox-check-wait` (3 s) when
-//! it can start at once on a free permit, and its result goes out in the refresh's status apply
-//! (Ready and MailboxConnected together) instead of a write of its own. Never longer: a slower
-//! mail server reports in its own write as before, so Ready is late by at most the wait. Never a
-//! queued check: a check that waits for a permit is not waited for, so at most the permits (8)
-//! reconcile workers wait at once, each at most the wait, whatever the mail servers do.
+//! the check a refresh makes due (a new token), when no result is known yet, is waited for up to
+//! `--mailbox-check-wait` (3 s), its queueing for a permit included, and its result goes out in
+//! the refresh's status apply (Ready and MailboxConnected together) instead of a write of its own.
+//! Never longer: a slower mail server reports in its own write as before, so Ready is late by at
+//! most the wait. Never more than the join slots (as many as the checks that run at once, 8)
+//! reconcile workers wait at once, each at most the wait, whatever the mail servers do; a refresh
+//! that finds no free slot does not wait.
 
 use crate::sync::LockExt as _;
 use crate::{
@@ -74,6 +75,8 @@ pub struct MailboxChecker {
     /// How long a refresh's status apply waits for the check the refresh made due (see the
     /// module doc); zero: never.
     join_wait: Duration,
+    /// The reconciles that may wait for a check at once (as many as the checks that run at once).
+    join_slots: std::sync::Arc<tokio::sync::Semaphore>,
     metrics: std::sync::Arc<Metrics>,
     allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
@@ -91,8 +94,12 @@ pub fn joins(refreshed: bool, known: bool, wait: Duration) -> bool {
     refreshed && !known && !wait.is_zero()
 }
 
-/// A check started in the background, and its result when the caller may wait for it.
-type Started = Option<tokio::sync::oneshot::Receiver<MailboxState>>;
+/// A check started in the background: its result when the caller may wait for it, with the join
+/// slot the waiting holds.
+type Started = Option<(
+    tokio::sync::oneshot::Receiver<MailboxState>,
+    tokio::sync::OwnedSemaphorePermit,
+)>;
 
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
@@ -105,6 +112,7 @@ impl MailboxChecker {
             running: Mutex::default(),
             timeout,
             join_wait: DEFAULT_JOIN_WAIT,
+            join_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             metrics,
             allowed: Default::default(),
         }
@@ -116,6 +124,7 @@ impl MailboxChecker {
             concurrency,
             super::share::share_of(concurrency.max(1), percent),
         );
+        self.join_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         self
     }
 
@@ -266,8 +275,9 @@ impl MailboxChecker {
     }
 
     /// Like [`Self::state_in_background`]; when `refreshed` with no result known yet (see
-    /// [`joins`]) and the check it starts gets a permit at once, its result is waited for up to the join wait and returned
-    /// instead of the last one (`done` is still called, its reconcile then writes nothing).
+    /// [`joins`]) and a join slot is free, the check's result is waited for up to the join wait
+    /// and returned instead of the last one (`done` is still called; its reconcile then writes
+    /// nothing).
     pub async fn state_joined(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
@@ -278,7 +288,7 @@ impl MailboxChecker {
         done: impl FnOnce() + Send + 'static,
     ) -> Option<MailboxState> {
         let (last, started) = self.in_background(mi, token, extra_ca_pem, now, refreshed, done);
-        let Some(result) = started else {
+        let Some((result, _slot)) = started else {
             return last;
         };
         match tokio::time::timeout(self.join_wait, result).await {
@@ -289,7 +299,7 @@ impl MailboxChecker {
     }
 
     /// The state to report now and, when the caller `refreshed` and may wait (see [`joins`]) and
-    /// a permit is free now, the result of the check started for it.
+    /// a join slot is free, the result of the check started for it.
     fn in_background(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
@@ -342,8 +352,8 @@ impl MailboxChecker {
         cache.get(&check.key).cloned()
     }
 
-    /// Run `check` in the background unless one of this integration runs already; with `join`,
-    /// only a check that takes a free permit now hands its result back as well.
+    /// Run `check` in the background unless one of this integration runs already; with `join` and
+    /// a free join slot, it hands its result back as well.
     fn spawn_check(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
@@ -362,11 +372,13 @@ impl MailboxChecker {
             return None;
         }
         let namespace = mi.namespace().unwrap_or_default();
-        let ready = join.then(|| self.permits.try_acquire(&namespace)).flatten();
-        let (tx, rx) = match ready {
-            Some(_) => {
+        let slot = join
+            .then(|| self.join_slots.clone().try_acquire_owned().ok())
+            .flatten();
+        let (tx, started) = match slot {
+            Some(slot) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
+                (Some(tx), Some((rx, slot)))
             }
             None => (None, None),
         };
@@ -374,11 +386,7 @@ impl MailboxChecker {
         let token = token.clone();
         let spec = mi.spec.clone();
         tokio::spawn(async move {
-            let permit = match ready {
-                Some(p) => Some(p),
-                None => this.permits.acquire(&namespace).await,
-            };
-            if let Some(_permit) = permit {
+            if let Some(_permit) = this.permits.acquire(&namespace).await {
                 let state = this.check_all(&targets, &token, extra_ca_pem).await;
                 let state = explain_app_only(&spec, state);
                 this.count(&state);
@@ -398,7 +406,7 @@ impl MailboxChecker {
             this.running.locked().remove(&key);
             done();
         });
-        rx
+        started
     }
 
     fn count(&self, state: &MailboxState) {

@@ -113,7 +113,7 @@ pub struct NamespaceQueue {
 /// A permit of the shared pool and of its namespace's share.
 #[derive(Debug)]
 pub struct QueuePermit {
-    _shared: Option<tokio::sync::OwnedSemaphorePermit>,
+    _shared: tokio::sync::OwnedSemaphorePermit,
     namespace: Option<tokio::sync::OwnedSemaphorePermit>,
     queue: Arc<NamespaceQueue>,
     name: String,
@@ -146,34 +146,11 @@ impl NamespaceQueue {
         let ns_permit = own.acquire_owned().await.ok()?;
         let shared = self.shared.clone().acquire_owned().await.ok()?;
         Some(QueuePermit {
-            _shared: Some(shared),
+            _shared: shared,
             namespace: Some(ns_permit),
             queue: self.clone(),
             name: namespace.to_owned(),
         })
-    }
-
-    /// A unit of `namespace`'s share and a shared permit if both are free now; `None` without
-    /// waiting otherwise (someone waits for whom the check would not queue).
-    pub fn try_acquire(self: &Arc<Self>, namespace: &str) -> Option<QueuePermit> {
-        let own = self
-            .namespaces
-            .locked()
-            .entry(namespace.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_namespace)))
-            .clone();
-        let ns_permit = own.try_acquire_owned().ok();
-        // Built first without the shared permit: dropped, it forgets a namespace entry nobody
-        // else holds (as a finished check's does).
-        let mut permit = QueuePermit {
-            _shared: None,
-            namespace: ns_permit,
-            queue: self.clone(),
-            name: namespace.to_owned(),
-        };
-        permit.namespace.as_ref()?;
-        permit._shared = Some(self.shared.clone().try_acquire_owned().ok()?);
-        Some(permit)
     }
 
     /// Namespaces with checks running or waiting (for tests and diagnostics).
@@ -259,19 +236,5 @@ mod tests {
         drop(b);
         drop(_a2);
         assert_eq!(queue.namespaces(), 0, "no entry is left once nothing runs");
-    }
-
-    #[tokio::test]
-    async fn a_try_takes_only_what_is_free_now_and_leaves_no_entry() {
-        let queue = NamespaceQueue::new(2, 1);
-        let a = queue.try_acquire("a").expect("free");
-        assert!(queue.try_acquire("a").is_none(), "a's share is held");
-        let b = queue
-            .try_acquire("b")
-            .expect("b's share and a shared permit are free");
-        assert!(queue.try_acquire("c").is_none(), "no shared permit is free");
-        assert_eq!(queue.namespaces(), 2, "c's failed try left no entry");
-        drop((a, b));
-        assert_eq!(queue.namespaces(), 0);
     }
 }

@@ -331,14 +331,15 @@ fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
     )
 }
 
-/// The check a first refresh makes due joins its status write when it is done within the wait; a
-/// slower one, a later refresh's (a result known), a reconcile that did not refresh and a check
-/// queued behind the permits are not waited for.
+/// The check a first refresh makes due joins its status write when it is done within the wait (its
+/// queueing for a permit included); a slower one, a later refresh's (a result known), a reconcile
+/// that did not refresh and a refresh that finds every join slot taken are not waited for.
 #[tokio::test]
-async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queued_one() {
-    let token = SecretValue::new("access");
+async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_slots() {
+    // 'static: one joined call runs in a task of its own.
+    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some((&token, now + SignedDuration::from_hours(1)));
+    let valid = Some((token, now + SignedDuration::from_hours(1)));
     let fast = on_loopback(imap_after(Duration::ZERO).await);
     let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
     let joined = |c: &std::sync::Arc<MailboxChecker>, mi: &MailIntegration, refreshed: bool| {
@@ -379,14 +380,30 @@ async fn a_refresh_waits_for_its_check_only_within_the_wait_and_never_for_a_queu
     let (state, took) = joined(&c, &fast, false).await;
     assert_eq!(state, None);
     assert!(took < Duration::from_millis(500), "{took:?}");
-    // A check that would queue (the one permit is the slow check's) is not waited for.
+    // A check that queues for the one permit behind a check of 0.4 s is waited for: queueing is
+    // part of the wait.
+    let medium = on_loopback(imap_after(Duration::from_millis(400)).await);
     let c = checker(1, Duration::from_millis(1500));
-    let _ = c.state_in_background(&slow, valid, None, now, || {});
-    // The slow check's task takes the permit.
+    let _ = c.state_in_background(&medium, valid, None, now, || {});
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (state, took) = joined(&c, &fast, true).await;
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?} after {took:?}"
+    );
+    // With every join slot taken (one here, by a refresh waiting for the slow server), a refresh
+    // does not wait: at most the slots' number of workers wait at once.
+    let c = checker(1, Duration::from_millis(1500));
+    let waiting = tokio::spawn(joined(&c, &slow, true));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (state, took) = joined(&c, &fast, true).await;
     assert_eq!(state, None);
     assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(
+        waiting.await.unwrap().0,
+        None,
+        "the slow check outlasted the wait"
+    );
     // A zero wait: never.
     assert!(!joins(true, false, Duration::ZERO));
     assert!(joins(true, false, DEFAULT_JOIN_WAIT));
