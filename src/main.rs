@@ -173,8 +173,9 @@ struct RunArgs {
     mailbox_allowed_hosts: Vec<String>,
     /// How long a first refresh's status write waits for the mailbox check the new token makes due
     /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
-    /// status write. Only a check that starts at once is waited for, and only while no result is
-    /// known; a slower one reports in a status write of its own, so Ready is late by at most this.
+    /// status write. Only while no result is known, and at most 8 refreshes wait at once (the
+    /// others do not wait); a slower check reports in a status write of its own, so Ready is late
+    /// by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
