@@ -7,10 +7,18 @@
 //!   cargo bench --bench gateway
 //!
 //! One figure a line, `gateway NAME VALUE [target...]` (benches/README.md "Gateway" explains them).
-//! Knobs (environment): MIO_BENCH_GATEWAY_SECONDS (10: each rate's window),
+//! The rates are measured in rounds (MIO_BENCH_GATEWAY_ROUNDS, 5): each round runs the direct and
+//! the gateway window back to back, in alternating order, so that the machine's load drifts over
+//! both paths alike; each round's ratio is printed, then the median of the rounds and their
+//! spread. Where the time of a session goes is printed per step (the client's clock) and, for the
+//! gateway's upstream set-up, per step as the gateway logs it.
+//! Knobs (environment): MIO_BENCH_GATEWAY_SECONDS (5: each IMAP window of a round; SMTP windows
+//! are twice as long), MIO_BENCH_GATEWAY_ROUNDS (5),
 //! MIO_BENCH_GATEWAY_CONCURRENCY (8: clients at once, the same on both paths),
 //! MIO_BENCH_GATEWAY_SESSIONS (10000: idle IMAP sessions), MIO_BENCH_GATEWAY_PER_SESSION (5:
-//! messages per SMTP session in the batched case).
+//! messages per SMTP session in the batched case), MIO_BENCH_GATEWAY_SMTP_UPSTREAM (`starttls`:
+//! the gateway reaches Dovecot's submission port with STARTTLS, as it does Microsoft's; `implicit`:
+//! its submissions port with implicit TLS, the port the direct clients use).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -50,7 +58,12 @@ const MAILBOX: &str = "alice@example.test";
 const PASSWORD: &str = "Zm9vYmFyLWdhdGV3YXktYmVuY2gtcGFzc3dvcmQtMTIzNDU2";
 
 /// Dovecot's "high-performance mode" for many sessions: login processes that each serve many
-/// clients, IMAP processes that each serve many sessions, and no per-user-and-address cap.
+/// clients, IMAP and submission processes that each serve many sessions, and no
+/// per-user-and-address cap. Without it each submission session forked a login process and a
+/// submission process of its own, which under this machine's load took most of a one-message
+/// session's time (the client's `MAIL` step, waiting for the post-login process and its relay
+/// connection: 0.5-1 s at load 13-20) and swung the SMTP rates tenfold from one window to the next
+/// on both paths.
 /// `process_min_avail = 1`: one login process serves until its `client_limit` is full (then more
 /// start). Each login process encrypts its TLS session tickets with a key of its own, so with two
 /// a ticket resumed only when the next connection landed on the same process; one process lets
@@ -69,6 +82,16 @@ service imap {
   service_count = 0
   client_limit = 1000
   process_limit = 30
+}
+service submission-login {
+  service_count = 0
+  client_limit = 2000
+  process_min_avail = 1
+}
+service submission {
+  service_count = 0
+  client_limit = 100
+  process_min_avail = 1
 }
 service auth {
   client_limit = 20000
@@ -140,14 +163,77 @@ async fn imap_tagged(conn: &mut Conn, tag: &str) -> std::io::Result<String> {
     }
 }
 
+/// Time a client spent in each step of its operations (the client's clock: the step's request
+/// written to its answer read), summed over the operations of one path.
+struct Steps {
+    names: &'static [&'static str],
+    nanos: Vec<AtomicU64>,
+    /// Operations completed.
+    ops: AtomicU64,
+}
+
+const IMAP_STEPS: &[&str] = &["connect_tls", "greeting", "login", "logout"];
+const SMTP_STEPS: &[&str] = &[
+    "connect_tls",
+    "greeting",
+    "ehlo",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "body",
+    "quit",
+];
+
+impl Steps {
+    fn new(names: &'static [&'static str]) -> Arc<Self> {
+        Arc::new(Self {
+            names,
+            nanos: names.iter().map(|_| AtomicU64::new(0)).collect(),
+            ops: AtomicU64::new(0),
+        })
+    }
+
+    /// Adds the time since `*since` to step `i` and restarts the clock.
+    fn lap(&self, i: usize, since: &mut Instant) {
+        let now = Instant::now();
+        let ns = u64::try_from(now.duration_since(*since).as_nanos()).unwrap_or(u64::MAX);
+        if let Some(sum) = self.nanos.get(i) {
+            sum.fetch_add(ns, Ordering::Relaxed);
+        }
+        *since = now;
+    }
+
+    /// `name=ms ...`: the mean per operation of each step, in ms.
+    fn means(&self) -> String {
+        let ops = self.ops.load(Ordering::Relaxed).max(1) as f64;
+        let mut total = 0.0;
+        let mut out: Vec<String> = self
+            .names
+            .iter()
+            .zip(&self.nanos)
+            .map(|(name, sum)| {
+                let ms = sum.load(Ordering::Relaxed) as f64 / 1e6 / ops;
+                total += ms;
+                format!("{name}={ms:.2}")
+            })
+            .collect();
+        out.push(format!("total={total:.2}"));
+        out.join(" ")
+    }
+}
+
 /// Greeting, the login command given, OK expected.
-async fn imap_login(tls: &Tls, port: u16, login: &str) -> std::io::Result<Conn> {
+async fn imap_login(tls: &Tls, port: u16, login: &str, steps: &Steps) -> std::io::Result<Conn> {
+    let mut t = Instant::now();
     let mut conn = tls.connect(port).await?;
+    steps.lap(0, &mut t);
     let mut greeting = String::new();
     conn.read_line(&mut greeting).await?;
     if !greeting.starts_with("* OK") {
         return Err(io_error(format!("greeting {greeting:?}")));
     }
+    steps.lap(1, &mut t);
     conn.get_mut()
         .write_all(format!("a {login}\r\n").as_bytes())
         .await?;
@@ -155,13 +241,22 @@ async fn imap_login(tls: &Tls, port: u16, login: &str) -> std::io::Result<Conn> 
     if !answer.starts_with("a OK") {
         return Err(io_error(format!("login answered {answer:?}")));
     }
+    steps.lap(2, &mut t);
     Ok(conn)
 }
 
-async fn imap_login_logout(tls: &Tls, port: u16, login: &str) -> std::io::Result<()> {
-    let mut conn = imap_login(tls, port, login).await?;
+async fn imap_login_logout(
+    tls: &Tls,
+    port: u16,
+    login: &str,
+    steps: &Steps,
+) -> std::io::Result<()> {
+    let mut conn = imap_login(tls, port, login, steps).await?;
+    let mut t = Instant::now();
     conn.get_mut().write_all(b"b LOGOUT\r\n").await?;
     imap_tagged(&mut conn, "b").await?;
+    steps.lap(3, &mut t);
+    steps.ops.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -192,28 +287,42 @@ async fn smtp_command(conn: &mut Conn, command: &str, code: &str) -> std::io::Re
 }
 
 /// One session over implicit TLS: AUTH with `auth`, `messages` messages to the mailbox, QUIT.
+/// The steps' times are added to `steps` (one operation a message).
 async fn smtp_session(
     tls: &Tls,
     port: u16,
     auth: &str,
     messages: usize,
     subject: &str,
+    steps: &Steps,
 ) -> std::io::Result<()> {
+    let mut t = Instant::now();
     let mut conn = tls.connect(port).await?;
+    steps.lap(0, &mut t);
     smtp_reply(&mut conn, "220").await?;
+    steps.lap(1, &mut t);
     smtp_command(&mut conn, "EHLO bench.test", "250").await?;
+    steps.lap(2, &mut t);
     smtp_command(&mut conn, auth, "235").await?;
+    steps.lap(3, &mut t);
     for i in 0..messages {
         smtp_command(&mut conn, &format!("MAIL FROM:<{MAILBOX}>"), "250").await?;
+        steps.lap(4, &mut t);
         smtp_command(&mut conn, &format!("RCPT TO:<{MAILBOX}>"), "250").await?;
+        steps.lap(5, &mut t);
         smtp_command(&mut conn, "DATA", "354").await?;
+        steps.lap(6, &mut t);
         let body = format!(
             "From: {MAILBOX}\r\nTo: {MAILBOX}\r\nSubject: {subject} {i}\r\n\r\nA message of the gateway benchmark.\r\n.\r\n"
         );
         conn.get_mut().write_all(body.as_bytes()).await?;
         smtp_reply(&mut conn, "250").await?;
+        steps.lap(7, &mut t);
     }
-    smtp_command(&mut conn, "QUIT", "221").await
+    smtp_command(&mut conn, "QUIT", "221").await?;
+    steps.lap(8, &mut t);
+    steps.ops.fetch_add(messages as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Runs `op` from `concurrency` clients for `window`; completed operations per second (and the
@@ -321,7 +430,10 @@ fn open_fds(pid: u32) -> usize {
 
 #[tokio::main]
 async fn main() {
-    let seconds: u64 = env_or("MIO_BENCH_GATEWAY_SECONDS", 10);
+    let seconds: u64 = env_or("MIO_BENCH_GATEWAY_SECONDS", 5);
+    let rounds: usize = env_or("MIO_BENCH_GATEWAY_ROUNDS", 5);
+    let smtp_implicit =
+        std::env::var("MIO_BENCH_GATEWAY_SMTP_UPSTREAM").as_deref() == Ok("implicit");
     let concurrency: usize = env_or("MIO_BENCH_GATEWAY_CONCURRENCY", 8);
     let wanted: usize = env_or("MIO_BENCH_GATEWAY_SESSIONS", 10_000);
     let per_session: usize = env_or("MIO_BENCH_GATEWAY_PER_SESSION", 5);
@@ -374,10 +486,18 @@ async fn main() {
             tls: TlsMode::Implicit,
         }),
         pop3: None,
-        smtp: Some(UpstreamServer {
-            host: "127.0.0.1".into(),
-            port: dovecot.submission_port,
-            tls: TlsMode::StartTls,
+        smtp: Some(if smtp_implicit {
+            UpstreamServer {
+                host: "127.0.0.1".into(),
+                port: dovecot.submissions_port,
+                tls: TlsMode::Implicit,
+            }
+        } else {
+            UpstreamServer {
+                host: "127.0.0.1".into(),
+                port: dovecot.submission_port,
+                tls: TlsMode::StartTls,
+            }
         }),
         ca_pem: Some(String::from_utf8(dovecot.ca_pem.clone()).expect("PEM")),
         max_message_bytes: 26_214_400,
@@ -455,7 +575,7 @@ async fn main() {
         (dovecot.imaps_port, &imap_direct),
         (gw.imaps_port, &imap_gateway),
     ] {
-        imap_login_logout(&tls, port, login)
+        imap_login_logout(&tls, port, login, &Steps::new(IMAP_STEPS))
             .await
             .unwrap_or_else(|e| panic!("IMAP login on {port}: {e}\n{}", gw.log()));
     }
@@ -463,7 +583,7 @@ async fn main() {
         (dovecot.submissions_port, &smtp_direct),
         (gw.submissions_port, &smtp_gateway),
     ] {
-        smtp_session(&tls, port, auth, 1, "warm-up")
+        smtp_session(&tls, port, auth, 1, "warm-up", &Steps::new(SMTP_STEPS))
             .await
             .unwrap_or_else(|e| panic!("SMTP on {port}: {e}\n{}", gw.log()));
     }
@@ -471,7 +591,16 @@ async fn main() {
     println!("gateway idle_rss_mib {idle_rss:.1}");
     println!("gateway idle_hwm_mib {idle_hwm:.1}");
     println!("gateway concurrency {concurrency}");
-    println!("gateway window_s {seconds}");
+    println!("gateway window_s imap={seconds} smtp={}", 2 * seconds);
+    println!("gateway rounds {rounds}");
+    println!(
+        "gateway smtp_upstream {}",
+        if smtp_implicit {
+            "implicit"
+        } else {
+            "starttls"
+        }
+    );
 
     let paths = Paths {
         tls: tls.clone(),
@@ -481,8 +610,15 @@ async fn main() {
         smtp_direct: (dovecot.submissions_port, smtp_direct),
         smtp_gateway: (gw.submissions_port, smtp_gateway),
     };
-    if seconds > 0 {
-        rates(&paths, concurrency, window, per_session, &dovecot).await;
+    if seconds > 0 && rounds > 0 {
+        let plan = Plan {
+            concurrency,
+            window,
+            rounds,
+            per_session,
+        };
+        rates(&paths, &plan, &dovecot).await;
+        upstream_setup_steps(&gw.log());
     }
     if sessions > 0 {
         idle_sessions(&paths, sessions, wanted, idle_rss).await;
@@ -502,91 +638,181 @@ struct Paths {
     smtp_gateway: (u16, Arc<String>),
 }
 
-/// IMAP logins/s and SMTP messages/s on both paths, with the gateway's CPU per operation.
-async fn rates(
-    paths: &Paths,
+/// How the rates are measured.
+struct Plan {
     concurrency: usize,
+    /// One IMAP window; SMTP windows are twice as long (their rates are ~30 times lower).
     window: Duration,
+    rounds: usize,
     per_session: usize,
-    dovecot: &Dovecot,
-) {
+}
+
+/// One path's figures in one round.
+#[derive(Clone, Copy, Default)]
+struct Window {
+    rate: f64,
+    failed: u64,
+    /// The gateway's CPU seconds during the window.
+    gw_cpu: f64,
+    /// Operations completed in the window.
+    ops: f64,
+}
+
+/// Median, minimum and maximum (NaN for none).
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+/// Runs `direct` and `gateway` for `window` each, in `rounds` rounds (the order alternating), and
+/// prints each round and the medians as `{name}_...`. `unit` names the operation (`logins`,
+/// `messages`).
+async fn paired<D, DF, G, GF>(
+    name: &str,
+    unit: &str,
+    plan: &Plan,
+    window: Duration,
+    gw_pid: u32,
+    direct: D,
+    gateway: G,
+) -> u64
+where
+    D: Fn() -> DF + Clone + Send + Sync + 'static,
+    DF: std::future::Future<Output = std::io::Result<usize>> + Send,
+    G: Fn() -> GF + Clone + Send + Sync + 'static,
+    GF: std::future::Future<Output = std::io::Result<usize>> + Send,
+{
+    let mut d_rates = Vec::new();
+    let mut g_rates = Vec::new();
+    let mut ratios = Vec::new();
+    let (mut cpu, mut ops, mut failed) = (0.0, 0.0, 0);
+    for round in 1..=plan.rounds {
+        let load = load_average();
+        let mut d = Window::default();
+        let mut g = Window::default();
+        // Odd rounds direct first, even rounds the gateway first.
+        for gateway_turn in [round % 2 == 0, round % 2 == 1] {
+            let cpu_before = cpu_s(gw_pid);
+            let started = Instant::now();
+            let (rate_, failed_) = if gateway_turn {
+                rate(plan.concurrency, window, gateway.clone()).await
+            } else {
+                rate(plan.concurrency, window, direct.clone()).await
+            };
+            let w = Window {
+                rate: rate_,
+                failed: failed_,
+                gw_cpu: cpu_s(gw_pid) - cpu_before,
+                ops: rate_ * started.elapsed().as_secs_f64(),
+            };
+            if gateway_turn { g = w } else { d = w }
+        }
+        let ratio = g.rate / d.rate;
+        println!(
+            "gateway {name}_round_{round} {ratio:.2} direct={:.1} gateway={:.1} {unit}/s load={}",
+            d.rate,
+            g.rate,
+            load.replace(' ', "/")
+        );
+        d_rates.push(d.rate);
+        g_rates.push(g.rate);
+        ratios.push(ratio);
+        cpu += g.gw_cpu;
+        ops += g.ops;
+        failed += d.failed + g.failed;
+    }
+    let (d_med, d_min, d_max) = spread(&d_rates);
+    let (g_med, g_min, g_max) = spread(&g_rates);
+    let (r_med, r_min, r_max) = spread(&ratios);
+    let above = ratios.iter().filter(|r| **r >= 0.8).count();
+    println!("gateway {name}_direct_per_s {d_med:.1} median min={d_min:.1} max={d_max:.1}");
+    println!("gateway {name}_gateway_per_s {g_med:.1} median min={g_min:.1} max={g_max:.1}");
+    println!(
+        "gateway {name}_ratio {r_med:.2} target>=0.8 median_of_rounds={} min={r_min:.2} max={r_max:.2} rounds_at_target={above}/{}",
+        plan.rounds, plan.rounds
+    );
+    println!(
+        "gateway {name}_gateway_cpu_ms_per_op {:.2}",
+        cpu * 1000.0 / ops.max(1.0)
+    );
+    failed
+}
+
+/// IMAP logins/s and SMTP messages/s on both paths, with the gateway's CPU per operation and
+/// where a session's time goes, step by step.
+async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot) {
     let gw_pid = paths.gw_pid;
-    let imap = |(port, login): (u16, Arc<String>)| {
+    let imap = |(port, login): (u16, Arc<String>), steps: Arc<Steps>| {
         let tls = paths.tls.clone();
         move || {
-            let (tls, login) = (tls.clone(), login.clone());
-            async move { imap_login_logout(&tls, port, &login).await.map(|()| 1) }
+            let (tls, login, steps) = (tls.clone(), login.clone(), steps.clone());
+            async move {
+                imap_login_logout(&tls, port, &login, &steps)
+                    .await
+                    .map(|()| 1)
+            }
         }
     };
-    let (direct, direct_failed) = rate(concurrency, window, imap(paths.imap_direct.clone())).await;
-    let cpu_before = cpu_s(gw_pid);
-    let started = Instant::now();
-    let (through, through_failed) =
-        rate(concurrency, window, imap(paths.imap_gateway.clone())).await;
-    let logins = through * started.elapsed().as_secs_f64();
-    let cpu = cpu_s(gw_pid) - cpu_before;
-    println!("gateway imap_logins_per_s_direct {direct:.1}");
-    println!("gateway imap_logins_per_s_gateway {through:.1}");
-    println!(
-        "gateway imap_login_failures {} target=0",
-        direct_failed + through_failed
-    );
-    println!(
-        "gateway imap_login_ratio {:.2} target>=0.8",
-        through / direct
-    );
-    println!(
-        "gateway imap_gateway_cpu_ms_per_login {:.2}",
-        cpu * 1000.0 / logins.max(1.0)
-    );
+    let (imap_d, imap_g) = (Steps::new(IMAP_STEPS), Steps::new(IMAP_STEPS));
+    let failed = paired(
+        "imap_login",
+        "logins",
+        plan,
+        plan.window,
+        gw_pid,
+        imap(paths.imap_direct.clone(), imap_d.clone()),
+        imap(paths.imap_gateway.clone(), imap_g.clone()),
+    )
+    .await;
+    println!("gateway imap_login_failures {failed} target=0");
+    println!("gateway imap_steps_ms_direct {}", imap_d.means());
+    println!("gateway imap_steps_ms_gateway {}", imap_g.means());
 
     // SMTP messages/s, one session per message and `per_session` per session.
     let sent = Arc::new(AtomicU64::new(2));
     let mut failures = 0;
-    for (label, count) in [("1", 1), ("n", per_session)] {
-        let smtp = |(port, auth): (u16, Arc<String>), path: &'static str| {
+    for (label, count) in [("1", 1), ("n", plan.per_session)] {
+        let smtp = |(port, auth): (u16, Arc<String>), path: &'static str, steps: Arc<Steps>| {
             let (tls, sent) = (paths.tls.clone(), sent.clone());
             move || {
-                let (tls, auth, sent) = (tls.clone(), auth.clone(), sent.clone());
+                let (tls, auth, sent, steps) =
+                    (tls.clone(), auth.clone(), sent.clone(), steps.clone());
                 async move {
-                    smtp_session(&tls, port, &auth, count, path).await?;
+                    smtp_session(&tls, port, &auth, count, path, &steps).await?;
                     sent.fetch_add(count as u64, Ordering::Relaxed);
                     Ok(count)
                 }
             }
         };
-        let (direct, f1) = rate(
-            concurrency,
-            window,
-            smtp(paths.smtp_direct.clone(), "direct"),
+        println!("gateway smtp_messages_per_session_{label} {count}");
+        let (smtp_d, smtp_g) = (Steps::new(SMTP_STEPS), Steps::new(SMTP_STEPS));
+        failures += paired(
+            &format!("smtp_{label}"),
+            "messages",
+            plan,
+            plan.window * 2,
+            gw_pid,
+            smtp(paths.smtp_direct.clone(), "direct", smtp_d.clone()),
+            smtp(paths.smtp_gateway.clone(), "gateway", smtp_g.clone()),
         )
         .await;
-        let cpu_before = cpu_s(gw_pid);
-        let started = Instant::now();
-        let (through, f2) = rate(
-            concurrency,
-            window,
-            smtp(paths.smtp_gateway.clone(), "gateway"),
-        )
-        .await;
-        let messages = through * started.elapsed().as_secs_f64();
-        let cpu = cpu_s(gw_pid) - cpu_before;
-        failures += f1 + f2;
-        let per = if label == "1" {
-            "1".to_owned()
-        } else {
-            per_session.to_string()
-        };
-        println!("gateway smtp_messages_per_session_{label} {per}");
-        println!("gateway smtp_messages_per_s_direct_{label} {direct:.1}");
-        println!("gateway smtp_messages_per_s_gateway_{label} {through:.1}");
         println!(
-            "gateway smtp_ratio_{label} {:.2} target>=0.8",
-            through / direct
+            "gateway smtp_{label}_steps_ms_per_message_direct {}",
+            smtp_d.means()
         );
         println!(
-            "gateway smtp_gateway_cpu_ms_per_message_{label} {:.2}",
-            cpu * 1000.0 / messages.max(1.0)
+            "gateway smtp_{label}_steps_ms_per_message_gateway {}",
+            smtp_g.means()
         );
     }
     println!("gateway smtp_failures {failures} target=0");
@@ -601,6 +827,43 @@ async fn rates(
     println!("gateway smtp_delivered {delivered} target={accepted}");
     let (rss, _) = rss_mib(gw_pid);
     println!("gateway after_rates_rss_mib {rss:.1}");
+}
+
+/// The gateway's own account of its upstream set-ups (its debug lines `upstream set-up steps`,
+/// microseconds a step): the mean of each step, per protocol.
+fn upstream_setup_steps(log: &str) {
+    let mut sums: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+    for line in log.lines().filter(|l| l.contains("upstream set-up steps")) {
+        let protocol = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("protocol="))
+            .unwrap_or("?")
+            .trim_matches('"')
+            .to_owned();
+        for field in line.split_whitespace() {
+            if let Some((key, value)) = field.split_once("_us=")
+                && let Ok(us) = value.parse::<u64>()
+            {
+                let e = sums.entry((protocol.clone(), key.to_owned())).or_default();
+                e.0 += us;
+                e.1 += 1;
+            }
+        }
+    }
+    let mut by_protocol: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for ((protocol, key), (sum, n)) in sums {
+        by_protocol.entry(protocol).or_default().push(format!(
+            "{key}={:.2}",
+            sum as f64 / 1000.0 / n.max(1) as f64
+        ));
+    }
+    for (protocol, steps) in by_protocol {
+        println!(
+            "gateway upstream_setup_ms_{} {}",
+            protocol.to_lowercase(),
+            steps.join(" ")
+        );
+    }
 }
 
 /// Runs `op(i)` for i in 0..n, 64 at a time; the successes, in no particular order.

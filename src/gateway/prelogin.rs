@@ -126,13 +126,18 @@ impl Conn {
         password: &SecretValue,
     ) -> Result<(Authorized, Upstream), Refusal> {
         let ctx = &self.ctx;
+        let mut clock = upstream::StepClock::new();
         let who = ctx
             .login
             .login(protocol, username, password, self.source)
             .await
             .map_err(Refusal::Login)?;
+        let check_us = clock.lap();
         match upstream::connect(&who.entry, protocol, &ctx.allowed).await {
-            Ok(upstream) => Ok((who, upstream)),
+            Ok(upstream) => {
+                tracing::debug!(protocol = %protocol, check_us, "upstream set-up steps");
+                Ok((who, upstream))
+            }
             Err(e) => {
                 ctx.metrics.upstream_error(protocol, e.reason());
                 tracing::warn!(app = %who.app, source = %self.source, protocol = %protocol,

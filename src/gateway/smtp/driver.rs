@@ -240,6 +240,7 @@ impl<L: Login> SmtpServer<L> {
         credentials: &super::command::Credentials,
         source: SocketAddr,
     ) -> String {
+        let mut clock = crate::gateway::upstream::StepClock::new();
         let authorized = match self
             .login
             .login(
@@ -253,6 +254,8 @@ impl<L: Login> SmtpServer<L> {
             Ok(a) => a,
             Err(refused) => return machine.login_failed(login_refusal(refused)),
         };
+        let check_us = clock.lap();
+        tracing::debug!(protocol = %Protocol::Smtp, check_us, "upstream set-up steps");
         let config = authorized.entry.config.clone();
         let Some(app) = config.apps.iter().find(|a| a.name == authorized.app.app) else {
             return machine.login_failed(login_refusal(LoginRefused::BadCredential));
