@@ -4,7 +4,7 @@
 //! are kept in memory per integration (with the token they were made with), so a storm of
 //! reconciles does not become a storm of logins, and a check that did not change its result writes
 //! nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
-//! ([`MailboxChecker::state_in_background`]): a reconcile does not wait for a mail server; it
+//! ([`MailboxChecker::state_joined`]): a reconcile does not wait for a mail server; it
 //! reports the last finished check, and a finished check brings a reconcile of its own.
 //!
 //! One exception keeps a first refresh at one status write ([`MailboxChecker::state_joined`]):
@@ -261,23 +261,10 @@ impl MailboxChecker {
     /// Like [`Self::state`], but a check that is needed runs in the background (bounded by the
     /// same permits) and calls `done` when its result is in the cache; meanwhile the last finished
     /// result is returned, or what the status says (`MailboxConnected` as last reported), so that a
-    /// refresh is never held by a mail server and its status write does not flap Ready.
-    pub fn state_in_background(
-        self: &std::sync::Arc<Self>,
-        mi: &MailIntegration,
-        token: Option<(&SecretValue, Timestamp)>,
-        extra_ca_pem: Option<Vec<u8>>,
-        now: Timestamp,
-        done: impl FnOnce() + Send + 'static,
-    ) -> Option<MailboxState> {
-        self.in_background(mi, token, extra_ca_pem, now, false, done)
-            .0
-    }
-
-    /// Like [`Self::state_in_background`]; when `refreshed` with no result known yet (see
-    /// [`joins`]) and a join slot is free, the check's result is waited for up to the join wait
-    /// and returned instead of the last one (`done` is still called; its reconcile then writes
-    /// nothing).
+    /// refresh is not held by a mail server and its status write does not flap Ready. One
+    /// exception: when `refreshed` with no result known yet (see [`joins`]) and a join slot is
+    /// free, the check's result is waited for up to the join wait and returned instead of the last
+    /// one (`done` is still called; its reconcile then writes nothing).
     pub async fn state_joined(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,

@@ -384,7 +384,9 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
     // part of the wait.
     let medium = on_loopback(imap_after(Duration::from_millis(400)).await);
     let c = checker(1, Duration::from_millis(1500));
-    let _ = c.state_in_background(&medium, valid, None, now, || {});
+    let _ = c
+        .state_joined(&medium, valid, None, now, false, || {})
+        .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (state, took) = joined(&c, &fast, true).await;
     assert!(
