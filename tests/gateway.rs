@@ -20,3 +20,6 @@ mod operator_gateway;
 
 #[path = "gateway/upstream_tls.rs"]
 mod upstream_tls;
+
+#[path = "gateway/login_path.rs"]
+mod login_path;

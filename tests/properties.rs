@@ -4045,3 +4045,91 @@ fn gateway_imap_logins_parse_to_what_was_sent() {
         },
     );
 }
+
+/// `data` in reads of the sizes `cuts` gives, in turn.
+fn cut_into<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    let mut sizes = cuts.iter().cycle();
+    while !rest.is_empty() {
+        let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
+}
+
+/// The IMAP LOGOUT watch (src/gateway/logout.rs): however the bytes of both directions are cut
+/// into reads, and whatever literals hold (mail content with lines that look like tagged replies,
+/// literal markers or BYE), a LOGOUT is taken by the gateway exactly when every command was
+/// answered, and never while a command is still running.
+#[test]
+fn gateway_imap_logout_is_taken_only_with_every_command_answered() {
+    use mail_integration_operator::gateway::logout::LogoutWatch;
+    let content = prop::collection::vec(
+        prop_oneof![
+            Just(b"\r\n".to_vec()),
+            Just(b"t0 OK fake\r\n".to_vec()),
+            Just(b"z LOGOUT\r\n".to_vec()),
+            Just(b"a {5}\r\n".to_vec()),
+            Just(b"* BYE\r\n".to_vec()),
+            prop::collection::vec(any::<u8>(), 0..12),
+        ],
+        0..6,
+    )
+    .prop_map(|parts| parts.concat());
+    // (the APPEND's LITERAL+ data, or a NOOP; the FETCH literal; untagged lines before the reply)
+    let exchange = (prop::option::of(content.clone()), content, 0usize..3);
+    let strategy = (
+        prop::collection::vec(exchange, 0..5),
+        any::<bool>(),
+        prop::collection::vec(1usize..40, 1..20),
+    );
+    check_branches(
+        "gateway IMAP LOGOUT watch",
+        strategy,
+        &["taken", "relayed"],
+        |(exchanges, last_answered, cuts), branches| {
+            let mut w = LogoutWatch::new();
+            let last = exchanges.len().saturating_sub(1);
+            let mut all_answered = true;
+            for (i, (append, body, untagged)) in exchanges.iter().enumerate() {
+                let tag = format!("t{i}");
+                let command = match append {
+                    Some(data) => {
+                        let mut c = format!("{tag} APPEND INBOX {{{}+}}\r\n", data.len()).into_bytes();
+                        c.extend_from_slice(data);
+                        c.extend_from_slice(b"\r\n");
+                        c
+                    }
+                    None => format!("{tag} NOOP\r\n").into_bytes(),
+                };
+                for read in cut_into(&command, &cuts) {
+                    prop_assert!(!w.app_chunk(read, true), "taken mid-command: {:?}", read);
+                }
+                let mut reply = Vec::new();
+                for n in 0..*untagged {
+                    reply.extend_from_slice(format!("* {n} EXISTS\r\n").as_bytes());
+                }
+                reply.extend_from_slice(format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len()).as_bytes());
+                reply.extend_from_slice(body);
+                reply.extend_from_slice(b")\r\n");
+                let answered = i != last || last_answered;
+                if answered {
+                    reply.extend_from_slice(format!("{tag} OK done\r\n").as_bytes());
+                }
+                all_answered &= answered;
+                for read in cut_into(&reply, &cuts) {
+                    w.from_server(read);
+                    if !answered {
+                        prop_assert!(w.would_take(b"z LOGOUT\r\n", true).is_none());
+                    }
+                }
+            }
+            let taken = w.app_chunk(b"z LOGOUT\r\n", true);
+            prop_assert_eq!(taken, all_answered);
+            branches.hit(if taken { "taken" } else { "relayed" });
+            Ok(())
+        },
+    );
+}

@@ -26,6 +26,7 @@ use super::{
     Ctx,
     listen::{ClientStream, TlsState},
     login::retry_secs,
+    logout::LogoutWatch,
     prelogin::{Conn, Ending, Refusal, TlsStart},
     session::{LoginRefused, Protocol},
     upstream,
@@ -464,6 +465,10 @@ impl LoggedIn {
         let mut upstream = self.upstream;
         let mut first = std::mem::take(&mut upstream.untagged);
         first.extend_from_slice(upstream.reply.as_bytes());
+        // The watch follows what comes after the login reply (LOGOUT answered by the gateway
+        // when nothing else is outstanding: src/gateway/logout.rs).
+        let mut watch = LogoutWatch::new();
+        watch.from_server(&upstream.pending);
         first.extend_from_slice(&std::mem::take(&mut upstream.pending));
         conn.relay(
             self.who,
@@ -472,6 +477,7 @@ impl LoggedIn {
             Protocol::Imap,
             idle,
             b"* BYE [UNAVAILABLE] This credential was revoked\r\n",
+            Some(watch),
         )
         .await;
     }

@@ -105,14 +105,15 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
         return Err(format!("{} holds no certificate", cert.display()));
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS configuration: {e}"))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("the TLS certificate and key do not fit: {e}"))?;
+    let mut config = ServerConfig::builder_with_provider(super::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the TLS certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![];
+    // The gateway's order (TLS_AES_128_GCM_SHA256 first, src/gateway/crypto.rs), not the app's.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 

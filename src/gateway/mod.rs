@@ -13,10 +13,12 @@
 
 pub mod config;
 pub mod credentials;
+pub mod crypto;
 pub mod directory;
 pub mod imap;
 pub mod listen;
 pub mod login;
+pub mod logout;
 pub mod metrics;
 pub mod pop3;
 pub mod prelogin;

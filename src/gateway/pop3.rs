@@ -273,6 +273,9 @@ async fn relay_session(
         Protocol::Pop3,
         idle,
         b"-ERR [SYS/PERM] This credential was revoked\r\n",
+        // QUIT stays relayed: it is when the server removes the messages marked with DELE, and
+        // its answer (`-ERR` if it could not) is the app's to see (src/gateway/logout.rs).
+        None,
     )
     .await;
 }

@@ -3,13 +3,14 @@
 //! refusal of a login before TLS, the connection to the mail server once an app is authorized, and
 //! the hand-over to [`super::relay`]. Each protocol keeps its own parsing and reply texts.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     Ctx,
     listen::{ClientStream, TlsState},
+    logout::{self, LogoutWatch},
     relay::{self, OpenSession},
     session::{Authorized, Login, LoginRefused, Protocol},
     upstream::{self, Upstream},
@@ -149,7 +150,10 @@ impl Conn {
 
     /// Relay the logged-in session: `first` (the server's login reply and what followed it) to
     /// the app, then bytes both ways until either side ends, `idle` passes or the credential is
-    /// revoked (then `revoked` to the app).
+    /// revoked (then `revoked` to the app). With `watch` (IMAP; it has seen what `first` holds
+    /// past the login reply), a LOGOUT it takes is answered here, the app's connection closed,
+    /// and then the server's session logged out ([`super::logout`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn relay(
         self,
         who: Authorized,
@@ -158,29 +162,73 @@ impl Conn {
         protocol: Protocol,
         idle: std::time::Duration,
         revoked: &[u8],
+        mut watch: Option<LogoutWatch>,
     ) {
         let Conn {
             wire, ctx, source, ..
         } = self;
         let (mut client, read_ahead) = wire.into_parts();
+        let mut stream = upstream.stream;
+        if let Some(watch) = watch.as_mut() {
+            watch.from_app(&read_ahead);
+        }
         let _open = OpenSession::new(ctx.metrics.clone(), protocol, &who);
         let end = relay::relay(
             &mut client,
-            upstream.stream,
+            &mut stream,
             &read_ahead,
             first,
             protocol,
             idle,
             &who.lease,
             &ctx.metrics,
+            watch.as_mut(),
         )
         .await;
-        if end == relay::End::Revoked {
-            let _ = client.write_all(revoked).await;
+        match end {
+            relay::End::Revoked => {
+                let _ = client.write_all(revoked).await;
+            }
+            relay::End::LoggedOut => {
+                let tag = watch
+                    .as_ref()
+                    .and_then(|w| w.answered())
+                    .unwrap_or("*")
+                    .to_owned();
+                let answered = async {
+                    client.write_all(logout::answer(&tag).as_bytes()).await?;
+                    client.flush().await?;
+                    client.shutdown().await
+                };
+                let _ = tokio::time::timeout(LOGOUT_TIMEOUT, answered).await;
+                drop(client);
+                log_out_upstream(&mut stream, &tag).await;
+            }
+            relay::End::Closed | relay::End::Idle => {}
         }
         tracing::info!(app = %who.app, source = %source, protocol = %protocol,
             end = end.as_str(), "gateway session ended");
     }
+}
+
+/// How long the gateway gives the app's connection to take its LOGOUT answer, and the server to
+/// answer the LOGOUT sent on the app's behalf and close.
+pub const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Send the server the app's LOGOUT (`tag LOGOUT`) and read what it still sends (discarded: the
+/// app has its answer and is gone) until it closes, within [`LOGOUT_TIMEOUT`]; then the connection
+/// is dropped either way.
+async fn log_out_upstream(stream: &mut Box<dyn upstream::AsyncStream>, tag: &str) {
+    let closing = async {
+        stream
+            .write_all(format!("{tag} LOGOUT\r\n").as_bytes())
+            .await?;
+        stream.flush().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(LOGOUT_TIMEOUT, closing).await;
 }
 
 /// Why [`Conn::log_in`] gave no session.

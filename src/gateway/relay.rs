@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{
+    logout::LogoutWatch,
     metrics::{GatewayMetrics, ProtocolLabels, SessionLabels},
     session::{Authorized, Protocol, SessionLease},
 };
@@ -91,6 +92,9 @@ pub enum End {
     Idle,
     /// The credential vanished.
     Revoked,
+    /// The app sent a LOGOUT the gateway answers itself ([`super::logout`]): not forwarded; the
+    /// caller answers the app and closes the server's session.
+    LoggedOut,
 }
 
 impl End {
@@ -99,13 +103,16 @@ impl End {
             Self::Closed => "closed",
             Self::Idle => "idle",
             Self::Revoked => "revoked",
+            Self::LoggedOut => "logout",
         }
     }
 }
 
 /// Relay between the app and the mail server. `to_upstream_first` (bytes the app sent after its
 /// login, already read) and `to_app_first` (bytes the server sent after its authentication reply)
-/// are delivered before anything else.
+/// are delivered before anything else. With `watch` (IMAP), the bytes passing both ways are
+/// followed and a LOGOUT it takes ends the relay ([`End::LoggedOut`]); the watch must have seen
+/// what the two `first` carry beyond the login reply.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<C, U>(
     client: C,
@@ -116,6 +123,7 @@ pub async fn relay<C, U>(
     idle: Duration,
     lease: &SessionLease,
     metrics: &GatewayMetrics,
+    watch: Option<&mut LogoutWatch>,
 ) -> End
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -161,7 +169,10 @@ where
         }
     };
     tokio::select! {
-        _ = Bidirectional::new(&mut client, &mut upstream) => End::Closed,
+        finish = Bidirectional::new(&mut client, &mut upstream, watch) => match finish {
+            Ok(Finish::LoggedOut) => End::LoggedOut,
+            _ => End::Closed,
+        },
         _ = watchdog => End::Idle,
         _ = lease.revoked() => End::Revoked,
     }
@@ -178,16 +189,20 @@ struct Direction {
     /// The source ended: shut the destination's writing down, then this direction is done.
     eof: bool,
     done: bool,
+    /// A read was taken by the inspection (not forwarded): the relay ends.
+    taken: bool,
 }
 
 impl Direction {
     /// Move bytes from `from` to `to` until `from` has nothing now (`Pending`) or ended and `to`
-    /// is shut down (`Ready(Ok)`), or either failed.
+    /// is shut down (`Ready(Ok)`), or either failed. Each read is shown to `inspect` first; if it
+    /// takes it (`true`), it is not written and the direction stops (`taken`, `Ready(Ok)`).
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
+        inspect: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
@@ -231,6 +246,11 @@ impl Direction {
                 self.eof = true;
                 continue;
             }
+            if inspect(data) {
+                self.taken = true;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
             while !data.is_empty() {
                 match Pin::new(&mut *to).poll_write(cx, data) {
                     Poll::Ready(Ok(0)) => {
@@ -253,43 +273,79 @@ impl Direction {
     }
 }
 
+/// How [`Bidirectional`] ended.
+enum Finish {
+    /// Both directions ended.
+    Closed,
+    /// The watch took a LOGOUT.
+    LoggedOut,
+}
+
 /// Both directions at once, until both ended (each side's end shuts the other's writing down,
-/// as `copy_bidirectional` does) or one failed.
-struct Bidirectional<'a, C, U> {
+/// as `copy_bidirectional` does) or one failed, or the watch took a LOGOUT.
+struct Bidirectional<'a, 'w, C, U> {
     client: &'a mut C,
     upstream: &'a mut U,
     to_upstream: Direction,
     to_app: Direction,
+    watch: Option<&'w mut LogoutWatch>,
 }
 
-impl<'a, C, U> Bidirectional<'a, C, U> {
-    fn new(client: &'a mut C, upstream: &'a mut U) -> Self {
+impl<'a, 'w, C, U> Bidirectional<'a, 'w, C, U> {
+    fn new(client: &'a mut C, upstream: &'a mut U, watch: Option<&'w mut LogoutWatch>) -> Self {
         Self {
             client,
             upstream,
             to_upstream: Direction::default(),
             to_app: Direction::default(),
+            watch,
         }
     }
 }
 
-impl<C, U> std::future::Future for Bidirectional<'_, C, U>
+impl<C, U> std::future::Future for Bidirectional<'_, '_, C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    type Output = io::Result<()>;
+    type Output = io::Result<Finish>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Finish>> {
         let me = self.get_mut();
-        let up = me
-            .to_upstream
-            .poll_copy(cx, &mut *me.client, &mut *me.upstream)?;
-        let down = me
-            .to_app
-            .poll_copy(cx, &mut *me.upstream, &mut *me.client)?;
+        // Nothing of the server's is waiting to be written to the app (checked before the app's
+        // read is looked at; the other direction is not polled in between).
+        let to_app_idle = me.to_app.pending.is_empty();
+        let up = match me.watch.as_deref_mut() {
+            Some(watch) => me.to_upstream.poll_copy(
+                cx,
+                &mut *me.client,
+                &mut *me.upstream,
+                &mut |chunk| watch.app_chunk(chunk, to_app_idle),
+            )?,
+            None => {
+                me.to_upstream
+                    .poll_copy(cx, &mut *me.client, &mut *me.upstream, &mut |_| false)?
+            }
+        };
+        if me.to_upstream.taken {
+            return Poll::Ready(Ok(Finish::LoggedOut));
+        }
+        let down = match me.watch.as_deref_mut() {
+            Some(watch) => me.to_app.poll_copy(
+                cx,
+                &mut *me.upstream,
+                &mut *me.client,
+                &mut |chunk| {
+                    watch.from_server(chunk);
+                    false
+                },
+            )?,
+            None => me
+                .to_app
+                .poll_copy(cx, &mut *me.upstream, &mut *me.client, &mut |_| false)?,
+        };
         match (up, down) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(Finish::Closed)),
             _ => Poll::Pending,
         }
     }
@@ -353,6 +409,7 @@ mod tests {
             Duration::from_millis(300),
             &lease,
             &metrics,
+            None,
         );
         let talk = async {
             let mut buf = [0u8; 9];
@@ -375,6 +432,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_logout_the_watch_takes_is_not_forwarded_and_ends_the_relay() {
+        let metrics = GatewayMetrics::default();
+        let (mut app, app_side) = duplex(1024);
+        let (mut server, server_side) = duplex(1024);
+        let lease = SessionLease::detached();
+        let mut watch = LogoutWatch::new();
+        let relaying = relay(
+            app_side,
+            server_side,
+            b"",
+            b"",
+            Protocol::Imap,
+            Duration::from_secs(30),
+            &lease,
+            &metrics,
+            Some(&mut watch),
+        );
+        let talk = async {
+            app.write_all(b"a1 NOOP\r\n").await.unwrap();
+            let mut buf = [0u8; 9];
+            server.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"a1 NOOP\r\n");
+            server.write_all(b"a1 OK NOOP\r\n").await.unwrap();
+            let mut answer = [0u8; 12];
+            app.read_exact(&mut answer).await.unwrap();
+            app.write_all(b"a2 LOGOUT\r\n").await.unwrap();
+            (app, server)
+        };
+        let (end, (_app, mut server)) = tokio::join!(relaying, talk);
+        assert_eq!(end, End::LoggedOut);
+        assert_eq!(watch.answered(), Some("a2"));
+        let mut more = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), server.read(&mut more)).await;
+        // Nothing more (the relay dropped its end here: end of stream, or nothing yet).
+        assert!(
+            !matches!(read, Ok(Ok(n)) if n > 0),
+            "the LOGOUT was forwarded"
+        );
+    }
+
+    #[tokio::test]
     async fn a_large_transfer_through_slow_narrow_pipes_arrives_whole_and_an_end_is_passed_on() {
         let metrics = GatewayMetrics::default();
         // 61-byte pipes: nearly every write is partial or pending, so the kept remainder is used.
@@ -391,6 +489,7 @@ mod tests {
             Duration::from_secs(30),
             &lease,
             &metrics,
+            None,
         );
         let talk = async {
             let send = async {

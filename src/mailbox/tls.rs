@@ -39,6 +39,14 @@ pub(crate) fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, M
 pub(crate) fn client_config(
     extra_cas: &[CertificateDer<'static>],
 ) -> Result<Arc<ClientConfig>, MailboxError> {
+    client_config_with(Arc::new(rustls::crypto::ring::default_provider()), extra_cas)
+}
+
+/// [`client_config`] with the cipher suites of `provider` (the gateway's order).
+pub(crate) fn client_config_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    extra_cas: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, MailboxError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -47,14 +55,13 @@ pub(crate) fn client_config(
             detail: format!("a configured CA certificate cannot be used as a trust anchor: {e}"),
         })?;
     }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| MailboxError::Tls {
-                detail: format!("TLS configuration: {e}"),
-            })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MailboxError::Tls {
+            detail: format!("TLS configuration: {e}"),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(Arc::new(config))
 }
 

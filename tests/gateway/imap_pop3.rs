@@ -35,7 +35,7 @@ use crate::support::{
 };
 
 pub(crate) const MAILBOX: &str = "alice@example.test";
-const PASSWORD: &str = "cGFzc3dvcmQtb2YtdGhlLWhlbHBkZXNrLWFwcC0xMjM0";
+pub(crate) const PASSWORD: &str = "cGFzc3dvcmQtb2YtdGhlLWhlbHBkZXNrLWFwcC0xMjM0";
 const OTHER_PASSWORD: &str = "b3RoZXItaW50ZWdyYXRpb24tcGFzc3dvcmQtOTg3NjU";
 
 pub(crate) fn server() -> &'static OAuthServer {
@@ -53,20 +53,20 @@ pub(crate) fn dovecot(server: &OAuthServer) -> Dovecot {
     })
 }
 
-struct World {
-    env: Env,
-    dovecot: Dovecot,
+pub(crate) struct World {
+    pub(crate) env: Env,
+    pub(crate) dovecot: Dovecot,
     cert: (PathBuf, PathBuf, PathBuf),
     token: String,
     refresh_token: String,
 }
 
 impl World {
-    fn user(&self, integration: &str, app: &str) -> String {
+    pub(crate) fn user(&self, integration: &str, app: &str) -> String {
         config::username(&self.env.ns, integration, app)
     }
 
-    fn gateway(&self, name: &str, extra: &[&str]) -> Gateway {
+    pub(crate) fn gateway(&self, name: &str, extra: &[&str]) -> Gateway {
         Gateway::start(
             name,
             &self.env.cp.kubeconfig,
@@ -147,7 +147,7 @@ pub(crate) async fn put_gateway_secret(env: &Env, config: &GatewayConfig, token:
 
 /// Dovecot, a namespace with the MailIntegration `inbox` (apps helpdesk: IMAP+POP3, mailer: SMTP)
 /// and its gateway Secret with alice's access token.
-async fn world(prefix: &str) -> World {
+pub(crate) async fn world(prefix: &str) -> World {
     world_on(prefix, server()).await
 }
 

@@ -75,7 +75,8 @@ impl ConfigCache {
         } else {
             tls::parse_ca_pem(pem.as_bytes())?
         };
-        let built = tls::client_config(&extra_cas)?;
+        // TLS_AES_128_GCM_SHA256 offered first (src/gateway/crypto.rs).
+        let built = tls::client_config_with(crate::gateway::crypto::provider(), &extra_cas)?;
         Ok(self.insert(key, built))
     }
 

@@ -1,0 +1,431 @@
+//! IMAP LOGOUT answered by the gateway itself, when that cannot differ from the server's answer.
+//!
+//! Relaying LOGOUT costs the app one more round trip through the gateway to the mail server and
+//! back, for an answer that is always the same (`* BYE`, then the tagged `OK`): LOGOUT commits
+//! nothing in IMAP (no implicit expunge, unlike CLOSE; RFC 9051 6.1.3) and cannot fail. So when an
+//! app sends LOGOUT with nothing else outstanding, the gateway answers it at once, closes the app's
+//! connection, and then sends the server the app's LOGOUT and waits (bounded) for it to close its
+//! side ([`super::prelogin::Conn::relay`]). The server sees the same session as before; the app
+//! sees the same answer, earlier. Only unsolicited untagged data the server might have sent in
+//! between (new-mail counts) is not passed on; a client that logs out discards it anyway.
+//!
+//! "Nothing else outstanding" is decided from the bytes the relay passes, conservatively:
+//! [`LogoutWatch`] follows both directions' message boundaries (lines, and literals `{n}`/`{n+}`,
+//! whose contents are skipped, so mail content cannot fake a reply) and counts the app's commands
+//! against the server's tagged replies. LOGOUT is answered here only when it arrives as one whole
+//! read, at a command boundary, with every earlier command answered and the server's side at a
+//! reply boundary. Whenever the watch cannot be sure (a synchronizing literal, which the server
+//! may refuse; COMPRESS, after which the bytes are not lines; a line it cannot read as a command),
+//! it stops watching and the session's LOGOUT is relayed as before, for the rest of the session.
+//!
+//! POP3's QUIT is not answered here and stays relayed: it is when the server removes the messages
+//! marked with DELE (RFC 1939 6, the UPDATE state), and the server may answer `-ERR` if it could
+//! not: the app must get the server's own answer. SMTP's QUIT is answered by the gateway's SMTP
+//! side already (`smtp/driver.rs`): after the server accepted a message (`250` after DATA) QUIT
+//! commits nothing.
+
+/// Bytes of a message's first line kept: enough for a tag and a command name.
+const HEAD: usize = 96;
+/// Bytes of a line's end kept: enough for a literal's marker (`{` 20 digits `+}` CRLF).
+const TAIL: usize = 26;
+
+/// The app's answer to a LOGOUT the gateway answers itself.
+pub fn answer(tag: &str) -> String {
+    format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n")
+}
+
+/// One direction's message boundaries: a message is a command (app) or a reply (server), one line
+/// or lines joined by literals.
+#[derive(Default)]
+struct Scan {
+    /// Inside a literal: bytes of it still to come.
+    literal: u64,
+    /// The message's first line so far (at most [`HEAD`] bytes).
+    head: Vec<u8>,
+    /// The first line ended (the message went on with a literal).
+    head_done: bool,
+    /// The current line's last bytes (at most [`TAIL`]).
+    tail: Vec<u8>,
+    /// Some bytes of a message seen and its end not yet.
+    open: bool,
+}
+
+/// A literal's marker at the end of a line.
+#[derive(Debug, PartialEq, Eq)]
+enum Marker {
+    /// `{n}` (or `~{n}`): the sender waits for a continuation (app side) or sends `n` bytes.
+    Sync(u64),
+    /// `{n+}` / `{n-}` (LITERAL+ / LITERAL-): `n` bytes follow at once.
+    NonSync(u64),
+}
+
+/// The marker `line` (a whole line's end, with its CRLF) ends with, if any.
+fn marker(line: &[u8]) -> Option<Marker> {
+    let body = line.strip_suffix(b"}\r\n")?;
+    let open = body.iter().rposition(|b| *b == b'{')?;
+    let inner = body.get(open.saturating_add(1)..)?;
+    let (digits, sync) = match inner.last() {
+        Some(b'+' | b'-') => (inner.get(..inner.len().saturating_sub(1))?, false),
+        _ => (inner, true),
+    };
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(if sync {
+        Marker::Sync(n)
+    } else {
+        Marker::NonSync(n)
+    })
+}
+
+impl Scan {
+    /// Follow `data`; `message` is called with the first line (at most [`HEAD`] bytes) of each
+    /// message that ends, `literal` with each literal's marker; either may say to stop (`false`).
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        message: &mut dyn FnMut(&[u8]) -> bool,
+        literal: &mut dyn FnMut(&Marker) -> bool,
+    ) -> bool {
+        while !data.is_empty() {
+            if self.literal > 0 {
+                let skip = usize::try_from(self.literal)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                self.literal = self.literal.saturating_sub(skip as u64);
+                data = data.get(skip..).unwrap_or_default();
+                continue;
+            }
+            self.open = true;
+            let (part, end) = match data.iter().position(|b| *b == b'\n') {
+                Some(i) => (data.get(..=i).unwrap_or_default(), true),
+                None => (data, false),
+            };
+            data = data.get(part.len()..).unwrap_or_default();
+            if !self.head_done && self.head.len() < HEAD {
+                let room = HEAD.saturating_sub(self.head.len());
+                self.head
+                    .extend_from_slice(part.get(..room.min(part.len())).unwrap_or_default());
+            }
+            let keep = part.len().min(TAIL);
+            self.tail
+                .extend_from_slice(part.get(part.len().saturating_sub(keep)..).unwrap_or_default());
+            let over = self.tail.len().saturating_sub(TAIL);
+            self.tail.drain(..over);
+            if !end {
+                continue;
+            }
+            let found = marker(&self.tail);
+            self.tail.clear();
+            match found {
+                Some(m) => {
+                    self.head_done = true;
+                    self.literal = match m {
+                        Marker::Sync(n) | Marker::NonSync(n) => n,
+                    };
+                    if !literal(&m) {
+                        return false;
+                    }
+                }
+                None => {
+                    let go_on = message(&self.head);
+                    self.head.clear();
+                    self.head_done = false;
+                    self.open = false;
+                    if !go_on {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// At a message boundary (not inside a line or a literal).
+    fn at_boundary(&self) -> bool {
+        !self.open && self.literal == 0
+    }
+}
+
+/// Whether `tag` is an IMAP tag (RFC 9051: ASTRING-CHAR except `+`), as the gateway echoes it.
+fn is_tag(tag: &[u8]) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 64
+        && tag
+            .iter()
+            .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(b))
+}
+
+/// What an app's command line (its first line) means for the watch.
+#[derive(Debug, PartialEq, Eq)]
+enum AppLine {
+    /// A command: the server will answer it with a tagged reply.
+    Command,
+    /// `DONE`, ending IDLE: no reply of its own (IDLE's tagged reply follows it).
+    Done,
+    /// Something after which the bytes cannot be followed, or not a command.
+    Unknown,
+}
+
+fn app_line(head: &[u8]) -> AppLine {
+    let line = head
+        .strip_suffix(b"\r\n")
+        .or_else(|| head.strip_suffix(b"\n"))
+        .unwrap_or(head);
+    if line.eq_ignore_ascii_case(b"DONE") {
+        return AppLine::Done;
+    }
+    let mut words = line.split(|b| *b == b' ');
+    let (Some(tag), Some(name)) = (words.next(), words.next()) else {
+        return AppLine::Unknown;
+    };
+    if !is_tag(tag) || name.is_empty() || !name.iter().all(u8::is_ascii_alphabetic) {
+        return AppLine::Unknown;
+    }
+    // COMPRESS: what follows is deflated. STARTTLS and AUTHENTICATE have no place after login
+    // and change the stream or its exchange.
+    let changes_stream = ["COMPRESS", "STARTTLS", "AUTHENTICATE"]
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()));
+    if changes_stream {
+        AppLine::Unknown
+    } else {
+        AppLine::Command
+    }
+}
+
+/// The tag of `chunk` if it is exactly one `tag LOGOUT` line.
+fn logout_tag(chunk: &[u8]) -> Option<&str> {
+    let line = chunk.strip_suffix(b"\r\n")?;
+    let (tag, name) = line.split_at(line.iter().position(|b| *b == b' ')?);
+    (is_tag(tag) && name.eq_ignore_ascii_case(b" LOGOUT"))
+        .then(|| std::str::from_utf8(tag).ok())
+        .flatten()
+}
+
+/// Follows a relayed IMAP session to tell when a LOGOUT may be answered by the gateway (module
+/// doc). Pure: fed the bytes, it decides; the relay acts.
+#[derive(Default)]
+pub struct LogoutWatch {
+    /// The app's commands the server has not answered yet.
+    outstanding: u32,
+    app: Scan,
+    server: Scan,
+    /// The watch could not follow the session: never answer a LOGOUT here again.
+    lost: bool,
+    /// The tag of the LOGOUT answered here.
+    answered: Option<String>,
+}
+
+impl LogoutWatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the watch still follows the session.
+    pub fn following(&self) -> bool {
+        !self.lost
+    }
+
+    /// The tag of the LOGOUT [`Self::app_chunk`] took.
+    pub fn answered(&self) -> Option<&str> {
+        self.answered.as_deref()
+    }
+
+    /// Bytes the server sent towards the app (after its login reply).
+    pub fn from_server(&mut self, data: &[u8]) {
+        if self.lost {
+            return;
+        }
+        let outstanding = &mut self.outstanding;
+        let mut lost = false;
+        let mut message = |head: &[u8]| {
+            match head.first() {
+                Some(b'*' | b'+') => {}
+                _ => match outstanding.checked_sub(1) {
+                    Some(n) => *outstanding = n,
+                    // A tagged reply to no command the watch saw.
+                    None => lost = true,
+                },
+            }
+            !lost
+        };
+        if !self.server.feed(data, &mut message, &mut |_| true) || lost {
+            self.lost = true;
+        }
+    }
+
+    /// Bytes the app sent towards the server.
+    pub fn from_app(&mut self, data: &[u8]) {
+        if self.lost {
+            return;
+        }
+        let outstanding = &mut self.outstanding;
+        let mut lost = false;
+        let mut message = |head: &[u8]| {
+            match app_line(head) {
+                AppLine::Done => {}
+                AppLine::Command => match outstanding.checked_add(1) {
+                    Some(n) => *outstanding = n,
+                    None => lost = true,
+                },
+                AppLine::Unknown => lost = true,
+            }
+            !lost
+        };
+        // A synchronizing literal waits for the server's go-ahead, which it may refuse (then
+        // the literal is never sent): not followed.
+        let mut literal = |m: &Marker| matches!(m, Marker::NonSync(_));
+        if !self.app.feed(data, &mut message, &mut literal) || lost {
+            self.lost = true;
+        }
+    }
+
+    /// `chunk`, one read from the app: `true` if it is a LOGOUT to answer here (it is then not to
+    /// be forwarded, and its tag is kept); otherwise it is followed as sent on (`false`).
+    /// `to_app_idle`: nothing the server sent is still waiting to be written to the app.
+    pub fn app_chunk(&mut self, chunk: &[u8], to_app_idle: bool) -> bool {
+        if let Some(tag) = self.would_take(chunk, to_app_idle) {
+            self.answered = Some(tag.to_owned());
+            return true;
+        }
+        self.from_app(chunk);
+        false
+    }
+
+    /// Whether [`Self::app_chunk`] would take `chunk` now (its tag), without following it.
+    pub fn would_take<'c>(&self, chunk: &'c [u8], to_app_idle: bool) -> Option<&'c str> {
+        let quiet = !self.lost
+            && to_app_idle
+            && self.outstanding == 0
+            && self.app.at_boundary()
+            && self.server.at_boundary();
+        quiet.then(|| logout_tag(chunk)).flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch() -> LogoutWatch {
+        LogoutWatch::new()
+    }
+
+    #[test]
+    fn markers_are_read_from_a_line_end_only() {
+        assert_eq!(marker(b"a APPEND INBOX {12}\r\n"), Some(Marker::Sync(12)));
+        assert_eq!(marker(b"* 1 FETCH (BODY[] ~{5}\r\n"), Some(Marker::Sync(5)));
+        assert_eq!(marker(b"a LOGIN {3+}\r\n"), Some(Marker::NonSync(3)));
+        assert_eq!(marker(b"x {3-}\r\n"), Some(Marker::NonSync(3)));
+        assert_eq!(marker(b"* OK {}\r\n"), None);
+        assert_eq!(marker(b"* OK {x}\r\n"), None);
+        assert_eq!(marker(b"* OK {12}\n"), None);
+        assert_eq!(marker(b"{123456789012345678901}\r\n"), None);
+        assert_eq!(marker(b"* OK done\r\n"), None);
+    }
+
+    #[test]
+    fn a_lone_logout_with_nothing_outstanding_is_answered_here() {
+        let mut w = watch();
+        assert!(w.app_chunk(b"b LOGOUT\r\n", true));
+        assert_eq!(w.answered(), Some("b"));
+        let mut w = watch();
+        assert!(w.app_chunk(b"A0007 logout\r\n", true));
+        assert_eq!(w.answered(), Some("A0007"));
+        assert_eq!(
+            answer("A0007"),
+            "* BYE Logging out\r\nA0007 OK LOGOUT completed\r\n"
+        );
+    }
+
+    #[test]
+    fn a_logout_behind_an_unanswered_command_is_relayed() {
+        let mut w = watch();
+        assert!(!w.app_chunk(b"a1 SELECT INBOX\r\n", true));
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "a1 not answered");
+        let mut w = watch();
+        w.from_app(b"a1 SELECT INBOX\r\n");
+        w.from_server(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 1] x\r\n");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "untagged only");
+        w.from_server(b"a1 OK [READ-WRITE] Select completed\r\n");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", false).is_none(), "reply not yet written");
+        assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
+    }
+
+    #[test]
+    fn pipelined_or_split_logouts_are_relayed() {
+        let mut w = watch();
+        assert!(!w.app_chunk(b"a1 NOOP\r\na2 LOGOUT\r\n", true));
+        assert_eq!(w.outstanding, 2);
+        let mut w = watch();
+        assert!(!w.app_chunk(b"a2 LOG", true));
+        assert!(w.would_take(b"OUT\r\n", true).is_none(), "not at a command boundary");
+        let mut w = watch();
+        w.from_server(b"* 4 EXI");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "server mid-line");
+        assert!(w.would_take(b"a2 LOGOUT extra\r\n", true).is_none());
+        assert!(w.would_take(b"a2 LOGOUT", true).is_none());
+    }
+
+    #[test]
+    fn literal_contents_never_count_as_replies() {
+        let mut w = watch();
+        w.from_app(b"a1 FETCH 1 BODY[]\r\n");
+        // The message body holds lines that look like a tagged reply and a literal marker.
+        let body = b"Subject: x\r\n\r\na1 OK fake\r\nb {2}\r\n";
+        let mut reply = format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len()).into_bytes();
+        reply.extend_from_slice(body);
+        // Fed in pieces, split inside the marker and the literal.
+        for piece in reply.chunks(7) {
+            w.from_server(piece);
+            assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none());
+        }
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "FETCH line not ended");
+        w.from_server(b")\r\n");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "a1 not answered");
+        w.from_server(b"a1 OK Fetch completed\r\n");
+        assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
+    }
+
+    #[test]
+    fn non_synchronizing_literals_are_followed_synchronizing_ones_stop_the_watch() {
+        let mut w = watch();
+        w.from_app(b"a1 APPEND INBOX {10+}\r\nb LOGOUT\r\n\r\n");
+        assert_eq!(w.outstanding, 1);
+        w.from_server(b"a1 OK Append completed\r\n");
+        assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
+        let mut w = watch();
+        w.from_app(b"a1 APPEND INBOX {11}\r\n");
+        assert!(!w.following());
+        w.from_server(b"a1 NO [TOOBIG] no\r\n");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none());
+    }
+
+    #[test]
+    fn idle_done_and_streams_that_change_are_handled() {
+        let mut w = watch();
+        w.from_app(b"a1 IDLE\r\n");
+        w.from_server(b"+ idling\r\n* 5 EXISTS\r\n");
+        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "IDLE still running");
+        w.from_app(b"DONE\r\n");
+        w.from_server(b"a1 OK Idle completed\r\n");
+        assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
+        for line in [
+            &b"a1 COMPRESS DEFLATE\r\n"[..],
+            b"a1 starttls\r\n",
+            b"garbage\r\n",
+            b"a(1 NOOP\r\n",
+        ] {
+            let mut w = watch();
+            w.from_app(line);
+            assert!(!w.following(), "{}", String::from_utf8_lossy(line));
+            w.from_server(b"a1 OK\r\n");
+            assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none());
+        }
+        let mut w = watch();
+        w.from_server(b"x OK unasked\r\n");
+        assert!(!w.following(), "a reply to nothing the watch saw");
+    }
+}
