@@ -4097,7 +4097,8 @@ fn gateway_imap_logout_is_taken_only_with_every_command_answered() {
                 let tag = format!("t{i}");
                 let command = match append {
                     Some(data) => {
-                        let mut c = format!("{tag} APPEND INBOX {{{}+}}\r\n", data.len()).into_bytes();
+                        let mut c =
+                            format!("{tag} APPEND INBOX {{{}+}}\r\n", data.len()).into_bytes();
                         c.extend_from_slice(data);
                         c.extend_from_slice(b"\r\n");
                         c
@@ -4111,7 +4112,9 @@ fn gateway_imap_logout_is_taken_only_with_every_command_answered() {
                 for n in 0..*untagged {
                     reply.extend_from_slice(format!("* {n} EXISTS\r\n").as_bytes());
                 }
-                reply.extend_from_slice(format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len()).as_bytes());
+                reply.extend_from_slice(
+                    format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                );
                 reply.extend_from_slice(body);
                 reply.extend_from_slice(b")\r\n");
                 let answered = i != last || last_answered;

@@ -216,15 +216,18 @@ async fn read_command(conn: &mut Conn) -> Result<Parsed, ReadError> {
     }
 }
 
+/// The greeting, with the capabilities before login.
+pub fn greeting(tls: &TlsState, hostname: &str) -> String {
+    format!(
+        "* OK [CAPABILITY {}] {hostname} ready\r\n",
+        capabilities(tls)
+    )
+}
+
 /// Serve one IMAP connection (the listener table's entry point).
 pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) {
     let mut conn = Conn::new(stream, source, tls, ctx.clone());
-    let greeting = format!(
-        "* OK [CAPABILITY {}] {} ready\r\n",
-        capabilities(&conn.tls),
-        ctx.hostname
-    );
-    if !conn.send(&greeting).await {
+    if !conn.tls.greeted && !conn.send(&greeting(&conn.tls, &ctx.hostname)).await {
         return;
     }
     let mut commands = 0usize;
@@ -549,6 +552,7 @@ mod tests {
             tls: false,
             starttls: None,
             plaintext_login: false,
+            greeted: false,
         };
         assert_eq!(capabilities(&plain), "IMAP4rev1 SASL-IR LOGINDISABLED");
         let tls = TlsState {

@@ -109,8 +109,10 @@ impl Scan {
                     .extend_from_slice(part.get(..room.min(part.len())).unwrap_or_default());
             }
             let keep = part.len().min(TAIL);
-            self.tail
-                .extend_from_slice(part.get(part.len().saturating_sub(keep)..).unwrap_or_default());
+            self.tail.extend_from_slice(
+                part.get(part.len().saturating_sub(keep)..)
+                    .unwrap_or_default(),
+            );
             let over = self.tail.len().saturating_sub(TAIL);
             self.tail.drain(..over);
             if !end {
@@ -344,13 +346,22 @@ mod tests {
     fn a_logout_behind_an_unanswered_command_is_relayed() {
         let mut w = watch();
         assert!(!w.app_chunk(b"a1 SELECT INBOX\r\n", true));
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "a1 not answered");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "a1 not answered"
+        );
         let mut w = watch();
         w.from_app(b"a1 SELECT INBOX\r\n");
         w.from_server(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 1] x\r\n");
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "untagged only");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "untagged only"
+        );
         w.from_server(b"a1 OK [READ-WRITE] Select completed\r\n");
-        assert!(w.would_take(b"a2 LOGOUT\r\n", false).is_none(), "reply not yet written");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", false).is_none(),
+            "reply not yet written"
+        );
         assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
     }
 
@@ -361,10 +372,16 @@ mod tests {
         assert_eq!(w.outstanding, 2);
         let mut w = watch();
         assert!(!w.app_chunk(b"a2 LOG", true));
-        assert!(w.would_take(b"OUT\r\n", true).is_none(), "not at a command boundary");
+        assert!(
+            w.would_take(b"OUT\r\n", true).is_none(),
+            "not at a command boundary"
+        );
         let mut w = watch();
         w.from_server(b"* 4 EXI");
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "server mid-line");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "server mid-line"
+        );
         assert!(w.would_take(b"a2 LOGOUT extra\r\n", true).is_none());
         assert!(w.would_take(b"a2 LOGOUT", true).is_none());
     }
@@ -382,9 +399,15 @@ mod tests {
             w.from_server(piece);
             assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none());
         }
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "FETCH line not ended");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "FETCH line not ended"
+        );
         w.from_server(b")\r\n");
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "a1 not answered");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "a1 not answered"
+        );
         w.from_server(b"a1 OK Fetch completed\r\n");
         assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
     }
@@ -408,7 +431,10 @@ mod tests {
         let mut w = watch();
         w.from_app(b"a1 IDLE\r\n");
         w.from_server(b"+ idling\r\n* 5 EXISTS\r\n");
-        assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none(), "IDLE still running");
+        assert!(
+            w.would_take(b"a2 LOGOUT\r\n", true).is_none(),
+            "IDLE still running"
+        );
         w.from_app(b"DONE\r\n");
         w.from_server(b"a1 OK Idle completed\r\n");
         assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));

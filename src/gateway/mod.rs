@@ -439,18 +439,25 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             let (stream, tls) = if port.implicit_tls {
+                let mut state = TlsState {
+                    tls: true,
+                    starttls: None,
+                    plaintext_login,
+                    greeted: false,
+                };
+                // The greeting goes out with the handshake (listen::early_greeting).
+                let greeting = listen::early_greeting(port.protocol, &state, &ctx.hostname);
+                state.greeted = greeting.is_some();
                 // Boxed, as each protocol's session below: the task keeps only what the phase it
                 // is in needs (an idle relayed session is small; docs/gateway.md "Capacity").
-                let handshake = Box::pin(acceptor.accept(tcp));
+                let handshake = Box::pin(acceptor.accept_with(tcp, |conn| {
+                    if let Some(greeting) = &greeting {
+                        // Buffered by rustls (far below its limit) until the keys are there.
+                        let _ = std::io::Write::write_all(&mut conn.writer(), greeting.as_bytes());
+                    }
+                }));
                 match tokio::time::timeout(ctx.bounds.pre_login_idle, handshake).await {
-                    Ok(Ok(tls)) => (
-                        ClientStream::Tls(Box::new(tls)),
-                        TlsState {
-                            tls: true,
-                            starttls: None,
-                            plaintext_login,
-                        },
-                    ),
+                    Ok(Ok(tls)) => (ClientStream::Tls(Box::new(tls)), state),
                     _ => {
                         ctx.metrics.closed(port.protocol, "tls");
                         return;
@@ -463,6 +470,7 @@ async fn accept_loop(
                         tls: false,
                         starttls: Some(acceptor),
                         plaintext_login,
+                        greeted: false,
                     },
                 )
             };

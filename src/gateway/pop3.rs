@@ -95,10 +95,15 @@ enum Outcome {
     LoggedIn(Box<(Conn, super::session::Authorized, upstream::Upstream)>),
 }
 
+/// The greeting.
+pub fn greeting(hostname: &str) -> String {
+    format!("+OK {hostname} ready\r\n")
+}
+
 /// Serve one POP3 connection (the listener table's entry point).
 pub async fn serve(stream: ClientStream, source: SocketAddr, tls: TlsState, ctx: Arc<Ctx>) {
     let mut conn = Conn::new(stream, source, tls, ctx.clone());
-    if !conn.send(&format!("+OK {} ready\r\n", ctx.hostname)).await {
+    if !conn.tls.greeted && !conn.send(&greeting(&ctx.hostname)).await {
         return;
     }
     // The name of USER, until PASS (RFC 1939), or STLS discards it (RFC 2595).

@@ -316,12 +316,12 @@ where
         // read is looked at; the other direction is not polled in between).
         let to_app_idle = me.to_app.pending.is_empty();
         let up = match me.watch.as_deref_mut() {
-            Some(watch) => me.to_upstream.poll_copy(
-                cx,
-                &mut *me.client,
-                &mut *me.upstream,
-                &mut |chunk| watch.app_chunk(chunk, to_app_idle),
-            )?,
+            Some(watch) => {
+                me.to_upstream
+                    .poll_copy(cx, &mut *me.client, &mut *me.upstream, &mut |chunk| {
+                        watch.app_chunk(chunk, to_app_idle)
+                    })?
+            }
             None => {
                 me.to_upstream
                     .poll_copy(cx, &mut *me.client, &mut *me.upstream, &mut |_| false)?
@@ -331,15 +331,13 @@ where
             return Poll::Ready(Ok(Finish::LoggedOut));
         }
         let down = match me.watch.as_deref_mut() {
-            Some(watch) => me.to_app.poll_copy(
-                cx,
-                &mut *me.upstream,
-                &mut *me.client,
-                &mut |chunk| {
-                    watch.from_server(chunk);
-                    false
-                },
-            )?,
+            Some(watch) => {
+                me.to_app
+                    .poll_copy(cx, &mut *me.upstream, &mut *me.client, &mut |chunk| {
+                        watch.from_server(chunk);
+                        false
+                    })?
+            }
             None => me
                 .to_app
                 .poll_copy(cx, &mut *me.upstream, &mut *me.client, &mut |_| false)?,

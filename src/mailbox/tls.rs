@@ -39,7 +39,10 @@ pub(crate) fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, M
 pub(crate) fn client_config(
     extra_cas: &[CertificateDer<'static>],
 ) -> Result<Arc<ClientConfig>, MailboxError> {
-    client_config_with(Arc::new(rustls::crypto::ring::default_provider()), extra_cas)
+    client_config_with(
+        Arc::new(rustls::crypto::ring::default_provider()),
+        extra_cas,
+    )
 }
 
 /// [`client_config`] with the cipher suites of `provider` (the gateway's order).

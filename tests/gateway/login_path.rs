@@ -77,7 +77,12 @@ async fn logged_in(w: &World, gw: &Gateway) -> Conn {
     conn.read_line(&mut greeting).await.unwrap();
     assert!(greeting.starts_with("* OK"), "{greeting}");
     let user = w.user("inbox", "helpdesk");
-    let answer = command(&mut conn, &format!("a LOGIN \"{user}\" \"{PASSWORD}\"\r\n"), "a").await;
+    let answer = command(
+        &mut conn,
+        &format!("a LOGIN \"{user}\" \"{PASSWORD}\"\r\n"),
+        "a",
+    )
+    .await;
     assert!(answer.contains("a OK"), "{answer}");
     conn
 }
@@ -159,7 +164,11 @@ async fn a_logout_with_nothing_outstanding_is_answered_by_the_gateway_and_logged
 
     // IDLE, then DONE and its reply, then LOGOUT: answered here too.
     let mut conn = logged_in(&w, &gw).await;
-    assert!(command(&mut conn, "c SELECT INBOX\r\n", "c").await.contains("c OK"));
+    assert!(
+        command(&mut conn, "c SELECT INBOX\r\n", "c")
+            .await
+            .contains("c OK")
+    );
     conn.get_mut().write_all(b"i IDLE\r\n").await.unwrap();
     let mut line = String::new();
     conn.read_line(&mut line).await.unwrap();
@@ -191,7 +200,8 @@ async fn a_logout_with_nothing_outstanding_is_answered_by_the_gateway_and_logged
 async fn a_logout_behind_unanswered_commands_is_relayed_after_their_answers() {
     let w = world("gw-logout-relayed").await;
     for i in 0..20 {
-        w.dovecot.deliver(MAILBOX, &message(&format!("relayed-{i}")));
+        w.dovecot
+            .deliver(MAILBOX, &message(&format!("relayed-{i}")));
     }
     let gw = w.gateway("gateway", &[]);
 
@@ -204,12 +214,19 @@ async fn a_logout_behind_unanswered_commands_is_relayed_after_their_answers() {
     let rest = to_the_end(&mut conn).await;
     let noop = rest.find("x1 OK").unwrap_or(usize::MAX);
     let bye = rest.find("* BYE").unwrap_or(usize::MAX);
-    assert!(noop < bye && rest.contains("x2 OK Logout completed ("), "{rest}");
+    assert!(
+        noop < bye && rest.contains("x2 OK Logout completed ("),
+        "{rest}"
+    );
 
     // A FETCH of every message, and LOGOUT written at once behind it (its own write): FETCH's
     // whole answer comes first, whichever way the gateway answers LOGOUT.
     let mut conn = logged_in(&w, &gw).await;
-    assert!(command(&mut conn, "c SELECT INBOX\r\n", "c").await.contains("c OK"));
+    assert!(
+        command(&mut conn, "c SELECT INBOX\r\n", "c")
+            .await
+            .contains("c OK")
+    );
     conn.get_mut()
         .write_all(b"f FETCH 1:* (BODY.PEEK[])\r\n")
         .await
@@ -277,4 +294,85 @@ async fn both_tls_sessions_of_a_login_use_aes_128_gcm_sha256() {
         tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
         Some(CipherSuite::TLS13_AES_128_GCM_SHA256)
     );
+}
+
+/// What a TLS client reads from `port` once its own handshake is done but before its `Finished`
+/// reaches the server (it is never sent): a server that greets only after checking the client's
+/// `Finished` sends nothing then.
+fn greeting_before_the_client_finished(port: u16, ca_pem: &[u8]) -> String {
+    use std::io::Read;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tls =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // The ClientHello only.
+    tls.write_tls(&mut tcp).unwrap();
+    let mut got = Vec::new();
+    loop {
+        match tls.read_tls(&mut tcp) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        tls.process_new_packets().unwrap();
+        let mut buf = [0u8; 512];
+        if let Ok(n) = tls.reader().read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"\r\n") {
+                break;
+            }
+        }
+    }
+    assert!(
+        !tls.is_handshaking(),
+        "the client's side of the handshake completed"
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_greeting_of_an_implicit_tls_port_comes_with_the_handshake() {
+    let w = world("gw-early-greeting").await;
+    let gw = w.gateway("gateway", &[]);
+    let ca = std::fs::read(&gw.ca_path).unwrap();
+    let (imaps, pop3s) = (gw.imaps_port, gw.pop3s_port);
+    let ca2 = ca.clone();
+    let imap =
+        tokio::task::spawn_blocking(move || greeting_before_the_client_finished(imaps, &ca2))
+            .await
+            .unwrap();
+    assert_eq!(
+        imap,
+        "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] gateway.test ready\r\n"
+    );
+    let pop3 = tokio::task::spawn_blocking(move || greeting_before_the_client_finished(pop3s, &ca))
+        .await
+        .unwrap();
+    assert_eq!(pop3, "+OK gateway.test ready\r\n");
+    // Sent once: a client that completes its handshake reads the greeting, then the answer to
+    // its first command (the gateway's own, before login).
+    let mut conn = tls_connect(gw.imaps_port, &std::fs::read(&gw.ca_path).unwrap()).await;
+    let mut greeting = String::new();
+    conn.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("* OK [CAPABILITY"), "{greeting}");
+    let noop = command(&mut conn, "n NOOP\r\n", "n").await;
+    assert_eq!(noop, "n OK NOOP completed\r\n");
+    // POP3 with curl (STLS-free, implicit TLS) and IMAP with imaplib: real clients read it.
+    let user = w.user("inbox", "helpdesk");
+    let (ok, out) = imaplib(&gw, gw.imaps_port, &user, PASSWORD, "ssl").await;
+    assert!(ok, "{out}");
+    let url = format!("pop3s://localhost:{}/", gw.pop3s_port);
+    let (ok, out) = run("curl", &curl_args(&gw, &format!("{user}:{PASSWORD}"), &url)).await;
+    assert!(ok, "{out}");
 }
