@@ -11,10 +11,10 @@
 //!
 //! "Nothing else outstanding" is decided from the bytes the relay passes, conservatively:
 //! [`LogoutWatch`] follows both directions' message boundaries (lines, and literals `{n}`/`{n+}`,
-//! whose contents are skipped, so mail content cannot fake a reply) and counts the app's commands
-//! against the server's tagged replies. LOGOUT is answered here only when it arrives as one whole
-//! read, at a command boundary, with every earlier command answered and the server's side at a
-//! reply boundary. Whenever the watch cannot be sure (a synchronizing literal, which the server
+//! whose contents are skipped, so mail content cannot fake a reply) and matches the app's commands
+//! with the server's tagged replies by tag (a reply it cannot place stops the watch). LOGOUT is
+//! answered here only when it arrives as one whole read, at a command boundary, with every earlier
+//! command answered and the server's side at a reply boundary. Whenever the watch cannot be sure (a synchronizing literal, which the server
 //! may refuse; COMPRESS, after which the bytes are not lines; a line it cannot read as a command),
 //! it stops watching and the session's LOGOUT is relayed as before, for the rest of the session.
 //!
@@ -159,18 +159,22 @@ fn is_tag(tag: &[u8]) -> bool {
             .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(b))
 }
 
+/// Commands the app may have outstanding while the watch follows; past it (an app pipelining
+/// without reading) the watch stops.
+const MAX_OUTSTANDING: usize = 64;
+
 /// What an app's command line (its first line) means for the watch.
 #[derive(Debug, PartialEq, Eq)]
-enum AppLine {
-    /// A command: the server will answer it with a tagged reply.
-    Command,
+enum AppLine<'a> {
+    /// A command (its tag): the server will answer it with a reply of that tag.
+    Command(&'a [u8]),
     /// `DONE`, ending IDLE: no reply of its own (IDLE's tagged reply follows it).
     Done,
     /// Something after which the bytes cannot be followed, or not a command.
     Unknown,
 }
 
-fn app_line(head: &[u8]) -> AppLine {
+fn app_line(head: &[u8]) -> AppLine<'_> {
     let line = head
         .strip_suffix(b"\r\n")
         .or_else(|| head.strip_suffix(b"\n"))
@@ -193,7 +197,36 @@ fn app_line(head: &[u8]) -> AppLine {
     if changes_stream {
         AppLine::Unknown
     } else {
-        AppLine::Command
+        AppLine::Command(tag)
+    }
+}
+
+/// What a server's reply (its first line) means for the watch.
+#[derive(Debug, PartialEq, Eq)]
+enum ServerLine<'a> {
+    /// Untagged data or a continuation request.
+    Untagged,
+    /// The completion of the command of this tag (`OK`, `NO` or `BAD`).
+    Tagged(&'a [u8]),
+    /// Not a reply the watch can place.
+    Unknown,
+}
+
+fn server_line(head: &[u8]) -> ServerLine<'_> {
+    if matches!(head.first(), Some(b'*' | b'+')) {
+        return ServerLine::Untagged;
+    }
+    let mut words = head.split(|b| matches!(b, b' ' | b'\r' | b'\n'));
+    let (Some(tag), Some(status)) = (words.next(), words.next()) else {
+        return ServerLine::Unknown;
+    };
+    let done = ["OK", "NO", "BAD"]
+        .iter()
+        .any(|w| status.eq_ignore_ascii_case(w.as_bytes()));
+    if is_tag(tag) && done {
+        ServerLine::Tagged(tag)
+    } else {
+        ServerLine::Unknown
     }
 }
 
@@ -210,8 +243,9 @@ fn logout_tag(chunk: &[u8]) -> Option<&str> {
 /// doc). Pure: fed the bytes, it decides; the relay acts.
 #[derive(Default)]
 pub struct LogoutWatch {
-    /// The app's commands the server has not answered yet.
-    outstanding: u32,
+    /// The tags of the app's commands the server has not answered yet (at most
+    /// [`MAX_OUTSTANDING`]; empty, and no allocation, when nothing is outstanding).
+    outstanding: Vec<Box<[u8]>>,
     app: Scan,
     server: Scan,
     /// The watch could not follow the session: never answer a LOGOUT here again.
@@ -243,13 +277,19 @@ impl LogoutWatch {
         let outstanding = &mut self.outstanding;
         let mut lost = false;
         let mut message = |head: &[u8]| {
-            match head.first() {
-                Some(b'*' | b'+') => {}
-                _ => match outstanding.checked_sub(1) {
-                    Some(n) => *outstanding = n,
-                    // A tagged reply to no command the watch saw.
+            match server_line(head) {
+                ServerLine::Untagged => {}
+                ServerLine::Tagged(tag) => match outstanding.iter().position(|t| **t == *tag) {
+                    Some(i) => {
+                        outstanding.remove(i);
+                        if outstanding.is_empty() {
+                            *outstanding = Vec::new();
+                        }
+                    }
+                    // A reply to no command the watch saw.
                     None => lost = true,
                 },
+                ServerLine::Unknown => lost = true,
             }
             !lost
         };
@@ -268,10 +308,10 @@ impl LogoutWatch {
         let mut message = |head: &[u8]| {
             match app_line(head) {
                 AppLine::Done => {}
-                AppLine::Command => match outstanding.checked_add(1) {
-                    Some(n) => *outstanding = n,
-                    None => lost = true,
-                },
+                AppLine::Command(tag) if outstanding.len() < MAX_OUTSTANDING => {
+                    outstanding.push(tag.into());
+                }
+                AppLine::Command(_) => lost = true,
                 AppLine::Unknown => lost = true,
             }
             !lost
@@ -300,7 +340,7 @@ impl LogoutWatch {
     pub fn would_take<'c>(&self, chunk: &'c [u8], to_app_idle: bool) -> Option<&'c str> {
         let quiet = !self.lost
             && to_app_idle
-            && self.outstanding == 0
+            && self.outstanding.is_empty()
             && self.app.at_boundary()
             && self.server.at_boundary();
         quiet.then(|| logout_tag(chunk)).flatten()
@@ -369,7 +409,7 @@ mod tests {
     fn pipelined_or_split_logouts_are_relayed() {
         let mut w = watch();
         assert!(!w.app_chunk(b"a1 NOOP\r\na2 LOGOUT\r\n", true));
-        assert_eq!(w.outstanding, 2);
+        assert_eq!(w.outstanding.len(), 2);
         let mut w = watch();
         assert!(!w.app_chunk(b"a2 LOG", true));
         assert!(
@@ -416,7 +456,7 @@ mod tests {
     fn non_synchronizing_literals_are_followed_synchronizing_ones_stop_the_watch() {
         let mut w = watch();
         w.from_app(b"a1 APPEND INBOX {10+}\r\nb LOGOUT\r\n\r\n");
-        assert_eq!(w.outstanding, 1);
+        assert_eq!(w.outstanding.len(), 1);
         w.from_server(b"a1 OK Append completed\r\n");
         assert!(w.app_chunk(b"a2 LOGOUT\r\n", true));
         let mut w = watch();
@@ -453,5 +493,18 @@ mod tests {
         let mut w = watch();
         w.from_server(b"x OK unasked\r\n");
         assert!(!w.following(), "a reply to nothing the watch saw");
+        for reply in [&b"b OK not a1's\r\n"[..], b"\r\n", b"a1 MAYBE\r\n"] {
+            let mut w = watch();
+            w.from_app(b"a1 NOOP\r\n");
+            w.from_server(reply);
+            assert!(!w.following(), "{}", String::from_utf8_lossy(reply));
+        }
+        let mut w = watch();
+        for i in 0..MAX_OUTSTANDING {
+            w.from_app(format!("p{i} NOOP\r\n").as_bytes());
+        }
+        assert!(w.following());
+        w.from_app(b"q NOOP\r\n");
+        assert!(!w.following(), "too many outstanding");
     }
 }
