@@ -132,7 +132,9 @@ impl Scan {
                 }
                 None => {
                     let go_on = message(&self.head);
-                    self.head.clear();
+                    // Between messages (where an idle session waits) nothing is kept.
+                    self.head = Vec::new();
+                    self.tail = Vec::new();
                     self.head_done = false;
                     self.open = false;
                     if !go_on {
