@@ -94,6 +94,19 @@ pub fn joins(refreshed: bool, known: bool, wait: Duration) -> bool {
     refreshed && !known && !wait.is_zero()
 }
 
+/// What a check started in the background holds until it runs (see [`MailboxChecker::background`]).
+struct Queued {
+    namespace: String,
+    targets: Vec<CheckTarget>,
+    token: SecretValue,
+    spec: Box<crate::api::MailIntegrationSpec>,
+    key: String,
+    fingerprint: String,
+    ca: Option<Vec<u8>>,
+    /// Where the result goes when a refresh waits for it.
+    tx: Option<tokio::sync::oneshot::Sender<MailboxState>>,
+}
+
 /// A check started in the background: its result when the caller may wait for it, with the join
 /// slot the waiting holds.
 type Started = Option<(
@@ -369,31 +382,60 @@ impl MailboxChecker {
             }
             None => (None, None),
         };
-        let this = self.clone();
-        let token = token.clone();
-        let spec = mi.spec.clone();
-        tokio::spawn(async move {
-            if let Some(_permit) = this.permits.acquire(&namespace).await {
-                let state = this.check_all(&targets, &token, extra_ca_pem).await;
-                let state = explain_app_only(&spec, state);
-                this.count(&state);
-                this.cache.locked().insert(
-                    key.clone(),
-                    Cached {
-                        token: fingerprint,
-                        at: Timestamp::now(),
-                        state: state.clone(),
-                    },
-                );
-                if let Some(tx) = tx {
-                    // The waiter may have given up: the result is in the cache for `done`'s.
-                    let _ = tx.send(state);
-                }
-            }
-            this.running.locked().remove(&key);
-            done();
-        });
+        tokio::spawn(self.clone().background(
+            Queued {
+                namespace,
+                targets,
+                token: token.clone(),
+                spec: Box::new(mi.spec.clone()),
+                key,
+                fingerprint,
+                ca: extra_ca_pem,
+                tx,
+            },
+            done,
+        ));
         started
+    }
+
+    /// A check started by [`Self::spawn_check`]: waits for its permit, checks, keeps the result,
+    /// hands it to a waiting refresh and calls `done`. What it holds while queued is its inputs
+    /// only (the protocol's state is boxed inside [`mailbox::check`]): at 10,000 integrations
+    /// whose checks queue behind the permits, each queued check is a task of this future's size.
+    async fn background(
+        self: std::sync::Arc<Self>,
+        q: Queued,
+        done: impl FnOnce() + Send + 'static,
+    ) {
+        let Queued {
+            namespace,
+            targets,
+            token,
+            spec,
+            key,
+            fingerprint,
+            ca,
+            tx,
+        } = q;
+        if let Some(_permit) = self.permits.acquire(&namespace).await {
+            let state = self.check_all(&targets, &token, ca).await;
+            let state = explain_app_only(&spec, state);
+            self.count(&state);
+            self.cache.locked().insert(
+                key.clone(),
+                Cached {
+                    token: fingerprint,
+                    at: Timestamp::now(),
+                    state: state.clone(),
+                },
+            );
+            if let Some(tx) = tx {
+                // The waiter may have given up: the result is in the cache for `done`'s.
+                let _ = tx.send(state);
+            }
+        }
+        self.running.locked().remove(&key);
+        done();
     }
 
     fn count(&self, state: &MailboxState) {

@@ -411,3 +411,33 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
     assert!(joins(true, false, DEFAULT_JOIN_WAIT));
     assert!(!joins(false, false, DEFAULT_JOIN_WAIT) && !joins(true, true, DEFAULT_JOIN_WAIT));
 }
+
+/// A check queued behind the permits is a task of `background`'s future size: it must hold its
+/// inputs, not the protocol's state (TLS, buffers), which is allocated when it runs. At 10,000
+/// integrations onboarded at once, 10,000 checks queue: 10 KiB each was 100 MiB of the operator's
+/// memory limit.
+#[tokio::test]
+async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
+    let mi = on_loopback(143);
+    let c = checker(1, Duration::from_secs(1));
+    let queued = Queued {
+        namespace: "ns".into(),
+        targets: targets(&mi),
+        token: SecretValue::new("access"),
+        spec: Box::new(mi.spec.clone()),
+        key: "u".into(),
+        fingerprint: "f".into(),
+        ca: None,
+        tx: None,
+    };
+    let task = c.clone().background(queued, || {});
+    let size = std::mem::size_of_val(&task);
+    assert!(
+        size <= 1536,
+        "a queued check's task is {size} bytes: the protocol's state is inlined (box it)"
+    );
+    let (servers, token) = (targets(&mi), SecretValue::new("access"));
+    let check = c.check_all(&servers, &token, None);
+    let size = std::mem::size_of_val(&check);
+    assert!(size <= 1024, "check_all's future is {size} bytes");
+}
