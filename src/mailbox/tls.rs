@@ -115,9 +115,15 @@ pub(crate) async fn connect(
     if addrs.is_empty() {
         return Err(unreachable(&"the name resolves to no address"));
     }
-    TcpStream::connect(addrs.as_slice())
+    let tcp = TcpStream::connect(addrs.as_slice())
         .await
-        .map_err(|e| unreachable(&e))
+        .map_err(|e| unreachable(&e))?;
+    // Commands go out as soon as they are written. async-imap writes a command in four pieces
+    // (tag, space, command, line end); with Nagle's algorithm the later pieces wait for the
+    // server's delayed ACK of the first (40 ms on Linux), for each command: a check against a
+    // loopback server that answers at once took 91 ms instead of 1.7.
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The rustls error somewhere in an error's chain (an `io::Error` hides it behind `get_ref`).
@@ -250,5 +256,17 @@ mod tests {
             parse_ca_pem(b"not pem"),
             Err(MailboxError::Tls { .. })
         ));
+    }
+
+    /// The connection to a mail server sends each write at once (no Nagle): async-imap writes a
+    /// command in four pieces, and with Nagle each command waited 40 ms for the server's delayed
+    /// ACK (a check against a loopback server: 91 ms instead of 1.7).
+    #[tokio::test]
+    async fn the_connection_to_a_mail_server_does_not_wait_to_coalesce_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let allowed = super::super::allowed::AllowedHosts::with_defaults([]).with_loopback();
+        let tcp = connect("127.0.0.1", port, Some(&allowed)).await.unwrap();
+        assert!(tcp.nodelay().unwrap(), "TCP_NODELAY is not set");
     }
 }
