@@ -77,6 +77,9 @@ pub struct MailboxChecker {
     join_wait: Duration,
     /// The reconciles that may wait for a check at once (as many as the checks that run at once).
     join_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Of the join slots, one namespace takes at most its share (`--max-namespace-share`), so
+    /// that one tenant's slow mail servers cannot hold every waiting reconcile.
+    join_share: std::sync::Arc<super::share::NamespaceShare>,
     metrics: std::sync::Arc<Metrics>,
     allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
@@ -111,7 +114,7 @@ struct Queued {
 /// slot the waiting holds.
 type Started = Option<(
     tokio::sync::oneshot::Receiver<MailboxState>,
-    tokio::sync::OwnedSemaphorePermit,
+    (tokio::sync::OwnedSemaphorePermit, super::share::SharePermit),
 )>;
 
 impl MailboxChecker {
@@ -126,6 +129,10 @@ impl MailboxChecker {
             timeout,
             join_wait: DEFAULT_JOIN_WAIT,
             join_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            join_share: super::share::NamespaceShare::new(super::share::share_of(
+                concurrency,
+                super::share::DEFAULT_MAX_NAMESPACE_SHARE,
+            )),
             metrics,
             allowed: Default::default(),
         }
@@ -138,6 +145,8 @@ impl MailboxChecker {
             super::share::share_of(concurrency.max(1), percent),
         );
         self.join_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        self.join_share =
+            super::share::NamespaceShare::new(super::share::share_of(concurrency.max(1), percent));
         self
     }
 
@@ -373,7 +382,11 @@ impl MailboxChecker {
         }
         let namespace = mi.namespace().unwrap_or_default();
         let slot = join
-            .then(|| self.join_slots.clone().try_acquire_owned().ok())
+            .then(|| {
+                let share = self.join_share.try_take(&namespace)?;
+                let slot = self.join_slots.clone().try_acquire_owned().ok()?;
+                Some((slot, share))
+            })
             .flatten();
         let (tx, started) = match slot {
             Some(slot) => {

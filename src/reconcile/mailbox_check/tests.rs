@@ -441,3 +441,60 @@ async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
     let size = std::mem::size_of_val(&check);
     assert!(size <= 1024, "check_all's future is {size} bytes");
 }
+
+/// Of the join slots, one namespace takes at most its share: a tenant whose mail servers are slow
+/// holds at most that many waiting reconciles, and another namespace's first refresh still waits
+/// for its check.
+#[tokio::test]
+async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
+    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
+    let now = Timestamp::now();
+    let valid = Some((token, now + SignedDuration::from_hours(1)));
+    let slow_port = imap_after(Duration::from_secs(3)).await;
+    let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
+    // Four join slots, half of them for one namespace.
+    let c = std::sync::Arc::new(
+        MailboxChecker::new(4, Duration::from_secs(5), Default::default())
+            .with_namespace_share(4, 50)
+            .with_allowed_hosts(allowed)
+            .with_join_wait(Duration::from_millis(1500)),
+    );
+    let joined = |mi: MailIntegration| {
+        let c = c.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let state = c.state_joined(&mi, valid, None, now, true, || {}).await;
+            (state, started.elapsed())
+        }
+    };
+    let slow = |i: usize| {
+        let mut mi = on_loopback(slow_port);
+        mi.metadata.uid = Some(format!("slow-{i}"));
+        mi
+    };
+    // Namespace "ns": two refreshes wait for their slow checks ...
+    let waiting = [tokio::spawn(joined(slow(0))), tokio::spawn(joined(slow(1)))];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... a third of the same namespace does not (its share is taken) ...
+    let (state, took) = joined(slow(2)).await;
+    assert_eq!(state, None);
+    assert!(
+        took < Duration::from_millis(500),
+        "waited {took:?} over its share"
+    );
+    // ... and another namespace's refresh still gets a slot and its result.
+    let mut other = on_loopback(imap_after(Duration::ZERO).await);
+    other.metadata.namespace = Some("other".into());
+    let (state, took) = joined(other).await;
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?} after {took:?}"
+    );
+    for w in waiting {
+        assert_eq!(
+            w.await.unwrap().0,
+            None,
+            "the slow check outlasted the wait"
+        );
+    }
+}
