@@ -879,6 +879,24 @@ async fn run(n: usize, raw_limit_writes_per_s: f64, mode: Mode, provider: Provid
         (first.reads + first.writes) / n as f64,
     );
     out.fig("first_refresh_token_requests", first_tokens);
+    // The operator's own count of its reads, by object: which reads the API server's count holds.
+    for object in [
+        "integration",
+        "grant_secret",
+        "token_secret",
+        "client_secret",
+        "ca_secret",
+    ] {
+        let reads = op
+            .metric(&format!(
+                r#"mailintegration_api_reads_total{{object="{object}"}}"#
+            ))
+            .unwrap_or(0.0);
+        out.fig(
+            &format!("first_refresh_operator_reads_per_integration{{{object}}}"),
+            reads / n as f64,
+        );
+    }
 
     // 6. Lateness at a realistic load: those 10-minute tokens, refreshBefore 1m, jitter on, over
     // two refresh cycles (counted at the token endpoint; the lateness of each refresh the bench's
