@@ -141,7 +141,7 @@ struct RunArgs {
     min_refresh_interval: std::time::Duration,
     /// The percentage of the reconciles (--concurrency) that one namespace may have waiting for
     /// providers (token, discovery and revocation requests) at once, of the mailbox checks that
-    /// run at once (8) and of the template renderers that run at once (2): a namespace whose
+    /// run at once (--mailbox-check-concurrency) and of the template renderers that run at once (2): a namespace whose
     /// servers or templates are slow keeps the rest free for the others. Calls over it are
     /// deferred by a few seconds. 100: no per-namespace limit.
     #[arg(long, env = "MIO_MAX_NAMESPACE_SHARE", default_value_t = mail_integration_operator::reconcile::share::DEFAULT_MAX_NAMESPACE_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
@@ -173,11 +173,18 @@ struct RunArgs {
     mailbox_allowed_hosts: Vec<String>,
     /// How long a first refresh's status write waits for the mailbox check the new token makes due
     /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
-    /// status write. Only while no result is known, and at most 8 refreshes wait at once (the
-    /// others do not wait); a slower check reports in a status write of its own, so Ready is late
+    /// status write. Only while no result is known, and at most half --mailbox-check-concurrency
+    /// refreshes wait at once (the others do not wait); a slower check reports in a status write of its own, so Ready is late
     /// by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
+    /// Mailbox checks that run at once (each a connection and a login to a mail server, at most
+    /// 10 s); half as many first refreshes may wait for theirs (--mailbox-check-wait). One
+    /// namespace runs at most its share (--max-namespace-share). Raise it when many integrations
+    /// start at once against slow mail servers: a check a refresh cannot wait for reports in a
+    /// status write of its own.
+    #[arg(long, env = "MIO_MAILBOX_CHECK_CONCURRENCY", default_value_t = mail_integration_operator::reconcile::mailbox_check::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=256))]
+    mailbox_check_concurrency: u16,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
     /// or a proxy). Off: such an integration is refused with EndpointOverrideNotAllowed.
     #[arg(long, env = "MIO_ALLOW_ENDPOINT_OVERRIDES")]
@@ -430,11 +437,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(hosts = %allowed.describe(), "mail hosts the mailbox check may connect to");
     ctx.mailbox = Arc::new(
         mail_integration_operator::reconcile::mailbox_check::MailboxChecker::new(
-            8,
+            usize::from(args.mailbox_check_concurrency),
             mail_integration_operator::mailbox::DEFAULT_TIMEOUT,
             ctx.metrics.clone(),
         )
-        .with_namespace_share(8, args.max_namespace_share)
+        .with_namespace_share(
+            usize::from(args.mailbox_check_concurrency),
+            args.max_namespace_share,
+        )
         .with_allowed_hosts(allowed)
         .with_join_wait(args.mailbox_check_wait),
     );

@@ -98,7 +98,7 @@ impl Context {
         };
         Self {
             mailbox: Arc::new(MailboxChecker::new(
-                8,
+                usize::from(super::mailbox_check::DEFAULT_CONCURRENCY),
                 crate::mailbox::DEFAULT_TIMEOUT,
                 metrics.clone(),
             )),

@@ -84,6 +84,19 @@ pub struct MailboxChecker {
     allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
 
+/// The default of `--mailbox-check-concurrency`: checks are a connection and a login each, mostly
+/// waiting for the mail server; 32 at once keep up with the first refreshes of 10,000 integrations
+/// started at once (benches/README.md), and each goes to a different mailbox.
+pub const DEFAULT_CONCURRENCY: u16 = 32;
+
+/// How many reconciles may wait for their check at once (the join slots): half the checks that
+/// run at once (at least one), so that checks the waiting reconciles did not start still find
+/// permits, and at the default 16 of the 32 reconcile workers at most wait, each at most the join
+/// wait.
+pub fn join_slots(concurrency: usize) -> usize {
+    (concurrency / 2).max(1)
+}
+
 /// The default of `--mailbox-check-wait`: long enough for a mail server that answers (a check is
 /// a TLS connection and three commands), short enough that a slow one delays Ready by little.
 pub const DEFAULT_JOIN_WAIT: Duration = Duration::from_secs(3);
@@ -128,9 +141,9 @@ impl MailboxChecker {
             running: Mutex::default(),
             timeout,
             join_wait: DEFAULT_JOIN_WAIT,
-            join_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            join_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(join_slots(concurrency))),
             join_share: super::share::NamespaceShare::new(super::share::share_of(
-                concurrency,
+                join_slots(concurrency),
                 super::share::DEFAULT_MAX_NAMESPACE_SHARE,
             )),
             metrics,
@@ -144,9 +157,11 @@ impl MailboxChecker {
             concurrency,
             super::share::share_of(concurrency.max(1), percent),
         );
-        self.join_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-        self.join_share =
-            super::share::NamespaceShare::new(super::share::share_of(concurrency.max(1), percent));
+        self.join_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(join_slots(concurrency)));
+        self.join_share = super::share::NamespaceShare::new(super::share::share_of(
+            join_slots(concurrency),
+            percent,
+        ));
         self
     }
 

@@ -319,13 +319,17 @@ fn mailbox_condition(mi: &mail_integration_operator::api::MailIntegration) -> Op
 }
 
 /// A namespace whose mail server never answers runs at most its share of the mailbox checks (4 of
-/// the 8 that run at once): another namespace's check runs at once (main: it queued behind the
+/// the 8 that run at once, `--mailbox-check-concurrency=8`): another namespace's check runs at once (main: it queued behind the
 /// first namespace's twelve checks of 10 s each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_whose_mail_server_hangs_does_not_hold_the_other_namespaces_checks() {
     let env = Env::new("cap-mail", support::oauth::with_token_ttl(600)).await;
     let other = Env::new("cap-mail-other", support::oauth::with_token_ttl(600)).await;
-    let op = env.operator_with("operator", &["--namespace", &other.ns]);
+    // 8 checks at once (the default is 32): twelve silent checks are then more than the share.
+    let op = env.operator_with(
+        "operator",
+        &["--namespace", &other.ns, "--mailbox-check-concurrency=8"],
+    );
     let (port, accepted) = silent_mail_server();
 
     env.client_secret(env.server.client_secret()).await;

@@ -452,10 +452,10 @@ async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
     let valid = Some((token, now + SignedDuration::from_hours(1)));
     let slow_port = imap_after(Duration::from_secs(3)).await;
     let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
-    // Four join slots, half of them for one namespace.
+    // Eight checks at once, so four join slots, half of them for one namespace.
     let c = std::sync::Arc::new(
-        MailboxChecker::new(4, Duration::from_secs(5), Default::default())
-            .with_namespace_share(4, 50)
+        MailboxChecker::new(8, Duration::from_secs(5), Default::default())
+            .with_namespace_share(8, 50)
             .with_allowed_hosts(allowed)
             .with_join_wait(Duration::from_millis(1500)),
     );
