@@ -23,11 +23,15 @@ pub async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token(dep
     force_refresh(&env, "inbox").await;
     wait_refresh_requests(&env, n + 1, Duration::from_secs(20), &op).await;
     let marked = grant_secret(&env, "inbox").await;
-    assert!(
-        mark(&marked).is_some(),
-        "the grant is marked while its refresh is in flight: {:?}",
-        marked.metadata.annotations
-    );
+    // The draining operator's mark: its first word names the process.
+    let holder = mark(&marked)
+        .and_then(|m| m.split(' ').next().map(str::to_owned))
+        .unwrap_or_else(|| {
+            panic!(
+                "the grant is marked while its refresh is in flight: {:?}",
+                marked.metadata.annotations
+            )
+        });
     signal(&op, "TERM");
     let took = wait_exit(&mut op, Duration::from_secs(45));
     env.proxy.clear_fault();
@@ -38,7 +42,17 @@ pub async fn sigterm_during_a_refresh_drains_it_and_stores_the_rotated_token(dep
         "the rotated refresh token was stored before the exit:\n{}",
         tail(&op.log(), 30)
     );
-    assert_eq!(mark(&after), None, "the mark is gone with the store");
+    // The draining operator took its mark off with the store. With leader election the standby
+    // leads once the Lease is released and may have marked a refresh of its own since (the
+    // refresh request the drained operator stored but did not report handled): only a mark of
+    // the drained operator's is wrong (as after an outage, tests/faults/leader.rs).
+    let left = mark(&after);
+    assert!(
+        left.as_deref()
+            .is_none_or(|m| !m.starts_with(&format!("{holder} "))),
+        "the mark is gone with the store: {left:?}\n{}",
+        tail(&op.log(), 30)
+    );
     let log = op.log();
     assert!(
         log.contains("letting running refreshes store"),
