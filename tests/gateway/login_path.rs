@@ -40,20 +40,23 @@ fn gateway_answer(tag: &str) -> String {
     format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n")
 }
 
-/// A TLS connection to `port` trusting the CA in `ca_pem`, with rustls' defaults (its client
-/// offers TLS_AES_256_GCM_SHA384 first).
-async fn tls_connect(port: u16, ca_pem: &[u8]) -> Conn {
+/// rustls' default client configuration (ring) trusting only the CA in `ca_pem`.
+fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// A TLS connection to `port` trusting the CA in `ca_pem`, with rustls' defaults (its client
+/// offers TLS_AES_256_GCM_SHA384 first).
+async fn tls_connect(port: u16, ca_pem: &[u8]) -> Conn {
+    let config = client_config(ca_pem);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -301,17 +304,7 @@ async fn both_tls_sessions_of_a_login_use_aes_128_gcm_sha256() {
 /// `Finished` sends nothing then.
 fn greeting_before_the_client_finished(port: u16, ca_pem: &[u8]) -> String {
     use std::io::Read;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = client_config(ca_pem);
     let mut tls =
         rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
             .unwrap();
