@@ -141,9 +141,9 @@ struct RunArgs {
     min_refresh_interval: std::time::Duration,
     /// The percentage of the reconciles (--concurrency) that one namespace may have waiting for
     /// providers (token, discovery and revocation requests) at once, of the mailbox checks that
-    /// run at once (--mailbox-check-concurrency) and of the template renderers that run at once (2): a namespace whose
-    /// servers or templates are slow keeps the rest free for the others. Calls over it are
-    /// deferred by a few seconds. 100: no per-namespace limit.
+    /// run at once (--mailbox-check-concurrency) and of the template renderers that run at once
+    /// (2): a namespace whose servers or templates are slow keeps the rest free for the others.
+    /// Calls over it are deferred by a few seconds. 100: no per-namespace limit.
     #[arg(long, env = "MIO_MAX_NAMESPACE_SHARE", default_value_t = mail_integration_operator::reconcile::share::DEFAULT_MAX_NAMESPACE_SHARE, value_parser = clap::value_parser!(u8).range(1..=100))]
     max_namespace_share: u8,
     /// Log format.
@@ -174,8 +174,8 @@ struct RunArgs {
     /// How long a first refresh's status write waits for the mailbox check the new token makes due
     /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
     /// status write. Only while no result is known, and at most half --mailbox-check-concurrency
-    /// refreshes wait at once (the others do not wait); a slower check reports in a status write of its own, so Ready is late
-    /// by at most this.
+    /// refreshes wait at once (the others do not wait); a slower check reports in a status write
+    /// of its own, so Ready is late by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
     /// Mailbox checks that run at once (each a connection and a login to a mail server, at most
@@ -441,10 +441,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             mail_integration_operator::mailbox::DEFAULT_TIMEOUT,
             ctx.metrics.clone(),
         )
-        .with_namespace_share(
-            usize::from(args.mailbox_check_concurrency),
-            args.max_namespace_share,
-        )
+        .with_namespace_share(args.max_namespace_share)
         .with_allowed_hosts(allowed)
         .with_join_wait(args.mailbox_check_wait),
     );

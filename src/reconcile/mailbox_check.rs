@@ -65,6 +65,8 @@ struct Check<'t> {
 
 /// Checks mailboxes with bounded concurrency and remembers the results.
 pub struct MailboxChecker {
+    /// How many checks run at once (`--mailbox-check-concurrency`).
+    concurrency: usize,
     /// The checks that run at once, of which one namespace holds at most its share (see
     /// [`super::share::NamespaceQueue`]).
     permits: std::sync::Arc<super::share::NamespaceQueue>,
@@ -75,7 +77,8 @@ pub struct MailboxChecker {
     /// How long a refresh's status apply waits for the check the refresh made due (see the
     /// module doc); zero: never.
     join_wait: Duration,
-    /// The reconciles that may wait for a check at once (as many as the checks that run at once).
+    /// The reconciles that may wait for a check at once ([`join_slots`]: half the checks that run
+    /// at once).
     join_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Of the join slots, one namespace takes at most its share (`--max-namespace-share`), so
     /// that one tenant's slow mail servers cannot hold every waiting reconcile.
@@ -132,36 +135,48 @@ type Started = Option<(
 
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
+        let concurrency = concurrency.max(1);
+        let (permits, join_slots, join_share) =
+            Self::pools(concurrency, super::share::DEFAULT_MAX_NAMESPACE_SHARE);
         Self {
-            permits: super::share::NamespaceQueue::new(
-                concurrency,
-                super::share::share_of(concurrency, super::share::DEFAULT_MAX_NAMESPACE_SHARE),
-            ),
+            concurrency,
+            permits,
             cache: Mutex::default(),
             running: Mutex::default(),
             timeout,
             join_wait: DEFAULT_JOIN_WAIT,
-            join_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(join_slots(concurrency))),
-            join_share: super::share::NamespaceShare::new(super::share::share_of(
-                join_slots(concurrency),
-                super::share::DEFAULT_MAX_NAMESPACE_SHARE,
-            )),
+            join_slots,
+            join_share,
             metrics,
             allowed: Default::default(),
         }
     }
 
-    /// Let one namespace run at most `percent` % of the checks that run at once (at least one).
-    pub fn with_namespace_share(mut self, concurrency: usize, percent: u8) -> Self {
-        self.permits = super::share::NamespaceQueue::new(
-            concurrency,
-            super::share::share_of(concurrency.max(1), percent),
-        );
-        self.join_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(join_slots(concurrency)));
-        self.join_share = super::share::NamespaceShare::new(super::share::share_of(
-            join_slots(concurrency),
-            percent,
-        ));
+    /// The check permits, the join slots and the join slots' per-namespace share, for
+    /// `concurrency` checks at once of which one namespace holds at most `percent` %.
+    fn pools(
+        concurrency: usize,
+        percent: u8,
+    ) -> (
+        std::sync::Arc<super::share::NamespaceQueue>,
+        std::sync::Arc<tokio::sync::Semaphore>,
+        std::sync::Arc<super::share::NamespaceShare>,
+    ) {
+        let slots = join_slots(concurrency);
+        (
+            super::share::NamespaceQueue::new(
+                concurrency,
+                super::share::share_of(concurrency, percent),
+            ),
+            std::sync::Arc::new(tokio::sync::Semaphore::new(slots)),
+            super::share::NamespaceShare::new(super::share::share_of(slots, percent)),
+        )
+    }
+
+    /// Let one namespace run at most `percent` % of the checks that run at once and take at most
+    /// as much of the join slots (at least one of each).
+    pub fn with_namespace_share(mut self, percent: u8) -> Self {
+        (self.permits, self.join_slots, self.join_share) = Self::pools(self.concurrency, percent);
         self
     }
 

@@ -455,7 +455,7 @@ async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
     // Eight checks at once, so four join slots, half of them for one namespace.
     let c = std::sync::Arc::new(
         MailboxChecker::new(8, Duration::from_secs(5), Default::default())
-            .with_namespace_share(8, 50)
+            .with_namespace_share(50)
             .with_allowed_hosts(allowed)
             .with_join_wait(Duration::from_millis(1500)),
     );
