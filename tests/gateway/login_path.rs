@@ -191,12 +191,21 @@ async fn a_logout_with_nothing_outstanding_is_answered_by_the_gateway_and_logged
     let (ok, out) = run("curl", &curl_args(&gw, &user_pass, &url)).await;
     assert!(ok && out.contains("Subject: logout-"), "{out}");
     wait_logged_out(&w, 4).await;
+    // The gateway logs a session's end once the server has closed its side, after Dovecot logs
+    // the LOGOUT: wait for the line (the close is bounded by LOGOUT_TIMEOUT, 5 s).
+    let ended_here = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("gateway session ended") && l.contains("logout"))
+            .count()
+    };
+    for _ in 0..100 {
+        if ended_here(&gw.log()) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let log = gw.log();
-    let ended_here = log
-        .lines()
-        .filter(|l| l.contains("gateway session ended") && l.contains("logout"))
-        .count();
-    assert!(ended_here >= 4, "{log}");
+    assert!(ended_here(&log) >= 4, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
