@@ -179,10 +179,10 @@ struct RunArgs {
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
     /// Mailbox checks that run at once (each a connection and a login to a mail server, at most
-    /// 10 s); half as many first refreshes may wait for theirs (--mailbox-check-wait). One
-    /// namespace runs at most its share (--max-namespace-share). Raise it when many integrations
-    /// start at once against slow mail servers: a check a refresh cannot wait for reports in a
-    /// status write of its own.
+    /// 10 s); as many first refreshes (at most half --concurrency) may wait for theirs
+    /// (--mailbox-check-wait). One namespace runs at most its share (--max-namespace-share). Raise
+    /// it when many integrations start at once against slow mail servers: a check a refresh
+    /// cannot wait for reports in a status write of its own.
     #[arg(long, env = "MIO_MAILBOX_CHECK_CONCURRENCY", default_value_t = mail_integration_operator::reconcile::mailbox_check::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=256))]
     mailbox_check_concurrency: u16,
     /// Let spec.oauth.endpoints replace Google's and Microsoft's own endpoints (for a test double
@@ -442,6 +442,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ctx.metrics.clone(),
         )
         .with_namespace_share(args.max_namespace_share)
+        .with_reconcile_workers(usize::from(args.concurrency))
         .with_allowed_hosts(allowed)
         .with_join_wait(args.mailbox_check_wait),
     );

@@ -321,7 +321,7 @@ fn helm_template_defaults_render_the_operator_with_a_cluster_role() {
             "--shutdown-timeout=70s",
             "--kube-api-qps=0",
             "--kube-api-adaptive=true",
-            "--concurrency=32",
+            "--concurrency=64",
             "--grant-deletion-policy=Delete",
         ]
     );

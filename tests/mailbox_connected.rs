@@ -450,7 +450,8 @@ async fn a_restart_does_not_check_the_mailbox_again_before_it_is_due() {
     assert!(is_ready(&mi), "{:?}", mi.status);
     assert_eq!(mailbox_condition(&mi).map(|c| c.0), Some("True".to_owned()));
 
-    // A new token is checked at once: the login count above counts checks.
+    // A refresh a user asks for (the annotation) is checked at once: the login count above counts
+    // checks.
     annotate_refresh(&env, "inbox", "after-restart").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while dovecot.logins(user) == logins {

@@ -38,7 +38,8 @@ impl MailIntegrationSpec {
         self.oauth.prompt.unwrap_or_default()
     }
 
-    /// How often the mailbox is checked (besides after every refresh); like
+    /// How often the mailbox is checked (besides at once for a new grant, see
+    /// `reconcile::mailbox_check`); like
     /// [`refresh_before`](Self::refresh_before), an unparseable value gives the default. Divided
     /// by the test-only protocol scale ([`crate::time::set_test_scale`]; 1 in production).
     pub fn check_interval(&self) -> Duration {

@@ -179,7 +179,8 @@ pub struct Mailbox {
     /// How the connection check authenticates: XOAUTH2 (default) or OAUTHBEARER.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mechanism: Option<SaslMechanismName>,
-    /// Check the mailbox at least this often (Go duration, 1m to 24h; default 15m), and after every refresh.
+    /// Check the mailbox at least this often (Go duration, 1m to 24h; default 15m), and at once for a
+    /// new grant, a spec change, a refresh asked for by annotation or a new token after a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('24h')")

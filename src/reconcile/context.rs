@@ -27,7 +27,7 @@ use std::{
 };
 
 /// Reconciles at once by default (see [`Context::concurrency`]; chosen from benches/README.md).
-pub const DEFAULT_CONCURRENCY: u16 = 32;
+pub const DEFAULT_CONCURRENCY: u16 = 64;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "mail-integration-operator";

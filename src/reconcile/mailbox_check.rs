@@ -1,9 +1,13 @@
 //! When and how a reconcile checks the mailbox, and what the result does to the status.
 //!
-//! The check runs after every token change and at least every `spec.mailbox.checkInterval`. Results
-//! are kept in memory per integration (with the token they were made with), so a storm of
-//! reconciles does not become a storm of logins, and a check that did not change its result writes
-//! nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
+//! The check runs at least every `spec.mailbox.checkInterval`, and at once for a token of a new
+//! grant (a sign-in, a rotated refresh token, a new client Secret for app-only grants), after a
+//! spec change, after a refresh a user asked for (the refresh annotation), and for every new token
+//! while the last check failed ([`Cached::answers`]). A routine refresh of a grant whose last check
+//! connected does not make one due: its new token is the same grant's, and the interval's check
+//! finds what changed at the mail server. Results are kept in memory per integration (with what
+//! they were made with), so a storm of reconciles does not become a storm of logins, and a check
+//! that did not change its result writes nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
 //! ([`MailboxChecker::state_joined`]): a reconcile does not wait for a mail server; it
 //! reports the last finished check, and a finished check brings a reconcile of its own.
 //!
@@ -12,9 +16,9 @@
 //! `--mailbox-check-wait` (3 s), its queueing for a permit included, and its result goes out in
 //! the refresh's status apply (Ready and MailboxConnected together) instead of a write of its own.
 //! Never longer: a slower mail server reports in its own write as before, so Ready is late by at
-//! most the wait. Never more than the join slots (as many as the checks that run at once, 8)
-//! reconcile workers wait at once, each at most the wait, whatever the mail servers do; a refresh
-//! that finds no free slot does not wait.
+//! most the wait. Never more than the join slots ([`join_slots`]: as many as the checks that run
+//! at once, at most half the reconcile workers) wait at once, each at most the wait, whatever the
+//! mail servers do; a refresh that finds no free slot does not wait.
 
 use crate::sync::LockExt as _;
 use crate::{
@@ -41,18 +45,67 @@ pub enum MailboxState {
 
 #[derive(Clone)]
 struct Cached {
-    token: String,
+    made: Made,
     at: Timestamp,
     state: MailboxState,
 }
 
+/// What a check was made with, as short digests: the token and the grant it came from, each with
+/// the spec's generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Made {
+    token: String,
+    grant: String,
+}
+
 impl Cached {
-    /// Whether this result still answers: made with this token and spec, less than an interval ago.
-    fn answers(&self, fingerprint: &str, mi: &MailIntegration, now: Timestamp) -> bool {
-        self.token == fingerprint
-            && now.duration_since(self.at)
-                < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX)
+    /// Whether this result still answers, less than an interval ago: made with this token and
+    /// spec, or, when it connected, with another token of the same grant and spec (a routine
+    /// refresh). A failure is checked again with every new token.
+    fn answers(&self, made: &Made, mi: &MailIntegration, now: Timestamp) -> bool {
+        let same = self.made == *made
+            || (self.made.grant == made.grant && matches!(self.state, MailboxState::Connected(_)));
+        same && now.duration_since(self.at)
+            < SignedDuration::try_from(mi.spec.check_interval()).unwrap_or(SignedDuration::MAX)
     }
+}
+
+/// The token a check sends and the grant it was issued from.
+#[derive(Clone, Copy)]
+pub struct CheckToken<'t> {
+    pub access_token: &'t SecretValue,
+    pub expires_at: Timestamp,
+    /// What the token was issued from ([`grant_basis`]).
+    pub grant: &'t str,
+}
+
+/// What a token was issued from, for [`CheckToken::grant`], as a short digest: the grant's refresh
+/// token (a sign-in or a rotation gives a new one), else the client Secret's version (app-only
+/// grants), and the refresh a user asked for (the refresh annotation's value), so that each of
+/// these makes a check due and a routine refresh does not.
+pub fn grant_basis(
+    refresh_token: Option<&SecretValue>,
+    client_version: Option<&str>,
+    requested: Option<&str>,
+) -> String {
+    let mut digest = sha2::Sha256::new();
+    match refresh_token {
+        Some(r) => {
+            digest.update(b"refresh-token\0");
+            digest.update(r.expose().as_bytes());
+        }
+        None => {
+            digest.update(b"client\0");
+            digest.update(client_version.unwrap_or_default().as_bytes());
+        }
+    }
+    digest.update(b"\0requested\0");
+    digest.update(requested.unwrap_or_default().as_bytes());
+    short_hex(&digest.finalize())
+}
+
+fn short_hex(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A check to make (see [`MailboxChecker::start`]).
@@ -60,13 +113,17 @@ struct Check<'t> {
     targets: Vec<CheckTarget>,
     token: &'t SecretValue,
     key: String,
-    fingerprint: String,
+    made: Made,
 }
 
 /// Checks mailboxes with bounded concurrency and remembers the results.
 pub struct MailboxChecker {
     /// How many checks run at once (`--mailbox-check-concurrency`).
     concurrency: usize,
+    /// The reconcile workers (`--concurrency`), of which at most half wait for a check.
+    workers: usize,
+    /// One namespace's share of the checks and the join slots, in percent.
+    share_percent: u8,
     /// The checks that run at once, of which one namespace holds at most its share (see
     /// [`super::share::NamespaceQueue`]).
     permits: std::sync::Arc<super::share::NamespaceQueue>,
@@ -77,8 +134,7 @@ pub struct MailboxChecker {
     /// How long a refresh's status apply waits for the check the refresh made due (see the
     /// module doc); zero: never.
     join_wait: Duration,
-    /// The reconciles that may wait for a check at once ([`join_slots`]: half the checks that run
-    /// at once).
+    /// The reconciles that may wait for a check at once ([`join_slots`]).
     join_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Of the join slots, one namespace takes at most its share (`--max-namespace-share`), so
     /// that one tenant's slow mail servers cannot hold every waiting reconcile.
@@ -92,12 +148,13 @@ pub struct MailboxChecker {
 /// started at once (benches/README.md), and each goes to a different mailbox.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 
-/// How many reconciles may wait for their check at once (the join slots): half the checks that
-/// run at once (at least one), so that checks the waiting reconciles did not start still find
-/// permits, and at the default 16 of the 32 reconcile workers at most wait, each at most the join
-/// wait.
-pub fn join_slots(concurrency: usize) -> usize {
-    (concurrency / 2).max(1)
+/// How many reconciles may wait for their check at once (the join slots): as many as the checks
+/// that run at once, but at most half the reconcile `workers` (at least one), so that whatever
+/// the mail servers do, half the workers stay free and each waiting one waits at most the join
+/// wait. At the defaults, 32 of the 64 workers: at a burst of 10,000 Google first refreshes, 16
+/// slots left 2-3 % of the checks to a status write of their own (benches/README.md).
+pub fn join_slots(concurrency: usize, workers: usize) -> usize {
+    concurrency.min(workers / 2).max(1)
 }
 
 /// The default of `--mailbox-check-wait`: long enough for a mail server that answers (a check is
@@ -120,7 +177,7 @@ struct Queued {
     token: SecretValue,
     spec: Box<crate::api::MailIntegrationSpec>,
     key: String,
-    fingerprint: String,
+    made: Made,
     ca: Option<Vec<u8>>,
     /// Where the result goes when a refresh waits for it.
     tx: Option<tokio::sync::oneshot::Sender<MailboxState>>,
@@ -136,10 +193,13 @@ type Started = Option<(
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
         let concurrency = concurrency.max(1);
-        let (permits, join_slots, join_share) =
-            Self::pools(concurrency, super::share::DEFAULT_MAX_NAMESPACE_SHARE);
+        let workers = usize::from(super::context::DEFAULT_CONCURRENCY);
+        let share_percent = super::share::DEFAULT_MAX_NAMESPACE_SHARE;
+        let (permits, join_slots, join_share) = Self::pools(concurrency, workers, share_percent);
         Self {
             concurrency,
+            workers,
+            share_percent,
             permits,
             cache: Mutex::default(),
             running: Mutex::default(),
@@ -153,16 +213,18 @@ impl MailboxChecker {
     }
 
     /// The check permits, the join slots and the join slots' per-namespace share, for
-    /// `concurrency` checks at once of which one namespace holds at most `percent` %.
+    /// `concurrency` checks at once and `workers` reconcile workers, of which one namespace holds
+    /// at most `percent` %.
     fn pools(
         concurrency: usize,
+        workers: usize,
         percent: u8,
     ) -> (
         std::sync::Arc<super::share::NamespaceQueue>,
         std::sync::Arc<tokio::sync::Semaphore>,
         std::sync::Arc<super::share::NamespaceShare>,
     ) {
-        let slots = join_slots(concurrency);
+        let slots = join_slots(concurrency, workers);
         (
             super::share::NamespaceQueue::new(
                 concurrency,
@@ -176,7 +238,19 @@ impl MailboxChecker {
     /// Let one namespace run at most `percent` % of the checks that run at once and take at most
     /// as much of the join slots (at least one of each).
     pub fn with_namespace_share(mut self, percent: u8) -> Self {
-        (self.permits, self.join_slots, self.join_share) = Self::pools(self.concurrency, percent);
+        self.share_percent = percent;
+        self.rebuild_pools()
+    }
+
+    /// Size the join slots for this many reconcile workers (`--concurrency`; see [`join_slots`]).
+    pub fn with_reconcile_workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self.rebuild_pools()
+    }
+
+    fn rebuild_pools(mut self) -> Self {
+        (self.permits, self.join_slots, self.join_share) =
+            Self::pools(self.concurrency, self.workers, self.share_percent);
         self
     }
 
@@ -234,7 +308,7 @@ impl MailboxChecker {
     fn start<'t>(
         &self,
         mi: &MailIntegration,
-        token: Option<(&'t SecretValue, Timestamp)>,
+        token: Option<CheckToken<'t>>,
         now: Timestamp,
     ) -> Result<Check<'t>, Option<MailboxState>> {
         let targets = targets(mi);
@@ -244,27 +318,27 @@ impl MailboxChecker {
         if let Some(refused) = self.refusal(mi, &targets) {
             return Err(Some(refused));
         }
-        let Some((token, _)) = token.filter(|(_, expires_at)| *expires_at > now) else {
+        let Some(token) = token.filter(|t| t.expires_at > now) else {
             return Err(None);
         };
-        // A new token or a new spec (servers, mechanism, address) means a new check.
-        let fingerprint = format!(
-            "{}/{}",
-            Self::fingerprint(token),
-            mi.metadata.generation.unwrap_or(0)
-        );
+        // A new grant, a new token after a failure, or a new spec (servers, mechanism, address)
+        // means a new check (`Cached::answers`).
+        let generation = mi.metadata.generation.unwrap_or(0);
+        let made = Made {
+            token: format!("{}/{generation}", Self::fingerprint(token.access_token)),
+            grant: format!("{}/{generation}", token.grant),
+        };
         Ok(Check {
             targets,
-            token,
+            token: token.access_token,
             key: mi.uid().unwrap_or_default(),
-            fingerprint,
+            made,
         })
     }
 
     /// A short fingerprint of the token, so the cache can tell a new token without keeping it.
     fn fingerprint(token: &SecretValue) -> String {
-        let digest = sha2::Sha256::digest(token.expose().as_bytes());
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        short_hex(&sha2::Sha256::digest(token.expose().as_bytes()))
     }
 
     /// The state to report: a fresh check when the token changed or the last check is older than
@@ -272,7 +346,7 @@ impl MailboxChecker {
     pub async fn state(
         &self,
         mi: &MailIntegration,
-        token: Option<(&SecretValue, Timestamp)>,
+        token: Option<CheckToken<'_>>,
         extra_ca_pem: Option<Vec<u8>>,
         now: Timestamp,
     ) -> Option<MailboxState> {
@@ -280,13 +354,13 @@ impl MailboxChecker {
             targets,
             token,
             key,
-            fingerprint,
+            made,
         } = match self.start(mi, token, now) {
             Ok(check) => check,
             Err(report) => return report,
         };
         if let Some(c) = self.cache.locked().get(&key)
-            && c.answers(&fingerprint, mi, now)
+            && c.answers(&made, mi, now)
         {
             return Some(c.state.clone());
         }
@@ -302,7 +376,7 @@ impl MailboxChecker {
         self.cache.locked().insert(
             key,
             Cached {
-                token: fingerprint,
+                made,
                 at: now,
                 state: state.clone(),
             },
@@ -320,7 +394,7 @@ impl MailboxChecker {
     pub async fn state_joined(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
-        token: Option<(&SecretValue, Timestamp)>,
+        token: Option<CheckToken<'_>>,
         extra_ca_pem: Option<Vec<u8>>,
         now: Timestamp,
         refreshed: bool,
@@ -342,7 +416,7 @@ impl MailboxChecker {
     fn in_background(
         self: &std::sync::Arc<Self>,
         mi: &MailIntegration,
-        token: Option<(&SecretValue, Timestamp)>,
+        token: Option<CheckToken<'_>>,
         extra_ca_pem: Option<Vec<u8>>,
         now: Timestamp,
         refreshed: bool,
@@ -355,7 +429,7 @@ impl MailboxChecker {
         let reported = reported_state(mi.status.as_ref());
         let last = self.last_or_resumed(mi, &check, reported.clone(), now);
         if let Some(c) = &last
-            && c.answers(&check.fingerprint, mi, now)
+            && c.answers(&check.made, mi, now)
         {
             return (Some(c.state.clone()), None);
         }
@@ -382,7 +456,7 @@ impl MailboxChecker {
             cache.insert(
                 check.key.clone(),
                 Cached {
-                    token: check.fingerprint.clone(),
+                    made: check.made.clone(),
                     at,
                     state,
                 },
@@ -405,7 +479,7 @@ impl MailboxChecker {
             targets,
             token,
             key,
-            fingerprint,
+            made,
         } = check;
         if !self.running.locked().insert(key.clone()) {
             return None;
@@ -432,7 +506,7 @@ impl MailboxChecker {
                 token: token.clone(),
                 spec: Box::new(mi.spec.clone()),
                 key,
-                fingerprint,
+                made,
                 ca: extra_ca_pem,
                 tx,
             },
@@ -456,7 +530,7 @@ impl MailboxChecker {
             token,
             spec,
             key,
-            fingerprint,
+            made,
             ca,
             tx,
         } = q;
@@ -467,7 +541,7 @@ impl MailboxChecker {
             self.cache.locked().insert(
                 key.clone(),
                 Cached {
-                    token: fingerprint,
+                    made,
                     at: Timestamp::now(),
                     state: state.clone(),
                 },

@@ -57,10 +57,22 @@ pub(super) async fn report(
         &outcome,
         mi.status.as_ref().and_then(|s| s.provider_backoff.as_ref()),
     );
-    let check_token = new_token
-        .as_ref()
-        .or(observed.token.as_ref())
-        .map(|t| (&t.access_token, t.expires_at));
+    let grant = mailbox_check::grant_basis(
+        observed.grant.as_ref().map(|g| &g.refresh_token),
+        observed.client_version.as_deref(),
+        mi.annotations()
+            .get(crate::api::REFRESH_REQUESTED_ANNOTATION)
+            .map(String::as_str),
+    );
+    let check_token =
+        new_token
+            .as_ref()
+            .or(observed.token.as_ref())
+            .map(|t| mailbox_check::CheckToken {
+                access_token: &t.access_token,
+                expires_at: t.expires_at,
+                grant: &grant,
+            });
     let mailbox_state = if matches!(
         outcome,
         Outcome::ClientSecret(_)

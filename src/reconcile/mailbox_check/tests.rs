@@ -339,7 +339,11 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
     // 'static: one joined call runs in a task of its own.
     let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some((token, now + SignedDuration::from_hours(1)));
+    let valid = Some(CheckToken {
+        access_token: token,
+        expires_at: now + SignedDuration::from_hours(1),
+        grant: "grant",
+    });
     let fast = on_loopback(imap_after(Duration::ZERO).await);
     let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
     let joined = |c: &std::sync::Arc<MailboxChecker>, mi: &MailIntegration, refreshed: bool| {
@@ -406,6 +410,11 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         None,
         "the slow check outlasted the wait"
     );
+    // As many join slots as checks at once, at most half the reconcile workers.
+    assert_eq!(join_slots(32, 64), 32);
+    assert_eq!(join_slots(32, 32), 16);
+    assert_eq!(join_slots(8, 64), 8);
+    assert_eq!(join_slots(1, 1), 1);
     // A zero wait: never.
     assert!(!joins(true, false, Duration::ZERO));
     assert!(joins(true, false, DEFAULT_JOIN_WAIT));
@@ -426,7 +435,10 @@ async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
         token: SecretValue::new("access"),
         spec: Box::new(mi.spec.clone()),
         key: "u".into(),
-        fingerprint: "f".into(),
+        made: Made {
+            token: "t".into(),
+            grant: "g".into(),
+        },
         ca: None,
         tx: None,
     };
@@ -449,13 +461,20 @@ async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
 async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
     let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some((token, now + SignedDuration::from_hours(1)));
+    let valid = Some(CheckToken {
+        access_token: token,
+        expires_at: now + SignedDuration::from_hours(1),
+        grant: "grant",
+    });
     let slow_port = imap_after(Duration::from_secs(3)).await;
     let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
-    // Eight checks at once, so four join slots, half of them for one namespace.
+    // Eight checks at once and eight reconcile workers, so four join slots (half the workers),
+    // half of them for one namespace.
+    assert_eq!(join_slots(8, 8), 4);
     let c = std::sync::Arc::new(
         MailboxChecker::new(8, Duration::from_secs(5), Default::default())
             .with_namespace_share(50)
+            .with_reconcile_workers(8)
             .with_allowed_hosts(allowed)
             .with_join_wait(Duration::from_millis(1500)),
     );
@@ -497,4 +516,70 @@ async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
             "the slow check outlasted the wait"
         );
     }
+}
+
+/// A routine refresh of a grant whose last check connected makes no check due (the interval's
+/// does); a new grant, a spec change, a refresh a user asked for and a new token after a failure do.
+#[test]
+fn a_routine_refresh_of_a_connected_grant_makes_no_check_due() {
+    let mi = on_loopback(143);
+    let now = Timestamp::now();
+    let made = |token: &str, grant: &str| Made {
+        token: token.into(),
+        grant: grant.into(),
+    };
+    let connected = Cached {
+        made: made("t1/1", "g1/1"),
+        at: now,
+        state: MailboxState::Connected("imap".into()),
+    };
+    assert!(
+        connected.answers(&made("t2/1", "g1/1"), &mi, now),
+        "routine refresh"
+    );
+    assert!(
+        !connected.answers(&made("t2/1", "g2/1"), &mi, now),
+        "new grant"
+    );
+    assert!(
+        !connected.answers(&made("t1/2", "g1/2"), &mi, now),
+        "new spec"
+    );
+    let after_interval = now + SignedDuration::try_from(mi.spec.check_interval()).unwrap();
+    assert!(!connected.answers(&made("t1/1", "g1/1"), &mi, after_interval));
+    let failed = Cached {
+        state: MailboxState::Failed {
+            reason: "MailboxAuthFailed".into(),
+            message: "refused".into(),
+        },
+        ..connected.clone()
+    };
+    assert!(
+        failed.answers(&made("t1/1", "g1/1"), &mi, now),
+        "same token"
+    );
+    assert!(
+        !failed.answers(&made("t2/1", "g1/1"), &mi, now),
+        "a new token after a failure"
+    );
+
+    let (r1, r2) = (SecretValue::new("r1"), SecretValue::new("r2"));
+    let basis = grant_basis(Some(&r1), Some("5"), None);
+    assert_eq!(basis, grant_basis(Some(&r1), Some("6"), None));
+    assert_ne!(
+        basis,
+        grant_basis(Some(&r2), Some("5"), None),
+        "sign-in, rotation"
+    );
+    assert_ne!(
+        basis,
+        grant_basis(Some(&r1), Some("5"), Some("2026-12-07T10:00:00Z")),
+        "a refresh asked for"
+    );
+    assert_ne!(
+        grant_basis(None, Some("5"), None),
+        grant_basis(None, Some("6"), None),
+        "a new client Secret of an app-only grant"
+    );
+    assert!(!basis.contains("r1"), "{basis}");
 }
