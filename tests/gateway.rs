@@ -23,3 +23,6 @@ mod upstream_tls;
 
 #[path = "gateway/login_path.rs"]
 mod login_path;
+
+#[path = "gateway/reuse.rs"]
+mod reuse;

@@ -3755,6 +3755,7 @@ fn gateway_logins_open_only_their_own_credential() {
                 metrics,
                 max_sessions_per_credential: usize::MAX,
                 usage: None,
+                parked: None,
             };
             let (ns, mi) = CREDENTIALS[target];
             let right = config::username(ns, mi, "helpdesk");
@@ -4132,6 +4133,113 @@ fn gateway_imap_logout_is_taken_only_with_every_command_answered() {
             let taken = w.app_chunk(b"z LOGOUT\r\n", true);
             prop_assert_eq!(taken, all_answered);
             branches.hit(if taken { "taken" } else { "relayed" });
+            Ok(())
+        },
+    );
+}
+
+/// Reuse of upstream IMAP sessions (src/gateway/reuse.rs): whatever the app's commands are and
+/// however their bytes are cut into reads (through the LOGOUT watch that follows them), a
+/// session in which the app sent a command outside the reset-safe list, or an argument that
+/// enables CONDSTORE for the session, is never parked, even when every other rule holds.
+#[test]
+fn gateway_imap_sessions_with_a_command_off_the_list_are_never_parked() {
+    use mail_integration_operator::gateway::{
+        logout::LogoutWatch,
+        reuse::{self, Decision, ParkInput, RESET_SAFE},
+    };
+    let name = prop_oneof![
+        prop::sample::select(RESET_SAFE.to_vec()).prop_map(str::to_owned),
+        prop::sample::select(RESET_SAFE.to_vec()).prop_map(|c| format!("uid {c}")),
+        prop::sample::select(vec![
+            "ENABLE",
+            "COMPRESS",
+            "NOTIFY",
+            "LANGUAGE",
+            "XLIST",
+            "SETQUOTA",
+            "GETMETADATA",
+            "SETMETADATA",
+            "X-GM-EXT",
+            "UID ENABLE",
+        ])
+        .prop_map(str::to_owned),
+        "[A-Za-z]{1,12}",
+    ];
+    let argument = prop_oneof![
+        Just(String::new()),
+        Just(" INBOX".to_owned()),
+        Just(" 1:* (FLAGS)".to_owned()),
+        Just(" INBOX (CONDSTORE)".to_owned()),
+        Just(" 1:* (FLAGS) (changedsince 7)".to_owned()),
+        Just(" INBOX (HIGHESTMODSEQ)".to_owned()),
+        "[ -~]{0,30}",
+    ];
+    let command = (name, argument, prop::option::of(0usize..20));
+    let strategy = (
+        prop::collection::vec(command, 0..8),
+        prop::collection::vec(1usize..40, 1..10),
+        any::<bool>(),
+    );
+    check_branches(
+        "gateway IMAP reuse park decision",
+        strategy,
+        &["parked", "logged_out_for_a_command"],
+        |(commands, cuts, unselect_offered), branches| {
+            let mut w = LogoutWatch::new();
+            let mut off_list = false;
+            for (i, (name, argument, literal)) in commands.iter().enumerate() {
+                let tag = format!("t{i}");
+                let mut line = format!("{tag} {name}{argument}").into_bytes();
+                if line.contains(&b'\r') || line.contains(&b'\n') {
+                    continue;
+                }
+                let verb = name
+                    .rsplit(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                let listed = RESET_SAFE.contains(&verb.as_str())
+                    && (!name.contains(' ') || name.to_ascii_uppercase().starts_with("UID "));
+                let upper = argument.to_ascii_uppercase();
+                let stateful = ["CONDSTORE", "MODSEQ", "CHANGEDSINCE", "QRESYNC"]
+                    .iter()
+                    .any(|w| upper.contains(w) || name.to_ascii_uppercase().contains(w));
+                if let Some(n) = literal {
+                    line.extend_from_slice(format!(" {{{n}+}}\r\n").as_bytes());
+                    line.extend(std::iter::repeat_n(b'x', *n));
+                    line.extend_from_slice(b"\r\n");
+                    off_list |= verb != "APPEND";
+                } else {
+                    line.extend_from_slice(b"\r\n");
+                }
+                off_list |= !listed || stateful;
+                for read in cut_into(&line, &cuts) {
+                    prop_assert!(!w.app_chunk(read, true));
+                }
+                w.from_server(format!("{tag} OK done\r\n").as_bytes());
+            }
+            let answered_here = w.app_chunk(b"z LOGOUT\r\n", true);
+            let decision = reuse::decide(ParkInput {
+                enabled: true,
+                answered_here,
+                revoked: false,
+                reset: w.reset(),
+                unselect_offered,
+                token_fresh: true,
+            });
+            if off_list {
+                prop_assert!(
+                    matches!(decision, Decision::LogOut(_)),
+                    "parked after {:?}: {:?}",
+                    commands,
+                    decision
+                );
+                branches.hit("logged_out_for_a_command");
+            } else if w.following() && decision != Decision::LogOut("no_unselect") {
+                prop_assert_ne!(decision, Decision::LogOut("command"), "{:?}", commands);
+                branches.hit("parked");
+            }
             Ok(())
         },
     );

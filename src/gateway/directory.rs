@@ -194,6 +194,8 @@ pub struct Directory {
     inner: RwLock<Inner>,
     ready: AtomicBool,
     metrics: Arc<GatewayMetrics>,
+    /// Bumped at every change of the entries (parked sessions look again at their token).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Directory {
@@ -202,7 +204,13 @@ impl Directory {
             inner: RwLock::default(),
             ready: AtomicBool::new(false),
             metrics,
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Told of every change of the entries (a Secret applied, deleted or relisted, a sweep).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether every watch has listed once.
@@ -319,6 +327,7 @@ impl Directory {
         self.metrics
             .integrations
             .set(i64::try_from(inner.secrets.len()).unwrap_or(i64::MAX));
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         let n = inner.revoke_vanished(Timestamp::now());
         if n > 0 {
             tracing::info!(

@@ -27,7 +27,8 @@ use super::{
     listen::{ClientStream, TlsState},
     login::retry_secs,
     logout::LogoutWatch,
-    prelogin::{Conn, Ending, Refusal, TlsStart},
+    parked::LoginAnswer,
+    prelogin::{Conn, Ending, ImapFollow, Refusal, TlsStart},
     session::{LoginRefused, Protocol},
     upstream,
     wire::{ReadError, parse_plain},
@@ -413,6 +414,8 @@ async fn starttls(conn: Conn, tag: &str) -> Option<Conn> {
 struct LoggedIn {
     who: super::session::Authorized,
     upstream: upstream::Upstream,
+    /// The server's login answer as it gave it (kept if the session is parked).
+    answer: LoginAnswer,
 }
 
 async fn login(conn: &mut Conn, tag: &str, username: &str, password: &SecretValue) -> Step {
@@ -420,10 +423,17 @@ async fn login(conn: &mut Conn, tag: &str, username: &str, password: &SecretValu
         return Step::Next(privacy_required(conn, tag).await);
     }
     match conn.log_in(Protocol::Imap, username, password).await {
-        Ok((who, upstream)) => Step::LoggedIn(Box::new(LoggedIn {
-            who,
-            upstream: upstream_with_tag(upstream, tag),
-        })),
+        Ok((who, upstream)) => {
+            let answer = LoginAnswer {
+                untagged: upstream.untagged.clone(),
+                reply: upstream.reply.clone(),
+            };
+            Step::LoggedIn(Box::new(LoggedIn {
+                who,
+                upstream: upstream_with_tag(upstream, tag),
+                answer,
+            }))
+        }
         Err(refusal) => {
             let text = refusal_text(refusal);
             Step::Next(ok_or_close(conn.send(&format!("{tag} {text}\r\n")).await))
@@ -480,7 +490,10 @@ impl LoggedIn {
             Protocol::Imap,
             idle,
             b"* BYE [UNAVAILABLE] This credential was revoked\r\n",
-            Some(watch),
+            Some(ImapFollow {
+                watch,
+                answer: self.answer,
+            }),
         )
         .await;
     }

@@ -10,6 +10,7 @@ use super::{
     config::{GatewayAppConfig, Verifier},
     directory::{Directory, LeaseKey},
     metrics::GatewayMetrics,
+    parked::Pool,
     session::{AppId, Authorized, Login, LoginRefused, Protocol, SessionLease},
     throttle::{Penalty, SessionCounts, Throttle},
     usage::Usage,
@@ -53,6 +54,9 @@ pub struct Gate {
     pub metrics: Arc<GatewayMetrics>,
     pub max_sessions_per_credential: usize,
     pub usage: Option<Arc<Usage>>,
+    /// Parked upstream IMAP sessions count against the session cap; at the cap, the oldest
+    /// parked one of the credential makes way for a login ([`super::parked`]).
+    pub parked: Option<Arc<Pool>>,
 }
 
 impl Gate {
@@ -118,9 +122,20 @@ impl Gate {
         if !entry.token_usable(now) {
             return Err(LoginRefused::Unavailable);
         }
+        let max = self.max_sessions_per_credential;
         let counted = self
             .counts
-            .try_open(username, self.max_sessions_per_credential)
+            .try_open(username, max)
+            .or_else(|| {
+                // A parked session must not keep an active one out.
+                let parked = self.parked.as_ref()?;
+                while parked.evict_oldest(username) {
+                    if let Some(counted) = self.counts.try_open(username, max) {
+                        return Some(counted);
+                    }
+                }
+                None
+            })
             .ok_or(LoginRefused::TooManySessions)?;
         let revoked = self.directory.lease(LeaseKey {
             username: username.to_owned(),
@@ -141,8 +156,25 @@ impl Gate {
     }
 }
 
-impl Login for Gate {
-    async fn login(
+impl Gate {
+    /// A login admitted: its log line (`upstream`: for IMAP, whether the upstream session is a
+    /// parked one, `reused`, or `new`), metric and usage record.
+    pub fn admitted(&self, who: &Authorized, protocol: Protocol, upstream: Option<&str>) {
+        match upstream {
+            Some(upstream) => tracing::info!(app = %who.app, source = %who.source,
+                protocol = %protocol, result = "success", upstream, "gateway login"),
+            None => tracing::info!(app = %who.app, source = %who.source, protocol = %protocol,
+                result = "success", "gateway login"),
+        }
+        self.metrics.login(protocol, "success");
+        if let Some(usage) = &self.usage {
+            usage.record(&who.app);
+        }
+    }
+
+    /// [`Login::login`] without the success line: the caller calls [`Self::admitted`] once it
+    /// knows how the upstream session is had. Refusals are logged and counted here.
+    pub async fn authorize(
         &self,
         protocol: Protocol,
         username: &str,
@@ -159,20 +191,26 @@ impl Login for Gate {
             ));
         }
         match self.check(protocol, username, password, source) {
-            Ok(authorized) => {
-                tracing::info!(app = %authorized.app, source = %source, protocol = %protocol,
-                    result = "success", "gateway login");
-                self.metrics.login(protocol, "success");
-                if let Some(usage) = &self.usage {
-                    usage.record(&authorized.app);
-                }
-                Ok(authorized)
-            }
+            Ok(authorized) => Ok(authorized),
             Err(LoginRefused::BadCredential) => Err(self
                 .failed(protocol, username, source, LoginRefused::BadCredential)
                 .await),
             Err(other) => Err(self.refuse(protocol, username, source, other)),
         }
+    }
+}
+
+impl Login for Gate {
+    async fn login(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        password: &SecretValue,
+        source: SocketAddr,
+    ) -> Result<Authorized, LoginRefused> {
+        let who = self.authorize(protocol, username, password, source).await?;
+        self.admitted(&who, protocol, None);
+        Ok(who)
     }
 }
 

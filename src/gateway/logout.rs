@@ -24,8 +24,14 @@
 //! side already (`smtp/driver.rs`): after the server accepted a message (`250` after DATA) QUIT
 //! commits nothing.
 
-/// Bytes of a message's first line kept: enough for a tag and a command name.
+/// Bytes of a server message's first line kept: enough for a tag and a status.
 const HEAD: usize = 96;
+/// Bytes of an app command's first line kept: the whole line of nearly every command, for the
+/// reuse decision's look at its arguments ([`super::reuse::effect`]; a longer line counts as not
+/// reset-safe). Kept only while the line comes in.
+const APP_HEAD: usize = 1024;
+use super::reuse::Reset;
+
 /// Bytes of a line's end kept: enough for a literal's marker (`{` 20 digits `+}` CRLF).
 const TAIL: usize = 26;
 
@@ -36,8 +42,9 @@ pub fn answer(tag: &str) -> String {
 
 /// One direction's message boundaries: a message is a command (app) or a reply (server), one line
 /// or lines joined by literals.
-#[derive(Default)]
 struct Scan {
+    /// The most of a first line kept in `head`.
+    limit: usize,
     /// Inside a literal: bytes of it still to come.
     literal: u64,
     /// The message's first line so far (at most [`HEAD`] bytes).
@@ -80,12 +87,24 @@ fn marker(line: &[u8]) -> Option<Marker> {
 }
 
 impl Scan {
-    /// Follow `data`; `message` is called with the first line (at most [`HEAD`] bytes) of each
-    /// message that ends, `literal` with each literal's marker; either may say to stop (`false`).
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            literal: 0,
+            head: Vec::new(),
+            head_done: false,
+            tail: Vec::new(),
+            open: false,
+        }
+    }
+
+    /// Follow `data`; `message` is called with the first line (at most `limit` bytes) of each
+    /// message that ends and whether a literal followed that line, `literal` with each literal's
+    /// marker; either may say to stop (`false`).
     fn feed(
         &mut self,
         mut data: &[u8],
-        message: &mut dyn FnMut(&[u8]) -> bool,
+        message: &mut dyn FnMut(&[u8], bool) -> bool,
         literal: &mut dyn FnMut(&Marker) -> bool,
     ) -> bool {
         while !data.is_empty() {
@@ -103,8 +122,8 @@ impl Scan {
                 None => (data, false),
             };
             data = data.get(part.len()..).unwrap_or_default();
-            if !self.head_done && self.head.len() < HEAD {
-                let room = HEAD.saturating_sub(self.head.len());
+            if !self.head_done && self.head.len() < self.limit {
+                let room = self.limit.saturating_sub(self.head.len());
                 self.head
                     .extend_from_slice(part.get(..room.min(part.len())).unwrap_or_default());
             }
@@ -131,7 +150,7 @@ impl Scan {
                     }
                 }
                 None => {
-                    let go_on = message(&self.head);
+                    let go_on = message(&self.head, self.head_done);
                     // Between messages (where an idle session waits) nothing is kept.
                     self.head = Vec::new();
                     self.tail = Vec::new();
@@ -242,8 +261,8 @@ fn logout_tag(chunk: &[u8]) -> Option<&str> {
 }
 
 /// Follows a relayed IMAP session to tell when a LOGOUT may be answered by the gateway (module
-/// doc). Pure: fed the bytes, it decides; the relay acts.
-#[derive(Default)]
+/// doc). Pure: fed the bytes, it decides; the relay acts. It also follows what the app's
+/// commands did to the session ([`Reset`], for the reuse decision).
 pub struct LogoutWatch {
     /// The tags of the app's commands the server has not answered yet (at most
     /// [`MAX_OUTSTANDING`]; empty, and no allocation, when nothing is outstanding).
@@ -254,11 +273,35 @@ pub struct LogoutWatch {
     lost: bool,
     /// The tag of the LOGOUT answered here.
     answered: Option<String>,
+    /// What the app's commands did to the session.
+    reset: Reset,
+}
+
+impl Default for LogoutWatch {
+    fn default() -> Self {
+        Self {
+            outstanding: Vec::new(),
+            app: Scan::new(APP_HEAD),
+            server: Scan::new(HEAD),
+            lost: false,
+            answered: None,
+            reset: Reset::default(),
+        }
+    }
 }
 
 impl LogoutWatch {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// What the app's commands did to the session: tainted too when the watch lost the session
+    /// (it could not tell what the app sent).
+    pub fn reset(&self) -> Reset {
+        Reset {
+            tainted: self.reset.tainted || self.lost,
+            ..self.reset
+        }
     }
 
     /// Whether the watch still follows the session.
@@ -278,7 +321,7 @@ impl LogoutWatch {
         }
         let outstanding = &mut self.outstanding;
         let mut lost = false;
-        let mut message = |head: &[u8]| {
+        let mut message = |head: &[u8], _literal: bool| {
             match server_line(head) {
                 ServerLine::Untagged => {}
                 ServerLine::Tagged(tag) => match outstanding.iter().position(|t| **t == *tag) {
@@ -306,11 +349,13 @@ impl LogoutWatch {
             return;
         }
         let outstanding = &mut self.outstanding;
+        let reset = &mut self.reset;
         let mut lost = false;
-        let mut message = |head: &[u8]| {
+        let mut message = |head: &[u8], literal: bool| {
             match app_line(head) {
                 AppLine::Done => {}
                 AppLine::Command(tag) if outstanding.len() < MAX_OUTSTANDING => {
+                    reset.command(head, literal);
                     outstanding.push(tag.into());
                 }
                 AppLine::Command(_) => lost = true,

@@ -43,6 +43,11 @@ pub struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhyLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -76,6 +81,17 @@ pub struct GatewayMetrics {
     pub kube_api: crate::kube_client::ApiMetrics,
     /// Writes of status.gateway.apps[].lastUsedTime, by result.
     pub usage_writes: Family<KindLabels, Counter>,
+    /// IMAP upstream sessions parked after the app's LOGOUT ([`super::parked`]).
+    pub upstream_parked: Counter,
+    /// IMAP logins that got a parked upstream session.
+    pub upstream_reused: Counter,
+    /// Parked upstream sessions now.
+    pub upstream_parked_now: Gauge,
+    /// Parked upstream sessions ended (logged out upstream), by reason.
+    pub upstream_park_dropped: Family<WhyLabels, Counter>,
+    /// IMAP upstream sessions logged out after the gateway answered the app's LOGOUT instead of
+    /// being parked, by reason ([`super::reuse::decide`]).
+    pub upstream_not_parked: Family<WhyLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -151,6 +167,36 @@ impl Default for GatewayMetrics {
             "Writes of status.gateway.apps[].lastUsedTime, by result",
             usage_writes.clone(),
         );
+        let upstream_parked = Counter::default();
+        registry.register(
+            "imap_upstream_parked",
+            "IMAP upstream sessions parked for the same credential's next login",
+            upstream_parked.clone(),
+        );
+        let upstream_reused = Counter::default();
+        registry.register(
+            "imap_upstream_reused",
+            "IMAP logins that got a parked upstream session instead of a new one",
+            upstream_reused.clone(),
+        );
+        let upstream_parked_now = Gauge::default();
+        registry.register(
+            "imap_upstream_parked_now",
+            "IMAP upstream sessions parked now",
+            upstream_parked_now.clone(),
+        );
+        let upstream_park_dropped = Family::<WhyLabels, Counter>::default();
+        registry.register(
+            "imap_upstream_park_dropped",
+            "Parked IMAP upstream sessions logged out, by reason",
+            upstream_park_dropped.clone(),
+        );
+        let upstream_not_parked = Family::<WhyLabels, Counter>::default();
+        registry.register(
+            "imap_upstream_not_parked",
+            "IMAP upstream sessions logged out at the app's LOGOUT instead of parked, by reason",
+            upstream_not_parked.clone(),
+        );
         let kube_api = crate::kube_client::ApiMetrics::default();
         kube_api.register(&mut registry);
         for protocol in [Protocol::Imap, Protocol::Pop3, Protocol::Smtp] {
@@ -175,6 +221,11 @@ impl Default for GatewayMetrics {
             secrets_ignored,
             kube_api,
             usage_writes,
+            upstream_parked,
+            upstream_reused,
+            upstream_parked_now,
+            upstream_park_dropped,
+            upstream_not_parked,
         }
     }
 }
@@ -218,6 +269,24 @@ impl GatewayMetrics {
     pub fn throttled(&self, kind: &str) {
         self.throttle
             .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// A parked IMAP upstream session ended, and why.
+    pub fn park_dropped(&self, reason: &str) {
+        self.upstream_park_dropped
+            .get_or_create(&WhyLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// An IMAP upstream session was logged out at the app's LOGOUT instead of parked, and why.
+    pub fn not_parked(&self, reason: &str) {
+        self.upstream_not_parked
+            .get_or_create(&WhyLabels {
+                reason: reason.into(),
+            })
             .inc();
     }
 

@@ -20,9 +20,11 @@ pub mod listen;
 pub mod login;
 pub mod logout;
 pub mod metrics;
+pub mod parked;
 pub mod pop3;
 pub mod prelogin;
 pub mod relay;
+pub mod reuse;
 pub mod session;
 pub mod smtp;
 pub mod stream;
@@ -86,6 +88,8 @@ pub struct Ctx {
     pub bounds: Bounds,
     /// The name in greetings (`--hostname`).
     pub hostname: String,
+    /// Parked upstream IMAP sessions (`--imap-reuse-*`).
+    pub parked: Arc<parked::Pool>,
 }
 
 /// `mail-integration-operator gateway`: the flags (each also an environment variable, for the chart).
@@ -171,6 +175,19 @@ pub struct GatewayArgs {
     /// Idle time of a relayed IMAP session (IMAP IDLE renews every 29 minutes).
     #[arg(long, env = "MIO_GATEWAY_IMAP_IDLE", default_value = "31m")]
     pub imap_idle: kube::core::Duration,
+    /// How long an authenticated upstream IMAP session stays parked after its app's LOGOUT, for
+    /// the same credential's next login (0: off; docs/gateway.md "Reusing upstream IMAP
+    /// sessions").
+    #[arg(long, env = "MIO_GATEWAY_IMAP_REUSE_IDLE", default_value = "60s")]
+    pub imap_reuse_idle: kube::core::Duration,
+    /// Parked upstream IMAP sessions per credential at most (counted within
+    /// --max-sessions-per-credential).
+    #[arg(
+        long,
+        env = "MIO_GATEWAY_IMAP_REUSE_PER_CREDENTIAL",
+        default_value_t = 2
+    )]
+    pub imap_reuse_per_credential: usize,
     /// Failed logins per source address or username answered at once.
     #[arg(long, env = "MIO_GATEWAY_LOGIN_BUDGET", default_value_t = 5)]
     pub login_budget: u32,
@@ -274,6 +291,15 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         allowed = allowed.with_loopback();
     }
     tracing::info!(hosts = %allowed.describe(), "mail hosts the gateway may connect to");
+    let reuse_idle: Duration = args.imap_reuse_idle.into();
+    let parked = parked::Pool::new(
+        parked::Settings {
+            idle: reuse_idle,
+            per_credential: args.imap_reuse_per_credential,
+        },
+        directory.clone(),
+        metrics.clone(),
+    );
     let gate = Arc::new(login::Gate {
         directory: directory.clone(),
         throttle: throttle::Throttle::new(throttle::ThrottleConfig {
@@ -286,6 +312,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         max_sessions_per_credential: args.max_sessions_per_credential.max(1),
         usage: Some(usage.clone()),
+        parked: Some(parked.clone()),
     });
     let allowed = Arc::new(allowed);
     let bounds = args.bounds();
@@ -317,6 +344,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         bounds,
         hostname: args.hostname.clone(),
+        parked: parked.clone(),
     });
 
     // Health first, so that a probe sees "starting" rather than nothing.
@@ -366,6 +394,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     }
     shutdown_signal().await;
     tracing::info!("gateway stopping");
+    // Parked upstream sessions are logged out, not dropped.
+    parked.close().await;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use super::{
     Ctx,
     listen::{ClientStream, TlsState},
     logout::{self, LogoutWatch},
+    parked::LoginAnswer,
     relay::{self, OpenSession},
     session::{Authorized, Login, LoginRefused, Protocol},
     upstream::{self, Upstream},
@@ -118,8 +119,9 @@ impl Conn {
     }
 
     /// The app's login (the gate: throttle, credential, protocol, token, session cap), then the
-    /// mail server of its integration, authenticated. A failure of the latter is counted and
-    /// logged; either refusal is the caller's to answer in its protocol.
+    /// mail server of its integration, authenticated: for IMAP a parked session of the same
+    /// credential if one fits ([`super::parked`]), else a new one. A failure of the latter is
+    /// counted and logged; either refusal is the caller's to answer in its protocol.
     pub async fn log_in(
         &self,
         protocol: Protocol,
@@ -128,11 +130,37 @@ impl Conn {
     ) -> Result<(Authorized, Upstream), Refusal> {
         let ctx = &self.ctx;
         let mut clock = upstream::StepClock::new();
-        let who = ctx
-            .login
-            .login(protocol, username, password, self.source)
-            .await
-            .map_err(Refusal::Login)?;
+        let who = if protocol == Protocol::Imap {
+            let who = ctx
+                .login
+                .authorize(protocol, username, password, self.source)
+                .await
+                .map_err(Refusal::Login)?;
+            let check_us = clock.lap();
+            let reused = ctx.parked.take(&who).await;
+            ctx.login.admitted(
+                &who,
+                protocol,
+                Some(if reused.is_some() { "reused" } else { "new" }),
+            );
+            if let Some(reused) = reused {
+                let reuse_us = clock.lap();
+                tracing::debug!(protocol = %protocol, check_us, reuse_us, "upstream set-up steps");
+                let upstream = Upstream {
+                    stream: reused.stream,
+                    pending: Vec::new(),
+                    reply: reused.answer.reply,
+                    untagged: reused.answer.untagged,
+                };
+                return Ok((who, upstream));
+            }
+            who
+        } else {
+            ctx.login
+                .login(protocol, username, password, self.source)
+                .await
+                .map_err(Refusal::Login)?
+        };
         let check_us = clock.lap();
         match upstream::connect(&who.entry, protocol, &ctx.allowed).await {
             Ok(upstream) => {
@@ -150,9 +178,10 @@ impl Conn {
 
     /// Relay the logged-in session: `first` (the server's login reply and what followed it) to
     /// the app, then bytes both ways until either side ends, `idle` passes or the credential is
-    /// revoked (then `revoked` to the app). With `watch` (IMAP; it has seen what `first` holds
-    /// past the login reply), a LOGOUT it takes is answered here, the app's connection closed,
-    /// and then the server's session logged out ([`super::logout`]).
+    /// revoked (then `revoked` to the app). With `imap` (its watch has seen what `first` holds
+    /// past the login reply), a LOGOUT the watch takes is answered here, the app's connection
+    /// closed, and then the server's session parked for the credential's next login or logged
+    /// out ([`super::logout`], [`super::parked`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn relay(
         self,
@@ -162,11 +191,15 @@ impl Conn {
         protocol: Protocol,
         idle: std::time::Duration,
         revoked: &[u8],
-        mut watch: Option<LogoutWatch>,
+        imap: Option<ImapFollow>,
     ) {
         let Conn {
             wire, ctx, source, ..
         } = self;
+        let (mut watch, answer) = match imap {
+            Some(f) => (Some(f.watch), Some(f.answer)),
+            None => (None, None),
+        };
         let (mut client, read_ahead) = wire.into_parts();
         let mut stream = upstream.stream;
         if let Some(watch) = watch.as_mut() {
@@ -185,6 +218,8 @@ impl Conn {
             watch.as_mut(),
         )
         .await;
+        let app = who.app.clone();
+        let mut upstream_end = "closed";
         match end {
             relay::End::Revoked => {
                 let _ = client.write_all(revoked).await;
@@ -202,13 +237,30 @@ impl Conn {
                 };
                 let _ = tokio::time::timeout(LOGOUT_TIMEOUT, answered).await;
                 drop(client);
-                log_out_upstream(&mut stream, &tag).await;
+                upstream_end = match (answer, watch) {
+                    (Some(answer), Some(watch)) => {
+                        ctx.parked
+                            .park_or_log_out(who, stream, answer, watch.reset(), &tag)
+                            .await
+                    }
+                    _ => {
+                        log_out_upstream(&mut stream, &tag).await;
+                        "logged_out"
+                    }
+                };
             }
             relay::End::Closed | relay::End::Idle => {}
         }
-        tracing::info!(app = %who.app, source = %source, protocol = %protocol,
-            end = end.as_str(), "gateway session ended");
+        tracing::info!(app = %app, source = %source, protocol = %protocol,
+            end = end.as_str(), upstream = upstream_end, "gateway session ended");
     }
+}
+
+/// What the relay of an IMAP session follows besides the bytes: the LOGOUT watch, and the
+/// server's login answer (kept with the session if it is parked).
+pub struct ImapFollow {
+    pub watch: LogoutWatch,
+    pub answer: LoginAnswer,
 }
 
 /// How long the gateway gives the app's connection to take its LOGOUT answer, and the server to
@@ -218,7 +270,7 @@ pub const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Send the server the app's LOGOUT (`tag LOGOUT`) and read what it still sends (discarded: the
 /// app has its answer and is gone) until it closes, within [`LOGOUT_TIMEOUT`]; then the connection
 /// is dropped either way.
-async fn log_out_upstream(stream: &mut Box<dyn upstream::AsyncStream>, tag: &str) {
+pub(crate) async fn log_out_upstream(stream: &mut Box<dyn upstream::AsyncStream>, tag: &str) {
     let closing = async {
         stream
             .write_all(format!("{tag} LOGOUT\r\n").as_bytes())

@@ -132,6 +132,12 @@ impl SessionLease {
     pub fn is_revoked(&self) -> bool {
         self.revoked.is_cancelled()
     }
+
+    /// The token cancelled when the credential vanishes (for a task that watches it apart from
+    /// the lease: a parked upstream session, [`super::parked`]).
+    pub fn revocation(&self) -> CancellationToken {
+        self.revoked.clone()
+    }
 }
 
 impl fmt::Debug for SessionLease {

@@ -57,7 +57,7 @@ pub(crate) struct World {
     pub(crate) env: Env,
     pub(crate) dovecot: Dovecot,
     cert: (PathBuf, PathBuf, PathBuf),
-    token: String,
+    pub(crate) token: String,
     refresh_token: String,
 }
 
@@ -78,7 +78,7 @@ impl World {
     }
 }
 
-fn app(
+pub(crate) fn app(
     ns: &str,
     mi: &str,
     name: &str,
@@ -94,7 +94,7 @@ fn app(
     }
 }
 
-fn gateway_config(w: &World, mi: &str, apps: Vec<GatewayAppConfig>) -> GatewayConfig {
+pub(crate) fn gateway_config(w: &World, mi: &str, apps: Vec<GatewayAppConfig>) -> GatewayConfig {
     GatewayConfig {
         namespace: w.env.ns.clone(),
         integration: mi.into(),

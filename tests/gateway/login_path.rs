@@ -1,8 +1,9 @@
 //! The gateway's login path made shorter (benches/README.md "Gateway"), against the real Dovecot.
 //!
 //! IMAP LOGOUT (`src/gateway/logout.rs`): with nothing else outstanding the gateway answers it
-//! itself (`* BYE`, the tagged OK, its own text) and then logs the session out at Dovecot (whose
-//! log says `Logged out`, not a dropped connection); behind a command still running, pipelined,
+//! itself (`* BYE`, the tagged OK, its own text) and then, unless it parks the session for the
+//! app's next login (tests/gateway/reuse.rs), logs the session out at Dovecot (whose log says
+//! `Logged out`, not a dropped connection); behind a command still running, pipelined,
 //! or after a synchronizing literal, LOGOUT is relayed and the app gets every earlier answer first
 //! (Dovecot's own LOGOUT text). Real clients (Python's imaplib, curl) end their sessions through it.
 //!
@@ -33,7 +34,7 @@ use crate::{
     support::gateway::Gateway,
 };
 
-type Conn = BufReader<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(crate) type Conn = BufReader<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// The gateway's own answer (Dovecot's tagged text is `Logout completed (… secs).`).
 fn gateway_answer(tag: &str) -> String {
@@ -55,7 +56,7 @@ fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
 
 /// A TLS connection to `port` trusting the CA in `ca_pem`, with rustls' defaults (its client
 /// offers TLS_AES_256_GCM_SHA384 first).
-async fn tls_connect(port: u16, ca_pem: &[u8]) -> Conn {
+pub(crate) async fn tls_connect(port: u16, ca_pem: &[u8]) -> Conn {
     let config = client_config(ca_pem);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -91,7 +92,7 @@ async fn logged_in(w: &World, gw: &Gateway) -> Conn {
 }
 
 /// Everything up to and including the tagged reply `tag` (literals included as they come).
-async fn until_tagged(conn: &mut Conn, tag: &str) -> String {
+pub(crate) async fn until_tagged(conn: &mut Conn, tag: &str) -> String {
     let mut all = String::new();
     loop {
         let mut line = String::new();
@@ -107,13 +108,13 @@ async fn until_tagged(conn: &mut Conn, tag: &str) -> String {
     }
 }
 
-async fn command(conn: &mut Conn, text: &str, tag: &str) -> String {
+pub(crate) async fn command(conn: &mut Conn, text: &str, tag: &str) -> String {
     conn.get_mut().write_all(text.as_bytes()).await.unwrap();
     until_tagged(conn, tag).await
 }
 
 /// What the gateway sends until it closes the connection.
-async fn to_the_end(conn: &mut Conn) -> String {
+pub(crate) async fn to_the_end(conn: &mut Conn) -> String {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
         .await
@@ -149,7 +150,11 @@ async fn a_logout_with_nothing_outstanding_is_answered_by_the_gateway_and_logged
     for i in 0..3 {
         w.dovecot.deliver(MAILBOX, &message(&format!("logout-{i}")));
     }
-    let gw = w.gateway("gateway", &[]);
+    // Reuse off: each session is logged out upstream at its LOGOUT. With reuse on, a reset-safe
+    // session is parked instead and logged out upstream when it is not taken within the idle
+    // limit (tests/gateway/reuse.rs::a_parked_session_is_logged_out_upstream_after_the_idle_limit),
+    // and one that sent ENABLE at once (a_session_that_sent_enable_is_logged_out_not_parked).
+    let gw = w.gateway("gateway", &["--imap-reuse-idle=0"]);
 
     // A session that read mail (the body's literal passed through the watch), then LOGOUT.
     let mut conn = logged_in(&w, &gw).await;

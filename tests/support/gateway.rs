@@ -60,6 +60,11 @@ impl Gateway {
             "--allow-loopback".into(),
             "--hostname=gateway.test".into(),
         ];
+        // Reuse of upstream IMAP sessions is off unless a test asks for it: the tests of other
+        // points count Dovecot's logins per app login (tests/gateway/reuse.rs turns it on).
+        if !extra.iter().any(|a| a.starts_with("--imap-reuse-idle")) {
+            args.push("--imap-reuse-idle=0".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log_path = log_dir.join(format!("{name}.log"));
         let process = Supervised::spawn(
