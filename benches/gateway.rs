@@ -2,7 +2,11 @@
 //! oidc-provider, real delivery through msmtpd and Dovecot's LDA), IMAP logins/s and SMTP
 //! messages/s straight to Dovecot (XOAUTH2 with a real access token) and through the gateway
 //! process (an app's password; the gateway logs in upstream with XOAUTH2), and the gateway's RSS
-//! idle and with many idle logged-in IMAP sessions open through it.
+//! idle and with many idle logged-in IMAP sessions open through it. The IMAP rates are measured
+//! twice: through the gateway as it ships (reuse of upstream IMAP sessions on,
+//! MIO_BENCH_GATEWAY_REUSE_IDLE, 60s) and through a second gateway with reuse off
+//! (`--imap-reuse-idle=0`: a new upstream session per login), each paired with direct windows;
+//! the share of logins that got a parked session is printed with the first.
 //!
 //!   cargo bench --bench gateway
 //!
@@ -532,21 +536,31 @@ async fn main() {
         .expect("gateway Secret");
     let cert = support::gateway::certificate(env.log_dir.path());
     let max_sessions = (wanted + 100).to_string();
-    let gw = support::gateway::Gateway::start(
-        "gateway-bench",
-        &env.cp.kubeconfig,
-        &env.ns,
-        &cert,
-        &[
-            &format!("--max-sessions-per-credential={max_sessions}"),
-            &format!("--max-connections={}", 2 * wanted + 1000),
-            // The session phase connects every session first and logs them in after: the first
-            // ones wait longer than the default 30 s before their login.
-            "--pre-login-idle=10m",
-        ],
-        env.log_dir.path(),
-    );
+    let reuse_idle: String = env_or("MIO_BENCH_GATEWAY_REUSE_IDLE", "60s".to_owned());
+    let start_gateway = |name: &str, reuse: &str| {
+        support::gateway::Gateway::start(
+            name,
+            &env.cp.kubeconfig,
+            &env.ns,
+            &cert,
+            &[
+                &format!("--max-sessions-per-credential={max_sessions}"),
+                &format!("--max-connections={}", 2 * wanted + 1000),
+                // The session phase connects every session first and logs them in after: the
+                // first ones wait longer than the default 30 s before their login.
+                "--pre-login-idle=10m",
+                &format!("--imap-reuse-idle={reuse}"),
+            ],
+            env.log_dir.path(),
+        )
+    };
+    // The gateway as it ships (reuse of upstream IMAP sessions on), and a second one with reuse
+    // off, for the IMAP rates only, against the same Dovecot.
+    let gw = start_gateway("gateway-bench", &reuse_idle);
+    let gw_off = start_gateway("gateway-bench-noreuse", "0");
     let gw_pid = gw.process.child_pid().expect("gateway pid");
+    let gw_off_pid = gw_off.process.child_pid().expect("gateway pid");
+    println!("gateway imap_reuse_idle {reuse_idle}");
     // Without the privilege to raise the hard limit, fewer sessions than wanted may fit beside
     // the gateway's own descriptors (listeners, the API server's connections, logs).
     let gw_fds = open_fds(gw_pid);
@@ -574,6 +588,7 @@ async fn main() {
     for (port, login) in [
         (dovecot.imaps_port, &imap_direct),
         (gw.imaps_port, &imap_gateway),
+        (gw_off.imaps_port, &imap_gateway),
     ] {
         imap_login_logout(&tls, port, login, &Steps::new(IMAP_STEPS))
             .await
@@ -605,8 +620,10 @@ async fn main() {
     let paths = Paths {
         tls: tls.clone(),
         gw_pid,
+        gw_off_pid,
         imap_direct: (dovecot.imaps_port, imap_direct),
         imap_gateway: (gw.imaps_port, imap_gateway.clone()),
+        imap_gateway_off: (gw_off.imaps_port, imap_gateway.clone()),
         smtp_direct: (dovecot.submissions_port, smtp_direct),
         smtp_gateway: (gw.submissions_port, smtp_gateway),
     };
@@ -617,9 +634,11 @@ async fn main() {
             rounds,
             per_session,
         };
-        rates(&paths, &plan, &dovecot).await;
-        upstream_setup_steps(&gw.log());
+        rates(&paths, &plan, &dovecot, &gw).await;
+        upstream_setup_steps(&gw.log(), "");
+        upstream_setup_steps(&gw_off.log(), "_noreuse");
     }
+    drop(gw_off);
     if sessions > 0 {
         idle_sessions(&paths, sessions, wanted, idle_rss).await;
     }
@@ -632,8 +651,11 @@ async fn main() {
 struct Paths {
     tls: Arc<Tls>,
     gw_pid: u32,
+    /// The gateway with reuse of upstream IMAP sessions off.
+    gw_off_pid: u32,
     imap_direct: (u16, Arc<String>),
     imap_gateway: (u16, Arc<String>),
+    imap_gateway_off: (u16, Arc<String>),
     smtp_direct: (u16, Arc<String>),
     smtp_gateway: (u16, Arc<String>),
 }
@@ -750,7 +772,7 @@ where
 
 /// IMAP logins/s and SMTP messages/s on both paths, with the gateway's CPU per operation and
 /// where a session's time goes, step by step.
-async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot) {
+async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot, gw: &support::gateway::Gateway) {
     let gw_pid = paths.gw_pid;
     let imap = |(port, login): (u16, Arc<String>), steps: Arc<Steps>| {
         let tls = paths.tls.clone();
@@ -764,7 +786,14 @@ async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot) {
         }
     };
     let (imap_d, imap_g) = (Steps::new(IMAP_STEPS), Steps::new(IMAP_STEPS));
-    let failed = paired(
+    let reuse_counts = || {
+        (
+            gw.metric("mailintegration_gateway_imap_upstream_reused_total"),
+            gw.metric(r#"mailintegration_gateway_logins_total{protocol="IMAP",result="success"}"#),
+        )
+    };
+    let (reused_before, logins_before) = reuse_counts();
+    let mut failed = paired(
         "imap_login",
         "logins",
         plan,
@@ -774,9 +803,44 @@ async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot) {
         imap(paths.imap_gateway.clone(), imap_g.clone()),
     )
     .await;
+    let (reused_after, logins_after) = reuse_counts();
+    let (reused, logins) = (reused_after - reused_before, logins_after - logins_before);
+    println!(
+        "gateway imap_login_reused_share {:.2} reused={reused} logins={logins}",
+        reused / logins.max(1.0)
+    );
+    let reuse_metrics: Vec<String> = gw
+        .get("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("mailintegration_gateway_imap_upstream_"))
+        .map(|l| {
+            l.trim_start_matches("mailintegration_gateway_imap_upstream_")
+                .replace(' ', "=")
+        })
+        .collect();
+    println!("gateway imap_reuse_metrics {}", reuse_metrics.join(" "));
+    // The same against the gateway with reuse off (a fresh upstream session per login).
+    let imap_o = Steps::new(IMAP_STEPS);
+    let imap_d2 = Steps::new(IMAP_STEPS);
+    failed += paired(
+        "imap_login_noreuse",
+        "logins",
+        plan,
+        plan.window,
+        paths.gw_off_pid,
+        imap(paths.imap_direct.clone(), imap_d2.clone()),
+        imap(paths.imap_gateway_off.clone(), imap_o.clone()),
+    )
+    .await;
     println!("gateway imap_login_failures {failed} target=0");
     println!("gateway imap_steps_ms_direct {}", imap_d.means());
     println!("gateway imap_steps_ms_gateway {}", imap_g.means());
+    println!(
+        "gateway imap_steps_ms_direct_noreuse_run {}",
+        imap_d2.means()
+    );
+    println!("gateway imap_steps_ms_gateway_noreuse {}", imap_o.means());
 
     // SMTP messages/s, one session per message and `per_session` per session.
     let sent = Arc::new(AtomicU64::new(2));
@@ -831,7 +895,7 @@ async fn rates(paths: &Paths, plan: &Plan, dovecot: &Dovecot) {
 
 /// The gateway's own account of its upstream set-ups (its debug lines `upstream set-up steps`,
 /// microseconds a step): the mean of each step, per protocol.
-fn upstream_setup_steps(log: &str) {
+fn upstream_setup_steps(log: &str, suffix: &str) {
     let mut sums: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
     for line in log.lines().filter(|l| l.contains("upstream set-up steps")) {
         let protocol = line
@@ -859,7 +923,7 @@ fn upstream_setup_steps(log: &str) {
     }
     for (protocol, steps) in by_protocol {
         println!(
-            "gateway upstream_setup_ms_{} {}",
+            "gateway upstream_setup_ms_{}{suffix} {}",
             protocol.to_lowercase(),
             steps.join(" ")
         );

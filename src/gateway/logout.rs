@@ -275,6 +275,8 @@ pub struct LogoutWatch {
     answered: Option<String>,
     /// What the app's commands did to the session.
     reset: Reset,
+    /// The outstanding CLOSE and UNSELECT commands: their tags and [`Reset::command`]'s marks.
+    unselects: Vec<(Box<[u8]>, u64)>,
 }
 
 impl Default for LogoutWatch {
@@ -286,6 +288,7 @@ impl Default for LogoutWatch {
             lost: false,
             answered: None,
             reset: Reset::default(),
+            unselects: Vec::new(),
         }
     }
 }
@@ -298,10 +301,11 @@ impl LogoutWatch {
     /// What the app's commands did to the session: tainted too when the watch lost the session
     /// (it could not tell what the app sent).
     pub fn reset(&self) -> Reset {
-        Reset {
-            tainted: self.reset.tainted || self.lost,
-            ..self.reset
+        let mut reset = self.reset;
+        if self.lost {
+            reset.taint();
         }
+        reset
     }
 
     /// Whether the watch still follows the session.
@@ -320,15 +324,38 @@ impl LogoutWatch {
             return;
         }
         let outstanding = &mut self.outstanding;
+        let unselects = &mut self.unselects;
+        let reset = &mut self.reset;
         let mut lost = false;
         let mut message = |head: &[u8], _literal: bool| {
             match server_line(head) {
-                ServerLine::Untagged => {}
+                ServerLine::Untagged => {
+                    // The server ends the session: never to be parked.
+                    if head
+                        .get(..5)
+                        .is_some_and(|w| w.eq_ignore_ascii_case(b"* BYE"))
+                    {
+                        reset.taint();
+                    }
+                }
                 ServerLine::Tagged(tag) => match outstanding.iter().position(|t| **t == *tag) {
                     Some(i) => {
                         outstanding.remove(i);
                         if outstanding.is_empty() {
                             *outstanding = Vec::new();
+                        }
+                        if let Some(u) = unselects.iter().position(|(t, _)| **t == *tag) {
+                            let (_, mark) = unselects.remove(u);
+                            if unselects.is_empty() {
+                                *unselects = Vec::new();
+                            }
+                            let ok = head
+                                .get(tag.len().saturating_add(1)..)
+                                .and_then(|rest| rest.get(..2))
+                                .is_some_and(|w| w.eq_ignore_ascii_case(b"OK"));
+                            if ok {
+                                reset.unselected(mark);
+                            }
                         }
                     }
                     // A reply to no command the watch saw.
@@ -349,13 +376,16 @@ impl LogoutWatch {
             return;
         }
         let outstanding = &mut self.outstanding;
+        let unselects = &mut self.unselects;
         let reset = &mut self.reset;
         let mut lost = false;
         let mut message = |head: &[u8], literal: bool| {
             match app_line(head) {
                 AppLine::Done => {}
                 AppLine::Command(tag) if outstanding.len() < MAX_OUTSTANDING => {
-                    reset.command(head, literal);
+                    if let Some(mark) = reset.command(head, literal) {
+                        unselects.push((tag.into(), mark));
+                    }
                     outstanding.push(tag.into());
                 }
                 AppLine::Command(_) => lost = true,
@@ -400,6 +430,33 @@ mod tests {
 
     fn watch() -> LogoutWatch {
         LogoutWatch::new()
+    }
+
+    #[test]
+    fn the_watch_follows_what_the_commands_did_to_the_session() {
+        let mut w = watch();
+        w.from_app(b"a1 SELECT INBOX\r\n");
+        w.from_server(b"* 2 EXISTS\r\na1 OK [READ-WRITE] done\r\n");
+        assert!(w.reset().maybe_selected && !w.reset().tainted);
+        // UNSELECT refused (a server without it): still selected.
+        w.from_app(b"a2 UNSELECT\r\n");
+        w.from_server(b"a2 BAD unknown command\r\n");
+        assert!(w.reset().maybe_selected);
+        w.from_app(b"a3 CLOSE\r\n");
+        w.from_server(b"a3 OK closed\r\n");
+        assert!(!w.reset().maybe_selected);
+        w.from_app(b"a4 APPEND INBOX {3+}\r\nabc\r\n");
+        w.from_server(b"a4 OK appended\r\n");
+        assert!(!w.reset().tainted, "APPEND's literal");
+        w.from_app(b"a5 SEARCH SUBJECT {3+}\r\nabc\r\n");
+        w.from_server(b"* SEARCH\r\na5 OK done\r\n");
+        assert!(w.reset().tainted, "arguments after a literal not seen");
+        let mut w = watch();
+        w.from_server(b"* BYE shutting down\r\n");
+        assert!(w.reset().tainted, "the server ends the session");
+        let mut w = watch();
+        w.from_app(b"a1 COMPRESS DEFLATE\r\n");
+        assert!(w.reset().tainted, "not followed");
     }
 
     #[test]

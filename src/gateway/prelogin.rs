@@ -130,7 +130,7 @@ impl Conn {
     ) -> Result<(Authorized, Upstream), Refusal> {
         let ctx = &self.ctx;
         let mut clock = upstream::StepClock::new();
-        let who = if protocol == Protocol::Imap {
+        let (who, check_us) = if protocol == Protocol::Imap {
             let who = ctx
                 .login
                 .authorize(protocol, username, password, self.source)
@@ -154,14 +154,15 @@ impl Conn {
                 };
                 return Ok((who, upstream));
             }
-            who
+            (who, check_us)
         } else {
-            ctx.login
+            let who = ctx
+                .login
                 .login(protocol, username, password, self.source)
                 .await
-                .map_err(Refusal::Login)?
+                .map_err(Refusal::Login)?;
+            (who, clock.lap())
         };
-        let check_us = clock.lap();
         match upstream::connect(&who.entry, protocol, &ctx.allowed).await {
             Ok(upstream) => {
                 tracing::debug!(protocol = %protocol, check_us, "upstream set-up steps");

@@ -126,21 +126,47 @@ pub fn effect(line: &[u8], literal: bool) -> Effect {
 /// What the app's commands have done to the session so far (fed by [`super::logout::LogoutWatch`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reset {
-    /// A command that is not reset-safe was sent.
+    /// A command that is not reset-safe was sent (or the server said BYE, or the watch could not
+    /// follow the session).
     pub tainted: bool,
-    /// A mailbox may be selected (the last of SELECT/EXAMINE and CLOSE/UNSELECT was the former).
+    /// A mailbox may be selected: a SELECT or EXAMINE was sent and no CLOSE or UNSELECT sent after
+    /// it was answered OK.
     pub maybe_selected: bool,
+    /// SELECTs and EXAMINEs sent.
+    selects: u64,
 }
 
 impl Reset {
-    /// Follow one command (its first line, and whether a literal followed it).
-    pub fn command(&mut self, line: &[u8], literal: bool) {
+    /// Follow one command (its first line, and whether a literal followed it). For a CLOSE or
+    /// UNSELECT, the mark to give [`Self::unselected`] when the server answers it OK: it
+    /// unselects only then (a server without UNSELECT answers BAD and the mailbox stays selected).
+    pub fn command(&mut self, line: &[u8], literal: bool) -> Option<u64> {
         match effect(line, literal) {
-            Effect::Safe => {}
-            Effect::Selects => self.maybe_selected = true,
-            Effect::Unselects => self.maybe_selected = false,
-            Effect::Unsafe => self.tainted = true,
+            Effect::Safe => None,
+            Effect::Selects => {
+                self.maybe_selected = true;
+                self.selects = self.selects.wrapping_add(1);
+                None
+            }
+            Effect::Unselects => Some(self.selects),
+            Effect::Unsafe => {
+                self.tainted = true;
+                None
+            }
         }
+    }
+
+    /// The CLOSE or UNSELECT of `mark` was answered OK: no mailbox is selected, unless a SELECT
+    /// or EXAMINE was sent after it.
+    pub fn unselected(&mut self, mark: u64) {
+        if mark == self.selects {
+            self.maybe_selected = false;
+        }
+    }
+
+    /// Never to be parked.
+    pub fn taint(&mut self) {
+        self.tainted = true;
     }
 }
 
@@ -325,23 +351,23 @@ mod tests {
     }
 
     #[test]
-    fn the_selection_follows_the_last_select_or_close() {
+    fn the_selection_follows_the_last_select_and_a_close_answered_ok() {
         let mut r = Reset::default();
-        r.command(b"a SELECT INBOX\r\n", false);
+        assert_eq!(r.command(b"a SELECT INBOX\r\n", false), None);
         assert!(r.maybe_selected);
-        r.command(b"b CLOSE\r\n", false);
+        let close = r.command(b"b CLOSE\r\n", false).unwrap();
+        assert!(r.maybe_selected, "not before the server's OK");
+        r.unselected(close);
         assert!(!r.maybe_selected);
         r.command(b"c EXAMINE INBOX\r\n", false);
-        r.command(b"d FETCH 1 FLAGS\r\n", false);
-        assert_eq!(
-            r,
-            Reset {
-                tainted: false,
-                maybe_selected: true
-            }
-        );
-        r.command(b"e ENABLE UTF8=ACCEPT\r\n", false);
-        r.command(b"f UNSELECT\r\n", false);
+        let unselect = r.command(b"d UNSELECT\r\n", false).unwrap();
+        r.command(b"e SELECT Sent\r\n", false);
+        r.unselected(unselect);
+        assert!(r.maybe_selected, "SELECT sent after the UNSELECT");
+        assert!(!r.tainted);
+        r.command(b"f ENABLE UTF8=ACCEPT\r\n", false);
+        let close = r.command(b"g CLOSE\r\n", false).unwrap();
+        r.unselected(close);
         assert!(r.tainted, "a taint stays");
     }
 
@@ -349,8 +375,8 @@ mod tests {
     fn a_session_is_parked_only_when_every_rule_holds() {
         assert_eq!(decide(fine()), Decision::Park);
         let selected = Reset {
-            tainted: false,
             maybe_selected: true,
+            ..Reset::default()
         };
         assert_eq!(
             decide(ParkInput {
@@ -393,7 +419,7 @@ mod tests {
                 ParkInput {
                     reset: Reset {
                         tainted: true,
-                        maybe_selected: false,
+                        ..Reset::default()
                     },
                     ..fine()
                 },
