@@ -327,3 +327,36 @@ async fn a_parked_session_is_logged_out_upstream_after_the_idle_limit() {
     assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_session_never_keeps_an_active_login_out_of_the_session_cap() {
+    let w = world("gw-reuse-cap").await;
+    w.dovecot.deliver(MAILBOX, &message("reuse-6"));
+    let gw = w.gateway(
+        "gateway",
+        &["--imap-reuse-idle=10m", "--max-sessions-per-credential=2"],
+    );
+    let user = w.user("inbox", "helpdesk");
+    // One active session and one parked: the credential's cap of 2 is taken.
+    let (active, _) = login(&gw, &user, PASSWORD).await;
+    read_and_park(&w, &gw, &user, 1.0).await;
+    // Another login: the parked session makes way (logged out upstream), the login is served.
+    let (mut second, answer) = login(&gw, &user, PASSWORD).await;
+    assert!(answer.contains("a OK"), "{answer}");
+    wait_logged_out(&w, 1).await;
+    assert_eq!(gw.metric(&dropped("evicted")), 1.0);
+    assert_eq!(gw.metric(PARKED_NOW), 0.0);
+    let select = command(&mut second, "s SELECT INBOX\r\n", "s").await;
+    assert!(select.contains("s OK"), "{select}");
+    // Two active sessions: a third is refused as before (nothing parked to make way).
+    let mut conn = tls_connect(gw.imaps_port, &std::fs::read(&gw.ca_path).unwrap()).await;
+    let _ = until_tagged(&mut conn, "*").await;
+    let refused = command(
+        &mut conn,
+        &format!("a LOGIN \"{user}\" \"{PASSWORD}\"\r\n"),
+        "a",
+    )
+    .await;
+    assert!(refused.contains("a NO [LIMIT]"), "{refused}");
+    drop((active, second));
+}
