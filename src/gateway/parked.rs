@@ -204,7 +204,10 @@ impl Pool {
             };
             // The new login's own lease counts the session from here.
             drop(lease);
-            if exchange(&mut reused.stream, "P1", "NOOP", false, PROBE_TIMEOUT).await {
+            if exchange(&mut reused.stream, "P1", "NOOP", false, PROBE_TIMEOUT)
+                .await
+                .is_some()
+            {
                 self.metrics.upstream_reused.inc();
                 return Some(reused);
             }
@@ -236,18 +239,33 @@ impl Pool {
             .lookup(&username)
             .is_some_and(|e| self.fingerprint(&e) == fingerprint);
         let time_left = reuse::token_time_left(who.entry.expiry, Timestamp::now());
-        let decision = reuse::decide(ParkInput {
+        let mut input = ParkInput {
             enabled: self.enabled(),
             answered_here: true,
             revoked: who.lease.is_revoked(),
             reset,
             unselect_offered: reuse::offers_unselect(&answer.untagged, &answer.reply),
             token_fresh: current && time_left.is_some(),
-        });
+        };
+        let mut decision = reuse::decide(input);
+        if decision == Decision::LogOut("no_unselect")
+            && !reuse::lists_capabilities(&answer.untagged, &answer.reply)
+        {
+            // The server did not list its capabilities at login (Outlook's login reply does
+            // not): ask it now, after the login (the app is gone; the answer is not kept).
+            if let Some(lines) =
+                exchange(&mut stream, "P4", "CAPABILITY", true, UNSELECT_TIMEOUT).await
+            {
+                input.unselect_offered = reuse::offers_unselect(&lines, "");
+                decision = reuse::decide(input);
+            }
+        }
         let not_parked = match decision {
             Decision::LogOut(why) => Some(why),
             Decision::UnselectThenPark => {
-                (!exchange(&mut stream, "P0", "UNSELECT", true, UNSELECT_TIMEOUT).await)
+                exchange(&mut stream, "P0", "UNSELECT", true, UNSELECT_TIMEOUT)
+                    .await
+                    .is_none()
                     .then_some("unselect_failed")
             }
             Decision::Park => None,
@@ -381,16 +399,16 @@ impl Held {
     }
 }
 
-/// Send `tag command` and read to its tagged reply, within `timeout`: whether it was `OK`, with
-/// nothing else after it, and before it only untagged lines without literals when `untagged` is
-/// allowed (else nothing).
+/// Send `tag command` and read to its tagged reply, within `timeout`: `Some(the untagged lines
+/// before it)` if it was `OK` with nothing else after it, and before it only untagged lines
+/// without literals when `untagged` is allowed (else nothing).
 async fn exchange(
     stream: &mut Box<dyn AsyncStream>,
     tag: &str,
     command: &str,
     untagged: bool,
     timeout: Duration,
-) -> bool {
+) -> Option<Vec<u8>> {
     let run = async {
         stream
             .write_all(format!("{tag} {command}\r\n").as_bytes())
@@ -398,27 +416,28 @@ async fn exchange(
             .ok()?;
         stream.flush().await.ok()?;
         let mut buf = Vec::new();
+        let mut lines = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
             while let Some(end) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
                 match reply_line(&line, tag) {
-                    ReplyLine::Ok => return Some(buf.is_empty()),
-                    ReplyLine::Untagged if untagged => {}
-                    _ => return Some(false),
+                    ReplyLine::Ok => return buf.is_empty().then_some(lines),
+                    ReplyLine::Untagged if untagged => lines.extend_from_slice(&line),
+                    _ => return None,
                 }
             }
-            if buf.len() > MAX_REPLY_BYTES {
-                return Some(false);
+            if buf.len().saturating_add(lines.len()) > MAX_REPLY_BYTES {
+                return None;
             }
             let n = stream.read(&mut chunk).await.ok()?;
             if n == 0 {
-                return Some(false);
+                return None;
             }
             buf.extend_from_slice(chunk.get(..n)?);
         }
     };
-    matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+    tokio::time::timeout(timeout, run).await.ok().flatten()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -470,6 +489,11 @@ mod tests {
 
     /// A server that answers the next command line with `answer`.
     async fn answers(answer: &'static [u8], untagged: bool) -> bool {
+        asked(answer, untagged).await.is_some()
+    }
+
+    /// [`answers`], with the untagged lines before the OK.
+    async fn asked(answer: &'static [u8], untagged: bool) -> Option<Vec<u8>> {
         let (ours, theirs) = duplex(4096);
         let server = tokio::spawn(async move {
             let mut theirs = BufReader::new(theirs);
@@ -489,6 +513,20 @@ mod tests {
         .await;
         assert_eq!(server.await.unwrap(), "P1 NOOP\r\n");
         ok
+    }
+
+    #[tokio::test]
+    async fn the_untagged_lines_before_the_ok_are_handed_back() {
+        let lines = asked(
+            b"* CAPABILITY IMAP4rev1 UNSELECT IDLE\r\nP1 OK done\r\n",
+            true,
+        )
+        .await;
+        assert_eq!(
+            lines.as_deref(),
+            Some(&b"* CAPABILITY IMAP4rev1 UNSELECT IDLE\r\n"[..])
+        );
+        assert!(reuse::offers_unselect(&lines.unwrap(), ""));
     }
 
     #[tokio::test]

@@ -266,29 +266,48 @@ pub fn fingerprint(entry: &Entry, salt: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Whether the server's login answer (its untagged lines and its tagged reply's text) lists
-/// UNSELECT among its capabilities (`* CAPABILITY ...` or `OK [CAPABILITY ...]`).
-pub fn offers_unselect(untagged: &[u8], reply: &str) -> bool {
-    let untagged = String::from_utf8_lossy(untagged);
-    let from_untagged = untagged.lines().any(|line| {
-        let mut words = line.split_ascii_whitespace();
-        words.next() == Some("*")
-            && words
-                .next()
-                .is_some_and(|w| w.eq_ignore_ascii_case("CAPABILITY"))
-            && words.any(|w| w.eq_ignore_ascii_case("UNSELECT"))
-    });
+/// Whether the server's login answer lists its capabilities at all (`* CAPABILITY ...` or
+/// `OK [CAPABILITY ...]`).
+pub fn lists_capabilities(untagged: &[u8], reply: &str) -> bool {
+    capability_lists(untagged, reply).next().is_some()
+}
+
+/// The capability lists (their words after `CAPABILITY`) in a server's answer: its untagged lines
+/// and its tagged reply's text.
+fn capability_lists<'a>(
+    untagged: &'a [u8],
+    reply: &'a str,
+) -> impl Iterator<Item = Vec<String>> + 'a {
+    let untagged = String::from_utf8_lossy(untagged).into_owned();
+    let from_untagged: Vec<Vec<String>> = untagged
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_ascii_whitespace();
+            (words.next() == Some("*")
+                && words
+                    .next()
+                    .is_some_and(|w| w.eq_ignore_ascii_case("CAPABILITY")))
+            .then(|| words.map(str::to_owned).collect())
+        })
+        .collect();
     let from_reply = reply
         .split_once('[')
         .and_then(|(_, code)| code.split(']').next())
-        .is_some_and(|code| {
+        .and_then(|code| {
             let mut words = code.split_ascii_whitespace();
             words
                 .next()
                 .is_some_and(|w| w.eq_ignore_ascii_case("CAPABILITY"))
-                && words.any(|w| w.eq_ignore_ascii_case("UNSELECT"))
+                .then(|| words.map(str::to_owned).collect::<Vec<String>>())
         });
-    from_untagged || from_reply
+    from_untagged.into_iter().chain(from_reply)
+}
+
+/// Whether the server's login answer (its untagged lines and its tagged reply's text) lists
+/// UNSELECT among its capabilities (`* CAPABILITY ...` or `OK [CAPABILITY ...]`).
+pub fn offers_unselect(untagged: &[u8], reply: &str) -> bool {
+    capability_lists(untagged, reply)
+        .any(|list| list.iter().any(|w| w.eq_ignore_ascii_case("UNSELECT")))
 }
 
 #[cfg(test)]
@@ -462,5 +481,7 @@ mod tests {
             "OK [CAPABILITY IMAP4rev1 IDLE] UNSELECT"
         ));
         assert!(!offers_unselect(b"* OK UNSELECT\r\n", "OK Logged in"));
+        assert!(lists_capabilities(b"", "OK [CAPABILITY IMAP4rev1] x"));
+        assert!(!lists_capabilities(b"", "OK AUTHENTICATE completed."));
     }
 }

@@ -360,3 +360,22 @@ async fn a_parked_session_never_keeps_an_active_login_out_of_the_session_cap() {
     assert!(refused.contains("a NO [LIMIT]"), "{refused}");
     drop((active, second));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_logs_its_parked_sessions_out() {
+    let w = world("gw-reuse-stop").await;
+    w.dovecot.deliver(MAILBOX, &message("reuse-7"));
+    let mut gw = gateway(&w, "10m");
+    let user = w.user("inbox", "helpdesk");
+    read_and_park(&w, &gw, &user, 1.0).await;
+    assert_eq!(logged_out(&w), 0);
+    // SIGTERM: the parked session gets a LOGOUT (Dovecot: `Logged out`, not `Disconnected`).
+    tokio::task::block_in_place(|| gw.process.stop());
+    wait_logged_out(&w, 1).await;
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("parked upstream session ended") && l.contains("shutdown")),
+        "{log}"
+    );
+}
