@@ -19,6 +19,14 @@ pub struct RefreshLabels {
     pub reason: String,
 }
 
+/// What became of a first refresh's wait for its mailbox check (`reconcile::mailbox_check`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JoinLabels {
+    /// joined (the result went out in the refresh's status write) | late (the check outlasted
+    /// the wait) | no_slot (every join slot was taken: not waited for)
+    pub result: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
@@ -62,6 +70,7 @@ pub struct Metrics {
     /// Reads (GETs) a reconcile made of the Kubernetes API, by object; the watch caches serve the rest.
     pub api_reads: Family<ObjectLabels, Counter>,
     pub mailbox_checks: Family<RefreshLabels, Counter>,
+    pub mailbox_check_joins: Family<JoinLabels, Counter>,
     pub sign_ins: Family<RefreshLabels, Counter>,
     /// Provider calls deferred by a limit (docs/security.md, "Shared capacity").
     pub deferred: Family<LimitLabels, Counter>,
@@ -139,6 +148,17 @@ impl Default for Metrics {
             "Mailbox connection checks by result and reason",
             mailbox_checks.clone(),
         );
+        let mailbox_check_joins = Family::<JoinLabels, Counter>::default();
+        registry.register(
+            "mailbox_check_joins",
+            "First refreshes whose status write waited for their first mailbox check, by what became of it: joined (one status write), late (the check outlasted --mailbox-check-wait) or no_slot (every join slot taken); late and no_slot each cost a status write of the check's own",
+            mailbox_check_joins.clone(),
+        );
+        for result in ["joined", "late", "no_slot"] {
+            let _ = mailbox_check_joins.get_or_create(&JoinLabels {
+                result: result.into(),
+            });
+        }
         let sign_ins = Family::<RefreshLabels, Counter>::default();
         registry.register(
             "sign_ins",
@@ -172,6 +192,7 @@ impl Default for Metrics {
             sign_ins,
             objects,
             mailbox_checks,
+            mailbox_check_joins,
             registry,
             refreshes,
             refresh_duration,

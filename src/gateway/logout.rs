@@ -66,13 +66,19 @@ enum Marker {
     NonSync(u64),
 }
 
+/// The largest non-synchronizing literal every server with one takes: LITERAL- (RFC 7888) allows
+/// 4096 bytes.
+const NON_SYNC_LITERAL_MAX: u64 = 4096;
+
 /// The marker `line` (a whole line's end, with its CRLF) ends with, if any.
 fn marker(line: &[u8]) -> Option<Marker> {
     let body = line.strip_suffix(b"}\r\n")?;
     let open = body.iter().rposition(|b| *b == b'{')?;
     let inner = body.get(open.saturating_add(1)..)?;
+    // `{n+}` is the non-synchronizing literal of LITERAL+ and LITERAL- alike (RFC 7888); `{n-}`
+    // is no literal at all, and a server reads the bytes after it as commands.
     let (digits, sync) = match inner.last() {
-        Some(b'+' | b'-') => (inner.get(..inner.len().saturating_sub(1))?, false),
+        Some(b'+') => (inner.get(..inner.len().saturating_sub(1))?, false),
         _ => (inner, true),
     };
     if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
@@ -394,8 +400,11 @@ impl LogoutWatch {
             !lost
         };
         // A synchronizing literal waits for the server's go-ahead, which it may refuse (then
-        // the literal is never sent): not followed.
-        let mut literal = |m: &Marker| matches!(m, Marker::NonSync(_));
+        // the literal is never sent): not followed. Nor is a non-synchronizing one over 4096
+        // bytes, which a server with LITERAL- only (Gmail) refuses, reading its bytes as
+        // commands.
+        let mut literal =
+            |m: &Marker| matches!(m, Marker::NonSync(n) if *n <= NON_SYNC_LITERAL_MAX);
         if !self.app.feed(data, &mut message, &mut literal) || lost {
             self.lost = true;
         }
@@ -464,7 +473,7 @@ mod tests {
         assert_eq!(marker(b"a APPEND INBOX {12}\r\n"), Some(Marker::Sync(12)));
         assert_eq!(marker(b"* 1 FETCH (BODY[] ~{5}\r\n"), Some(Marker::Sync(5)));
         assert_eq!(marker(b"a LOGIN {3+}\r\n"), Some(Marker::NonSync(3)));
-        assert_eq!(marker(b"x {3-}\r\n"), Some(Marker::NonSync(3)));
+        assert_eq!(marker(b"x {3-}\r\n"), None, "not a literal (RFC 7888)");
         assert_eq!(marker(b"* OK {}\r\n"), None);
         assert_eq!(marker(b"* OK {x}\r\n"), None);
         assert_eq!(marker(b"* OK {12}\n"), None);
@@ -568,6 +577,16 @@ mod tests {
         assert!(!w.following());
         w.from_server(b"a1 NO [TOOBIG] no\r\n");
         assert!(w.would_take(b"a2 LOGOUT\r\n", true).is_none());
+        // Over LITERAL-'s 4096 bytes a server may refuse the literal and read its bytes as
+        // commands: not followed, and the session not reusable.
+        let mut w = watch();
+        w.from_app(b"a1 APPEND INBOX {4097+}\r\n");
+        assert!(!w.following());
+        assert!(w.reset().tainted);
+        // `{n-}` is no literal: what follows is a command (here one that is not reset-safe).
+        let mut w = watch();
+        w.from_app(b"a1 APPEND INBOX {20-}\r\nc ENABLE CONDSTORE\r\n");
+        assert!(w.reset().tainted, "the ENABLE after {{20-}} was seen");
     }
 
     #[test]

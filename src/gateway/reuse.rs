@@ -87,10 +87,9 @@ fn contains_word(haystack: &[u8], word: &str) -> bool {
 /// did not end within what the watch keeps is not reset-safe). `literal`: the command went on
 /// with a literal after this line.
 pub fn effect(line: &[u8], literal: bool) -> Effect {
-    let Some(body) = line
-        .strip_suffix(b"\r\n")
-        .or_else(|| line.strip_suffix(b"\n"))
-    else {
+    // A line that ends in a bare LF may be two commands to one server and one to another: not
+    // reset-safe.
+    let Some(body) = line.strip_suffix(b"\r\n") else {
         return Effect::Unsafe;
     };
     let mut words = body.split(|b| *b == b' ');
@@ -355,6 +354,8 @@ mod tests {
             (b"a1 UID\r\n", Effect::Unsafe),
             (b"a1 UID ENABLE\r\n", Effect::Unsafe),
             (b"a1\r\n", Effect::Unsafe),
+            // A bare LF: one command to the watch, maybe two to the server.
+            (b"a1 NOOP\n", Effect::Unsafe),
             // A first line the watch could not keep whole.
             (b"a1 FETCH 1:* (FLAGS", Effect::Unsafe),
         ] {

@@ -1,13 +1,14 @@
 //! When and how a reconcile checks the mailbox, and what the result does to the status.
 //!
 //! The check runs at least every `spec.mailbox.checkInterval`, and at once for a token of a new
-//! grant (a sign-in, a rotated refresh token, a new client Secret for app-only grants), after a
-//! spec change, after a refresh a user asked for (the refresh annotation), and for every new token
-//! while the last check failed ([`Cached::answers`]). A routine refresh of a grant whose last check
-//! connected does not make one due: its new token is the same grant's, and the interval's check
-//! finds what changed at the mail server. Results are kept in memory per integration (with what
-//! they were made with), so a storm of reconciles does not become a storm of logins, and a check
-//! that did not change its result writes nothing. Checks run with bounded concurrency and a timeout each, off the refresh path
+//! grant (a sign-in, new scopes, a new client Secret for app-only grants; not a rotated refresh
+//! token: [`grant_basis`]), after a spec change, after a refresh a user asked for (the refresh
+//! annotation), and for every new token while the last check failed ([`Cached::answers`]). A
+//! routine refresh of a grant whose last check connected does not make one due: its new token is
+//! the same grant's, and the interval's check finds what changed at the mail server. Results are
+//! kept in memory per integration (with what they were made with), so a storm of reconciles does
+//! not become a storm of logins, and a check that did not change its result writes nothing.
+//! Checks run with bounded concurrency and a timeout each, off the refresh path
 //! ([`MailboxChecker::state_joined`]): a reconcile does not wait for a mail server; it
 //! reports the last finished check, and a finished check brings a reconcile of its own.
 //!
@@ -79,28 +80,50 @@ pub struct CheckToken<'t> {
     pub grant: &'t str,
 }
 
-/// What a token was issued from, for [`CheckToken::grant`], as a short digest: the grant's refresh
-/// token (a sign-in or a rotation gives a new one), else the client Secret's version (app-only
-/// grants), and the refresh a user asked for (the refresh annotation's value), so that each of
-/// these makes a check due and a routine refresh does not.
+/// What a token was issued from, for [`CheckToken::grant`], as a short digest: the grant's
+/// sign-in (its time, account, scopes, token endpoint and client; a rotated refresh token keeps
+/// them, a new sign-in does not; a grant brought by hand without its sign-in time: its refresh
+/// token), else the client Secret's version (app-only grants), and the refresh a user asked for
+/// (the refresh annotation's value), so that each of these makes a check due and a routine
+/// refresh, rotating or not, does not.
 pub fn grant_basis(
-    refresh_token: Option<&SecretValue>,
+    grant: Option<&super::observed::Grant>,
     client_version: Option<&str>,
     requested: Option<&str>,
 ) -> String {
     let mut digest = sha2::Sha256::new();
-    match refresh_token {
-        Some(r) => {
-            digest.update(b"refresh-token\0");
-            digest.update(r.expose().as_bytes());
+    let mut field = |name: &str, value: &[u8]| {
+        digest.update(name.as_bytes());
+        digest.update(b"\0");
+        digest.update(value);
+        digest.update(b"\0");
+    };
+    match grant {
+        Some(g) => {
+            match g.issued_at {
+                Some(at) => field("issued-at", at.to_string().as_bytes()),
+                None => field("refresh-token", g.refresh_token.expose().as_bytes()),
+            }
+            field(
+                "account",
+                g.account.as_deref().unwrap_or_default().as_bytes(),
+            );
+            field("scopes", g.scopes.join(" ").as_bytes());
+            field(
+                "token-endpoint",
+                g.token_endpoint.as_deref().unwrap_or_default().as_bytes(),
+            );
+            field(
+                "client",
+                g.client_id.as_deref().unwrap_or_default().as_bytes(),
+            );
         }
-        None => {
-            digest.update(b"client\0");
-            digest.update(client_version.unwrap_or_default().as_bytes());
-        }
+        None => field(
+            "client-secret",
+            client_version.unwrap_or_default().as_bytes(),
+        ),
     }
-    digest.update(b"\0requested\0");
-    digest.update(requested.unwrap_or_default().as_bytes());
+    field("requested", requested.unwrap_or_default().as_bytes());
     short_hex(&digest.finalize())
 }
 
@@ -405,10 +428,25 @@ impl MailboxChecker {
             return last;
         };
         match tokio::time::timeout(self.join_wait, result).await {
-            Ok(Ok(state)) => Some(state),
+            Ok(Ok(state)) => {
+                self.count_join("joined");
+                Some(state)
+            }
             // Slower than the wait: the check reports in a write of its own.
-            _ => last,
+            _ => {
+                self.count_join("late");
+                last
+            }
         }
+    }
+
+    fn count_join(&self, result: &str) {
+        self.metrics
+            .mailbox_check_joins
+            .get_or_create(&crate::metrics::JoinLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// The state to report now and, when the caller `refreshed` and may wait (see [`joins`]) and
@@ -492,6 +530,9 @@ impl MailboxChecker {
                 Some((slot, share))
             })
             .flatten();
+        if join && slot.is_none() {
+            self.count_join("no_slot");
+        }
         let (tx, started) = match slot {
             Some(slot) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();

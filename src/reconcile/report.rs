@@ -58,7 +58,7 @@ pub(super) async fn report(
         mi.status.as_ref().and_then(|s| s.provider_backoff.as_ref()),
     );
     let grant = mailbox_check::grant_basis(
-        observed.grant.as_ref().map(|g| &g.refresh_token),
+        observed.grant.as_ref(),
         observed.client_version.as_deref(),
         mi.annotations()
             .get(crate::api::REFRESH_REQUESTED_ANNOTATION)

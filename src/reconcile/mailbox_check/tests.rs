@@ -322,6 +322,16 @@ fn on_loopback(port: u16) -> MailIntegration {
     .unwrap()
 }
 
+/// How many first refreshes' waits ended as `result` (the `mailbox_check_joins` counter).
+fn joins_of(c: &MailboxChecker, result: &str) -> u64 {
+    c.metrics
+        .mailbox_check_joins
+        .get_or_create(&crate::metrics::JoinLabels {
+            result: result.into(),
+        })
+        .get()
+}
+
 fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
     let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
     std::sync::Arc::new(
@@ -379,6 +389,15 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
     let (state, took) = joined(&c, &slow, true).await;
     assert_eq!(state, None);
     assert!(took < Duration::from_millis(2500), "{took:?}");
+    // Counted: one joined, one late, none without a slot (the known one did not try).
+    assert_eq!(
+        [
+            joins_of(&c, "joined"),
+            joins_of(&c, "late"),
+            joins_of(&c, "no_slot")
+        ],
+        [1, 1, 0]
+    );
     // Without a refresh, nothing is waited for.
     let c = checker(8, Duration::from_millis(1500));
     let (state, took) = joined(&c, &fast, false).await;
@@ -409,6 +428,14 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         waiting.await.unwrap().0,
         None,
         "the slow check outlasted the wait"
+    );
+    assert_eq!(
+        [
+            joins_of(&c, "joined"),
+            joins_of(&c, "late"),
+            joins_of(&c, "no_slot")
+        ],
+        [0, 1, 1]
     );
     // As many join slots as checks at once, at most half the reconcile workers.
     assert_eq!(join_slots(32, 64), 32);
@@ -563,17 +590,48 @@ fn a_routine_refresh_of_a_connected_grant_makes_no_check_due() {
         "a new token after a failure"
     );
 
-    let (r1, r2) = (SecretValue::new("r1"), SecretValue::new("r2"));
-    let basis = grant_basis(Some(&r1), Some("5"), None);
-    assert_eq!(basis, grant_basis(Some(&r1), Some("6"), None));
+    let signed_in = |refresh_token: &str, at: Option<&str>| crate::reconcile::observed::Grant {
+        refresh_token: SecretValue::new(refresh_token),
+        account: Some("a@example.com".into()),
+        scopes: vec!["openid".into(), "email".into()],
+        issued_at: at.map(|a| a.parse().unwrap()),
+        refresh_token_expires_at: None,
+        token_endpoint: Some("https://issuer.example/token".into()),
+        client_id: Some("client".into()),
+        revocation_endpoint: None,
+        resource_version: Some("1".into()),
+    };
+    let at = Some("2026-12-07T09:00:00Z");
+    let first = signed_in("r1", at);
+    let basis = grant_basis(Some(&first), Some("5"), None);
+    assert_eq!(basis, grant_basis(Some(&first), Some("6"), None));
+    let rotated = signed_in("r2", at);
+    assert_eq!(
+        basis,
+        grant_basis(Some(&rotated), Some("5"), None),
+        "a rotated refresh token is the same grant"
+    );
+    let again = signed_in("r1", Some("2026-12-07T10:00:00Z"));
     assert_ne!(
         basis,
-        grant_basis(Some(&r2), Some("5"), None),
-        "sign-in, rotation"
+        grant_basis(Some(&again), Some("5"), None),
+        "a new sign-in"
+    );
+    let mut narrower = first.clone();
+    narrower.scopes.pop();
+    assert_ne!(
+        basis,
+        grant_basis(Some(&narrower), Some("5"), None),
+        "scopes"
+    );
+    assert_ne!(
+        grant_basis(Some(&signed_in("r1", None)), None, None),
+        grant_basis(Some(&signed_in("r2", None)), None, None),
+        "a grant brought by hand: its refresh token"
     );
     assert_ne!(
         basis,
-        grant_basis(Some(&r1), Some("5"), Some("2026-12-07T10:00:00Z")),
+        grant_basis(Some(&first), Some("5"), Some("2026-12-07T10:00:00Z")),
         "a refresh asked for"
     );
     assert_ne!(
