@@ -4204,8 +4204,15 @@ fn gateway_imap_sessions_with_a_command_off_the_list_are_never_parked() {
                     && (!name.contains(' ') || name.to_ascii_uppercase().starts_with("UID "));
                 // Independent of the list: these change the session for good.
                 let never = [
-                    "ENABLE", "COMPRESS", "NOTIFY", "LANGUAGE", "STARTTLS", "AUTHENTICATE",
-                    "LOGIN", "SETQUOTA", "X-GM-EXT",
+                    "ENABLE",
+                    "COMPRESS",
+                    "NOTIFY",
+                    "LANGUAGE",
+                    "STARTTLS",
+                    "AUTHENTICATE",
+                    "LOGIN",
+                    "SETQUOTA",
+                    "X-GM-EXT",
                 ]
                 .contains(&verb.as_str());
                 prop_assert!(!(never && listed), "{verb} is on the reset-safe list");
