@@ -188,6 +188,11 @@ pub struct GatewayArgs {
         default_value_t = 2
     )]
     pub imap_reuse_per_credential: usize,
+    /// Parked upstream IMAP sessions of one integration (all its apps) on this replica at most:
+    /// each is a connection the provider counts against the mailbox (Gmail allows 15 IMAP
+    /// connections, Exchange Online 20), so idle ones must leave room for active logins.
+    #[arg(long, env = "MIO_GATEWAY_IMAP_REUSE_PER_MAILBOX", default_value_t = 4)]
+    pub imap_reuse_per_mailbox: usize,
     /// Failed logins per source address or username answered at once.
     #[arg(long, env = "MIO_GATEWAY_LOGIN_BUDGET", default_value_t = 5)]
     pub login_budget: u32,
@@ -296,6 +301,7 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         parked::Settings {
             idle: reuse_idle,
             per_credential: args.imap_reuse_per_credential,
+            per_mailbox: args.imap_reuse_per_mailbox,
         },
         directory.clone(),
         metrics.clone(),

@@ -77,6 +77,45 @@ pub struct Settings {
     pub idle: Duration,
     /// Parked sessions per credential at most.
     pub per_credential: usize,
+    /// Parked sessions of one integration (all its credentials) at most.
+    pub per_mailbox: usize,
+}
+
+/// The integration a credential's username (`namespace/integration/app`) belongs to.
+fn mailbox_of(username: &str) -> &str {
+    username.rsplit_once('/').map_or(username, |(m, _)| m)
+}
+
+/// Which parked sessions to log out so that `username`'s list holds at most `per_credential`
+/// and its integration's lists together at most `per_mailbox`: the oldest first (ids grow).
+/// Returns (username, id) pairs.
+fn over_caps<'a>(
+    slots: impl Iterator<Item = (&'a str, &'a [u64])>,
+    username: &str,
+    per_credential: usize,
+    per_mailbox: usize,
+) -> Vec<(String, u64)> {
+    let mailbox = mailbox_of(username);
+    let mut out = Vec::new();
+    let mut same_mailbox: Vec<(u64, &str)> = Vec::new();
+    for (user, ids) in slots.filter(|(u, _)| mailbox_of(u) == mailbox) {
+        let over = if user == username {
+            ids.len().saturating_sub(per_credential)
+        } else {
+            0
+        };
+        out.extend(ids.iter().take(over).map(|id| (user.to_owned(), *id)));
+        same_mailbox.extend(ids.iter().skip(over).map(|id| (*id, user)));
+    }
+    same_mailbox.sort_unstable();
+    let over = same_mailbox.len().saturating_sub(per_mailbox);
+    out.extend(
+        same_mailbox
+            .into_iter()
+            .take(over)
+            .map(|(id, user)| (user.to_owned(), id)),
+    );
+    out
 }
 
 /// One parked session, as the pool lists it.
@@ -291,8 +330,28 @@ impl Pool {
                 _lease: who.lease,
                 claim,
             });
-            let over = list.len().saturating_sub(self.settings.per_credential);
-            list.drain(..over).collect::<Vec<_>>()
+            let ids: Vec<(String, Vec<u64>)> = slots
+                .iter()
+                .map(|(u, l)| (u.clone(), l.iter().map(|s| s.id).collect()))
+                .collect();
+            let over = over_caps(
+                ids.iter().map(|(u, l)| (u.as_str(), l.as_slice())),
+                &username,
+                self.settings.per_credential,
+                self.settings.per_mailbox.max(1),
+            );
+            let mut evicted = Vec::new();
+            for (user, id) in over {
+                if let Some(list) = slots.get_mut(&user) {
+                    if let Some(at) = list.iter().position(|s| s.id == id) {
+                        evicted.extend(list.remove(at));
+                    }
+                    if list.is_empty() {
+                        slots.remove(&user);
+                    }
+                }
+            }
+            evicted
         };
         drop(evicted);
         self.metrics.upstream_parked.inc();
@@ -471,6 +530,43 @@ fn reply_line(line: &[u8], tag: &str) -> ReplyLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One credential keeps at most its cap, one integration's credentials together at most
+    /// theirs, the oldest going first; another integration's are never touched.
+    #[test]
+    fn parked_sessions_are_capped_per_credential_and_per_mailbox() {
+        let slots: Vec<(&str, Vec<u64>)> = vec![
+            ("ns/mi/a", vec![1, 5, 9]),
+            ("ns/mi/b", vec![2, 6]),
+            ("ns/mi/c", vec![3]),
+            ("ns/other/a", vec![4, 7, 8]),
+        ];
+        let over = |user: &str, per_credential: usize, per_mailbox: usize| {
+            let mut o = over_caps(
+                slots.iter().map(|(u, ids)| (*u, ids.as_slice())),
+                user,
+                per_credential,
+                per_mailbox,
+            );
+            o.sort();
+            o
+        };
+        let pair = |u: &str, id: u64| (u.to_owned(), id);
+        // a holds 3 of 2: its oldest goes; then 5 of the mailbox remain against 4: the oldest, 2.
+        assert_eq!(
+            over("ns/mi/a", 2, 4),
+            vec![pair("ns/mi/a", 1), pair("ns/mi/b", 2)]
+        );
+        // Room for all.
+        assert_eq!(over("ns/mi/b", 3, 10), vec![]);
+        // The mailbox cap alone, whoever parked last.
+        assert_eq!(
+            over("ns/mi/c", 3, 3),
+            vec![pair("ns/mi/a", 1), pair("ns/mi/b", 2), pair("ns/mi/c", 3)]
+        );
+        assert_eq!(over("ns/other/a", 3, 3), vec![]);
+        assert_eq!(mailbox_of("ns/mi/app"), "ns/mi");
+    }
     use tokio::io::{AsyncBufReadExt, BufReader, duplex};
 
     #[test]
