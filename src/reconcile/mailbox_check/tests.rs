@@ -437,6 +437,26 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         ],
         [0, 1, 1]
     );
+    // A slot freed within JOIN_SLOT_WAIT is taken: two first refreshes at once, one slot, a
+    // server that answers at once: the one that finds the slot taken waits for it and joins
+    // too (without the wait it would report nothing, and its check write a status of its own).
+    let c = checker(1, Duration::from_millis(1500));
+    let mut other = fast.clone();
+    other.metadata.uid = Some("other".into());
+    // Another namespace: one namespace's share of the one slot is the slot.
+    other.metadata.namespace = Some("other".into());
+    let first = tokio::spawn(joined(&c, &other, true));
+    let (state, _) = joined(&c, &fast, true).await;
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?}"
+    );
+    let (state, _) = first.await.unwrap();
+    assert!(
+        matches!(state, Some(MailboxState::Connected(_))),
+        "{state:?}"
+    );
+    assert_eq!([joins_of(&c, "joined"), joins_of(&c, "no_slot")], [2, 0]);
     // As many join slots as checks at once, at most half the reconcile workers.
     assert_eq!(join_slots(32, 64), 32);
     assert_eq!(join_slots(32, 32), 16);
