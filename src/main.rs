@@ -174,7 +174,7 @@ struct RunArgs {
     /// How long a first refresh's status write waits for the mailbox check the new token makes due
     /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
     /// status write. Only while no result is known, and at most --mailbox-check-concurrency
-    /// refreshes, never more than half --concurrency, wait at once (the others wait at most 50 ms
+    /// refreshes, never more than half --concurrency, wait at once (the others wait at most 250 ms
     /// for one of them to finish); a slower check reports in a status write of its own, so Ready
     /// is late by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
