@@ -123,14 +123,14 @@ pub(crate) async fn to_the_end(conn: &mut Conn) -> String {
 }
 
 /// Dovecot's `Logged out` lines (a session ended by LOGOUT; a dropped one says `Disconnected`).
-fn logged_out(w: &World) -> usize {
+pub(crate) fn logged_out(w: &World) -> usize {
     let log = std::fs::read_to_string(w.dovecot.dir.path().join("dovecot.log")).unwrap_or_default();
     log.lines()
         .filter(|l| l.contains(&format!("imap({MAILBOX})")) && l.contains("Logged out"))
         .count()
 }
 
-async fn wait_logged_out(w: &World, count: usize) {
+pub(crate) async fn wait_logged_out(w: &World, count: usize) {
     for _ in 0..100 {
         if logged_out(w) >= count {
             return;

@@ -17,7 +17,9 @@ use crate::{
         MAILBOX, PASSWORD, World, app, curl_args, gateway_config, imaplib, message,
         put_gateway_secret, run, server, world,
     },
-    login_path::{Conn, command, tls_connect, to_the_end, until_tagged},
+    login_path::{
+        Conn, command, logged_out, tls_connect, to_the_end, until_tagged, wait_logged_out,
+    },
     support::gateway::Gateway,
 };
 
@@ -74,28 +76,6 @@ async fn wait_metric(gw: &Gateway, sample: &str, value: f64) {
         "{sample} is {}, {value} expected\n{}",
         gw.metric(sample),
         gw.log()
-    );
-}
-
-/// Dovecot's `Logged out` lines of the mailbox (a session ended by LOGOUT).
-fn logged_out(w: &World) -> usize {
-    let log = std::fs::read_to_string(w.dovecot.dir.path().join("dovecot.log")).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains(&format!("imap({MAILBOX})")) && l.contains("Logged out"))
-        .count()
-}
-
-async fn wait_logged_out(w: &World, count: usize) {
-    for _ in 0..100 {
-        if logged_out(w) >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "Dovecot logged {} LOGOUTs, {count} expected:\n{}",
-        logged_out(w),
-        w.dovecot.log_tail(20)
     );
 }
 
