@@ -667,12 +667,7 @@ fn reconciles_ok(op: &Operator) -> f64 {
 
 /// Times the operator's adaptive request limit was halved, whatever the signal.
 fn limit_decreases(op: &Operator) -> f64 {
-    op.get("/metrics")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("mailintegration_kube_api_limit_decreases_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    op.metric_sum("mailintegration_kube_api_limit_decreases_total")
 }
 
 fn mailbox_checks(op: &Operator) -> f64 {

@@ -438,13 +438,7 @@ async fn a_restart_does_not_check_the_mailbox_again_before_it_is_due() {
         "the restarted operator logged in to the mailbox again although the last check (at {checked_at:?}) is less than an interval old:\n{}",
         dovecot.log_tail(10)
     );
-    let checks: f64 = op2
-        .get("/metrics")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("mailintegration_mailbox_checks_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let checks = op2.metric_sum("mailintegration_mailbox_checks_total{");
     assert_eq!(checks, 0.0, "mailbox checks by the restarted operator");
     let mi = env.get("inbox").await;
     assert!(is_ready(&mi), "{:?}", mi.status);

@@ -86,11 +86,27 @@ fn mailbox_of(username: &str) -> &str {
     username.rsplit_once('/').map_or(username, |(m, _)| m)
 }
 
+/// Take the slot at the position `pick` chooses from `username`'s list, dropping the list once
+/// it is empty.
+fn take_from(
+    slots: &mut HashMap<String, VecDeque<Slot>>,
+    username: &str,
+    pick: impl FnOnce(&VecDeque<Slot>) -> Option<usize>,
+) -> Option<Slot> {
+    let list = slots.get_mut(username)?;
+    let slot = pick(list).and_then(|at| list.remove(at));
+    if list.is_empty() {
+        slots.remove(username);
+    }
+    slot
+}
+
 /// Which parked sessions to log out so that `username`'s list holds at most `per_credential`
 /// and its integration's lists together at most `per_mailbox`: the oldest first (ids grow).
-/// Returns (username, id) pairs.
+/// `slots`: every credential's ids, of which only the integration's are read. Returns
+/// (username, id) pairs.
 fn over_caps<'a>(
-    slots: impl Iterator<Item = (&'a str, &'a [u64])>,
+    slots: impl Iterator<Item = (&'a str, impl Iterator<Item = u64>)>,
     username: &str,
     per_credential: usize,
     per_mailbox: usize,
@@ -99,6 +115,7 @@ fn over_caps<'a>(
     let mut out = Vec::new();
     let mut same_mailbox: Vec<(u64, &str)> = Vec::new();
     for (user, ids) in slots.filter(|(u, _)| mailbox_of(u) == mailbox) {
+        let ids: Vec<u64> = ids.collect();
         let over = if user == username {
             ids.len().saturating_sub(per_credential)
         } else {
@@ -181,30 +198,16 @@ impl Pool {
     }
 
     fn remove(&self, username: &str, id: u64) -> Option<Slot> {
-        let mut slots = self.lock();
-        let list = slots.get_mut(username)?;
-        let at = list.iter().position(|s| s.id == id)?;
-        let slot = list.remove(at);
-        if list.is_empty() {
-            slots.remove(username);
-        }
-        slot
+        take_from(&mut self.lock(), username, |l| {
+            l.iter().position(|s| s.id == id)
+        })
     }
 
     /// Drop the oldest parked session of `username` (its place under the session cap is free at
     /// once; its task logs it out): whether there was one.
     pub fn evict_oldest(&self, username: &str) -> bool {
-        let slot = {
-            let mut slots = self.lock();
-            let Some(list) = slots.get_mut(username) else {
-                return false;
-            };
-            let slot = list.pop_front();
-            if list.is_empty() {
-                slots.remove(username);
-            }
-            slot
-        };
+        // Dropped after the lock (the statement's guard) is released.
+        let slot = take_from(&mut self.lock(), username, |l| (!l.is_empty()).then_some(0));
         slot.is_some()
     }
 
@@ -217,19 +220,11 @@ impl Pool {
         let username = who.app.to_string();
         let fingerprint = self.fingerprint(&who.entry);
         loop {
-            let slot = {
-                let mut slots = self.lock();
-                let list = slots.get_mut(&username)?;
-                // The most recently parked first: the least likely to have been closed.
-                let at = list
-                    .iter()
-                    .rposition(|s| s.fingerprint == fingerprint && !s.lease.is_revoked())?;
-                let slot = list.remove(at);
-                if list.is_empty() {
-                    slots.remove(&username);
-                }
-                slot?
-            };
+            // The most recently parked first: the least likely to have been closed.
+            let slot = take_from(&mut self.lock(), &username, |l| {
+                l.iter()
+                    .rposition(|s| s.fingerprint == fingerprint && !s.lease.is_revoked())
+            })?;
             let Slot { claim, lease, .. } = slot;
             let (give, handed) = oneshot::channel();
             if claim.send(give).is_err() {
@@ -328,28 +323,19 @@ impl Pool {
                 lease: who.lease,
                 claim,
             });
-            let ids: Vec<(String, Vec<u64>)> = slots
-                .iter()
-                .map(|(u, l)| (u.clone(), l.iter().map(|s| s.id).collect()))
-                .collect();
             let over = over_caps(
-                ids.iter().map(|(u, l)| (u.as_str(), l.as_slice())),
+                slots
+                    .iter()
+                    .map(|(u, l)| (u.as_str(), l.iter().map(|s| s.id))),
                 &username,
                 self.settings.per_credential,
                 self.settings.per_mailbox.max(1),
             );
-            let mut evicted = Vec::new();
-            for (user, id) in over {
-                if let Some(list) = slots.get_mut(&user) {
-                    if let Some(at) = list.iter().position(|s| s.id == id) {
-                        evicted.extend(list.remove(at));
-                    }
-                    if list.is_empty() {
-                        slots.remove(&user);
-                    }
-                }
-            }
-            evicted
+            over.into_iter()
+                .filter_map(|(user, id)| {
+                    take_from(&mut slots, &user, |l| l.iter().position(|s| s.id == id))
+                })
+                .collect::<Vec<_>>()
         };
         drop(evicted);
         self.metrics.upstream_parked.inc();

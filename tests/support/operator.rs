@@ -160,6 +160,17 @@ impl Operator {
             .unwrap_or_default())
     }
 
+    /// The sum of every sample whose line starts with `prefix` (a family with all its labels,
+    /// e.g. `mailintegration_mailbox_checks_total{`); 0 when there is none or no answer.
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        self.get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// The value of one metric sample, e.g. `mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}`.
     pub fn metric(&self, sample: &str) -> Option<f64> {
         let body = self.get("/metrics").ok()?;

@@ -12,7 +12,7 @@ fn parked_sessions_are_capped_per_credential_and_per_mailbox() {
     ];
     let over = |user: &str, per_credential: usize, per_mailbox: usize| {
         let mut o = over_caps(
-            slots.iter().map(|(u, ids)| (*u, ids.as_slice())),
+            slots.iter().map(|(u, ids)| (*u, ids.iter().copied())),
             user,
             per_credential,
             per_mailbox,
