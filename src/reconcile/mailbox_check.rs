@@ -22,6 +22,7 @@
 //! mail servers do; a refresh that finds no free slot waits for one at most [`JOIN_SLOT_WAIT`]
 //! (250 ms), then goes on without.
 
+use super::template::digest::{feed, hex};
 use crate::sync::LockExt as _;
 use crate::{
     api::{DEFAULT_CA_KEY, MailIntegration, SaslMechanismName},
@@ -94,10 +95,8 @@ pub fn grant_basis(
 ) -> String {
     let mut digest = sha2::Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
-        digest.update(name.as_bytes());
-        digest.update(b"\0");
-        digest.update(value);
-        digest.update(b"\0");
+        feed(&mut digest, name.as_bytes());
+        feed(&mut digest, value);
     };
     match grant {
         Some(g) => {
@@ -128,8 +127,9 @@ pub fn grant_basis(
     short_hex(&digest.finalize())
 }
 
+/// The first 8 bytes of a digest, in hex: enough to tell inputs apart, nothing to guess from.
 fn short_hex(digest: &[u8]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex(digest.get(..8).unwrap_or(digest))
 }
 
 /// A check to make (see [`MailboxChecker::start`]).

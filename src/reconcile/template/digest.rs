@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 /// The annotation on the token Secret saying what its template keys were rendered from.
 pub const DIGEST_ANNOTATION: &str = "mailintegration.dev/template-digest";
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -26,7 +27,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Length-prefixed, so that no two different inputs hash the same bytes.
-fn feed(h: &mut Sha256, part: &[u8]) {
+pub(crate) fn feed(h: &mut Sha256, part: &[u8]) {
     h.update((part.len() as u64).to_be_bytes());
     h.update(part);
 }
