@@ -13,7 +13,7 @@ use super::{
     logout::{self, LogoutWatch},
     parked::LoginAnswer,
     relay::{self, OpenSession},
-    session::{Authorized, Login, LoginRefused, Protocol},
+    session::{Authorized, LoginRefused, Protocol},
     upstream::{self, Upstream},
     wire::{ReadError, Wire},
 };
@@ -130,39 +130,31 @@ impl Conn {
     ) -> Result<(Authorized, Upstream), Refusal> {
         let ctx = &self.ctx;
         let mut clock = upstream::StepClock::new();
-        let (who, check_us) = if protocol == Protocol::Imap {
-            let who = ctx
-                .login
-                .authorize(protocol, username, password, self.source)
-                .await
-                .map_err(Refusal::Login)?;
-            let check_us = clock.lap();
-            let reused = ctx.parked.take(&who).await;
-            ctx.login.admitted(
-                &who,
-                protocol,
-                Some(if reused.is_some() { "reused" } else { "new" }),
-            );
-            if let Some(reused) = reused {
-                let reuse_us = clock.lap();
-                tracing::debug!(protocol = %protocol, check_us, reuse_us, "upstream set-up steps");
-                let upstream = Upstream {
-                    stream: reused.stream,
-                    pending: Vec::new(),
-                    reply: reused.answer.reply,
-                    untagged: reused.answer.untagged,
-                };
-                return Ok((who, upstream));
-            }
-            (who, check_us)
+        let who = ctx
+            .login
+            .authorize(protocol, username, password, self.source)
+            .await
+            .map_err(Refusal::Login)?;
+        let check_us = clock.lap();
+        let imap = protocol == Protocol::Imap;
+        let reused = if imap {
+            ctx.parked.take(&who).await
         } else {
-            let who = ctx
-                .login
-                .login(protocol, username, password, self.source)
-                .await
-                .map_err(Refusal::Login)?;
-            (who, clock.lap())
+            None
         };
+        let upstream_kind = imap.then_some(if reused.is_some() { "reused" } else { "new" });
+        ctx.login.admitted(&who, protocol, upstream_kind);
+        if let Some(reused) = reused {
+            let reuse_us = clock.lap();
+            tracing::debug!(protocol = %protocol, check_us, reuse_us, "upstream set-up steps");
+            let upstream = Upstream {
+                stream: reused.stream,
+                pending: Vec::new(),
+                reply: reused.answer.reply,
+                untagged: reused.answer.untagged,
+            };
+            return Ok((who, upstream));
+        }
         match upstream::connect(&who.entry, protocol, &ctx.allowed).await {
             Ok(upstream) => {
                 tracing::debug!(protocol = %protocol, check_us, "upstream set-up steps");
