@@ -437,6 +437,23 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         ],
         [0, 1, 1]
     );
+    // Every slot held by another namespace's check of a server that hangs: a refresh waits at
+    // most JOIN_SLOT_WAIT for one, then goes on without (one tenant's mail server costs another
+    // at most that, once per first refresh).
+    let c = checker(1, Duration::from_millis(1500));
+    let waiting = tokio::spawn(joined(&c, &slow, true));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut elsewhere = fast.clone();
+    elsewhere.metadata.uid = Some("elsewhere".into());
+    elsewhere.metadata.namespace = Some("elsewhere".into());
+    let (state, took) = joined(&c, &elsewhere, true).await;
+    assert_eq!(state, None);
+    assert!(
+        took >= JOIN_SLOT_WAIT && took < JOIN_SLOT_WAIT + Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert_eq!(waiting.await.unwrap().0, None);
+    assert_eq!(joins_of(&c, "no_slot"), 1);
     // A slot freed within JOIN_SLOT_WAIT is taken: two first refreshes at once, one slot, a
     // server that answers at once: the one that finds the slot taken waits for it and joins
     // too (without the wait it would report nothing, and its check write a status of its own).
