@@ -195,6 +195,76 @@ fn cpu_s(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds used so far by each process of the control plane under `root` (kube-apiserver,
+/// etcd, kube-controller-manager: found by their command line naming `root`) and by this bench
+/// process (its token endpoint, IMAP server, watches and raw loop), so that a window's figures
+/// say where the machine's cores went.
+#[derive(Clone, Copy, Default)]
+struct MachineCpu {
+    apiserver: f64,
+    etcd: f64,
+    controller_manager: f64,
+    bench: f64,
+}
+
+impl MachineCpu {
+    fn now(root: &std::path::Path) -> Self {
+        let root = root.to_string_lossy().into_owned();
+        let mut cpu = MachineCpu {
+            bench: cpu_s(std::process::id()),
+            ..Default::default()
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let Some(program) = cmdline.split('\0').next() else {
+                continue;
+            };
+            if !cmdline.contains(&root) {
+                continue;
+            }
+            let slot = match program.rsplit('/').next() {
+                Some("kube-apiserver") => &mut cpu.apiserver,
+                Some("etcd") => &mut cpu.etcd,
+                Some("kube-controller-manager") => &mut cpu.controller_manager,
+                _ => continue,
+            };
+            *slot += cpu_s(pid);
+        }
+        cpu
+    }
+
+    /// Cores each used between `self` and `later`, over `secs`.
+    fn print_cores(&self, later: &Self, secs: f64, prefix: &str, out: &Out) {
+        let secs = secs.max(0.001);
+        out.fig(
+            &format!("{prefix}_apiserver_cores"),
+            (later.apiserver - self.apiserver) / secs,
+        );
+        out.fig(
+            &format!("{prefix}_etcd_cores"),
+            (later.etcd - self.etcd) / secs,
+        );
+        out.fig(
+            &format!("{prefix}_controller_manager_cores"),
+            (later.controller_manager - self.controller_manager) / secs,
+        );
+        out.fig(
+            &format!("{prefix}_bench_cores"),
+            (later.bench - self.bench) / secs,
+        );
+    }
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -349,9 +419,21 @@ async fn unrelated_secrets(client: &Client) {
 struct RawLimit {
     writes_per_s: f64,
     watched_writes_per_s: f64,
+    /// The same loop at the best concurrency as a user the API server does not audit (the
+    /// bench's own): what auditing each request costs is the difference.
+    unaudited_writes_per_s: f64,
+    /// The same loop 64 at once (measured last: see `raw_limit`).
+    at_64_writes_per_s: f64,
+    /// The control plane's and the bench's CPU over the best unwatched loop and over the watched
+    /// one: (before, after, seconds).
+    cpu: (MachineCpu, MachineCpu, f64),
+    watched_cpu: (MachineCpu, MachineCpu, f64),
 }
 
-async fn raw_limit(client: &Client) -> RawLimit {
+/// `client` is an operator user's: the API server audits its requests as it audits the
+/// operator's (see `support::control_plane`'s audit policy), so that the loop pays what the
+/// operator's writes pay; `unaudited` is the bench's own user.
+async fn raw_limit(client: &Client, unaudited: &Client, root: &std::path::Path) -> RawLimit {
     let ns = "bench-raw-limit";
     ensure_namespace(client, ns).await;
     let objects = 256usize;
@@ -387,11 +469,17 @@ async fn raw_limit(client: &Client) -> RawLimit {
         .await;
     let created = Arc::new(created);
     let mut best = (0.0f64, 8usize);
-    for concurrency in [8usize, 16, 32, 64] {
+    let mut cpu = Default::default();
+    // 64 (the operator's reconcile workers) last: on a 2-core API server a loop of 64 at once
+    // took 20-35 % less than one of 8-32 and left the API server slower for a while after it
+    // (every loop measured right after it was lower).
+    for concurrency in [8usize, 16, 32] {
+        let (c0, t0) = (MachineCpu::now(root), Instant::now());
         let writes_per_s = raw_rate(&mis, &secrets, &created, concurrency).await;
         eprintln!("raw limit at concurrency {concurrency}: {writes_per_s:.0} writes/s");
         if writes_per_s > best.0 {
             best = (writes_per_s, concurrency);
+            cpu = (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64());
         }
     }
     let watches: Vec<_> = [
@@ -401,7 +489,9 @@ async fn raw_limit(client: &Client) -> RawLimit {
     .into();
     // Both watches have listed and are watching before the window.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c0, t0) = (MachineCpu::now(root), Instant::now());
     let watched = raw_rate(&mis, &secrets, &created, best.1).await;
+    let watched_cpu = (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64());
     eprintln!(
         "raw limit at concurrency {} with two watches: {watched:.0} writes/s",
         best.1
@@ -409,6 +499,19 @@ async fn raw_limit(client: &Client) -> RawLimit {
     for w in watches {
         w.abort();
     }
+    let unaudited_writes_per_s = raw_rate(
+        &Api::namespaced(unaudited.clone(), ns),
+        &Api::namespaced(unaudited.clone(), ns),
+        &created,
+        best.1,
+    )
+    .await;
+    eprintln!(
+        "raw limit at concurrency {} as a user not audited: {unaudited_writes_per_s:.0} writes/s",
+        best.1
+    );
+    let at_64 = raw_rate(&mis, &secrets, &created, 64).await;
+    eprintln!("raw limit at concurrency 64: {at_64:.0} writes/s");
     // Gone before the operator (which watches all namespaces) starts.
     let _ = mis
         .delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -419,6 +522,10 @@ async fn raw_limit(client: &Client) -> RawLimit {
     RawLimit {
         writes_per_s: best.0,
         watched_writes_per_s: watched,
+        unaudited_writes_per_s,
+        at_64_writes_per_s: at_64,
+        cpu,
+        watched_cpu,
     }
 }
 
@@ -821,7 +928,17 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     let out = Out(n, mode, provider);
     out.fig("raw_limit_writes_per_s", raw_limit_writes_per_s);
     out.fig("raw_limit_watched_writes_per_s", raw.watched_writes_per_s);
+    out.fig(
+        "raw_limit_unaudited_writes_per_s",
+        raw.unaudited_writes_per_s,
+    );
+    out.fig("raw_limit_64_writes_per_s", raw.at_64_writes_per_s);
     out.fig("raw_limit_load1", load1());
+    // Where the cores went in the raw loops, to compare with the saturation window's.
+    let (c0, c1, secs) = raw.cpu;
+    c0.print_cores(&c1, secs, "raw_limit", &out);
+    let (c0, c1, secs) = raw.watched_cpu;
+    c0.print_cores(&c1, secs, "raw_limit_watched", &out);
     let cp = ensure_crd();
     let ns = format!(
         "bench-n{n}-{}{}",
@@ -1067,6 +1184,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     let window = Duration::from_secs(env_or("MIO_BENCH_SATURATION_S", 20));
     let window_start = jiff::Timestamp::now();
     let (cpu0, halved0) = (cpu_s(pid), limit_decreases(&op));
+    let machine0 = MachineCpu::now(ensure_crd().dir.path());
     let (r0, a0, k0) = (
         refreshes(&op),
         api_counts(&client).await,
@@ -1089,10 +1207,15 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
         "refresh_ratio",
         refreshed / secs / (raw_limit_writes_per_s.max(1.0) / 2.0),
     );
-    // The same against the raw loop with its writes watched (see RawLimit).
+    // The same against the raw loop with its writes watched, and as a user not audited (see
+    // RawLimit).
     out.fig(
         "refresh_ratio_watched",
         refreshed / secs / (raw.watched_writes_per_s.max(1.0) / 2.0),
+    );
+    out.fig(
+        "refresh_ratio_unaudited",
+        refreshed / secs / (raw.unaudited_writes_per_s.max(1.0) / 2.0),
     );
     out.fig("operator_writes_per_s", api.writes / secs);
     out.fig(
@@ -1105,6 +1228,12 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     // What bounds the operator here: its own CPU (cores busy over the window), and its adaptive
     // request limit (requests/s it allowed itself at the end, halvings in the window).
     out.fig("saturation_operator_cores", (cpu_s(pid) - cpu0) / secs);
+    machine0.print_cores(
+        &MachineCpu::now(ensure_crd().dir.path()),
+        secs,
+        "saturation",
+        &out,
+    );
     out.fig(
         "saturation_kube_api_limit",
         op.metric("mailintegration_kube_api_limit")
@@ -1217,13 +1346,15 @@ async fn main() {
     let sizes = if sizes.is_empty() { vec![1000] } else { sizes };
     let cp = ensure_crd();
     let client = cp.client().await;
+    // The raw loop writes as an operator user, audited as the operator's requests are.
+    let raw_client = support::helm::client_for(&cp.operator_user().kubeconfig).await;
     unrelated_secrets(&client).await;
     for n in sizes {
         for mode in Mode::from_env() {
             for provider in Provider::from_env() {
                 // The limit right before each run, on the same API server (etcd grows between
                 // sizes).
-                let limit = raw_limit(&client).await;
+                let limit = raw_limit(&raw_client, &client, cp.dir.path()).await;
                 run(n, limit, mode, provider).await;
             }
         }

@@ -19,8 +19,10 @@
 //! Never longer: a slower mail server reports in its own write as before, so Ready is late by at
 //! most the wait. Never more than the join slots ([`join_slots`]: as many as the checks that run
 //! at once, at most half the reconcile workers) wait at once, each at most the wait, whatever the
-//! mail servers do; a refresh that finds no free slot waits for one at most [`JOIN_SLOT_WAIT`]
-//! (250 ms), then goes on without.
+//! mail servers do; a refresh that finds no free slot waits for one while slots are released (a
+//! burst of first refreshes against mail servers that answer), and goes on without once none was
+//! released for [`JOIN_SLOT_WAIT`] (250 ms: slow mail servers hold them) or after
+//! [`JOIN_SLOT_WAIT_MAX`] (1 s) in all.
 
 use super::template::digest::{feed, hex};
 use crate::sync::LockExt as _;
@@ -31,6 +33,8 @@ use crate::{
     secret::SecretValue,
 };
 use jiff::{SignedDuration, Timestamp};
+pub use join::{JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX};
+use join::{JoinSlot, JoinSlots};
 use kube::ResourceExt;
 use sha2::Digest;
 use std::{collections::HashMap, sync::Mutex, time::Duration};
@@ -159,7 +163,7 @@ pub struct MailboxChecker {
     /// module doc); zero: never.
     join_wait: Duration,
     /// The reconciles that may wait for a check at once ([`join_slots`]).
-    join_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    join_slots: std::sync::Arc<JoinSlots>,
     /// Of the join slots, one namespace takes at most its share (`--max-namespace-share`), so
     /// that one tenant's slow mail servers cannot hold every waiting reconcile.
     join_share: std::sync::Arc<super::share::NamespaceShare>,
@@ -180,13 +184,6 @@ pub const DEFAULT_CONCURRENCY: u16 = 32;
 pub fn join_slots(concurrency: usize, workers: usize) -> usize {
     concurrency.min(workers / 2).max(1)
 }
-
-/// How long a refresh that finds every join slot taken waits for one: at a burst of first
-/// refreshes against mail servers that answer at once, slots free within a few hundred
-/// milliseconds (10,000 Google first refreshes at once: 1.4 % found none free without a wait,
-/// 0.9 % with 50 ms); against slow ones, the first refreshes beyond the slots lose at most this
-/// each, once in an integration's life (a restart resumes the result from the status).
-pub const JOIN_SLOT_WAIT: Duration = Duration::from_millis(250);
 
 /// The default of `--mailbox-check-wait`: long enough for a mail server that answers (a check is
 /// a TLS connection and three commands), short enough that a slow one delays Ready by little.
@@ -218,7 +215,7 @@ struct Queued {
 /// slot the waiting holds.
 type Started = Option<(
     tokio::sync::oneshot::Receiver<MailboxState>,
-    (tokio::sync::OwnedSemaphorePermit, super::share::SharePermit),
+    (JoinSlot, super::share::SharePermit),
 )>;
 
 impl MailboxChecker {
@@ -252,7 +249,7 @@ impl MailboxChecker {
         percent: u8,
     ) -> (
         std::sync::Arc<super::share::NamespaceQueue>,
-        std::sync::Arc<tokio::sync::Semaphore>,
+        std::sync::Arc<JoinSlots>,
         std::sync::Arc<super::share::NamespaceShare>,
     ) {
         let slots = join_slots(concurrency, workers);
@@ -261,7 +258,7 @@ impl MailboxChecker {
                 concurrency,
                 super::share::share_of(concurrency, percent),
             ),
-            std::sync::Arc::new(tokio::sync::Semaphore::new(slots)),
+            std::sync::Arc::new(JoinSlots::new(slots)),
             super::share::NamespaceShare::new(super::share::share_of(slots, percent)),
         )
     }
@@ -536,18 +533,12 @@ impl MailboxChecker {
         let share = join.then(|| self.join_share.try_take(&namespace)).flatten();
         let slot = match share {
             Some(share) => {
-                let slot = match self.join_slots.clone().try_acquire_owned() {
-                    Ok(slot) => Some(slot),
-                    // Every slot taken: a check that answers at once frees one within
-                    // milliseconds; a slow one holds it, and this refresh goes on without.
-                    Err(_) => tokio::time::timeout(
-                        JOIN_SLOT_WAIT,
-                        self.join_slots.clone().acquire_owned(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-                };
+                // Every slot taken: checks that answer free them as the queue moves; slow ones
+                // hold them, and this refresh goes on without.
+                let slot = self
+                    .join_slots
+                    .take(JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX)
+                    .await;
                 slot.map(|slot| (slot, share))
             }
             None => None,
@@ -723,6 +714,7 @@ pub fn ca_key(mi: &MailIntegration) -> Option<(&str, &str)> {
 }
 
 mod failure;
+mod join;
 mod status;
 pub use failure::explain_app_only;
 use failure::{failed, protocol_name};
