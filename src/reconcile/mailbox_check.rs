@@ -162,11 +162,10 @@ pub struct MailboxChecker {
     /// How long a refresh's status apply waits for the check the refresh made due (see the
     /// module doc); zero: never.
     join_wait: Duration,
-    /// The reconciles that may wait for a check at once ([`join_slots`]).
+    /// The reconciles that may wait for a check at once ([`join_slots`]), of which one namespace
+    /// takes at most its share (`--max-namespace-share`), so that one tenant's slow mail servers
+    /// cannot hold every waiting reconcile.
     join_slots: std::sync::Arc<JoinSlots>,
-    /// Of the join slots, one namespace takes at most its share (`--max-namespace-share`), so
-    /// that one tenant's slow mail servers cannot hold every waiting reconcile.
-    join_share: std::sync::Arc<super::share::NamespaceShare>,
     metrics: std::sync::Arc<Metrics>,
     allowed: std::sync::Arc<crate::mailbox::allowed::AllowedHosts>,
 }
@@ -213,17 +212,14 @@ struct Queued {
 
 /// A check started in the background: its result when the caller may wait for it, with the join
 /// slot the waiting holds.
-type Started = Option<(
-    tokio::sync::oneshot::Receiver<MailboxState>,
-    (JoinSlot, super::share::SharePermit),
-)>;
+type Started = Option<(tokio::sync::oneshot::Receiver<MailboxState>, JoinSlot)>;
 
 impl MailboxChecker {
     pub fn new(concurrency: usize, timeout: Duration, metrics: std::sync::Arc<Metrics>) -> Self {
         let concurrency = concurrency.max(1);
         let workers = usize::from(super::context::DEFAULT_CONCURRENCY);
         let share_percent = super::share::DEFAULT_MAX_NAMESPACE_SHARE;
-        let (permits, join_slots, join_share) = Self::pools(concurrency, workers, share_percent);
+        let (permits, join_slots) = Self::pools(concurrency, workers, share_percent);
         Self {
             concurrency,
             workers,
@@ -234,7 +230,6 @@ impl MailboxChecker {
             timeout,
             join_wait: DEFAULT_JOIN_WAIT,
             join_slots,
-            join_share,
             metrics,
             allowed: Default::default(),
         }
@@ -250,7 +245,6 @@ impl MailboxChecker {
     ) -> (
         std::sync::Arc<super::share::NamespaceQueue>,
         std::sync::Arc<JoinSlots>,
-        std::sync::Arc<super::share::NamespaceShare>,
     ) {
         let slots = join_slots(concurrency, workers);
         (
@@ -258,8 +252,10 @@ impl MailboxChecker {
                 concurrency,
                 super::share::share_of(concurrency, percent),
             ),
-            std::sync::Arc::new(JoinSlots::new(slots)),
-            super::share::NamespaceShare::new(super::share::share_of(slots, percent)),
+            std::sync::Arc::new(JoinSlots::new(
+                slots,
+                super::share::share_of(slots, percent),
+            )),
         )
     }
 
@@ -277,7 +273,7 @@ impl MailboxChecker {
     }
 
     fn rebuild_pools(mut self) -> Self {
-        (self.permits, self.join_slots, self.join_share) =
+        (self.permits, self.join_slots) =
             Self::pools(self.concurrency, self.workers, self.share_percent);
         self
     }
@@ -530,18 +526,15 @@ impl MailboxChecker {
             return None;
         }
         let namespace = mi.namespace().unwrap_or_default();
-        let share = join.then(|| self.join_share.try_take(&namespace)).flatten();
-        let slot = match share {
-            Some(share) => {
-                // Every slot taken: checks that answer free them as the queue moves; slow ones
-                // hold them, and this refresh goes on without.
-                let slot = self
-                    .join_slots
-                    .take(JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX)
-                    .await;
-                slot.map(|slot| (slot, share))
+        // Every slot taken (or the namespace's share of them): checks that answer free them as
+        // the queue moves; slow ones hold them, and this refresh goes on without.
+        let slot = match join {
+            true => {
+                self.join_slots
+                    .take(&namespace, JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX)
+                    .await
             }
-            None => None,
+            false => None,
         };
         if join && slot.is_none() {
             self.count_join("no_slot");
