@@ -23,7 +23,8 @@ pub struct RefreshLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JoinLabels {
     /// joined (the result went out in the refresh's status write) | late (the check outlasted
-    /// the wait) | no_slot (every join slot was taken: not waited for)
+    /// the wait) | no_slot (no join slot became free in time, or the namespace held its share:
+    /// not waited for)
     pub result: String,
 }
 

@@ -153,3 +153,82 @@ async fn requests_take_turns_at_the_cap() {
     assert_eq!(seen.lock().unwrap().len(), 22);
     assert_eq!(metrics.limit.get(), 20.0);
 }
+
+/// At most `max_in_flight` requests wait for their answer at once; lists and watches are not
+/// counted (a watch waits for its answer for minutes).
+#[tokio::test(start_paused = true)]
+async fn at_most_max_in_flight_requests_wait_for_their_answer_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let inner = svc_counting(now.clone(), most.clone());
+    let settings = Settings::fixed(None).with_max_in_flight(2);
+    let svc = GovernedLayer::new(settings, ApiMetrics::default()).layer(inner);
+    let started = Instant::now();
+    let calls = (0..6).map(|_| {
+        let mut svc = svc.clone();
+        async move { svc.ready().await.unwrap().call(put("x")).await.unwrap() }
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    // Watches are not held back by the bound: three at once with a bound of one.
+    most.store(0, Ordering::SeqCst);
+    let svc = GovernedLayer::new(
+        Settings::fixed(None).with_max_in_flight(1),
+        ApiMetrics::default(),
+    )
+    .layer(svc_counting(now.clone(), most.clone()));
+    let calls = (0..3).map(|_| {
+        let mut svc = svc.clone();
+        async move {
+            let mut req = Request::get("/api/v1/secrets?watch=true")
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut().insert("watch");
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        }
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(most.load(Ordering::SeqCst), 3);
+    // Nor are Lease renewals: three at once with a bound of one.
+    most.store(0, Ordering::SeqCst);
+    let calls = (0..3).map(|_| {
+        let mut svc = svc.clone();
+        async move {
+            let mut req = Request::put(
+                "/apis/coordination.k8s.io/v1/namespaces/ops/leases/mail-integration-operator",
+            )
+            .body(Body::empty())
+            .unwrap();
+            req.extensions_mut().insert("replace");
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        }
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(most.load(Ordering::SeqCst), 3);
+}
+
+/// A server that answers after 100 ms and counts the requests it holds now and at most.
+fn svc_counting(
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl Service<
+    Request<Body>,
+    Response = Response<String>,
+    Error = BoxError,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    use std::sync::atomic::Ordering;
+    tower::service_fn(move |_req: Request<Body>| {
+        let (now, most) = (now.clone(), most.clone());
+        async move {
+            let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(held, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(Response::new(String::new()))
+        }
+    })
+}

@@ -7,51 +7,67 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
-/// How long a refresh that finds every join slot taken (or its namespace holding its whole share
-/// of them) waits for one while none is released: the slots are then held by mail servers that
-/// do not answer, and this refresh goes on without (one tenant's slow mail servers cost another's
-/// first refresh at most this). While slots are released (mail servers that answer, a burst of
-/// first refreshes queueing for the slots), it keeps waiting, up to [`JOIN_SLOT_WAIT_MAX`] in all.
-/// Before, a refresh whose namespace held its whole share did not wait at all and one that found
-/// every slot taken waited 250 ms whatever the queue did: at a burst of 10,000 Google first
-/// refreshes in one namespace, 0.36-0.99 % of the checks then reported in a status write of their
-/// own (benches/README.md).
+/// How long a refresh that finds every join slot taken waits for one after the last was released
+/// (or after it began waiting): none released for this long, the slots are held by mail servers
+/// that do not answer, and this refresh goes on without. While slots are released (mail servers
+/// that answer, a burst of first refreshes queueing for the slots), it keeps waiting, up to
+/// [`JOIN_SLOT_WAIT_MAX`] in all: one tenant's slow mail servers cost another tenant's first
+/// refresh at most that. Before, a refresh waited 250 ms whatever the queue did, and one in a
+/// namespace that held its whole share (at a share of 100 %: every slot) did not wait at all: at a
+/// burst of 10,000 Google first refreshes in one namespace, 0.36-0.99 % of the checks then
+/// reported in a status write of their own (benches/README.md).
 pub const JOIN_SLOT_WAIT: Duration = Duration::from_millis(250);
 
 /// The longest a refresh waits for a join slot in all, however the queue moves.
 pub const JOIN_SLOT_WAIT_MAX: Duration = Duration::from_secs(1);
 
-/// The join slots, each namespace's share of them, and how many have been given back so far
-/// (the queue's progress).
+/// The join slots, each namespace's share of them, and when a slot was last given back.
 pub(super) struct JoinSlots {
     slots: Arc<Semaphore>,
+    size: usize,
     share: Arc<NamespaceShare>,
     released: Arc<Released>,
 }
 
-#[derive(Default)]
+/// When a join slot was last given back, as time since `base`.
 struct Released {
-    count: AtomicU64,
-    notify: Notify,
+    base: Instant,
+    last: AtomicU64,
+}
+
+impl Released {
+    fn now(&self) {
+        let since = Instant::now().saturating_duration_since(self.base);
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        let since = Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        self.base.checked_add(since).unwrap_or(self.base)
+    }
 }
 
 /// A join slot and a unit of its namespace's share, held while its reconcile waits for the
-/// check; counted as released when dropped.
+/// check; its release is noted when dropped.
 pub(super) struct JoinSlot {
-    permit: Option<OwnedSemaphorePermit>,
     share: Option<SharePermit>,
+    permit: Option<OwnedSemaphorePermit>,
     released: Arc<Released>,
 }
 
 impl Drop for JoinSlot {
     fn drop(&mut self) {
-        // Given back first, then counted and told: a waiter that wakes finds them free.
-        drop(self.permit.take());
+        // The share before the slot: a namespace never holds more share units than slots, so
+        // that whoever gets this slot finds its namespace's share free when that is all slots.
         drop(self.share.take());
-        self.released.count.fetch_add(1, Ordering::Relaxed);
-        self.released.notify.notify_waiters();
+        drop(self.permit.take());
+        self.released.now();
     }
 }
 
@@ -60,9 +76,41 @@ impl JoinSlots {
     pub(super) fn new(slots: usize, share: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(slots)),
+            size: slots,
             share: NamespaceShare::new(share),
-            released: Arc::default(),
+            released: Arc::new(Released {
+                base: Instant::now(),
+                last: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// A slot for `namespace`: at once when one is free, else the first one freed while slots
+    /// are released (waited for until none was for `quiet`, and `max` in all: the semaphore
+    /// serves its waiters in order, so a queue that moves reaches each of them). A namespace
+    /// that holds its whole share does not wait, unless its share is every slot (then holding it
+    /// is every slot taken, and it waits as above). `None`: given up.
+    pub(super) async fn take(
+        &self,
+        namespace: &str,
+        quiet: Duration,
+        max: Duration,
+    ) -> Option<JoinSlot> {
+        if self.share.limit() < self.size && self.share.held(namespace) >= self.share.limit() {
+            return None;
+        }
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.wait(quiet, max).await?,
+        };
+        // Taken after the slot and given back before it: with a share of every slot this
+        // cannot fail; with a smaller one the namespace may have reached it meanwhile.
+        let share = self.share.try_take(namespace)?;
+        Some(JoinSlot {
+            share: Some(share),
+            permit: Some(permit),
+            released: self.released.clone(),
+        })
     }
 
     /// What `namespace` holds now.
@@ -71,57 +119,31 @@ impl JoinSlots {
         self.share.held(namespace)
     }
 
-    /// A slot for `namespace` at once when one is free and the namespace holds less than its
-    /// share; otherwise waited for while slots are released at least every `quiet`, and at most
-    /// `max` in all (the semaphore serves its waiters in order, so a queue that moves reaches each
-    /// of them; a namespace at its share tries again at each release). `None`: given up.
-    pub(super) async fn take(
-        &self,
-        namespace: &str,
-        quiet: Duration,
-        max: Duration,
-    ) -> Option<JoinSlot> {
-        let give_up = tokio::time::Instant::now().checked_add(max)?;
-        let until = || {
-            tokio::time::Instant::now()
-                .checked_add(quiet)
-                .map_or(give_up, |t| t.min(give_up))
-        };
-        let mut seen = self.released.count.load(Ordering::Relaxed);
-        // The namespace's share first: held by its own slots, freed as they are released.
-        let share = loop {
-            let notified = self.released.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(share) = self.share.try_take(namespace) {
-                break share;
-            }
-            if tokio::time::timeout_at(until(), notified).await.is_err()
-                || tokio::time::Instant::now() >= give_up
-            {
-                return None;
-            }
-            seen = self.released.count.load(Ordering::Relaxed);
-        };
-        let slot = |permit| JoinSlot {
-            permit: Some(permit),
-            share: Some(share),
-            released: self.released.clone(),
-        };
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Some(slot(permit));
-        }
+    async fn wait(&self, quiet: Duration, max: Duration) -> Option<OwnedSemaphorePermit> {
+        let began = Instant::now();
+        let give_up = began.checked_add(max)?;
         let acquire = self.slots.clone().acquire_owned();
         tokio::pin!(acquire);
         loop {
-            match tokio::time::timeout_at(until(), &mut acquire).await {
-                Ok(permit) => return permit.ok().map(slot),
+            // `quiet` after the last release (or after this wait began, if later).
+            let until = self
+                .released
+                .last()
+                .max(began)
+                .checked_add(quiet)
+                .map_or(give_up, |t| t.min(give_up));
+            match tokio::time::timeout_at(until, &mut acquire).await {
+                Ok(permit) => return permit.ok(),
                 Err(_) => {
-                    let now_seen = self.released.count.load(Ordering::Relaxed);
-                    if now_seen == seen || tokio::time::Instant::now() >= give_up {
+                    let now = Instant::now();
+                    let moved = self
+                        .released
+                        .last()
+                        .checked_add(quiet)
+                        .is_some_and(|t| t > now);
+                    if !moved || now >= give_up {
                         return None;
                     }
-                    seen = now_seen;
                 }
             }
         }
@@ -141,7 +163,7 @@ mod tests {
         let max = Duration::from_secs(1);
         // One slot held 150 ms at a time by each of four takers in turn: the last waits 450 ms.
         let slots = Arc::new(JoinSlots::new(1, 1));
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         let takers: Vec<_> = (0..4)
             .map(|i| {
                 let slots = slots.clone();
@@ -160,7 +182,7 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(600));
         // Held and never released: given up after `quiet`.
         let held = slots.take("a", quiet, max).await.expect("a free slot");
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         assert!(slots.take("b", quiet, max).await.is_none());
         assert_eq!(start.elapsed(), quiet);
         drop(held);
@@ -179,36 +201,39 @@ mod tests {
             });
         }
         tokio::task::yield_now().await;
-        let start = tokio::time::Instant::now();
+        let start = Instant::now();
         assert!(slots.take("z", quiet, max).await.is_none());
         assert_eq!(start.elapsed(), max);
     }
 
-    /// A namespace that holds its whole share waits as one that finds every slot taken: it gets
-    /// a unit back when one of its own slots is released, and gives up after `quiet` without.
+    /// A namespace whose share is every slot waits, when it holds them all, as one that finds
+    /// every slot taken: it gets the next one released. One whose share is smaller does not
+    /// wait once it holds its share, while another namespace gets a slot at once.
     #[tokio::test(start_paused = true)]
-    async fn a_namespace_at_its_share_waits_for_its_own_slots_to_be_released() {
+    async fn a_namespace_at_its_share_waits_only_when_its_share_is_every_slot() {
         let quiet = Duration::from_millis(250);
         let max = Duration::from_secs(1);
-        // Four slots, two for one namespace.
-        let slots = Arc::new(JoinSlots::new(4, 2));
+        let slots = Arc::new(JoinSlots::new(2, 2));
         let first = slots.take("a", quiet, max).await.expect("a free slot");
         let _second = slots.take("a", quiet, max).await.expect("a free slot");
-        assert_eq!(slots.held("a"), 2);
-        // Released 100 ms later: the third of "a" gets it then.
         let release = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(first);
         });
-        let start = tokio::time::Instant::now();
-        let third = slots.take("a", quiet, max).await;
-        assert!(third.is_some(), "its own slot was released within the wait");
+        let start = Instant::now();
+        assert!(slots.take("a", quiet, max).await.is_some());
         assert_eq!(start.elapsed(), Duration::from_millis(100));
         release.await.unwrap();
-        // Nothing of "a" released: the fourth gives up after `quiet`, while "b" gets one at once.
-        let start = tokio::time::Instant::now();
+        // Four slots, two for one namespace: its third does not wait; another's gets one.
+        let slots = Arc::new(JoinSlots::new(4, 2));
+        let _a = [
+            slots.take("a", quiet, max).await.expect("a free slot"),
+            slots.take("a", quiet, max).await.expect("a free slot"),
+        ];
+        let start = Instant::now();
         assert!(slots.take("a", quiet, max).await.is_none());
-        assert_eq!(start.elapsed(), quiet);
+        assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(slots.take("b", quiet, max).await.is_some());
+        assert_eq!(slots.held("a"), 2);
     }
 }

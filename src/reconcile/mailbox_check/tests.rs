@@ -342,8 +342,9 @@ fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
 }
 
 /// The check a first refresh makes due joins its status write when it is done within the wait (its
-/// queueing for a permit included); a slower one, a later refresh's (a result known), a reconcile
-/// that did not refresh and a refresh that finds every join slot taken are not waited for.
+/// queueing for a permit included); a slower one, a later refresh's (a result known) and a
+/// reconcile that did not refresh are not waited for, and a refresh that finds every join slot
+/// taken waits for one only while slots are released.
 #[tokio::test]
 async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_slots() {
     // 'static: one joined call runs in a task of its own.
@@ -417,14 +418,17 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         "{state:?} after {took:?}"
     );
     // With every join slot taken (one here, by a refresh waiting for the slow server), a refresh
-    // waits at most JOIN_SLOT_WAIT for it (none is released), then goes on without: at most the
-    // slots' number of workers wait for a check at once.
+    // waits JOIN_SLOT_WAIT for it (none is released), then goes on without: at most the slots'
+    // number of workers wait for a check at once.
     let c = checker(1, Duration::from_millis(1500));
     let waiting = tokio::spawn(joined(&c, &slow, true));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (state, took) = joined(&c, &fast, true).await;
     assert_eq!(state, None);
-    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(
+        took < JOIN_SLOT_WAIT + Duration::from_millis(500),
+        "{took:?}"
+    );
     assert_eq!(
         waiting.await.unwrap().0,
         None,
@@ -438,9 +442,10 @@ async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_s
         ],
         [0, 1, 1]
     );
-    // Every slot held by another namespace's check of a server that hangs: a refresh waits at
-    // most JOIN_SLOT_WAIT for one, then goes on without (one tenant's mail server costs another
-    // at most that, once per first refresh).
+    // Every slot held by another namespace's check of a server that hangs: none is released, so
+    // a refresh waits JOIN_SLOT_WAIT for one, then goes on without (slots released now and then
+    // keep it waiting up to JOIN_SLOT_WAIT_MAX: what one tenant's mail server costs another, once
+    // per first refresh).
     let c = checker(1, Duration::from_millis(1500));
     let waiting = tokio::spawn(joined(&c, &slow, true));
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -520,9 +525,8 @@ async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
 }
 
 /// Of the join slots, one namespace takes at most its share: a tenant whose mail servers are slow
-/// holds at most that many waiting reconciles (another of its refreshes waits at most
-/// JOIN_SLOT_WAIT for one of them to be released), and another namespace's first refresh still
-/// waits for its check.
+/// holds at most that many waiting reconciles, and another namespace's first refresh still waits
+/// for its check.
 #[tokio::test]
 async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
     let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
@@ -560,13 +564,12 @@ async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
     // Namespace "ns": two refreshes wait for their slow checks ...
     let waiting = [tokio::spawn(joined(slow(0))), tokio::spawn(joined(slow(1)))];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // ... a third of the same namespace waits for one of them to be released, and none is
-    // within JOIN_SLOT_WAIT (its share is taken by checks that hang), so it goes on without ...
+    // ... a third of the same namespace does not (its share is taken) ...
     let (state, took) = joined(slow(2)).await;
     assert_eq!(state, None);
     assert!(
-        took >= JOIN_SLOT_WAIT && took < JOIN_SLOT_WAIT + Duration::from_millis(400),
-        "waited {took:?} at its share"
+        took < Duration::from_millis(500),
+        "waited {took:?} over its share"
     );
     // ... and another namespace's refresh still gets a slot and its result.
     let mut other = on_loopback(imap_after(Duration::ZERO).await);
