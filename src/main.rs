@@ -128,11 +128,6 @@ struct RunArgs {
     /// limit of --kube-api-qps (none when 0). Either way a 429 is retried after its Retry-After.
     #[arg(long, env = "MIO_KUBE_API_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set)]
     kube_api_adaptive: bool,
-    /// Requests to the Kubernetes API that wait for their answer at once, at most (lists and
-    /// watches apart): an API server on few cores takes fewer writes per second when many arrive
-    /// at once. 0: no bound.
-    #[arg(long, env = "MIO_KUBE_API_MAX_IN_FLIGHT", default_value_t = 16)]
-    kube_api_max_in_flight: usize,
     /// Reconciles that run at once: bounds memory and the requests in flight when thousands of
     /// integrations come due together (a refresh waits for the token endpoint, so more than the
     /// API server's own concurrency helps when the provider is slow).
@@ -336,8 +331,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     api_metrics.register(&mut metrics.registry);
     let client = kube_client::client(
         &kube_config,
-        kube_client::Settings::from_flags(args.kube_api_qps, args.kube_api_adaptive)
-            .with_max_in_flight(args.kube_api_max_in_flight),
+        kube_client::Settings::from_flags(args.kube_api_qps, args.kube_api_adaptive),
         api_metrics,
     )
     .context("building the Kubernetes client")?;

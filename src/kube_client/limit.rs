@@ -41,9 +41,6 @@ pub struct Settings {
     pub burst: Duration,
     /// Retries of one refused request at most ([`MAX_RETRIES`]).
     pub retries: u32,
-    /// Requests that wait for their answer at once, at most (lists and watches apart:
-    /// `--kube-api-max-in-flight`); `None`: no bound.
-    pub max_in_flight: Option<usize>,
 }
 
 impl Settings {
@@ -59,15 +56,6 @@ impl Settings {
             slow: Duration::from_secs(1),
             burst: Duration::from_millis(100),
             retries: MAX_RETRIES,
-            max_in_flight: None,
-        }
-    }
-
-    /// At most `n` requests waiting for their answer at once (0: no bound).
-    pub fn with_max_in_flight(self, n: usize) -> Self {
-        Settings {
-            max_in_flight: (n > 0).then_some(n),
-            ..self
         }
     }
 

@@ -29,9 +29,6 @@ impl GovernedLayer {
         GovernedLayer {
             shared: Arc::new(Shared {
                 settings,
-                in_flight: settings
-                    .max_in_flight
-                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
                 metrics,
                 state: Mutex::new(State {
                     aimd: settings.adaptive.then(|| Aimd::new(settings, now)),
@@ -62,8 +59,6 @@ pub struct Governed<S> {
 
 struct Shared {
     settings: Settings,
-    /// The requests that may wait for their answer at once ([`Settings::max_in_flight`]).
-    in_flight: Option<Arc<tokio::sync::Semaphore>>,
     metrics: ApiMetrics,
     state: Mutex<State>,
 }
@@ -183,21 +178,11 @@ where
         req.method(),
         req.extensions().get::<&'static str>().copied(),
     );
-    // Leader election's Lease requests never wait behind the reconciles' writes: a renewal
-    // that waited past its deadline would lose the lease.
-    let bounded = timed && !is_lease(req.uri().path());
     let first = Instant::now();
     let mut retry = 0u32;
     loop {
         let again = clone_request(&req);
         shared.turn().await;
-        // A request (not a list or watch) waits for one of the in-flight places, held until
-        // its answer's head: an API server on few cores takes fewer writes per second when
-        // many arrive at once (benches/README.md: 64 at once, 20-35 % fewer than 8-32).
-        let _in_flight = match &shared.in_flight {
-            Some(places) if bounded => places.clone().acquire_owned().await.ok(),
-            _ => None,
-        };
         let sent = Instant::now();
         futures::future::poll_fn(|cx| inner.poll_ready(cx))
             .await
@@ -253,11 +238,6 @@ where
         tokio::time::sleep(delay).await;
         req = next;
     }
-}
-
-/// Whether a request's path is a Lease's (`/apis/coordination.k8s.io/v1/namespaces/NS/leases…`).
-fn is_lease(path: &str) -> bool {
-    path.starts_with("/apis/coordination.k8s.io/") && path.contains("/leases")
 }
 
 /// The same request again, if its body can be sent twice (kube's bodies are bytes).

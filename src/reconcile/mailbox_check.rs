@@ -522,20 +522,25 @@ impl MailboxChecker {
             key,
             made,
         } = check;
-        if !self.running.locked().insert(key.clone()) {
+        if self.running.locked().contains(&key) {
             return None;
         }
         let namespace = mi.namespace().unwrap_or_default();
         // Every slot taken (or the namespace's share of them): checks that answer free them as
         // the queue moves; slow ones hold them, and this refresh goes on without.
-        let slot = match join {
-            true => {
-                self.join_slots
-                    .take(&namespace, JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX)
-                    .await
-            }
-            false => None,
+        let slot = if join {
+            self.join_slots
+                .take(&namespace, JOIN_SLOT_WAIT, JOIN_SLOT_WAIT_MAX)
+                .await
+        } else {
+            None
         };
+        // Marked running only after the wait for a slot, with nothing awaited until the task is
+        // spawned: a reconcile dropped while it waited (a shutdown, a lost lease) leaves no mark
+        // that would keep this integration's checks from ever running again.
+        if !self.running.locked().insert(key.clone()) {
+            return None;
+        }
         if join && slot.is_none() {
             self.count_join("no_slot");
         }

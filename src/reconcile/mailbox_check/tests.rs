@@ -684,3 +684,48 @@ fn a_routine_refresh_of_a_connected_grant_makes_no_check_due() {
     );
     assert!(!basis.contains("r1"), "{basis}");
 }
+
+/// A reconcile dropped while it waits for a join slot (a shutdown, a lost lease) leaves nothing
+/// behind that keeps the integration's checks from running.
+#[tokio::test]
+async fn a_reconcile_dropped_while_it_waits_for_a_join_slot_leaves_its_checks_free_to_run() {
+    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
+    let now = Timestamp::now();
+    let valid = Some(CheckToken {
+        access_token: token,
+        expires_at: now + SignedDuration::from_hours(1),
+        grant: "grant",
+    });
+    let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
+    let fast = on_loopback(imap_after(Duration::ZERO).await);
+    // One join slot, held by a refresh waiting for the slow server.
+    let c = checker(1, Duration::from_millis(1500));
+    let holder = {
+        let c = c.clone();
+        tokio::spawn(async move { c.state_joined(&slow, valid, None, now, true, || {}).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The fast integration's first refresh waits for that slot and is dropped meanwhile.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        c.state_joined(&fast, valid, None, now, true, || {}),
+    )
+    .await;
+    assert!(dropped.is_err(), "it was still waiting for the slot");
+    // Its next reconcile starts its check, which calls back when done.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = c
+        .state_joined(&fast, valid, None, now, false, move || {
+            let _ = tx.send(());
+        })
+        .await;
+    tokio::time::timeout(Duration::from_secs(3), rx)
+        .await
+        .expect("the check ran and called back")
+        .unwrap();
+    assert_eq!(
+        holder.await.unwrap(),
+        None,
+        "the slow check outlasted the wait"
+    );
+}
