@@ -246,22 +246,18 @@ impl MachineCpu {
     /// Cores each used between `self` and `later`, over `secs`.
     fn print_cores(&self, later: &Self, secs: f64, prefix: &str, out: &Out) {
         let secs = secs.max(0.001);
-        out.fig(
-            &format!("{prefix}_apiserver_cores"),
-            (later.apiserver - self.apiserver) / secs,
-        );
-        out.fig(
-            &format!("{prefix}_etcd_cores"),
-            (later.etcd - self.etcd) / secs,
-        );
-        out.fig(
-            &format!("{prefix}_controller_manager_cores"),
-            (later.controller_manager - self.controller_manager) / secs,
-        );
-        out.fig(
-            &format!("{prefix}_bench_cores"),
-            (later.bench - self.bench) / secs,
-        );
+        for (name, before, after) in [
+            ("apiserver", self.apiserver, later.apiserver),
+            ("etcd", self.etcd, later.etcd),
+            (
+                "controller_manager",
+                self.controller_manager,
+                later.controller_manager,
+            ),
+            ("bench", self.bench, later.bench),
+        ] {
+            out.fig(&format!("{prefix}_{name}_cores"), (after - before) / secs);
+        }
     }
 }
 

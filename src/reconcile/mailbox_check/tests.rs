@@ -332,6 +332,16 @@ fn joins_of(c: &MailboxChecker, result: &str) -> u64 {
         .get()
 }
 
+/// A token valid for an hour from `now` ('static: joined calls run in tasks of their own).
+fn valid_for_an_hour(now: Timestamp) -> Option<CheckToken<'static>> {
+    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
+    Some(CheckToken {
+        access_token: token,
+        expires_at: now + SignedDuration::from_hours(1),
+        grant: "grant",
+    })
+}
+
 fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
     let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
     std::sync::Arc::new(
@@ -348,13 +358,8 @@ fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
 #[tokio::test]
 async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_slots() {
     // 'static: one joined call runs in a task of its own.
-    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some(CheckToken {
-        access_token: token,
-        expires_at: now + SignedDuration::from_hours(1),
-        grant: "grant",
-    });
+    let valid = valid_for_an_hour(now);
     let fast = on_loopback(imap_after(Duration::ZERO).await);
     let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
     let joined = |c: &std::sync::Arc<MailboxChecker>, mi: &MailIntegration, refreshed: bool| {
@@ -529,13 +534,8 @@ async fn a_queued_check_holds_its_inputs_not_the_protocol_state() {
 /// for its check.
 #[tokio::test]
 async fn one_namespace_takes_at_most_its_share_of_the_join_slots() {
-    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some(CheckToken {
-        access_token: token,
-        expires_at: now + SignedDuration::from_hours(1),
-        grant: "grant",
-    });
+    let valid = valid_for_an_hour(now);
     let slow_port = imap_after(Duration::from_secs(3)).await;
     let allowed = crate::mailbox::allowed::AllowedHosts::with_defaults([]).with_loopback();
     // Eight checks at once and eight reconcile workers, so four join slots (half the workers),
@@ -689,13 +689,8 @@ fn a_routine_refresh_of_a_connected_grant_makes_no_check_due() {
 /// behind that keeps the integration's checks from running.
 #[tokio::test]
 async fn a_reconcile_dropped_while_it_waits_for_a_join_slot_leaves_its_checks_free_to_run() {
-    let token: &'static SecretValue = Box::leak(Box::new(SecretValue::new("access")));
     let now = Timestamp::now();
-    let valid = Some(CheckToken {
-        access_token: token,
-        expires_at: now + SignedDuration::from_hours(1),
-        grant: "grant",
-    });
+    let valid = valid_for_an_hour(now);
     let slow = on_loopback(imap_after(Duration::from_secs(3)).await);
     let fast = on_loopback(imap_after(Duration::ZERO).await);
     // One join slot, held by a refresh waiting for the slow server.
