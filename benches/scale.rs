@@ -1180,7 +1180,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     let window = Duration::from_secs(env_or("MIO_BENCH_SATURATION_S", 20));
     let window_start = jiff::Timestamp::now();
     let (cpu0, halved0) = (cpu_s(pid), limit_decreases(&op));
-    let machine0 = MachineCpu::now(ensure_crd().dir.path());
+    let machine0 = MachineCpu::now(cp.dir.path());
     let (r0, a0, k0) = (
         refreshes(&op),
         api_counts(&client).await,
@@ -1224,12 +1224,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     // What bounds the operator here: its own CPU (cores busy over the window), and its adaptive
     // request limit (requests/s it allowed itself at the end, halvings in the window).
     out.fig("saturation_operator_cores", (cpu_s(pid) - cpu0) / secs);
-    machine0.print_cores(
-        &MachineCpu::now(ensure_crd().dir.path()),
-        secs,
-        "saturation",
-        &out,
-    );
+    machine0.print_cores(&MachineCpu::now(cp.dir.path()), secs, "saturation", &out);
     out.fig(
         "saturation_kube_api_limit",
         op.metric("mailintegration_kube_api_limit")

@@ -174,9 +174,9 @@ struct RunArgs {
     /// How long a first refresh's status write waits for the mailbox check the new token makes due
     /// (Go duration, at most 10s; 0s: never), so that it writes Ready and MailboxConnected in one
     /// status write. Only while no result is known, and at most --mailbox-check-concurrency
-    /// refreshes, never more than half --concurrency, wait at once (the others wait at most 250 ms
-    /// for one of them to finish); a slower check reports in a status write of its own, so Ready
-    /// is late by at most this.
+    /// refreshes, never more than half --concurrency, wait at once (the others wait for one of
+    /// them to finish while they are being freed: at most 1 s, and 250 ms once none was); a slower
+    /// check reports in a status write of its own, so Ready is late by at most this.
     #[arg(long, env = "MIO_MAILBOX_CHECK_WAIT", default_value = "3s", value_parser = parse_mailbox_check_wait)]
     mailbox_check_wait: std::time::Duration,
     /// Mailbox checks that run at once (each a connection and a login to a mail server, at most

@@ -41,7 +41,7 @@ struct Released {
 }
 
 impl Released {
-    fn now(&self) {
+    fn record(&self) {
         let since = Instant::now().saturating_duration_since(self.base);
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         self.last.fetch_max(nanos, Ordering::Relaxed);
@@ -67,7 +67,7 @@ impl Drop for JoinSlot {
         // that whoever gets this slot finds its namespace's share free when that is all slots.
         drop(self.share.take());
         drop(self.permit.take());
-        self.released.now();
+        self.released.record();
     }
 }
 
@@ -125,26 +125,19 @@ impl JoinSlots {
         let acquire = self.slots.clone().acquire_owned();
         tokio::pin!(acquire);
         loop {
-            // `quiet` after the last release (or after this wait began, if later).
+            // `quiet` after the last release (or after this wait began, if later): a release
+            // while it waited moves this on; none, and it is over.
             let until = self
                 .released
                 .last()
                 .max(began)
                 .checked_add(quiet)
                 .map_or(give_up, |t| t.min(give_up));
-            match tokio::time::timeout_at(until, &mut acquire).await {
-                Ok(permit) => return permit.ok(),
-                Err(_) => {
-                    let now = Instant::now();
-                    let moved = self
-                        .released
-                        .last()
-                        .checked_add(quiet)
-                        .is_some_and(|t| t > now);
-                    if !moved || now >= give_up {
-                        return None;
-                    }
-                }
+            if Instant::now() >= until {
+                return None;
+            }
+            if let Ok(permit) = tokio::time::timeout_at(until, &mut acquire).await {
+                return permit.ok();
             }
         }
     }

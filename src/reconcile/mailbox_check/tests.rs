@@ -357,7 +357,6 @@ fn checker(permits: usize, wait: Duration) -> std::sync::Arc<MailboxChecker> {
 /// taken waits for one only while slots are released.
 #[tokio::test]
 async fn a_first_refresh_waits_for_its_check_only_within_the_wait_and_the_join_slots() {
-    // 'static: one joined call runs in a task of its own.
     let now = Timestamp::now();
     let valid = valid_for_an_hour(now);
     let fast = on_loopback(imap_after(Duration::ZERO).await);
