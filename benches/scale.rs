@@ -13,7 +13,8 @@
 //! MIO_BENCH_MODES (`defaults,unlimited`: the chart's adaptive request limit, and none),
 //! MIO_BENCH_PROVIDERS (`OIDC,Google`: OIDC integrations, whose refreshes carry the write-ahead
 //! mark, then Google ones, which have none and whose mailbox is always checked; Google's figures
-//! print as `mode=M/google`).
+//! print as `mode=M/google`), MIO_BENCH_APISERVER_PROFILE_DIR (unset: when set, CPU profiles of
+//! kube-apiserver over the raw loop at 16 at once and over each saturation window are written there).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -261,6 +262,31 @@ impl MachineCpu {
     }
 }
 
+/// With `MIO_BENCH_APISERVER_PROFILE_DIR` set, a CPU profile of kube-apiserver over the next
+/// `secs` seconds (its `/debug/pprof/profile`, read as an admin), written to `DIR/name.pprof` for
+/// `go tool pprof`: to compare where the API server's CPU goes in the raw loop and in the
+/// saturation window. Returns the task to await once the window is over.
+fn apiserver_profile(name: String, secs: u64) -> Option<tokio::task::JoinHandle<()>> {
+    let dir = std::env::var_os("MIO_BENCH_APISERVER_PROFILE_DIR")?;
+    let cp = ensure_crd();
+    Some(tokio::task::spawn_blocking(move || {
+        let path = std::path::Path::new(&dir).join(format!("{name}.pprof"));
+        let out = cp.kubectl_output(&[
+            "get",
+            "--raw",
+            &format!("/debug/pprof/profile?seconds={secs}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "kube-apiserver profile: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir_all(&dir).expect("profile directory");
+        std::fs::write(&path, &out.stdout).expect("write profile");
+        eprintln!("kube-apiserver CPU profile: {}", path.display());
+    }))
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -272,6 +298,8 @@ fn mib(kib: u64) -> f64 {
 struct ApiCounts {
     reads: f64,
     writes: f64,
+    /// Requests on every other resource (Leases, reviews, ...), WATCH aside.
+    other: f64,
 }
 
 impl std::ops::Sub for ApiCounts {
@@ -280,6 +308,7 @@ impl std::ops::Sub for ApiCounts {
         ApiCounts {
             reads: self.reads - o.reads,
             writes: self.writes - o.writes,
+            other: self.other - o.other,
         }
     }
 }
@@ -330,15 +359,19 @@ async fn api_counts(client: &Client) -> ApiCounts {
         .filter(|l| l.starts_with("apiserver_request_total{"))
     {
         let resource = label(line, "resource").unwrap_or("");
-        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
-            continue;
-        }
         let value: f64 = line
             .rsplit(' ')
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        match label(line, "verb").unwrap_or("") {
+        let verb = label(line, "verb").unwrap_or("");
+        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
+            if !resource.is_empty() && verb != "WATCH" {
+                c.other += value;
+            }
+            continue;
+        }
+        match verb {
             "GET" | "LIST" => c.reads += value,
             "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "CREATE" | "UPDATE" => {
                 c.writes += value
@@ -471,7 +504,13 @@ async fn raw_limit(client: &Client, unaudited: &Client, root: &std::path::Path) 
     // (every loop measured right after it was lower).
     for concurrency in [8usize, 16, 32] {
         let (c0, t0) = (MachineCpu::now(root), Instant::now());
+        let profile = (concurrency == 16)
+            .then(|| apiserver_profile("raw-16".into(), 5))
+            .flatten();
         let writes_per_s = raw_rate(&mis, &secrets, &created, concurrency).await;
+        if let Some(p) = profile {
+            p.await.expect("profile task");
+        }
         eprintln!("raw limit at concurrency {concurrency}: {writes_per_s:.0} writes/s");
         if writes_per_s > best.0 {
             best = (writes_per_s, concurrency);
@@ -1187,6 +1226,14 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
         mailbox_checks(&op),
     );
     let w0 = Instant::now();
+    let profile = apiserver_profile(
+        format!(
+            "saturation-n{n}-{}{}",
+            mode.name(),
+            provider.suffix().replace('/', "-")
+        ),
+        window.as_secs(),
+    );
     tokio::time::sleep(window).await;
     let (r1, a1, k1) = (
         refreshes(&op),
@@ -1194,6 +1241,9 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
         mailbox_checks(&op),
     );
     let secs = w0.elapsed().as_secs_f64();
+    if let Some(p) = profile {
+        p.await.expect("profile task");
+    }
     let refreshed = (r1 - r0).max(1.0);
     let api = a1 - a0;
     out.fig("operator_refreshes_per_s", refreshed / secs);
@@ -1220,6 +1270,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     );
     out.fig("reads_per_refresh", api.reads / refreshed);
     out.fig("writes_per_refresh", api.writes / refreshed);
+    out.fig("saturation_other_requests_per_s", api.other / secs);
     out.fig("saturation_mailbox_checks_per_s", (k1 - k0) / secs);
     // What bounds the operator here: its own CPU (cores busy over the window), and its adaptive
     // request limit (requests/s it allowed itself at the end, halvings in the window).
