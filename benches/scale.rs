@@ -497,26 +497,7 @@ async fn raw_limit(client: &Client, unaudited: &Client, root: &std::path::Path) 
         .collect()
         .await;
     let created = Arc::new(created);
-    let mut best = (0.0f64, 8usize);
-    let mut cpu = Default::default();
-    // 64 (the operator's reconcile workers) last: on a 2-core API server a loop of 64 at once
-    // took 20-35 % less than one of 8-32 and left the API server slower for a while after it
-    // (every loop measured right after it was lower).
-    for concurrency in [8usize, 16, 32] {
-        let (c0, t0) = (MachineCpu::now(root), Instant::now());
-        let profile = (concurrency == 16)
-            .then(|| apiserver_profile("raw-16".into(), 5))
-            .flatten();
-        let writes_per_s = raw_rate(&mis, &secrets, &created, concurrency).await;
-        if let Some(p) = profile {
-            p.await.expect("profile task");
-        }
-        eprintln!("raw limit at concurrency {concurrency}: {writes_per_s:.0} writes/s");
-        if writes_per_s > best.0 {
-            best = (writes_per_s, concurrency);
-            cpu = (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64());
-        }
-    }
+    let (best, cpu) = best_raw_rate(&mis, &secrets, &created, root, "raw").await;
     let watches: Vec<_> = [
         tokio::spawn(drain(watcher(secrets.clone(), Default::default()))),
         tokio::spawn(drain(watcher(mis.clone(), Default::default()))),
@@ -562,6 +543,80 @@ async fn raw_limit(client: &Client, unaudited: &Client, root: &std::path::Path) 
         cpu,
         watched_cpu,
     }
+}
+
+/// The best of the raw loop 8, 16 and 32 at once, as (writes/s, concurrency), with the
+/// control plane's CPU over that loop. 64 (the operator's reconcile workers) is not among them:
+/// on a 2-core API server a loop of 64 at once took 20-35 % less than one of 8-32 and left the
+/// API server slower for a while after it (every loop measured right after it was lower).
+async fn best_raw_rate(
+    mis: &Api<MailIntegration>,
+    secrets: &Api<Secret>,
+    created: &Arc<Vec<MailIntegration>>,
+    root: &std::path::Path,
+    name: &str,
+) -> ((f64, usize), (MachineCpu, MachineCpu, f64)) {
+    let mut best = (0.0f64, 8usize);
+    let mut cpu = Default::default();
+    for concurrency in [8usize, 16, 32] {
+        let (c0, t0) = (MachineCpu::now(root), Instant::now());
+        let profile = (concurrency == 16)
+            .then(|| apiserver_profile(format!("{name}-16"), 5))
+            .flatten();
+        let writes_per_s = raw_rate(mis, secrets, created, concurrency).await;
+        if let Some(p) = profile {
+            p.await.expect("profile task");
+        }
+        eprintln!("{name} limit at concurrency {concurrency}: {writes_per_s:.0} writes/s");
+        if writes_per_s > best.0 {
+            best = (writes_per_s, concurrency);
+            cpu = (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64());
+        }
+    }
+    (best, cpu)
+}
+
+/// The raw limit again at the run's size: the same loop on 256 of the run's own integrations
+/// (their token Secrets and statuses), with all N of them and their Secrets present and the
+/// operator stopped, so that the API server holds what it holds in the saturation window (its
+/// watch cache, its heap). Then the same with the watches an operator keeps (every namespace's
+/// integrations, the Secrets labelled for an integration). Returns (writes/s, watched writes/s)
+/// and the CPU over the best unwatched loop.
+async fn raw_limit_at_size(
+    client: &Client,
+    ns: &str,
+    root: &std::path::Path,
+) -> (f64, f64, (MachineCpu, MachineCpu, f64)) {
+    let mis: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let created = mis
+        .list(&ListParams::default().limit(256))
+        .await
+        .expect("list the run's integrations")
+        .items;
+    let created = Arc::new(created);
+    let ((best, concurrency), cpu) = best_raw_rate(&mis, &secrets, &created, root, "at-size").await;
+    let watches: Vec<_> = [
+        tokio::spawn(drain(watcher(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(mail_integration_operator::api::INTEGRATION_LABEL),
+        ))),
+        tokio::spawn(drain(watcher(
+            Api::<MailIntegration>::all(client.clone()),
+            Default::default(),
+        ))),
+    ]
+    .into();
+    // Both watches have listed (N integrations, 2N Secrets) and are watching before the window.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let watched = raw_rate(&mis, &secrets, &created, concurrency).await;
+    eprintln!(
+        "at-size limit at concurrency {concurrency} with an operator's two watches: {watched:.0} writes/s"
+    );
+    for w in watches {
+        w.abort();
+    }
+    (best, watched, cpu)
 }
 
 /// Take every event of a watch, as a controller's cache does.
@@ -728,11 +783,17 @@ struct Seen {
 
 impl Seen {}
 
-fn watch_integrations(client: &Client, ns: &str) -> Arc<Mutex<Seen>> {
+/// The bench's watch of its integrations and what it saw; the watch is the bench's, not the
+/// operator's, so it is stopped (the task aborted) before the saturation window, where its share
+/// of the API server's watch serving would be counted against the operator.
+fn watch_integrations(
+    client: &Client,
+    ns: &str,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let api: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
     let s = seen.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut events = std::pin::pin!(
             watcher(api, Default::default())
                 .default_backoff()
@@ -771,7 +832,7 @@ fn watch_integrations(client: &Client, ns: &str) -> Arc<Mutex<Seen>> {
             seen.state.insert(name, (last, next, expires));
         }
     });
-    seen
+    (seen, task)
 }
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> (bool, String)) {
@@ -958,7 +1019,7 @@ fn start_operator(
     op
 }
 
-async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
+async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider: Provider) {
     let raw_limit_writes_per_s = raw.writes_per_s;
     let out = Out(n, mode, provider);
     out.fig("raw_limit_writes_per_s", raw_limit_writes_per_s);
@@ -1057,7 +1118,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
         .collect::<Vec<_>>()
         .await;
     eprintln!("n={n}: created in {:.1}s", created.elapsed().as_secs_f64());
-    let seen = watch_integrations(&client, &ns);
+    let (seen, bench_watch) = watch_integrations(&client, &ns);
     wait_until("bench watch synced", Duration::from_secs(300), || {
         let s = seen.lock().unwrap();
         (s.state.len() == n, format!("{}/{n}", s.state.len()))
@@ -1176,6 +1237,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut lateness = std::mem::take(&mut seen.lock().unwrap().lateness);
     seen.lock().unwrap().recording = false;
+    bench_watch.abort();
     lateness.sort_by(f64::total_cmp);
     out.fig("lateness_samples", lateness.len() as f64);
     out.fig("lateness_p50_s", percentile(&lateness, 0.5));
@@ -1245,6 +1307,7 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
         p.await.expect("profile task");
     }
     let refreshed = (r1 - r0).max(1.0);
+    let refreshes_per_s = refreshed / secs;
     let api = a1 - a0;
     out.fig("operator_refreshes_per_s", refreshed / secs);
     // Refreshes per second against what the API server takes of a refresh's two essential
@@ -1370,6 +1433,22 @@ async fn run(n: usize, raw: RawLimit, mode: Mode, provider: Provider) {
     out.fig("cold_start_rss_mib", mib(rss_kib(pid, "VmRSS:")));
     drop(op);
 
+    // 9. The raw limit at this size (see `raw_limit_at_size`), and the saturation's refreshes
+    // against it.
+    let (at_size, at_size_watched, (c0, c1, cpu_secs)) =
+        raw_limit_at_size(raw_client, &ns, cp.dir.path()).await;
+    out.fig("raw_limit_at_size_writes_per_s", at_size);
+    out.fig("raw_limit_at_size_watched_writes_per_s", at_size_watched);
+    c0.print_cores(&c1, cpu_secs, "raw_limit_at_size", &out);
+    out.fig(
+        "refresh_ratio_at_size",
+        refreshes_per_s / (at_size.max(1.0) / 2.0),
+    );
+    out.fig(
+        "refresh_ratio_at_size_watched",
+        refreshes_per_s / (at_size_watched.max(1.0) / 2.0),
+    );
+
     // Leave room for the next size: the operator watches every namespace.
     let _ = mis
         .delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -1397,7 +1476,7 @@ async fn main() {
                 // The limit right before each run, on the same API server (etcd grows between
                 // sizes).
                 let limit = raw_limit(&raw_client, &client, cp.dir.path()).await;
-                run(n, limit, mode, provider).await;
+                run(n, limit, &raw_client, mode, provider).await;
             }
         }
     }
