@@ -498,13 +498,18 @@ async fn raw_limit(client: &Client, unaudited: &Client, root: &std::path::Path) 
         .await;
     let created = Arc::new(created);
     let (best, cpu) = best_raw_rate(&mis, &secrets, &created, root, "raw").await;
+    let (listed, done) = tokio::sync::mpsc::channel(2);
     let watches: Vec<_> = [
-        tokio::spawn(drain(watcher(secrets.clone(), Default::default()))),
-        tokio::spawn(drain(watcher(mis.clone(), Default::default()))),
+        tokio::spawn(drain(
+            watcher(secrets.clone(), Default::default()),
+            listed.clone(),
+        )),
+        tokio::spawn(drain(watcher(mis.clone(), Default::default()), listed)),
     ]
     .into();
     // Both watches have listed and are watching before the window.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    all_listed(done, 2, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (c0, t0) = (MachineCpu::now(root), Instant::now());
     let watched = raw_rate(&mis, &secrets, &created, best.1).await;
     let watched_cpu = (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64());
@@ -596,19 +601,28 @@ async fn raw_limit_at_size(
         .items;
     let created = Arc::new(created);
     let ((best, concurrency), cpu) = best_raw_rate(&mis, &secrets, &created, root, "at-size").await;
+    let (listed, done) = tokio::sync::mpsc::channel(2);
     let watches: Vec<_> = [
-        tokio::spawn(drain(watcher(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(mail_integration_operator::api::INTEGRATION_LABEL),
-        ))),
-        tokio::spawn(drain(watcher(
-            Api::<MailIntegration>::all(client.clone()),
-            Default::default(),
-        ))),
+        tokio::spawn(drain(
+            watcher(
+                Api::<Secret>::all(client.clone()),
+                watcher::Config::default()
+                    .labels(mail_integration_operator::api::INTEGRATION_LABEL),
+            ),
+            listed.clone(),
+        )),
+        tokio::spawn(drain(
+            watcher(
+                Api::<MailIntegration>::all(client.clone()),
+                Default::default(),
+            ),
+            listed,
+        )),
     ]
     .into();
     // Both watches have listed (N integrations, 2N Secrets) and are watching before the window.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    all_listed(done, 2, Duration::from_secs(300)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let watched = raw_rate(&mis, &secrets, &created, concurrency).await;
     eprintln!(
         "at-size limit at concurrency {concurrency} with an operator's two watches: {watched:.0} writes/s"
@@ -619,14 +633,29 @@ async fn raw_limit_at_size(
     (best, watched, cpu)
 }
 
-/// Take every event of a watch, as a controller's cache does.
+/// Take every event of a watch, as a controller's cache does; `listed` is told once the first
+/// list is in.
 async fn drain<K: std::fmt::Debug + Send + 'static>(
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    listed: tokio::sync::mpsc::Sender<()>,
 ) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            let _ = listed.try_send(());
+        }
         std::hint::black_box(event.ok());
     }
+}
+
+/// Until every watch of `listed` has its first list in (at most `limit`).
+async fn all_listed(mut listed: tokio::sync::mpsc::Receiver<()>, watches: usize, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        for _ in 0..watches {
+            listed.recv().await;
+        }
+    })
+    .await;
 }
 
 /// Writes per second of the raw loop at `concurrency`, over 5 s.
