@@ -382,6 +382,76 @@ async fn api_counts(client: &Client) -> ApiCounts {
     c
 }
 
+/// Write answers so far as (count, seconds in all, count within 1 s): the API server's own
+/// (`apiserver_request_duration_seconds` of the writes on secrets, mailintegrations and events),
+/// or the operator's client's (`mailintegration_kube_api_request_duration_seconds`: the time its
+/// adaptive limit judges, lists and watches aside).
+#[derive(Clone, Copy, Debug, Default)]
+struct Latency {
+    count: f64,
+    sum: f64,
+    within_1s: f64,
+}
+
+impl Latency {
+    async fn server(client: &Client) -> Latency {
+        let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        let text = client.request_text(req).await.unwrap();
+        let mut l = Latency::default();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_duration_seconds"))
+        {
+            if !matches!(
+                label(line, "resource"),
+                Some("secrets" | "mailintegrations" | "events")
+            ) || !matches!(
+                label(line, "verb"),
+                Some("POST" | "PUT" | "PATCH" | "APPLY")
+            ) {
+                continue;
+            }
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            if line.starts_with("apiserver_request_duration_seconds_count") {
+                l.count += value;
+            } else if line.starts_with("apiserver_request_duration_seconds_sum") {
+                l.sum += value;
+            } else if label(line, "le") == Some("1") {
+                l.within_1s += value;
+            }
+        }
+        l
+    }
+
+    fn client(op: &Operator) -> Latency {
+        let m = "mailintegration_kube_api_request_duration_seconds";
+        Latency {
+            count: op.metric(&format!("{m}_count")).unwrap_or(0.0),
+            sum: op.metric(&format!("{m}_sum")).unwrap_or(0.0),
+            within_1s: op
+                .metric(&format!("{m}_bucket{{le=\"1.0\"}}"))
+                .unwrap_or(0.0),
+        }
+    }
+
+    /// Mean milliseconds and the share slower than 1 s, from `self` to `later`.
+    fn print(&self, later: &Latency, prefix: &str, out: &Out) {
+        let count = (later.count - self.count).max(1.0);
+        out.fig(
+            &format!("{prefix}_mean_ms"),
+            1000.0 * (later.sum - self.sum) / count,
+        );
+        out.fig(
+            &format!("{prefix}_over_1s_share"),
+            1.0 - (later.within_1s - self.within_1s) / count,
+        );
+    }
+}
+
 fn secret(name: &str, labels: serde_json::Value, data: serde_json::Value) -> Secret {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "labels": labels}, "stringData": data
@@ -1316,6 +1386,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         api_counts(&client).await,
         mailbox_checks(&op),
     );
+    let (server_lat0, client_lat0) = (Latency::server(&client).await, Latency::client(&op));
     let w0 = Instant::now();
     let profile = apiserver_profile(
         format!(
@@ -1332,6 +1403,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         mailbox_checks(&op),
     );
     let secs = w0.elapsed().as_secs_f64();
+    let (server_lat1, client_lat1) = (Latency::server(&client).await, Latency::client(&op));
     if let Some(p) = profile {
         p.await.expect("profile task");
     }
@@ -1363,6 +1435,10 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     out.fig("reads_per_refresh", api.reads / refreshed);
     out.fig("writes_per_refresh", api.writes / refreshed);
     out.fig("saturation_other_requests_per_s", api.other / secs);
+    // How long the writes took: at the API server, and as the operator's client saw them (the
+    // time its adaptive limit judges: more than a quarter of a second's answers over 1 s halve it).
+    server_lat0.print(&server_lat1, "saturation_server_write", &out);
+    client_lat0.print(&client_lat1, "saturation_client_request", &out);
     out.fig("saturation_mailbox_checks_per_s", (k1 - k0) / secs);
     // What bounds the operator here: its own CPU (cores busy over the window), and its adaptive
     // request limit (requests/s it allowed itself at the end, halvings in the window).

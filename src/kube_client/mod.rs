@@ -25,7 +25,7 @@ pub use service::{Governed, GovernedLayer};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use std::sync::atomic::AtomicU64;
@@ -36,9 +36,17 @@ pub struct SignalLabels {
     pub signal: String,
 }
 
-/// What the client reports: its limit now, the API server's refusals, the retries.
-#[derive(Clone, Debug, Default)]
+/// The buckets of [`ApiMetrics::duration`], in seconds: around the 1 s of [`Settings::slow`].
+const DURATION_BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
+
+/// What the client reports: its limit now, the API server's refusals, the retries, how long the
+/// answers took.
+#[derive(Clone, Debug)]
 pub struct ApiMetrics {
+    /// Seconds from sending a request (after its turn) to its answer's headers, for the requests
+    /// whose time the adaptive limit judges (not lists and watches): what the client calls slow,
+    /// to set beside the API server's own `apiserver_request_duration_seconds`.
+    pub duration: Histogram,
     /// Requests per second the client allows itself now; 0 when nothing limits it.
     pub limit: Gauge<f64, AtomicU64>,
     /// Answers 429 Too Many Requests.
@@ -49,9 +57,26 @@ pub struct ApiMetrics {
     pub decreases: Family<SignalLabels, Counter>,
 }
 
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        ApiMetrics {
+            duration: Histogram::new(DURATION_BUCKETS),
+            limit: Gauge::default(),
+            throttled: Counter::default(),
+            retries: Counter::default(),
+            decreases: Family::default(),
+        }
+    }
+}
+
 impl ApiMetrics {
     /// Registers the series under the registry's prefix (`mailintegration_kube_api_*`).
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kube_api_request_duration_seconds",
+            "Seconds from sending a Kubernetes API request to its answer, as the operator's client saw it (lists and watches aside): the time its adaptive limit judges",
+            self.duration.clone(),
+        );
         registry.register(
             "kube_api_limit",
             "Requests per second the operator's Kubernetes client allows itself now (adaptive: grows while the API server answers promptly, halves on 429 or slow answers; 0: no limit)",

@@ -189,9 +189,13 @@ where
             .map_err(Into::into)?;
         let resp = inner.call(req).await.map_err(Into::into)?;
         let status = resp.status();
+        let took = sent.elapsed();
+        if timed {
+            shared.metrics.duration.observe(took.as_secs_f64());
+        }
         let signal = if status == StatusCode::TOO_MANY_REQUESTS {
             Signal::Throttled
-        } else if timed && sent.elapsed() > shared.settings.slow {
+        } else if timed && took > shared.settings.slow {
             Signal::Slow
         } else {
             Signal::Prompt

@@ -153,3 +153,40 @@ async fn requests_take_turns_at_the_cap() {
     assert_eq!(seen.lock().unwrap().len(), 22);
     assert_eq!(metrics.limit.get(), 20.0);
 }
+
+/// The answer times the limit judges are in `duration` (a slow write among them, past the 1 s
+/// of `Settings::slow`); a list's is not (its size, not the server's load, sets it).
+#[tokio::test(start_paused = true)]
+async fn the_answer_times_the_limit_judges_are_in_the_duration_histogram() {
+    use prometheus_client::encoding::text::encode;
+    let metrics = ApiMetrics::default();
+    let slow = tower::service_fn(|req: Request<Body>| async move {
+        let wait = if req.method() == http::Method::PUT {
+            1500
+        } else {
+            20
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        Ok::<_, BoxError>(Response::builder().body(String::new()).unwrap())
+    });
+    let mut svc = GovernedLayer::new(Settings::adaptive(None), metrics.clone()).layer(slow);
+    svc.ready().await.unwrap().call(put("x")).await.unwrap();
+    let mut list = Request::get("/api/v1/namespaces/a/secrets")
+        .body(Body::empty())
+        .unwrap();
+    list.extensions_mut().insert("list");
+    svc.ready().await.unwrap().call(list).await.unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("kube_api_request_duration_seconds_count 1\n"),
+        "one timed answer (the write), not the list:\n{text}"
+    );
+    assert!(
+        text.contains("kube_api_request_duration_seconds_bucket{le=\"1.0\"} 0\n")
+            && text.contains("kube_api_request_duration_seconds_bucket{le=\"2.0\"} 1\n"),
+        "the write took 1.5 s:\n{text}"
+    );
+}
