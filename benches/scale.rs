@@ -427,14 +427,19 @@ impl Latency {
         l
     }
 
+    /// From one scrape, so that the count and the bucket are of the same moment.
     fn client(op: &Operator) -> Latency {
+        let text = op.get("/metrics").unwrap_or_default();
         let m = "mailintegration_kube_api_request_duration_seconds";
+        let sample = |name: String| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         Latency {
-            count: op.metric(&format!("{m}_count")).unwrap_or(0.0),
-            sum: op.metric(&format!("{m}_sum")).unwrap_or(0.0),
-            within_1s: op
-                .metric(&format!("{m}_bucket{{le=\"1.0\"}}"))
-                .unwrap_or(0.0),
+            count: sample(format!("{m}_count ")),
+            sum: sample(format!("{m}_sum ")),
+            within_1s: sample(format!("{m}_bucket{{le=\"1.0\"}} ")),
         }
     }
 
