@@ -313,6 +313,14 @@ impl std::ops::Sub for ApiCounts {
     }
 }
 
+/// The value of a Prometheus sample line (0 when it has none).
+fn sample_value(line: &str) -> f64 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let start = line.find(&format!("{name}=\""))? + name.len() + 2;
     let rest = line.get(start..)?;
@@ -340,11 +348,7 @@ async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<Strin
             Some(sub) => format!("{resource}/{sub}"),
             None => resource.to_owned(),
         };
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let value: f64 = sample_value(line);
         *out.entry(format!("{verb} {kind}")).or_insert(0.0) += value;
     }
     out
@@ -359,11 +363,7 @@ async fn api_counts(client: &Client) -> ApiCounts {
         .filter(|l| l.starts_with("apiserver_request_total{"))
     {
         let resource = label(line, "resource").unwrap_or("");
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let value: f64 = sample_value(line);
         let verb = label(line, "verb").unwrap_or("");
         if !matches!(resource, "secrets" | "mailintegrations" | "events") {
             if !resource.is_empty() && verb != "WATCH" {
@@ -411,11 +411,7 @@ impl Latency {
             ) {
                 continue;
             }
-            let value: f64 = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
+            let value: f64 = sample_value(line);
             if line.starts_with("apiserver_request_duration_seconds_count") {
                 l.count += value;
             } else if line.starts_with("apiserver_request_duration_seconds_sum") {

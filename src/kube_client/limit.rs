@@ -29,7 +29,8 @@ pub struct Settings {
     pub initial: f64,
     /// The adaptive limit never goes below this (or the cap, if lower).
     pub floor: f64,
-    /// Added per window once the limit was halved (the additive increase).
+    /// Added per window once the limit was halved (the additive increase), and the least a window
+    /// adds on the way back to the limit that held before the last decrease.
     pub step: f64,
     /// The period over which the signals are judged: at most one decrease per window; an increase
     /// at the end of a window whose requests were held back by the limit and met no signal.
@@ -95,15 +96,22 @@ impl Settings {
 }
 
 /// Additive increase, multiplicative decrease of a rate limit, judged per window: slow start (the
-/// limit doubles per window) until the first decrease, then `step` per window; halved at most once
-/// per window on a 429, or when at least a quarter (and 3) of the window's answers were slow.
-/// It grows only while the limit holds requests back: an idle client keeps its limit.
+/// limit doubles per window) until the first decrease; halved at most once per window on a 429,
+/// or when at least a quarter (and 3) of the window's answers were slow. After a decrease it climbs
+/// back toward the limit that held before it by half the distance per window (a binary search, as
+/// TCP's BIC does after a loss; at least `step`), then `step` per window above it. Without that,
+/// a halving from 400 requests/s on one burst of slow answers took 20 windows of `step` to come
+/// back, while the API server idled (measured: docs/architecture.md). It grows only while the
+/// limit holds requests back: an idle client keeps its limit.
 #[derive(Clone, Debug)]
 pub struct Aimd {
     settings: Settings,
     limit: f64,
     /// Below this the limit doubles per window; set to the limit at each decrease.
     threshold: f64,
+    /// The limit in force before the last decrease (0 before the first): what growth climbs back
+    /// toward by halves.
+    before: f64,
     window_start: Instant,
     /// This window: a request waited for the limit.
     held_back: bool,
@@ -128,6 +136,7 @@ impl Aimd {
             settings,
             limit: settings.clamp(settings.initial),
             threshold: f64::INFINITY,
+            before: 0.0,
             window_start: now,
             held_back: false,
             lowered: false,
@@ -162,6 +171,7 @@ impl Aimd {
             }
         };
         if congested && now >= self.calm_until {
+            self.before = self.limit;
             self.limit = self.settings.clamp(self.limit / 2.0);
             self.threshold = self.limit;
             self.lowered = true;
@@ -194,8 +204,11 @@ impl Aimd {
         if !grow {
             return None;
         }
+        let toward = self.before - self.limit;
         let grown = if self.limit < self.threshold {
             (self.limit * 2.0).min(self.threshold)
+        } else if toward > 2.0 * self.settings.step {
+            self.limit + toward / 2.0
         } else {
             self.limit + self.settings.step
         };
@@ -335,16 +348,43 @@ mod tests {
             a.answered(at(start, 2100), Signal::Throttled),
             Some(Change::Lowered(200.0, Signal::Throttled))
         );
-        // The window of the decrease does not grow; the next ones add 10 each.
+        // The window of the decrease does not grow; the next ones climb back toward the 400 that
+        // held before it by half the distance, then add 10 each once within 20 of it.
         assert_eq!(busy_window(&mut a, start, 3000), None);
+        let mut limits = vec![];
+        for w in 4..11u64 {
+            busy_window(&mut a, start, w * 1000);
+            limits.push(a.limit());
+        }
+        assert_eq!(limits, [300.0, 350.0, 375.0, 387.5, 397.5, 407.5, 417.5]);
+    }
+
+    #[test]
+    fn a_second_decrease_on_the_way_back_climbs_toward_the_lower_limit() {
+        let start = Instant::now();
+        let mut a = Aimd::new(Settings::adaptive(None), start);
+        busy_window(&mut a, start, 1000);
+        busy_window(&mut a, start, 2000);
+        assert_eq!(a.limit(), 400.0);
+        a.answered(at(start, 2100), Signal::Throttled);
+        busy_window(&mut a, start, 3000);
+        busy_window(&mut a, start, 4000);
+        assert_eq!(a.limit(), 300.0);
+        // Still too much: halved from 300, and 300 is what it climbs back toward now.
         assert_eq!(
-            busy_window(&mut a, start, 4000),
-            Some(Change::Raised(210.0))
+            a.answered(at(start, 4100), Signal::Slow),
+            None,
+            "one slow answer is not a signal"
         );
-        assert_eq!(
-            busy_window(&mut a, start, 5000),
-            Some(Change::Raised(220.0))
-        );
+        for i in 0..3 {
+            a.answered(at(start, 4200 + i), Signal::Slow);
+        }
+        assert_eq!(a.limit(), 150.0);
+        busy_window(&mut a, start, 5000);
+        busy_window(&mut a, start, 6000);
+        assert_eq!(a.limit(), 225.0);
+        busy_window(&mut a, start, 7000);
+        assert_eq!(a.limit(), 262.5);
     }
 
     #[test]
