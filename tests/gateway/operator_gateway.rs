@@ -277,7 +277,10 @@ async fn a_retired_password_is_refused_through_the_gateway_after_its_grace() {
         .await
         .unwrap_or_else(|out| panic!("the new password after the grace: {out}"));
     assert!(!out.contains("REFUSED"), "{out}");
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 1);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 1).await,
+        before + 1
+    );
     let log = gw.log();
     assert!(
         !log.contains(&old) && !log.contains(&new),

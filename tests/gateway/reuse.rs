@@ -101,7 +101,10 @@ async fn a_second_login_of_the_same_app_gets_the_parked_session_unselected() {
     let before = w.dovecot.logins(MAILBOX);
 
     let first = read_and_park(&w, &gw, &user, 1.0).await;
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 1);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 1).await,
+        before + 1
+    );
     assert_eq!(logged_out(&w), 0, "parked, not logged out");
 
     // The second login: the same answer as a fresh login (Dovecot's capabilities after login),
@@ -168,7 +171,10 @@ async fn a_session_that_sent_enable_is_logged_out_not_parked() {
     assert_eq!(gw.metric(PARKED_NOW), 0.0);
     // The next login is a login at Dovecot of its own.
     let (conn, _) = login(&gw, &user, PASSWORD).await;
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 2).await,
+        before + 2
+    );
     assert_eq!(gw.metric(REUSED), 0.0);
     // A FETCH with MODSEQ enables CONDSTORE too (RFC 7162 3.1): not parked either.
     let mut conn = conn;
@@ -200,7 +206,10 @@ async fn another_app_of_the_integration_never_gets_the_parked_session() {
     read_and_park(&w, &gw, &helpdesk, 1.0).await;
     // crm: a login of its own at Dovecot; helpdesk's session stays parked.
     let (conn, _) = login(&gw, &crm, CRM_PASSWORD).await;
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 2).await,
+        before + 2
+    );
     assert_eq!(gw.metric(REUSED), 0.0);
     assert_eq!(gw.metric(PARKED_NOW), 1.0);
     logout(conn).await;
@@ -209,7 +218,10 @@ async fn another_app_of_the_integration_never_gets_the_parked_session() {
     let (conn, _) = login(&gw, &helpdesk, PASSWORD).await;
     let (conn2, _) = login(&gw, &crm, CRM_PASSWORD).await;
     assert_eq!(gw.metric(REUSED), 2.0);
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 2).await,
+        before + 2
+    );
     drop((conn, conn2));
 }
 
@@ -286,7 +298,10 @@ async fn after_a_token_refresh_the_parked_session_is_logged_out_not_reused() {
     assert_eq!(gw.metric(&dropped("token_changed")), 1.0);
     let (conn, _) = login(&gw, &user, PASSWORD).await;
     assert_eq!(gw.metric(REUSED), 0.0);
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 2).await,
+        before + 2
+    );
     drop(conn);
 }
 
@@ -304,7 +319,10 @@ async fn a_parked_session_is_logged_out_upstream_after_the_idle_limit() {
     assert_eq!(gw.metric(&dropped("idle")), 1.0);
     let (conn, _) = login(&gw, &user, PASSWORD).await;
     assert_eq!(gw.metric(REUSED), 0.0);
-    assert_eq!(w.dovecot.logins(MAILBOX), before + 2);
+    assert_eq!(
+        w.dovecot.logins_reaching(MAILBOX, before + 2).await,
+        before + 2
+    );
     drop(conn);
 }
 

@@ -480,6 +480,20 @@ service anvil {{
         text.lines().filter(|l| l.contains(&needle)).count()
     }
 
+    /// [`Self::logins`] once it has reached `at_least`, or after 10 s: the count then, for the
+    /// caller to assert. Dovecot's log process writes a login's line a moment after the login
+    /// was answered (a loaded machine saw the count one short right after a login).
+    pub async fn logins_reaching(&self, user: &str, at_least: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.logins(user);
+            if n >= at_least || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The messages `msmtpd` has delivered ([`DovecotConfig::deliver`]): one `<from> <recipients>`
     /// line each, in order. What the mail server really accepted, counted where it was delivered.
     pub fn deliveries(&self) -> Vec<String> {
