@@ -313,6 +313,12 @@ impl std::ops::Sub for ApiCounts {
     }
 }
 
+/// The API server's own metrics (`/metrics`, as an admin).
+async fn apiserver_metrics(client: &Client) -> String {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    client.request_text(req).await.unwrap()
+}
+
 /// The value of a Prometheus sample line (0 when it has none).
 fn sample_value(line: &str) -> f64 {
     line.rsplit(' ')
@@ -329,8 +335,7 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 /// The same counter by (verb, resource[/subresource]), for the first refresh's breakdown.
 async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<String, f64> {
-    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(req).await.unwrap();
+    let text = apiserver_metrics(client).await;
     let mut out = std::collections::BTreeMap::new();
     for line in text
         .lines()
@@ -355,8 +360,7 @@ async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<Strin
 }
 
 async fn api_counts(client: &Client) -> ApiCounts {
-    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(req).await.unwrap();
+    let text = apiserver_metrics(client).await;
     let mut c = ApiCounts::default();
     for line in text
         .lines()
@@ -395,8 +399,7 @@ struct Latency {
 
 impl Latency {
     async fn server(client: &Client) -> Latency {
-        let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
-        let text = client.request_text(req).await.unwrap();
+        let text = apiserver_metrics(client).await;
         let mut l = Latency::default();
         for line in text
             .lines()
