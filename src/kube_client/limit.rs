@@ -29,9 +29,11 @@ pub struct Settings {
     pub initial: f64,
     /// The adaptive limit never goes below this (or the cap, if lower).
     pub floor: f64,
-    /// Added per window once the limit was halved (the additive increase), and the least a window
-    /// adds on the way back to the limit that held before the last decrease.
+    /// The first increase per window past the limit that held before the last decrease (doubling
+    /// each window up to `max_step`), and the least a window adds on the way back to that limit.
     pub step: f64,
+    /// The most one window adds past the limit that held before the last decrease.
+    pub max_step: f64,
     /// The period over which the signals are judged: at most one decrease per window; an increase
     /// at the end of a window whose requests were held back by the limit and met no signal.
     pub window: Duration,
@@ -53,6 +55,7 @@ impl Settings {
             initial: 100.0,
             floor: 5.0,
             step: 10.0,
+            max_step: 80.0,
             window: Duration::from_secs(1),
             slow: Duration::from_secs(1),
             burst: Duration::from_millis(100),
@@ -95,14 +98,16 @@ impl Settings {
     }
 }
 
-/// Additive increase, multiplicative decrease of a rate limit, judged per window: slow start (the
-/// limit doubles per window) until the first decrease; halved at most once per window on a 429,
-/// or when at least a quarter (and 3) of the window's answers were slow. After a decrease it climbs
-/// back toward the limit that held before it by half the distance per window (a binary search, as
-/// TCP's BIC does after a loss; at least `step`), then `step` per window above it. Without that,
-/// a halving from 400 requests/s on one burst of slow answers took 20 windows of `step` to come
-/// back, while the API server idled (measured: docs/architecture.md). It grows only while the
-/// limit holds requests back: an idle client keeps its limit.
+/// Increase and multiplicative decrease of a rate limit, judged per window, as TCP's BIC does:
+/// slow start (the limit doubles per window) until the first decrease; halved at most once per
+/// window on a 429, or when at least a quarter (and 3) of the window's answers were slow. After a
+/// decrease it climbs back toward the limit that held before it by half the distance per window (a
+/// binary search; at least `step`), then probes past it by `step`, doubling per window up to
+/// `max_step`. Without the search, a halving from 400 requests/s on one burst of slow answers took
+/// 20 windows of `step` to come back while the API server idled; without the probing, a limit cut
+/// down to 110 by a burst of slow answers from someone else's load took 25 windows to reach 350
+/// (measured: docs/architecture.md). It grows only while the limit holds requests back: an idle
+/// client keeps its limit.
 #[derive(Clone, Debug)]
 pub struct Aimd {
     settings: Settings,
@@ -112,6 +117,8 @@ pub struct Aimd {
     /// The limit in force before the last decrease (0 before the first): what growth climbs back
     /// toward by halves.
     before: f64,
+    /// What the next increase past `before` adds: `step` after a decrease, doubling per window.
+    probe: f64,
     window_start: Instant,
     /// This window: a request waited for the limit.
     held_back: bool,
@@ -137,6 +144,7 @@ impl Aimd {
             limit: settings.clamp(settings.initial),
             threshold: f64::INFINITY,
             before: 0.0,
+            probe: settings.step,
             window_start: now,
             held_back: false,
             lowered: false,
@@ -174,6 +182,7 @@ impl Aimd {
             self.before = self.limit;
             self.limit = self.settings.clamp(self.limit / 2.0);
             self.threshold = self.limit;
+            self.probe = self.settings.step;
             self.lowered = true;
             self.calm_until = now
                 .checked_add(self.settings.window)
@@ -210,7 +219,9 @@ impl Aimd {
         } else if toward > 2.0 * self.settings.step {
             self.limit + toward / 2.0
         } else {
-            self.limit + self.settings.step
+            let probe = self.probe;
+            self.probe = (probe * 2.0).min(self.settings.max_step.max(self.settings.step));
+            self.limit + probe
         };
         let grown = self.settings.clamp(grown);
         if grown > self.limit {
@@ -349,14 +360,20 @@ mod tests {
             Some(Change::Lowered(200.0, Signal::Throttled))
         );
         // The window of the decrease does not grow; the next ones climb back toward the 400 that
-        // held before it by half the distance, then add 10 each once within 20 of it.
+        // held before it by half the distance, then, once within 20 of it, probe past it by 10,
+        // 20, 40, 80, 80.
         assert_eq!(busy_window(&mut a, start, 3000), None);
         let mut limits = vec![];
-        for w in 4..11u64 {
+        for w in 4..13u64 {
             busy_window(&mut a, start, w * 1000);
             limits.push(a.limit());
         }
-        assert_eq!(limits, [300.0, 350.0, 375.0, 387.5, 397.5, 407.5, 417.5]);
+        assert_eq!(
+            limits,
+            [
+                300.0, 350.0, 375.0, 387.5, 397.5, 417.5, 457.5, 537.5, 617.5
+            ]
+        );
     }
 
     #[test]
@@ -452,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn recovery_after_pressure_is_additive_from_where_it_fell() {
+    fn recovery_after_pressure_probes_up_from_where_it_fell() {
         let start = Instant::now();
         let mut a = Aimd::new(Settings::adaptive(None), start);
         for w in 0..6u64 {
@@ -462,8 +479,17 @@ mod tests {
         for w in 7..17u64 {
             busy_window(&mut a, start, w * 1000);
         }
-        // Ten busy, calm windows: 5 + 10 × 10.
-        assert_eq!(a.limit(), 105.0);
+        // Ten busy, calm windows: 5 + 10, 20, 40, 80, then 80 each.
+        assert_eq!(a.limit(), 635.0);
+        // The next decrease starts the probe again at 10.
+        a.answered(at(start, 17_010), Signal::Throttled);
+        assert_eq!(a.limit(), 317.5);
+        for w in 18..24u64 {
+            busy_window(&mut a, start, w * 1000);
+        }
+        // The window of the decrease adds nothing; then 476.25, 555.625, 595.3125, 615.15625
+        // (halving the distance), then 625.15625 (past it by 10 again, not 160).
+        assert_eq!(a.limit(), 625.156_25);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct ApiMetrics {
     pub duration: Histogram,
     /// Requests per second the client allows itself now; 0 when nothing limits it.
     pub limit: Gauge<f64, AtomicU64>,
+    /// Seconds requests waited for their turn under the limit, summed: grows while the limit
+    /// holds the operator back.
+    pub waited: Counter<f64, AtomicU64>,
     /// Answers 429 Too Many Requests.
     pub throttled: Counter,
     /// Requests sent again after a 429, 503 or 504.
@@ -62,6 +65,7 @@ impl Default for ApiMetrics {
         ApiMetrics {
             duration: Histogram::new(DURATION_BUCKETS),
             limit: Gauge::default(),
+            waited: Counter::default(),
             throttled: Counter::default(),
             retries: Counter::default(),
             decreases: Family::default(),
@@ -81,6 +85,11 @@ impl ApiMetrics {
             "kube_api_limit",
             "Requests per second the operator's Kubernetes client allows itself now (adaptive: grows while the API server answers promptly, halves on 429 or slow answers; 0: no limit)",
             self.limit.clone(),
+        );
+        registry.register(
+            "kube_api_wait_seconds",
+            "Seconds Kubernetes API requests waited for their turn under the operator's own limit, summed over all requests: grows while the limit holds the operator back",
+            self.waited.clone(),
         );
         registry.register(
             "kube_api_throttled",

@@ -83,10 +83,13 @@ impl Shared {
             };
             let now = Instant::now();
             let slot = st.pacer.take(now, rate, self.settings.burst);
-            if slot > now
-                && let Some(change) = st.aimd.as_mut().and_then(|a| a.held_back(now))
-            {
-                self.changed(change);
+            if slot > now {
+                self.metrics
+                    .waited
+                    .inc_by(slot.saturating_duration_since(now).as_secs_f64());
+                if let Some(change) = st.aimd.as_mut().and_then(|a| a.held_back(now)) {
+                    self.changed(change);
+                }
             }
             slot
         };

@@ -190,3 +190,27 @@ async fn the_answer_times_the_limit_judges_are_in_the_duration_histogram() {
         "the write took 1.5 s:\n{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_time_requests_wait_for_their_turn_is_counted() {
+    let metrics = ApiMetrics::default();
+    let (inner, seen) = server(&[]);
+    // A fixed 10 requests/s: 100 ms apart, with a burst of 100 ms (one request early).
+    let svc = GovernedLayer::new(Settings::fixed(Some(10.0)), metrics.clone()).layer(inner);
+    let sent: Vec<_> = (0..6)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move { svc.ready().await.unwrap().call(put("x")).await.unwrap() })
+        })
+        .collect();
+    for s in sent {
+        s.await.unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().len(), 6);
+    // The first two go at once (the burst), the others 100, 200, 300 and 400 ms later.
+    let waited = metrics.waited.get();
+    assert!(
+        (waited - 1.0).abs() < 0.01,
+        "waits of 0.1 + 0.2 + 0.3 + 0.4 s, counted {waited}"
+    );
+}
