@@ -262,6 +262,24 @@ impl MachineCpu {
     }
 }
 
+/// Waits until the control plane is quiet (kube-apiserver and etcd under 0.3 cores together over a
+/// second), at most `limit`, and says how long it waited. What a phase leaves behind (the garbage
+/// of the lists an operator's start asked for, watches ending) kept the API server busy for
+/// seconds after it: a raw loop of 8 at once started then measured 174 writes/s at 30,000, where
+/// the loops run after it measured 242-284.
+async fn quiet(root: &std::path::Path, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let c0 = MachineCpu::now(root);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c1 = MachineCpu::now(root);
+        let busy = (c1.apiserver - c0.apiserver) + (c1.etcd - c0.etcd);
+        if busy < 0.3 || start.elapsed() >= limit {
+            return start.elapsed();
+        }
+    }
+}
+
 /// With `MIO_BENCH_APISERVER_PROFILE_DIR` set, a CPU profile of kube-apiserver over the next
 /// `secs` seconds (its `/debug/pprof/profile`, read as an admin), written to `DIR/name.pprof` for
 /// `go tool pprof`: to compare where the API server's CPU goes in the raw loop and in the
@@ -327,6 +345,19 @@ fn sample_value(line: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sample lines of `text` whose names start with `prefix`, with the value and the `resource`
+/// label of each: the one walk over the API server's metrics that the readers below share.
+fn samples<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str, f64)> {
+    text.lines()
+        .filter(move |l| l.starts_with(prefix))
+        .map(|l| (l, label(l, "resource").unwrap_or(""), sample_value(l)))
+}
+
+/// The resources of the operator's own requests.
+fn written(resource: &str) -> bool {
+    matches!(resource, "secrets" | "mailintegrations" | "events")
+}
+
 fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let start = line.find(&format!("{name}=\""))? + name.len() + 2;
     let rest = line.get(start..)?;
@@ -337,23 +368,15 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<String, f64> {
     let text = apiserver_metrics(client).await;
     let mut out = std::collections::BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let resource = label(line, "resource").unwrap_or("");
-        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
-            continue;
-        }
+    for (line, resource, value) in samples(&text, "apiserver_request_total{") {
         let verb = label(line, "verb").unwrap_or("");
-        if verb == "WATCH" {
+        if !written(resource) || verb == "WATCH" {
             continue;
         }
         let kind = match label(line, "subresource").filter(|s| !s.is_empty()) {
             Some(sub) => format!("{resource}/{sub}"),
             None => resource.to_owned(),
         };
-        let value: f64 = sample_value(line);
         *out.entry(format!("{verb} {kind}")).or_insert(0.0) += value;
     }
     out
@@ -362,14 +385,9 @@ async fn api_counts_by_kind(client: &Client) -> std::collections::BTreeMap<Strin
 async fn api_counts(client: &Client) -> ApiCounts {
     let text = apiserver_metrics(client).await;
     let mut c = ApiCounts::default();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let resource = label(line, "resource").unwrap_or("");
-        let value: f64 = sample_value(line);
+    for (line, resource, value) in samples(&text, "apiserver_request_total{") {
         let verb = label(line, "verb").unwrap_or("");
-        if !matches!(resource, "secrets" | "mailintegrations" | "events") {
+        if !written(resource) {
             if !resource.is_empty() && verb != "WATCH" {
                 c.other += value;
             }
@@ -401,20 +419,15 @@ impl Latency {
     async fn server(client: &Client) -> Latency {
         let text = apiserver_metrics(client).await;
         let mut l = Latency::default();
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("apiserver_request_duration_seconds"))
-        {
-            if !matches!(
-                label(line, "resource"),
-                Some("secrets" | "mailintegrations" | "events")
-            ) || !matches!(
-                label(line, "verb"),
-                Some("POST" | "PUT" | "PATCH" | "APPLY")
-            ) {
+        for (line, resource, value) in samples(&text, "apiserver_request_duration_seconds") {
+            if !written(resource)
+                || !matches!(
+                    label(line, "verb"),
+                    Some("POST" | "PUT" | "PATCH" | "APPLY")
+                )
+            {
                 continue;
             }
-            let value: f64 = sample_value(line);
             if line.starts_with("apiserver_request_duration_seconds_count") {
                 l.count += value;
             } else if line.starts_with("apiserver_request_duration_seconds_sum") {
@@ -638,6 +651,8 @@ async fn best_raw_rate(
     let mut best = (0.0f64, 8usize);
     let mut cpu = Default::default();
     for concurrency in [8usize, 16, 32] {
+        let waited = quiet(root, Duration::from_secs(60)).await;
+        eprintln!("{name}: the control plane was quiet after {waited:.0?}");
         let (c0, t0) = (MachineCpu::now(root), Instant::now());
         let profile = (concurrency == 16)
             .then(|| apiserver_profile(format!("{name}-16"), 5))
@@ -696,8 +711,13 @@ async fn raw_limit_at_size(
     .into();
     // Both watches have listed (N integrations, 2N Secrets) and are watching before the window.
     all_listed(done, 2, Duration::from_secs(300)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waited = quiet(root, Duration::from_secs(60)).await;
+    eprintln!("at-size with watches: the control plane was quiet after {waited:.0?}");
+    let profile = apiserver_profile(format!("at-size-watched-{concurrency}"), 5);
     let watched = raw_rate(&mis, &secrets, &created, concurrency).await;
+    if let Some(p) = profile {
+        p.await.expect("profile task");
+    }
     eprintln!(
         "at-size limit at concurrency {concurrency} with an operator's two watches: {watched:.0} writes/s"
     );
@@ -789,9 +809,10 @@ async fn raw_rate(
     2.0 * done.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
 }
 
-/// The two writes of one refresh as the operator makes them for a bench integration (OIDC, no mail
-/// server): its token Secret and its status, built by the operator's own functions from a new
-/// access token, so that the raw limit is measured on the same objects.
+/// The two writes of one refresh as the operator makes them for a bench integration: its token
+/// Secret and its status, built by the operator's own functions from a new access token and the
+/// integration's status as it is (its mailbox check's result kept), so that the raw limit is
+/// measured on the same objects.
 fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
     use mail_integration_operator::{
         oauth::TokenGrant,
@@ -854,12 +875,12 @@ fn refresh_writes(mi: &MailIntegration) -> (Secret, serde_json::Value) {
         scopes: vec![],
     };
     let mut status = decide::status_after(&observed, &outcome, None);
-    mailbox_check::apply(
-        &mut status,
-        Some(&MailboxState::NotConfigured),
-        mi.metadata.generation,
-        now,
-    );
+    // The mailbox's state as the operator last reported it (its condition stays in the status the
+    // operator writes): none for the raw loop's own objects, the check's result for the run's
+    // integrations whose mailbox is checked.
+    let mailbox =
+        mailbox_check::reported_state(mi.status.as_ref()).unwrap_or(MailboxState::NotConfigured);
+    mailbox_check::apply(&mut status, Some(&mailbox), mi.metadata.generation, now);
     let status = serde_json::json!({
         "apiVersion": "mailintegration.dev/v1alpha1",
         "kind": "MailIntegration",
@@ -979,6 +1000,72 @@ fn limit_decreases(op: &Operator) -> f64 {
 fn mailbox_checks(op: &Operator) -> f64 {
     op.metric(r#"mailintegration_mailbox_checks_total{result="success",reason="Connected"}"#)
         .unwrap_or(0.0)
+}
+
+/// An operator histogram's count and sum from one scrape (`name` without `_count`/`_sum`), and
+/// the same for the reconciles that ended, whatever their result.
+#[derive(Clone, Copy, Debug, Default)]
+struct Busy {
+    reconciles: f64,
+    reconcile_s: f64,
+    token_requests: f64,
+    token_s: f64,
+    /// The client's limit (requests/s) and the seconds its requests waited for their turn.
+    limit: f64,
+    waited_s: f64,
+}
+
+impl Busy {
+    fn now(op: &Operator) -> Busy {
+        let text = op.get("/metrics").unwrap_or_default();
+        let sample = |name: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        };
+        Busy {
+            reconciles: sample("mailintegration_reconcile_duration_seconds_count"),
+            reconcile_s: sample("mailintegration_reconcile_duration_seconds_sum"),
+            token_requests: sample("mailintegration_refresh_duration_seconds_count"),
+            token_s: sample("mailintegration_refresh_duration_seconds_sum"),
+            limit: sample("mailintegration_kube_api_limit"),
+            waited_s: sample("mailintegration_kube_api_wait_seconds_total"),
+        }
+    }
+
+    /// Where the reconcile workers' time went from `self` to `later`, over `secs`: reconciles per
+    /// second and per refresh, their mean time, and how many workers were busy on average
+    /// (Little's law: reconciles/s × mean time), against the operator's `--concurrency`.
+    fn print(&self, later: &Busy, secs: f64, refreshed: f64, prefix: &str, out: &Out) {
+        let reconciles = later.reconciles - self.reconciles;
+        let per_s = reconciles / secs;
+        let mean_s = (later.reconcile_s - self.reconcile_s) / reconciles.max(1.0);
+        out.fig(&format!("{prefix}_reconciles_per_s"), per_s);
+        out.fig(
+            &format!("{prefix}_reconciles_per_refresh"),
+            reconciles / refreshed.max(1.0),
+        );
+        out.fig(&format!("{prefix}_reconcile_mean_ms"), 1000.0 * mean_s);
+        out.fig(&format!("{prefix}_reconcile_workers_busy"), per_s * mean_s);
+        let tokens = (later.token_requests - self.token_requests).max(1.0);
+        out.fig(
+            &format!("{prefix}_token_request_mean_ms"),
+            1000.0 * (later.token_s - self.token_s) / tokens,
+        );
+        // Requests waiting for their turn under the client's own limit, on average (seconds
+        // waited per second), and the limit at the start (the one at the end is printed apart).
+        out.fig(
+            &format!("{prefix}_kube_api_waiting"),
+            (later.waited_s - self.waited_s) / secs,
+        );
+        out.fig(&format!("{prefix}_kube_api_limit_start"), self.limit);
+    }
 }
 
 struct Out(usize, Mode, Provider);
@@ -1243,6 +1330,10 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     })
     .await;
     out.fig("first_refresh_s", started.elapsed().as_secs_f64());
+    out.fig(
+        "first_refresh_kube_api_limit_decreases",
+        limit_decreases(&op),
+    );
     out.fig("first_refresh_load1", load1());
     out.fig("first_refresh_rss_mib", mib(rss_kib(pid, "VmRSS:")));
     // What became of the first refreshes' waits for their first mailbox check: joined (one
@@ -1362,6 +1453,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         0
     };
     let requested = jiff::Timestamp::now().to_string();
+    let halved_before_patches = limit_decreases(&op);
     futures::stream::iter(0..n)
         .map(|i| {
             let (mis, requested) = (mis.clone(), requested.clone());
@@ -1380,10 +1472,21 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The bench's own N patches (32 at once) took the API server from the operator for a while,
+    // and its limit may have halved on the answers that were slow meanwhile: the window measures
+    // the operator's steady state, after it had time to climb back (a few seconds since the
+    // binary climb and the probing past the old limit; 5 s before them, when the patches ended
+    // with the limit often still climbing).
+    let settle = Duration::from_secs(env_or("MIO_BENCH_SETTLE_S", 20));
+    tokio::time::sleep(settle).await;
     let window = Duration::from_secs(env_or("MIO_BENCH_SATURATION_S", 20));
     let window_start = jiff::Timestamp::now();
     let (cpu0, halved0) = (cpu_s(pid), limit_decreases(&op));
+    out.fig(
+        "patches_kube_api_limit_decreases",
+        halved0 - halved_before_patches,
+    );
+    out.fig("saturation_settle_s", settle.as_secs_f64());
     let machine0 = MachineCpu::now(cp.dir.path());
     let (r0, a0, k0) = (
         refreshes(&op),
@@ -1391,6 +1494,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         mailbox_checks(&op),
     );
     let (server_lat0, client_lat0) = (Latency::server(&client).await, Latency::client(&op));
+    let busy0 = Busy::now(&op);
     let w0 = Instant::now();
     let profile = apiserver_profile(
         format!(
@@ -1406,6 +1510,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         api_counts(&client).await,
         mailbox_checks(&op),
     );
+    let busy1 = Busy::now(&op);
     let secs = w0.elapsed().as_secs_f64();
     let (server_lat1, client_lat1) = (Latency::server(&client).await, Latency::client(&op));
     if let Some(p) = profile {
@@ -1443,6 +1548,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     // time its adaptive limit judges: more than a quarter of a second's answers over 1 s halve it).
     server_lat0.print(&server_lat1, "saturation_server_write", &out);
     client_lat0.print(&client_lat1, "saturation_client_request", &out);
+    busy0.print(&busy1, secs, refreshed, "saturation", &out);
     out.fig("saturation_mailbox_checks_per_s", (k1 - k0) / secs);
     // What bounds the operator here: its own CPU (cores busy over the window), and its adaptive
     // request limit (requests/s it allowed itself at the end, halvings in the window).
