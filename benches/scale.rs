@@ -440,18 +440,12 @@ impl Latency {
     }
 
     /// From one scrape, so that the count and the bucket are of the same moment.
-    fn client(op: &Operator) -> Latency {
-        let text = op.get("/metrics").unwrap_or_default();
+    fn client(scrape: &Scrape) -> Latency {
         let m = "mailintegration_kube_api_request_duration_seconds";
-        let sample = |name: String| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
         Latency {
-            count: sample(format!("{m}_count ")),
-            sum: sample(format!("{m}_sum ")),
-            within_1s: sample(format!("{m}_bucket{{le=\"1.0\"}} ")),
+            count: scrape.sample(&format!("{m}_count")),
+            sum: scrape.sample(&format!("{m}_sum")),
+            within_1s: scrape.sample(&format!("{m}_bucket{{le=\"1.0\"}}")),
         }
     }
 
@@ -997,10 +991,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn refreshes(op: &Operator) -> f64 {
-    op.metric(r#"mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}"#)
-        .unwrap_or(0.0)
-}
+const REFRESHED: &str =
+    r#"mailintegration_refreshes_total{result="success",reason="TokenRefreshed"}"#;
+const CHECKED: &str =
+    r#"mailintegration_mailbox_checks_total{result="success",reason="Connected"}"#;
 
 fn reconciles_ok(op: &Operator) -> f64 {
     op.metric(r#"mailintegration_reconciles_total{result="ok"}"#)
@@ -1013,12 +1007,29 @@ fn limit_decreases(op: &Operator) -> f64 {
 }
 
 fn mailbox_checks(op: &Operator) -> f64 {
-    op.metric(r#"mailintegration_mailbox_checks_total{result="success",reason="Connected"}"#)
-        .unwrap_or(0.0)
+    op.metric(CHECKED).unwrap_or(0.0)
 }
 
-/// An operator histogram's count and sum from one scrape (`name` without `_count`/`_sum`), and
-/// the same for the reconciles that ended, whatever their result.
+/// One scrape of the operator's `/metrics`: the figures read from it are of the same moment, and
+/// its cost (every integration's per-object series) is paid once for all of them.
+struct Scrape(String);
+
+impl Scrape {
+    fn of(op: &Operator) -> Scrape {
+        Scrape(op.get("/metrics").unwrap_or_default())
+    }
+
+    /// The value of the sample named `name` (with its labels, if any); 0 when there is none.
+    fn sample(&self, name: &str) -> f64 {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The reconciles that ended (whatever their result) and the token requests, each as count and
+/// seconds in all, with the client's limit and its waits: from one scrape of the operator.
 #[derive(Clone, Copy, Debug, Default)]
 struct Busy {
     reconciles: f64,
@@ -1031,19 +1042,8 @@ struct Busy {
 }
 
 impl Busy {
-    fn now(op: &Operator) -> Busy {
-        let text = op.get("/metrics").unwrap_or_default();
-        let sample = |name: &str| {
-            text.lines()
-                .find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-                .unwrap_or(0.0)
-        };
+    fn of(scrape: &Scrape) -> Busy {
+        let sample = |name: &str| scrape.sample(name);
         Busy {
             reconciles: sample("mailintegration_reconcile_duration_seconds_count"),
             reconcile_s: sample("mailintegration_reconcile_duration_seconds_sum"),
@@ -1502,7 +1502,7 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
         halved0 - halved_before_patches,
     );
     out.fig("saturation_settle_s", settle.as_secs_f64());
-    // The API server's figures first, then the operator's, then the CPU right at the window's
+    // The API server's figures first, then the operator's (one scrape), then the CPU right at the window's
     // start: a scrape of the API server's metrics takes a second or two while it is saturated, and
     // CPU read before it was counted over that time too but divided by the window's (until
     // 2026-12-07 19:30: the API server's cores in the window read 0.3-0.4 above what its own
@@ -1510,11 +1510,12 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     let api_t0 = Instant::now();
     let a0 = api_counts(&client).await;
     let server_lat0 = Latency::server(&client).await;
+    let op0 = Scrape::of(&op);
     let (r0, k0, client_lat0, busy0) = (
-        refreshes(&op),
-        mailbox_checks(&op),
-        Latency::client(&op),
-        Busy::now(&op),
+        op0.sample(REFRESHED),
+        op0.sample(CHECKED),
+        Latency::client(&op0),
+        Busy::of(&op0),
     );
     let (cpu0, machine0) = (cpu_s(pid), MachineCpu::now(cp.dir.path()));
     let w0 = Instant::now();
@@ -1529,11 +1530,12 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     tokio::time::sleep(window).await;
     let (cpu1, machine1) = (cpu_s(pid), MachineCpu::now(cp.dir.path()));
     let cpu_secs = w0.elapsed().as_secs_f64();
+    let op1 = Scrape::of(&op);
     let (r1, k1, client_lat1, busy1) = (
-        refreshes(&op),
-        mailbox_checks(&op),
-        Latency::client(&op),
-        Busy::now(&op),
+        op1.sample(REFRESHED),
+        op1.sample(CHECKED),
+        Latency::client(&op1),
+        Busy::of(&op1),
     );
     let secs = w0.elapsed().as_secs_f64();
     // The API server's counts span their own scrapes' interval.
