@@ -664,26 +664,91 @@ async fn best_raw_rate(
     (best, cpu)
 }
 
-/// The raw limit again at the run's size: the same loop on 256 of the run's own integrations
-/// (their token Secrets and statuses), with all N of them and their Secrets present and the
-/// operator stopped, so that the API server holds what it holds in the saturation window (its
-/// watch cache, its heap). Then the same with the watches an operator keeps (every namespace's
-/// integrations, the Secrets labelled for an integration). Returns (writes/s, watched writes/s)
-/// and the CPU over the best unwatched loop.
-async fn raw_limit_at_size(
-    client: &Client,
-    ns: &str,
-    root: &std::path::Path,
-) -> (f64, f64, (MachineCpu, MachineCpu, f64)) {
+/// The raw limit again at the run's size, with all N integrations and their Secrets present and
+/// the operator stopped, so that the API server holds what it holds in the saturation window (its
+/// watch cache, its heap). The same loop is run on two sets of the run's own integrations (their
+/// token Secrets and statuses):
+/// - `hot`: 256 of them, written again and again, at the best of 8, 16 and 32 at once;
+/// - `spread`: all N, each loop starting at a random one, so that (like the operator's refreshes)
+///   nearly every write is to an object not written for minutes. At the best concurrency of `hot`.
+///
+/// Then both again with the watches an operator keeps (every namespace's integrations, the
+/// Secrets labelled for an integration). Each loop's control-plane CPU is kept, so that the API
+/// server's cost per write can be set beside the operator's.
+struct AtSize {
+    hot: Loop,
+    hot_watched: Loop,
+    spread: Loop,
+    spread_watched: Loop,
+}
+
+/// One raw loop: writes/s and the control plane's CPU over it.
+struct Loop {
+    writes_per_s: f64,
+    cpu: (MachineCpu, MachineCpu, f64),
+}
+
+impl Loop {
+    async fn run(
+        mis: &Api<MailIntegration>,
+        secrets: &Api<Secret>,
+        created: &Arc<Vec<MailIntegration>>,
+        root: &std::path::Path,
+        concurrency: usize,
+    ) -> Loop {
+        let (c0, t0) = (MachineCpu::now(root), Instant::now());
+        let writes_per_s = raw_rate(mis, secrets, created, concurrency).await;
+        Loop {
+            writes_per_s,
+            cpu: (c0, MachineCpu::now(root), t0.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Writes/s, the control plane's cores, and the API server's CPU milliseconds per write.
+    fn print(&self, prefix: &str, out: &Out) {
+        out.fig(&format!("{prefix}_writes_per_s"), self.writes_per_s);
+        let (c0, c1, secs) = &self.cpu;
+        c0.print_cores(c1, *secs, prefix, out);
+        out.fig(
+            &format!("{prefix}_apiserver_ms_per_write"),
+            ms_per_write(c1.apiserver - c0.apiserver, *secs, self.writes_per_s),
+        );
+    }
+}
+
+/// The API server's CPU milliseconds per write, from its CPU seconds over `secs` and the writes/s.
+fn ms_per_write(apiserver_cpu_secs: f64, secs: f64, writes_per_s: f64) -> f64 {
+    1000.0 * apiserver_cpu_secs / (secs.max(0.001) * writes_per_s.max(0.001))
+}
+
+async fn raw_limit_at_size(client: &Client, ns: &str, root: &std::path::Path) -> AtSize {
     let mis: Api<MailIntegration> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let created = mis
-        .list(&ListParams::default().limit(256))
-        .await
-        .expect("list the run's integrations")
-        .items;
-    let created = Arc::new(created);
-    let ((best, concurrency), cpu) = best_raw_rate(&mis, &secrets, &created, root, "at-size").await;
+    let mut all = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = mis.list(&params).await.expect("list the run's integrations");
+        all.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    let hot = Arc::new(all.iter().take(256).cloned().collect::<Vec<_>>());
+    let spread = Arc::new(all);
+    let ((best, concurrency), cpu) = best_raw_rate(&mis, &secrets, &hot, root, "at-size").await;
+    let hot_loop = Loop {
+        writes_per_s: best,
+        cpu,
+    };
+    let waited = quiet(root, Duration::from_secs(60)).await;
+    eprintln!("at-size spread: the control plane was quiet after {waited:.0?}");
+    let spread_loop = Loop::run(&mis, &secrets, &spread, root, concurrency).await;
+    eprintln!(
+        "at-size limit at concurrency {concurrency} over all {} integrations: {:.0} writes/s",
+        spread.len(),
+        spread_loop.writes_per_s
+    );
     let (listed, done) = tokio::sync::mpsc::channel(2);
     let watches: Vec<_> = [
         tokio::spawn(drain(
@@ -708,17 +773,34 @@ async fn raw_limit_at_size(
     let waited = quiet(root, Duration::from_secs(60)).await;
     eprintln!("at-size with watches: the control plane was quiet after {waited:.0?}");
     let profile = apiserver_profile(format!("at-size-watched-{concurrency}"), 5);
-    let watched = raw_rate(&mis, &secrets, &created, concurrency).await;
+    let hot_watched = Loop::run(&mis, &secrets, &hot, root, concurrency).await;
     if let Some(p) = profile {
         p.await.expect("profile task");
     }
     eprintln!(
-        "at-size limit at concurrency {concurrency} with an operator's two watches: {watched:.0} writes/s"
+        "at-size limit at concurrency {concurrency} with an operator's two watches: {:.0} writes/s",
+        hot_watched.writes_per_s
+    );
+    let waited = quiet(root, Duration::from_secs(60)).await;
+    eprintln!("at-size spread with watches: the control plane was quiet after {waited:.0?}");
+    let profile = apiserver_profile(format!("at-size-spread-watched-{concurrency}"), 5);
+    let spread_watched = Loop::run(&mis, &secrets, &spread, root, concurrency).await;
+    if let Some(p) = profile {
+        p.await.expect("profile task");
+    }
+    eprintln!(
+        "at-size limit at concurrency {concurrency} over all integrations with the watches: {:.0} writes/s",
+        spread_watched.writes_per_s
     );
     for w in watches {
         w.abort();
     }
-    (best, watched, cpu)
+    AtSize {
+        hot: hot_loop,
+        hot_watched,
+        spread: spread_loop,
+        spread_watched,
+    }
 }
 
 /// Take every event of a watch, as a controller's cache does; `listed` is told once the first
@@ -758,6 +840,9 @@ async fn raw_rate(
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let window = Duration::from_secs(5);
+    // Each loop starts at a random object: over all N integrations, one loop does not write
+    // again what the loop before it has just written.
+    let offset = rand::random::<u32>() as usize;
     let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
             let (mis, secrets, done, failed, stop, created) = (
@@ -769,7 +854,7 @@ async fn raw_rate(
                 created.clone(),
             );
             tokio::spawn(async move {
-                let mut i = t;
+                let mut i = offset + t;
                 while !stop.load(Ordering::Relaxed) {
                     let k = i % objects;
                     i += concurrency;
@@ -1586,6 +1671,14 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
     out.fig("saturation_operator_cores", (cpu1 - cpu0) / cpu_secs);
     machine0.print_cores(&machine1, cpu_secs, "saturation", &out);
     out.fig(
+        "saturation_apiserver_ms_per_write",
+        ms_per_write(
+            machine1.apiserver - machine0.apiserver,
+            cpu_secs,
+            api.writes / api_secs,
+        ),
+    );
+    out.fig(
         "saturation_kube_api_limit",
         op.metric("mailintegration_kube_api_limit")
             .unwrap_or(f64::NAN),
@@ -1681,19 +1774,19 @@ async fn run(n: usize, raw: RawLimit, raw_client: &Client, mode: Mode, provider:
 
     // 9. The raw limit at this size (see `raw_limit_at_size`), and the saturation's refreshes
     // against it.
-    let (at_size, at_size_watched, (c0, c1, cpu_secs)) =
-        raw_limit_at_size(raw_client, &ns, cp.dir.path()).await;
-    out.fig("raw_limit_at_size_writes_per_s", at_size);
-    out.fig("raw_limit_at_size_watched_writes_per_s", at_size_watched);
-    c0.print_cores(&c1, cpu_secs, "raw_limit_at_size", &out);
-    out.fig(
-        "refresh_ratio_at_size",
-        refreshes_per_s / (at_size.max(1.0) / 2.0),
-    );
-    out.fig(
-        "refresh_ratio_at_size_watched",
-        refreshes_per_s / (at_size_watched.max(1.0) / 2.0),
-    );
+    let at = raw_limit_at_size(raw_client, &ns, cp.dir.path()).await;
+    at.hot.print("raw_limit_at_size", &out);
+    at.hot_watched.print("raw_limit_at_size_watched", &out);
+    at.spread.print("raw_limit_at_size_spread", &out);
+    at.spread_watched.print("raw_limit_at_size_spread_watched", &out);
+    for (name, l) in [
+        ("refresh_ratio_at_size", &at.hot),
+        ("refresh_ratio_at_size_watched", &at.hot_watched),
+        ("refresh_ratio_at_size_spread", &at.spread),
+        ("refresh_ratio_at_size_spread_watched", &at.spread_watched),
+    ] {
+        out.fig(name, refreshes_per_s / (l.writes_per_s.max(1.0) / 2.0));
+    }
 
     // Leave room for the next size: the operator watches every namespace.
     let _ = mis
