@@ -750,6 +750,50 @@ fn gc_cycles(metrics: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// What the loops of the reference at size share: who writes, where, and how many at once.
+struct Reference<'a> {
+    admin: &'a Client,
+    mis: &'a Api<MailIntegration>,
+    secrets: &'a Api<Secret>,
+    root: &'a std::path::Path,
+    concurrency: usize,
+}
+
+impl Reference<'_> {
+    /// One loop over `set`, started once the control plane is quiet, with the API server's CPU
+    /// profile over it (`profile`: its name) when `MIO_BENCH_APISERVER_PROFILE_DIR` asks for them.
+    async fn measure(
+        &self,
+        what: &str,
+        profile: Option<String>,
+        set: &Arc<Vec<MailIntegration>>,
+    ) -> Loop {
+        let waited = quiet(self.root, Duration::from_secs(60)).await;
+        eprintln!("{what}: the control plane was quiet after {waited:.0?}");
+        let profile = profile.and_then(|name| apiserver_profile(name, raw_window().as_secs()));
+        let l = Loop::run(
+            self.admin,
+            self.mis,
+            self.secrets,
+            set,
+            self.root,
+            self.concurrency,
+        )
+        .await;
+        if let Some(p) = profile {
+            p.await.expect("profile task");
+        }
+        eprintln!(
+            "{what}: {:.0} writes/s over {:?} at {} at once ({} integrations)",
+            l.writes_per_s,
+            raw_window(),
+            self.concurrency,
+            set.len()
+        );
+        l
+    }
+}
+
 /// The API server's CPU milliseconds per write, from its CPU seconds over `secs` and the writes/s.
 fn ms_per_write(apiserver_cpu_secs: f64, secs: f64, writes_per_s: f64) -> f64 {
     1000.0 * apiserver_cpu_secs / (secs.max(0.001) * writes_per_s.max(0.001))
@@ -781,22 +825,15 @@ async fn raw_limit_at_size(
     // The concurrency is chosen by 5 s loops; the reference is measured after, at it, over
     // `raw_window()`.
     let ((best, concurrency), _) = best_raw_rate(&mis, &secrets, &hot, root, "at-size").await;
-    let waited = quiet(root, Duration::from_secs(60)).await;
-    eprintln!("at-size hot: the control plane was quiet after {waited:.0?}");
-    let hot_loop = Loop::run(admin, &mis, &secrets, &hot, root, concurrency).await;
-    eprintln!(
-        "at-size limit at concurrency {concurrency} over {:?}: {:.0} writes/s",
-        raw_window(),
-        hot_loop.writes_per_s
-    );
-    let waited = quiet(root, Duration::from_secs(60)).await;
-    eprintln!("at-size spread: the control plane was quiet after {waited:.0?}");
-    let spread_loop = Loop::run(admin, &mis, &secrets, &spread, root, concurrency).await;
-    eprintln!(
-        "at-size limit at concurrency {concurrency} over all {} integrations: {:.0} writes/s",
-        spread.len(),
-        spread_loop.writes_per_s
-    );
+    let reference = Reference {
+        admin,
+        mis: &mis,
+        secrets: &secrets,
+        root,
+        concurrency,
+    };
+    let hot_loop = reference.measure("at-size hot", None, &hot).await;
+    let spread_loop = reference.measure("at-size spread", None, &spread).await;
     let (listed, done) = tokio::sync::mpsc::channel(2);
     let watches: Vec<_> = [
         tokio::spawn(drain(
@@ -818,28 +855,20 @@ async fn raw_limit_at_size(
     .into();
     // Both watches have listed (N integrations, 2N Secrets) and are watching before the window.
     all_listed(done, 2, Duration::from_secs(300)).await;
-    let waited = quiet(root, Duration::from_secs(60)).await;
-    eprintln!("at-size with watches: the control plane was quiet after {waited:.0?}");
-    let profile = apiserver_profile(format!("at-size-watched-{concurrency}"), 5);
-    let hot_watched = Loop::run(admin, &mis, &secrets, &hot, root, concurrency).await;
-    if let Some(p) = profile {
-        p.await.expect("profile task");
-    }
-    eprintln!(
-        "at-size limit at concurrency {concurrency} with an operator's two watches: {:.0} writes/s",
-        hot_watched.writes_per_s
-    );
-    let waited = quiet(root, Duration::from_secs(60)).await;
-    eprintln!("at-size spread with watches: the control plane was quiet after {waited:.0?}");
-    let profile = apiserver_profile(format!("at-size-spread-watched-{concurrency}"), 5);
-    let spread_watched = Loop::run(admin, &mis, &secrets, &spread, root, concurrency).await;
-    if let Some(p) = profile {
-        p.await.expect("profile task");
-    }
-    eprintln!(
-        "at-size limit at concurrency {concurrency} over all integrations with the watches: {:.0} writes/s",
-        spread_watched.writes_per_s
-    );
+    let hot_watched = reference
+        .measure(
+            "at-size hot, with an operator's two watches",
+            Some(format!("at-size-watched-{concurrency}")),
+            &hot,
+        )
+        .await;
+    let spread_watched = reference
+        .measure(
+            "at-size spread, with the watches",
+            Some(format!("at-size-spread-watched-{concurrency}")),
+            &spread,
+        )
+        .await;
     for w in watches {
         w.abort();
     }
